@@ -1,0 +1,19 @@
+"""kerastl: transfer learning with Keras 3, easy, correct and fast.
+
+The public API. Everything a user builds is a plain ``keras.Model``.
+"""
+
+__version__ = "0.1.0"
+
+from kerastl.backbone import Backbone, load_backbone
+from kerastl.blocks import BlockMap, block_map
+from kerastl.errors import (BlockError, ConfigError, InputShapeError,
+                            KerastlError, UnknownModelError, WeightsError)
+from kerastl.preprocessing import ImagePreprocessing
+from kerastl.zoo import get_config, list_configs
+
+__all__ = [
+    "Backbone", "BlockError", "BlockMap", "ConfigError", "ImagePreprocessing",
+    "InputShapeError", "KerastlError", "UnknownModelError", "WeightsError",
+    "block_map", "get_config", "list_configs", "load_backbone",
+]

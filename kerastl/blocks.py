@@ -1,0 +1,468 @@
+"""The block map: an ordered partition of a model's layers into named blocks.
+
+Every backbone in kerastl is a ``keras.Model`` plus a block map: an ordered
+list of blocks (``stem``, ``stage1``, ..., ``top``), each owning a set of
+layers. Every layer that owns weights belongs to exactly one block, and
+blocks follow depth: a layer is never in an earlier block than the layers
+that feed it. Freezing, learning-rate multipliers, feature endpoints and the
+analysis tools all speak in blocks.
+
+A block map comes from a zoo config (regexes over layer names plus the
+structural rules ``until`` / ``before``) or, for models the zoo does not
+know, from :func:`structural_block_rules`-style splitting at the layers that
+reduce the spatial resolution.
+"""
+
+import dataclasses
+import difflib
+import re
+import weakref
+
+import keras
+
+from kerastl.errors import BlockError
+
+HEAD = "head"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRule:
+    """How one block is recognised among a model's layers.
+
+    Exactly one of the three selectors is used:
+
+    * ``layers``: regexes matched with ``re.match`` (anchored at the start of
+      the layer name; add ``$`` to anchor the end).
+    * ``until``: every not-yet-assigned layer the named layer depends on,
+      the named layer included. Works where inner layers have auto-generated
+      names (``conv2d_17``) but the block's output layer has a stable name.
+    * ``before``: every not-yet-assigned layer computed before the cell that
+      produces the named layer starts, i.e. the ancestors of its immediate
+      dominator (the last layer every path to it goes through), included.
+    """
+
+    name: str
+    layers: tuple = ()
+    until: str = None
+    before: str = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(
+            self, "_compiled", tuple(re.compile(p) for p in self.layers))
+
+    def matches(self, layer_name):
+        return any(p.match(layer_name) for p in self._compiled)
+
+
+# --------------------------------------------------------------------------
+# The layer graph, with nested functional models expanded.
+# --------------------------------------------------------------------------
+
+
+def _graph_of(model):
+    """The functional graph behind ``model`` (Sequential builds one)."""
+    functional = getattr(model, "_functional", None)
+    if functional is not None:
+        return functional
+    return model if hasattr(model, "_nodes_by_depth") else None
+
+
+def _expand(model, input_parents):
+    """Leaf layers of ``model`` in topological order with their parents.
+
+    Returns ``(entries, output_leaves)`` where ``entries`` is a list of
+    ``(layer, parent_layers)``.
+    """
+    graph = _graph_of(model)
+    if graph is None:  # a subclassed model: one opaque leaf
+        return [(model, list(input_parents))], [model]
+    in_graph = {id(n) for ns in graph._nodes_by_depth.values() for n in ns}
+    produced = {}  # id(operation) -> leaf layers standing for its output
+    entries = []
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            op = node.operation
+            if node.is_input or not node.parent_nodes:
+                parents = list(input_parents)
+            else:
+                parents = []
+                for parent in node.parent_nodes:
+                    if id(parent) in in_graph:
+                        parents.extend(produced.get(id(parent.operation), []))
+            if isinstance(op, keras.Model) and _graph_of(op) is not None:
+                inner, outs = _expand(op, parents)
+                entries.extend(inner)
+                produced[id(op)] = outs
+            elif isinstance(op, keras.layers.InputLayer) and input_parents:
+                # The input of a nested model: pass the outer parents on.
+                produced[id(op)] = list(input_parents)
+            else:
+                entries.append((op, parents))
+                produced[id(op)] = [op]
+    outputs = []
+    for tensor in graph.outputs:
+        outputs.extend(produced.get(id(tensor._keras_history.operation), []))
+    return entries, outputs
+
+
+def layer_graph(model):
+    """Leaf layers of ``model`` in topological order, with their parents.
+
+    Nested functional and Sequential models are expanded, so a backbone used
+    as a layer inside a bigger model contributes its own layers.
+
+    Returns:
+        A list of ``(layer, parent_layers)`` pairs.
+    """
+    entries, _ = _expand(model, [])
+    seen, unique = set(), []
+    for layer, parents in entries:  # a shared layer appears once
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            unique.append((layer, parents))
+    return unique
+
+
+def _weights(layer):
+    """Weights of a leaf; bare Keras operations (``x + y``) have none."""
+    return getattr(layer, "weights", None) or []
+
+
+def _owns_weights(layer):
+    return bool(_weights(layer))
+
+
+# --------------------------------------------------------------------------
+# Assignment.
+# --------------------------------------------------------------------------
+
+
+def _ancestors(name, parents_by_name):
+    """``name`` and every layer it depends on."""
+    seen, stack = {name}, [name]
+    while stack:
+        for parent in parents_by_name[stack.pop()]:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def _immediate_dominator(name, parents_by_name, order):
+    """The latest layer that every path from the inputs to ``name`` crosses."""
+    ancestors = _ancestors(name, parents_by_name) - {name}
+    position = {n: i for i, n in enumerate(order)}
+    for candidate in sorted(ancestors, key=position.get, reverse=True):
+        before = _ancestors(candidate, parents_by_name)
+        # Every ancestor of `name` must be before or after `candidate`; one
+        # beside it (a parallel branch) means `candidate` is not on every path.
+        after = {a for a in ancestors if candidate in _ancestors(a, parents_by_name)}
+        if ancestors <= before | after:
+            return candidate
+    raise BlockError(f"Layer {name!r} has no dominating layer.")
+
+
+def assign_blocks(model, rules, unmatched=HEAD):
+    """Assigns every leaf layer of ``model`` to a block.
+
+    Args:
+        model: a functional or Sequential ``keras.Model``.
+        rules: a sequence of :class:`BlockRule`, input to output.
+        unmatched: what happens to a layer that owns weights but matches no
+            rule: ``"head"`` puts it into a trailing ``head`` block (the new
+            layers of a classifier built on a backbone); ``"inherit"`` gives
+            it the block of its inputs.
+
+    Layers without weights that no rule names take the latest block among
+    their inputs (the first block if they have none).
+
+    Returns:
+        A :class:`BlockMap`.
+    """
+    graph = layer_graph(model)
+    order = [layer.name for layer, _ in graph]
+    by_name = {layer.name: layer for layer, _ in graph}
+    parents = {layer.name: [p.name for p in ps] for layer, ps in graph}
+    names = [rule.name for rule in rules]
+    if len(set(names)) != len(names):
+        raise BlockError(f"Block names repeat: {names}.")
+    index = {}
+    upstream = set()  # layers that earlier blocks depend on
+    for i, rule in enumerate(rules):
+        if rule.until or rule.before:
+            anchor = rule.until or rule.before
+            if anchor not in by_name:
+                raise BlockError(
+                    f"Block {rule.name!r} refers to layer {anchor!r}, which "
+                    f"model {model.name!r} does not have.")
+            if rule.before:
+                anchor = _immediate_dominator(anchor, parents, order)
+            chosen = _ancestors(anchor, parents) - upstream
+        else:
+            chosen = [n for n in order if rule.matches(n)]
+        for n in chosen:
+            if n not in index:
+                index[n] = i
+                upstream |= _ancestors(n, parents)
+    head = len(rules)  # the index of a trailing head block, if one is needed
+    for n in order:
+        if n in index:
+            continue
+        if _owns_weights(by_name[n]) and unmatched == HEAD:
+            index[n] = head
+        else:  # max() also carries the head on to what follows it
+            index[n] = max((index[p] for p in parents[n] if p in index), default=0)
+    if head in index.values():
+        names.append(HEAD)
+    assignment = {n: names[index[n]] for n in order}
+    return BlockMap(names, [by_name[n] for n in order], assignment, parents,
+                    source="rules")
+
+
+def structural_block_map(model):
+    """A block map for a model the zoo does not know.
+
+    Blocks split where a layer that owns weights first produces a smaller
+    spatial resolution than any layer before it (``block1``, ``block2``,
+    ...). Layers with weights after the spatial dimensions are gone (dense
+    layers after global pooling) form the ``head`` block. A model without
+    spatial layers gets one block per layer that owns weights.
+    """
+    graph = layer_graph(model)
+    order = [layer.name for layer, _ in graph]
+    parents = {layer.name: [p.name for p in ps] for layer, ps in graph}
+    by_name = {layer.name: layer for layer, _ in graph}
+
+    def resolution(layer):
+        try:
+            shape = tuple(layer.output.shape)
+        except (AttributeError, ValueError):
+            return None
+        if len(shape) == 4:  # channels_last images
+            return shape[1] * shape[2] if None not in shape[1:3] else None
+        return 0 if len(shape) == 2 else None
+
+    spatial = any(resolution(l) for l in by_name.values())
+    names, index, current = [], {}, None
+    for n in order:
+        layer = by_name[n]
+        inherited = max((index[p] for p in parents[n] if p in index), default=0)
+        if not _owns_weights(layer):
+            index[n] = inherited
+            continue
+        if not spatial:
+            names.append(n)
+            index[n] = len(names) - 1
+            continue
+        res = resolution(layer)
+        if res == 0 or (res is None and current is not None and names[-1] == HEAD):
+            if not names or names[-1] != HEAD:
+                names.append(HEAD)
+            index[n] = len(names) - 1
+        elif not names or (res is not None and current is not None and res < current):
+            names.append(f"block{len(names) + 1}")
+            index[n] = len(names) - 1
+            current = res
+        else:
+            index[n] = max(inherited, len(names) - 1)
+            if current is None:
+                current = res
+    if not names:
+        raise BlockError(f"Model {model.name!r} has no layer with weights.")
+    assignment = {n: names[index[n]] for n in order}
+    return BlockMap(names, [by_name[n] for n in order], assignment, parents,
+                    source="structural")
+
+
+# --------------------------------------------------------------------------
+# The block map object.
+# --------------------------------------------------------------------------
+
+
+class BlockMap:
+    """An ordered mapping from blocks to the layers (and weights) they own.
+
+    Build one with :func:`block_map` rather than directly.
+
+    Attributes:
+        names: block names, input to output.
+        source: ``"rules"`` (from a zoo config) or ``"structural"``.
+    """
+
+    def __init__(self, names, layers, assignment, parents, source):
+        self.names = list(names)
+        self.source = source
+        self._layers = list(layers)
+        self._assignment = dict(assignment)
+        self._parents = dict(parents)
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._var_block = {}
+        for layer in self._layers:
+            for v in _weights(layer):
+                self._var_block.setdefault(id(v), assignment[layer.name])
+
+    # Sequence protocol over block names.
+    def __len__(self):
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __contains__(self, block):
+        return block in self._index
+
+    def __repr__(self):
+        return f"BlockMap({self.names})"
+
+    def resolve(self, block):
+        """Returns the block name for a name, a negative/positive index."""
+        if isinstance(block, int) and not isinstance(block, bool):
+            if not -len(self.names) <= block < len(self.names):
+                raise BlockError(
+                    f"Block index {block} is out of range: the model has "
+                    f"{len(self.names)} blocks ({', '.join(self.names)}).")
+            return self.names[block]
+        if block not in self._index:
+            close = difflib.get_close_matches(str(block), self.names, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise BlockError(
+                f"Unknown block {block!r}.{hint} The blocks are, input to "
+                f"output: {', '.join(self.names)}.")
+        return block
+
+    def index(self, block):
+        """Position of ``block`` (0 is nearest the input)."""
+        return self._index[self.resolve(block)]
+
+    def block_of(self, item):
+        """The block of a layer, a layer name or a weight variable."""
+        if isinstance(item, str):
+            if item not in self._assignment:
+                raise BlockError(f"The model has no layer named {item!r}.")
+            return self._assignment[item]
+        if id(item) in self._var_block:
+            return self._var_block[id(item)]
+        name = getattr(item, "name", None)
+        if isinstance(item, keras.layers.Layer) and name in self._assignment:
+            return self._assignment[name]
+        raise BlockError(f"{item!r} is not a layer or weight of this model.")
+
+    def layers(self, block=None):
+        """Layers of one block (or of all blocks), in topological order."""
+        if block is None:
+            return list(self._layers)
+        block = self.resolve(block)
+        return [l for l in self._layers if self._assignment[l.name] == block]
+
+    def weighted_layers(self, block=None):
+        """The layers that own weights, of one block or of all."""
+        return [l for l in self.layers(block) if _owns_weights(l)]
+
+    def variables(self, block=None, trainable=None):
+        """Weight variables of a block; ``trainable`` filters if not None."""
+        out, seen = [], set()
+        for layer in self.layers(block):
+            for v in _weights(layer):
+                if id(v) in seen or self._var_block[id(v)] != self._assignment[layer.name]:
+                    continue
+                if trainable is None or bool(v.trainable) == trainable:
+                    seen.add(id(v))
+                    out.append(v)
+        return out
+
+    def params(self, block):
+        """Number of scalars in the weights of ``block``."""
+        return sum(int(_size(v)) for v in self.variables(block))
+
+    def output_layer(self, block):
+        """The last layer of ``block`` in topological order."""
+        return self.layers(block)[-1]
+
+    def assignment(self):
+        """A dict from layer name to block name."""
+        return dict(self._assignment)
+
+    def validate(self):
+        """Checks the invariants; returns a list of problems (empty if fine).
+
+        * every block owns at least one layer with weights;
+        * blocks follow depth: no layer is in an earlier block than a layer
+          it takes input from.
+        """
+        problems = []
+        for name in self.names:
+            if not self.weighted_layers(name):
+                problems.append(f"block {name!r} owns no layer with weights")
+        for layer in self._layers:
+            i = self._index[self._assignment[layer.name]]
+            for parent in self._parents.get(layer.name, []):
+                j = self._index[self._assignment[parent]]
+                if j > i:
+                    problems.append(
+                        f"layer {layer.name!r} (block "
+                        f"{self.names[i]!r}) takes input from {parent!r} in "
+                        f"the later block {self.names[j]!r}")
+        return problems
+
+
+def _size(v):
+    n = 1
+    for d in v.shape:
+        n *= int(d)
+    return n
+
+
+# --------------------------------------------------------------------------
+# Finding the block map of any model.
+# --------------------------------------------------------------------------
+
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def _signature(model):
+    return tuple(id(l) for l, _ in layer_graph(model))
+
+
+def find_zoo_name(model):
+    """The zoo entry a kerastl backbone inside ``model`` came from, or None."""
+    from kerastl.preprocessing import ImagePreprocessing
+
+    for layer, _ in layer_graph(model):
+        if isinstance(layer, ImagePreprocessing) and layer.zoo_name:
+            return layer.zoo_name
+    return None
+
+
+def block_map(model):
+    """The block map of ``model``.
+
+    ``model`` can be a kerastl :class:`~kerastl.Backbone`, the Keras model of
+    one, any model that contains one (a classifier built on it, even after
+    ``.keras`` save and load: the zoo entry is recorded in the model's
+    :class:`~kerastl.preprocessing.ImagePreprocessing` layer), or any other
+    functional/Sequential model (structural fallback). Layers with weights
+    that a classifier adds after a zoo backbone form the ``head`` block.
+
+    Returns:
+        A :class:`BlockMap`. The result is cached per model and recomputed if
+        the model's layers change.
+    """
+    keras_model = getattr(model, "model", model)
+    if not isinstance(keras_model, keras.Model):
+        raise BlockError(
+            f"Expected a keras.Model or kerastl.Backbone, got "
+            f"{type(model).__name__}.")
+    signature = _signature(keras_model)
+    cached = _CACHE.get(keras_model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    zoo_name = find_zoo_name(keras_model)
+    if zoo_name is not None:
+        from kerastl.zoo import get_config
+
+        result = assign_blocks(keras_model, get_config(zoo_name).blocks)
+    else:
+        result = structural_block_map(keras_model)
+    _CACHE[keras_model] = (signature, result)
+    return result

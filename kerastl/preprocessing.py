@@ -1,0 +1,76 @@
+"""The uniform input contract: RGB images with values in [0, 255].
+
+Keras Applications models disagree on what they expect (``caffe``: BGR with
+the ImageNet mean subtracted; ``tf``: [-1, 1]; ``torch``: [0, 1] normalised
+by the ImageNet mean and std; EfficientNet, EfficientNetV2, ConvNeXt and
+MobileNetV3 normalise inside the model). kerastl puts the right conversion
+*inside* every backbone as an :class:`ImagePreprocessing` layer, so that
+``fit``, ``predict`` and exported SavedModels all take the same raw pixels.
+"""
+
+import keras
+from keras import ops
+
+from kerastl.errors import ConfigError
+
+MODES = ("caffe", "tf", "torch", "builtin")
+
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def check_mode(mode):
+    """Returns ``mode`` if it is a known preprocessing mode, else raises."""
+    if mode not in MODES:
+        raise ConfigError(
+            f"Unknown preprocessing mode {mode!r}; expected one of "
+            f"{', '.join(MODES)}.")
+    return mode
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class ImagePreprocessing(keras.layers.Layer):
+    """Maps RGB images in [0, 255] to what a pretrained model expects.
+
+    Args:
+        mode: ``"caffe"`` (RGB to BGR, minus the ImageNet mean),
+            ``"tf"`` (scale to [-1, 1]), ``"torch"`` (scale to [0, 1], then
+            ImageNet mean/std) or ``"builtin"`` (identity: the model
+            normalises inside).
+        zoo_name: the zoo entry this backbone came from. Stored so that a
+            saved and re-loaded model still knows its block map.
+
+    Example:
+
+    >>> layer = ImagePreprocessing("tf")
+    >>> float(layer(keras.ops.full((1, 2, 2, 3), 255.0))[0, 0, 0, 0])
+    1.0
+    """
+
+    def __init__(self, mode, zoo_name=None, **kwargs):
+        # Preprocessing is cheap and numerically touchy (caffe means in
+        # float16 lose a unit): it always runs in float32.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.mode = check_mode(mode)
+        self.zoo_name = zoo_name
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        if self.mode == "caffe":
+            x = ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR)
+        elif self.mode == "tf":
+            x = x / 127.5 - 1.0
+        elif self.mode == "torch":
+            x = (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN)) / (
+                ops.convert_to_tensor(_TORCH_STD))
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode, zoo_name=self.zoo_name)
+        return config

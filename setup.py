@@ -1,0 +1,45 @@
+"""kerastl: transfer learning with Keras 3 and TensorFlow, easy, correct and fast."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+TEST = ["pytest>=7", "scikit-learn>=1.3"]
+PLOTS = ["matplotlib>=3.7"]
+
+setup(
+    name="kerastl",
+    version="0.1.0",
+    description="Transfer learning with Keras 3: a model zoo with block maps, "
+                "freezing, layer-wise learning rates and domain adaptation.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["kerastl", "kerastl.*"]) + [
+        "kerastl.zoo_configs"],
+    # The zoo configs live at the repository root (zoo_configs/) and are
+    # installed inside the package as kerastl/zoo_configs.
+    package_dir={"kerastl.zoo_configs": "zoo_configs"},
+    package_data={"kerastl.zoo_configs": ["*.yaml"]},
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.5",
+        "tensorflow-hub>=0.16",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": TEST,
+        "plots": PLOTS,
+        "all": TEST + PLOTS,
+    },
+    entry_points={"console_scripts": ["kerastl=kerastl.cli:main"]},
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Keras",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
