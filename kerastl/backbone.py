@@ -1,0 +1,191 @@
+"""``Backbone``: a pretrained feature extractor, its block map and its input contract."""
+
+import os
+
+import keras
+
+from kerastl import blocks as _blocks
+from kerastl.errors import BlockError, InputShapeError, KerastlError
+from kerastl.preprocessing import ImagePreprocessing, check_mode
+from kerastl.zoo.config import get_config
+from kerastl.zoo.keras_apps import build_application
+
+
+class Backbone:
+    """A ``keras.Model`` without its source classifier, plus its block map.
+
+    Input contract: the model takes RGB images with values in [0, 255]
+    (``float32`` or ``uint8``) and applies the source model's own
+    preprocessing inside, as its first layer. Never call the Keras
+    Applications ``preprocess_input`` on data for a kerastl backbone.
+
+    Attributes:
+        model: the ``keras.Model`` (images in, feature map out).
+        config: the :class:`~kerastl.zoo.ZooConfig` (None for a user's model).
+        preprocessing: the preprocessing mode inside the model.
+    """
+
+    def __init__(self, model, config=None, preprocessing="builtin"):
+        self.model = model
+        self.config = config
+        self.preprocessing = preprocessing
+
+    @property
+    def name(self):
+        return self.config.name if self.config else self.model.name
+
+    @property
+    def block_map(self):
+        """The :class:`~kerastl.blocks.BlockMap` of :attr:`model`."""
+        return _blocks.block_map(self.model)
+
+    @property
+    def blocks(self):
+        """Block names, input to output."""
+        return self.block_map.names
+
+    @property
+    def input_shape(self):
+        return tuple(self.model.input.shape[1:])
+
+    @property
+    def output_shape(self):
+        return tuple(self.model.output.shape[1:])
+
+    @property
+    def endpoints(self):
+        """Named feature endpoints: name to layer name.
+
+        The config's named endpoints (``stride8`` ...) and, for every block,
+        the block's name standing for its last layer.
+        """
+        out = {b: self.block_map.output_layer(b).name for b in self.blocks}
+        if self.config:
+            out.update(self.config.endpoints)
+        return out
+
+    def endpoint_layer(self, endpoint):
+        """The layer behind an endpoint or block name."""
+        endpoints = self.endpoints
+        if endpoint not in endpoints:
+            raise BlockError(
+                f"{self.name} has no endpoint {endpoint!r}; endpoints are "
+                f"{', '.join(endpoints)}.")
+        return self.model.get_layer(endpoints[endpoint])
+
+    def feature_model(self, endpoints):
+        """A model from the images to the named endpoints' outputs (a dict)."""
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        outputs = {e: self.endpoint_layer(e).output for e in endpoints}
+        return keras.Model(self.model.input, outputs,
+                           name=f"{self.model.name}_features")
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def block_table(self):
+        """One row per block: name, layers, params, output shape."""
+        bm = self.block_map
+        rows = []
+        for b in bm.names:
+            out = bm.output_layer(b)
+            rows.append(dict(block=b, layers=len(bm.layers(b)),
+                             weighted_layers=len(bm.weighted_layers(b)),
+                             params=bm.params(b), output_layer=out.name,
+                             output_shape=tuple(out.output.shape[1:])))
+        return rows
+
+    def __repr__(self):
+        return (f"<Backbone {self.name}: input {self.input_shape}, "
+                f"{len(self.blocks)} blocks {self.blocks}>")
+
+
+def _normalise_input_shape(config, input_shape):
+    if input_shape is None:
+        return (config.default_size, config.default_size, 3)
+    if isinstance(input_shape, int):
+        input_shape = (input_shape, input_shape)
+    input_shape = tuple(input_shape)
+    if len(input_shape) == 2:
+        input_shape += (3,)
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise InputShapeError(
+            f"input_shape={input_shape} for {config.name!r}: expected "
+            "(height, width, 3): kerastl backbones take RGB images, channels "
+            "last.")
+    for dim in input_shape[:2]:
+        if dim is not None and (not isinstance(dim, int) or dim < config.min_size):
+            raise InputShapeError(
+                f"input_shape={input_shape} is too small for "
+                f"{config.name!r}: height and width must be at least "
+                f"{config.min_size} (its default is {config.default_size}). "
+                "Resize the images up, or pick another model.")
+    return input_shape
+
+
+def load_backbone(name, weights="imagenet", input_shape=None):
+    """Loads a pretrained backbone without its classifier.
+
+    Args:
+        name: a zoo name (case-insensitive: ``"resnet50"``, ``"ResNet50"``),
+            or the path of a user's own ``.keras`` model file.
+        weights: ``"imagenet"`` (downloaded by Keras, or read from the Keras
+            cache ``~/.keras/models``), ``None`` (random initialisation) or
+            the path of a local weights file (``.weights.h5`` written by
+            ``save_weights``, or a Keras Applications ``..._notop.h5``).
+        input_shape: ``(height, width, 3)``, ``(height, width)`` or one int;
+            default: the size the model was trained at. Dimensions may be
+            ``None`` for variable-size inputs.
+
+    Returns:
+        A :class:`Backbone` whose model takes RGB images in [0, 255].
+
+    Raises:
+        UnknownModelError: ``name`` is not in the zoo (lists close names).
+        WeightsError: the weights cannot be downloaded (offline) or loaded.
+        InputShapeError: ``input_shape`` is not RGB or below the minimum.
+
+    Example:
+
+    >>> backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+    ...                                  input_shape=(96, 96, 3))
+    >>> backbone.blocks[:3]
+    ['stem', 'stage1', 'stage2']
+    """
+    if isinstance(name, (str, os.PathLike)) and str(name).endswith(".keras"):
+        return _load_keras_file(name, weights)
+    config = get_config(name)
+    shape = _normalise_input_shape(config, input_shape)
+    inputs = keras.Input(shape=shape, name="image")
+    x = ImagePreprocessing(check_mode(config.preprocessing),
+                           zoo_name=config.name,
+                           name="kerastl_preprocessing")(inputs)
+    # The application is built on the preprocessed tensor, so `model` is one
+    # flat functional graph from raw pixels to features.
+    app = build_application(config, x, shape, weights)
+    # Same layers, re-wrapped so that `model.input` is one tensor rather
+    # than the one-element list the application keeps.
+    model = keras.Model(inputs, app.output, name=app.name)
+    bm = _blocks.block_map(model)
+    problems = bm.validate()
+    if _blocks.HEAD in bm.names:
+        problems.insert(0, "layers match no block: " + ", ".join(
+            l.name for l in bm.weighted_layers(_blocks.HEAD)))
+    if problems:
+        raise BlockError(
+            f"The block map in {config.path} does not fit the model that "
+            f"keras {keras.__version__} builds: {'; '.join(problems[:5])}. "
+            "The config needs updating for this Keras version.")
+    return Backbone(model, config, config.preprocessing)
+
+
+def _load_keras_file(path, weights):
+    if weights not in (None, "imagenet"):
+        raise KerastlError(
+            "weights= applies to zoo models; a .keras file carries its own "
+            "weights. Pass weights=None.")
+    if not os.path.isfile(path):
+        raise KerastlError(f"Model file {os.fspath(path)!r} does not exist.")
+    model = keras.models.load_model(path)
+    return Backbone(model, None, "builtin")

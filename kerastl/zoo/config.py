@@ -1,0 +1,323 @@
+"""Zoo configs: YAML data files that describe each backbone.
+
+A config is data, never code: it is read with ``yaml.safe_load``, checked
+against a schema (errors name the file and the key), and its constructor is
+looked up in an allow-list of ``keras.applications`` names, so a config can
+never make kerastl import or call anything else.
+
+Configs are found in the ``zoo_configs`` folder installed with kerastl and in
+every folder listed in the ``KERASTL_ZOO_PATH`` environment variable
+(``os.pathsep``-separated); a user's config with the same name overrides the
+packaged one.
+"""
+
+import dataclasses
+import difflib
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from kerastl.blocks import BlockRule
+from kerastl.errors import ConfigError, UnknownModelError
+from kerastl.preprocessing import MODES
+
+# Every constructor in Keras 3's keras.applications. A config may name only
+# these; nothing else is ever resolved from a config.
+KERAS_APPLICATIONS = frozenset({
+    "ConvNeXtTiny", "ConvNeXtSmall", "ConvNeXtBase", "ConvNeXtLarge",
+    "ConvNeXtXLarge", "DenseNet121", "DenseNet169", "DenseNet201",
+    "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3",
+    "EfficientNetB4", "EfficientNetB5", "EfficientNetB6", "EfficientNetB7",
+    "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2",
+    "EfficientNetV2B3", "EfficientNetV2S", "EfficientNetV2M",
+    "EfficientNetV2L", "InceptionResNetV2", "InceptionV3", "MobileNet",
+    "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large", "NASNetMobile",
+    "NASNetLarge", "ResNet50", "ResNet101", "ResNet152", "ResNet50V2",
+    "ResNet101V2", "ResNet152V2", "VGG16", "VGG19", "Xception",
+})
+
+SOURCES = ("keras.applications",)
+
+# Arguments that kerastl itself sets; a config may not override them.
+_RESERVED_ARGS = frozenset({
+    "include_top", "weights", "input_tensor", "input_shape", "pooling",
+    "classes", "classifier_activation", "name"})
+
+_TOP_KEYS = {
+    "name": True, "source": True, "constructor": True, "input": True,
+    "preprocessing": True, "blocks": True, "aliases": False,
+    "constructor_args": False, "endpoints": False, "reference": False,
+    "description": False,
+}
+_REFERENCE_KEYS = {"params", "top1", "top5", "size_mb", "depth", "source"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooConfig:
+    """One zoo entry, as read from its YAML file.
+
+    Attributes:
+        name: canonical name (``mobilenet_v2``).
+        source: where the model comes from (``keras.applications``).
+        constructor: the ``keras.applications`` constructor name.
+        constructor_args: extra scalar keyword arguments for it.
+        default_size: the input size the weights were trained at.
+        min_size: the smallest input size kerastl accepts.
+        preprocessing: ``caffe``, ``tf``, ``torch`` or ``builtin``.
+        blocks: the ordered :class:`~kerastl.blocks.BlockRule` list.
+        endpoints: named feature endpoints, name to layer name.
+        reference: facts from the Keras Applications table.
+        path: the file it was read from.
+    """
+
+    name: str
+    source: str
+    constructor: str
+    default_size: int
+    min_size: int
+    preprocessing: str
+    blocks: tuple
+    aliases: tuple = ()
+    constructor_args: dict = dataclasses.field(default_factory=dict)
+    endpoints: dict = dataclasses.field(default_factory=dict)
+    reference: dict = dataclasses.field(default_factory=dict)
+    description: str = ""
+    path: str = ""
+
+    @property
+    def block_names(self):
+        return [b.name for b in self.blocks]
+
+
+def _fail(path, key, message):
+    raise ConfigError(f"{path}: key '{key}': {message}")
+
+
+def _expect(path, key, value, types, what):
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,)):
+        _fail(path, key, f"expected {what}, got {type(value).__name__} "
+                         f"{value!r}")
+    return value
+
+
+def _regex(path, key, pattern):
+    _expect(path, key, pattern, str, "a regex string")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        _fail(path, key, f"invalid regex {pattern!r}: {e}")
+    return pattern
+
+
+def parse_config(data, path="<config>"):
+    """Validates a config mapping (as loaded from YAML) into a ZooConfig."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, got "
+            f"{type(data).__name__}.")
+    for key in data:
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(str(key), list(_TOP_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(path, key, f"unknown key{hint}; known keys: "
+                             f"{', '.join(_TOP_KEYS)}")
+    for key, required in _TOP_KEYS.items():
+        if required and key not in data:
+            _fail(path, key, "required key is missing")
+
+    name = _expect(path, "name", data["name"], str, "a string")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+        _fail(path, "name", f"{name!r} must be lowercase letters, digits, "
+                            "'_', '-' or '.'")
+    source = data["source"]
+    if source not in SOURCES:
+        _fail(path, "source", f"{source!r} is not one of {', '.join(SOURCES)}")
+    constructor = _expect(path, "constructor", data["constructor"], str,
+                          "a string")
+    if constructor not in KERAS_APPLICATIONS:
+        close = difflib.get_close_matches(constructor, KERAS_APPLICATIONS, n=3)
+        _fail(path, "constructor",
+              f"{constructor!r} is not an allow-listed keras.applications "
+              f"constructor (closest: {', '.join(close) or 'none'}); a config "
+              "can only name one of the 40 Keras Applications models")
+
+    args = data.get("constructor_args") or {}
+    _expect(path, "constructor_args", args, dict, "a mapping")
+    for k, v in args.items():
+        if k in _RESERVED_ARGS:
+            _fail(path, f"constructor_args.{k}", "is set by kerastl and may "
+                                                 "not appear in a config")
+        _expect(path, f"constructor_args.{k}", v, (int, float, str, bool),
+                "a scalar (number, string or boolean)")
+
+    inp = _expect(path, "input", data["input"], dict, "a mapping")
+    for k in inp:
+        if k not in ("default_size", "min_size"):
+            _fail(path, f"input.{k}", "unknown key; expected default_size "
+                                      "and min_size")
+    default_size = _expect(path, "input.default_size", inp.get("default_size"),
+                           int, "an integer")
+    min_size = _expect(path, "input.min_size", inp.get("min_size"), int,
+                       "an integer")
+    if not 0 < min_size <= default_size:
+        _fail(path, "input.min_size", f"{min_size} must be positive and at "
+                                      f"most default_size ({default_size})")
+
+    preprocessing = data["preprocessing"]
+    if preprocessing not in MODES:
+        _fail(path, "preprocessing", f"{preprocessing!r} is not one of "
+                                     f"{', '.join(MODES)}")
+
+    blocks_data = _expect(path, "blocks", data["blocks"], list, "a list")
+    if not blocks_data:
+        _fail(path, "blocks", "at least one block is required")
+    blocks, seen = [], set()
+    for i, b in enumerate(blocks_data):
+        key = f"blocks[{i}]"
+        _expect(path, key, b, dict, "a mapping with 'name' and one of "
+                                    "'layers', 'until', 'before'")
+        for k in b:
+            if k not in ("name", "layers", "until", "before"):
+                _fail(path, f"{key}.{k}", "unknown key; expected name and "
+                                          "one of layers, until, before")
+        bname = _expect(path, f"{key}.name", b.get("name"), str, "a string")
+        if bname in seen:
+            _fail(path, f"{key}.name", f"block {bname!r} appears twice")
+        seen.add(bname)
+        selectors = [k for k in ("layers", "until", "before") if k in b]
+        if len(selectors) != 1:
+            _fail(path, key, "needs exactly one of 'layers', 'until', "
+                             f"'before' (found: {selectors or 'none'})")
+        if "layers" in b:
+            pats = b["layers"]
+            if isinstance(pats, str):
+                pats = [pats]
+            _expect(path, f"{key}.layers", pats, list, "a list of regexes")
+            pats = [_regex(path, f"{key}.layers[{j}]", p)
+                    for j, p in enumerate(pats)]
+            blocks.append(BlockRule(bname, layers=pats))
+        else:
+            sel = selectors[0]
+            anchor = _expect(path, f"{key}.{sel}", b[sel], str, "a layer name")
+            blocks.append(BlockRule(bname, **{sel: anchor}))
+
+    endpoints = data.get("endpoints") or {}
+    _expect(path, "endpoints", endpoints, dict, "a mapping")
+    for k, v in endpoints.items():
+        _expect(path, f"endpoints.{k}", v, str, "a layer name")
+
+    reference = data.get("reference") or {}
+    _expect(path, "reference", reference, dict, "a mapping")
+    for k in reference:
+        if k not in _REFERENCE_KEYS:
+            _fail(path, f"reference.{k}", "unknown key; expected "
+                                          f"{', '.join(sorted(_REFERENCE_KEYS))}")
+
+    aliases = data.get("aliases") or []
+    _expect(path, "aliases", aliases, list, "a list of strings")
+    for j, a in enumerate(aliases):
+        _expect(path, f"aliases[{j}]", a, str, "a string")
+
+    return ZooConfig(
+        name=name, source=source, constructor=constructor,
+        constructor_args=dict(args), default_size=default_size,
+        min_size=min_size, preprocessing=preprocessing, blocks=tuple(blocks),
+        aliases=tuple(aliases), endpoints=dict(endpoints),
+        reference=dict(reference),
+        description=_expect(path, "description", data.get("description", ""),
+                            str, "a string"),
+        path=str(path))
+
+
+def load_config_file(path):
+    """Reads and validates one YAML zoo config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, path)
+
+
+# --------------------------------------------------------------------------
+# The registry.
+# --------------------------------------------------------------------------
+
+
+def _key(name):
+    """Lookup key: case-insensitive, ignoring '_', '-', '.' and spaces."""
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def config_dirs():
+    """Folders searched for configs, lowest priority first."""
+    dirs = [Path(__file__).resolve().parent.parent / "zoo_configs"]
+    # A source checkout keeps the configs at the repository root.
+    dirs.append(Path(__file__).resolve().parents[2] / "zoo_configs")
+    extra = os.environ.get("KERASTL_ZOO_PATH", "")
+    dirs.extend(Path(p) for p in extra.split(os.pathsep) if p)
+    seen, out = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+_REGISTRY = {}
+
+
+def _registry():
+    dirs = tuple(config_dirs())
+    state = tuple((str(d), tuple(sorted(os.listdir(d)))) for d in dirs)
+    if _REGISTRY.get("state") != state:
+        configs, keys = {}, {}
+        for d in dirs:
+            for f in sorted(d.glob("*.yaml")):
+                cfg = load_config_file(f)
+                configs[cfg.name] = cfg
+        for cfg in configs.values():
+            for k in (cfg.name, cfg.constructor, *cfg.aliases):
+                keys[_key(k)] = cfg.name
+        _REGISTRY.update(state=state, configs=configs, keys=keys)
+    return _REGISTRY["configs"], _REGISTRY["keys"]
+
+
+def list_configs():
+    """All zoo configs, sorted by name."""
+    configs, _ = _registry()
+    return [configs[n] for n in sorted(configs)]
+
+
+def get_config(name):
+    """The :class:`ZooConfig` for ``name`` (case-insensitive).
+
+    ``mobilenet_v2``, ``MobileNetV2`` and ``mobilenetv2`` all name the same
+    entry.
+
+    Raises:
+        UnknownModelError: listing the closest known names.
+    """
+    configs, keys = _registry()
+    if isinstance(name, ZooConfig):
+        return name
+    found = keys.get(_key(name))
+    if found is None:
+        by_key = {}
+        for k, canonical in keys.items():
+            by_key.setdefault(k, canonical)
+        close = difflib.get_close_matches(_key(name), list(by_key), n=5,
+                                          cutoff=0.5)
+        names = list(dict.fromkeys(by_key[k] for k in close))[:3]
+        hint = (f" Closest names: {', '.join(names)}." if names else "")
+        raise UnknownModelError(
+            f"Unknown model {name!r}.{hint} Run `kerastl zoo list` for all "
+            f"{len(configs)} names.")
+    return configs[found]

@@ -1,0 +1,107 @@
+"""Building Keras Applications backbones from zoo configs."""
+
+import contextlib
+import os
+import re
+import socket
+
+import keras
+
+from kerastl.errors import InputShapeError, WeightsError
+from kerastl.zoo.config import KERAS_APPLICATIONS
+
+# How long one attempt to download pretrained weights may wait on the network.
+DOWNLOAD_TIMEOUT_S = 20
+
+
+def constructor(config):
+    """The ``keras.applications`` callable a config names (allow-listed)."""
+    if config.constructor not in KERAS_APPLICATIONS:  # parse_config checks too
+        raise WeightsError(f"{config.constructor!r} is not allow-listed.")
+    return getattr(keras.applications, config.constructor)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _offline_message(config, error):
+    url = re.search(r"https?://\S+?\.h5", str(error))
+    fname = os.path.basename(url.group(0)) if url else None
+    cache = os.path.join(
+        os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+    where = (f"\n  1. download {url.group(0)}\n     on a machine with internet "
+             f"access and copy it to {os.path.join(cache, fname)} (the Keras "
+             "cache, which Keras checks before downloading), or"
+             if url else
+             f"\n  1. put the weights file into the Keras cache {cache}, or")
+    return (
+        f"Could not download the ImageNet weights of {config.name!r} "
+        f"({type(error).__name__}: {error}). This machine seems to be offline. "
+        f"To use pretrained weights offline:{where}\n  2. pass the file "
+        f"itself: kerastl.load_backbone({config.name!r}, weights='/path/to/"
+        f"{fname or 'weights.h5'}').\nFor random initialisation pass "
+        "weights=None.")
+
+
+def build_application(config, input_tensor, input_shape, weights):
+    """Calls the allow-listed constructor on ``input_tensor`` without top.
+
+    ``weights`` is ``"imagenet"``, ``None`` or a path; a path is loaded after
+    construction so that errors can name the file.
+    """
+    ctor = constructor(config)
+    kwargs = dict(config.constructor_args)
+    try:
+        if weights == "imagenet":
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                model = ctor(include_top=False, weights="imagenet",
+                             input_tensor=input_tensor,
+                             input_shape=input_shape, **kwargs)
+        else:
+            model = ctor(include_top=False, weights=None,
+                         input_tensor=input_tensor, input_shape=input_shape,
+                         **kwargs)
+    except ValueError as e:
+        raise InputShapeError(
+            f"keras.applications.{config.constructor} rejected input_shape="
+            f"{input_shape} with weights={weights!r}: {e}") from None
+    except (OSError, Exception) as e:  # urllib, socket and Keras fetch errors
+        if weights == "imagenet" and _is_network_error(e):
+            raise WeightsError(_offline_message(config, e)) from None
+        raise
+    if weights not in (None, "imagenet"):
+        load_weights_file(model, weights, config.name)
+    return model
+
+
+def _is_network_error(error):
+    text = f"{type(error).__name__} {error}"
+    return isinstance(error, (OSError, socket.timeout)) or any(
+        s in text for s in ("URL fetch failure", "urlopen", "HTTP Error",
+                            "Name or service not known", "timed out"))
+
+
+def load_weights_file(model, path, name):
+    """Loads a local weights file into ``model`` with a clear error."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(
+            f"Weights file {path!r} for {name!r} does not exist. Pass "
+            "weights='imagenet', weights=None, or the path of an existing "
+            "'.weights.h5' / '.h5' file.")
+    try:
+        model.load_weights(path)
+    except Exception as e:  # Keras raises ValueError / KeyError / OSError
+        raise WeightsError(
+            f"Could not load weights file {path!r} into {name!r}: "
+            f"{type(e).__name__}: {e}. The file must hold the weights of the "
+            "same architecture without its classifier (include_top=False), "
+            "e.g. written by backbone.model.save_weights('x.weights.h5') or "
+            "a Keras Applications '..._notop.h5' file.") from None
