@@ -71,6 +71,8 @@ class Backbone:
             raise BlockError(
                 f"{self.name} has no endpoint {endpoint!r}; endpoints are "
                 f"{', '.join(endpoints)}.")
+        if endpoint in self.block_map:
+            return self.block_map.output_layer(endpoint)
         return self.model.get_layer(endpoints[endpoint])
 
     def feature_model(self, endpoints):

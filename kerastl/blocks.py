@@ -68,15 +68,16 @@ def _graph_of(model):
     return model if hasattr(model, "_nodes_by_depth") else None
 
 
-def _expand(model, input_parents):
+def _expand(model, input_parents, outer=None):
     """Leaf layers of ``model`` in topological order with their parents.
 
     Returns ``(entries, output_leaves)`` where ``entries`` is a list of
-    ``(layer, parent_layers)``.
+    ``(layer, parent_layers, outer)``; ``outer`` is the layer of the
+    outermost model that contains the leaf (the leaf itself if top-level).
     """
     graph = _graph_of(model)
     if graph is None:  # a subclassed model: one opaque leaf
-        return [(model, list(input_parents))], [model]
+        return [(model, list(input_parents), outer or model)], [model]
     in_graph = {id(n) for ns in graph._nodes_by_depth.values() for n in ns}
     produced = {}  # id(operation) -> leaf layers standing for its output
     entries = []
@@ -91,14 +92,14 @@ def _expand(model, input_parents):
                     if id(parent) in in_graph:
                         parents.extend(produced.get(id(parent.operation), []))
             if isinstance(op, keras.Model) and _graph_of(op) is not None:
-                inner, outs = _expand(op, parents)
+                inner, outs = _expand(op, parents, outer or op)
                 entries.extend(inner)
                 produced[id(op)] = outs
             elif isinstance(op, keras.layers.InputLayer) and input_parents:
                 # The input of a nested model: pass the outer parents on.
                 produced[id(op)] = list(input_parents)
             else:
-                entries.append((op, parents))
+                entries.append((op, parents, outer or op))
                 produced[id(op)] = [op]
     outputs = []
     for tensor in graph.outputs:
@@ -106,21 +107,22 @@ def _expand(model, input_parents):
     return entries, outputs
 
 
-def layer_graph(model):
+def layer_graph(model, with_outer=False):
     """Leaf layers of ``model`` in topological order, with their parents.
 
     Nested functional and Sequential models are expanded, so a backbone used
     as a layer inside a bigger model contributes its own layers.
 
     Returns:
-        A list of ``(layer, parent_layers)`` pairs.
+        A list of ``(layer, parent_layers)`` pairs; with ``with_outer``,
+        ``(layer, parent_layers, outermost_containing_layer)`` triples.
     """
     entries, _ = _expand(model, [])
     seen, unique = set(), []
-    for layer, parents in entries:  # a shared layer appears once
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            unique.append((layer, parents))
+    for entry in entries:  # a shared layer appears once
+        if id(entry[0]) not in seen:
+            seen.add(id(entry[0]))
+            unique.append(entry if with_outer else entry[:2])
     return unique
 
 
@@ -180,10 +182,11 @@ def assign_blocks(model, rules, unmatched=HEAD):
     Returns:
         A :class:`BlockMap`.
     """
-    graph = layer_graph(model)
-    order = [layer.name for layer, _ in graph]
-    by_name = {layer.name: layer for layer, _ in graph}
-    parents = {layer.name: [p.name for p in ps] for layer, ps in graph}
+    graph = layer_graph(model, with_outer=True)
+    order = [layer.name for layer, _, _ in graph]
+    by_name = {layer.name: layer for layer, _, _ in graph}
+    parents = {layer.name: [p.name for p in ps] for layer, ps, _ in graph}
+    outer = {layer.name: o for layer, _, o in graph}
     names = [rule.name for rule in rules]
     if len(set(names)) != len(names):
         raise BlockError(f"Block names repeat: {names}.")
@@ -217,7 +220,7 @@ def assign_blocks(model, rules, unmatched=HEAD):
         names.append(HEAD)
     assignment = {n: names[index[n]] for n in order}
     return BlockMap(names, [by_name[n] for n in order], assignment, parents,
-                    source="rules")
+                    source="rules", outer=outer)
 
 
 def structural_block_map(model):
@@ -229,10 +232,11 @@ def structural_block_map(model):
     layers after global pooling) form the ``head`` block. A model without
     spatial layers gets one block per layer that owns weights.
     """
-    graph = layer_graph(model)
-    order = [layer.name for layer, _ in graph]
-    parents = {layer.name: [p.name for p in ps] for layer, ps in graph}
-    by_name = {layer.name: layer for layer, _ in graph}
+    graph = layer_graph(model, with_outer=True)
+    order = [layer.name for layer, _, _ in graph]
+    parents = {layer.name: [p.name for p in ps] for layer, ps, _ in graph}
+    by_name = {layer.name: layer for layer, _, _ in graph}
+    outer = {layer.name: o for layer, _, o in graph}
 
     def resolution(layer):
         try:
@@ -272,7 +276,7 @@ def structural_block_map(model):
         raise BlockError(f"Model {model.name!r} has no layer with weights.")
     assignment = {n: names[index[n]] for n in order}
     return BlockMap(names, [by_name[n] for n in order], assignment, parents,
-                    source="structural")
+                    source="structural", outer=outer)
 
 
 # --------------------------------------------------------------------------
@@ -290,8 +294,10 @@ class BlockMap:
         source: ``"rules"`` (from a zoo config) or ``"structural"``.
     """
 
-    def __init__(self, names, layers, assignment, parents, source):
+    def __init__(self, names, layers, assignment, parents, source,
+                 outer=None):
         self.names = list(names)
+        self._outer = dict(outer or {})
         self.source = source
         self._layers = list(layers)
         self._assignment = dict(assignment)
@@ -376,8 +382,13 @@ class BlockMap:
         return sum(int(_size(v)) for v in self.variables(block))
 
     def output_layer(self, block):
-        """The last layer of ``block`` in topological order."""
-        return self.layers(block)[-1]
+        """The layer of the model whose output ends ``block``.
+
+        The last layer of the block in topological order or, where that layer
+        sits inside a nested model (ConvNeXt's stem), the nested model.
+        """
+        last = self.layers(block)[-1]
+        return self._outer.get(last.name, last)
 
     def assignment(self):
         """A dict from layer name to block name."""
