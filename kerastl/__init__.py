@@ -7,6 +7,10 @@ __version__ = "0.1.0"
 
 from kerastl.backbone import Backbone, load_backbone
 from kerastl.blocks import BlockMap, block_map
+from kerastl.freezing import (GradualUnfreezing, freeze, trainable_blocks,
+                              trainable_summary, unfreeze)
+from kerastl.heads import build_classifier, replace_classifier
+from kerastl.recipes import Strategy, early_stopping, fine_tune, recommend_strategy
 from kerastl.errors import (BlockError, ConfigError, InputShapeError,
                             KerastlError, UnknownModelError, WeightsError)
 from kerastl.preprocessing import ImagePreprocessing
@@ -16,4 +20,7 @@ __all__ = [
     "Backbone", "BlockError", "BlockMap", "ConfigError", "ImagePreprocessing",
     "InputShapeError", "KerastlError", "UnknownModelError", "WeightsError",
     "block_map", "get_config", "list_configs", "load_backbone",
+    "GradualUnfreezing", "freeze", "unfreeze", "trainable_blocks",
+    "trainable_summary", "build_classifier", "replace_classifier", "Strategy",
+    "early_stopping", "fine_tune", "recommend_strategy",
 ]

@@ -1,0 +1,303 @@
+"""Freezing by block, with BatchNormalization handled right.
+
+Frozen means ``layer.trainable = False``: no gradient is computed for the
+layer and its weights cannot move. Keras runs a BatchNormalization layer with
+``trainable = False`` in inference mode, so its moving mean and variance do
+not move either.
+
+BatchNormalization in the blocks that are *trained* is the classic trap of
+fine-tuning: with the small batches of a small target set, batch statistics
+are noisy and updating the moving statistics destroys what the pretrained
+network learned. kerastl's default, ``bn="frozen"``, keeps every BN layer in
+inference mode (``trainable = False``: moving statistics, gamma and beta
+fixed) while the convolutions around it train, as the Keras transfer-learning
+guide recommends. ``bn="train"`` trains BN like any other layer (batch
+statistics, moving averages updated): use it with large batches and a target
+domain far from the source.
+
+Changing ``trainable`` after ``compile`` does not reach a compiled model's
+training step, and a built optimizer refuses variables it has not seen.
+:func:`freeze` and :func:`unfreeze` therefore recompile a compiled model
+themselves, with the same loss and metrics and a fresh optimizer of the same
+configuration (optionally a new learning rate).
+"""
+
+import keras
+
+from kerastl.blocks import HEAD, block_map, layer_graph
+from kerastl.errors import BlockError, KerastlError
+
+BN_MODES = ("frozen", "train")
+
+
+def _is_batch_norm(layer):
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _check_bn(bn):
+    if bn not in BN_MODES:
+        raise KerastlError(f"bn={bn!r}: expected 'frozen' or 'train'.")
+
+
+def _keras_model(model):
+    return getattr(model, "model", model)
+
+
+def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
+                           recompile=True, learning_rate=None):
+    """Makes exactly ``trainable_blocks`` trainable; every other block frozen.
+
+    The primitive behind :func:`freeze` and :func:`unfreeze`.
+
+    Args:
+        model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
+        trainable_blocks: block names (or indices) to train.
+        bn: ``"frozen"`` or ``"train"``: BatchNormalization layers in the
+            trainable blocks (BN in frozen blocks is always frozen).
+        recompile: recompile a compiled model so that the change reaches
+            ``fit`` (a fresh optimizer of the same configuration).
+        learning_rate: with ``recompile``, the new optimizer's learning rate.
+
+    Returns:
+        The list of trainable block names.
+    """
+    _check_bn(bn)
+    keras_model = _keras_model(model)
+    bm = block_map(keras_model)
+    wanted = {bm.resolve(b) for b in trainable_blocks}
+    graph = layer_graph(keras_model, with_outer=True)
+    # Keras propagates `trainable` down to sublayers, so open every container
+    # first (nested models, the model itself), then set each leaf.
+    keras_model.trainable = True
+    for layer, _, outer in graph:
+        if outer is not layer:
+            outer.trainable = True
+    for layer, _, _ in graph:
+        if not getattr(layer, "weights", None):
+            continue
+        train = bm.block_of(layer) in wanted
+        if train and _is_batch_norm(layer) and bn == "frozen":
+            train = False
+        layer.trainable = train
+    if recompile:
+        _recompile(keras_model, learning_rate)
+    return [b for b in bm.names if b in wanted]
+
+
+def _recompile(model, learning_rate=None):
+    """Recompiles a compiled model with a fresh optimizer of the same config."""
+    if not getattr(model, "compiled", False):
+        if learning_rate is not None:
+            raise KerastlError(
+                "learning_rate= needs a compiled model: compile it first, or "
+                "pass the rate to model.compile().")
+        return False
+    config = getattr(model, "_compile_config", None)
+    if config is None or model.optimizer is None:
+        raise KerastlError(
+            "The model is compiled but kerastl cannot recompile it; call "
+            "model.compile(...) again after changing what is trainable.")
+    kwargs = dict(config.config)
+    optimizer = model.optimizer
+    fresh = optimizer.__class__.from_config(optimizer.get_config())
+    if learning_rate is not None:
+        fresh.learning_rate = learning_rate
+    kwargs["optimizer"] = fresh
+    model.compile(**kwargs)
+    return True
+
+
+def trainable_blocks(model):
+    """Names of the blocks whose non-BN weighted layers are trainable."""
+    keras_model = _keras_model(model)
+    bm = block_map(keras_model)
+    trainable_ids = {id(v) for v in keras_model.trainable_variables}
+    out = []
+    for b in bm.names:
+        layers = [l for l in bm.weighted_layers(b) if not _is_batch_norm(l)]
+        layers = layers or bm.weighted_layers(b)
+        if any(id(v) in trainable_ids for l in layers for v in l.weights):
+            out.append(b)
+    return out
+
+
+def _resolve_depth(bm, up_to):
+    """Number of leading blocks that ``up_to`` names."""
+    if up_to is None:  # the whole backbone: every block but the head
+        return len(bm) - (1 if bm.names[-1] == HEAD else 0)
+    if isinstance(up_to, int) and not isinstance(up_to, bool):
+        if not 0 <= up_to <= len(bm):
+            raise BlockError(
+                f"up_to={up_to}: the model has {len(bm)} blocks "
+                f"({', '.join(bm.names)}); freeze between 0 and {len(bm)}.")
+        return up_to
+    return bm.index(up_to) + 1
+
+
+def freeze(model, up_to=None, bn="frozen", recompile=True,
+           learning_rate=None):
+    """Freezes the first blocks and trains the rest.
+
+    Args:
+        model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
+        up_to: the last block to freeze (a name: ``"stage3"``), or how many
+            leading blocks to freeze (an int). ``None`` freezes every block
+            but the classifier's ``head``.
+        bn: BatchNormalization in the blocks left trainable: ``"frozen"``
+            (default: inference mode, nothing in BN moves) or ``"train"``.
+        recompile: recompile a compiled model so the change reaches ``fit``.
+        learning_rate: the learning rate of the recompiled optimizer.
+
+    Returns:
+        The list of frozen block names.
+
+    Example:
+
+    >>> kerastl.freeze(model, up_to="stage3")
+    ['stem', 'stage1', 'stage2', 'stage3']
+    """
+    bm = block_map(_keras_model(model))
+    n = _resolve_depth(bm, up_to)
+    apply_trainable_blocks(model, bm.names[n:], bn=bn, recompile=recompile,
+                           learning_rate=learning_rate)
+    return bm.names[:n]
+
+
+def unfreeze(model, from_block=0, bn="frozen", recompile=True,
+             learning_rate=None):
+    """Makes ``from_block`` and every block after it trainable.
+
+    Blocks before ``from_block`` keep their current state.
+
+    Args:
+        from_block: a block name or index (negative counts from the top:
+            ``-2`` unfreezes the last two blocks).
+        bn, recompile, learning_rate: as for :func:`freeze`.
+
+    Returns:
+        The list of trainable block names.
+    """
+    bm = block_map(_keras_model(model))
+    start = bm.index(from_block)
+    wanted = set(trainable_blocks(model)) | set(bm.names[start:])
+    return apply_trainable_blocks(model, [b for b in bm.names if b in wanted],
+                                  bn=bn, recompile=recompile,
+                                  learning_rate=learning_rate)
+
+
+class TrainableSummary(list):
+    """Rows of :func:`trainable_summary`; ``print()`` shows a table."""
+
+    def __str__(self):
+        head = f"{'block':<14}{'state':<10}{'trainable':>14}{'frozen':>14}"
+        lines = [head, "-" * len(head)]
+        for r in self:
+            lines.append(f"{r['block']:<14}{r['state']:<10}"
+                         f"{r['trainable_params']:>14,}{r['frozen_params']:>14,}")
+        t = sum(r["trainable_params"] for r in self)
+        f = sum(r["frozen_params"] for r in self)
+        lines.append(f"{'total':<24}{t:>14,}{f:>14,}")
+        return "\n".join(lines)
+
+
+def trainable_summary(model):
+    """Per block: trainable and frozen parameter counts.
+
+    Returns:
+        A :class:`TrainableSummary` (a list of dicts with ``block``,
+        ``state`` — ``trainable``, ``frozen`` or ``partial`` —,
+        ``trainable_params`` and ``frozen_params``); print it for a table.
+        BN moving statistics always count as frozen.
+    """
+    keras_model = _keras_model(model)
+    bm = block_map(keras_model)
+    trainable_ids = {id(v) for v in keras_model.trainable_variables}
+    rows = TrainableSummary()
+    trainable = set(trainable_blocks(keras_model))
+    for b in bm.names:
+        t = f = 0
+        for v in bm.variables(b):
+            size = 1
+            for d in v.shape:
+                size *= int(d)
+            if id(v) in trainable_ids:
+                t += size
+            else:
+                f += size
+        state = "trainable" if b in trainable else "frozen"
+        if state == "trainable" and any(
+                _is_batch_norm(l) and not l.trainable
+                for l in bm.weighted_layers(b)):
+            state = "partial"
+        rows.append(dict(block=b, state=state, trainable_params=t,
+                         frozen_params=f))
+    return rows
+
+
+class GradualUnfreezing(keras.callbacks.Callback):
+    """Unfreezes one more block every ``every`` epochs, top first (ULMFiT).
+
+    Works inside a single ``model.fit`` call. At the start of training the
+    callback freezes everything below the top ``start_blocks`` blocks and
+    re-creates the optimizer (same configuration) over every variable it will
+    ever unfreeze, so that later blocks can join the optimizer mid-training.
+
+    Args:
+        every: epochs between two unfreezing steps.
+        start_blocks: how many blocks (from the top, the head included) are
+            trainable at epoch 0.
+        bn: BatchNormalization mode of unfrozen blocks (see :func:`freeze`).
+        max_blocks: stop after this many blocks are trainable (default: all).
+        verbose: print each unfreezing step.
+
+    Example:
+
+    >>> model.fit(data, epochs=6, callbacks=[kerastl.GradualUnfreezing(2)])
+    """
+
+    def __init__(self, every=1, start_blocks=1, bn="frozen", max_blocks=None,
+                 verbose=0):
+        super().__init__()
+        _check_bn(bn)
+        if every < 1 or start_blocks < 1:
+            raise KerastlError("every and start_blocks must be at least 1.")
+        self.every = every
+        self.start_blocks = start_blocks
+        self.bn = bn
+        self.max_blocks = max_blocks
+        self.verbose = verbose
+        self.history = {}  # epoch -> trainable blocks
+
+    def _n_trainable(self, epoch):
+        n = self.start_blocks + epoch // self.every
+        bm = block_map(self.model)
+        limit = len(bm) if self.max_blocks is None else self.max_blocks
+        return min(n, limit, len(bm))
+
+    def _set(self, n):
+        bm = block_map(self.model)
+        return apply_trainable_blocks(self.model, bm.names[len(bm) - n:],
+                                      bn=self.bn, recompile=False)
+
+    def on_train_begin(self, logs=None):
+        bm = block_map(self.model)
+        limit = len(bm) if self.max_blocks is None else self.max_blocks
+        # Every variable that will ever train, in Keras's own order.
+        self._set(min(limit, len(bm)))
+        every_variable = list(self.model.trainable_variables)
+        optimizer = self.model.optimizer
+        fresh = optimizer.__class__.from_config(optimizer.get_config())
+        fresh.build(every_variable)
+        self.model.optimizer = fresh
+        self._set(self._n_trainable(0))
+        self.model.make_train_function(force=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        n = self._n_trainable(epoch)
+        if epoch and n != self._n_trainable(epoch - 1):
+            blocks = self._set(n)
+            self.model.make_train_function(force=True)
+            if self.verbose:
+                print(f"\nGradualUnfreezing: epoch {epoch + 1}: training "
+                      f"{', '.join(blocks)}")
+        self.history[epoch] = trainable_blocks(self.model)

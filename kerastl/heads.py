@@ -1,0 +1,113 @@
+"""New classifier heads in place of the source classifier."""
+
+import keras
+
+from kerastl import freezing
+from kerastl.errors import KerastlError
+
+POOLINGS = ("avg", "max", "flatten")
+
+
+def _check_num_classes(num_classes):
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or \
+            num_classes < 1:
+        raise KerastlError(
+            f"num_classes={num_classes!r}: expected a positive integer (1 "
+            "for one sigmoid output, the number of classes otherwise).")
+
+
+def _head(x, num_classes, dropout, hidden_units, activation):
+    for i, units in enumerate(hidden_units):
+        x = keras.layers.Dense(units, activation="relu",
+                               name=f"head_dense_{i}")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    # float32 output keeps softmax/sigmoid stable under mixed precision.
+    return keras.layers.Dense(num_classes, activation=activation,
+                              dtype="float32", name="head_predictions")(x)
+
+
+def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
+                     hidden_units=(), activation="softmax", freeze=True,
+                     bn="frozen", name=None):
+    """A new classifier on a backbone: a plain ``keras.Model``.
+
+    Args:
+        backbone: a :class:`~kerastl.Backbone` or a ``keras.Model`` whose
+            output is a feature map ``(batch, height, width, channels)``.
+        num_classes: number of outputs.
+        pooling: ``"avg"`` (global average), ``"max"`` or ``"flatten"``.
+        dropout: dropout rate before each dense layer of the head (0: none).
+        hidden_units: sizes of hidden ReLU layers in the head.
+        activation: ``"softmax"`` (single label), ``"sigmoid"`` (multi-label)
+            or ``None`` (logits).
+        freeze: ``True`` freezes the whole backbone (feature extraction),
+            ``False`` trains everything, a block name or int freezes up to it.
+        bn: BatchNormalization mode of trainable backbone blocks
+            (see :func:`kerastl.freeze`).
+        name: the model's name.
+
+    Returns:
+        A ``keras.Model`` (images in [0, 255] in, class scores out) whose
+        block map is the backbone's plus a ``head`` block.
+
+    Example:
+
+    >>> model = kerastl.build_classifier(backbone, num_classes=5)
+    >>> model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    """
+    _check_num_classes(num_classes)
+    if pooling not in POOLINGS:
+        raise KerastlError(f"pooling={pooling!r}: expected one of "
+                           f"{', '.join(POOLINGS)}.")
+    model = getattr(backbone, "model", backbone)
+    if not isinstance(model, keras.Model):
+        raise KerastlError(f"Expected a kerastl.Backbone or keras.Model, got "
+                           f"{type(backbone).__name__}.")
+    features = model.output
+    if len(features.shape) != 4:
+        raise KerastlError(
+            f"build_classifier needs a backbone with a spatial output "
+            f"(batch, height, width, channels); {model.name!r} outputs "
+            f"{tuple(features.shape)}. Pass the backbone without its pooling "
+            "or classifier, or replace a classifier with replace_classifier().")
+    pool = {"avg": keras.layers.GlobalAveragePooling2D,
+            "max": keras.layers.GlobalMaxPooling2D,
+            "flatten": keras.layers.Flatten}[pooling](name="head_pool")
+    outputs = _head(pool(features), num_classes, dropout, hidden_units,
+                    activation)
+    classifier = keras.Model(model.input, outputs,
+                             name=name or f"{model.name}_classifier")
+    if freeze is True:
+        freezing.freeze(classifier, bn=bn)
+    elif freeze is False:
+        freezing.freeze(classifier, up_to=0, bn=bn)
+    else:
+        freezing.freeze(classifier, up_to=freeze, bn=bn)
+    return classifier
+
+
+def replace_classifier(model, num_classes, dropout=0.0, hidden_units=(),
+                       activation="softmax", name=None):
+    """Replaces the source classifier of a full model (``include_top=True``).
+
+    The last ``Dense`` layer is taken as the source classifier: the new head
+    reads what it read (for VGG, the pretrained ``fc2`` features). Every
+    layer before it keeps its weights and stays trainable; freeze with
+    :func:`kerastl.freeze`.
+
+    Returns:
+        A new ``keras.Model`` sharing the pretrained layers.
+    """
+    _check_num_classes(num_classes)
+    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
+    if not dense:
+        raise KerastlError(
+            f"{model.name!r} has no Dense classifier to replace. For a "
+            "backbone without classifier use build_classifier().")
+    features = dense[-1].input
+    outputs = _head(features, num_classes, dropout, hidden_units, activation)
+    return keras.Model(model.input, outputs,
+                       name=name or f"{model.name}_retargeted")

@@ -1,0 +1,76 @@
+"""New heads, replacing a classifier, and the strategy advice."""
+
+import keras
+import numpy as np
+import pytest
+
+import kerastl
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return kerastl.load_backbone("resnet50", weights=None, input_shape=(32, 32, 3))
+
+
+def test_build_classifier_is_a_plain_model(backbone):
+    model = kerastl.build_classifier(backbone, 4, hidden_units=(16,),
+                                     dropout=0.1)
+    assert isinstance(model, keras.Model)
+    assert model.output.shape == (None, 4)
+    assert kerastl.block_map(model).names[-1] == "head"
+    assert [l.name for l in kerastl.block_map(model).weighted_layers("head")] == [
+        "head_dense_0", "head_predictions"]
+    assert kerastl.trainable_blocks(model) == ["head"]
+    out = model.predict(np.zeros((2, 32, 32, 3)), verbose=0)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_multi_label_head_uses_sigmoid(backbone):
+    model = kerastl.build_classifier(backbone, 3, activation="sigmoid",
+                                     pooling="max")
+    out = model.predict(np.full((2, 32, 32, 3), 128.0), verbose=0)
+    assert out.shape == (2, 3) and ((out > 0) & (out < 1)).all()
+    assert not np.allclose(out.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5])
+def test_num_classes_must_be_positive(backbone, n):
+    with pytest.raises(kerastl.KerastlError, match="positive integer"):
+        kerastl.build_classifier(backbone, n)
+
+
+def test_head_needs_a_spatial_output():
+    inputs = keras.Input((8,))
+    flat = keras.Model(inputs, keras.layers.Dense(4)(inputs))
+    with pytest.raises(kerastl.KerastlError, match="spatial output"):
+        kerastl.build_classifier(flat, 2)
+
+
+def test_replace_classifier_of_a_full_model():
+    full = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3),
+                                          classes=10)
+    model = kerastl.replace_classifier(full, 3)
+    assert model.output.shape == (None, 3)
+    assert model.get_layer("Conv1") is full.get_layer("Conv1")  # shared
+    assert "predictions" not in [l.name for l in model.layers]
+    with pytest.raises(kerastl.KerastlError, match="no Dense classifier"):
+        kerastl.replace_classifier(kerastl.load_backbone(
+            "vgg16", weights=None, input_shape=(32, 32, 3)).model, 3)
+
+
+@pytest.mark.parametrize("n, sim, name", [
+    (20, "high", "feature_extraction"), (300, "high", "partial_fine_tuning"),
+    (5000, 0.9, "full_fine_tuning"), (5000, "low", "full_fine_tuning"),
+    (20, 0.1, "partial_fine_tuning")])
+def test_recommend_strategy_follows_the_table(n, sim, name):
+    s = kerastl.recommend_strategy(n, sim)
+    assert s.name == name and s.reasoning
+    assert str(n) in s.reasoning
+
+
+def test_recommend_strategy_names_blocks(backbone):
+    s = kerastl.recommend_strategy(300, "high", model=backbone)
+    assert s.freeze_up_to == "conv3"  # half of stem, conv2..conv5
+    assert kerastl.recommend_strategy(20, "high", backbone).freeze_up_to == "conv5"
+    with pytest.raises(kerastl.KerastlError, match="similarity"):
+        kerastl.recommend_strategy(10, "medium")
