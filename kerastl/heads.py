@@ -56,7 +56,8 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
     Example:
 
     >>> model = kerastl.build_classifier(backbone, num_classes=5)
-    >>> model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    >>> model.compile("adam", "sparse_categorical_crossentropy",
+    ...               metrics=["accuracy"])
     """
     _check_num_classes(num_classes)
     if pooling not in POOLINGS:
