@@ -136,18 +136,24 @@ def fine_tune(model, train, validation, unfreeze_from=-3, head_epochs=10,
     learning rate. Both phases stop early when the validation loss starts to
     increase and keep the best weights.
 
+    Args:
+        train: a ``tf.data.Dataset`` (or other ``fit`` input) of ``(x, y)``
+            batches, or an ``(x, y)`` tuple of arrays.
+        validation: anything ``fit`` takes as ``validation_data``.
+
     Returns:
         ``(history_head, history_fine_tune)``, two ``keras.callbacks.History``.
     """
+    x, y = train if isinstance(train, tuple) else (train, None)
     freezing.freeze(model, bn=bn, recompile=False)
     model.compile(optimizer=keras.optimizers.Adam(head_learning_rate),
                   loss=loss, metrics=list(metrics))
     cbs = [early_stopping(patience)] + list(callbacks)
-    h1 = model.fit(train, validation_data=validation, epochs=head_epochs,
+    h1 = model.fit(x, y, validation_data=validation, epochs=head_epochs,
                    callbacks=cbs, verbose=verbose)
     freezing.unfreeze(model, from_block=unfreeze_from, bn=bn,
                       learning_rate=fine_tune_learning_rate)
     cbs = [early_stopping(patience)] + list(callbacks)
-    h2 = model.fit(train, validation_data=validation, epochs=fine_tune_epochs,
+    h2 = model.fit(x, y, validation_data=validation, epochs=fine_tune_epochs,
                    callbacks=cbs, verbose=verbose)
     return h1, h2

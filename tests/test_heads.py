@@ -74,3 +74,22 @@ def test_recommend_strategy_names_blocks(backbone):
     assert kerastl.recommend_strategy(20, "high", backbone).freeze_up_to == "conv5"
     with pytest.raises(kerastl.KerastlError, match="similarity"):
         kerastl.recommend_strategy(10, "medium")
+
+
+def test_fine_tune_runs_both_phases_with_early_stopping():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    model = kerastl.build_classifier(keras.Model(inputs, x), 2, dropout=0.0)
+    rng = np.random.default_rng(0)
+    xs = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
+    ys = rng.integers(0, 2, 16)
+    block1 = kerastl.block_map(model).variables("block1")
+    before = [v.numpy().copy() for v in block1]
+    h1, h2 = kerastl.fine_tune(model, (xs, ys), (xs, ys), unfreeze_from=-2,
+                               head_epochs=2, fine_tune_epochs=2)
+    assert len(h1.history["loss"]) == 2 and "val_loss" in h2.history
+    assert kerastl.trainable_blocks(model) == ["block2", "head"]
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-5)
+    for v, b in zip(block1, before):  # never unfrozen
+        np.testing.assert_array_equal(v.numpy(), b)
