@@ -126,6 +126,16 @@ def layer_graph(model, with_outer=False):
     return unique
 
 
+def _graph_tables(model):
+    """Leaf names in order, name->layer, name->parent names, name->outer."""
+    graph = layer_graph(model, with_outer=True)
+    order = [layer.name for layer, _, _ in graph]
+    by_name = {layer.name: layer for layer, _, _ in graph}
+    parents = {layer.name: [p.name for p in ps] for layer, ps, _ in graph}
+    outer = {layer.name: o for layer, _, o in graph}
+    return order, by_name, parents, outer
+
+
 def _weights(layer):
     """Weights of a leaf; bare Keras operations (``x + y``) have none."""
     return getattr(layer, "weights", None) or []
@@ -182,11 +192,7 @@ def assign_blocks(model, rules, unmatched=HEAD):
     Returns:
         A :class:`BlockMap`.
     """
-    graph = layer_graph(model, with_outer=True)
-    order = [layer.name for layer, _, _ in graph]
-    by_name = {layer.name: layer for layer, _, _ in graph}
-    parents = {layer.name: [p.name for p in ps] for layer, ps, _ in graph}
-    outer = {layer.name: o for layer, _, o in graph}
+    order, by_name, parents, outer = _graph_tables(model)
     names = [rule.name for rule in rules]
     if len(set(names)) != len(names):
         raise BlockError(f"Block names repeat: {names}.")
@@ -232,11 +238,7 @@ def structural_block_map(model):
     layers after global pooling) form the ``head`` block. A model without
     spatial layers gets one block per layer that owns weights.
     """
-    graph = layer_graph(model, with_outer=True)
-    order = [layer.name for layer, _, _ in graph]
-    parents = {layer.name: [p.name for p in ps] for layer, ps, _ in graph}
-    by_name = {layer.name: layer for layer, _, _ in graph}
-    outer = {layer.name: o for layer, _, o in graph}
+    order, by_name, parents, outer = _graph_tables(model)
 
     def resolution(layer):
         try:
@@ -379,7 +381,7 @@ class BlockMap:
 
     def params(self, block):
         """Number of scalars in the weights of ``block``."""
-        return sum(int(_size(v)) for v in self.variables(block))
+        return sum(variable_size(v) for v in self.variables(block))
 
     def output_layer(self, block):
         """The layer of the model whose output ends ``block``.
@@ -417,7 +419,8 @@ class BlockMap:
         return problems
 
 
-def _size(v):
+def variable_size(v):
+    """Number of scalars in a weight variable."""
     n = 1
     for d in v.shape:
         n *= int(d)

@@ -24,7 +24,7 @@ configuration (optionally a new learning rate).
 
 import keras
 
-from kerastl.blocks import HEAD, block_map, layer_graph
+from kerastl.blocks import HEAD, block_map, layer_graph, variable_size
 from kerastl.errors import BlockError, KerastlError
 
 BN_MODES = ("frozen", "train")
@@ -217,13 +217,10 @@ def trainable_summary(model):
     for b in bm.names:
         t = f = 0
         for v in bm.variables(b):
-            size = 1
-            for d in v.shape:
-                size *= int(d)
             if id(v) in trainable_ids:
-                t += size
+                t += variable_size(v)
             else:
-                f += size
+                f += variable_size(v)
         state = "trainable" if b in trainable else "frozen"
         if state == "trainable" and any(
                 _is_batch_norm(l) and not l.trainable

@@ -110,7 +110,7 @@ def recommend_strategy(n_labelled_per_class, similarity, model=None):
             "rate and stop early: the late blocks are specific to the "
             "source task.")
     if model is not None:
-        bm = block_map(getattr(model, "model", model))
+        bm = block_map(model)  # a Backbone or a keras.Model
         names = [b for b in bm.names if b != HEAD]
         k = math.ceil(s.freeze_fraction * len(names))
         s.freeze_up_to = names[k - 1] if k else None

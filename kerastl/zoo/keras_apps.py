@@ -72,7 +72,7 @@ def build_application(config, input_tensor, input_shape, weights):
         raise InputShapeError(
             f"keras.applications.{config.constructor} rejected input_shape="
             f"{input_shape} with weights={weights!r}: {e}") from None
-    except (OSError, Exception) as e:  # urllib, socket and Keras fetch errors
+    except Exception as e:  # urllib, socket and Keras fetch errors
         if weights == "imagenet" and _is_network_error(e):
             raise WeightsError(_offline_message(config, e)) from None
         raise
