@@ -6,7 +6,8 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
-TEST = ["pytest>=7", "scikit-learn>=1.3"]
+# jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
+TEST = ["pytest>=7", "scikit-learn>=1.3", "jax>=0.4.30"]
 PLOTS = ["matplotlib>=3.7"]
 
 setup(

@@ -10,6 +10,8 @@ from kerastl.blocks import BlockMap, block_map
 from kerastl.freezing import (GradualUnfreezing, freeze, trainable_blocks,
                               trainable_summary, unfreeze)
 from kerastl.heads import build_classifier, replace_classifier
+from kerastl.layerwise import (LayerwiseOptimizer, describe_learning_rates,
+                               layer_decay, lr_spread)
 from kerastl.recipes import Strategy, early_stopping, fine_tune, recommend_strategy
 from kerastl.errors import (BlockError, ConfigError, InputShapeError,
                             KerastlError, UnknownModelError, WeightsError)
@@ -23,4 +25,6 @@ __all__ = [
     "GradualUnfreezing", "freeze", "unfreeze", "trainable_blocks",
     "trainable_summary", "build_classifier", "replace_classifier", "Strategy",
     "early_stopping", "fine_tune", "recommend_strategy",
+    "LayerwiseOptimizer", "describe_learning_rates", "layer_decay",
+    "lr_spread",
 ]

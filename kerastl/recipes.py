@@ -8,6 +8,7 @@ import keras
 from kerastl import freezing
 from kerastl.blocks import HEAD, block_map
 from kerastl.errors import KerastlError
+from kerastl.layerwise import LayerwiseOptimizer
 
 # Labelled target samples per class: below FEW is "few", at or above MANY
 # is "many" (the domain brief's data-size axis).
@@ -127,7 +128,7 @@ def fine_tune(model, train, validation, unfreeze_from=-3, head_epochs=10,
               fine_tune_epochs=10, head_learning_rate=1e-3,
               fine_tune_learning_rate=1e-5, loss="sparse_categorical_crossentropy",
               metrics=("accuracy",), patience=3, bn="frozen", callbacks=(),
-              verbose=0):
+              multipliers=None, verbose=0):
     """Two-phase fine-tuning of a classifier built on a backbone.
 
     Phase 1 trains the head with every backbone block frozen; phase 2
@@ -140,6 +141,9 @@ def fine_tune(model, train, validation, unfreeze_from=-3, head_epochs=10,
         train: a ``tf.data.Dataset`` (or other ``fit`` input) of ``(x, y)``
             batches, or an ``(x, y)`` tuple of arrays.
         validation: anything ``fit`` takes as ``validation_data``.
+        multipliers: layer-wise learning-rate multipliers for phase 2 (see
+            :class:`~kerastl.LayerwiseOptimizer`), e.g.
+            ``kerastl.layer_decay(0.7)``; ``None``: one rate for all.
 
     Returns:
         ``(history_head, history_fine_tune)``, two ``keras.callbacks.History``.
@@ -152,7 +156,11 @@ def fine_tune(model, train, validation, unfreeze_from=-3, head_epochs=10,
     h1 = model.fit(x, y, validation_data=validation, epochs=head_epochs,
                    callbacks=cbs, verbose=verbose)
     freezing.unfreeze(model, from_block=unfreeze_from, bn=bn,
-                      learning_rate=fine_tune_learning_rate)
+                      recompile=False)
+    optimizer = keras.optimizers.Adam(fine_tune_learning_rate)
+    if multipliers is not None:
+        optimizer = LayerwiseOptimizer(optimizer, multipliers, model)
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
     cbs = [early_stopping(patience)] + list(callbacks)
     h2 = model.fit(x, y, validation_data=validation, epochs=fine_tune_epochs,
                    callbacks=cbs, verbose=verbose)

@@ -1,0 +1,505 @@
+"""Layer-wise learning-rate multipliers, right for every Keras optimizer.
+
+"Freeze the first blocks, then let the learning rate grow block by block
+towards the head" is the standard fine-tuning advice. The usual Keras
+workaround, scaling gradients, is wrong for adaptive optimizers: Adam, RMSprop
+and Lion are invariant to the scale of the gradient, so a block whose
+gradients are multiplied by 0.1 moves exactly as fast as before.
+
+:class:`LayerwiseOptimizer` wraps one optimizer and gives every variable an
+effective learning rate of ``multiplier x the optimizer's current learning
+rate``: the wrapped optimizer's own update rule runs with that rate, so
+momentum, Adam's moments and its bias correction are those of a plain
+optimizer with the smaller rate. Learning-rate schedules and callbacks that
+change the rate (``ReduceLROnPlateau``, ``LearningRateScheduler``) act on the
+base rate and so on every block. Decoupled weight decay (AdamW, Lion,
+``weight_decay=``) scales with the effective rate, as it does for a plain
+optimizer with that rate.
+
+Multipliers are given per block of the model's block map (see
+:func:`kerastl.block_map`): an explicit mapping, :func:`layer_decay` or
+:func:`lr_spread`. A multiplier of 0 freezes the block (``trainable = False``,
+no gradient is computed for it).
+"""
+
+import math
+import numbers
+import re
+
+import keras
+from keras import ops
+
+from kerastl.blocks import block_map
+from kerastl.errors import BlockError, KerastlError
+
+__all__ = ["LayerwiseOptimizer", "layer_decay", "lr_spread",
+           "describe_learning_rates", "resolve_multipliers"]
+
+
+def _check_multiplier(value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise KerastlError(
+            f"Learning-rate multiplier for {what} is {value!r}: expected a "
+            f"number >= 0 (0 freezes the block).")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise KerastlError(
+            f"Learning-rate multiplier for {what} is {value}: multipliers "
+            f"must be finite and >= 0 (0 freezes the block).")
+    return value
+
+
+class _BlockRule:
+    """Base of the rules that give one multiplier per block."""
+
+    def per_block(self, names):
+        raise NotImplementedError
+
+
+class layer_decay(_BlockRule):  # noqa: N801 - reads as a function
+    """Geometric layer decay, as in BEiT and timm: ``decay ** depth``.
+
+    The last block (the head of a classifier) gets ``top``, the block below
+    ``top * decay``, the one below that ``top * decay**2``, and so on.
+
+    Args:
+        decay: the ratio between the rates of neighbouring blocks, in (0, 1].
+        top: the multiplier of the last block.
+
+    Example:
+
+    >>> opt = kerastl.LayerwiseOptimizer(keras.optimizers.AdamW(1e-3),
+    ...                                  kerastl.layer_decay(0.7), model)
+    """
+
+    def __init__(self, decay, top=1.0):
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
+                or not 0 < decay <= 1:
+            raise KerastlError(
+                f"layer_decay({decay!r}): the decay must be a number in "
+                f"(0, 1], e.g. 0.75.")
+        self.decay = float(decay)
+        self.top = _check_multiplier(top, "the top block")
+
+    def per_block(self, names):
+        n = len(names)
+        return {b: self.top * self.decay ** (n - 1 - i)
+                for i, b in enumerate(names)}
+
+    def __repr__(self):
+        return f"layer_decay({self.decay}, top={self.top})"
+
+
+class lr_spread(_BlockRule):  # noqa: N801 - reads as a function
+    """Multipliers spread geometrically from ``lo`` (first block) to ``hi``.
+
+    fastai's ``slice(lo, hi)``: the first block gets ``lo``, the last ``hi``,
+    and the blocks between are evenly spaced on a log scale.
+
+    Example:
+
+    >>> kerastl.lr_spread(0.01, 1.0)  # the stem learns 100x slower
+    """
+
+    def __init__(self, lo, hi=1.0):
+        lo = _check_multiplier(lo, "lr_spread lo")
+        hi = _check_multiplier(hi, "lr_spread hi")
+        if lo == 0 or hi == 0 or lo > hi:
+            raise KerastlError(
+                f"lr_spread({lo}, {hi}): expected 0 < lo <= hi (a geometric "
+                f"spread cannot start or end at 0; freeze blocks instead).")
+        self.lo, self.hi = lo, hi
+
+    def per_block(self, names):
+        n = len(names)
+        if n == 1:
+            return {names[0]: self.hi}
+        ratio = self.hi / self.lo
+        return {b: self.lo * ratio ** (i / (n - 1))
+                for i, b in enumerate(names)}
+
+    def __repr__(self):
+        return f"lr_spread({self.lo}, {self.hi})"
+
+
+def _keras_model(model):
+    return getattr(model, "model", model)
+
+
+def resolve_multipliers(model, multipliers, default=1.0):
+    """Resolves a multiplier spec to ``{layer name: multiplier}``.
+
+    Args:
+        model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
+        multipliers: a :func:`layer_decay` or :func:`lr_spread` rule, or a
+            mapping whose keys are block names, block indices (negative
+            counts from the top) or regular expressions matched against layer
+            names (``re.match``, as in zoo configs). A block key sets every
+            layer of the block; a regex key then overrides the layers it
+            matches.
+        default: the multiplier of blocks the mapping does not mention.
+
+    Returns:
+        ``{layer name: multiplier}`` for every layer that owns weights.
+
+    Raises:
+        BlockError: a key is neither a block nor matches a layer (the message
+            lists the blocks).
+        KerastlError: a multiplier is negative or not a number.
+    """
+    bm = block_map(_keras_model(model))
+    default = _check_multiplier(default, "default")
+    per_block = {b: default for b in bm.names}
+    layer_rules = []
+    if isinstance(multipliers, _BlockRule):
+        per_block.update(multipliers.per_block(bm.names))
+    elif isinstance(multipliers, dict):
+        layer_names = [l.name for l in bm.weighted_layers()]
+        for key, value in multipliers.items():
+            value = _check_multiplier(value, repr(key))
+            if isinstance(key, int) and not isinstance(key, bool):
+                per_block[bm.resolve(key)] = value
+            elif isinstance(key, str) and key in bm:
+                per_block[key] = value
+            elif isinstance(key, str):
+                try:
+                    pattern = re.compile(key)
+                except re.error:
+                    pattern = None
+                if pattern is None or not any(
+                        pattern.match(n) for n in layer_names):
+                    bm.resolve(key)  # raises a BlockError listing the blocks
+                layer_rules.append((pattern, value))
+            else:
+                raise BlockError(
+                    f"Multiplier key {key!r}: expected a block name, a block "
+                    f"index or a layer-name regex. The blocks are: "
+                    f"{', '.join(bm.names)}.")
+    else:
+        raise KerastlError(
+            f"multipliers={multipliers!r}: expected a dict "
+            f"{{block or layer regex: multiplier}}, kerastl.layer_decay(...) "
+            f"or kerastl.lr_spread(...).")
+    out = {}
+    for layer in bm.weighted_layers():
+        m = per_block[bm.block_of(layer)]
+        for pattern, value in layer_rules:
+            if pattern.match(layer.name):
+                m = value
+        out[layer.name] = m
+    return out
+
+
+def _unwrap(optimizer):
+    """The LayerwiseOptimizer inside (LossScaleOptimizer), or ``None``."""
+    while optimizer is not None:
+        if isinstance(optimizer, LayerwiseOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+def _group(items, multipliers):
+    """Groups ``items`` (index-aligned with ``multipliers``) by multiplier."""
+    groups = {}
+    for item, m in zip(items, multipliers):
+        groups.setdefault(m, []).append(item)
+    return groups
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class LayerwiseOptimizer(keras.optimizers.Optimizer):
+    """One optimizer, a learning-rate multiplier per block.
+
+    Wraps any Keras 3 optimizer (SGD, Adam, AdamW, RMSprop, Lion, ...). The
+    effective learning rate of a variable is ``multiplier x`` the wrapped
+    optimizer's current learning rate (schedules and ``ReduceLROnPlateau``
+    included); decoupled weight decay scales the same way. The wrapped
+    optimizer's update rule runs with the scaled rate, which is what makes
+    the multiplier right for Adam, where scaling the gradient does nothing.
+
+    Build it after freezing (a multiplier of 0 freezes its block) and before
+    ``compile``:
+
+    >>> opt = kerastl.LayerwiseOptimizer(
+    ...     keras.optimizers.Adam(1e-3),
+    ...     {"stage3": 0.1, "stage4": 0.3, "head": 1.0}, model)
+    >>> model.compile(opt, "sparse_categorical_crossentropy")
+
+    Multipliers are stored per variable path, so ``get_config`` round-trips
+    and a model saved to ``.keras`` trains on with the same multipliers after
+    ``keras.models.load_model``. Variables the table does not know (a layer
+    added after the optimizer was made) get ``default``.
+
+    Works with ``jit_compile=True``, inside the ``LossScaleOptimizer`` of
+    ``mixed_float16`` and under ``tf.distribute`` strategies; tested on the
+    TensorFlow and JAX backends. (PyTorch's optimizers go through the same
+    two hooks, but kerastl does not test that backend yet.)
+
+    Args:
+        optimizer: the Keras optimizer to wrap (an instance, or a name such
+            as ``"adam"``).
+        multipliers: a dict ``{block name | block index | layer regex:
+            multiplier}``, :func:`layer_decay` or :func:`lr_spread`.
+        model: the model (or :class:`~kerastl.Backbone`) whose block map the
+            multipliers refer to.
+        default: the multiplier of blocks a dict does not mention.
+        name: the optimizer's name.
+    """
+
+    def __init__(self, optimizer, multipliers=None, model=None, default=1.0,
+                 name=None, variable_multipliers=None, **kwargs):
+        if kwargs:
+            raise KerastlError(
+                f"LayerwiseOptimizer does not take "
+                f"{', '.join(sorted(kwargs))}: set them on the wrapped "
+                f"optimizer.")
+        if isinstance(optimizer, str):
+            optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise KerastlError(
+                f"LayerwiseOptimizer wraps a Keras optimizer (an instance of "
+                f"keras.optimizers.Optimizer, e.g. keras.optimizers.Adam(1e-3))"
+                f"; got {type(optimizer).__name__}: {optimizer!r}.")
+        if isinstance(optimizer, (LayerwiseOptimizer,
+                                  keras.optimizers.LossScaleOptimizer)):
+            raise KerastlError(
+                f"Wrap the plain optimizer, not a {type(optimizer).__name__}: "
+                f"Keras adds the LossScaleOptimizer itself under "
+                f"mixed_float16.")
+        if optimizer.built:
+            raise KerastlError(
+                "The optimizer to wrap is already built (it has been used); "
+                "pass a fresh one, e.g. optimizer.from_config("
+                "optimizer.get_config()).")
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = optimizer
+        self.default = _check_multiplier(default, "default")
+        if variable_multipliers is not None:  # from get_config
+            if multipliers is not None or model is not None:
+                raise KerastlError(
+                    "Pass either multipliers and model, or "
+                    "variable_multipliers, not both.")
+            table = {str(p): _check_multiplier(m, p)
+                     for p, m in dict(variable_multipliers).items()}
+        else:
+            if model is None:
+                raise KerastlError(
+                    "LayerwiseOptimizer needs the model its multipliers refer "
+                    "to: LayerwiseOptimizer(optimizer, multipliers, model).")
+            if multipliers is None:
+                multipliers = {}
+            keras_model = _keras_model(model)
+            per_layer = resolve_multipliers(keras_model, multipliers,
+                                            default=self.default)
+            table = {}
+            bm = block_map(keras_model)
+            for layer in bm.weighted_layers():
+                m = per_layer[layer.name]
+                if m == 0:
+                    layer.trainable = False
+                for v in layer.weights:
+                    table.setdefault(v.path, m)
+        self._table = table
+        self._multipliers = []  # aligned with the inner optimizer's variables
+        self._hook(optimizer)
+
+    # -- the mechanism ------------------------------------------------------
+
+    def _hook(self, inner):
+        """Routes the inner optimizer's updates through the multipliers.
+
+        Every backend's optimizer updates through ``_backend_update_step(
+        grads, variables, learning_rate)`` and applies decoupled weight decay
+        in ``_apply_weight_decay(variables)`` from ``self.weight_decay`` and
+        the current learning rate. Both are wrapped on the inner instance so
+        that each group of variables with the same multiplier runs the
+        optimizer's own code with ``learning_rate * multiplier`` (and weight
+        decay ``weight_decay * multiplier``). The grouping happens while the
+        step is traced; the compiled step has no lookups.
+        """
+        update_step = inner._backend_update_step
+        apply_weight_decay = inner._apply_weight_decay
+        owner = self
+
+        def backend_update_step(grads, variables, learning_rate):
+            ms = owner._multipliers_of(variables)
+            for m, pairs in _group(list(zip(grads, variables)), ms).items():
+                g, v = zip(*pairs)
+                lr = learning_rate if m == 1.0 else ops.multiply(
+                    learning_rate, ops.cast(m, "float32"))
+                update_step(list(g), list(v), lr)
+
+        def apply_weight_decay_fn(variables):
+            if inner.weight_decay is None:
+                return
+            base = inner.weight_decay
+            ms = owner._multipliers_of(variables)
+            try:
+                for m, group in _group(list(variables), ms).items():
+                    object.__setattr__(inner, "weight_decay", base * m)
+                    apply_weight_decay(group)
+            finally:
+                object.__setattr__(inner, "weight_decay", base)
+
+        object.__setattr__(inner, "_backend_update_step", backend_update_step)
+        object.__setattr__(inner, "_apply_weight_decay", apply_weight_decay_fn)
+
+    def _multipliers_of(self, variables):
+        inner = self.inner_optimizer
+        return [self._multipliers[inner._get_variable_index(v)]
+                for v in variables]
+
+    def multiplier(self, variable):
+        """The multiplier of one variable (by its path)."""
+        path = variable if isinstance(variable, str) else variable.path
+        if path in self._table:
+            return self._table[path]
+        # After load_model, variables of nested models lose their outer
+        # prefix ("inner/dense/kernel" becomes "dense/kernel").
+        found = {m for p, m in self._table.items() if p.endswith("/" + path)}
+        if len(found) > 1:
+            raise KerastlError(
+                f"Variable {path!r} matches several entries of the "
+                f"multiplier table with different multipliers "
+                f"({sorted(found)}); give the nested models' layers unique "
+                f"names.")
+        return found.pop() if found else self.default
+
+    def build(self, var_list):
+        var_list = list(var_list)
+        self._multipliers = [self.multiplier(v) for v in var_list]
+        self.inner_optimizer.build(var_list)
+        self.built = True
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built and trainable_variables is not None:
+            self.build(trainable_variables)
+        return self.inner_optimizer.apply(grads, trainable_variables)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        return self.inner_optimizer.stateless_apply(
+            optimizer_variables, grads, trainable_variables)
+
+    # -- delegation to the wrapped optimizer ---------------------------------
+
+    @property
+    def variables(self):
+        return self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        if "inner_optimizer" in self.__dict__:
+            self.inner_optimizer.learning_rate = learning_rate
+        else:  # the base constructor sets a placeholder
+            keras.optimizers.Optimizer.learning_rate.fset(self, learning_rate)
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    @property
+    def use_ema(self):
+        inner = self.__dict__.get("inner_optimizer")
+        return inner.use_ema if inner is not None else False
+
+    @use_ema.setter
+    def use_ema(self, value):
+        if value:
+            raise KerastlError("Set use_ema on the wrapped optimizer.")
+
+    @property
+    def multipliers(self):
+        """``{variable path: multiplier}``, as stored in the config."""
+        return dict(self._table)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer),
+            "default": self.default,
+            "variable_multipliers": dict(self._table),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+class LearningRateTable(list):
+    """Rows of :func:`describe_learning_rates`; ``print()`` shows a table."""
+
+    def __str__(self):
+        head = (f"{'block':<14}{'state':<11}{'multiplier':>14}"
+                f"{'learning rate':>16}")
+        lines = [head, "-" * len(head)]
+        for r in self:
+            lo, hi = r["multiplier"]
+            mult = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+            rlo, rhi = r["learning_rate"]
+            rate = f"{rlo:.3g}" if rlo == rhi else f"{rlo:.3g}-{rhi:.3g}"
+            lines.append(f"{r['block']:<14}{r['state']:<11}{mult:>14}"
+                         f"{rate:>16}")
+        return "\n".join(lines)
+
+
+def _current_learning_rate(optimizer):
+    return float(ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def describe_learning_rates(model, optimizer=None):
+    """A table of block, state, multiplier and effective learning rate now.
+
+    Args:
+        model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
+        optimizer: the optimizer (default: ``model.optimizer``); a plain
+            optimizer shows a multiplier of 1 everywhere.
+
+    Returns:
+        A :class:`LearningRateTable`: a list of dicts with ``block``,
+        ``state`` (``trainable``, ``frozen`` or ``partial``),
+        ``multiplier`` and ``learning_rate`` (each a ``(lowest, highest)``
+        pair over the block's trainable weights; a frozen block shows the
+        multiplier it would train with and a rate of 0); ``print()`` it.
+    """
+    from kerastl.freezing import trainable_summary
+    keras_model = _keras_model(model)
+    if optimizer is None:
+        optimizer = getattr(keras_model, "optimizer", None)
+        if optimizer is None:
+            raise KerastlError(
+                "The model has no optimizer: compile it, or pass optimizer=.")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise KerastlError(
+            f"optimizer={optimizer!r} is not a Keras optimizer.")
+    layerwise = _unwrap(optimizer)
+    lr = _current_learning_rate(optimizer)
+    bm = block_map(keras_model)
+    states = {r["block"]: r["state"] for r in trainable_summary(keras_model)}
+    rows = LearningRateTable()
+    for b in bm.names:
+        trainable = bm.variables(b, trainable=True)
+        variables = trainable or bm.variables(b)
+        if layerwise is None:
+            ms = [1.0] * len(variables)
+        else:
+            ms = [layerwise.multiplier(v) for v in variables]
+        lo, hi = (min(ms), max(ms)) if ms else (0.0, 0.0)
+        rates = (lo * lr, hi * lr) if trainable else (0.0, 0.0)
+        rows.append(dict(block=b, state=states[b], multiplier=(lo, hi),
+                         learning_rate=rates))
+    return rows

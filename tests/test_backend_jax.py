@@ -1,0 +1,47 @@
+"""kerastl on the Keras JAX backend, in a fresh process (JAX on CPU).
+
+The test session runs on TensorFlow; Keras picks its backend once per
+process, so these checks run in a subprocess with ``KERAS_BACKEND=jax``.
+Skipped where JAX is not installed (``pip install -e ".[test]"`` installs it).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("jax")
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_on_jax(code, timeout=600):
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    script = f"import sys; sys.path.insert(0, {TESTS!r})\n" + \
+        textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and "BACKEND OK" in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_layerwise_optimizer_on_jax():
+    run_on_jax("""
+        import keras
+        assert keras.backend.backend() == "jax"
+        import test_layerwise as t
+        for name in ("sgd_momentum", "adam", "adamw"):
+            for rate in ("constant", "schedule", "plateau"):
+                t.test_multiplier_equals_plain_optimizer_with_scaled_rate(
+                    name, rate, 6)
+        t.test_adam_update_shrinks_with_the_multiplier_unlike_gradient_scaling()
+        for jit in (False, True):  # stateless_apply inside the jitted step
+            t.test_fit_applies_the_multiplier(jit)
+        t.test_mixed_float16_inside_loss_scale_optimizer()
+        print("BACKEND OK")
+    """)
