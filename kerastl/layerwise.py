@@ -232,9 +232,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     added after the optimizer was made) get ``default``.
 
     Works with ``jit_compile=True``, inside the ``LossScaleOptimizer`` of
-    ``mixed_float16`` and under ``tf.distribute`` strategies; tested on the
-    TensorFlow and JAX backends. (PyTorch's optimizers go through the same
-    two hooks, but kerastl does not test that backend yet.)
+    ``mixed_float16`` and under ``tf.distribute`` strategies, on the
+    TensorFlow and JAX backends. (Keras's PyTorch optimizers update all
+    variables in one fused call, which a per-variable rate cannot enter:
+    the PyTorch backend is refused with a clear error.)
 
     Args:
         optimizer: the Keras optimizer to wrap (an instance, or a name such
@@ -272,6 +273,12 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "The optimizer to wrap is already built (it has been used); "
                 "pass a fresh one, e.g. optimizer.from_config("
                 "optimizer.get_config()).")
+        if keras.backend.backend() not in ("tensorflow", "jax"):
+            raise KerastlError(
+                f"LayerwiseOptimizer supports the TensorFlow and JAX Keras "
+                f"backends, not {keras.backend.backend()!r}: Keras's "
+                f"{keras.backend.backend()} optimizers update every variable "
+                f"in one fused call. Set KERAS_BACKEND=tensorflow or jax.")
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
         self.default = _check_multiplier(default, "default")
@@ -309,46 +316,52 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     def _hook(self, inner):
         """Routes the inner optimizer's updates through the multipliers.
 
-        Every backend's optimizer updates through ``_backend_update_step(
-        grads, variables, learning_rate)`` and applies decoupled weight decay
-        in ``_apply_weight_decay(variables)`` from ``self.weight_decay`` and
-        the current learning rate. Both are wrapped on the inner instance so
-        that each group of variables with the same multiplier runs the
-        optimizer's own code with ``learning_rate * multiplier`` (and weight
-        decay ``weight_decay * multiplier``). The grouping happens while the
-        step is traced; the compiled step has no lookups.
+        Every Keras optimizer updates one variable at a time in
+        ``update_step(gradient, variable, learning_rate)``; the wrapper gives
+        it ``learning_rate * multiplier``. Decoupled weight decay is applied
+        in ``_apply_weight_decay(variables)`` from the current learning rate
+        (``_get_current_learning_rate()``): it runs once per group of
+        variables with equal multipliers, with that rate scaled. Both are
+        wrapped on the inner instance, and the lookups happen while the step
+        is traced: the compiled step only has one extra multiply per variable.
         """
-        update_step = inner._backend_update_step
+        update_step = inner.update_step
         apply_weight_decay = inner._apply_weight_decay
+        current_rate = inner._get_current_learning_rate
         owner = self
+        # The multiplier of the weight-decay group being applied. Under a
+        # MirroredStrategy every replica thread runs the same groups in the
+        # same order and writes the same values here, and TensorFlow's
+        # weight decay reads the rate inside a merge_call that waits for all
+        # replicas, so a shared value (written, never deleted) is safe.
+        owner._decay_multiplier = 1.0
 
-        def backend_update_step(grads, variables, learning_rate):
-            ms = owner._multipliers_of(variables)
-            for m, pairs in _group(list(zip(grads, variables)), ms).items():
-                g, v = zip(*pairs)
-                lr = learning_rate if m == 1.0 else ops.multiply(
-                    learning_rate, ops.cast(m, "float32"))
-                update_step(list(g), list(v), lr)
+        def update_step_fn(gradient, variable, learning_rate):
+            m = owner._multipliers[inner._get_variable_index(variable)]
+            if m != 1.0:
+                learning_rate = ops.multiply(learning_rate, m)
+            return update_step(gradient, variable, learning_rate)
+
+        def current_rate_fn():
+            m = owner._decay_multiplier
+            return current_rate() if m == 1.0 else ops.multiply(
+                current_rate(), m)
 
         def apply_weight_decay_fn(variables):
-            if inner.weight_decay is None:
-                return
-            base = inner.weight_decay
-            ms = owner._multipliers_of(variables)
+            variables = list(variables)
+            ms = [owner._multipliers[inner._get_variable_index(v)]
+                  for v in variables]
             try:
-                for m, group in _group(list(variables), ms).items():
-                    object.__setattr__(inner, "weight_decay", base * m)
+                for m, group in _group(variables, ms).items():
+                    owner._decay_multiplier = m
                     apply_weight_decay(group)
             finally:
-                object.__setattr__(inner, "weight_decay", base)
+                owner._decay_multiplier = 1.0
 
-        object.__setattr__(inner, "_backend_update_step", backend_update_step)
+        object.__setattr__(inner, "update_step", update_step_fn)
         object.__setattr__(inner, "_apply_weight_decay", apply_weight_decay_fn)
-
-    def _multipliers_of(self, variables):
-        inner = self.inner_optimizer
-        return [self._multipliers[inner._get_variable_index(v)]
-                for v in variables]
+        object.__setattr__(inner, "_get_current_learning_rate",
+                           current_rate_fn)
 
     def multiplier(self, variable):
         """The multiplier of one variable (by its path)."""

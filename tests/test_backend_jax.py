@@ -41,7 +41,10 @@ def test_layerwise_optimizer_on_jax():
                     name, rate, 6)
         t.test_adam_update_shrinks_with_the_multiplier_unlike_gradient_scaling()
         for jit in (False, True):  # stateless_apply inside the jitted step
-            t.test_fit_applies_the_multiplier(jit)
+            for name in ("adam", "adamw"):
+                t.test_fit_applies_the_multiplier(jit, name)
+        for name in t.EVERY_OPTIMIZER:
+            t.test_every_keras_optimizer(name)
         t.test_mixed_float16_inside_loss_scale_optimizer()
         print("BACKEND OK")
     """)

@@ -79,6 +79,37 @@ def test_multiplier_equals_plain_optimizer_with_scaled_rate(name, rate, steps):
     assert int(opt.iterations.numpy()) == steps
 
 
+EVERY_OPTIMIZER = ["Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW",
+                   "Adamax", "Ftrl", "Lamb", "Lion", "Muon", "Nadam", "RMSprop",
+                   "SGD", "ScheduleFreeAdamW"]
+
+
+@pytest.mark.parametrize("name", EVERY_OPTIMIZER)
+def test_every_keras_optimizer(name):
+    cls = getattr(keras.optimizers, name, None)
+    if cls is None:
+        pytest.skip(f"this Keras has no {name}")
+    model = two_block_model()
+    variables = model.trainable_variables
+    opt = kerastl.LayerwiseOptimizer(cls(learning_rate=0.05),
+                                     {"low": M_LOW}, model)
+    refs = []
+    for v in variables:
+        m = M_LOW if v.path.startswith("low/") else 1.0
+        refs.append(([v], cls(learning_rate=0.05 * m),
+                     keras.Variable(v.numpy(), name=v.name)))
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+        opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+        for g, (_, ref_opt, ref_var) in zip(grads, refs):
+            ref_opt.apply([keras.ops.convert_to_tensor(g)], [ref_var])
+    for v, (_, _, ref_var) in zip(variables, refs):
+        start = ref_var  # noqa: F841
+        np.testing.assert_allclose(v.numpy(), ref_var.numpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=f"{name}: {v.path}")
+
+
 def test_adam_update_shrinks_with_the_multiplier_unlike_gradient_scaling():
     """Equal gradients, multipliers 0.1 and 1: Adam's updates differ by 10x.
 
@@ -123,11 +154,18 @@ def fit_data(n=16, seed=0):
             rng.normal(size=(n, 3)).astype("float32"))
 
 
-def one_step_deltas(layerwise, jit_compile=False, model=None):
-    """Weight change of one full-batch Adam step in ``fit``."""
+def one_step_deltas(layerwise, jit_compile=False, model=None,
+                    optimizer="adamw"):
+    """Weight change of one full-batch step in ``fit``.
+
+    For one step of Adam, and of AdamW's decoupled weight decay, the change
+    is proportional to the learning rate: with the multiplier it must be
+    exactly m times the plain optimizer's.
+    """
     model = model or two_block_model()
     before = {v.path: v.numpy().copy() for v in model.trainable_variables}
-    opt = keras.optimizers.Adam(1e-2)
+    opt = (keras.optimizers.AdamW(1e-2, weight_decay=0.5)
+           if optimizer == "adamw" else keras.optimizers.Adam(1e-2))
     if layerwise:
         opt = kerastl.LayerwiseOptimizer(opt, {"low": M_LOW}, model)
     model.compile(opt, "mse", jit_compile=jit_compile)
@@ -145,10 +183,11 @@ def assert_scaled(deltas, plain, rtol=1e-4):
                                    err_msg=path)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_fit_applies_the_multiplier(jit_compile):
-    _, plain = one_step_deltas(False, jit_compile)
-    _, deltas = one_step_deltas(True, jit_compile)
+def test_fit_applies_the_multiplier(jit_compile, optimizer):
+    _, plain = one_step_deltas(False, jit_compile, optimizer=optimizer)
+    _, deltas = one_step_deltas(True, jit_compile, optimizer=optimizer)
     assert_scaled(deltas, plain)
 
 
