@@ -9,6 +9,10 @@ from kerastl.backbone import Backbone, load_backbone
 from kerastl.blocks import BlockMap, block_map
 from kerastl.freezing import (GradualUnfreezing, freeze, trainable_blocks,
                               trainable_summary, unfreeze)
+from kerastl import datasets
+from kerastl.domain import (DANN, GaninLambda, GaninLearningRate,
+                            GradientReversal, adapt_batch_norm, coral_loss,
+                            domain_dataset)
 from kerastl.heads import build_classifier, replace_classifier
 from kerastl.layerwise import (LayerwiseOptimizer, describe_learning_rates,
                                layer_decay, lr_spread)
@@ -26,5 +30,6 @@ __all__ = [
     "trainable_summary", "build_classifier", "replace_classifier", "Strategy",
     "early_stopping", "fine_tune", "recommend_strategy",
     "LayerwiseOptimizer", "describe_learning_rates", "layer_decay",
-    "lr_spread",
+    "lr_spread", "datasets", "DANN", "GaninLambda", "GaninLearningRate",
+    "GradientReversal", "adapt_batch_norm", "coral_loss", "domain_dataset",
 ]

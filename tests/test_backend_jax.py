@@ -48,3 +48,34 @@ def test_layerwise_optimizer_on_jax():
         t.test_mixed_float16_inside_loss_scale_optimizer()
         print("BACKEND OK")
     """)
+
+
+@pytest.mark.slow
+def test_gradient_reversal_and_dann_on_jax():
+    run_on_jax("""
+        import jax, jax.numpy as jnp, numpy as np, keras, kerastl
+        assert keras.backend.backend() == "jax"
+        for dtype in ("float32", "float16"):
+            layer = kerastl.GradientReversal(0.7, dtype=dtype)
+            x = jnp.ones((2, 3), dtype)
+            up = jnp.arange(6, dtype=dtype).reshape(2, 3)
+            for fn in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+                g = fn(lambda x: jnp.sum(layer(x) * up))(x)
+                assert g.dtype == dtype, g.dtype
+                expected = (-np.asarray(0.7, dtype) * np.asarray(up))
+                np.testing.assert_array_equal(np.asarray(g),
+                                              expected.astype(dtype))
+        # DANN in fit, from plain arrays (no tf.data), jit-compiled step.
+        import test_domain as t
+        xs, ys, xt, yt = t.toy_domains()
+        keras.utils.set_random_seed(0)
+        dann = kerastl.DANN(t.small_cnn(), 2, domain_hidden=(16,))
+        dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+        h = dann.fit({"source": xs, "target": xt}, ys, batch_size=16,
+                     epochs=2, callbacks=[kerastl.GaninLambda()], verbose=0)
+        for key in ("class_loss", "domain_loss", "domain_accuracy"):
+            assert np.all(np.isfinite(h.history[key])), key
+        assert float(dann.reversal.lambda_.numpy()) > 0.9
+        assert dann.predict(xt[:4], verbose=0).shape == (4, 2)
+        print("BACKEND OK")
+    """)

@@ -1,0 +1,262 @@
+"""Offline digit domains for demos, tests and domain-adaptation benchmarks.
+
+Three domains of the ten digits, built only from data that ships inside
+installed packages (nothing is downloaded):
+
+* :func:`digits` — scikit-learn's 1,797 handwritten digits (8x8, 17 grey
+  levels), upsampled to 32x32 RGB.
+* :func:`digits_m` — the MNIST-M recipe on those digits: each digit is
+  blended with a random patch of a colour photo as ``|patch - digit|`` per
+  pixel and channel. The photos are scikit-learn's bundled sample images.
+* :func:`syn_digits` — digits rendered from the fonts that ship with
+  matplotlib (DejaVu, STIX, Computer Modern), with random font, size,
+  rotation, stroke width, position, colours, blur and noise: the SynNumbers
+  idea, any number of samples.
+
+Every function is seeded and deterministic, returns ``(x, y)`` with ``x`` of
+shape ``(n, size, size, 3)`` holding RGB values in [0, 255] (kerastl's input
+contract) and integer labels ``y`` in 0..9, and takes ``split="train"`` /
+``"test"`` / ``None`` (all). ``digits`` and ``digits_m`` share one split, so
+their test sets show the same handwritten digits.
+
+Needs scikit-learn (``digits``, ``digits_m``) and matplotlib (``syn_digits``):
+``pip install scikit-learn matplotlib``.
+"""
+
+import os
+
+import numpy as np
+
+from kerastl.errors import KerastlError
+
+__all__ = ["digits", "digits_m", "syn_digits", "DOMAINS", "load"]
+
+SPLITS = ("train", "test", None)
+TEST_FRACTION = 0.25
+_SPLIT_SEED = 1234  # fixed: the split never depends on the caller's seed
+
+
+def _require(module, extra):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise KerastlError(
+            f"kerastl.datasets needs {extra} for this dataset: "
+            f"pip install {extra}") from None
+
+
+def _check(split, size):
+    if split not in SPLITS:
+        raise KerastlError(
+            f"split={split!r}: expected 'train', 'test' or None (all).")
+    if not isinstance(size, (int, np.integer)) or size < 8:
+        raise KerastlError(f"size={size!r}: expected an int >= 8.")
+
+
+def _finish(x, y, dtype):
+    x = np.clip(x, 0, 255)
+    if np.dtype(dtype) == np.uint8:
+        x = np.round(x)
+    return x.astype(dtype), y.astype("int64")
+
+
+def _split_index(n, split):
+    order = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    n_test = int(round(TEST_FRACTION * n))
+    if split == "test":
+        return np.sort(order[:n_test])
+    if split == "train":
+        return np.sort(order[n_test:])
+    return np.arange(n)
+
+
+def _resize(images, size):
+    """Bicubic resize of a stack of 2-D float images (PIL, mode "F")."""
+    from PIL import Image
+    out = np.empty((len(images), size, size), "float32")
+    for i, img in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(img.astype("float32"), "F").resize(
+            (size, size), Image.BICUBIC))
+    return out
+
+
+def _digit_masks(split, size):
+    """scikit-learn's digits as grey masks in [0, 1], and their labels."""
+    _require("sklearn", "scikit-learn")
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    idx = _split_index(len(d.target), split)
+    masks = _resize(d.images[idx] / 16.0, size)
+    return np.clip(masks, 0.0, 1.0), d.target[idx]
+
+
+def digits(split=None, size=32, dtype="float32"):
+    """scikit-learn's handwritten digits as ``size x size`` RGB images.
+
+    White strokes on black, like MNIST. 1,797 samples: 1,348 ``"train"``,
+    449 ``"test"``.
+
+    Returns:
+        ``(x, y)``: ``x`` of shape ``(n, size, size, 3)`` in [0, 255].
+    """
+    _check(split, size)
+    masks, y = _digit_masks(split, size)
+    x = np.repeat(masks[..., None] * 255.0, 3, axis=-1)
+    return _finish(x, y, dtype)
+
+
+def _photos():
+    _require("sklearn", "scikit-learn")
+    from sklearn.datasets import load_sample_images
+    return [np.asarray(img, "float32") for img in load_sample_images().images]
+
+
+def digits_m(split=None, size=32, seed=0, dtype="float32"):
+    """The MNIST-M recipe applied to :func:`digits`.
+
+    Each digit (grey level ``d`` in [0, 255]) is blended with a random
+    ``size x size`` patch ``p`` of one of scikit-learn's sample photos as
+    ``|p - d|`` per pixel and channel (Ganin et al., 2016). The same digits
+    and split as :func:`digits`; ``seed`` picks the patches.
+
+    Returns:
+        ``(x, y)``: ``x`` of shape ``(n, size, size, 3)`` in [0, 255].
+    """
+    _check(split, size)
+    masks, y = _digit_masks(split, size)
+    photos = _photos()
+    rng = np.random.default_rng([seed, 0 if split is None else
+                                 SPLITS.index(split) + 1])
+    x = np.empty(masks.shape + (3,), "float32")
+    for i, mask in enumerate(masks):
+        photo = photos[rng.integers(len(photos))]
+        r = rng.integers(0, photo.shape[0] - size + 1)
+        c = rng.integers(0, photo.shape[1] - size + 1)
+        patch = photo[r:r + size, c:c + size]
+        x[i] = np.abs(patch - mask[..., None] * 255.0)
+    return _finish(x, y, dtype)
+
+
+# -- syn_digits ---------------------------------------------------------------
+
+# matplotlib's fonts with ordinary digit glyphs (the STIX size variants and
+# the TeX math fonts draw symbols instead).
+_FONTS = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf",
+    "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf",
+)
+
+
+def font_paths():
+    """Paths of the matplotlib fonts :func:`syn_digits` renders with."""
+    matplotlib = _require("matplotlib", "matplotlib")
+    folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    paths = [os.path.join(folder, f) for f in _FONTS
+             if os.path.exists(os.path.join(folder, f))]
+    if not paths:
+        raise KerastlError(f"No fonts found in {folder}: matplotlib's "
+                           f"bundled fonts are missing.")
+    return paths
+
+
+class _Renderer:
+    """Draws one digit on a canvas with PIL; caches fonts per size."""
+
+    CANVAS = 96
+
+    def __init__(self):
+        from PIL import Image, ImageDraw, ImageFilter, ImageFont
+        self.Image, self.ImageDraw = Image, ImageDraw
+        self.ImageFilter, self.ImageFont = ImageFilter, ImageFont
+        self.paths = font_paths()
+        self._fonts = {}
+
+    def font(self, path, px):
+        key = (path, px)
+        if key not in self._fonts:
+            self._fonts[key] = self.ImageFont.truetype(path, px)
+        return self._fonts[key]
+
+    def mask(self, digit, rng, size):
+        Image, c = self.Image, self.CANVAS
+        img = Image.new("L", (c, c), 0)
+        font = self.font(self.paths[rng.integers(len(self.paths))],
+                         int(rng.integers(36, 60)))
+        self.ImageDraw.Draw(img).text(
+            (c // 2, c // 2), str(digit), fill=255, font=font, anchor="mm",
+            stroke_width=int(rng.integers(0, 3)), stroke_fill=255)
+        img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
+        box = img.getbbox()
+        if box is None:  # nothing drawn: cannot happen with these fonts
+            raise KerastlError(f"Font rendered digit {digit} empty.")
+        glyph = img.crop(box)
+        gw, gh = glyph.size
+        h = rng.uniform(0.6, 1.0) * size
+        w = min(float(size), h * gw / gh * rng.uniform(0.8, 1.3))
+        w, h = max(2, int(round(w))), max(2, int(round(h)))
+        glyph = glyph.resize((w, h), Image.BILINEAR)
+        out = Image.new("L", (size, size), 0)
+        left = (size - w) // 2 + int(rng.integers(-2, 3))
+        top = (size - h) // 2 + int(rng.integers(-2, 3))
+        out.paste(glyph, (min(max(left, 0), size - w),
+                          min(max(top, 0), size - h)))
+        blur = rng.uniform(0.0, 1.0)
+        if blur > 0.3:
+            out = out.filter(self.ImageFilter.GaussianBlur(blur))
+        return np.asarray(out, "float32") / 255.0
+
+
+def _colours(rng):
+    """Background and foreground RGB with a visible contrast."""
+    while True:
+        bg, fg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        if abs(bg.mean() - fg.mean()) > 60:
+            return bg, fg
+
+
+def syn_digits(n=10000, split="train", size=32, seed=0, dtype="float32"):
+    """Digits rendered from matplotlib's fonts, SynNumbers style.
+
+    Random font (21 faces of DejaVu, STIX and Computer Modern), size,
+    rotation (+-15 degrees), stroke width, aspect, position, foreground and
+    background colours, blur and noise. Labels are balanced (``i % 10``,
+    shuffled). ``"train"`` and ``"test"`` draw from different random
+    streams of the same distribution; ``n`` is the number of samples.
+
+    Returns:
+        ``(x, y)``: ``x`` of shape ``(n, size, size, 3)`` in [0, 255].
+    """
+    _check(split, size)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise KerastlError(f"n={n!r}: expected a positive number of samples.")
+    _require("PIL", "matplotlib")
+    renderer = _Renderer()
+    rng = np.random.default_rng([seed, 0 if split is None else
+                                 SPLITS.index(split) + 1, 7])
+    y = rng.permutation(np.arange(n) % 10)
+    x = np.empty((n, size, size, 3), "float32")
+    for i, digit in enumerate(y):
+        mask = renderer.mask(int(digit), rng, size)[..., None]
+        bg, fg = _colours(rng)
+        img = bg * (1.0 - mask) + fg * mask
+        img += rng.normal(0.0, rng.uniform(0, 12), img.shape)
+        x[i] = img
+    return _finish(x, y, dtype)
+
+
+DOMAINS = {"digits": digits, "digits_m": digits_m, "syn_digits": syn_digits}
+
+
+def load(name, split=None, **kwargs):
+    """One of :data:`DOMAINS` by name: ``load("digits_m", "test")``."""
+    if name not in DOMAINS:
+        raise KerastlError(
+            f"Unknown dataset {name!r}; the offline domains are "
+            f"{', '.join(DOMAINS)}.")
+    return DOMAINS[name](split=split, **kwargs)

@@ -1,0 +1,560 @@
+"""Unsupervised domain adaptation: gradient reversal, DANN, CORAL, AdaBN.
+
+The source domain has labels, the target domain has none, and the model must
+do well on the target (domain brief, section 6). DANN (Ganin & Lempitsky,
+2015; Ganin et al., 2016) trains a feature extractor, a label head on source
+labels and a domain head that tells source from target features; a
+:class:`GradientReversal` layer between the features and the domain head
+flips the sign of the domain head's gradient, so the features learn to make
+the domains indistinguishable.
+
+Everything here is Keras 3 and backend-agnostic (``keras.ops``):
+
+* :class:`GradientReversal` — identity forward, ``-lambda x`` gradient.
+* :class:`GaninLambda` and :class:`GaninLearningRate` — the paper's per-batch
+  schedules, as callbacks.
+* :class:`DANN` — a ``keras.Model`` trained with plain ``fit`` on batches of
+  labelled source and unlabelled target images (:func:`domain_dataset`);
+  ``alignment="coral"`` swaps the adversary for the CORAL loss.
+* :func:`coral_loss` and :func:`adapt_batch_norm` (AdaBN).
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from kerastl.errors import KerastlError
+
+__all__ = ["GradientReversal", "GaninLambda", "GaninLearningRate", "DANN",
+           "domain_dataset", "coral_loss", "adapt_batch_norm",
+           "ganin_lambda"]
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class GradientReversal(keras.layers.Layer):
+    """Identity in the forward pass; multiplies the gradient by ``-lambda_``.
+
+    ``lambda_`` is a non-trainable variable: changing it during training
+    (``layer.lambda_.assign(v)``, or the :class:`GaninLambda` callback) takes
+    effect at the next step without retracing the compiled step. The
+    gradient has the dtype of the input (float16 under ``mixed_float16``).
+    Built on ``keras.ops.custom_gradient``; tested on the TensorFlow and JAX
+    backends, eager and compiled (``jit_compile=True`` included).
+
+    Args:
+        lambda_: the initial reversal strength (``>= 0``).
+
+    Example:
+
+    >>> features = backbone(images)
+    >>> domain = keras.layers.Dense(1, activation="sigmoid")(
+    ...     kerastl.GradientReversal(1.0)(features))
+    """
+
+    def __init__(self, lambda_=1.0, **kwargs):
+        super().__init__(**kwargs)
+        lambda_ = float(lambda_)
+        if not math.isfinite(lambda_) or lambda_ < 0:
+            raise KerastlError(
+                f"GradientReversal(lambda_={lambda_}): expected a finite "
+                f"number >= 0.")
+        self.initial_lambda = lambda_
+        self.supports_masking = True
+        self.lambda_ = self.add_weight(
+            shape=(), dtype="float32", name="lambda", trainable=False,
+            initializer=keras.initializers.Constant(lambda_))
+
+    def call(self, inputs):
+        return _reverse_gradient(inputs, ops.convert_to_tensor(self.lambda_))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["lambda_"] = self.initial_lambda
+        return config
+
+
+@ops.custom_gradient
+def _reverse_gradient(x, lambda_):
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        scale = ops.cast(ops.negative(lambda_), upstream.dtype)
+        return ops.multiply(upstream, scale), ops.zeros_like(lambda_)
+
+    return ops.copy(x), grad
+
+
+def ganin_lambda(p, gamma=10.0):
+    """The DANN schedule: ``2 / (1 + exp(-gamma * p)) - 1`` for progress p."""
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+
+def _progress(callback, batch):
+    """Training progress p in [0, 1] from fit's epochs and steps."""
+    total = callback.total_steps
+    if total is None:
+        params = callback.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        if not steps or not epochs:
+            raise KerastlError(
+                f"{type(callback).__name__} needs the length of training: "
+                f"pass total_steps=, or give fit a dataset of known length "
+                f"or steps_per_epoch=.")
+        total = steps * epochs
+    return min(1.0, callback._step / max(1, total))
+
+
+class _PerBatch(keras.callbacks.Callback):
+    def __init__(self, total_steps=None):
+        super().__init__()
+        if total_steps is not None and total_steps < 1:
+            raise KerastlError(f"total_steps={total_steps}: expected >= 1.")
+        self.total_steps = total_steps
+        self._step = 0
+        self.history = []
+
+    def on_train_begin(self, logs=None):
+        self._step = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        value = self.value(_progress(self, batch))
+        self.apply(value)
+        self.history.append(value)
+        self._step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.history:
+            logs[self.log_name] = self.history[-1]
+
+
+class GaninLambda(_PerBatch):
+    """Sets every :class:`GradientReversal` of the model to Ganin's schedule.
+
+    ``lambda_p = scale * (2 / (1 + exp(-gamma p)) - 1)``, p going from 0 to 1
+    over the planned training steps (``epochs x steps`` of ``fit``, or
+    ``total_steps``), updated before every batch: the domain head's signal
+    is suppressed while it is still noise.
+
+    Args:
+        gamma: the steepness (paper: 10).
+        scale: the final lambda (paper: 1).
+        total_steps: the length of training, if ``fit`` cannot tell.
+    """
+
+    log_name = "grl_lambda"
+
+    def __init__(self, gamma=10.0, scale=1.0, total_steps=None):
+        super().__init__(total_steps)
+        self.gamma, self.scale = float(gamma), float(scale)
+
+    def value(self, p):
+        return self.scale * ganin_lambda(p, self.gamma)
+
+    def apply(self, value):
+        layers = [l for l in self.model._flatten_layers()
+                  if isinstance(l, GradientReversal)]
+        if not layers:
+            raise KerastlError("GaninLambda: the model has no "
+                               "GradientReversal layer.")
+        for layer in layers:
+            layer.lambda_.assign(value)
+
+
+class GaninLearningRate(_PerBatch):
+    """The DANN learning-rate annealing ``mu0 / (1 + alpha p) ** beta``.
+
+    Paper defaults: ``mu0=0.01, alpha=10, beta=0.75`` (with SGD, momentum
+    0.9). Updated before every batch; p goes from 0 to 1 over training.
+    """
+
+    log_name = "learning_rate"
+
+    def __init__(self, mu0=0.01, alpha=10.0, beta=0.75, total_steps=None):
+        super().__init__(total_steps)
+        self.mu0, self.alpha, self.beta = float(mu0), float(alpha), float(beta)
+
+    def value(self, p):
+        return self.mu0 / (1.0 + self.alpha * p) ** self.beta
+
+    def apply(self, value):
+        self.model.optimizer.learning_rate = value
+
+
+def coral_loss(source, target):
+    """Deep CORAL (Sun & Saenko, 2016): distance of feature covariances.
+
+    ``||C_s - C_t||_F^2 / (4 d^2)`` for ``(n, d)`` source and target
+    features.
+    """
+    def cov(f):
+        f = ops.cast(f, "float32")
+        n = ops.cast(ops.shape(f)[0], "float32")
+        f = f - ops.mean(f, axis=0, keepdims=True)
+        return ops.matmul(ops.transpose(f), f) / ops.maximum(n - 1.0, 1.0)
+
+    d = ops.cast(ops.shape(source)[-1], "float32")
+    diff = cov(source) - cov(target)
+    return ops.sum(ops.square(diff)) / (4.0 * d * d)
+
+
+ALIGNMENTS = ("adversarial", "coral")
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class DANN(keras.Model):
+    """Domain-adversarial training inside ``model.fit``.
+
+    Holds a feature extractor (any Keras model or a kerastl
+    :class:`~kerastl.Backbone`; spatial outputs are average-pooled), a label
+    head and a domain head behind a :class:`GradientReversal`. Train it on
+    batches ``({"source": xs, "target": xt}, ys)`` (see
+    :func:`domain_dataset`); each step minimises the class loss on the
+    source labels plus ``domain_weight x`` the domain loss on both halves.
+    Logs ``class_loss``, ``domain_loss`` and ``domain_accuracy`` (0.5 means
+    the domain head cannot tell the domains apart). ``evaluate`` and
+    ``predict`` take plain images and use the label path only; so does
+    :attr:`classifier`, the model to export.
+
+    Semi-supervised: give :func:`domain_dataset` a few labelled target
+    samples (``target_labeled=``); they join the class loss.
+
+    Compile it without a loss (``dann.compile(optimizer, metrics=[...])``):
+    the class loss is sparse categorical cross-entropy, the domain loss
+    binary cross-entropy.
+
+    ``alignment="coral"`` aligns the domains with :func:`coral_loss` on the
+    features instead of the adversary (same data, same training).
+
+    Args:
+        feature_extractor: a ``keras.Model`` (or Backbone) from images to
+            features.
+        num_classes: the number of classes.
+        domain_hidden: widths of the domain head's hidden layers.
+        domain_weight: the weight of the domain (or CORAL) loss.
+        lambda_: the initial gradient-reversal strength; :class:`GaninLambda`
+            ramps it from 0.
+        alignment: ``"adversarial"`` (DANN) or ``"coral"``.
+        dropout: dropout before the label head and in the domain head.
+
+    Example:
+
+    >>> dann = kerastl.DANN(backbone, num_classes=10)
+    >>> dann.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+    ...              metrics=["accuracy"])
+    >>> dann.fit(kerastl.domain_dataset((xs, ys), xt), epochs=20,
+    ...          callbacks=[kerastl.GaninLambda()])
+    """
+
+    def __init__(self, feature_extractor, num_classes, domain_hidden=(256,),
+                 domain_weight=1.0, lambda_=0.0, alignment="adversarial",
+                 dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        feature_extractor = getattr(feature_extractor, "model",
+                                    feature_extractor)
+        if not isinstance(feature_extractor, keras.layers.Layer):
+            raise KerastlError(
+                f"DANN needs a Keras model (or kerastl Backbone) as feature "
+                f"extractor; got {type(feature_extractor).__name__}.")
+        if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+            raise KerastlError(
+                f"num_classes={num_classes!r}: expected an int >= 2.")
+        if alignment not in ALIGNMENTS:
+            raise KerastlError(
+                f"alignment={alignment!r}: expected one of "
+                f"{', '.join(ALIGNMENTS)}.")
+        self.feature_extractor = feature_extractor
+        self.num_classes = int(num_classes)
+        self.domain_hidden = tuple(int(u) for u in domain_hidden)
+        self.domain_weight = float(domain_weight)
+        self.alignment = alignment
+        self.dropout_rate = float(dropout)
+        self.initial_lambda = float(lambda_)
+        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        self.label_dropout = keras.layers.Dropout(self.dropout_rate)
+        self.label_head = keras.layers.Dense(num_classes, activation="softmax",
+                                             dtype="float32", name="label")
+        self.domain_layers = []
+        self.reversal = self.domain_head = None
+        if alignment == "adversarial":
+            self.reversal = GradientReversal(lambda_, name="reversal")
+            for i, units in enumerate(self.domain_hidden):
+                self.domain_layers.append(keras.layers.Dense(
+                    units, activation="relu", name=f"domain_hidden_{i}"))
+                if self.dropout_rate:
+                    self.domain_layers.append(
+                        keras.layers.Dropout(self.dropout_rate))
+            self.domain_head = keras.layers.Dense(
+                1, activation="sigmoid", dtype="float32", name="domain")
+        self.class_loss_tracker = keras.metrics.Mean(name="class_loss")
+        self.domain_loss_tracker = keras.metrics.Mean(name="domain_loss")
+        if alignment == "adversarial":
+            self.domain_accuracy = keras.metrics.Mean(name="domain_accuracy")
+        self._build_heads()
+
+    def _build_heads(self):
+        """Builds every head now: the feature extractor's shape is known."""
+        shape = tuple(self.feature_extractor.output_shape)
+        if len(shape) not in (2, 4) or shape[-1] is None:
+            raise KerastlError(
+                f"The feature extractor returns shape {shape}; DANN needs "
+                f"(batch, h, w, c) or (batch, features).")
+        d = shape[-1]
+        self.label_head.build((None, d))
+        for layer in self.domain_layers:
+            layer.build((None, d))
+            if isinstance(layer, keras.layers.Dense):
+                d = layer.units
+        if self.domain_head is not None:
+            self.domain_head.build((None, d))
+        self.built = True
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    def build_from_config(self, config):
+        self.built = True
+
+    # -- forward ----------------------------------------------------------
+
+    def features(self, x, training=False):
+        f = self.feature_extractor(x, training=training)
+        return self.pool(f) if len(f.shape) == 4 else f
+
+    def _labels(self, f, training=False):
+        return self.label_head(self.label_dropout(f, training=training))
+
+    def _domain(self, f, training=False):
+        h = self.reversal(f)
+        for layer in self.domain_layers:
+            h = layer(h, training=training)
+        return self.domain_head(h)
+
+    def call(self, inputs, training=False):
+        if not isinstance(inputs, dict):  # the label path
+            return self._labels(self.features(inputs, training), training)
+        parts = [inputs["source"], inputs["target"]]
+        if "labeled" in inputs:
+            parts.append(inputs["labeled"])
+        f = self.features(ops.concatenate(parts, axis=0), training)
+        out = {"label": self._labels(f, training), "features": f}
+        if self.alignment == "adversarial":
+            out["domain"] = self._domain(f, training)
+        return out
+
+    # -- training -----------------------------------------------------------
+
+    @staticmethod
+    def _split(x):
+        return ops.shape(x["source"])[0], ops.shape(x["target"])[0]
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        if not isinstance(y_pred, dict):  # evaluate: the label path
+            if self._compile_loss is not None:
+                return super().compute_loss(x, y, y_pred, sample_weight,
+                                            training=training)
+            return ops.mean(keras.losses.sparse_categorical_crossentropy(
+                y, y_pred))
+        n_s, n_t = self._split(x)
+        labels = y_pred["label"]
+        y_source = y["source"] if isinstance(y, dict) else y
+        class_loss = keras.losses.sparse_categorical_crossentropy(
+            y_source, labels[:n_s])
+        class_loss = ops.mean(class_loss)
+        if isinstance(y, dict) and "labeled" in y:
+            extra = keras.losses.sparse_categorical_crossentropy(
+                y["labeled"], labels[n_s + n_t:])
+            class_loss = (class_loss * ops.cast(n_s, "float32")
+                          + ops.sum(extra)) / ops.cast(
+                n_s + ops.shape(extra)[0], "float32")
+        f = y_pred["features"]
+        n_all = ops.shape(f)[0]
+        domain_true = ops.concatenate([
+            ops.zeros((n_s, 1)), ops.ones((n_all - n_s, 1))], axis=0)
+        if self.alignment == "adversarial":
+            domain = y_pred["domain"]
+            domain_loss = ops.mean(keras.losses.binary_crossentropy(
+                domain_true, domain))
+            acc = ops.mean(ops.cast(
+                ops.equal(ops.cast(domain > 0.5, "float32"), domain_true),
+                "float32"))
+            self.domain_accuracy.update_state(acc)
+        else:
+            domain_loss = coral_loss(f[:n_s], f[n_s:])
+        self.class_loss_tracker.update_state(class_loss)
+        self.domain_loss_tracker.update_state(domain_loss)
+        total = class_loss + self.domain_weight * domain_loss
+        for extra in self.losses:  # regularizers of the feature extractor
+            total = total + ops.cast(self._aggregate_additional_loss(extra),
+                                     "float32")
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if isinstance(y_pred, dict):
+            n_s, _ = self._split(x)
+            y_source = y["source"] if isinstance(y, dict) else y
+            y, y_pred = y_source, y_pred["label"][:n_s]
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    # -- inference and export -------------------------------------------------
+
+    @property
+    def classifier(self):
+        """The label path as a functional ``keras.Model`` (shares weights).
+
+        What to evaluate and export: no gradient reversal, no domain head.
+        """
+        inputs = keras.Input(self.feature_extractor.input_shape[1:],
+                             name="image")
+        outputs = self._labels(self.features(inputs))
+        return keras.Model(inputs, outputs, name=f"{self.name}_classifier")
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "feature_extractor": keras.saving.serialize_keras_object(
+                self.feature_extractor),
+            "num_classes": self.num_classes,
+            "domain_hidden": list(self.domain_hidden),
+            "domain_weight": self.domain_weight,
+            "lambda_": self.initial_lambda,
+            "alignment": self.alignment,
+            "dropout": self.dropout_rate,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["feature_extractor"] = keras.saving.deserialize_keras_object(
+            config["feature_extractor"], custom_objects=custom_objects)
+        return cls(**config)
+
+
+def _as_dataset(data, labelled):
+    import tensorflow as tf
+    if isinstance(data, tf.data.Dataset):
+        return data.unbatch() if _is_batched(data) else data
+    if labelled:
+        if not (isinstance(data, tuple) and len(data) == 2):
+            raise KerastlError(
+                "The labelled source must be an (x, y) tuple of arrays or a "
+                "tf.data.Dataset of (x, y).")
+        x, y = data
+        if len(x) != len(y):
+            raise KerastlError(f"Source x has {len(x)} samples but y has "
+                               f"{len(y)}.")
+        return tf.data.Dataset.from_tensor_slices(
+            (np.asarray(x, "float32"), np.asarray(y, "int64")))
+    if isinstance(data, tuple):
+        raise KerastlError(
+            "The target is unlabelled: pass its images only, not (x, y).")
+    return tf.data.Dataset.from_tensor_slices(np.asarray(data, "float32"))
+
+
+def _is_batched(ds):
+    spec = ds.element_spec
+    first = spec[0] if isinstance(spec, tuple) else spec
+    return first.shape.rank is not None and first.shape.rank == 4
+
+
+def domain_dataset(source, target, batch_size=32, target_labeled=None,
+                   shuffle=True, seed=0):
+    """Zips labelled source and unlabelled target data for :class:`DANN`.
+
+    Yields ``({"source": xs, "target": xt}, ys)`` batches, half source and
+    half target (``batch_size`` of each). An epoch is one pass over the
+    source; the target repeats as needed. With ``target_labeled=(x, y)``, a
+    few labelled target samples, each batch also carries ``"labeled"``
+    images and the labels come as ``{"source": ys, "labeled": yl}``.
+
+    Args:
+        source: ``(x, y)`` arrays or a ``tf.data.Dataset`` of ``(x, y)``.
+        target: images (array) or a ``tf.data.Dataset`` of images.
+        batch_size: samples per domain per batch.
+        target_labeled: optional ``(x, y)`` labelled target samples.
+    """
+    import tensorflow as tf
+    if batch_size < 1:
+        raise KerastlError(f"batch_size={batch_size}: expected >= 1.")
+    src = _as_dataset(source, labelled=True)
+    tgt = _as_dataset(target, labelled=False)
+    if shuffle:
+        src = src.shuffle(10000, seed=seed, reshuffle_each_iteration=True)
+        tgt = tgt.shuffle(10000, seed=seed + 1,
+                          reshuffle_each_iteration=True)
+    src = src.batch(batch_size, drop_remainder=True)
+    tgt = tgt.repeat().batch(batch_size, drop_remainder=True)
+    parts = [src, tgt]
+    if target_labeled is not None:
+        lab = _as_dataset(target_labeled, labelled=True)
+        lab = lab.shuffle(10000, seed=seed + 2).repeat().batch(
+            min(batch_size, max(1, _count(target_labeled))),
+            drop_remainder=True)
+        parts.append(lab)
+
+    def combine(s, t, l=None):
+        x = {"source": s[0], "target": t}
+        if l is None:
+            return x, s[1]
+        x["labeled"] = l[0]
+        return x, {"source": s[1], "labeled": l[1]}
+
+    ds = tf.data.Dataset.zip(tuple(parts)).map(
+        combine, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _count(data):
+    return len(data[0]) if isinstance(data, tuple) else 32
+
+
+def adapt_batch_norm(model, target, batch_size=64):
+    """AdaBN: re-estimates every BatchNorm's statistics on target data.
+
+    Li et al. (2016): domain shift lives largely in the BN statistics; replace
+    the source means and variances with the target's and nothing else
+    changes. Runs the target data through the model once in training mode
+    with a cumulative average (batch k enters with weight 1/k), so the
+    moving statistics become the mean of the target batch statistics. No
+    other weight moves; BN layers get back their ``trainable`` and
+    ``momentum``.
+
+    Args:
+        model: a ``keras.Model`` (a :class:`DANN` adapts its feature
+            extractor).
+        target: target images, an array or a ``tf.data.Dataset`` of images
+            (or of ``(x, ...)`` tuples).
+        batch_size: for arrays.
+
+    Returns:
+        The number of BatchNormalization layers adapted.
+    """
+    net = model.feature_extractor if isinstance(model, DANN) else model
+    net = getattr(net, "model", net)
+    bns = [l for l in net._flatten_layers()
+           if isinstance(l, keras.layers.BatchNormalization)]
+    if not bns:
+        return 0
+    saved = [(l, l.trainable, l.momentum) for l in bns]
+    if isinstance(target, np.ndarray):
+        batches = [target[i:i + batch_size]
+                   for i in range(0, len(target), batch_size)]
+    else:
+        batches = (b[0] if isinstance(b, tuple) else b for b in target)
+    try:
+        for l in bns:
+            l.trainable = True
+        for k, batch in enumerate(batches, start=1):
+            for l in bns:
+                l.momentum = 0.0 if k == 1 else (k - 1) / k
+            net(batch, training=True)
+    finally:
+        for l, trainable, momentum in saved:
+            l.trainable = trainable
+            l.momentum = momentum
+    return len(bns)

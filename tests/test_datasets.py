@@ -1,0 +1,79 @@
+"""The offline digit domains: shapes, determinism, splits, the recipes."""
+
+import numpy as np
+import pytest
+
+import kerastl
+from kerastl import datasets
+
+
+def test_digits_shapes_range_and_split():
+    x, y = datasets.digits()
+    assert x.shape == (1797, 32, 32, 3) and x.dtype == np.float32
+    assert x.min() == 0.0 and x.max() == 255.0
+    assert np.array_equal(np.unique(y), np.arange(10))
+    xtr, ytr = datasets.digits("train")
+    xte, yte = datasets.digits("test")
+    assert len(xtr) + len(xte) == 1797 and len(xte) == 449
+    # Disjoint: no test image is also a training image.
+    train_rows = {row.tobytes() for row in xtr.reshape(len(xtr), -1)}
+    assert sum(row.tobytes() in train_rows
+               for row in xte.reshape(len(xte), -1)) < 5  # true duplicates
+    # Grey: the three channels are equal.
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])
+    small, _ = datasets.digits("test", size=16, dtype="uint8")
+    assert small.shape == (449, 16, 16, 3) and small.dtype == np.uint8
+
+
+def test_digits_m_recipe():
+    xd, yd = datasets.digits("test")
+    xm, ym = datasets.digits_m("test", seed=0)
+    np.testing.assert_array_equal(yd, ym)  # the same digits, same order
+    assert xm.shape == xd.shape and 0 <= xm.min() and xm.max() <= 255
+    assert not np.array_equal(xm[..., 0], xm[..., 1])  # colour
+    # |patch - digit|: where the digit is full white (255) the output is
+    # 255 - patch, where it is black the output is the patch itself, so the
+    # two regions of one image sum to 255 only through the photo: check the
+    # recipe on a reconstruction with the same random stream.
+    photos = datasets._photos()
+    masks, _ = datasets._digit_masks("test", 32)
+    rng = np.random.default_rng([0, 2])
+    photo = photos[rng.integers(len(photos))]
+    r = rng.integers(0, photo.shape[0] - 31)
+    c = rng.integers(0, photo.shape[1] - 31)
+    patch = photo[r:r + 32, c:c + 32]
+    np.testing.assert_allclose(xm[0], np.abs(patch - masks[0][..., None]
+                                             * 255.0), atol=1e-4)
+    again, _ = datasets.digits_m("test", seed=0)
+    np.testing.assert_array_equal(xm, again)
+    other, _ = datasets.digits_m("test", seed=1)
+    assert not np.array_equal(xm, other)
+
+
+def test_syn_digits_is_seeded_balanced_and_varied():
+    x, y = datasets.syn_digits(60, seed=3)
+    assert x.shape == (60, 32, 32, 3) and x.dtype == np.float32
+    assert np.array_equal(np.bincount(y), np.full(10, 6))
+    assert 0 <= x.min() and x.max() <= 255
+    x2, y2 = datasets.syn_digits(60, seed=3)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    x3, _ = datasets.syn_digits(60, seed=3, split="test")
+    assert not np.array_equal(x, x3)
+    # Colour and background vary from image to image.
+    means = x.mean(axis=(1, 2))
+    assert means.std(axis=0).min() > 15
+    assert len(datasets.font_paths()) >= 15
+
+
+def test_load_and_bad_input():
+    x, y = datasets.load("digits", "test", size=16)
+    assert x.shape == (449, 16, 16, 3)
+    with pytest.raises(kerastl.KerastlError, match="digits_m"):
+        datasets.load("mnist")
+    with pytest.raises(kerastl.KerastlError, match="split"):
+        datasets.digits("validation")
+    with pytest.raises(kerastl.KerastlError, match="size"):
+        datasets.digits(size=4)
+    with pytest.raises(kerastl.KerastlError, match="positive"):
+        datasets.syn_digits(0)

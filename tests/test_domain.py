@@ -1,0 +1,288 @@
+"""GradientReversal, the DANN schedules and model, CORAL and AdaBN."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerastl
+from kerastl.domain import ganin_lambda
+
+
+# -- GradientReversal -----------------------------------------------------------
+
+def grl_gradient(layer, x, upstream, jit=False):
+    def f(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * upstream)
+        return y, tape.gradient(loss, x)
+    if jit is not None:
+        f = tf.function(f, jit_compile=jit)
+    return f(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("mode", ["eager", "graph", "jit"])
+def test_gradient_is_minus_lambda_times_upstream(dtype, mode):
+    layer = kerastl.GradientReversal(0.7, dtype=dtype)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(3, 5)), dtype=dtype)
+    upstream = tf.constant(rng.normal(size=(3, 5)), dtype=dtype)
+    jit = {"eager": None, "graph": False, "jit": True}[mode]
+    y, g = grl_gradient(layer, x, upstream, jit)
+    assert y.dtype == dtype and g.dtype == dtype
+    np.testing.assert_array_equal(y.numpy(), x.numpy())
+    expected = (-np.asarray(0.7, dtype) * upstream.numpy()).astype(dtype)
+    np.testing.assert_array_equal(g.numpy(), expected)
+
+
+def test_mixed_float16_gradient_follows_the_input_dtype():
+    layer = kerastl.GradientReversal(2.0, dtype="mixed_float16")
+    x = tf.constant(np.ones((2, 3)), dtype="float16")
+    y, g = grl_gradient(layer, x, tf.ones((2, 3), "float16"))
+    assert y.dtype == tf.float16 and g.dtype == tf.float16
+    np.testing.assert_array_equal(g.numpy(), -2.0 * np.ones((2, 3)))
+
+
+def test_lambda_changes_without_retracing():
+    layer = kerastl.GradientReversal(1.0)
+    traces = []
+
+    @tf.function(jit_compile=True)
+    def grad(x):
+        traces.append(1)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x))
+        return tape.gradient(loss, x)
+
+    x = tf.ones((2, 2))
+    for lam in (0.0, 0.5, 3.0):
+        layer.lambda_.assign(lam)
+        np.testing.assert_array_equal(grad(x).numpy(), -lam * np.ones((2, 2)))
+    assert len(traces) == 1
+
+
+def test_gradient_reversal_config_and_model_round_trip(tmp_path):
+    layer = kerastl.GradientReversal(0.3, name="grl")
+    again = kerastl.GradientReversal.from_config(layer.get_config())
+    assert again.initial_lambda == 0.3 and again.name == "grl"
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(1)(kerastl.GradientReversal(0.3)(inputs))
+    model = keras.Model(inputs, outputs)
+    model.save(tmp_path / "grl.keras")
+    loaded = keras.models.load_model(tmp_path / "grl.keras")
+    x = np.ones((2, 4), "float32")
+    np.testing.assert_array_equal(model.predict(x, verbose=0),
+                                  loaded.predict(x, verbose=0))
+    with pytest.raises(kerastl.KerastlError, match=">= 0"):
+        kerastl.GradientReversal(-1.0)
+
+
+# -- schedules ------------------------------------------------------------------
+
+def test_ganin_lambda_values():
+    # The domain brief: 0, .462, .848, .987, 1.0 at p = 0, .1, .25, .5, 1.
+    got = [round(ganin_lambda(p), 3) for p in (0, 0.1, 0.25, 0.5, 1.0)]
+    assert got == [0.0, 0.462, 0.848, 0.987, 1.0]
+
+
+def small_cnn(size=32, width=8):
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu")(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+def toy_domains(n=64, seed=0):
+    """Source: dark images; target: bright ones. Labels from one pixel."""
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(0, 120, (n, 32, 32, 3)).astype("float32")
+    xt = rng.uniform(100, 255, (n, 32, 32, 3)).astype("float32")
+    ys = (xs[:, 0, 0, 0] > 60).astype("int64")
+    yt = (xt[:, 0, 0, 0] > 180).astype("int64")
+    return xs, ys, xt, yt
+
+
+def test_schedules_update_every_batch():
+    xs, ys, xt, _ = toy_domains()
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2)
+    dann.compile(keras.optimizers.SGD(0.01, momentum=0.9))
+    lam, lr = kerastl.GaninLambda(), kerastl.GaninLearningRate()
+    ds = kerastl.domain_dataset((xs, ys), xt, batch_size=16)  # 4 steps
+    history = dann.fit(ds, epochs=2, callbacks=[lam, lr], verbose=0)
+    total = 8
+    expected = [ganin_lambda(s / total) for s in range(total)]
+    np.testing.assert_allclose(lam.history, expected)
+    np.testing.assert_allclose(
+        lr.history, [0.01 / (1 + 10 * s / total) ** 0.75 for s in range(total)])
+    assert float(dann.reversal.lambda_.numpy()) == pytest.approx(expected[-1])
+    assert float(dann.optimizer.learning_rate.numpy()) == pytest.approx(
+        lr.history[-1])
+    assert history.history["grl_lambda"][-1] == pytest.approx(expected[-1])
+    # A dataset of unknown length and no total_steps: a clear error.
+    cb = kerastl.GaninLambda()
+    cb.set_model(dann)
+    cb.set_params({"epochs": 3, "steps": None})
+    with pytest.raises(kerastl.KerastlError, match="length of training"):
+        cb.on_train_batch_begin(0)
+    cb = kerastl.GaninLambda(total_steps=10)
+    cb.set_model(dann)
+    cb.set_params({"epochs": 3, "steps": None})
+    cb.on_train_batch_begin(0)
+
+
+# -- DANN -------------------------------------------------------------------------
+
+def test_dann_trains_reports_and_predicts_on_the_label_path():
+    xs, ys, xt, yt = toy_domains()
+    keras.utils.set_random_seed(0)
+    features = small_cnn()
+    dann = kerastl.DANN(features, 2, domain_hidden=(16,))
+    dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+    before = {v.path: v.numpy().copy() for v in features.trainable_weights}
+    ds = kerastl.domain_dataset((xs, ys), xt, batch_size=16)
+    history = dann.fit(ds, epochs=2, callbacks=[kerastl.GaninLambda()],
+                       verbose=0)
+    logs = history.history
+    for key in ("loss", "class_loss", "domain_loss", "domain_accuracy",
+                "accuracy"):
+        assert key in logs and np.all(np.isfinite(logs[key])), key
+    assert any(not np.array_equal(before[v.path], v.numpy())
+               for v in features.trainable_weights)
+    # The label path: images in, class probabilities out.
+    p = dann.predict(xt[:5], verbose=0)
+    assert p.shape == (5, 2)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    result = dann.evaluate(xt, yt, verbose=0, return_dict=True)
+    assert 0.0 <= result["accuracy"] <= 1.0
+    np.testing.assert_allclose(dann.classifier.predict(xt[:5], verbose=0), p,
+                               rtol=1e-6)
+
+
+def test_reversal_makes_domains_indistinguishable():
+    """With reversal, the domain head is fooled; without, it wins.
+
+    Source-only training separates these domains perfectly (the domain head
+    alone reaches accuracy ~1.0 with lambda = 0); with the reversal at work
+    the features stop carrying the domain and domain accuracy falls to ~0.5.
+    """
+    xs, ys, xt, _ = toy_domains(n=128)
+
+    def domain_accuracy(lam):
+        keras.utils.set_random_seed(1)
+        dann = kerastl.DANN(small_cnn(width=16), 2, domain_hidden=(32,),
+                            lambda_=lam)
+        dann.compile(keras.optimizers.Adam(1e-3))
+        ds = kerastl.domain_dataset((xs, ys), xt, batch_size=32)
+        h = dann.fit(ds, epochs=15, verbose=0)
+        return h.history["domain_accuracy"][-1]
+
+    assert domain_accuracy(0.0) > 0.95
+    assert abs(domain_accuracy(1.0) - 0.5) < 0.15
+
+
+def test_semi_supervised_labels_join_the_class_loss():
+    xs, ys, xt, yt = toy_domains()
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2)
+    dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+    ds = kerastl.domain_dataset((xs, ys), xt, batch_size=16,
+                                target_labeled=(xt[:8], yt[:8]))
+    x, y = next(iter(ds))
+    assert set(x) == {"source", "target", "labeled"}
+    assert set(y) == {"source", "labeled"} and y["labeled"].shape == (8,)
+    h = dann.fit(ds, epochs=1, verbose=0)
+    assert np.isfinite(h.history["class_loss"][-1])
+
+
+def test_coral_alignment():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 6)).astype("float32")
+    assert float(kerastl.coral_loss(a, a)) == pytest.approx(0.0, abs=1e-7)
+    b = 3.0 * a  # covariance x9
+    ca = np.cov(a, rowvar=False)
+    expected = np.sum((ca - 9 * ca) ** 2) / (4 * 36)
+    assert float(kerastl.coral_loss(a, b)) == pytest.approx(expected,
+                                                            rel=1e-4)
+    xs, ys, xt, _ = toy_domains()
+    dann = kerastl.DANN(small_cnn(), 2, alignment="coral")
+    dann.compile(keras.optimizers.Adam(1e-3))
+    h = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+                 epochs=1, verbose=0)
+    assert "domain_accuracy" not in h.history and dann.reversal is None
+    assert np.isfinite(h.history["domain_loss"][-1])
+
+
+def test_dann_save_load_and_export(tmp_path):
+    xs, ys, xt, _ = toy_domains()
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), lambda_=0.5)
+    dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+    dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16), epochs=1,
+             verbose=0)
+    dann.save(tmp_path / "dann.keras")
+    loaded = keras.models.load_model(tmp_path / "dann.keras")
+    assert isinstance(loaded, kerastl.DANN)
+    assert loaded.alignment == "adversarial"
+    np.testing.assert_array_equal(dann.predict(xt[:6], verbose=0),
+                                  loaded.predict(xt[:6], verbose=0))
+    for a, b in zip(dann.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The label path exports to a SavedModel without the domain parts.
+    classifier = dann.classifier
+    assert not any(isinstance(l, kerastl.GradientReversal)
+                   for l in classifier._flatten_layers())
+    classifier.export(str(tmp_path / "exported"), verbose=False)
+    reloaded = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(reloaded.serve(tf.constant(xt[:6])).numpy(),
+                               dann.predict(xt[:6], verbose=0), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_dann_bad_input():
+    with pytest.raises(kerastl.KerastlError, match="num_classes"):
+        kerastl.DANN(small_cnn(), 1)
+    with pytest.raises(kerastl.KerastlError, match="alignment"):
+        kerastl.DANN(small_cnn(), 2, alignment="mmd2")
+    with pytest.raises(kerastl.KerastlError, match="Keras model"):
+        kerastl.DANN(lambda x: x, 2)
+    xs, ys, xt, _ = toy_domains(8)
+    with pytest.raises(kerastl.KerastlError, match="unlabelled"):
+        kerastl.domain_dataset((xs, ys), (xt, ys))
+    with pytest.raises(kerastl.KerastlError, match="samples"):
+        kerastl.domain_dataset((xs, ys[:3]), xt)
+
+
+# -- AdaBN ------------------------------------------------------------------------
+
+def test_adapt_batch_norm_sets_target_statistics_only():
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    bn = [l for l in model.layers
+          if isinstance(l, keras.layers.BatchNormalization)][0]
+    bn.trainable = False
+    _, _, xt, _ = toy_domains(n=96)
+    others = {v.path: v.numpy().copy() for v in model.weights
+              if "moving" not in v.path}
+    assert kerastl.adapt_batch_norm(model, xt, batch_size=32) == 1
+    # The moving mean is the mean of the three batch means, i.e. the mean
+    # of the target activations entering BN.
+    upto = keras.Model(model.input, bn.input)
+    acts = upto.predict(xt, verbose=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(),
+                               acts.mean(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-5)
+    batch_vars = [acts[i:i + 32].var(axis=(0, 1, 2)) for i in (0, 32, 64)]
+    np.testing.assert_allclose(bn.moving_variance.numpy(),
+                               np.mean(batch_vars, axis=0), rtol=1e-3,
+                               atol=1e-5)
+    for v in model.weights:
+        if "moving" not in v.path:
+            np.testing.assert_array_equal(v.numpy(), others[v.path])
+    assert bn.trainable is False and bn.momentum == 0.99
