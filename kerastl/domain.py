@@ -235,6 +235,10 @@ class DANN(keras.Model):
             features.
         num_classes: the number of classes.
         domain_hidden: widths of the domain head's hidden layers.
+        bottleneck: width of the shared Dense + BN + ReLU layer between the
+            pooled features and both heads (``None``: no bottleneck).
+        batchnorm: BatchNormalization in the bottleneck and the domain
+            head's hidden layers.
         domain_weight: the weight of the domain (or CORAL) loss.
         lambda_: the initial gradient-reversal strength; :class:`GaninLambda`
             ramps it from 0.
@@ -250,9 +254,10 @@ class DANN(keras.Model):
     ...          callbacks=[kerastl.GaninLambda()])
     """
 
-    def __init__(self, feature_extractor, num_classes, domain_hidden=(256,),
-                 domain_weight=1.0, lambda_=0.0, alignment="adversarial",
-                 dropout=0.0, **kwargs):
+    def __init__(self, feature_extractor, num_classes,
+                 domain_hidden=(1024, 1024), domain_weight=1.0, lambda_=0.0,
+                 alignment="adversarial", dropout=0.0, bottleneck=256,
+                 batchnorm=True, **kwargs):
         super().__init__(**kwargs)
         feature_extractor = getattr(feature_extractor, "model",
                                     feature_extractor)
@@ -274,7 +279,12 @@ class DANN(keras.Model):
         self.alignment = alignment
         self.dropout_rate = float(dropout)
         self.initial_lambda = float(lambda_)
+        self.bottleneck = None if bottleneck is None else int(bottleneck)
+        self.batchnorm = bool(batchnorm)
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        self.bottleneck_layers = _mlp(
+            () if self.bottleneck is None else (self.bottleneck,),
+            self.batchnorm, 0.0, "bottleneck")
         self.label_dropout = keras.layers.Dropout(self.dropout_rate)
         self.label_head = keras.layers.Dense(num_classes, activation="softmax",
                                              dtype="float32", name="label")
@@ -282,12 +292,8 @@ class DANN(keras.Model):
         self.reversal = self.domain_head = None
         if alignment == "adversarial":
             self.reversal = GradientReversal(lambda_, name="reversal")
-            for i, units in enumerate(self.domain_hidden):
-                self.domain_layers.append(keras.layers.Dense(
-                    units, activation="relu", name=f"domain_hidden_{i}"))
-                if self.dropout_rate:
-                    self.domain_layers.append(
-                        keras.layers.Dropout(self.dropout_rate))
+            self.domain_layers = _mlp(self.domain_hidden, self.batchnorm,
+                                      self.dropout_rate, "domain_hidden")
             self.domain_head = keras.layers.Dense(
                 1, activation="sigmoid", dtype="float32", name="domain")
         self.class_loss_tracker = keras.metrics.Mean(name="class_loss")
@@ -303,12 +309,9 @@ class DANN(keras.Model):
             raise KerastlError(
                 f"The feature extractor returns shape {shape}; DANN needs "
                 f"(batch, h, w, c) or (batch, features).")
-        d = shape[-1]
+        d = _build_mlp(self.bottleneck_layers, shape[-1])
         self.label_head.build((None, d))
-        for layer in self.domain_layers:
-            layer.build((None, d))
-            if isinstance(layer, keras.layers.Dense):
-                d = layer.units
+        d = _build_mlp(self.domain_layers, d)
         if self.domain_head is not None:
             self.domain_head.build((None, d))
         self.built = True
@@ -323,7 +326,10 @@ class DANN(keras.Model):
 
     def features(self, x, training=False):
         f = self.feature_extractor(x, training=training)
-        return self.pool(f) if len(f.shape) == 4 else f
+        f = self.pool(f) if len(f.shape) == 4 else f
+        for layer in self.bottleneck_layers:
+            f = layer(f, training=training)
+        return f
 
     def _labels(self, f, training=False):
         return self.label_head(self.label_dropout(f, training=training))
@@ -425,6 +431,8 @@ class DANN(keras.Model):
             "lambda_": self.initial_lambda,
             "alignment": self.alignment,
             "dropout": self.dropout_rate,
+            "bottleneck": self.bottleneck,
+            "batchnorm": self.batchnorm,
         }
 
     @classmethod
@@ -433,6 +441,33 @@ class DANN(keras.Model):
         config["feature_extractor"] = keras.saving.deserialize_keras_object(
             config["feature_extractor"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def _mlp(widths, batchnorm, dropout, prefix):
+    """Dense (+ BN) + ReLU (+ dropout) layers, one group per width."""
+    layers = []
+    for i, units in enumerate(widths):
+        layers.append(keras.layers.Dense(units, use_bias=not batchnorm,
+                                         name=f"{prefix}_{i}"))
+        if batchnorm:
+            layers.append(keras.layers.BatchNormalization(
+                name=f"{prefix}_{i}_bn"))
+        layers.append(keras.layers.ReLU(name=f"{prefix}_{i}_relu"))
+        if dropout:
+            layers.append(keras.layers.Dropout(dropout,
+                                               name=f"{prefix}_{i}_dropout"))
+    return layers
+
+
+def _build_mlp(layers, d):
+    """Builds the layers of :func:`_mlp` on ``d`` inputs; returns the width."""
+    for layer in layers:
+        if isinstance(layer, (keras.layers.Dense,
+                              keras.layers.BatchNormalization)):
+            layer.build((None, d))
+        if isinstance(layer, keras.layers.Dense):
+            d = layer.units
+    return d
 
 
 def _as_dataset(data, labelled):
