@@ -7,6 +7,9 @@ fine-tuned with kerastl, or (b) trained from scratch on the target images;
 both are scored on the held-out target test split.
 """
 
+import os
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -14,30 +17,10 @@ import pytest
 import kerastl
 from kerastl import datasets
 
-
-def small_cnn():
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    for filters in (16, 32, 64):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.MaxPooling2D()(x)
-    return keras.Model(inputs, x, name="small_cnn")
-
-
-def few_shot(x, y, per_class, seed):
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), per_class,
-                                     replace=False) for c in range(10)])
-    return x[idx], y[idx]
-
-
-def target_accuracy(model, train, test, epochs=40):
-    model.compile(keras.optimizers.Adam(1e-3),
-                  "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(*train, batch_size=10, epochs=epochs, verbose=0)
-    return model.evaluate(*test, verbose=0)[1]
+# The same experiment as benchmarks/transfer_digits.py, from the same code.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from transfer_digits import few_shot, small_cnn  # noqa: E402
+from transfer_digits import accuracy as target_accuracy  # noqa: E402
 
 
 @pytest.mark.slow
