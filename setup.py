@@ -6,9 +6,12 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
-# jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
-TEST = ["pytest>=7", "scikit-learn>=1.3", "jax>=0.4.30"]
 PLOTS = ["matplotlib>=3.7"]
+# kerastl.datasets needs scikit-learn (digits, sample photos) and matplotlib
+# (fonts; it brings Pillow, which draws and resizes the images).
+DATA = ["scikit-learn>=1.3"] + PLOTS
+# jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
+TEST = ["pytest>=7", "jax>=0.4.30"] + DATA
 
 setup(
     name="kerastl",
@@ -34,7 +37,8 @@ setup(
     extras_require={
         "test": TEST,
         "plots": PLOTS,
-        "all": TEST + PLOTS,
+        "data": DATA,
+        "all": TEST,
     },
     entry_points={"console_scripts": ["kerastl=kerastl.cli:main"]},
     license="Apache-2.0",

@@ -19,8 +19,9 @@ contract) and integer labels ``y`` in 0..9, and takes ``split="train"`` /
 ``"test"`` / ``None`` (all). ``digits`` and ``digits_m`` share one split, so
 their test sets show the same handwritten digits.
 
-Needs scikit-learn (``digits``, ``digits_m``) and matplotlib (``syn_digits``):
-``pip install scikit-learn matplotlib``.
+Needs scikit-learn (digits and photos), matplotlib (fonts) and Pillow
+(drawing and resizing; it comes with matplotlib): ``pip install
+"kerastl[data]"``.
 """
 
 import os
@@ -42,7 +43,8 @@ def _require(module, extra):
     except ImportError:
         raise KerastlError(
             f"kerastl.datasets needs {extra} for this dataset: "
-            f"pip install {extra}") from None
+            f"pip install {extra} (or pip install \"kerastl[data]\")"
+        ) from None
 
 
 def _check(split, size):
@@ -72,6 +74,7 @@ def _split_index(n, split):
 
 def _resize(images, size):
     """Bicubic resize of a stack of 2-D float images (PIL, mode "F")."""
+    _require("PIL", "pillow")
     from PIL import Image
     out = np.empty((len(images), size, size), "float32")
     for i, img in enumerate(images):
