@@ -26,6 +26,7 @@ import numpy as np
 from keras import ops
 
 from kerastl.errors import KerastlError
+from kerastl.freezing import _keras_model
 
 __all__ = ["GradientReversal", "GaninLambda", "GaninLearningRate", "DANN",
            "domain_dataset", "coral_loss", "adapt_batch_norm",
@@ -94,7 +95,7 @@ def ganin_lambda(p, gamma=10.0):
     return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
 
 
-def _progress(callback, batch):
+def _progress(callback):
     """Training progress p in [0, 1] from fit's epochs and steps."""
     total = callback.total_steps
     if total is None:
@@ -122,7 +123,7 @@ class _PerBatch(keras.callbacks.Callback):
         self._step = 0
 
     def on_train_batch_begin(self, batch, logs=None):
-        value = self.value(_progress(self, batch))
+        value = self.value(_progress(self))
         self.apply(value)
         self.history.append(value)
         self._step += 1
@@ -259,8 +260,7 @@ class DANN(keras.Model):
                  alignment="adversarial", dropout=0.0, bottleneck=256,
                  batchnorm=True, **kwargs):
         super().__init__(**kwargs)
-        feature_extractor = getattr(feature_extractor, "model",
-                                    feature_extractor)
+        feature_extractor = _keras_model(feature_extractor)
         if not isinstance(feature_extractor, keras.layers.Layer):
             raise KerastlError(
                 f"DANN needs a Keras model (or kerastl Backbone) as feature "
@@ -379,10 +379,10 @@ class DANN(keras.Model):
                           + ops.sum(extra)) / ops.cast(
                 n_s + ops.shape(extra)[0], "float32")
         f = y_pred["features"]
-        n_all = ops.shape(f)[0]
-        domain_true = ops.concatenate([
-            ops.zeros((n_s, 1)), ops.ones((n_all - n_s, 1))], axis=0)
         if self.alignment == "adversarial":
+            domain_true = ops.concatenate([
+                ops.zeros((n_s, 1)), ops.ones((ops.shape(f)[0] - n_s, 1))],
+                axis=0)
             domain = y_pred["domain"]
             domain_loss = ops.mean(keras.losses.binary_crossentropy(
                 domain_true, domain))
@@ -569,8 +569,8 @@ def adapt_batch_norm(model, target, batch_size=64):
     Returns:
         The number of BatchNormalization layers adapted.
     """
-    net = model.feature_extractor if isinstance(model, DANN) else model
-    net = getattr(net, "model", net)
+    net = _keras_model(model.feature_extractor if isinstance(model, DANN)
+                       else model)
     bns = [l for l in net._flatten_layers()
            if isinstance(l, keras.layers.BatchNormalization)]
     if not bns:

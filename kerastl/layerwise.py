@@ -31,6 +31,7 @@ from keras import ops
 
 from kerastl.blocks import block_map
 from kerastl.errors import BlockError, KerastlError
+from kerastl.freezing import _keras_model, trainable_summary
 
 __all__ = ["LayerwiseOptimizer", "layer_decay", "lr_spread",
            "describe_learning_rates", "resolve_multipliers"]
@@ -120,10 +121,6 @@ class lr_spread(_BlockRule):  # noqa: N801 - reads as a function
 
     def __repr__(self):
         return f"lr_spread({self.lo}, {self.hi})"
-
-
-def _keras_model(model):
-    return getattr(model, "model", model)
 
 
 def resolve_multipliers(model, multipliers, default=1.0):
@@ -489,7 +486,6 @@ def describe_learning_rates(model, optimizer=None):
         pair over the block's trainable weights; a frozen block shows the
         multiplier it would train with and a rate of 0); ``print()`` it.
     """
-    from kerastl.freezing import trainable_summary
     keras_model = _keras_model(model)
     if optimizer is None:
         optimizer = getattr(keras_model, "optimizer", None)
