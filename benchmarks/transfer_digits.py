@@ -35,6 +35,20 @@ def small_cnn():
     return keras.Model(inputs, x, name="small_cnn")
 
 
+def pretrain(backbone, samples=4000, epochs=10, seed=0):
+    """Trains ``backbone`` with a softmax head on ``syn_digits`` (the source).
+
+    Returns the source classifier (sharing the backbone's layers).
+    """
+    keras.utils.set_random_seed(seed)
+    source = kerastl.build_classifier(backbone, 10, freeze=False, bn="train")
+    source.compile(keras.optimizers.Adam(2e-3),
+                   "sparse_categorical_crossentropy", metrics=["accuracy"])
+    xs, ys = datasets.syn_digits(samples, seed=seed)
+    source.fit(xs, ys, batch_size=64, epochs=epochs, verbose=0)
+    return source
+
+
 def few_shot(x, y, per_class, seed):
     rng = np.random.default_rng(seed)
     idx = np.concatenate([rng.choice(np.flatnonzero(y == c), per_class,
@@ -59,11 +73,7 @@ def main():
     start = time.time()
     keras.utils.set_random_seed(0)
     backbone = small_cnn()
-    source = kerastl.build_classifier(backbone, 10, freeze=False, bn="train")
-    source.compile(keras.optimizers.Adam(2e-3),
-                   "sparse_categorical_crossentropy", metrics=["accuracy"])
-    xs, ys = datasets.syn_digits(args.source_samples, seed=0)
-    source.fit(xs, ys, batch_size=64, epochs=args.source_epochs, verbose=0)
+    source = pretrain(backbone, args.source_samples, args.source_epochs)
     weights = backbone.get_weights()
     xtr, ytr = datasets.digits("train")
     test = datasets.digits("test")

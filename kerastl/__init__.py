@@ -13,6 +13,12 @@ from kerastl import datasets
 from kerastl.domain import (DANN, GaninLambda, GaninLearningRate,
                             GradientReversal, adapt_batch_norm, coral_loss,
                             domain_dataset)
+from kerastl.features import (FeatureCache, LinearProbe, extract_features,
+                              feature_model)
+from kerastl.borrow import (hard_examples, joint_fine_tune,
+                            select_source_samples)
+from kerastl.analysis import (CKAResult, DepthSweep, cka_by_block,
+                              linear_cka, transfer_depth_sweep)
 from kerastl.heads import build_classifier, replace_classifier
 from kerastl.layerwise import (LayerwiseOptimizer, describe_learning_rates,
                                layer_decay, lr_spread)
@@ -32,4 +38,8 @@ __all__ = [
     "LayerwiseOptimizer", "describe_learning_rates", "layer_decay",
     "lr_spread", "datasets", "DANN", "GaninLambda", "GaninLearningRate",
     "GradientReversal", "adapt_batch_norm", "coral_loss", "domain_dataset",
+    "FeatureCache", "LinearProbe", "extract_features", "feature_model",
+    "hard_examples", "joint_fine_tune", "select_source_samples",
+    "CKAResult", "DepthSweep", "cka_by_block", "linear_cka",
+    "transfer_depth_sweep",
 ]

@@ -19,7 +19,7 @@ from kerastl import datasets
 
 # The same experiment as benchmarks/transfer_digits.py, from the same code.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from transfer_digits import few_shot, small_cnn  # noqa: E402
+from transfer_digits import few_shot, pretrain, small_cnn  # noqa: E402
 from transfer_digits import accuracy as target_accuracy  # noqa: E402
 
 
@@ -27,11 +27,7 @@ from transfer_digits import accuracy as target_accuracy  # noqa: E402
 def test_transfer_beats_scratch_on_a_small_target_set():
     keras.utils.set_random_seed(0)
     backbone = small_cnn()
-    source = kerastl.build_classifier(backbone, 10, freeze=False, bn="train")
-    source.compile(keras.optimizers.Adam(2e-3),
-                   "sparse_categorical_crossentropy", metrics=["accuracy"])
-    xs, ys = datasets.syn_digits(4000, seed=0)
-    source.fit(xs, ys, batch_size=64, epochs=10, verbose=0)
+    pretrain(backbone, samples=4000, epochs=10, seed=0)
     weights = backbone.get_weights()
 
     xtr, ytr = datasets.digits("train")

@@ -1,0 +1,353 @@
+"""Representation and transfer-depth analysis.
+
+* :func:`linear_cka`: linear centred kernel alignment (Kornblith et al.,
+  2019), plain and debiased; :func:`cka_by_block` compares two models block
+  by block (what stays the same after fine-tuning, what changes).
+* :func:`transfer_depth_sweep`: fine-tune once per number of frozen leading
+  blocks and record target accuracy, for several target-set sizes (Gerace et
+  al., 2023: the best depth depends on the amount of target data).
+
+Plots need matplotlib (``pip install kerastl[plots]``); the functions that
+compute return plain data without it.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kerastl.errors import KerastlError
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KerastlError("Plots need matplotlib: pip install "
+                           "'kerastl[plots]'.") from None
+    return plt
+
+
+# -- CKA --------------------------------------------------------------------------
+
+def _debiased_dot(xty, rows_x, rows_y, norm_x, norm_y, n):
+    """Unbiased HSIC estimator terms (Song et al., 2012), feature space."""
+    return (xty - n / (n - 2.0) * rows_x.dot(rows_y)
+            + norm_x * norm_y / ((n - 1) * (n - 2)))
+
+
+def linear_cka(x, y, debiased=False):
+    """Linear CKA between two representations of the same ``n`` examples.
+
+    ``x`` is ``(n, p1)``, ``y`` is ``(n, p2)`` (more dimensions are
+    flattened). Columns are centred, then
+    ``CKA = ||yᵀx||²_F / (||xᵀx||_F · ||yᵀy||_F)``, computed in float64.
+    1 for identical representations; invariant to orthogonal transforms and
+    isotropic scaling, not to arbitrary invertible linear maps.
+    ``debiased=True`` uses the unbiased HSIC estimator (needs n > 3), which
+    corrects the upward bias of CKA when features outnumber examples.
+    """
+    x = np.asarray(x, dtype="float64")
+    y = np.asarray(y, dtype="float64")
+    if x.ndim < 2 or y.ndim < 2:
+        raise KerastlError("linear_cka needs (n, features) arrays.")
+    x = x.reshape(len(x), -1)
+    y = y.reshape(len(y), -1)
+    n = len(x)
+    if len(y) != n:
+        raise KerastlError(f"linear_cka: x has {n} examples, y {len(y)}; "
+                           "they must describe the same examples.")
+    if n < (4 if debiased else 2):
+        raise KerastlError(f"linear_cka needs at least {4 if debiased else 2}"
+                           f" examples, got {n}.")
+    x = x - x.mean(axis=0, keepdims=True)
+    y = y - y.mean(axis=0, keepdims=True)
+    xty = np.linalg.norm(y.T @ x) ** 2
+    norm_x = np.linalg.norm(x.T @ x)
+    norm_y = np.linalg.norm(y.T @ y)
+    if debiased:
+        rows_x = np.einsum("ij,ij->i", x, x)
+        rows_y = np.einsum("ij,ij->i", y, y)
+        sq_x, sq_y = rows_x.sum(), rows_y.sum()
+        xty = _debiased_dot(xty, rows_x, rows_y, sq_x, sq_y, n)
+        norm_x = np.sqrt(max(_debiased_dot(norm_x ** 2, rows_x, rows_x,
+                                           sq_x, sq_x, n), 0.0))
+        norm_y = np.sqrt(max(_debiased_dot(norm_y ** 2, rows_y, rows_y,
+                                           sq_y, sq_y, n), 0.0))
+    denominator = norm_x * norm_y
+    if denominator == 0:
+        return float("nan")  # a constant representation
+    return float(xty / denominator)
+
+
+@dataclasses.dataclass
+class CKAResult:
+    """CKA between the blocks of two models.
+
+    Attributes:
+        matrix: ``(len(blocks_a), len(blocks_b))`` CKA values.
+        blocks_a, blocks_b: the block names of the rows and the columns.
+    """
+
+    matrix: np.ndarray
+    blocks_a: list
+    blocks_b: list
+
+    def diagonal(self):
+        """``{block: CKA}`` for the blocks both models have."""
+        return {b: float(self.matrix[i, self.blocks_b.index(b)])
+                for i, b in enumerate(self.blocks_a) if b in self.blocks_b}
+
+    def __str__(self):
+        width = max(len(b) for b in self.blocks_a + self.blocks_b) + 2
+        lines = [" " * width + "".join(f"{b:>{width}}" for b in self.blocks_b)]
+        for b, row in zip(self.blocks_a, self.matrix):
+            lines.append(f"{b:<{width}}" + "".join(f"{v:>{width}.3f}"
+                                                   for v in row))
+        return "\n".join(lines)
+
+    def plot(self, path=None, ax=None, title=None, labels=("model a",
+                                                           "model b")):
+        """A heatmap of :attr:`matrix`; saved to ``path`` if given.
+
+        Returns the matplotlib figure.
+        """
+        plt = _pyplot()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(self.blocks_b),
+                                            1.0 + 0.45 * len(self.blocks_a)))
+        else:
+            fig = ax.figure
+        im = ax.imshow(self.matrix, vmin=0, vmax=1, cmap="magma",
+                       origin="lower")
+        ax.set_xticks(range(len(self.blocks_b)), self.blocks_b, rotation=45,
+                      ha="right")
+        ax.set_yticks(range(len(self.blocks_a)), self.blocks_a)
+        ax.set_xlabel(labels[1])
+        ax.set_ylabel(labels[0])
+        if title:
+            ax.set_title(title)
+        fig.colorbar(im, ax=ax, label="linear CKA")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _block_names(model, blocks):
+    from kerastl.blocks import HEAD, block_map
+
+    if blocks is not None:
+        return [blocks] if isinstance(blocks, str) else list(blocks)
+    return [b for b in block_map(getattr(model, "model", model)).names
+            if b != HEAD]
+
+
+def cka_by_block(model_a, model_b, data, blocks=None, blocks_b=None,
+                 pooling="avg", debiased=False, batch_size=64):
+    """Linear CKA between every block of ``model_a`` and ``model_b``.
+
+    Typical use: the pretrained backbone vs the fine-tuned one (which blocks
+    did fine-tuning change?), or two nets trained on source and on target.
+
+    Args:
+        model_a, model_b: kerastl Backbones or Keras models with block maps
+            (e.g. a backbone and the classifier fine-tuned from it).
+        data: the images both see (anything :func:`extract_features` takes;
+            a few hundred examples are enough).
+        blocks: the blocks to compare (default: every block but ``head``);
+            ``blocks_b`` for ``model_b`` if its names differ.
+        pooling: how spatial block outputs become vectors: ``"avg"``
+            (default, cheap), ``"max"`` or ``None`` (flattened, the full
+            activation; memory grows with resolution).
+        debiased: the debiased estimator (see :func:`linear_cka`).
+
+    Returns:
+        A :class:`CKAResult`; ``print()`` it or call ``.plot()``.
+    """
+    from kerastl.features import extract_features
+
+    names_a = _block_names(model_a, blocks)
+    names_b = _block_names(model_b, blocks_b if blocks_b is not None
+                           else (blocks if blocks is not None else None))
+
+    def feats(model, names):
+        f = extract_features(model, data, layers=names, pooling=pooling,
+                             batch_size=batch_size, as_dict=True, verbose=0)
+        return [np.reshape(f[n], (len(f[n]), -1)) for n in names]
+
+    fa = feats(model_a, names_a)
+    fb = fa if model_b is model_a and names_b == names_a else \
+        feats(model_b, names_b)
+    matrix = np.array([[linear_cka(a, b, debiased) for b in fb] for a in fa])
+    return CKAResult(matrix, names_a, names_b)
+
+
+# -- transfer depth ------------------------------------------------------------------
+
+def stratified_subset(x, y, per_class, seed=0):
+    """``per_class`` examples of every class, drawn with ``seed``."""
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        if len(members) < per_class:
+            raise KerastlError(f"Class {c!r} has {len(members)} examples; "
+                               f"{per_class} per class were asked for.")
+        idx.append(rng.choice(members, per_class, replace=False))
+    idx = np.sort(np.concatenate(idx))
+    return x[idx], y[idx]
+
+
+class DepthSweep(list):
+    """Rows of :func:`transfer_depth_sweep`: one dict per run.
+
+    Keys: ``train_size`` (labelled examples per class, or ``"all"``),
+    ``seed``, ``frozen`` (number of frozen leading blocks), ``frozen_up_to``
+    (the last frozen block, or ``"-"``) and ``accuracy`` (validation).
+    """
+
+    def mean(self):
+        """``{(train_size, frozen): mean accuracy over seeds}``."""
+        out = {}
+        for r in self:
+            out.setdefault((r["train_size"], r["frozen"]), []).append(
+                r["accuracy"])
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+    def best(self):
+        """``{train_size: number of frozen blocks with the best mean}``."""
+        best = {}
+        for (size, frozen), acc in self.mean().items():
+            if size not in best or acc > best[size][1]:
+                best[size] = (frozen, acc)
+        return {size: f for size, (f, _) in best.items()}
+
+    def __str__(self):
+        means = self.mean()
+        sizes = list(dict.fromkeys(r["train_size"] for r in self))
+        depths = sorted({r["frozen"] for r in self})
+        names = {r["frozen"]: r["frozen_up_to"] for r in self}
+        lines = [f"{'frozen blocks':<26}" + "".join(f"{str(s) + '/class':>12}"
+                                                   for s in sizes)]
+        for d in depths:
+            label = f"{d} ({names[d]})"
+            lines.append(f"{label:<26}" + "".join(
+                f"{means.get((s, d), float('nan')):>12.3f}" for s in sizes))
+        best = self.best()
+        lines.append(f"{'best':<26}" + "".join(f"{best[s]:>12}"
+                                               for s in sizes))
+        return "\n".join(lines)
+
+    def plot(self, path=None, ax=None, title=None):
+        """Accuracy vs number of frozen blocks, one line per target size."""
+        plt = _pyplot()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        else:
+            fig = ax.figure
+        means = self.mean()
+        for size in dict.fromkeys(r["train_size"] for r in self):
+            depths = sorted(d for s, d in means if s == size)
+            ax.plot(depths, [means[(size, d)] for d in depths], marker="o",
+                    label=f"{size} per class")
+        names = {r["frozen"]: r["frozen_up_to"] for r in self}
+        ticks = sorted(names)
+        ax.set_xticks(ticks, [f"{d}\n{names[d]}" for d in ticks],
+                      fontsize=8)
+        ax.set_xlabel("frozen leading blocks (last frozen)")
+        ax.set_ylabel("target accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def transfer_depth_sweep(backbone, train, validation, depths=None,
+                         train_sizes=None, seeds=(0,), epochs=20,
+                         batch_size=32, optimizer=None, bn="frozen",
+                         dropout=0.0, verbose=0):
+    """Fine-tune once per number of frozen blocks; record target accuracy.
+
+    Every run starts from the backbone's weights as given, puts a new head
+    on it (:func:`kerastl.build_classifier`), freezes the first ``d``
+    blocks (``d = 0``: full fine-tuning; ``d = len(blocks)``: feature
+    extraction) and trains for ``epochs``.
+
+    Args:
+        backbone: a :class:`~kerastl.Backbone` or a ``keras.Model`` with a
+            spatial output and a block map.
+        train: ``(x, y)`` arrays of the target task (integer labels).
+        validation: ``(x, y)`` to score on.
+        depths: numbers of frozen leading blocks (default: all of
+            ``0 .. len(blocks)``).
+        train_sizes: labelled examples per class to draw from ``train``
+            (several sizes draw one curve each; default: all of ``train``).
+        seeds: one run per seed (the subset and the head's initialisation).
+        epochs, batch_size: training per run.
+        optimizer: a callable returning a fresh optimizer (default Adam
+            1e-3).
+        bn: BatchNorm mode of trainable blocks (see :func:`kerastl.freeze`).
+        dropout: head dropout.
+
+    Returns:
+        A :class:`DepthSweep`: ``print()`` it, ``.best()``, ``.plot()``.
+    """
+    from kerastl.blocks import block_map
+    from kerastl.heads import build_classifier
+
+    model = getattr(backbone, "model", backbone)
+    if not isinstance(model, keras.Model):
+        raise KerastlError(f"Expected a kerastl.Backbone or keras.Model, got "
+                           f"{type(backbone).__name__}.")
+    names = block_map(model).names
+    if depths is None:
+        depths = range(len(names) + 1)
+    depths = [int(d) for d in depths]
+    for d in depths:
+        if not 0 <= d <= len(names):
+            raise KerastlError(f"depth {d}: the backbone has {len(names)} "
+                               f"blocks ({', '.join(names)}); depths go from "
+                               f"0 to {len(names)}.")
+    x, y = train
+    y = np.asarray(y)
+    num_classes = int(max(np.max(y), np.max(validation[1]))) + 1
+    sizes = [None] if train_sizes is None else list(train_sizes)
+    optimizer = optimizer or (lambda: keras.optimizers.Adam(1e-3))
+    initial = model.get_weights()
+    trainable = [l.trainable for l in model.layers]
+    rows = DepthSweep()
+    try:
+        for size in sizes:
+            for seed in seeds:
+                subset = (x, y) if size is None else stratified_subset(
+                    x, y, size, seed)
+                for d in depths:
+                    model.set_weights(initial)
+                    keras.utils.set_random_seed(seed)
+                    clf = build_classifier(
+                        backbone, num_classes, dropout=dropout,
+                        freeze=True if d == len(names) else d, bn=bn)
+                    clf.compile(optimizer(), "sparse_categorical_crossentropy",
+                                metrics=["accuracy"])
+                    clf.fit(*subset, batch_size=batch_size, epochs=epochs,
+                            verbose=verbose)
+                    acc = clf.evaluate(*validation, verbose=0,
+                                       return_dict=True)["accuracy"]
+                    rows.append(dict(
+                        train_size="all" if size is None else size,
+                        seed=seed, frozen=d,
+                        frozen_up_to=names[d - 1] if d else "-",
+                        accuracy=float(acc)))
+                    if verbose:
+                        print(rows[-1])
+    finally:
+        model.set_weights(initial)
+        for layer, t in zip(model.layers, trainable):
+            layer.trainable = t
+    return rows

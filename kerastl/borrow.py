@@ -1,0 +1,272 @@
+"""Borrowing source data: selective joint fine-tuning (Ge & Yu, CVPR 2017).
+
+With few target labels and a large labelled source set at hand, retrieve
+for every target image its nearest source images in a low-level feature
+space (an early block: textures and colours, not classes), and fine-tune one
+shared backbone on the target images plus those source images, with one
+head per task. Hard targets (misclassified, or with high prediction
+entropy) get more neighbours.
+
+    low = kerastl.extract_features(backbone, x_src, layers="stage1")
+    low_t = kerastl.extract_features(backbone, x_tgt, layers="stage1")
+    sel = kerastl.select_source_samples(low, low_t, k=10)
+    joint = kerastl.joint_fine_tune(backbone, (x_tgt, y_tgt),
+                                    (x_src[sel.indices], y_src[sel.indices]))
+    joint.target_model.evaluate(x_test, y_test)
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from kerastl.errors import KerastlError
+
+METRICS = ("cosine", "l2")
+
+
+@dataclasses.dataclass
+class SourceSelection:
+    """What :func:`select_source_samples` picked.
+
+    Attributes:
+        indices: the selected source rows, unique and sorted (index the
+            source data with it).
+        neighbours: ``(n_target, k_max)`` source rows per target, nearest
+            first; ``-1`` pads targets that got fewer than ``k_max``.
+        distances: the matching distances (``inf`` for padding); cosine
+            distance is ``1 - cosine similarity``.
+        k: neighbours given to each target.
+    """
+
+    indices: np.ndarray
+    neighbours: np.ndarray
+    distances: np.ndarray
+    k: np.ndarray
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _matrix(features, name):
+    if isinstance(features, dict):
+        features = np.concatenate(
+            [np.reshape(v, (len(v), -1)) for v in features.values()], axis=1)
+    f = np.asarray(features, dtype="float32")
+    if f.ndim < 2 or len(f) == 0:
+        raise KerastlError(f"{name} must be a non-empty (n, features) array; "
+                           f"got shape {f.shape}.")
+    return f.reshape(len(f), -1)
+
+
+def hard_examples(probabilities, labels, entropy_quantile=0.75):
+    """Hard target examples: misclassified or with high prediction entropy.
+
+    Args:
+        probabilities: ``(n, classes)`` predictions of the current model.
+        labels: ``(n,)`` integer labels.
+        entropy_quantile: examples whose entropy is above this quantile of
+            all entropies count as hard too (``None``: misclassified only).
+
+    Returns:
+        A boolean mask, for ``hard=`` of :func:`select_source_samples`.
+    """
+    p = np.asarray(probabilities, dtype="float64")
+    hard = np.argmax(p, axis=1) != np.asarray(labels)
+    if entropy_quantile is not None:
+        entropy = -np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=1)
+        hard |= entropy > np.quantile(entropy, entropy_quantile)
+    return hard
+
+
+def select_source_samples(source_features, target_features, k=10,
+                          metric="cosine", hard=None, k_hard=None,
+                          chunk_size=1024):
+    """The nearest source samples of every target sample.
+
+    Exact search, in chunks of ``chunk_size`` targets (memory
+    ``chunk_size x n_source``).
+
+    Args:
+        source_features: ``(n_source, d)`` (or a dict of blocks, joined).
+            Low-level features work best (an early block; Ge & Yu used
+            filter-bank responses): the point is to find source images that
+            look alike, not ones of the same class.
+        target_features: ``(n_target, d)``, the same feature space.
+        k: neighbours per target (an int, or one int per target).
+        metric: ``"cosine"`` or ``"l2"``.
+        hard: a boolean mask (or indices) of hard targets, see
+            :func:`hard_examples`; they get ``k_hard`` neighbours.
+        k_hard: neighbours for hard targets (default ``2 * k``).
+
+    Returns:
+        A :class:`SourceSelection`; ``.indices`` are the rows to borrow.
+    """
+    if metric not in METRICS:
+        raise KerastlError(f"metric={metric!r}: expected 'cosine' or 'l2'.")
+    src = _matrix(source_features, "source_features")
+    tgt = _matrix(target_features, "target_features")
+    if src.shape[1] != tgt.shape[1]:
+        raise KerastlError(
+            f"source features have {src.shape[1]} dimensions, target "
+            f"features {tgt.shape[1]}: extract both from the same layer.")
+    ks = np.broadcast_to(np.asarray(k), (len(tgt),)).astype("int64").copy()
+    if hard is not None:
+        hard = np.asarray(hard)
+        if hard.dtype == bool:
+            if len(hard) != len(tgt):
+                raise KerastlError(f"hard has {len(hard)} entries for "
+                                   f"{len(tgt)} targets.")
+            mask = hard
+        else:
+            mask = np.zeros(len(tgt), bool)
+            mask[hard.astype("int64")] = True
+        ks[mask] = 2 * ks[mask] if k_hard is None else int(k_hard)
+    if ks.min() < 1:
+        raise KerastlError(f"k={k!r}: every target needs at least one "
+                           "neighbour.")
+    ks = np.minimum(ks, len(src))
+    k_max = int(ks.max())
+    if metric == "cosine":
+        src = src / np.maximum(np.linalg.norm(src, axis=1, keepdims=True),
+                               1e-12)
+        tgt = tgt / np.maximum(np.linalg.norm(tgt, axis=1, keepdims=True),
+                               1e-12)
+    else:
+        src_sq = np.einsum("ij,ij->i", src, src)
+    neighbours = np.full((len(tgt), k_max), -1, dtype="int64")
+    distances = np.full((len(tgt), k_max), np.inf, dtype="float32")
+    for start in range(0, len(tgt), chunk_size):
+        t = tgt[start:start + chunk_size]
+        if metric == "cosine":
+            d = 1.0 - t @ src.T
+        else:
+            d = np.maximum(np.einsum("ij,ij->i", t, t)[:, None]
+                           - 2.0 * t @ src.T + src_sq[None, :], 0.0)
+        if k_max < len(src):
+            part = np.argpartition(d, k_max - 1, axis=1)[:, :k_max]
+        else:
+            part = np.tile(np.arange(len(src)), (len(t), 1))
+        dp = np.take_along_axis(d, part, axis=1)
+        order = np.argsort(dp, axis=1, kind="stable")
+        nn = np.take_along_axis(part, order, axis=1)
+        dn = np.take_along_axis(dp, order, axis=1)
+        if metric == "l2":
+            dn = np.sqrt(dn)
+        for row, (kk, n_row, d_row) in enumerate(
+                zip(ks[start:start + len(t)], nn, dn)):
+            neighbours[start + row, :kk] = n_row[:kk]
+            distances[start + row, :kk] = d_row[:kk]
+    indices = np.unique(neighbours[neighbours >= 0])
+    return SourceSelection(indices, neighbours, distances, ks)
+
+
+@dataclasses.dataclass
+class JointFineTuning:
+    """What :func:`joint_fine_tune` returns.
+
+    Attributes:
+        model: the two-headed training model (outputs ``target``, ``source``).
+        target_model: images to target classes (what to evaluate, export).
+        source_model: images to source classes.
+        history: the Keras ``History``.
+    """
+
+    model: keras.Model
+    target_model: keras.Model
+    source_model: keras.Model
+    history: keras.callbacks.History
+
+
+def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
+                    optimizer=None, source_weight=1.0, freeze=False,
+                    bn="frozen", pooling="avg", dropout=0.0,
+                    validation_data=None, callbacks=None, verbose=0,
+                    seed=0):
+    """Fine-tunes one backbone on target + borrowed source data, two heads.
+
+    Each batch mixes target and source samples; a sample's loss counts on
+    its own task's head only (the other head's loss gets weight 0). The
+    target samples are repeated so that both tasks weigh alike per epoch
+    (Ge & Yu trained on the union with per-task losses).
+
+    Args:
+        backbone: a :class:`~kerastl.Backbone` or ``keras.Model`` with a
+            spatial output.
+        target: ``(x, y)`` target images and integer labels.
+        source: ``(x, y)`` selected source images and their labels (their
+            own label space).
+        source_weight: the source loss weight relative to the target's.
+        freeze: as ``build_classifier``: ``False`` trains everything, a
+            block name or int freezes up to it.
+        validation_data: ``(x, y)`` target data; reported as
+            ``val_target_accuracy``.
+        callbacks: Keras callbacks for ``fit``.
+
+    Returns:
+        A :class:`JointFineTuning`.
+    """
+    from kerastl import freezing
+
+    model = getattr(backbone, "model", backbone)
+    if not isinstance(model, keras.Model) or len(model.output.shape) != 4:
+        raise KerastlError("joint_fine_tune needs a kerastl.Backbone or a "
+                           "keras.Model with a spatial output.")
+    (xt, yt), (xs, ys) = target, source
+    xt, yt, xs, ys = (np.asarray(a) for a in (xt, yt, xs, ys))
+    if len(xt) != len(yt) or len(xs) != len(ys):
+        raise KerastlError("target and source must be (x, y) with as many "
+                           "labels as images.")
+    if len(xs) == 0:
+        raise KerastlError("No source samples to borrow: select some with "
+                           "select_source_samples().")
+    n_t, n_s = int(yt.max()) + 1, int(ys.max()) + 1
+    pool = {"avg": keras.layers.GlobalAveragePooling2D,
+            "max": keras.layers.GlobalMaxPooling2D}[pooling](
+        name="joint_pool")(model.output)
+    if dropout:
+        pool = keras.layers.Dropout(dropout, name="joint_dropout")(pool)
+    out_t = keras.layers.Dense(n_t, activation="softmax", dtype="float32",
+                               name="target")(pool)
+    out_s = keras.layers.Dense(n_s, activation="softmax", dtype="float32",
+                               name="source")(pool)
+    joint = keras.Model(model.input, {"target": out_t, "source": out_s},
+                        name=f"{model.name}_joint")
+    if freeze is not False:
+        freezing.freeze(joint, up_to=None if freeze is True else freeze,
+                        bn=bn, recompile=False)
+    else:
+        freezing.freeze(joint, up_to=0, bn=bn, recompile=False)
+    repeat = max(1, int(round(len(xs) / len(xt))))
+    xt_r, yt_r = np.concatenate([xt] * repeat), np.concatenate([yt] * repeat)
+    x = np.concatenate([xt_r, xs]).astype("float32")
+    is_t = np.concatenate([np.ones(len(xt_r)), np.zeros(len(xs))])
+    y = {"target": np.concatenate([yt_r, np.zeros(len(xs), yt.dtype)]),
+         "source": np.concatenate([np.zeros(len(xt_r), ys.dtype), ys])}
+    w = {"target": is_t.astype("float32"),
+         "source": ((1 - is_t) * source_weight).astype("float32")}
+    perm = np.random.default_rng(seed).permutation(len(x))
+    x = x[perm]
+    y = {k: v[perm] for k, v in y.items()}
+    w = {k: v[perm] for k, v in w.items()}
+    joint.compile(optimizer or keras.optimizers.Adam(1e-3),
+                  loss={"target": "sparse_categorical_crossentropy",
+                        "source": "sparse_categorical_crossentropy"},
+                  weighted_metrics={"target": ["accuracy"],
+                                    "source": ["accuracy"]})
+    val = None
+    if validation_data is not None:
+        vx, vy = validation_data
+        vy = np.asarray(vy)
+        val = (np.asarray(vx, "float32"),
+               {"target": vy, "source": np.zeros_like(vy)},
+               {"target": np.ones(len(vy), "float32"),
+                "source": np.zeros(len(vy), "float32")})
+    history = joint.fit(x, y, sample_weight=w, batch_size=batch_size,
+                        epochs=epochs, validation_data=val,
+                        callbacks=callbacks, verbose=verbose)
+    target_model = keras.Model(model.input, out_t,
+                               name=f"{model.name}_target")
+    source_model = keras.Model(model.input, out_s,
+                               name=f"{model.name}_source")
+    return JointFineTuning(joint, target_model, source_model, history)
