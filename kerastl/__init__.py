@@ -9,10 +9,11 @@ from kerastl.backbone import Backbone, load_backbone
 from kerastl.blocks import BlockMap, block_map
 from kerastl.freezing import (GradualUnfreezing, freeze, trainable_blocks,
                               trainable_summary, unfreeze)
-from kerastl import datasets
+from kerastl import datasets, hub
 from kerastl.domain import (DANN, GaninLambda, GaninLearningRate,
                             GradientReversal, adapt_batch_norm, coral_loss,
                             domain_dataset)
+from kerastl.hub import HubLayer, resolve_handle, trust_hub_path
 from kerastl.features import (FeatureCache, LinearProbe, extract_features,
                               feature_model)
 from kerastl.borrow import (hard_examples, joint_fine_tune,
@@ -38,6 +39,7 @@ __all__ = [
     "LayerwiseOptimizer", "describe_learning_rates", "layer_decay",
     "lr_spread", "datasets", "DANN", "GaninLambda", "GaninLearningRate",
     "GradientReversal", "adapt_batch_norm", "coral_loss", "domain_dataset",
+    "HubLayer", "resolve_handle", "trust_hub_path",
     "FeatureCache", "LinearProbe", "extract_features", "feature_model",
     "hard_examples", "joint_fine_tune", "select_source_samples",
     "CKAResult", "DepthSweep", "cka_by_block", "linear_cka",
