@@ -168,13 +168,12 @@ def cka_by_block(model_a, model_b, data, blocks=None, blocks_b=None,
     from kerastl.features import extract_features
 
     names_a = _block_names(model_a, blocks)
-    names_b = _block_names(model_b, blocks_b if blocks_b is not None
-                           else (blocks if blocks is not None else None))
+    names_b = _block_names(model_b, blocks if blocks_b is None else blocks_b)
 
     def feats(model, names):
         f = extract_features(model, data, layers=names, pooling=pooling,
                              batch_size=batch_size, as_dict=True, verbose=0)
-        return [np.reshape(f[n], (len(f[n]), -1)) for n in names]
+        return [f[n] for n in names]  # linear_cka flattens
 
     fa = feats(model_a, names_a)
     fb = fa if model_b is model_a and names_b == names_a else \
@@ -330,9 +329,8 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
                 for d in depths:
                     model.set_weights(initial)
                     keras.utils.set_random_seed(seed)
-                    clf = build_classifier(
-                        backbone, num_classes, dropout=dropout,
-                        freeze=True if d == len(names) else d, bn=bn)
+                    clf = build_classifier(backbone, num_classes,
+                                           dropout=dropout, freeze=d, bn=bn)
                     clf.compile(optimizer(), "sparse_categorical_crossentropy",
                                 metrics=["accuracy"])
                     clf.fit(*subset, batch_size=batch_size, epochs=epochs,

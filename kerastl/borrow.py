@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from kerastl.errors import KerastlError
+from kerastl.features import flat_features
 
 METRICS = ("cosine", "l2")
 
@@ -49,14 +50,14 @@ class SourceSelection:
 
 
 def _matrix(features, name):
-    if isinstance(features, dict):
-        features = np.concatenate(
-            [np.reshape(v, (len(v), -1)) for v in features.values()], axis=1)
-    f = np.asarray(features, dtype="float32")
-    if f.ndim < 2 or len(f) == 0:
+    if not isinstance(features, dict) and np.ndim(features) < 2:
+        raise KerastlError(f"{name} must be a non-empty (n, features) array; "
+                           f"got shape {np.shape(features)}.")
+    f = flat_features(features)
+    if len(f) == 0:
         raise KerastlError(f"{name} must be a non-empty (n, features) array; "
                            f"got shape {f.shape}.")
-    return f.reshape(len(f), -1)
+    return f
 
 
 def hard_examples(probabilities, labels, entropy_quantile=0.75):
@@ -153,10 +154,9 @@ def select_source_samples(source_features, target_features, k=10,
         dn = np.take_along_axis(dp, order, axis=1)
         if metric == "l2":
             dn = np.sqrt(dn)
-        for row, (kk, n_row, d_row) in enumerate(
-                zip(ks[start:start + len(t)], nn, dn)):
-            neighbours[start + row, :kk] = n_row[:kk]
-            distances[start + row, :kk] = d_row[:kk]
+        keep = np.arange(k_max)[None, :] < ks[start:start + len(t), None]
+        neighbours[start:start + len(t)] = np.where(keep, nn, -1)
+        distances[start:start + len(t)] = np.where(keep, dn, np.inf)
     indices = np.unique(neighbours[neighbours >= 0])
     return SourceSelection(indices, neighbours, distances, ks)
 
@@ -206,7 +206,7 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
     Returns:
         A :class:`JointFineTuning`.
     """
-    from kerastl import freezing
+    from kerastl.heads import apply_freeze, pooling_layer
 
     model = getattr(backbone, "model", backbone)
     if not isinstance(model, keras.Model) or len(model.output.shape) != 4:
@@ -221,9 +221,7 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
         raise KerastlError("No source samples to borrow: select some with "
                            "select_source_samples().")
     n_t, n_s = int(yt.max()) + 1, int(ys.max()) + 1
-    pool = {"avg": keras.layers.GlobalAveragePooling2D,
-            "max": keras.layers.GlobalMaxPooling2D}[pooling](
-        name="joint_pool")(model.output)
+    pool = pooling_layer(pooling, "joint_pool")(model.output)
     if dropout:
         pool = keras.layers.Dropout(dropout, name="joint_dropout")(pool)
     out_t = keras.layers.Dense(n_t, activation="softmax", dtype="float32",
@@ -232,11 +230,7 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
                                name="source")(pool)
     joint = keras.Model(model.input, {"target": out_t, "source": out_s},
                         name=f"{model.name}_joint")
-    if freeze is not False:
-        freezing.freeze(joint, up_to=None if freeze is True else freeze,
-                        bn=bn, recompile=False)
-    else:
-        freezing.freeze(joint, up_to=0, bn=bn, recompile=False)
+    apply_freeze(joint, freeze, bn, recompile=False)
     repeat = max(1, int(round(len(xs) / len(xt))))
     xt_r, yt_r = np.concatenate([xt] * repeat), np.concatenate([yt] * repeat)
     x = np.concatenate([xt_r, xs]).astype("float32")

@@ -24,7 +24,6 @@ from kerastl.errors import KerastlError
 
 POOLINGS = ("avg", "max", None)
 FORMAT_VERSION = 1
-_IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 
 
 # -- which outputs ------------------------------------------------------------
@@ -70,10 +69,11 @@ def _endpoint_tensor(backbone, model, name):
 
 
 def _pool(tensor, pooling, name):
+    from kerastl.heads import pooling_layer
+
     if len(tensor.shape) == 4 and pooling is not None:
-        cls = (keras.layers.GlobalAveragePooling2D if pooling == "avg"
-               else keras.layers.GlobalMaxPooling2D)
-        return cls(name=f"kerastl_{pooling}_pool_{name}")(tensor)
+        return pooling_layer(pooling, f"kerastl_{pooling}_pool_{name}")(
+            tensor)
     if len(tensor.shape) > 2 and pooling is not None:
         return keras.layers.Flatten(name=f"kerastl_flatten_{name}")(tensor)
     return tensor
@@ -120,11 +120,10 @@ class _Data:
     (a callable returning the labels or None), ``fingerprint`` (a callable).
     """
 
-    def __init__(self, images, labels, fingerprint, n=None):
+    def __init__(self, images, labels, fingerprint):
         self.images = images
         self._labels = labels
         self._fingerprint = fingerprint
-        self.n = n
 
     def labels(self):
         return self._labels() if callable(self._labels) else self._labels
@@ -139,16 +138,6 @@ def _hash_array(h, a):
     a = np.ascontiguousarray(a)
     h.update(f"{a.dtype.str}{a.shape}".encode())
     h.update(memoryview(a).cast("B"))
-
-
-def _image_files(directory):
-    files = []
-    for root, dirs, names in os.walk(directory):
-        dirs.sort()
-        for n in sorted(names):
-            if n.lower().endswith(_IMAGE_EXTENSIONS):
-                files.append(os.path.join(root, n))
-    return files
 
 
 def _as_data(data, batch_size, image_size, data_key):
@@ -185,8 +174,7 @@ def _as_data(data, batch_size, image_size, data_key):
         return h.hexdigest()
 
     images = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint,
-                 len(x))
+    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint)
 
 
 def _folder_data(directory, batch_size, image_size, data_key):
@@ -198,23 +186,26 @@ def _folder_data(directory, batch_size, image_size, data_key):
         raise KerastlError(
             "The model takes images of any size; an image folder needs a "
             "fixed size. Pass image_size=(height, width).")
-    files = _image_files(directory)
-    if not files:
-        raise KerastlError(
-            f"No images ({', '.join(_IMAGE_EXTENSIONS)}) under {directory!r}.")
     classes = sorted(d for d in os.listdir(directory)
                      if os.path.isdir(os.path.join(directory, d)))
-    ds = keras.utils.image_dataset_from_directory(
-        directory, labels="inferred" if classes else None,
-        label_mode="int", image_size=tuple(image_size),
-        batch_size=batch_size, shuffle=False, verbose=False)
-    has_labels = bool(classes)
-    images = ds.map(lambda x, *y: x) if has_labels else ds
+    try:
+        ds = keras.utils.image_dataset_from_directory(
+            directory, labels="inferred" if classes else None,
+            label_mode="int", image_size=tuple(image_size),
+            batch_size=batch_size, shuffle=False, verbose=False)
+    except ValueError as e:
+        raise KerastlError(f"No images in {directory!r}: {e}") from None
+    # Keras's own index of the folder: the same files, in the same order,
+    # for the labels and the fingerprint (no second pass over the pixels).
+    files = list(ds.file_paths)
+    images = ds.map(lambda x, *y: x) if classes else ds
 
     def labels():
-        if not has_labels:
+        if not classes:
             return None
-        return np.concatenate([y.numpy() for _, y in ds]).astype("int64")
+        index = {c: i for i, c in enumerate(ds.class_names)}
+        return np.array([index[os.path.relpath(f, directory).split(os.sep)[0]]
+                         for f in files], dtype="int64")
 
     def fingerprint():
         if data_key is not None:
@@ -227,8 +218,7 @@ def _folder_data(directory, batch_size, image_size, data_key):
                      f"{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
-    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint,
-                 len(files))
+    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint)
 
 
 def _dataset_data(ds, batch_size, data_key):
@@ -520,18 +510,23 @@ def _result(features, labels, names, as_dict, return_labels):
     elif len(names) == 1:
         out = features[names[0]]
     else:
-        flat = [np.reshape(features[n], (len(features[n]), -1))
-                for n in names]
-        out = np.concatenate(flat, axis=1)
+        out = _concat_flat([features[n] for n in names])
     return (out, labels) if return_labels else out
 
 
 # -- shallow classifiers -------------------------------------------------------
 
-def _flat_features(x):
+def _concat_flat(arrays):
+    """Arrays with a common first axis, flattened and joined (dtype kept)."""
+    return np.concatenate([np.reshape(a, (len(a), -1)) for a in arrays],
+                          axis=1)
+
+
+def flat_features(x):
+    """Features as one float32 ``(n, d)`` matrix: a dict of layers is
+    joined in order, more dimensions are flattened."""
     if isinstance(x, dict):
-        x = np.concatenate([np.reshape(v, (len(v), -1)) for v in x.values()],
-                           axis=1)
+        x = _concat_flat(list(x.values()))
     x = np.asarray(x, dtype="float32")
     if x.ndim != 2:
         x = x.reshape(len(x), -1)
@@ -591,18 +586,19 @@ class LinearProbe:
         return keras.Model(inputs, outputs, name="linear_probe")
 
     def _encode(self, y):
+        # classes_ comes from np.unique: sorted, so a binary search encodes.
         y = np.asarray(y)
-        index = {c: i for i, c in enumerate(self.classes_.tolist())}
-        try:
-            return np.array([index[v] for v in y.tolist()], dtype="int64")
-        except KeyError as e:
-            raise KerastlError(f"Label {e.args[0]!r} was not seen in fit "
-                               f"(classes: {self.classes_.tolist()}).") \
-                from None
+        codes = np.minimum(np.searchsorted(self.classes_, y),
+                           len(self.classes_) - 1)
+        unseen = self.classes_[codes] != y
+        if unseen.any():
+            raise KerastlError(f"Label {y[unseen][0]!r} was not seen in fit "
+                               f"(classes: {self.classes_.tolist()}).")
+        return codes.astype("int64")
 
     def fit(self, x, y, validation_data=None):
         """Trains on features ``x`` (array or dict) and labels ``y``."""
-        x = _flat_features(x)
+        x = flat_features(x)
         y = np.asarray(y)
         if len(x) != len(y):
             raise KerastlError(f"{len(x)} feature rows but {len(y)} labels.")
@@ -624,7 +620,7 @@ class LinearProbe:
         val = None
         if validation_data is not None:
             vx, vy = validation_data
-            val = (_flat_features(vx), self._encode(vy))
+            val = (flat_features(vx), self._encode(vy))
         self.history = self.model.fit(
             x, yi, batch_size=self.batch_size, epochs=self.epochs,
             validation_data=val, verbose=self.verbose)
@@ -637,7 +633,7 @@ class LinearProbe:
     def decision_function(self, x):
         """Class scores: probabilities (softmax) or margins (SVM)."""
         self._check_fitted()
-        x = _flat_features(x)
+        x = flat_features(x)
         if self.kind == "svm":
             scores = self.model.decision_function(x)
             if scores.ndim == 1:  # binary

@@ -16,6 +16,27 @@ def _check_num_classes(num_classes):
             "for one sigmoid output, the number of classes otherwise).")
 
 
+def pooling_layer(pooling, name):
+    """The global pooling layer for ``pooling`` (one of :data:`POOLINGS`)."""
+    if pooling not in POOLINGS:
+        raise KerastlError(f"pooling={pooling!r}: expected one of "
+                           f"{', '.join(POOLINGS)}.")
+    return {"avg": keras.layers.GlobalAveragePooling2D,
+            "max": keras.layers.GlobalMaxPooling2D,
+            "flatten": keras.layers.Flatten}[pooling](name=name)
+
+
+def apply_freeze(model, freeze, bn, recompile=True):
+    """``freeze=`` of the head builders: True (the whole backbone), False
+    (nothing) or a block name / number of leading blocks."""
+    if freeze is True:
+        freezing.freeze(model, bn=bn, recompile=recompile)
+    elif freeze is False:
+        freezing.freeze(model, up_to=0, bn=bn, recompile=recompile)
+    else:
+        freezing.freeze(model, up_to=freeze, bn=bn, recompile=recompile)
+
+
 def _head(x, num_classes, dropout, hidden_units, activation):
     for i, units in enumerate(hidden_units):
         x = keras.layers.Dense(units, activation="relu",
@@ -60,9 +81,7 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
     ...               metrics=["accuracy"])
     """
     _check_num_classes(num_classes)
-    if pooling not in POOLINGS:
-        raise KerastlError(f"pooling={pooling!r}: expected one of "
-                           f"{', '.join(POOLINGS)}.")
+    pool = pooling_layer(pooling, "head_pool")
     model = getattr(backbone, "model", backbone)
     if not isinstance(model, keras.Model):
         raise KerastlError(f"Expected a kerastl.Backbone or keras.Model, got "
@@ -74,19 +93,11 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
             f"(batch, height, width, channels); {model.name!r} outputs "
             f"{tuple(features.shape)}. Pass the backbone without its pooling "
             "or classifier, or replace a classifier with replace_classifier().")
-    pool = {"avg": keras.layers.GlobalAveragePooling2D,
-            "max": keras.layers.GlobalMaxPooling2D,
-            "flatten": keras.layers.Flatten}[pooling](name="head_pool")
     outputs = _head(pool(features), num_classes, dropout, hidden_units,
                     activation)
     classifier = keras.Model(model.input, outputs,
                              name=name or f"{model.name}_classifier")
-    if freeze is True:
-        freezing.freeze(classifier, bn=bn)
-    elif freeze is False:
-        freezing.freeze(classifier, up_to=0, bn=bn)
-    else:
-        freezing.freeze(classifier, up_to=freeze, bn=bn)
+    apply_freeze(classifier, freeze, bn)
     return classifier
 
 
