@@ -178,7 +178,7 @@ def trust_hub_path(path):
 def is_trusted(handle):
     """Whether ``handle`` may be loaded under Keras's safe mode."""
     handle = os.fspath(handle)
-    if _is_url(handle) and not handle.startswith("file://"):
+    if _is_url(handle):
         host = urllib.parse.urlparse(handle).hostname or ""
         return host in TRUSTED_HOSTS
     if _is_kaggle_handle(handle):
@@ -275,9 +275,7 @@ class HubLayer(keras.layers.Layer):
                     f"{self.handle!r} has no signature {self.signature!r}; "
                     f"it has {sorted(sigs) or 'none'}.")
             return sigs[self.signature], False
-        if callable(obj) and hasattr(obj, "__call__") and \
-                hasattr(type(obj), "__call__") and not isinstance(
-                    obj, type) and _has_call(obj):
+        if _has_call(obj):  # the Reusable SavedModel convention
             return obj.__call__, _takes_training(obj.__call__)
         if hasattr(obj, "serve"):  # keras model.export()
             return obj.serve, False
@@ -308,6 +306,8 @@ class HubLayer(keras.layers.Layer):
             seen.add(id(tv))
             kv = _adopt(tv, trainable=id(tv) in trainable_ids and
                         tv.trainable)
+            # What the SavedModel allows: frozen variables can come back.
+            kv.hub_trainable = kv.trainable
             self._track_variable(kv)
             self.hub_variables[tv.name] = kv
 
@@ -331,16 +331,11 @@ class HubLayer(keras.layers.Layer):
         changed = []
         for name, v in self.hub_variables.items():
             if any(c.search(name) for c in compiled):
-                if not frozen and not self._obj_trainable(name):
+                if not frozen and not v.hub_trainable:
                     continue
                 v.trainable = not frozen
                 changed.append(name)
         return changed
-
-    def _obj_trainable(self, name):
-        names = {v.name for v in getattr(self._obj, "trainable_variables",
-                                         [])}
-        return name in names if names else True
 
     # -- calling ------------------------------------------------------------
 
@@ -350,14 +345,12 @@ class HubLayer(keras.layers.Layer):
             kwargs.update(inputs)
             args = ()
         elif self.signature is not None:
-            (name,) = self._fn.structured_input_signature[1].keys() \
-                if len(self._fn.structured_input_signature[1]) == 1 else \
-                (None,)
-            if name is None:
+            names = list(self._fn.structured_input_signature[1])
+            if len(names) != 1:
                 raise KerastlError(
-                    f"Signature {self.signature!r} takes several inputs: "
+                    f"Signature {self.signature!r} takes inputs {names}: "
                     "call the layer on a dict of them.")
-            kwargs[name] = inputs
+            kwargs[names[0]] = inputs
             args = ()
         else:
             args = (inputs,)
@@ -409,7 +402,7 @@ class HubLayer(keras.layers.Layer):
                       tags=self.tags,
                       frozen_variables=[n for n, v in self.hub_variables
                                         .items() if not v.trainable
-                                        and self._obj_trainable(n)])
+                                        and v.hub_trainable])
         return config
 
     @classmethod
@@ -442,19 +435,8 @@ def _has_call(obj):
 
 def _takes_training(fn):
     """Whether a restored function accepts ``training``."""
-    try:
-        for concrete in fn.concrete_functions:
-            args, kwargs = concrete.structured_input_signature
-            if "training" in kwargs:
-                return True
-            spec = concrete.function_spec if hasattr(
-                concrete, "function_spec") else None
-            names = getattr(getattr(spec, "fullargspec", None), "args", [])
-            if "training" in names:
-                return True
-    except AttributeError:
-        pass
     import inspect
+
     try:
         return "training" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
