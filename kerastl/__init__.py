@@ -39,7 +39,7 @@ __all__ = [
     "LayerwiseOptimizer", "describe_learning_rates", "layer_decay",
     "lr_spread", "datasets", "DANN", "GaninLambda", "GaninLearningRate",
     "GradientReversal", "adapt_batch_norm", "coral_loss", "domain_dataset",
-    "HubLayer", "resolve_handle", "trust_hub_path",
+    "hub", "HubLayer", "resolve_handle", "trust_hub_path",
     "FeatureCache", "LinearProbe", "extract_features", "feature_model",
     "hard_examples", "joint_fine_tune", "select_source_samples",
     "CKAResult", "DepthSweep", "cka_by_block", "linear_cka",

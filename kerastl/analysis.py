@@ -139,7 +139,7 @@ def _block_names(model, blocks):
 
     if blocks is not None:
         return [blocks] if isinstance(blocks, str) else list(blocks)
-    return [b for b in block_map(getattr(model, "model", model)).names
+    return [b for b in block_map(model).names
             if b != HEAD]
 
 
@@ -298,12 +298,10 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
         A :class:`DepthSweep`: ``print()`` it, ``.best()``, ``.plot()``.
     """
     from kerastl.blocks import block_map
+    from kerastl.freezing import keras_model_of
     from kerastl.heads import build_classifier
 
-    model = getattr(backbone, "model", backbone)
-    if not isinstance(model, keras.Model):
-        raise KerastlError(f"Expected a kerastl.Backbone or keras.Model, got "
-                           f"{type(backbone).__name__}.")
+    model = keras_model_of(backbone)
     names = block_map(model).names
     if depths is None:
         depths = range(len(names) + 1)

@@ -21,21 +21,13 @@ import keras
 import numpy as np
 
 from kerastl.errors import KerastlError
+from kerastl.freezing import keras_model_of
 
 POOLINGS = ("avg", "max", None)
 FORMAT_VERSION = 1
 
 
 # -- which outputs ------------------------------------------------------------
-
-def _model_of(backbone):
-    model = getattr(backbone, "model", backbone)
-    if not isinstance(model, keras.Model):
-        raise KerastlError(
-            f"Expected a kerastl.Backbone or keras.Model, got "
-            f"{type(backbone).__name__}.")
-    return model
-
 
 def _layer_names(layers):
     if layers is None:
@@ -93,7 +85,7 @@ def feature_model(backbone, layers=None, pooling="avg"):
     if pooling not in POOLINGS:
         raise KerastlError(f"pooling={pooling!r}: expected one of "
                            f"'avg', 'max' or None.")
-    model = _model_of(backbone)
+    model = keras_model_of(backbone)
     names = _layer_names(layers)
     built = _FEATURE_MODELS.setdefault(model, {})
     key = (None if names is None else tuple(names), pooling)
@@ -463,7 +455,7 @@ def extract_features(backbone, data, layers=None, pooling="avg",
                            "'float16'.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise KerastlError(f"batch_size={batch_size!r}: expected an int >= 1.")
-    model = _model_of(backbone)
+    model = keras_model_of(backbone)
     fmodel = feature_model(backbone, layers, pooling)
     names = list(fmodel.output.keys()) if isinstance(fmodel.output, dict) \
         else ["output"]

@@ -43,6 +43,16 @@ def _keras_model(model):
     return getattr(model, "model", model)
 
 
+def keras_model_of(backbone):
+    """The ``keras.Model`` of a Backbone (or the model itself), checked."""
+    model = _keras_model(backbone)
+    if not isinstance(model, keras.Model):
+        raise KerastlError(
+            f"Expected a kerastl.Backbone or keras.Model, got "
+            f"{type(backbone).__name__}.")
+    return model
+
+
 def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
                            recompile=True, learning_rate=None):
     """Makes exactly ``trainable_blocks`` trainable; every other block frozen.

@@ -82,10 +82,7 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
     """
     _check_num_classes(num_classes)
     pool = pooling_layer(pooling, "head_pool")
-    model = getattr(backbone, "model", backbone)
-    if not isinstance(model, keras.Model):
-        raise KerastlError(f"Expected a kerastl.Backbone or keras.Model, got "
-                           f"{type(backbone).__name__}.")
+    model = freezing.keras_model_of(backbone)
     features = model.output
     if len(features.shape) != 4:
         raise KerastlError(
