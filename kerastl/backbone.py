@@ -59,7 +59,9 @@ class Backbone:
         The config's named endpoints (``stride8`` ...) and, for every block,
         the block's name standing for its last layer.
         """
-        out = {b: self.block_map.output_layer(b).name for b in self.blocks}
+        bm = self.block_map
+        out = {b: bm.output_layer(b).name for b in self.blocks
+               if bm.has_output(b)}
         if self.config:
             out.update(self.config.endpoints)
         return out
@@ -67,12 +69,12 @@ class Backbone:
     def endpoint_layer(self, endpoint):
         """The layer behind an endpoint or block name."""
         endpoints = self.endpoints
+        if endpoint in self.block_map:  # explains blocks inside a SavedModel
+            return self.block_map.output_layer(endpoint)
         if endpoint not in endpoints:
             raise BlockError(
                 f"{self.name} has no endpoint {endpoint!r}; endpoints are "
                 f"{', '.join(endpoints)}.")
-        if endpoint in self.block_map:
-            return self.block_map.output_layer(endpoint)
         return self.model.get_layer(endpoints[endpoint])
 
     def feature_model(self, endpoints):
@@ -91,11 +93,14 @@ class Backbone:
         bm = self.block_map
         rows = []
         for b in bm.names:
-            out = bm.output_layer(b)
-            rows.append(dict(block=b, layers=len(bm.layers(b)),
-                             weighted_layers=len(bm.weighted_layers(b)),
-                             params=bm.params(b), output_layer=out.name,
-                             output_shape=tuple(out.output.shape[1:])))
+            # A block inside a Hub SavedModel has no output of its own.
+            out = bm.output_layer(b) if bm.has_output(b) else None
+            rows.append(dict(
+                block=b, layers=len(bm.layers(b)),
+                weighted_layers=len(bm.weighted_layers(b)),
+                variables=len(bm.variables(b)), params=bm.params(b),
+                output_layer=out.name if out else "(inside SavedModel)",
+                output_shape=tuple(out.output.shape[1:]) if out else None))
         return rows
 
     def __repr__(self):
@@ -131,11 +136,17 @@ def load_backbone(name, weights="imagenet", input_shape=None):
 
     Args:
         name: a zoo name (case-insensitive: ``"resnet50"``, ``"ResNet50"``),
-            or the path of a user's own ``.keras`` model file.
+            the path of a user's own ``.keras`` model file, or
+            ``"hub:<zoo name or handle>"``: a TF Hub image feature-vector
+            model (``"hub:mobilenet_v2_100_224"``, a tfhub.dev / Kaggle URL,
+            a Kaggle handle or a local SavedModel folder; see
+            :func:`kerastl.hub.resolve_handle`). Hub zoo entries bring a
+            variable-path block map; a bare handle is one block, ``hub``.
         weights: ``"imagenet"`` (downloaded by Keras, or read from the Keras
             cache ``~/.keras/models``), ``None`` (random initialisation) or
             the path of a local weights file (``.weights.h5`` written by
             ``save_weights``, or a Keras Applications ``..._notop.h5``).
+            A Hub model carries its own weights: leave the default.
         input_shape: ``(height, width, 3)``, ``(height, width)`` or one int;
             default: the size the model was trained at. Dimensions may be
             ``None`` for variable-size inputs.
@@ -157,7 +168,11 @@ def load_backbone(name, weights="imagenet", input_shape=None):
     """
     if isinstance(name, (str, os.PathLike)) and str(name).endswith(".keras"):
         return _load_keras_file(name, weights)
+    if isinstance(name, str) and name.startswith("hub:"):
+        return _load_hub(name[len("hub:"):], weights, input_shape)
     config = get_config(name)
+    if config.is_hub:
+        return _load_hub(config, weights, input_shape)
     shape = _normalise_input_shape(config, input_shape)
     inputs = keras.Input(shape=shape, name="image")
     x = ImagePreprocessing(check_mode(config.preprocessing),
@@ -180,6 +195,77 @@ def load_backbone(name, weights="imagenet", input_shape=None):
             f"keras {keras.__version__} builds: {'; '.join(problems[:5])}. "
             "The config needs updating for this Keras version.")
     return Backbone(model, config, config.preprocessing)
+
+
+def _load_hub(spec, weights, input_shape):
+    """``load_backbone("hub:...")``: a HubLayer behind kerastl preprocessing.
+
+    ``spec`` is a zoo config, a zoo name (``hub_`` may be left out) or a
+    handle. A bare handle follows the TF Hub image convention (RGB in
+    [0, 1], 224x224 unless ``input_shape`` says otherwise) and is one block.
+    """
+    from kerastl.hub import HubLayer
+    from kerastl.zoo.config import ZooConfig
+
+    if weights != "imagenet":
+        raise KerastlError(
+            f"weights={weights!r}: a TF Hub model carries its own weights; "
+            "leave weights at its default.")
+    config = spec if isinstance(spec, ZooConfig) else _hub_config(spec)
+    if config is not None:
+        handle, blocks, hub_args = config.handle, config.blocks, config.hub
+        mode, shape = config.preprocessing, _normalise_input_shape(
+            config, input_shape)
+        name = config.name
+    else:
+        handle, blocks, hub_args, mode = spec, {"hub": ""}, {}, "unit"
+        if input_shape is None:
+            input_shape = (224, 224, 3)
+        elif isinstance(input_shape, int):
+            input_shape = (input_shape, input_shape, 3)
+        shape = tuple(input_shape) + ((3,) if len(input_shape) == 2 else ())
+        name = None
+    inputs = keras.Input(shape=shape, name="image")
+    x = ImagePreprocessing(mode, zoo_name=name,
+                           name="kerastl_preprocessing")(inputs)
+    layer = HubLayer(handle, trainable=True, blocks=blocks, name="hub",
+                     **hub_args)
+    model = keras.Model(inputs, layer(x), name=name or "hub_backbone")
+    bm = _blocks.block_map(model)
+    problems = bm.validate()
+    size = model.output.shape[-1]
+    if config is not None and size != config.output_size:
+        problems.append(f"the SavedModel outputs {size} features, the "
+                        f"config says {config.output_size}")
+    if problems:
+        raise BlockError(
+            f"The variable-path block map of {name or handle!r} does not fit "
+            f"the SavedModel at {handle!r}: {'; '.join(problems[:5])}. "
+            f"Its variables are: {', '.join(layer.variable_names()[:8])}...")
+    return Backbone(model, config, mode)
+
+
+def _hub_config(spec):
+    """The Hub zoo config ``spec`` names (with or without ``hub_``), or None."""
+    from kerastl.errors import UnknownModelError
+
+    looks_like_name = "/" not in spec and ":" not in spec \
+        and not os.path.exists(spec)
+    if not looks_like_name:
+        return None
+    for candidate in (spec, "hub_" + spec):
+        try:
+            config = get_config(candidate)
+        except UnknownModelError:
+            continue
+        if config.is_hub:
+            return config
+    from kerastl.zoo.config import list_configs
+
+    raise UnknownModelError(
+        f"hub:{spec}: no TF Hub zoo entry of that name. Hub entries: "
+        f"{', '.join(c.name for c in list_configs('tfhub'))}; or pass a "
+        "handle (URL, Kaggle handle or SavedModel folder).")
 
 
 def _load_keras_file(path, weights):

@@ -29,7 +29,7 @@ HEAD = "head"
 class BlockRule:
     """How one block is recognised among a model's layers.
 
-    Exactly one of the three selectors is used:
+    Exactly one of the selectors is used:
 
     * ``layers``: regexes matched with ``re.match`` (anchored at the start of
       the layer name; add ``$`` to anchor the end).
@@ -39,20 +39,32 @@ class BlockRule:
     * ``before``: every not-yet-assigned layer computed before the cell that
       produces the named layer starts, i.e. the ancestors of its immediate
       dominator (the last layer every path to it goes through), included.
+    * ``variables``: for opaque models (TF Hub SavedModels, which have
+      variables but no layers): regexes matched with ``re.search`` against
+      the SavedModel's variable names (``MobilenetV2/Conv/weights:0``), so a
+      prefix a Hub wrapper adds does not break them.
     """
 
     name: str
     layers: tuple = ()
     until: str = None
     before: str = None
+    variables: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "variables", tuple(self.variables))
         object.__setattr__(
             self, "_compiled", tuple(re.compile(p) for p in self.layers))
+        object.__setattr__(
+            self, "_compiled_vars",
+            tuple(re.compile(p) for p in self.variables))
 
     def matches(self, layer_name):
         return any(p.match(layer_name) for p in self._compiled)
+
+    def matches_variable(self, variable_name):
+        return any(p.search(variable_name) for p in self._compiled_vars)
 
 
 # --------------------------------------------------------------------------
@@ -229,6 +241,68 @@ def assign_blocks(model, rules, unmatched=HEAD):
                     source="rules", outer=outer)
 
 
+def _opaque_variables(layer):
+    """``{variable name: variable}`` of an opaque layer (a HubLayer), or None."""
+    return getattr(layer, "hub_variables", None)
+
+
+def variable_block_map(model, rules=None):
+    """The block map of a model built around one opaque layer (a HubLayer).
+
+    The layer's variables are split into blocks by ``rules`` (default: the
+    rules the layer carries, ``HubLayer(..., blocks=...)``): each variable
+    goes to the first rule whose ``variables`` regexes it matches
+    (``re.search`` on the SavedModel's variable name). Layers before the
+    opaque layer (preprocessing) join the first block; layers with weights
+    after it (a new classifier) form the ``head`` block.
+
+    Variables no rule matches go into the last block and are reported by
+    :meth:`BlockMap.validate`.
+    """
+    order, by_name, parents, outer = _graph_tables(model)
+    opaque = [by_name[n] for n in order
+              if _opaque_variables(by_name[n]) is not None]
+    if len(opaque) != 1:
+        raise BlockError(
+            f"A variable-path block map needs exactly one HubLayer in the "
+            f"model; {model.name!r} has {len(opaque)}.")
+    hub = opaque[0]
+    rules = list(rules if rules is not None else hub.block_rules or ())
+    if not rules:
+        raise BlockError(f"HubLayer {hub.name!r} has no block rules.")
+    names = [rule.name for rule in rules]
+    if len(set(names)) != len(names):
+        raise BlockError(f"Block names repeat: {names}.")
+    variable_blocks, unmatched = {}, []
+    for var_name, v in _opaque_variables(hub).items():
+        block = next((r.name for r in rules if r.matches_variable(var_name)),
+                     None)
+        if block is None:
+            unmatched.append(var_name)
+            block = names[-1]
+        variable_blocks[id(v)] = block
+    ancestors = _ancestors(hub.name, parents) - {hub.name}
+    index, after_hub = {}, False
+    for n in order:
+        if n == hub.name:
+            index[n] = len(names) - 1
+            after_hub = True
+        elif n in ancestors or not after_hub:
+            index[n] = 0
+        elif _owns_weights(by_name[n]):
+            index[n] = len(names)
+        else:
+            index[n] = max((index[p] for p in parents[n] if p in index),
+                           default=0)
+    if len(names) in index.values():
+        names.append(HEAD)
+    assignment = {n: names[index[n]] for n in order}
+    return BlockMap(names, [by_name[n] for n in order], assignment, parents,
+                    source="variables", outer=outer,
+                    variable_blocks=variable_blocks,
+                    unmatched_variables=unmatched)
+
+
 def structural_block_map(model):
     """A block map for a model the zoo does not know.
 
@@ -293,11 +367,12 @@ class BlockMap:
 
     Attributes:
         names: block names, input to output.
-        source: ``"rules"`` (from a zoo config) or ``"structural"``.
+        source: ``"rules"`` (layer rules of a zoo config), ``"variables"``
+            (variable-path rules of a HubLayer) or ``"structural"``.
     """
 
     def __init__(self, names, layers, assignment, parents, source,
-                 outer=None):
+                 outer=None, variable_blocks=None, unmatched_variables=()):
         self.names = list(names)
         self._outer = dict(outer or {})
         self.source = source
@@ -305,10 +380,17 @@ class BlockMap:
         self._assignment = dict(assignment)
         self._parents = dict(parents)
         self._index = {n: i for i, n in enumerate(self.names)}
-        self._var_block = {}
+        self.unmatched_variables = list(unmatched_variables)
+        self._var_block = dict(variable_blocks or {})
+        # Layers whose variables are split over several blocks (a HubLayer
+        # under a variable-path block map): layer name -> their blocks.
+        self._split = {}
         for layer in self._layers:
             for v in _weights(layer):
                 self._var_block.setdefault(id(v), assignment[layer.name])
+            blocks = {self._var_block[id(v)] for v in _weights(layer)}
+            if blocks - {assignment[layer.name]}:
+                self._split[layer.name] = blocks
 
     # Sequence protocol over block names.
     def __len__(self):
@@ -357,26 +439,42 @@ class BlockMap:
         raise BlockError(f"{item!r} is not a layer or weight of this model.")
 
     def layers(self, block=None):
-        """Layers of one block (or of all blocks), in topological order."""
+        """Layers of one block (or of all blocks), in topological order.
+
+        A layer split over several blocks (a HubLayer under a variable-path
+        block map) is listed in each of them.
+        """
         if block is None:
             return list(self._layers)
         block = self.resolve(block)
-        return [l for l in self._layers if self._assignment[l.name] == block]
+        return [l for l in self._layers if self._assignment[l.name] == block
+                or block in self._split.get(l.name, ())]
+
+    def is_split(self, layer):
+        """Whether ``layer``'s variables lie in more than one block."""
+        return getattr(layer, "name", layer) in self._split
 
     def weighted_layers(self, block=None):
         """The layers that own weights, of one block or of all."""
         return [l for l in self.layers(block) if _owns_weights(l)]
 
     def variables(self, block=None, trainable=None):
-        """Weight variables of a block; ``trainable`` filters if not None."""
+        """Weight variables of a block; ``trainable`` filters if not None.
+
+        ``trainable`` is the variable's own flag: a variable of a frozen
+        layer still reads ``True`` here (the model's
+        ``trainable_variables`` is what training uses).
+        """
+        blocks = self.names if block is None else [self.resolve(block)]
         out, seen = [], set()
-        for layer in self.layers(block):
-            for v in _weights(layer):
-                if id(v) in seen or self._var_block[id(v)] != self._assignment[layer.name]:
-                    continue
-                if trainable is None or bool(v.trainable) == trainable:
-                    seen.add(id(v))
-                    out.append(v)
+        for b in blocks:
+            for layer in self.layers(b):
+                for v in _weights(layer):
+                    if id(v) in seen or self._var_block[id(v)] != b:
+                        continue
+                    if trainable is None or bool(v.trainable) == trainable:
+                        seen.add(id(v))
+                        out.append(v)
         return out
 
     def params(self, block):
@@ -389,8 +487,21 @@ class BlockMap:
         The last layer of the block in topological order or, where that layer
         sits inside a nested model (ConvNeXt's stem), the nested model.
         """
+        block = self.resolve(block)
         last = self.layers(block)[-1]
+        if self.is_split(last) and self._assignment[last.name] != block:
+            raise BlockError(
+                f"Block {block!r} ends inside {last.name!r}, an opaque "
+                f"SavedModel that exposes only its final output; use a "
+                f"later block ({self._assignment[last.name]!r}) as the "
+                f"feature endpoint.")
         return self._outer.get(last.name, last)
+
+    def has_output(self, block):
+        """Whether :meth:`output_layer` exists for ``block``."""
+        last = self.layers(block)[-1]
+        return not (self.is_split(last)
+                    and self._assignment[last.name] != self.resolve(block))
 
     def assignment(self):
         """A dict from layer name to block name."""
@@ -404,9 +515,16 @@ class BlockMap:
           it takes input from.
         """
         problems = []
+        if self.unmatched_variables:
+            problems.append(
+                f"{len(self.unmatched_variables)} variables match no block "
+                f"(e.g. {', '.join(self.unmatched_variables[:3])})")
         for name in self.names:
             if not self.weighted_layers(name):
-                problems.append(f"block {name!r} owns no layer with weights")
+                problems.append(
+                    f"block {name!r} matches no variable"
+                    if self.source == "variables" and name != HEAD else
+                    f"block {name!r} owns no layer with weights")
         for layer in self._layers:
             i = self._index[self._assignment[layer.name]]
             for parent in self._parents.get(layer.name, []):
@@ -454,8 +572,10 @@ def block_map(model):
     ``model`` can be a kerastl :class:`~kerastl.Backbone`, the Keras model of
     one, any model that contains one (a classifier built on it, even after
     ``.keras`` save and load: the zoo entry is recorded in the model's
-    :class:`~kerastl.preprocessing.ImagePreprocessing` layer), or any other
-    functional/Sequential model (structural fallback). Layers with weights
+    :class:`~kerastl.preprocessing.ImagePreprocessing` layer), a model around
+    a :class:`~kerastl.HubLayer` that carries variable-path block rules
+    (:func:`variable_block_map`), or any other functional/Sequential model
+    (structural fallback). Layers with weights
     that a classifier adds after a zoo backbone form the ``head`` block.
 
     Returns:
@@ -472,7 +592,10 @@ def block_map(model):
     if cached is not None and cached[0] == signature:
         return cached[1]
     zoo_name = find_zoo_name(keras_model)
-    if zoo_name is not None:
+    if any(getattr(layer, "block_rules", None)
+           for layer, _ in layer_graph(keras_model)):
+        result = variable_block_map(keras_model)
+    elif zoo_name is not None:
         from kerastl.zoo import get_config
 
         result = assign_blocks(keras_model, get_config(zoo_name).blocks)

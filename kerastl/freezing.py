@@ -85,13 +85,38 @@ def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
     for layer, _, _ in graph:
         if not getattr(layer, "weights", None):
             continue
+        if bm.is_split(layer):
+            _set_split_layer(layer, bm, wanted, bn)
+            continue
         train = bm.block_of(layer) in wanted
         if train and _is_batch_norm(layer) and bn == "frozen":
             train = False
         layer.trainable = train
+        if hasattr(layer, "batchnorm_training"):  # a whole HubLayer
+            layer.batchnorm_training = bn == "train"
     if recompile:
         _recompile(keras_model, learning_rate)
     return [b for b in bm.names if b in wanted]
+
+
+def _set_split_layer(layer, bm, wanted, bn):
+    """Freezes a HubLayer variable by variable, by the blocks they are in.
+
+    The SavedModel has one ``training`` switch for all of its BatchNorm
+    layers: ``bn="frozen"`` calls it in inference mode (no statistics move
+    anywhere); ``bn="train"`` calls it with ``training=True``, which also
+    moves the statistics of BatchNorm inside frozen blocks.
+    """
+    # Variables the SavedModel marks non-trainable never train.
+    train = {id(v): bm.block_of(v) in wanted
+             and getattr(v, "hub_trainable", True) for v in layer.weights}
+    # Keras's `trainable` setter sets every variable of the layer, so set
+    # the layer first and the single variables after it.
+    layer.trainable = any(train.values())
+    if layer.trainable:
+        for v in layer.weights:
+            v.trainable = train[id(v)]
+    layer.batchnorm_training = bn == "train"
 
 
 def _recompile(model, learning_rate=None):
@@ -124,9 +149,11 @@ def trainable_blocks(model):
     trainable_ids = {id(v) for v in keras_model.trainable_variables}
     out = []
     for b in bm.names:
-        layers = [l for l in bm.weighted_layers(b) if not _is_batch_norm(l)]
-        layers = layers or bm.weighted_layers(b)
-        if any(id(v) in trainable_ids for l in layers for v in l.weights):
+        bn_ids = {id(v) for l in bm.weighted_layers(b) if _is_batch_norm(l)
+                  for v in l.weights}
+        variables = bm.variables(b)
+        variables = [v for v in variables if id(v) not in bn_ids] or variables
+        if any(id(v) in trainable_ids for v in variables):
             out.append(b)
     return out
 

@@ -57,9 +57,11 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
 
     Args:
         backbone: a :class:`~kerastl.Backbone` or a ``keras.Model`` whose
-            output is a feature map ``(batch, height, width, channels)``.
+            output is a feature map ``(batch, height, width, channels)`` or
+            a feature vector ``(batch, features)`` (TF Hub models).
         num_classes: number of outputs.
-        pooling: ``"avg"`` (global average), ``"max"`` or ``"flatten"``.
+        pooling: ``"avg"`` (global average), ``"max"`` or ``"flatten"``
+            (unused for a feature vector).
         dropout: dropout rate before each dense layer of the head (0: none).
         hidden_units: sizes of hidden ReLU layers in the head.
         activation: ``"softmax"`` (single label), ``"sigmoid"`` (multi-label)
@@ -84,14 +86,18 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
     pool = pooling_layer(pooling, "head_pool")
     model = freezing.keras_model_of(backbone)
     features = model.output
-    if len(features.shape) != 4:
+    if len(features.shape) == 2:  # a feature vector (TF Hub models)
+        pooled = features
+    elif len(features.shape) == 4:
+        pooled = pool(features)
+    else:
         raise KerastlError(
             f"build_classifier needs a backbone with a spatial output "
-            f"(batch, height, width, channels); {model.name!r} outputs "
-            f"{tuple(features.shape)}. Pass the backbone without its pooling "
-            "or classifier, or replace a classifier with replace_classifier().")
-    outputs = _head(pool(features), num_classes, dropout, hidden_units,
-                    activation)
+            f"(batch, height, width, channels) or a feature vector; "
+            f"{model.name!r} outputs {tuple(features.shape)}. Pass the "
+            "backbone without its classifier, or replace a classifier with "
+            "replace_classifier().")
+    outputs = _head(pooled, num_classes, dropout, hidden_units, activation)
     classifier = keras.Model(model.input, outputs,
                              name=name or f"{model.name}_classifier")
     apply_freeze(classifier, freeze, bn)

@@ -231,6 +231,12 @@ class HubLayer(keras.layers.Layer):
             statistics). ``False`` keeps the SavedModel in inference mode.
         tags: SavedModel tags (TF1 Hub format).
         load_timeout: seconds to wait for an unreachable host.
+        blocks: a variable-path block map: an ordered mapping ``{block name:
+            regex or list of regexes}`` (``re.search`` on the SavedModel's
+            variable names, see :meth:`variable_names`), input to output.
+            With it, :func:`kerastl.freeze`, :class:`kerastl.
+            LayerwiseOptimizer` and :func:`kerastl.trainable_summary` work
+            by block on this layer. Zoo Hub configs supply it.
 
     Example:
 
@@ -243,7 +249,7 @@ class HubLayer(keras.layers.Layer):
 
     def __init__(self, handle, trainable=False, signature=None,
                  output_key=None, arguments=None, batchnorm_training=True,
-                 tags=None, load_timeout=15.0, **kwargs):
+                 tags=None, load_timeout=15.0, blocks=None, **kwargs):
         if keras.backend.backend() != "tensorflow":
             raise KerastlError(
                 "HubLayer runs TensorFlow SavedModels and needs the "
@@ -258,10 +264,14 @@ class HubLayer(keras.layers.Layer):
         self.arguments = dict(arguments or {})
         self.batchnorm_training = bool(batchnorm_training)
         self.tags = tags
+        self.block_rules = _block_rules(blocks)
         path = resolve_handle(self.handle, timeout=load_timeout)
         self._obj = tf.saved_model.load(path, tags=tags)
         self._fn, self._takes_training = self._callable()
-        self._track_saved_model_variables()
+        # Under the layer's name, as add_weight does: variable paths read
+        # "hub/stem_conv_kernel" and two HubLayers cannot collide.
+        with keras.name_scope(self.name, caller=self):
+            self._track_saved_model_variables()
         self._regularizers = list(getattr(self._obj, "regularization_losses",
                                           []) or [])
         self.built = True
@@ -280,9 +290,10 @@ class HubLayer(keras.layers.Layer):
         if hasattr(obj, "serve"):  # keras model.export()
             return obj.serve, False
         sigs = getattr(obj, "signatures", {})
-        if "serving_default" in sigs:
-            self.signature = "serving_default"
-            return sigs["serving_default"], False
+        for name in ("serving_default", "default"):  # TF2, TF1 Hub format
+            if name in sigs:
+                self.signature = name
+                return sigs[name], False
         raise KerastlError(
             f"{self.handle!r} is not callable and has no 'serve' endpoint or "
             "'serving_default' signature; pass signature=.")
@@ -400,6 +411,8 @@ class HubLayer(keras.layers.Layer):
                       output_key=self.output_key, arguments=self.arguments,
                       batchnorm_training=self.batchnorm_training,
                       tags=self.tags,
+                      blocks=[{"name": r.name, "variables": list(r.variables)}
+                              for r in self.block_rules] or None,
                       frozen_variables=[n for n, v in self.hub_variables
                                         .items() if not v.trainable
                                         and v.hub_trainable])
@@ -423,6 +436,45 @@ class HubLayer(keras.layers.Layer):
         if frozen:
             layer.freeze_variables(["^" + re.escape(n) + "$" for n in frozen])
         return layer
+
+
+def _block_rules(blocks):
+    """``HubLayer(blocks=...)`` as a tuple of BlockRules (checked)."""
+    from kerastl.blocks import BlockRule
+
+    if not blocks:
+        return ()
+    if isinstance(blocks, dict):
+        items = list(blocks.items())
+    else:  # a list of {"name", "variables"} (get_config) or BlockRules
+        items = []
+        for b in blocks:
+            if isinstance(b, BlockRule):
+                items.append((b.name, list(b.variables)))
+            elif isinstance(b, dict) and set(b) == {"name", "variables"}:
+                items.append((b["name"], b["variables"]))
+            else:
+                raise KerastlError(
+                    f"HubLayer blocks: expected {{block name: regexes}}, got "
+                    f"the entry {b!r}.")
+    rules, seen = [], set()
+    for name, patterns in items:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not isinstance(name, str) or name in seen or not patterns:
+            raise KerastlError(
+                f"HubLayer blocks: block {name!r} must be a new string name "
+                "with at least one variable regex.")
+        seen.add(name)
+        for p in patterns:
+            try:
+                re.compile(p)
+            except (re.error, TypeError) as e:
+                raise KerastlError(
+                    f"HubLayer blocks: block {name!r} has an invalid variable "
+                    f"regex {p!r}: {e}.") from None
+        rules.append(BlockRule(name, variables=tuple(patterns)))
+    return tuple(rules)
 
 
 def _has_call(obj):

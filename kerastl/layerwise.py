@@ -123,7 +123,7 @@ class lr_spread(_BlockRule):  # noqa: N801 - reads as a function
         return f"lr_spread({self.lo}, {self.hi})"
 
 
-def resolve_multipliers(model, multipliers, default=1.0):
+def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
     """Resolves a multiplier spec to ``{layer name: multiplier}``.
 
     Args:
@@ -135,9 +135,15 @@ def resolve_multipliers(model, multipliers, default=1.0):
             layer of the block; a regex key then overrides the layers it
             matches.
         default: the multiplier of blocks the mapping does not mention.
+        by: ``"layer"`` or ``"variable"``.
 
     Returns:
-        ``{layer name: multiplier}`` for every layer that owns weights.
+        ``{layer name: multiplier}`` for every layer that owns weights or,
+        with ``by="variable"``, ``{variable path: multiplier}`` for every
+        weight: the form that is exact for a layer whose variables lie in
+        several blocks (a :class:`~kerastl.HubLayer` under a variable-path
+        block map; by layer, such a layer shows the multiplier of its last
+        block).
 
     Raises:
         BlockError: a key is neither a block nor matches a layer (the message
@@ -177,14 +183,36 @@ def resolve_multipliers(model, multipliers, default=1.0):
             f"multipliers={multipliers!r}: expected a dict "
             f"{{block or layer regex: multiplier}}, kerastl.layer_decay(...) "
             f"or kerastl.lr_spread(...).")
-    out = {}
-    for layer in bm.weighted_layers():
-        m = per_block[bm.block_of(layer)]
+    if by not in ("layer", "variable"):
+        raise KerastlError(f"by={by!r}: expected 'layer' or 'variable'.")
+
+    def rate(layer, block):
+        m = per_block[block]
         for pattern, value in layer_rules:
             if pattern.match(layer.name):
                 m = value
-        out[layer.name] = m
+        return m
+
+    out = {}
+    for layer in bm.weighted_layers():
+        if by == "layer":
+            out[layer.name] = rate(layer, bm.block_of(layer))
+            continue
+        for v in layer.weights:
+            out.setdefault(v.path, rate(layer, bm.block_of(v)))
     return out
+
+
+def _freeze_zero_multipliers(bm, table):
+    """A multiplier of 0 freezes: the layer, or single HubLayer variables."""
+    for layer in bm.weighted_layers():
+        zero = [table[v.path] == 0 for v in layer.weights]
+        if all(zero):
+            layer.trainable = False
+        elif any(zero) and bm.is_split(layer):
+            for v, z in zip(layer.weights, zero):
+                if z:
+                    v.trainable = False
 
 
 def _unwrap(optimizer):
@@ -294,16 +322,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             if multipliers is None:
                 multipliers = {}
             keras_model = _keras_model(model)
-            per_layer = resolve_multipliers(keras_model, multipliers,
-                                            default=self.default)
-            table = {}
-            bm = block_map(keras_model)
-            for layer in bm.weighted_layers():
-                m = per_layer[layer.name]
-                if m == 0:
-                    layer.trainable = False
-                for v in layer.weights:
-                    table.setdefault(v.path, m)
+            table = resolve_multipliers(keras_model, multipliers,
+                                        default=self.default, by="variable")
+            _freeze_zero_multipliers(block_map(keras_model), table)
         self._table = table
         self._multipliers = []  # aligned with the inner optimizer's variables
         self._hook(optimizer)

@@ -13,7 +13,7 @@ from keras import ops
 
 from kerastl.errors import ConfigError
 
-MODES = ("caffe", "tf", "torch", "builtin")
+MODES = ("caffe", "tf", "torch", "unit", "builtin")
 
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +36,8 @@ class ImagePreprocessing(keras.layers.Layer):
     Args:
         mode: ``"caffe"`` (RGB to BGR, minus the ImageNet mean),
             ``"tf"`` (scale to [-1, 1]), ``"torch"`` (scale to [0, 1], then
-            ImageNet mean/std) or ``"builtin"`` (identity: the model
+            ImageNet mean/std), ``"unit"`` (scale to [0, 1]: the TF Hub
+            image convention) or ``"builtin"`` (identity: the model
             normalises inside).
         zoo_name: the zoo entry this backbone came from. Stored so that a
             saved and re-loaded model still knows its block map.
@@ -62,6 +63,8 @@ class ImagePreprocessing(keras.layers.Layer):
             x = ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR)
         elif self.mode == "tf":
             x = x / 127.5 - 1.0
+        elif self.mode == "unit":
+            x = x / 255.0
         elif self.mode == "torch":
             x = (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN)) / (
                 ops.convert_to_tensor(_TORCH_STD))

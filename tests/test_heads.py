@@ -39,11 +39,15 @@ def test_num_classes_must_be_positive(backbone, n):
         kerastl.build_classifier(backbone, n)
 
 
-def test_head_needs_a_spatial_output():
+def test_head_needs_a_feature_map_or_vector():
     inputs = keras.Input((8,))
     flat = keras.Model(inputs, keras.layers.Dense(4)(inputs))
+    model = kerastl.build_classifier(flat, 2, freeze=False)  # a vector
+    assert model.output.shape == (None, 2)
+    seq = keras.Input((5, 8))
+    odd = keras.Model(seq, keras.layers.Dense(4)(seq))
     with pytest.raises(kerastl.KerastlError, match="spatial output"):
-        kerastl.build_classifier(flat, 2)
+        kerastl.build_classifier(odd, 2)
 
 
 def test_replace_classifier_of_a_full_model():

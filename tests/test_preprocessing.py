@@ -29,7 +29,7 @@ def module_for(constructor):
     return MODULES[prefix]
 
 
-@pytest.mark.parametrize("config", kerastl.list_configs(),
+@pytest.mark.parametrize("config", kerastl.list_configs("keras.applications"),
                          ids=lambda c: c.name)
 def test_preprocessing_matches_keras_preprocess_input(config, images):
     module = importlib.import_module(
@@ -55,5 +55,5 @@ def test_get_config_round_trip():
 
 
 def test_unknown_mode():
-    with pytest.raises(kerastl.ConfigError, match="caffe, tf, torch, builtin"):
+    with pytest.raises(kerastl.ConfigError, match="caffe, tf, torch, unit, builtin"):
         ImagePreprocessing("bgr")

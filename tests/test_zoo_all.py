@@ -6,7 +6,7 @@ import pytest
 import kerastl
 from kerastl import blocks
 
-NAMES = [c.name for c in kerastl.list_configs()]
+NAMES = [c.name for c in kerastl.list_configs("keras.applications")]
 
 
 @pytest.mark.slow

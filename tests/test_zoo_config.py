@@ -26,7 +26,7 @@ def write(tmp_path, text, name="c.yaml"):
 
 
 def test_packaged_zoo_has_all_40_keras_applications():
-    configs = kerastl.list_configs()
+    configs = kerastl.list_configs("keras.applications")
     assert len(configs) == 40
     assert {c.constructor for c in configs} == zc.KERAS_APPLICATIONS
     for c in configs:

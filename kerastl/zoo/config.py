@@ -38,7 +38,8 @@ KERAS_APPLICATIONS = frozenset({
     "ResNet101V2", "ResNet152V2", "VGG16", "VGG19", "Xception",
 })
 
-SOURCES = ("keras.applications",)
+SOURCES = ("keras.applications", "tfhub")
+_HUB_KEYS = {"signature", "output_key", "tags"}
 
 # Arguments that kerastl itself sets; a config may not override them.
 _RESERVED_ARGS = frozenset({
@@ -46,10 +47,11 @@ _RESERVED_ARGS = frozenset({
     "classes", "classifier_activation", "name"})
 
 _TOP_KEYS = {
-    "name": True, "source": True, "constructor": True, "input": True,
+    "name": True, "source": True, "constructor": False, "input": True,
     "preprocessing": True, "blocks": True, "aliases": False,
     "constructor_args": False, "endpoints": False, "reference": False,
-    "description": False,
+    "description": False, "handle": False, "output_size": False,
+    "hub": False,
 }
 _REFERENCE_KEYS = {"params", "top1", "top5", "size_mb", "depth", "source"}
 
@@ -60,8 +62,13 @@ class ZooConfig:
 
     Attributes:
         name: canonical name (``mobilenet_v2``).
-        source: where the model comes from (``keras.applications``).
+        source: where the model comes from: ``keras.applications`` or
+            ``tfhub`` (a TF Hub SavedModel).
         constructor: the ``keras.applications`` constructor name.
+        handle: (tfhub) the TF Hub handle of the SavedModel.
+        output_size: (tfhub) the length of the feature vector.
+        hub: (tfhub) ``signature``, ``output_key`` and ``tags`` for
+            :class:`~kerastl.HubLayer`, where the default call does not do.
         constructor_args: extra scalar keyword arguments for it.
         default_size: the input size the weights were trained at.
         min_size: the smallest input size kerastl accepts.
@@ -85,6 +92,13 @@ class ZooConfig:
     reference: dict = dataclasses.field(default_factory=dict)
     description: str = ""
     path: str = ""
+    handle: str = ""
+    output_size: int = None
+    hub: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_hub(self):
+        return self.source == "tfhub"
 
     @property
     def block_names(self):
@@ -135,6 +149,21 @@ def parse_config(data, path="<config>"):
     source = data["source"]
     if source not in SOURCES:
         _fail(path, "source", f"{source!r} is not one of {', '.join(SOURCES)}")
+    hub_only = ("handle", "output_size", "hub")
+    if source == "tfhub":
+        for key in ("handle", "output_size"):
+            if key not in data:
+                _fail(path, key, "required key is missing (source: tfhub)")
+        for key in ("constructor", "constructor_args", "endpoints"):
+            if key in data:
+                _fail(path, key, "does not apply to source: tfhub (a Hub "
+                                 "SavedModel exposes only its final output)")
+        return _parse_hub_config(data, path, name)
+    for key in hub_only:
+        if key in data:
+            _fail(path, key, f"applies only to source: tfhub, not {source}")
+    if "constructor" not in data:
+        _fail(path, "constructor", "required key is missing")
     constructor = _expect(path, "constructor", data["constructor"], str,
                           "a string")
     if constructor not in KERAS_APPLICATIONS:
@@ -153,6 +182,70 @@ def parse_config(data, path="<config>"):
         _expect(path, f"constructor_args.{k}", v, (int, float, str, bool),
                 "a scalar (number, string or boolean)")
 
+    default_size, min_size, preprocessing, blocks = _parse_common(
+        data, path, variables=False)
+
+    endpoints = data.get("endpoints") or {}
+    _expect(path, "endpoints", endpoints, dict, "a mapping")
+    for k, v in endpoints.items():
+        _expect(path, f"endpoints.{k}", v, str, "a layer name")
+
+    return ZooConfig(
+        name=name, source=source, constructor=constructor,
+        constructor_args=dict(args), default_size=default_size,
+        min_size=min_size, preprocessing=preprocessing, blocks=tuple(blocks),
+        endpoints=dict(endpoints), path=str(path), **_parse_extras(data, path))
+
+
+def _parse_extras(data, path):
+    reference = data.get("reference") or {}
+    _expect(path, "reference", reference, dict, "a mapping")
+    for k in reference:
+        if k not in _REFERENCE_KEYS:
+            _fail(path, f"reference.{k}", "unknown key; expected "
+                                          f"{', '.join(sorted(_REFERENCE_KEYS))}")
+
+    aliases = data.get("aliases") or []
+    _expect(path, "aliases", aliases, list, "a list of strings")
+    for j, a in enumerate(aliases):
+        _expect(path, f"aliases[{j}]", a, str, "a string")
+    return dict(
+        aliases=tuple(aliases), reference=dict(reference),
+        description=_expect(path, "description", data.get("description", ""),
+                            str, "a string"))
+
+
+def _parse_hub_config(data, path, name):
+    """The ``source: tfhub`` part of :func:`parse_config`."""
+    handle = _expect(path, "handle", data["handle"], str, "a string")
+    if not re.match(r"^(https://|gs://)|^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+",
+                    handle):
+        _fail(path, "handle", f"{handle!r} is not an https:// or gs:// URL "
+                              "or a Kaggle handle owner/model/framework/"
+                              "variation")
+    output_size = _expect(path, "output_size", data["output_size"], int,
+                          "an integer")
+    hub = data.get("hub") or {}
+    _expect(path, "hub", hub, dict, "a mapping")
+    for k, v in hub.items():
+        if k not in _HUB_KEYS:
+            _fail(path, f"hub.{k}", "unknown key; expected "
+                                    f"{', '.join(sorted(_HUB_KEYS))}")
+        if k == "tags":
+            _expect(path, "hub.tags", v, list, "a list of strings")
+        else:
+            _expect(path, f"hub.{k}", v, str, "a string")
+    default_size, min_size, preprocessing, blocks = _parse_common(
+        data, path, variables=True)
+    return ZooConfig(
+        name=name, source="tfhub", constructor="", default_size=default_size,
+        min_size=min_size, preprocessing=preprocessing, blocks=tuple(blocks),
+        path=str(path), handle=handle, output_size=output_size, hub=dict(hub),
+        **_parse_extras(data, path))
+
+
+def _parse_common(data, path, variables):
+    """input, preprocessing and blocks (layer or variable-path rules)."""
     inp = _expect(path, "input", data["input"], dict, "a mapping")
     for k in inp:
         if k not in ("default_size", "min_size"):
@@ -179,57 +272,37 @@ def parse_config(data, path="<config>"):
         key = f"blocks[{i}]"
         _expect(path, key, b, dict, "a mapping with 'name' and one of "
                                     "'layers', 'until', 'before'")
+        allowed = ("variables",) if variables else ("layers", "until",
+                                                    "before")
         for k in b:
-            if k not in ("name", "layers", "until", "before"):
+            if k != "name" and k not in allowed:
                 _fail(path, f"{key}.{k}", "unknown key; expected name and "
-                                          "one of layers, until, before")
+                                          f"{' or '.join(allowed)}"
+                      + (" (source: tfhub blocks are regexes over variable "
+                         "paths)" if variables else ""))
         bname = _expect(path, f"{key}.name", b.get("name"), str, "a string")
         if bname in seen:
             _fail(path, f"{key}.name", f"block {bname!r} appears twice")
         seen.add(bname)
-        selectors = [k for k in ("layers", "until", "before") if k in b]
+        selectors = [k for k in allowed if k in b]
         if len(selectors) != 1:
-            _fail(path, key, "needs exactly one of 'layers', 'until', "
-                             f"'before' (found: {selectors or 'none'})")
-        if "layers" in b:
-            pats = b["layers"]
+            _fail(path, key, f"needs exactly one of {', '.join(allowed)} "
+                             f"(found: {selectors or 'none'})")
+        if selectors[0] in ("layers", "variables"):
+            sel = selectors[0]
+            pats = b[sel]
             if isinstance(pats, str):
                 pats = [pats]
-            _expect(path, f"{key}.layers", pats, list, "a list of regexes")
-            pats = [_regex(path, f"{key}.layers[{j}]", p)
+            _expect(path, f"{key}.{sel}", pats, list, "a list of regexes")
+            pats = [_regex(path, f"{key}.{sel}[{j}]", p)
                     for j, p in enumerate(pats)]
-            blocks.append(BlockRule(bname, layers=pats))
+            blocks.append(BlockRule(bname, **{sel: pats}))
         else:
             sel = selectors[0]
             anchor = _expect(path, f"{key}.{sel}", b[sel], str, "a layer name")
             blocks.append(BlockRule(bname, **{sel: anchor}))
 
-    endpoints = data.get("endpoints") or {}
-    _expect(path, "endpoints", endpoints, dict, "a mapping")
-    for k, v in endpoints.items():
-        _expect(path, f"endpoints.{k}", v, str, "a layer name")
-
-    reference = data.get("reference") or {}
-    _expect(path, "reference", reference, dict, "a mapping")
-    for k in reference:
-        if k not in _REFERENCE_KEYS:
-            _fail(path, f"reference.{k}", "unknown key; expected "
-                                          f"{', '.join(sorted(_REFERENCE_KEYS))}")
-
-    aliases = data.get("aliases") or []
-    _expect(path, "aliases", aliases, list, "a list of strings")
-    for j, a in enumerate(aliases):
-        _expect(path, f"aliases[{j}]", a, str, "a string")
-
-    return ZooConfig(
-        name=name, source=source, constructor=constructor,
-        constructor_args=dict(args), default_size=default_size,
-        min_size=min_size, preprocessing=preprocessing, blocks=tuple(blocks),
-        aliases=tuple(aliases), endpoints=dict(endpoints),
-        reference=dict(reference),
-        description=_expect(path, "description", data.get("description", ""),
-                            str, "a string"),
-        path=str(path))
+    return default_size, min_size, preprocessing, blocks
 
 
 def load_config_file(path):
@@ -285,15 +358,21 @@ def _registry():
                 configs[cfg.name] = cfg
         for cfg in configs.values():
             for k in (cfg.name, cfg.constructor, *cfg.aliases):
-                keys[_key(k)] = cfg.name
+                if k:
+                    keys[_key(k)] = cfg.name
         _REGISTRY.update(state=state, configs=configs, keys=keys)
     return _REGISTRY["configs"], _REGISTRY["keys"]
 
 
-def list_configs():
-    """All zoo configs, sorted by name."""
+def list_configs(source=None):
+    """All zoo configs, sorted by name; ``source`` filters
+    (``"keras.applications"`` or ``"tfhub"``)."""
+    if source is not None and source not in SOURCES:
+        raise ConfigError(f"source={source!r}: expected one of "
+                          f"{', '.join(SOURCES)}.")
     configs, _ = _registry()
-    return [configs[n] for n in sorted(configs)]
+    return [configs[n] for n in sorted(configs)
+            if source is None or configs[n].source == source]
 
 
 def get_config(name):
