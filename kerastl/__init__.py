@@ -24,6 +24,7 @@ from kerastl.heads import build_classifier, replace_classifier
 from kerastl.layerwise import (LayerwiseOptimizer, describe_learning_rates,
                                layer_decay, lr_spread)
 from kerastl.recipes import Strategy, early_stopping, fine_tune, recommend_strategy
+from kerastl.export import ExportError, export_savedmodel, inference_model
 from kerastl.errors import (BlockError, ConfigError, InputShapeError,
                             KerastlError, UnknownModelError, WeightsError)
 from kerastl.preprocessing import ImagePreprocessing
@@ -43,5 +44,6 @@ __all__ = [
     "FeatureCache", "LinearProbe", "extract_features", "feature_model",
     "hard_examples", "joint_fine_tune", "select_source_samples",
     "CKAResult", "DepthSweep", "cka_by_block", "linear_cka",
-    "transfer_depth_sweep",
+    "transfer_depth_sweep", "ExportError", "export_savedmodel",
+    "inference_model",
 ]
