@@ -11,7 +11,9 @@ PLOTS = ["matplotlib>=3.7"]
 # (fonts; it brings Pillow, which draws and resizes the images).
 DATA = ["scikit-learn>=1.3"] + PLOTS
 # jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
-TEST = ["pytest>=7", "jax>=0.4.30"] + DATA
+# nbclient, nbformat, ipykernel: CI executes the tutorial notebooks.
+TEST = ["pytest>=7", "jax>=0.4.30", "nbclient>=0.8", "nbformat>=5",
+        "ipykernel>=6"] + DATA
 
 setup(
     name="kerastl",

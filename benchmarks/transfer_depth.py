@@ -20,7 +20,6 @@ curves with ``--plot``.
 import argparse
 import math
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -30,20 +29,12 @@ import keras  # noqa: E402
 import kerastl  # noqa: E402
 from kerastl import datasets  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from transfer_digits import pretrain  # noqa: E402
+from kerastl.demo import pretrain, small_cnn  # noqa: E402
 
 
 def cnn(filters=(16, 32, 32, 64, 64)):
     """A 5-block CNN (one block per resolution, 32x32 down to 1x1)."""
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    for f in filters:
-        x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.MaxPooling2D()(x)
-    return keras.Model(inputs, x, name="cnn5")
+    return small_cnn(widths=filters, name="cnn5")
 
 
 def main():

@@ -24,29 +24,8 @@ import kerastl  # noqa: E402
 from kerastl import datasets  # noqa: E402
 
 
-def small_cnn():
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    for filters in (16, 32, 64):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.MaxPooling2D()(x)
-    return keras.Model(inputs, x, name="small_cnn")
-
-
-def pretrain(backbone, samples=4000, epochs=10, seed=0):
-    """Trains ``backbone`` with a softmax head on ``syn_digits`` (the source).
-
-    Returns the source classifier (sharing the backbone's layers).
-    """
-    keras.utils.set_random_seed(seed)
-    source = kerastl.build_classifier(backbone, 10, freeze=False, bn="train")
-    source.compile(keras.optimizers.Adam(2e-3),
-                   "sparse_categorical_crossentropy", metrics=["accuracy"])
-    xs, ys = datasets.syn_digits(samples, seed=seed)
-    source.fit(xs, ys, batch_size=64, epochs=epochs, verbose=0)
-    return source
+# The demo's network and source pretraining (``kerastl demo`` runs the same).
+from kerastl.demo import pretrain, small_cnn  # noqa: E402,F401
 
 
 def few_shot(x, y, per_class, seed):

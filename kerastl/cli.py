@@ -33,24 +33,60 @@ def _millions(n):
     return f"{n / 1e6:.1f}M" if n else "-"
 
 
+def zoo_markdown_table():
+    """The zoo as a Markdown table (the README's, kept in sync by a test)."""
+    from kerastl.zoo import list_configs
+
+    lines = ["| name | source | params | top-1 | input | min | preprocessing "
+             "| blocks |", "|---|---|---:|---:|---:|---:|---|---|"]
+    for c in list_configs():
+        ref = c.reference
+        top1 = f"{ref['top1'] * 100:.1f}%" if ref.get("top1") else "-"
+        origin = (f"keras.applications.{c.constructor}" if not c.is_hub
+                  else "TF Hub")
+        lines.append(f"| `{c.name}` | {origin} | {_millions(ref.get('params'))} "
+                     f"| {top1} | {c.default_size} | {c.min_size} | "
+                     f"{c.preprocessing} | {', '.join(c.block_names)} |")
+    return "\n".join(lines)
+
+
 def cmd_zoo_list(args):
     from kerastl.zoo import list_configs
 
+    if args.markdown:
+        print(zoo_markdown_table())
+        return 0
     rows = []
     for c in list_configs():
         ref = c.reference
         top1 = f"{ref['top1'] * 100:.1f}%" if ref.get("top1") else "-"
-        rows.append([c.name, c.constructor, _millions(ref.get("params")),
+        origin = (f"keras.applications.{c.constructor}" if not c.is_hub
+                  else "tfhub")
+        rows.append([c.name, origin, _millions(ref.get("params")),
                      top1, c.default_size, c.min_size, c.preprocessing,
                      len(c.blocks)])
-    print(_format_table(["name", "constructor", "params", "top1", "input",
+    print(_format_table(["name", "source", "params", "top1", "input",
                          "min", "preprocessing", "blocks"], rows))
     return 0
 
 
-def cmd_zoo_show(args):
-    from kerastl import load_backbone
+def _show_hub(c):
+    print(f"{c.name}: TF Hub {c.handle}")
+    print(f"input {c.default_size}x{c.default_size} (min {c.min_size}), "
+          f"preprocessing '{c.preprocessing}' (inside the model: feed RGB in "
+          f"[0, 255]), {c.output_size} features")
+    rows = [[r.name, "  ".join(r.variables)] for r in c.blocks]
+    print(_format_table(["block", "variable regexes (re.search)"], rows))
+    print("(Hub models are not built here: that needs the download. "
+          "load_backbone('hub:...') checks the regexes against it.)")
+    return 0
 
+
+def cmd_zoo_show(args):
+    from kerastl import get_config, load_backbone
+
+    if get_config(args.name).is_hub:
+        return _show_hub(get_config(args.name))
     backbone = load_backbone(args.name, weights=None,
                              input_shape=args.input_size)
     c = backbone.config
@@ -70,11 +106,55 @@ def cmd_zoo_show(args):
     return 0
 
 
+def cmd_finetune(args):
+    from kerastl.experiment import (load_experiment, resolve_experiment,
+                                    run_experiment)
+
+    config = load_experiment(args.config) if args.config else {}
+    if args.freeze_up_to is not None and args.freeze_up_to.isdigit():
+        args.freeze_up_to = int(args.freeze_up_to)
+    experiment = resolve_experiment(
+        config, model=args.model, data=args.data, output=args.output,
+        weights=args.weights, image_size=args.image_size,
+        strategy=args.strategy, freeze_up_to=args.freeze_up_to,
+        epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, layer_decay=args.layer_decay,
+        validation_split=args.validation_split, seed=args.seed,
+        export_input=args.export_input,
+        overwrite=True if args.overwrite else None)
+    if experiment["weights"] in ("none", "None", "random"):
+        experiment["weights"] = None
+    metrics = run_experiment(experiment, verbose=2 if args.verbose else 0)
+    v = metrics["validation"]
+    print(f"{experiment['model']} ({experiment['strategy']}): validation "
+          f"accuracy {v['accuracy']:.3f}, loss {v['loss']:.3f} after "
+          f"{metrics['epochs_run']} epochs ({metrics['seconds']:.0f} s). "
+          f"Outputs in {experiment['output']}")
+    return 0
+
+
+def cmd_demo(args):
+    from kerastl.demo import run_demo
+    from kerastl.errors import KerastlError
+
+    try:
+        import sklearn  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise KerastlError(
+            f"kerastl demo needs the bundled offline data ({e.name} is "
+            "missing): pip install 'kerastl[data]'.") from None
+    run_demo(args.output, per_class=args.per_class, epochs=args.epochs,
+             source_samples=args.source_samples,
+             source_epochs=args.source_epochs, seed=args.seed)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="kerastl",
-        description="Transfer learning with Keras 3: the model zoo and its "
-                    "block maps.")
+        description="Transfer learning with Keras 3: the model zoo, "
+                    "fine-tuning on an image folder, and an offline demo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     zoo = sub.add_parser("zoo", help="list the zoo or show one model's blocks")
@@ -82,6 +162,8 @@ def build_parser():
     zoo_sub.required = True
     p = zoo_sub.add_parser("list", help="all models: params, input size, "
                                         "block count")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the README's Markdown table")
     p.set_defaults(func=cmd_zoo_list)
     p = zoo_sub.add_parser("show", help="one model's block table (builds it "
                                         "with random weights; nothing is "
@@ -90,6 +172,55 @@ def build_parser():
     p.add_argument("--input-size", type=int, default=None,
                    help="input height and width (default: the model's own)")
     p.set_defaults(func=cmd_zoo_show)
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a zoo model on an image folder",
+        description="Fine-tune a zoo model on an image folder (one subfolder "
+                    "per class). Keys come from --config (YAML; see "
+                    "kerastl.experiment.DEFAULTS) and the flags, which "
+                    "override it. Writes model.keras, savedmodel/, "
+                    "metrics.json, checkpoints/ and plots into --output.")
+    p.add_argument("--config", help="experiment YAML file")
+    p.add_argument("--model", help="zoo name, hub:<name or handle>, or a "
+                                   ".keras file")
+    p.add_argument("--data", help="image folder, one subfolder per class")
+    p.add_argument("--output", help="output folder (must be new or empty)")
+    p.add_argument("--weights", help="imagenet (default), none, or a weights "
+                                     "file")
+    p.add_argument("--image-size", type=int, help="input height and width")
+    p.add_argument("--strategy", choices=["features", "partial", "full"])
+    p.add_argument("--freeze-up-to", help="partial: the last frozen block")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--layer-decay", type=float,
+                   help="layer-wise learning-rate decay per block, e.g. 0.7")
+    p.add_argument("--validation-split", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--export-input", choices=["float", "uint8", "bytes"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output folder (at the end)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print one line per epoch")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "demo", help="the main job offline: pretrain, transfer three ways, "
+                     "compare, export",
+        description="Pretrain a small CNN on rendered digits (cached), "
+                    "transfer it to scikit-learn's digits by feature "
+                    "extraction, partial and full fine-tuning, print the "
+                    "comparison, export the best model and write a report.")
+    p.add_argument("--output", default="kerastl_demo",
+                   help="output folder (default: kerastl_demo)")
+    p.add_argument("--per-class", type=int, default=10,
+                   help="labelled target images per class (default: 10)")
+    p.add_argument("--epochs", type=int, default=40,
+                   help="epochs per strategy (default: 40)")
+    p.add_argument("--source-samples", type=int, default=4000)
+    p.add_argument("--source-epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -101,7 +232,7 @@ def main(argv=None):
 
     try:
         return args.func(args)
-    except KerastlError as e:
+    except (KerastlError, OSError) as e:
         print(f"kerastl: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

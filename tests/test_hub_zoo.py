@@ -8,7 +8,6 @@ cache folder for its handle) from a SavedModel the test writes there.
 """
 
 import hashlib
-import os
 
 import keras
 import numpy as np

@@ -1,0 +1,372 @@
+"""The main job: fine-tune a zoo model on an image folder (``kerastl finetune``).
+
+An experiment is a YAML file (or a dict) of the keys in :data:`DEFAULTS`.
+:func:`check_experiment` validates everything that can be checked before
+training (config keys and types, the model name, the image folder: class
+subfolders, empty classes, images that do not decode); :func:`run_experiment`
+trains and writes its outputs into a temporary folder beside ``output`` and
+renames it into place only at the end, so a failure never leaves a
+half-written output folder.
+
+Outputs: ``model.keras``, ``savedmodel/`` (see
+:func:`kerastl.export_savedmodel`), ``metrics.json`` (the resolved config,
+class names, history, validation metrics, confusion matrix, timings),
+``checkpoints/best.keras`` and, with matplotlib, ``training_curves.png`` and
+``confusion_matrix.png``.
+"""
+
+import json
+import numbers
+import os
+import shutil
+import tempfile
+import time
+
+import yaml
+
+from kerastl.errors import ConfigError, KerastlError
+
+STRATEGIES = ("features", "partial", "full")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+# Every key of an experiment, with its default (None: required).
+DEFAULTS = {
+    "model": None,            # zoo name, "hub:<name or handle>" or a .keras file
+    "data": None,             # image folder with one subfolder per class
+    "output": "kerastl_run",  # the output folder
+    "weights": "imagenet",    # "imagenet", null (random) or a weights file
+    "image_size": None,       # input height = width (default: the model's)
+    "validation_split": 0.2,
+    "seed": 0,
+    "batch_size": 32,
+    "strategy": "partial",    # features | partial | full
+    "freeze_up_to": None,     # partial: last frozen block (default: all but
+                              # the last two backbone blocks)
+    "bn": "frozen",
+    "dropout": 0.2,
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "layer_decay": None,      # e.g. 0.7: layer-wise rates (LayerwiseOptimizer)
+    "epochs": 10,
+    "early_stopping": 3,      # patience in epochs, or null
+    "export_input": "float",  # float | uint8 | bytes
+    "overwrite": False,
+}
+
+_TYPES = {
+    "model": str, "data": str, "output": str, "weights": (str, type(None)),
+    "image_size": (int, type(None)), "validation_split": numbers.Real,
+    "seed": int, "batch_size": int, "strategy": str,
+    "freeze_up_to": (str, int, type(None)), "bn": str,
+    "dropout": numbers.Real, "optimizer": str, "learning_rate": numbers.Real,
+    "layer_decay": (numbers.Real, type(None)), "epochs": int,
+    "early_stopping": (int, type(None)), "export_input": str,
+    "overwrite": bool,
+}
+
+
+def load_experiment(path):
+    """Reads an experiment YAML file into a dict (not yet checked)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Experiment config {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: "
+                          f"{' '.join(str(e).split())}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of experiment keys, "
+                          f"got {type(data).__name__}.")
+    return data
+
+
+def resolve_experiment(config, **overrides):
+    """Defaults, then ``config``, then the non-None ``overrides``; checked.
+
+    Returns the complete experiment dict. Raises :class:`ConfigError` for
+    unknown keys, wrong types or values.
+    """
+    import difflib
+
+    merged = dict(DEFAULTS)
+    for key, value in list(config.items()) + [
+            (k, v) for k, v in overrides.items() if v is not None]:
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(str(key), list(DEFAULTS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"Unknown experiment key {key!r}{hint}; keys: "
+                              f"{', '.join(DEFAULTS)}.")
+        merged[key] = value
+    for key, value in merged.items():
+        if value is None and DEFAULTS[key] is None and key in ("model",
+                                                              "data"):
+            raise ConfigError(f"The experiment needs {key!r} (in the config "
+                              f"or as --{key}).")
+        types = _TYPES[key]
+        bad_bool = isinstance(value, bool) and key != "overwrite"
+        if bad_bool or not isinstance(value, types):
+            raise ConfigError(
+                f"Experiment key {key!r} is {value!r}: expected "
+                f"{_describe(types)}.")
+    _check_values(merged)
+    return merged
+
+
+def _describe(types):
+    types = types if isinstance(types, tuple) else (types,)
+    names = {str: "a string", int: "an integer", numbers.Real: "a number",
+             bool: "true or false", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_values(e):
+    from kerastl.export import INPUT_MODES
+    from kerastl.freezing import BN_MODES
+
+    checks = [
+        ("strategy", e["strategy"] in STRATEGIES, ", ".join(STRATEGIES)),
+        ("bn", e["bn"] in BN_MODES, ", ".join(BN_MODES)),
+        ("export_input", e["export_input"] in INPUT_MODES,
+         ", ".join(INPUT_MODES)),
+        ("validation_split", 0 < e["validation_split"] < 1,
+         "a fraction between 0 and 1 (exclusive)"),
+        ("batch_size", e["batch_size"] >= 1, "a positive integer"),
+        ("epochs", e["epochs"] >= 1, "a positive integer"),
+        ("learning_rate", e["learning_rate"] > 0, "a positive number"),
+        ("dropout", 0 <= e["dropout"] < 1, "a rate in [0, 1)"),
+        ("image_size", e["image_size"] is None or e["image_size"] >= 8,
+         "at least 8 pixels"),
+        ("layer_decay", e["layer_decay"] is None or 0 < e["layer_decay"] <= 1,
+         "a number in (0, 1]"),
+        ("early_stopping", e["early_stopping"] is None
+         or e["early_stopping"] >= 1, "a patience of at least 1 epoch"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"Experiment key {key!r} is {e[key]!r}: "
+                              f"expected {expected}.")
+    if e["strategy"] != "partial" and e["freeze_up_to"] is not None:
+        raise ConfigError(
+            f"freeze_up_to applies to strategy 'partial', not "
+            f"{e['strategy']!r}.")
+
+
+def scan_image_folder(folder):
+    """Checks an image folder; returns ``{class name: [file paths]}``.
+
+    Raises :class:`KerastlError` naming the problem: a missing folder, fewer
+    than two class subfolders, an empty class folder, or a file that does
+    not decode as an image.
+    """
+    import tensorflow as tf
+
+    if not os.path.isdir(folder):
+        raise KerastlError(f"Image folder {folder!r} does not exist.")
+    classes = sorted(d for d in os.listdir(folder)
+                     if os.path.isdir(os.path.join(folder, d))
+                     and not d.startswith("."))
+    if len(classes) < 2:
+        raise KerastlError(
+            f"Image folder {folder!r} has {len(classes)} class subfolder(s); "
+            "expected one subfolder of images per class, at least two.")
+    files = {}
+    for c in classes:
+        d = os.path.join(folder, c)
+        files[c] = sorted(os.path.join(d, f) for f in os.listdir(d)
+                          if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files[c]:
+            raise KerastlError(
+                f"Class folder {d!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    for c in classes:
+        for path in files[c]:
+            try:
+                tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                   expand_animations=False)
+            except (tf.errors.InvalidArgumentError, ValueError):
+                raise KerastlError(
+                    f"{path!r} is not a readable image; remove or replace "
+                    "it.") from None
+    return files
+
+
+def check_experiment(experiment):
+    """Checks the model and data of a resolved experiment before training."""
+    from kerastl.zoo import get_config
+
+    model = experiment["model"]
+    if model.endswith(".keras"):
+        if not os.path.isfile(model):
+            raise KerastlError(f"Model file {model!r} does not exist.")
+    elif not model.startswith("hub:"):
+        get_config(model)  # UnknownModelError names close matches
+    files = scan_image_folder(experiment["data"])
+    output = os.path.abspath(experiment["output"])
+    if os.path.exists(output) and (not os.path.isdir(output) or (
+            os.listdir(output) and not experiment["overwrite"])):
+        raise KerastlError(
+            f"Output folder {experiment['output']!r} exists and is not empty; "
+            "choose another one or pass --overwrite.")
+    return files
+
+
+def _partial_depth(backbone):
+    """Default of strategy 'partial': freeze all but the last two blocks."""
+    return max(len(backbone.blocks) - 2, 0)
+
+
+def build_model(experiment, num_classes):
+    """The backbone and classifier an experiment describes (compiled)."""
+    import keras
+
+    from kerastl import backbone as backbone_lib
+    from kerastl.heads import build_classifier
+    from kerastl.layerwise import LayerwiseOptimizer, layer_decay
+
+    e = experiment
+    shape = None if e["image_size"] is None else (e["image_size"],) * 2
+    weights = e["weights"]
+    if e["model"].endswith(".keras"):
+        weights = None
+    backbone = backbone_lib.load_backbone(e["model"], weights=weights,
+                                          input_shape=shape)
+    freeze = {"features": True, "full": False}.get(e["strategy"])
+    if freeze is None:
+        freeze = e["freeze_up_to"] if e["freeze_up_to"] is not None \
+            else _partial_depth(backbone)
+    model = build_classifier(backbone, num_classes, dropout=e["dropout"],
+                             freeze=freeze, bn=e["bn"])
+    try:
+        optimizer = keras.optimizers.get(
+            {"class_name": e["optimizer"],
+             "config": {"learning_rate": e["learning_rate"]}})
+    except (ValueError, TypeError):
+        raise ConfigError(f"Unknown optimizer {e['optimizer']!r}; use a Keras "
+                          "optimizer name such as adam, adamw, sgd.") from None
+    if e["layer_decay"] is not None:
+        optimizer = LayerwiseOptimizer(optimizer,
+                                       layer_decay(e["layer_decay"]), model)
+    model.compile(optimizer, "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return backbone, model
+
+
+def _datasets(experiment, image_size):
+    import keras
+
+    e = experiment
+    train, val = keras.utils.image_dataset_from_directory(
+        e["data"], validation_split=e["validation_split"], subset="both",
+        seed=e["seed"], image_size=image_size, batch_size=e["batch_size"],
+        label_mode="int", shuffle=True, verbose=False)
+    return train, val
+
+
+def run_experiment(experiment, verbose=1):
+    """Runs a resolved, checked experiment; returns the metrics dict.
+
+    Everything is written into a temporary folder beside
+    ``experiment["output"]``, renamed into place at the end.
+    """
+    import keras
+    import numpy as np
+
+    from kerastl.export import _replace, export_savedmodel
+    from kerastl.freezing import trainable_summary
+
+    e = experiment
+    files = check_experiment(e)
+    start = time.time()
+    keras.utils.set_random_seed(e["seed"])
+    classes = sorted(files)
+    backbone, model = build_model(e, len(classes))
+    size = tuple(backbone.input_shape[:2])
+    train, val = _datasets(e, size)
+    if list(train.class_names) != classes:
+        raise KerastlError("The image folder changed while it was read.")
+    output = os.path.abspath(e["output"])
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-",
+                           dir=parent)
+    try:
+        callbacks = [keras.callbacks.ModelCheckpoint(
+            os.path.join(tmp, "checkpoints", "best.keras"),
+            monitor="val_loss", save_best_only=True)]
+        os.makedirs(os.path.join(tmp, "checkpoints"))
+        if e["early_stopping"]:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                patience=e["early_stopping"], restore_best_weights=True))
+        history = model.fit(train, validation_data=val, epochs=e["epochs"],
+                            callbacks=callbacks, verbose=verbose)
+        train_time = time.time() - start
+        y_true = np.concatenate([y.numpy() for _, y in val])
+        probs = model.predict(val.map(lambda x, y: x), verbose=0)
+        y_pred = probs.argmax(-1)
+        confusion = np.zeros((len(classes), len(classes)), dtype=int)
+        np.add.at(confusion, (y_true, y_pred), 1)
+        loss, accuracy = model.evaluate(val, verbose=0)
+        model.save(os.path.join(tmp, "model.keras"))
+        export_savedmodel(model, os.path.join(tmp, "savedmodel"),
+                          input=e["export_input"])
+        metrics = {
+            "experiment": e, "classes": classes,
+            "train_images": int(sum(int(y.shape[0]) for _, y in train)),
+            "validation_images": int(len(y_true)),
+            "validation": {"loss": float(loss), "accuracy": float(accuracy)},
+            "epochs_run": len(history.history["loss"]),
+            "history": {k: [float(v) for v in vs]
+                        for k, vs in history.history.items()},
+            "confusion_matrix": confusion.tolist(),
+            "trainable_summary": list(trainable_summary(model)),
+            "seconds": round(train_time, 1),
+        }
+        metrics["plots"] = _plots(tmp, metrics)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        _replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metrics
+
+
+def _plots(folder, metrics):
+    """training_curves.png and confusion_matrix.png (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    history = metrics["history"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(history[key], label="train")
+        if f"val_{key}" in history:
+            ax.plot(history[f"val_{key}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "training_curves.png"), dpi=100)
+    plt.close(fig)
+    confusion = metrics["confusion_matrix"]
+    classes = metrics["classes"]
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes),
+                                    1 + 0.5 * len(classes)))
+    ax.imshow(confusion, cmap="Blues")
+    for i, row in enumerate(confusion):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "confusion_matrix.png"), dpi=100)
+    plt.close(fig)
+    return ["training_curves.png", "confusion_matrix.png"]
