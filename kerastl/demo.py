@@ -16,8 +16,6 @@
 
 import json
 import os
-import shutil
-import tempfile
 import time
 
 STRATEGIES = ("feature extraction", "partial fine-tuning",
@@ -113,7 +111,8 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     import keras
 
     from kerastl import datasets
-    from kerastl.export import _replace, export_savedmodel
+    from kerastl.atomic import atomic_folder, check_new_folder
+    from kerastl.export import export_savedmodel
     from kerastl.freezing import trainable_summary
     from kerastl.heads import build_classifier
 
@@ -122,11 +121,7 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
             print(*args, flush=True)
 
     output = os.path.abspath(output)
-    if os.path.exists(output) and (not os.path.isdir(output)
-                                   or os.listdir(output)):
-        from kerastl.errors import KerastlError
-        raise KerastlError(f"Output folder {output!r} exists and is not "
-                           "empty; choose another one.")
+    check_new_folder(output, "choose another one")
     start = time.time()
     say(f"1/3 source: small CNN on syn_digits ({source_samples} images, "
         f"{source_epochs} epochs)")
@@ -176,11 +171,7 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     table = format_table(rows, best["strategy"])
     say("3/3 results (best by validation accuracy is exported):\n")
     say(table)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-",
-                           dir=parent)
-    try:
+    with atomic_folder(output) as tmp:
         best_model = models[best["strategy"]]
         best_model.save(os.path.join(tmp, "model.keras"))
         export_savedmodel(best_model, os.path.join(tmp, "savedmodel"))
@@ -195,10 +186,6 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
             json.dump(results, f, indent=2)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(_report(results, table, plots))
-        _replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"\nbest: {best['strategy']}; exported to {output}/savedmodel; "
         f"report: {output}/report.md ({results['seconds']:.0f} s in all)")
     return results

@@ -18,12 +18,11 @@ class names, history, validation metrics, confusion matrix, timings),
 import json
 import numbers
 import os
-import shutil
-import tempfile
 import time
 
 import yaml
 
+from kerastl.atomic import atomic_folder, check_new_folder
 from kerastl.errors import ConfigError, KerastlError
 
 STRATEGIES = ("features", "partial", "full")
@@ -203,12 +202,9 @@ def check_experiment(experiment):
     elif not model.startswith("hub:"):
         get_config(model)  # UnknownModelError names close matches
     files = scan_image_folder(experiment["data"])
-    output = os.path.abspath(experiment["output"])
-    if os.path.exists(output) and (not os.path.isdir(output) or (
-            os.listdir(output) and not experiment["overwrite"])):
-        raise KerastlError(
-            f"Output folder {experiment['output']!r} exists and is not empty; "
-            "choose another one or pass --overwrite.")
+    check_new_folder(experiment["output"],
+                     "choose another one or pass --overwrite",
+                     overwrite=experiment["overwrite"])
     return files
 
 
@@ -273,7 +269,7 @@ def run_experiment(experiment, verbose=1):
     import keras
     import numpy as np
 
-    from kerastl.export import _replace, export_savedmodel
+    from kerastl.export import export_savedmodel
     from kerastl.freezing import trainable_summary
 
     e = experiment
@@ -286,12 +282,7 @@ def run_experiment(experiment, verbose=1):
     train, val = _datasets(e, size)
     if list(train.class_names) != classes:
         raise KerastlError("The image folder changed while it was read.")
-    output = os.path.abspath(e["output"])
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-",
-                           dir=parent)
-    try:
+    with atomic_folder(e["output"]) as tmp:
         callbacks = [keras.callbacks.ModelCheckpoint(
             os.path.join(tmp, "checkpoints", "best.keras"),
             monitor="val_loss", save_best_only=True)]
@@ -302,9 +293,12 @@ def run_experiment(experiment, verbose=1):
         history = model.fit(train, validation_data=val, epochs=e["epochs"],
                             callbacks=callbacks, verbose=verbose)
         train_time = time.time() - start
-        y_true = np.concatenate([y.numpy() for _, y in val])
-        probs = model.predict(val.map(lambda x, y: x), verbose=0)
-        y_pred = probs.argmax(-1)
+        # One pass over the validation images for labels and predictions.
+        y_true, y_pred = [], []
+        for x, y in val:
+            y_true.append(y.numpy())
+            y_pred.append(model.predict_on_batch(x).argmax(-1))
+        y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
         confusion = np.zeros((len(classes), len(classes)), dtype=int)
         np.add.at(confusion, (y_true, y_pred), 1)
         loss, accuracy = model.evaluate(val, verbose=0)
@@ -313,8 +307,8 @@ def run_experiment(experiment, verbose=1):
                           input=e["export_input"])
         metrics = {
             "experiment": e, "classes": classes,
-            "train_images": int(sum(int(y.shape[0]) for _, y in train)),
-            "validation_images": int(len(y_true)),
+            "train_images": len(train.file_paths),
+            "validation_images": len(val.file_paths),
             "validation": {"loss": float(loss), "accuracy": float(accuracy)},
             "epochs_run": len(history.history["loss"]),
             "history": {k: [float(v) for v in vs]
@@ -326,10 +320,6 @@ def run_experiment(experiment, verbose=1):
         metrics["plots"] = _plots(tmp, metrics)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        _replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return metrics
 
 

@@ -22,12 +22,11 @@ whatever was at ``path`` before untouched.
 """
 
 import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
 
+from kerastl.atomic import atomic_folder
 from kerastl.errors import KerastlError
 
 INPUT_MODES = ("float", "uint8", "bytes")
@@ -134,7 +133,7 @@ def _serve_fn(model, input_mode, size):
     return serve, spec
 
 
-def _probe_images(model, size, n=4, seed=0):
+def _probe_images(size, n=4, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, size[0], size[1], 3)).astype("uint8")
 
@@ -152,11 +151,9 @@ def _flatten(outputs):
     return [np.asarray(t) for t in tf.nest.flatten(outputs)]
 
 
-def _verify(folder, model, input_mode, size, probe, rtol, atol):
+def _verify(folder, model, input_mode, probe, rtol, atol):
     import tensorflow as tf
 
-    if probe is None:
-        probe = _probe_images(model, size)
     probe = np.asarray(probe)
     if probe.ndim != 4:
         raise ExportError(f"probe: expected a batch of images (N, H, W, 3), "
@@ -178,8 +175,6 @@ def _verify(folder, model, input_mode, size, probe, rtol, atol):
                 f"The reloaded export does not reproduce the Keras model "
                 f"(largest difference {worst}, tolerance rtol={rtol}, "
                 f"atol={atol}); nothing was written.")
-    return max((float(np.max(np.abs(e - g))) for e, g in zip(expected, got)),
-               default=0.0)
 
 
 def export_savedmodel(model, path, input="float", image_size=None,
@@ -232,28 +227,23 @@ def export_savedmodel(model, path, input="float", image_size=None,
     if os.path.exists(path) and not os.path.isdir(path):
         raise ExportError(f"{path!r} exists and is not a folder.")
     model = inference_model(model)
-    size = _image_size(model, image_size) if (
-        input == "bytes" or image_size is not None or probe is None) else None
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-",
-                           dir=parent)
+    size = _image_size(model, image_size) if input == "bytes" else None
     try:
-        serve, spec = _serve_fn(model, input, size)
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint("serve", serve, input_signature=[spec])
-        archive.write_out(tmp, verbose=False)
-        if verify:
-            _verify(tmp, model, input, size or _image_size(model, None),
-                    probe, rtol, atol)
-        if tflite:
-            _write_tflite(tmp)
-        _replace(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, KerastlError) or not isinstance(e, Exception):
-            raise
+        with atomic_folder(path) as tmp:
+            serve, spec = _serve_fn(model, input, size)
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint("serve", serve, input_signature=[spec])
+            archive.write_out(tmp, verbose=False)
+            if verify:
+                if probe is None:
+                    probe = _probe_images(_image_size(model, image_size))
+                _verify(tmp, model, input, probe, rtol, atol)
+            if tflite:
+                _write_tflite(tmp)
+    except KerastlError:
+        raise
+    except Exception as e:
         raise ExportError(f"Export of {model.name!r} to {path!r} failed: "
                           f"{type(e).__name__}: {e}") from e
     return path
@@ -267,20 +257,3 @@ def _write_tflite(folder):
     data = converter.convert()
     with open(os.path.join(folder, "model.tflite"), "wb") as f:
         f.write(data)
-
-
-def _replace(tmp, path):
-    """Renames ``tmp`` to ``path``; an old ``path`` goes only after that."""
-    if not os.path.exists(path):
-        os.rename(tmp, path)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-",
-                           dir=os.path.dirname(path))
-    os.rmdir(old)
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

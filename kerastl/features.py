@@ -12,14 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 import warnings
 import weakref
 
 import keras
 import numpy as np
 
+from kerastl.atomic import atomic_folder
 from kerastl.errors import KerastlError
 from kerastl.freezing import keras_model_of
 
@@ -366,10 +365,12 @@ class FeatureCache:
         return arrays
 
     def save(self, key, arrays, parts=None):
-        """Writes an entry atomically: a temporary folder, then a rename."""
-        os.makedirs(self.directory, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.directory)
-        try:
+        """Writes an entry atomically: a temporary folder, then a rename.
+
+        An entry already there (damaged, or written by a racer) is replaced
+        only once the new one is complete.
+        """
+        with atomic_folder(self.path(key)) as tmp:
             meta = {"arrays": {}, "key": parts or {}, "format": FORMAT_VERSION}
             for i, (name, a) in enumerate(arrays.items()):
                 file = f"{i}.npy"
@@ -385,16 +386,6 @@ class FeatureCache:
                 json.dump(meta, f, indent=1, default=repr)
                 f.flush()
                 os.fsync(f.fileno())
-            final = self.path(key)
-            if os.path.exists(final):  # damaged, or written by a racer
-                trash = os.path.join(self.directory,
-                                     f".trash-{uuid.uuid4().hex}")
-                os.rename(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.rename(tmp, final)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _as_cache(cache):
