@@ -109,8 +109,14 @@ class Backbone:
 
 
 def _normalise_input_shape(config, input_shape):
+    return _check_input_shape(input_shape, config.name, config.default_size,
+                              config.min_size)
+
+
+def _check_input_shape(input_shape, name, default_size, min_size):
+    """``input_shape`` as ``(height, width, 3)``, checked; default square."""
     if input_shape is None:
-        return (config.default_size, config.default_size, 3)
+        return (default_size, default_size, 3)
     if isinstance(input_shape, int):
         input_shape = (input_shape, input_shape)
     input_shape = tuple(input_shape)
@@ -118,15 +124,15 @@ def _normalise_input_shape(config, input_shape):
         input_shape += (3,)
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise InputShapeError(
-            f"input_shape={input_shape} for {config.name!r}: expected "
+            f"input_shape={input_shape} for {name!r}: expected "
             "(height, width, 3): kerastl backbones take RGB images, channels "
             "last.")
     for dim in input_shape[:2]:
-        if dim is not None and (not isinstance(dim, int) or dim < config.min_size):
+        if dim is not None and (not isinstance(dim, int) or dim < min_size):
             raise InputShapeError(
                 f"input_shape={input_shape} is too small for "
-                f"{config.name!r}: height and width must be at least "
-                f"{config.min_size} (its default is {config.default_size}). "
+                f"{name!r}: height and width must be at least "
+                f"{min_size} (its default is {default_size}). "
                 "Resize the images up, or pick another model.")
     return input_shape
 
@@ -219,11 +225,7 @@ def _load_hub(spec, weights, input_shape):
         name = config.name
     else:
         handle, blocks, hub_args, mode = spec, {"hub": ""}, {}, "unit"
-        if input_shape is None:
-            input_shape = (224, 224, 3)
-        elif isinstance(input_shape, int):
-            input_shape = (input_shape, input_shape, 3)
-        shape = tuple(input_shape) + ((3,) if len(input_shape) == 2 else ())
+        shape = _check_input_shape(input_shape, spec, 224, 1)
         name = None
     inputs = keras.Input(shape=shape, name="image")
     x = ImagePreprocessing(mode, zoo_name=name,

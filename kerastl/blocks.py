@@ -281,13 +281,12 @@ def variable_block_map(model, rules=None):
             unmatched.append(var_name)
             block = names[-1]
         variable_blocks[id(v)] = block
-    ancestors = _ancestors(hub.name, parents) - {hub.name}
     index, after_hub = {}, False
-    for n in order:
+    for n in order:  # topological: the hub's inputs come before it
         if n == hub.name:
             index[n] = len(names) - 1
             after_hub = True
-        elif n in ancestors or not after_hub:
+        elif not after_hub:
             index[n] = 0
         elif _owns_weights(by_name[n]):
             index[n] = len(names)
@@ -489,7 +488,7 @@ class BlockMap:
         """
         block = self.resolve(block)
         last = self.layers(block)[-1]
-        if self.is_split(last) and self._assignment[last.name] != block:
+        if not self.has_output(block):
             raise BlockError(
                 f"Block {block!r} ends inside {last.name!r}, an opaque "
                 f"SavedModel that exposes only its final output; use a "
@@ -498,10 +497,11 @@ class BlockMap:
         return self._outer.get(last.name, last)
 
     def has_output(self, block):
-        """Whether :meth:`output_layer` exists for ``block``."""
+        """Whether :meth:`output_layer` exists for ``block``: false for a
+        block that ends inside a split layer (a Hub SavedModel)."""
+        block = self.resolve(block)
         last = self.layers(block)[-1]
-        return not (self.is_split(last)
-                    and self._assignment[last.name] != self.resolve(block))
+        return not self.is_split(last) or self._assignment[last.name] == block
 
     def assignment(self):
         """A dict from layer name to block name."""

@@ -85,8 +85,9 @@ def _show_hub(c):
 def cmd_zoo_show(args):
     from kerastl import get_config, load_backbone
 
-    if get_config(args.name).is_hub:
-        return _show_hub(get_config(args.name))
+    config = get_config(args.name)
+    if config.is_hub:
+        return _show_hub(config)
     backbone = load_backbone(args.name, weights=None,
                              input_shape=args.input_size)
     c = backbone.config

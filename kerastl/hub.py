@@ -26,7 +26,8 @@ from kerastl.errors import KerastlError
 TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com",
                  "storage.googleapis.com")
 _TRUSTED_PATHS = []
-_KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
+# owner/model/framework/variation[/version]
+KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
 
 
 # -- resolving handles --------------------------------------------------------------
@@ -37,7 +38,7 @@ def _is_url(handle):
 
 def _is_kaggle_handle(handle):
     return (not _is_url(handle) and not os.path.exists(handle)
-            and bool(_KAGGLE_HANDLE.match(handle)))
+            and bool(KAGGLE_HANDLE.match(handle)))
 
 
 def _check_saved_model(path, handle):

@@ -217,9 +217,11 @@ def _parse_extras(data, path):
 
 def _parse_hub_config(data, path, name):
     """The ``source: tfhub`` part of :func:`parse_config`."""
+    from kerastl.hub import KAGGLE_HANDLE
+
     handle = _expect(path, "handle", data["handle"], str, "a string")
-    if not re.match(r"^(https://|gs://)|^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+",
-                    handle):
+    if not (handle.startswith(("https://", "gs://"))
+            or KAGGLE_HANDLE.match(handle)):
         _fail(path, "handle", f"{handle!r} is not an https:// or gs:// URL "
                               "or a Kaggle handle owner/model/framework/"
                               "variation")
