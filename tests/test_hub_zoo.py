@@ -18,6 +18,7 @@ import kerastl
 from kerastl.errors import BlockError, ConfigError
 from kerastl.hub import HubLayer
 from kerastl.zoo.config import parse_config
+from tests.test_hub import saved_models  # noqa: F401 - the shared fixture
 
 STRIDE_BLOCK = {2: "stem", 4: "stage1", 8: "stage2", 16: "stage3",
                 32: "stage4"}
@@ -339,27 +340,15 @@ def test_hub_config_schema_errors():
 
 # -- the two SavedModel kinds of test_hub.py, with HubLayer(blocks=...) -------
 
-@pytest.fixture(scope="module")
-def small_models(tmp_path_factory):
-    from tests.test_hub import Reusable
-
-    root = tmp_path_factory.mktemp("hub_blocks")
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, name="stem_conv")(inputs)
-    x = keras.layers.Conv2D(6, 3, name="top_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    keras.Model(inputs, x).export(str(root / "keras_export"), verbose=False)
-    tf.saved_model.save(Reusable(), str(root / "reusable"))
-    return {"keras_export": (str(root / "keras_export"), (8, 8, 3),
-                             {"early": "^stem_", "late": "^top_"}),
-            "reusable": (str(root / "reusable"), (3,),
-                         {"early": "^block1/", "late": "^block2/"})}
+# Block rules for the SavedModels of test_hub.py's fixture.
+SMALL_BLOCKS = {"keras_export": {"early": "^stem_", "late": "^top_"},
+                "reusable": {"early": "^block1/", "late": "^block2/"}}
 
 
 @pytest.mark.parametrize("kind", ["keras_export", "reusable"])
-def test_freeze_by_block_on_both_savedmodel_kinds(small_models, kind):
-    path, shape, blocks = small_models[kind]
+def test_freeze_by_block_on_both_savedmodel_kinds(saved_models, kind):
+    path, shape = saved_models[kind]
+    blocks = SMALL_BLOCKS[kind]
     layer = HubLayer(path, trainable=True, blocks=blocks)
     inputs = keras.Input(shape)
     model = keras.Model(inputs, keras.layers.Dense(2)(layer(inputs)))
@@ -384,8 +373,8 @@ def test_freeze_by_block_on_both_savedmodel_kinds(small_models, kind):
     assert [r.name for r in clone.block_rules] == ["early", "late"]
 
 
-def test_bare_handle_is_one_block(small_models):
-    path, _, _ = small_models["keras_export"]
+def test_bare_handle_is_one_block(saved_models):
+    path, _ = saved_models["keras_export"]
     backbone = kerastl.load_backbone("hub:" + path, input_shape=(8, 8, 3))
     assert backbone.blocks == ["hub"]
     assert backbone.config is None
