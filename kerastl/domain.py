@@ -141,19 +141,30 @@ class GaninLambda(_PerBatch):
     ``total_steps``), updated before every batch: the domain head's signal
     is suppressed while it is still noise.
 
+    ``warmup`` keeps lambda at 0 for that fraction of training and runs the
+    ramp over the rest (p counted from the end of the warm-up): the label
+    head learns the source first. Useful where the source task itself is
+    slow to learn; the paper has no warm-up.
+
     Args:
         gamma: the steepness (paper: 10).
         scale: the final lambda (paper: 1).
+        warmup: fraction of training, in [0, 1), with lambda = 0 (paper: 0).
         total_steps: the length of training, if ``fit`` cannot tell.
     """
 
     log_name = "grl_lambda"
 
-    def __init__(self, gamma=10.0, scale=1.0, total_steps=None):
+    def __init__(self, gamma=10.0, scale=1.0, warmup=0.0, total_steps=None):
         super().__init__(total_steps)
+        if not 0.0 <= warmup < 1.0:
+            raise KerastlError(f"warmup={warmup!r}: expected a fraction of "
+                               f"training in [0, 1).")
         self.gamma, self.scale = float(gamma), float(scale)
+        self.warmup = float(warmup)
 
     def value(self, p):
+        p = max(0.0, (p - self.warmup) / (1.0 - self.warmup))
         return self.scale * ganin_lambda(p, self.gamma)
 
     def apply(self, value):
@@ -240,7 +251,9 @@ class DANN(keras.Model):
             pooled features and both heads (``None``: no bottleneck).
         batchnorm: BatchNormalization in the bottleneck and the domain
             head's hidden layers.
-        domain_weight: the weight of the domain (or CORAL) loss.
+        domain_weight: the weight of the domain (or CORAL) loss; 0 trains
+            the label path only (a source-only baseline; the domain head is
+            not run and ``domain_*`` metrics are not logged).
         lambda_: the initial gradient-reversal strength; :class:`GaninLambda`
             ramps it from 0.
         alignment: ``"adversarial"`` (DANN) or ``"coral"``.
@@ -249,10 +262,14 @@ class DANN(keras.Model):
     Example:
 
     >>> dann = kerastl.DANN(backbone, num_classes=10)
-    >>> dann.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-    ...              metrics=["accuracy"])
+    >>> dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
     >>> dann.fit(kerastl.domain_dataset((xs, ys), xt), epochs=20,
-    ...          callbacks=[kerastl.GaninLambda()])
+    ...          callbacks=[kerastl.GaninLambda(warmup=0.5)])
+    >>> kerastl.adapt_batch_norm(dann, xt)  # AdaBN on the target
+
+    That is kerastl's recipe (``benchmarks/domain_adaptation.py``); the
+    paper's is SGD(0.01, momentum=0.9) with ``GaninLambda()`` and
+    ``GaninLearningRate()``.
     """
 
     def __init__(self, feature_extractor, num_classes,
@@ -272,6 +289,10 @@ class DANN(keras.Model):
             raise KerastlError(
                 f"alignment={alignment!r}: expected one of "
                 f"{', '.join(ALIGNMENTS)}.")
+        if not math.isfinite(float(domain_weight)) or domain_weight < 0:
+            raise KerastlError(
+                f"domain_weight={domain_weight!r}: expected a finite number "
+                f">= 0 (0 trains the label path only).")
         self.feature_extractor = feature_extractor
         self.num_classes = int(num_classes)
         self.domain_hidden = tuple(int(u) for u in domain_hidden)
@@ -297,9 +318,12 @@ class DANN(keras.Model):
             self.domain_head = keras.layers.Dense(
                 1, activation="sigmoid", dtype="float32", name="domain")
         self.class_loss_tracker = keras.metrics.Mean(name="class_loss")
-        self.domain_loss_tracker = keras.metrics.Mean(name="domain_loss")
-        if alignment == "adversarial":
-            self.domain_accuracy = keras.metrics.Mean(name="domain_accuracy")
+        self.domain_loss_tracker = self.domain_accuracy = None
+        if self._aligns:
+            self.domain_loss_tracker = keras.metrics.Mean(name="domain_loss")
+            if alignment == "adversarial":
+                self.domain_accuracy = keras.metrics.Mean(
+                    name="domain_accuracy")
         self._build_heads()
 
     def _build_heads(self):
@@ -318,6 +342,13 @@ class DANN(keras.Model):
 
     def build(self, input_shape=None):
         self.built = True
+
+    @property
+    def _aligns(self):
+        """False with ``domain_weight=0``: the label loss only (a
+        source-only baseline of the same network); the domain head is
+        neither run nor trained."""
+        return self.domain_weight > 0
 
     def build_from_config(self, config):
         self.built = True
@@ -348,7 +379,7 @@ class DANN(keras.Model):
             parts.append(inputs["labeled"])
         f = self.features(ops.concatenate(parts, axis=0), training)
         out = {"label": self._labels(f, training), "features": f}
-        if self.alignment == "adversarial":
+        if self.alignment == "adversarial" and self._aligns:
             out["domain"] = self._domain(f, training)
         return out
 
@@ -378,8 +409,12 @@ class DANN(keras.Model):
             class_loss = (class_loss * ops.cast(n_s, "float32")
                           + ops.sum(extra)) / ops.cast(
                 n_s + ops.shape(extra)[0], "float32")
+        self.class_loss_tracker.update_state(class_loss)
+        total = class_loss
         f = y_pred["features"]
-        if self.alignment == "adversarial":
+        if not self._aligns:
+            domain_loss = None
+        elif self.alignment == "adversarial":
             domain_true = ops.concatenate([
                 ops.zeros((n_s, 1)), ops.ones((ops.shape(f)[0] - n_s, 1))],
                 axis=0)
@@ -392,9 +427,9 @@ class DANN(keras.Model):
             self.domain_accuracy.update_state(acc)
         else:
             domain_loss = coral_loss(f[:n_s], f[n_s:])
-        self.class_loss_tracker.update_state(class_loss)
-        self.domain_loss_tracker.update_state(domain_loss)
-        total = class_loss + self.domain_weight * domain_loss
+        if domain_loss is not None:
+            self.domain_loss_tracker.update_state(domain_loss)
+            total = total + self.domain_weight * domain_loss
         for extra in self.losses:  # regularizers of the feature extractor
             total = total + ops.cast(self._aggregate_additional_loss(extra),
                                      "float32")

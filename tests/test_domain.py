@@ -137,6 +137,16 @@ def test_schedules_update_every_batch():
     cb.on_train_batch_begin(0)
 
 
+def test_ganin_lambda_warmup():
+    """lambda = 0 for the warm-up fraction, then the paper's ramp."""
+    cb = kerastl.GaninLambda(warmup=0.5, total_steps=100)
+    assert [cb.value(p) for p in (0.0, 0.25, 0.5)] == [0.0, 0.0, 0.0]
+    assert cb.value(0.55) == pytest.approx(ganin_lambda(0.1))
+    assert cb.value(1.0) == pytest.approx(ganin_lambda(1.0))
+    with pytest.raises(kerastl.KerastlError, match="warmup"):
+        kerastl.GaninLambda(warmup=1.0)
+
+
 # -- DANN -------------------------------------------------------------------------
 
 def test_dann_trains_reports_and_predicts_on_the_label_path():
@@ -187,6 +197,22 @@ def test_reversal_makes_domains_indistinguishable():
 
     assert domain_accuracy(0.0) > 0.95
     assert abs(domain_accuracy(1.0) - 0.5) < 0.15
+
+
+def test_domain_weight_zero_is_the_label_path_only():
+    """The source-only baseline: same network, the domain head untouched."""
+    xs, ys, xt, _ = toy_domains()
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), domain_weight=0)
+    dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+    head = [v.numpy().copy() for v in dann.domain_head.weights]
+    h = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+                 epochs=1, verbose=0)
+    assert "domain_loss" not in h.history
+    assert "domain_accuracy" not in h.history
+    assert np.isfinite(h.history["class_loss"][-1])
+    for before, v in zip(head, dann.domain_head.weights):
+        np.testing.assert_array_equal(before, v.numpy())
 
 
 def test_semi_supervised_labels_join_the_class_loss():
@@ -254,6 +280,8 @@ def test_dann_bad_input():
         kerastl.DANN(small_cnn(), 2, alignment="mmd2")
     with pytest.raises(kerastl.KerastlError, match="Keras model"):
         kerastl.DANN(lambda x: x, 2)
+    with pytest.raises(kerastl.KerastlError, match="domain_weight"):
+        kerastl.DANN(small_cnn(), 2, domain_weight=-1)
     xs, ys, xt, _ = toy_domains(8)
     with pytest.raises(kerastl.KerastlError, match="unlabelled"):
         kerastl.domain_dataset((xs, ys), (xt, ys))
