@@ -69,30 +69,34 @@ def optimizer_and_schedule(name):
             [kerastl.GaninLearningRate()])
 
 
-def train(labelled, unlabelled, steps, test, args):
-    """One network for all three runs: ``kerastl.DANN`` and its label path.
+def epochs_for(steps, labelled):
+    return max(1, round(steps * BATCH / len(labelled[0])))
 
-    ``unlabelled=None`` fits only the label path (``dann.classifier``, the
-    same layers) on ``labelled``: source only, or target only.
-    Returns (accuracy, accuracy after AdaBN, final domain accuracy).
-    """
+
+def train_label_path(labelled, steps, test, args):
+    """Source only or target only: the label path of the same network
+    (``dann.classifier``, the same layers) fitted on ``labelled``."""
+    net = kerastl.DANN(features(), 10).classifier
+    optimizer, callbacks = optimizer_and_schedule(args.optimizer)
+    net.compile(optimizer, loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+    net.fit(*labelled, batch_size=BATCH, epochs=epochs_for(steps, labelled),
+            verbose=0, callbacks=callbacks)
+    return net.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
+
+
+def train_dann(source, target_images, steps, test, args):
+    """kerastl's recipe. Returns (accuracy, accuracy after AdaBN, final
+    domain accuracy)."""
     model = kerastl.DANN(features(), 10)
     optimizer, callbacks = optimizer_and_schedule(args.optimizer)
-    epochs = max(1, round(steps * BATCH / len(labelled[0])))
-    if unlabelled is None:
-        net = model.classifier
-        net.compile(optimizer, loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"])
-        net.fit(*labelled, batch_size=BATCH, epochs=epochs, verbose=0,
-                callbacks=callbacks)
-        accuracy = net.evaluate(*test, verbose=0, return_dict=True)
-        return accuracy["accuracy"], float("nan"), float("nan")
     model.compile(optimizer, metrics=["accuracy"])
-    data = kerastl.domain_dataset(labelled, unlabelled, batch_size=BATCH)
+    data = kerastl.domain_dataset(source, target_images, batch_size=BATCH)
     callbacks.append(kerastl.GaninLambda(warmup=args.warmup))
-    history = model.fit(data, epochs=epochs, verbose=0, callbacks=callbacks)
+    history = model.fit(data, epochs=epochs_for(steps, source), verbose=0,
+                        callbacks=callbacks)
     accuracy = model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
-    kerastl.adapt_batch_norm(model, unlabelled)
+    kerastl.adapt_batch_norm(model, target_images)
     adabn = model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
     return accuracy, adabn, history.history["domain_accuracy"][-1]
 
@@ -109,12 +113,12 @@ def run_pair(src_name, tgt_name, seed, args):
     test = load(tgt_name, "test", seed)
     row = {}
     keras.utils.set_random_seed(seed)
-    row["source_only"], _, _ = train(source, None, args.steps, test, args)
+    row["source_only"] = train_label_path(source, args.steps, test, args)
     keras.utils.set_random_seed(seed)
-    row["dann"], row["adabn"], row["domain_acc"] = train(
+    row["dann"], row["adabn"], row["domain_acc"] = train_dann(
         source, target[0], args.steps, test, args)
     keras.utils.set_random_seed(seed)
-    row["target_only"], _, _ = train(target, None, args.steps, test, args)
+    row["target_only"] = train_label_path(target, args.steps, test, args)
     row["closed"] = closed(row, "dann")
     row["closed_adabn"] = closed(row, "adabn")
     return row

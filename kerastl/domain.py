@@ -343,15 +343,15 @@ class DANN(keras.Model):
     def build(self, input_shape=None):
         self.built = True
 
+    def build_from_config(self, config):
+        self.built = True
+
     @property
     def _aligns(self):
         """False with ``domain_weight=0``: the label loss only (a
         source-only baseline of the same network); the domain head is
         neither run nor trained."""
         return self.domain_weight > 0
-
-    def build_from_config(self, config):
-        self.built = True
 
     # -- forward ----------------------------------------------------------
 
@@ -411,29 +411,29 @@ class DANN(keras.Model):
                 n_s + ops.shape(extra)[0], "float32")
         self.class_loss_tracker.update_state(class_loss)
         total = class_loss
-        f = y_pred["features"]
-        if not self._aligns:
-            domain_loss = None
-        elif self.alignment == "adversarial":
-            domain_true = ops.concatenate([
-                ops.zeros((n_s, 1)), ops.ones((ops.shape(f)[0] - n_s, 1))],
-                axis=0)
-            domain = y_pred["domain"]
-            domain_loss = ops.mean(keras.losses.binary_crossentropy(
-                domain_true, domain))
-            acc = ops.mean(ops.cast(
-                ops.equal(ops.cast(domain > 0.5, "float32"), domain_true),
-                "float32"))
-            self.domain_accuracy.update_state(acc)
-        else:
-            domain_loss = coral_loss(f[:n_s], f[n_s:])
-        if domain_loss is not None:
+        if self._aligns:
+            domain_loss = self._alignment_loss(y_pred, n_s)
             self.domain_loss_tracker.update_state(domain_loss)
             total = total + self.domain_weight * domain_loss
         for extra in self.losses:  # regularizers of the feature extractor
             total = total + ops.cast(self._aggregate_additional_loss(extra),
                                      "float32")
         return total
+
+    def _alignment_loss(self, y_pred, n_s):
+        """The domain loss (adversarial, with its accuracy) or CORAL."""
+        f = y_pred["features"]
+        if self.alignment == "coral":
+            return coral_loss(f[:n_s], f[n_s:])
+        domain_true = ops.concatenate([
+            ops.zeros((n_s, 1)), ops.ones((ops.shape(f)[0] - n_s, 1))],
+            axis=0)
+        domain = y_pred["domain"]
+        acc = ops.mean(ops.cast(
+            ops.equal(ops.cast(domain > 0.5, "float32"), domain_true),
+            "float32"))
+        self.domain_accuracy.update_state(acc)
+        return ops.mean(keras.losses.binary_crossentropy(domain_true, domain))
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if isinstance(y_pred, dict):
