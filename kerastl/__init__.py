@@ -12,7 +12,7 @@ from kerastl.freezing import (GradualUnfreezing, freeze, trainable_blocks,
 from kerastl import datasets, hub
 from kerastl.domain import (DANN, GaninLambda, GaninLearningRate,
                             GradientReversal, adapt_batch_norm, coral_loss,
-                            domain_dataset)
+                            domain_dataset, information_loss)
 from kerastl.hub import HubLayer, resolve_handle, trust_hub_path
 from kerastl.features import (FeatureCache, LinearProbe, extract_features,
                               feature_model)
@@ -40,6 +40,7 @@ __all__ = [
     "LayerwiseOptimizer", "describe_learning_rates", "layer_decay",
     "lr_spread", "datasets", "DANN", "GaninLambda", "GaninLearningRate",
     "GradientReversal", "adapt_batch_norm", "coral_loss", "domain_dataset",
+    "information_loss",
     "hub", "HubLayer", "resolve_handle", "trust_hub_path",
     "FeatureCache", "LinearProbe", "extract_features", "feature_model",
     "hard_examples", "joint_fine_tune", "select_source_samples",

@@ -189,7 +189,8 @@ def test_reversal_makes_domains_indistinguishable():
         # The plainest DANN (no bottleneck, no BN in the heads) shows the
         # reversal itself at work.
         dann = kerastl.DANN(small_cnn(width=16), 2, domain_hidden=(32,),
-                            lambda_=lam, bottleneck=None, batchnorm=False)
+                            lambda_=lam, bottleneck=None, batchnorm=False,
+                            entropy_weight=0, split_batchnorm=False)
         dann.compile(keras.optimizers.Adam(1e-3))
         ds = kerastl.domain_dataset((xs, ys), xt, batch_size=32)
         h = dann.fit(ds, epochs=15, verbose=0)
@@ -247,6 +248,78 @@ def test_coral_alignment():
     assert np.isfinite(h.history["domain_loss"][-1])
 
 
+def test_information_loss():
+    k = 4
+    uniform = np.full((8, k), 1.0 / k, "float32")
+    assert float(kerastl.information_loss(uniform)) == pytest.approx(
+        0.0, abs=1e-5)
+    balanced = np.eye(k, dtype="float32")  # confident, every class used
+    assert float(kerastl.information_loss(balanced)) == pytest.approx(
+        -np.log(k), abs=1e-4)
+    collapsed = np.tile(np.eye(k, dtype="float32")[:1], (8, 1))
+    assert float(kerastl.information_loss(collapsed)) == pytest.approx(
+        0.0, abs=1e-4)
+    p = np.random.default_rng(0).dirichlet(np.ones(k), 16).astype("float32")
+    mean = p.mean(axis=0)
+    expected = (-np.mean(np.sum(p * np.log(p), axis=1))
+                + np.sum(mean * np.log(mean)))
+    assert float(kerastl.information_loss(p)) == pytest.approx(expected,
+                                                              rel=1e-4)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_split_batchnorm_normalises_each_domain_on_its_own(split):
+    """With split_batchnorm the source features of a training step do not
+    depend on the target half of the batch (own BN statistics); without,
+    they do (one batch)."""
+    xs, _, xt, _ = toy_domains(n=16)
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,),
+                        split_batchnorm=split)
+
+    def source_features(target):
+        out = dann({"source": xs, "target": target}, training=True)
+        return out["features"][:16].numpy()
+
+    a, b = source_features(xt), source_features(xt[::-1] * 0.5)
+    if split:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    else:
+        assert np.abs(a - b).max() > 1e-3
+
+
+@pytest.mark.parametrize("alignment", ["adversarial", "coral"])
+def test_entropy_loss_joins_the_total_times_lambda(alignment):
+    """loss = class + domain_weight x domain + entropy_weight x lambda x
+    entropy, with lambda the reversal strength (1 for CORAL)."""
+    xs, ys, xt, _ = toy_domains()
+    keras.utils.set_random_seed(0)
+    lam = 0.7 if alignment == "adversarial" else 1.0
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), lambda_=0.7,
+                        domain_weight=0.5, entropy_weight=2.0,
+                        alignment=alignment)
+    dann.compile(keras.optimizers.Adam(1e-3))
+    logs = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+                    epochs=1, verbose=0).history
+    expected = (logs["class_loss"][0] + 0.5 * logs["domain_loss"][0]
+                + 2.0 * lam * logs["entropy_loss"][0])
+    assert logs["loss"][0] == pytest.approx(expected, rel=1e-5)
+    assert -np.log(2) <= logs["entropy_loss"][0] <= np.log(2)
+
+
+def test_entropy_weight_zero_is_the_papers_loss():
+    xs, ys, xt, _ = toy_domains()
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), lambda_=1.0,
+                        entropy_weight=0)
+    dann.compile(keras.optimizers.Adam(1e-3))
+    logs = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+                    epochs=1, verbose=0).history
+    assert "entropy_loss" not in logs
+    assert logs["loss"][0] == pytest.approx(
+        logs["class_loss"][0] + logs["domain_loss"][0], rel=1e-5)
+
+
 def test_dann_save_load_and_export(tmp_path):
     xs, ys, xt, _ = toy_domains()
     keras.utils.set_random_seed(0)
@@ -258,6 +331,10 @@ def test_dann_save_load_and_export(tmp_path):
     loaded = keras.models.load_model(tmp_path / "dann.keras")
     assert isinstance(loaded, kerastl.DANN)
     assert loaded.alignment == "adversarial"
+    options = {k: v for k, v in dann.get_config().items()
+               if k != "feature_extractor"}
+    assert {k: loaded.get_config()[k] for k in options} == options
+    assert loaded.entropy_weight == 0.5 and loaded.split_batchnorm
     np.testing.assert_array_equal(dann.predict(xt[:6], verbose=0),
                                   loaded.predict(xt[:6], verbose=0))
     for a, b in zip(dann.weights, loaded.weights):
@@ -282,6 +359,8 @@ def test_dann_bad_input():
         kerastl.DANN(lambda x: x, 2)
     with pytest.raises(kerastl.KerastlError, match="domain_weight"):
         kerastl.DANN(small_cnn(), 2, domain_weight=-1)
+    with pytest.raises(kerastl.KerastlError, match="entropy_weight"):
+        kerastl.DANN(small_cnn(), 2, entropy_weight=float("nan"))
     xs, ys, xt, _ = toy_domains(8)
     with pytest.raises(kerastl.KerastlError, match="unlabelled"):
         kerastl.domain_dataset((xs, ys), (xt, ys))
@@ -316,3 +395,29 @@ def test_adapt_batch_norm_sets_target_statistics_only():
         if "moving" not in v.path:
             np.testing.assert_array_equal(v.numpy(), others[v.path])
     assert bn.trainable is False and bn.momentum == 0.99
+
+
+def test_adapt_batch_norm_on_dann_adapts_the_bottleneck_too():
+    _, _, xt, _ = toy_domains(n=48)
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,))
+    others = {v.path: v.numpy().copy() for v in dann.weights
+              if "moving" not in v.path}
+    domain_bn = [v.numpy().copy() for v in dann.domain_layers[1].weights]
+    # The feature extractor's BN and the bottleneck's.
+    assert kerastl.adapt_batch_norm(dann, xt, batch_size=48) == 2
+    # One batch: every moving statistic is that batch's, so the inference
+    # forward pass repeats the adaptation pass, and the bottleneck BN holds
+    # the mean and variance of its Dense layer's outputs on the target.
+    pooled = dann.pool(dann.feature_extractor(xt, training=False))
+    dense = dann.bottleneck_layers[0](pooled).numpy()
+    bn = dann.bottleneck_layers[1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), dense.mean(axis=0),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(),
+                               dense.var(axis=0), rtol=1e-3, atol=1e-5)
+    for v in dann.weights:
+        if "moving" not in v.path:
+            np.testing.assert_array_equal(v.numpy(), others[v.path])
+    for before, v in zip(domain_bn, dann.domain_layers[1].weights):
+        np.testing.assert_array_equal(before, v.numpy())  # not the label path
