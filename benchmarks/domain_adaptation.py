@@ -20,7 +20,8 @@ ways and scored on held-out target test images:
 Prints a table with the accuracies and the fraction of the
 source-only -> target-only gap that DANN closes, mean and spread over seeds.
 
-    python benchmarks/domain_adaptation.py [--seeds 2] [--steps 1500]
+    python benchmarks/domain_adaptation.py [--seeds 2] [--first-seed 0]
+        [--steps 1500]
         [--pairs syn_digits:digits digits:digits_m]
         [--optimizer adam|sgd] [--warmup 0.5] [--entropy-weight W]
         [--no-split-batchnorm]
@@ -135,6 +136,8 @@ def run_pair(src_name, tgt_name, seed, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--pairs", nargs="+",
                         default=["syn_digits:digits", "digits:digits_m"])
@@ -162,7 +165,7 @@ def main():
     for pair in args.pairs:
         src, tgt = pair.split(":")
         rows = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = run_pair(src, tgt, seed, args)
             rows.append(r)
             print(f"{src + ' -> ' + tgt:<24}{seed:>5}{r['source_only']:>13.3f}"
