@@ -108,6 +108,13 @@ def toy_domains(n=64, seed=0):
     return xs, ys, xt, yt
 
 
+def fit_one_epoch(dann):
+    """One epoch of batch-16 training on :func:`toy_domains`; the logs."""
+    xs, ys, xt, _ = toy_domains()
+    return dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+                    epochs=1, verbose=0).history
+
+
 def test_schedules_update_every_batch():
     xs, ys, xt, _ = toy_domains()
     keras.utils.set_random_seed(0)
@@ -202,16 +209,14 @@ def test_reversal_makes_domains_indistinguishable():
 
 def test_domain_weight_zero_is_the_label_path_only():
     """The source-only baseline: same network, the domain head untouched."""
-    xs, ys, xt, _ = toy_domains()
     keras.utils.set_random_seed(0)
     dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), domain_weight=0)
     dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
     head = [v.numpy().copy() for v in dann.domain_head.weights]
-    h = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
-                 epochs=1, verbose=0)
-    assert "domain_loss" not in h.history
-    assert "domain_accuracy" not in h.history
-    assert np.isfinite(h.history["class_loss"][-1])
+    logs = fit_one_epoch(dann)
+    assert "domain_loss" not in logs
+    assert "domain_accuracy" not in logs
+    assert np.isfinite(logs["class_loss"][-1])
     for before, v in zip(head, dann.domain_head.weights):
         np.testing.assert_array_equal(before, v.numpy())
 
@@ -239,13 +244,11 @@ def test_coral_alignment():
     expected = np.sum((ca - 9 * ca) ** 2) / (4 * 36)
     assert float(kerastl.coral_loss(a, b)) == pytest.approx(expected,
                                                             rel=1e-4)
-    xs, ys, xt, _ = toy_domains()
     dann = kerastl.DANN(small_cnn(), 2, alignment="coral")
     dann.compile(keras.optimizers.Adam(1e-3))
-    h = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
-                 epochs=1, verbose=0)
-    assert "domain_accuracy" not in h.history and dann.reversal is None
-    assert np.isfinite(h.history["domain_loss"][-1])
+    logs = fit_one_epoch(dann)
+    assert "domain_accuracy" not in logs and dann.reversal is None
+    assert np.isfinite(logs["domain_loss"][-1])
 
 
 def test_information_loss():
@@ -292,15 +295,13 @@ def test_split_batchnorm_normalises_each_domain_on_its_own(split):
 def test_entropy_loss_joins_the_total_times_lambda(alignment):
     """loss = class + domain_weight x domain + entropy_weight x lambda x
     entropy, with lambda the reversal strength (1 for CORAL)."""
-    xs, ys, xt, _ = toy_domains()
     keras.utils.set_random_seed(0)
     lam = 0.7 if alignment == "adversarial" else 1.0
     dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), lambda_=0.7,
                         domain_weight=0.5, entropy_weight=2.0,
                         alignment=alignment)
     dann.compile(keras.optimizers.Adam(1e-3))
-    logs = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
-                    epochs=1, verbose=0).history
+    logs = fit_one_epoch(dann)
     expected = (logs["class_loss"][0] + 0.5 * logs["domain_loss"][0]
                 + 2.0 * lam * logs["entropy_loss"][0])
     assert logs["loss"][0] == pytest.approx(expected, rel=1e-5)
@@ -308,25 +309,22 @@ def test_entropy_loss_joins_the_total_times_lambda(alignment):
 
 
 def test_entropy_weight_zero_is_the_papers_loss():
-    xs, ys, xt, _ = toy_domains()
     keras.utils.set_random_seed(0)
     dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), lambda_=1.0,
                         entropy_weight=0)
     dann.compile(keras.optimizers.Adam(1e-3))
-    logs = dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
-                    epochs=1, verbose=0).history
+    logs = fit_one_epoch(dann)
     assert "entropy_loss" not in logs
     assert logs["loss"][0] == pytest.approx(
         logs["class_loss"][0] + logs["domain_loss"][0], rel=1e-5)
 
 
 def test_dann_save_load_and_export(tmp_path):
-    xs, ys, xt, _ = toy_domains()
+    xt = toy_domains()[2]
     keras.utils.set_random_seed(0)
     dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), lambda_=0.5)
     dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
-    dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16), epochs=1,
-             verbose=0)
+    fit_one_epoch(dann)
     dann.save(tmp_path / "dann.keras")
     loaded = keras.models.load_model(tmp_path / "dann.keras")
     assert isinstance(loaded, kerastl.DANN)
