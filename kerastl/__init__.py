@@ -10,14 +10,14 @@ from kerastl.blocks import BlockMap, block_map
 from kerastl.freezing import (GradualUnfreezing, freeze, trainable_blocks,
                               trainable_summary, unfreeze)
 from kerastl import datasets, hub
-from kerastl.domain import (DANN, GaninLambda, GaninLearningRate,
-                            GradientReversal, adapt_batch_norm, coral_loss,
-                            domain_dataset, information_loss)
+from kerastl.adaptation import (DANN, GaninLambda, GaninLearningRate,
+                                GradientReversal, adapt_batch_norm,
+                                coral_loss, domain_dataset, hard_examples,
+                                information_loss, joint_fine_tune,
+                                select_source_samples)
 from kerastl.hub import HubLayer, resolve_handle, trust_hub_path
 from kerastl.features import (FeatureCache, LinearProbe, extract_features,
                               feature_model)
-from kerastl.borrow import (hard_examples, joint_fine_tune,
-                            select_source_samples)
 from kerastl.analysis import (CKAResult, DepthSweep, cka_by_block,
                               linear_cka, transfer_depth_sweep)
 from kerastl.heads import build_classifier, replace_classifier

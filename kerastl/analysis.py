@@ -165,7 +165,7 @@ def cka_by_block(model_a, model_b, data, blocks=None, blocks_b=None,
     Returns:
         A :class:`CKAResult`; ``print()`` it or call ``.plot()``.
     """
-    from kerastl.features import extract_features
+    from kerastl.features.extract import extract_features
 
     names_a = _block_names(model_a, blocks)
     names_b = _block_names(model_b, blocks if blocks_b is None else blocks_b)

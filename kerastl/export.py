@@ -44,7 +44,7 @@ def inference_model(model):
     anything else is returned as is.
     """
     from kerastl.blocks import layer_graph
-    from kerastl.domain import DANN, GradientReversal
+    from kerastl.adaptation import DANN, GradientReversal
 
     if isinstance(model, DANN):
         return model.classifier

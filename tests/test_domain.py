@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import kerastl
-from kerastl.domain import ganin_lambda
+from kerastl.adaptation.schedules import ganin_lambda
 
 
 # -- GradientReversal -----------------------------------------------------------

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from kerastl.errors import KerastlError
-from kerastl.features import flat_features
+from kerastl.features.extract import flat_features
 
 METRICS = ("cosine", "l2")
 

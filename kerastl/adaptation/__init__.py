@@ -1,0 +1,35 @@
+"""Domain adaptation: one concept per module.
+
+The source domain has labels, the target domain has none (or a few), and the
+model must do well on the target.
+
+* :mod:`~kerastl.adaptation.reversal` — :class:`GradientReversal`.
+* :mod:`~kerastl.adaptation.schedules` — :class:`GaninLambda`,
+  :class:`GaninLearningRate` (per-batch callbacks).
+* :mod:`~kerastl.adaptation.losses` — :func:`coral_loss`,
+  :func:`information_loss`.
+* :mod:`~kerastl.adaptation.dann` — :class:`DANN`, trained with plain
+  ``fit``; its block map lists the feature extractor's blocks, then
+  ``bottleneck``, ``label_head`` and ``domain_head``.
+* :mod:`~kerastl.adaptation.data` — :func:`domain_dataset`.
+* :mod:`~kerastl.adaptation.adabn` — :func:`adapt_batch_norm` (AdaBN).
+* :mod:`~kerastl.adaptation.borrowing` — borrowing similar source data:
+  :func:`select_source_samples`, :func:`hard_examples`,
+  :func:`joint_fine_tune`.
+"""
+
+from kerastl.adaptation.adabn import adapt_batch_norm
+from kerastl.adaptation.borrowing import (JointFineTuning, SourceSelection,
+                                          hard_examples, joint_fine_tune,
+                                          select_source_samples)
+from kerastl.adaptation.dann import DANN
+from kerastl.adaptation.data import domain_dataset
+from kerastl.adaptation.losses import coral_loss, information_loss
+from kerastl.adaptation.reversal import GradientReversal
+from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
+                                          ganin_lambda)
+
+__all__ = ["DANN", "GaninLambda", "GaninLearningRate", "GradientReversal",
+           "JointFineTuning", "SourceSelection", "adapt_batch_norm",
+           "coral_loss", "domain_dataset", "ganin_lambda", "hard_examples",
+           "information_loss", "joint_fine_tune", "select_source_samples"]

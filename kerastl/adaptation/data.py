@@ -1,0 +1,83 @@
+"""``domain_dataset``: labelled source and unlabelled target, zipped for DANN."""
+
+import numpy as np
+
+from kerastl.errors import KerastlError
+
+
+def _as_dataset(data, labelled):
+    import tensorflow as tf
+    if isinstance(data, tf.data.Dataset):
+        return data.unbatch() if _is_batched(data) else data
+    if labelled:
+        if not (isinstance(data, tuple) and len(data) == 2):
+            raise KerastlError(
+                "The labelled source must be an (x, y) tuple of arrays or a "
+                "tf.data.Dataset of (x, y).")
+        x, y = data
+        if len(x) != len(y):
+            raise KerastlError(f"Source x has {len(x)} samples but y has "
+                               f"{len(y)}.")
+        return tf.data.Dataset.from_tensor_slices(
+            (np.asarray(x, "float32"), np.asarray(y, "int64")))
+    if isinstance(data, tuple):
+        raise KerastlError(
+            "The target is unlabelled: pass its images only, not (x, y).")
+    return tf.data.Dataset.from_tensor_slices(np.asarray(data, "float32"))
+
+
+def _is_batched(ds):
+    spec = ds.element_spec
+    first = spec[0] if isinstance(spec, tuple) else spec
+    return first.shape.rank is not None and first.shape.rank == 4
+
+
+def domain_dataset(source, target, batch_size=32, target_labeled=None,
+                   shuffle=True, seed=0):
+    """Zips labelled source and unlabelled target data for :class:`DANN`.
+
+    Yields ``({"source": xs, "target": xt}, ys)`` batches, half source and
+    half target (``batch_size`` of each). An epoch is one pass over the
+    source; the target repeats as needed. With ``target_labeled=(x, y)``, a
+    few labelled target samples, each batch also carries ``"labeled"``
+    images and the labels come as ``{"source": ys, "labeled": yl}``.
+
+    Args:
+        source: ``(x, y)`` arrays or a ``tf.data.Dataset`` of ``(x, y)``.
+        target: images (array) or a ``tf.data.Dataset`` of images.
+        batch_size: samples per domain per batch.
+        target_labeled: optional ``(x, y)`` labelled target samples.
+    """
+    import tensorflow as tf
+    if batch_size < 1:
+        raise KerastlError(f"batch_size={batch_size}: expected >= 1.")
+    src = _as_dataset(source, labelled=True)
+    tgt = _as_dataset(target, labelled=False)
+    if shuffle:
+        src = src.shuffle(10000, seed=seed, reshuffle_each_iteration=True)
+        tgt = tgt.shuffle(10000, seed=seed + 1,
+                          reshuffle_each_iteration=True)
+    src = src.batch(batch_size, drop_remainder=True)
+    tgt = tgt.repeat().batch(batch_size, drop_remainder=True)
+    parts = [src, tgt]
+    if target_labeled is not None:
+        lab = _as_dataset(target_labeled, labelled=True)
+        lab = lab.shuffle(10000, seed=seed + 2).repeat().batch(
+            min(batch_size, max(1, _count(target_labeled))),
+            drop_remainder=True)
+        parts.append(lab)
+
+    def combine(s, t, l=None):
+        x = {"source": s[0], "target": t}
+        if l is None:
+            return x, s[1]
+        x["labeled"] = l[0]
+        return x, {"source": s[1], "labeled": l[1]}
+
+    ds = tf.data.Dataset.zip(tuple(parts)).map(
+        combine, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _count(data):
+    return len(data[0]) if isinstance(data, tuple) else 32

@@ -1,0 +1,120 @@
+"""The DANN paper's per-batch schedules, as Keras callbacks.
+
+:class:`GaninLambda` ramps the reversal strength of every
+:class:`~kerastl.GradientReversal` from 0; :class:`GaninLearningRate`
+anneals the learning rate. Both update before every batch of ``fit``.
+"""
+
+import math
+
+import keras
+
+from kerastl.adaptation.reversal import GradientReversal
+from kerastl.errors import KerastlError
+
+
+def ganin_lambda(p, gamma=10.0):
+    """The DANN schedule: ``2 / (1 + exp(-gamma * p)) - 1`` for progress p."""
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+
+def _progress(callback):
+    """Training progress p in [0, 1] from fit's epochs and steps."""
+    total = callback.total_steps
+    if total is None:
+        params = callback.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        if not steps or not epochs:
+            raise KerastlError(
+                f"{type(callback).__name__} needs the length of training: "
+                f"pass total_steps=, or give fit a dataset of known length "
+                f"or steps_per_epoch=.")
+        total = steps * epochs
+    return min(1.0, callback._step / max(1, total))
+
+
+class _PerBatch(keras.callbacks.Callback):
+    def __init__(self, total_steps=None):
+        super().__init__()
+        if total_steps is not None and total_steps < 1:
+            raise KerastlError(f"total_steps={total_steps}: expected >= 1.")
+        self.total_steps = total_steps
+        self._step = 0
+        self.history = []
+
+    def on_train_begin(self, logs=None):
+        self._step = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        value = self.value(_progress(self))
+        self.apply(value)
+        self.history.append(value)
+        self._step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.history:
+            logs[self.log_name] = self.history[-1]
+
+
+class GaninLambda(_PerBatch):
+    """Sets every :class:`GradientReversal` of the model to Ganin's schedule.
+
+    ``lambda_p = scale * (2 / (1 + exp(-gamma p)) - 1)``, p going from 0 to 1
+    over the planned training steps (``epochs x steps`` of ``fit``, or
+    ``total_steps``), updated before every batch: the domain head's signal
+    is suppressed while it is still noise.
+
+    ``warmup`` keeps lambda at 0 for that fraction of training and runs the
+    ramp over the rest (p counted from the end of the warm-up): the label
+    head learns the source first. Useful where the source task itself is
+    slow to learn; the paper has no warm-up.
+
+    Args:
+        gamma: the steepness (paper: 10).
+        scale: the final lambda (paper: 1).
+        warmup: fraction of training, in [0, 1), with lambda = 0 (paper: 0).
+        total_steps: the length of training, if ``fit`` cannot tell.
+    """
+
+    log_name = "grl_lambda"
+
+    def __init__(self, gamma=10.0, scale=1.0, warmup=0.0, total_steps=None):
+        super().__init__(total_steps)
+        if not 0.0 <= warmup < 1.0:
+            raise KerastlError(f"warmup={warmup!r}: expected a fraction of "
+                               f"training in [0, 1).")
+        self.gamma, self.scale = float(gamma), float(scale)
+        self.warmup = float(warmup)
+
+    def value(self, p):
+        p = max(0.0, (p - self.warmup) / (1.0 - self.warmup))
+        return self.scale * ganin_lambda(p, self.gamma)
+
+    def apply(self, value):
+        layers = [l for l in self.model._flatten_layers()
+                  if isinstance(l, GradientReversal)]
+        if not layers:
+            raise KerastlError("GaninLambda: the model has no "
+                               "GradientReversal layer.")
+        for layer in layers:
+            layer.lambda_.assign(value)
+
+
+class GaninLearningRate(_PerBatch):
+    """The DANN learning-rate annealing ``mu0 / (1 + alpha p) ** beta``.
+
+    Paper defaults: ``mu0=0.01, alpha=10, beta=0.75`` (with SGD, momentum
+    0.9). Updated before every batch; p goes from 0 to 1 over training.
+    """
+
+    log_name = "learning_rate"
+
+    def __init__(self, mu0=0.01, alpha=10.0, beta=0.75, total_steps=None):
+        super().__init__(total_steps)
+        self.mu0, self.alpha, self.beta = float(mu0), float(alpha), float(beta)
+
+    def value(self, p):
+        return self.mu0 / (1.0 + self.alpha * p) ** self.beta
+
+    def apply(self, value):
+        self.model.optimizer.learning_rate = value

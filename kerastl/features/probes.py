@@ -1,0 +1,144 @@
+"""``LinearProbe``: a linear classifier on fixed features."""
+
+import keras
+import numpy as np
+
+from kerastl.errors import KerastlError
+from kerastl.features.extract import flat_features
+
+
+class LinearProbe:
+    """A linear classifier on fixed features (off-the-shelf transfer).
+
+    ``kind="softmax"``: a standardising ``Normalization`` layer and one
+    softmax ``Dense`` layer with L2 weight decay, trained with Keras (Adam)
+    on the features: multinomial logistic regression. ``kind="svm"``: a
+    standardised linear SVM from scikit-learn (``pip install
+    kerastl[data]``), as in Razavian et al. (2014).
+
+    Labels can be any values (ints, strings); :attr:`classes_` holds them.
+
+    Args:
+        kind: ``"softmax"`` or ``"svm"``.
+        l2: L2 penalty on the softmax weights.
+        C: the SVM's inverse regularisation strength.
+        epochs, batch_size, learning_rate: softmax training.
+        verbose: Keras ``fit`` verbosity.
+
+    Example:
+
+    >>> probe = kerastl.LinearProbe().fit(train_features, train_labels)
+    >>> probe.score(test_features, test_labels)
+    """
+
+    KINDS = ("softmax", "svm")
+
+    def __init__(self, kind="softmax", l2=1e-4, C=1.0, epochs=100,
+                 batch_size=128, learning_rate=1e-2, verbose=0):
+        if kind not in self.KINDS:
+            raise KerastlError(f"kind={kind!r}: expected 'softmax' or 'svm'.")
+        self.kind = kind
+        self.l2 = float(l2)
+        self.C = float(C)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.learning_rate = float(learning_rate)
+        self.verbose = verbose
+        self.model = None
+        self.classes_ = None
+        self.history = None
+
+    def build_model(self, dim, num_classes, mean=None, variance=None):
+        """The softmax probe as a ``keras.Model`` on ``dim`` features."""
+        inputs = keras.Input((dim,), name="features")
+        norm = keras.layers.Normalization(mean=mean, variance=variance,
+                                          name="standardize")
+        outputs = keras.layers.Dense(
+            num_classes, activation="softmax",
+            kernel_regularizer=keras.regularizers.L2(self.l2),
+            name="probe")(norm(inputs))
+        return keras.Model(inputs, outputs, name="linear_probe")
+
+    def _encode(self, y):
+        # classes_ comes from np.unique: sorted, so a binary search encodes.
+        y = np.asarray(y)
+        codes = np.minimum(np.searchsorted(self.classes_, y),
+                           len(self.classes_) - 1)
+        unseen = self.classes_[codes] != y
+        if unseen.any():
+            raise KerastlError(f"Label {y[unseen][0]!r} was not seen in fit "
+                               f"(classes: {self.classes_.tolist()}).")
+        return codes.astype("int64")
+
+    def fit(self, x, y, validation_data=None):
+        """Trains on features ``x`` (array or dict) and labels ``y``."""
+        x = flat_features(x)
+        y = np.asarray(y)
+        if len(x) != len(y):
+            raise KerastlError(f"{len(x)} feature rows but {len(y)} labels.")
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise KerastlError("A probe needs at least two classes in y.")
+        yi = self._encode(y)
+        if self.kind == "svm":
+            self.model = _svm(self.C)
+            self.model.fit(x, yi)
+            return self
+        mean = x.mean(axis=0)
+        variance = x.var(axis=0) + 1e-6
+        self.model = self.build_model(x.shape[1], len(self.classes_),
+                                      mean, variance)
+        self.model.compile(keras.optimizers.Adam(self.learning_rate),
+                           "sparse_categorical_crossentropy",
+                           metrics=["accuracy"])
+        val = None
+        if validation_data is not None:
+            vx, vy = validation_data
+            val = (flat_features(vx), self._encode(vy))
+        self.history = self.model.fit(
+            x, yi, batch_size=self.batch_size, epochs=self.epochs,
+            validation_data=val, verbose=self.verbose)
+        return self
+
+    def _check_fitted(self):
+        if self.model is None:
+            raise KerastlError("The probe is not fitted yet: call fit().")
+
+    def decision_function(self, x):
+        """Class scores: probabilities (softmax) or margins (SVM)."""
+        self._check_fitted()
+        x = flat_features(x)
+        if self.kind == "svm":
+            scores = self.model.decision_function(x)
+            if scores.ndim == 1:  # binary
+                scores = np.stack([-scores, scores], axis=1)
+            return scores
+        return self.model.predict(x, batch_size=1024, verbose=0)
+
+    def predict_proba(self, x):
+        """Class probabilities (softmax probes only)."""
+        if self.kind != "softmax":
+            raise KerastlError("predict_proba needs kind='softmax'; an SVM "
+                               "gives margins: decision_function().")
+        return self.decision_function(x)
+
+    def predict(self, x):
+        """Predicted labels (values of :attr:`classes_`)."""
+        return self.classes_[np.argmax(self.decision_function(x), axis=1)]
+
+    def score(self, x, y):
+        """Accuracy on ``(x, y)``."""
+        return float(np.mean(self.predict(x) == np.asarray(y)))
+
+
+def _svm(C):
+    try:
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import LinearSVC
+    except ImportError:
+        raise KerastlError(
+            "LinearProbe(kind='svm') needs scikit-learn: pip install "
+            "'kerastl[data]' (or scikit-learn), or use kind='softmax'.") \
+            from None
+    return make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=5000))
