@@ -28,12 +28,12 @@ from kerastl.export import ExportError, export_savedmodel, inference_model
 from kerastl.errors import (BlockError, ConfigError, InputShapeError,
                             KerastlError, UnknownModelError, WeightsError)
 from kerastl.preprocessing import ImagePreprocessing
-from kerastl.zoo import get_config, list_configs
+from kerastl.zoo import get_config, list_configs, zoo_entry
 
 __all__ = [
     "Backbone", "BlockError", "BlockMap", "ConfigError", "ImagePreprocessing",
     "InputShapeError", "KerastlError", "UnknownModelError", "WeightsError",
-    "block_map", "get_config", "list_configs", "load_backbone",
+    "block_map", "get_config", "list_configs", "load_backbone", "zoo_entry",
     "GradualUnfreezing", "freeze", "unfreeze", "trainable_blocks",
     "trainable_summary", "build_classifier", "replace_classifier", "Strategy",
     "early_stopping", "fine_tune", "recommend_strategy",

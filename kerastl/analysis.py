@@ -16,11 +16,17 @@ import dataclasses
 import keras
 import numpy as np
 
+from kerastl import _keras_private as _private
+from kerastl.blocks import block_map
+from kerastl.datasets import few_shot
 from kerastl.errors import KerastlError
+from kerastl.features.extract import extract_features
+from kerastl.freezing import keras_model_of, restored_trainability
+from kerastl.heads import build_classifier
 
 
 def _pyplot():
-    try:
+    try:  # matplotlib is optional (kerastl[plots]): imported when plotting
         import matplotlib.pyplot as plt
     except ImportError:
         raise KerastlError("Plots need matplotlib: pip install "
@@ -135,12 +141,9 @@ class CKAResult:
 
 
 def _block_names(model, blocks):
-    from kerastl.blocks import HEAD, block_map
-
     if blocks is not None:
         return [blocks] if isinstance(blocks, str) else list(blocks)
-    return [b for b in block_map(model).names
-            if b != HEAD]
+    return block_map(model).base_blocks
 
 
 def cka_by_block(model_a, model_b, data, blocks=None, blocks_b=None,
@@ -165,8 +168,6 @@ def cka_by_block(model_a, model_b, data, blocks=None, blocks_b=None,
     Returns:
         A :class:`CKAResult`; ``print()`` it or call ``.plot()``.
     """
-    from kerastl.features.extract import extract_features
-
     names_a = _block_names(model_a, blocks)
     names_b = _block_names(model_b, blocks if blocks_b is None else blocks_b)
 
@@ -186,17 +187,8 @@ def cka_by_block(model_a, model_b, data, blocks=None, blocks_b=None,
 
 def stratified_subset(x, y, per_class, seed=0):
     """``per_class`` examples of every class, drawn with ``seed``."""
-    y = np.asarray(y)
-    rng = np.random.default_rng(seed)
-    idx = []
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        if len(members) < per_class:
-            raise KerastlError(f"Class {c!r} has {len(members)} examples; "
-                               f"{per_class} per class were asked for.")
-        idx.append(rng.choice(members, per_class, replace=False))
-    idx = np.sort(np.concatenate(idx))
-    return x[idx], y[idx]
+    idx = few_shot(y, per_class, seed)
+    return x[idx], np.asarray(y)[idx]
 
 
 class DepthSweep(list):
@@ -287,7 +279,9 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
             ``0 .. len(blocks)``).
         train_sizes: labelled examples per class to draw from ``train``
             (several sizes draw one curve each; default: all of ``train``).
-        seeds: one run per seed (the subset and the head's initialisation).
+        seeds: one run per seed: the subset, the head's initialisation,
+            its dropout and the batch order all follow it (the global
+            random state is left alone).
         epochs, batch_size: training per run.
         optimizer: a callable returning a fresh optimizer (default Adam
             1e-3).
@@ -297,10 +291,6 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
     Returns:
         A :class:`DepthSweep`: ``print()`` it, ``.best()``, ``.plot()``.
     """
-    from kerastl.blocks import block_map
-    from kerastl.freezing import keras_model_of
-    from kerastl.heads import build_classifier
-
     model = keras_model_of(backbone)
     names = block_map(model).names
     if depths is None:
@@ -317,33 +307,42 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
     sizes = [None] if train_sizes is None else list(train_sizes)
     optimizer = optimizer or (lambda: keras.optimizers.Adam(1e-3))
     initial = model.get_weights()
-    trainable = [l.trainable for l in model.layers]
     rows = DepthSweep()
     try:
-        for size in sizes:
-            for seed in seeds:
-                subset = (x, y) if size is None else stratified_subset(
-                    x, y, size, seed)
-                for d in depths:
-                    model.set_weights(initial)
-                    keras.utils.set_random_seed(seed)
-                    clf = build_classifier(backbone, num_classes,
-                                           dropout=dropout, freeze=d, bn=bn)
-                    clf.compile(optimizer(), "sparse_categorical_crossentropy",
-                                metrics=["accuracy"])
-                    clf.fit(*subset, batch_size=batch_size, epochs=epochs,
-                            verbose=verbose)
-                    acc = clf.evaluate(*validation, verbose=0,
-                                       return_dict=True)["accuracy"]
-                    rows.append(dict(
-                        train_size="all" if size is None else size,
-                        seed=seed, frozen=d,
-                        frozen_up_to=names[d - 1] if d else "-",
-                        accuracy=float(acc)))
-                    if verbose:
-                        print(rows[-1])
+        with restored_trainability(_private.all_sublayers(model)):
+            for size in sizes:
+                for seed in seeds:
+                    subset = (x, y) if size is None else stratified_subset(
+                        x, y, size, seed)
+                    for d in depths:
+                        model.set_weights(initial)
+                        clf = build_classifier(
+                            backbone, num_classes, dropout=dropout, freeze=d,
+                            bn=bn, seed=seed)
+                        clf.compile(optimizer(),
+                                    "sparse_categorical_crossentropy",
+                                    metrics=["accuracy"])
+                        _seeded_fit(clf, subset, batch_size, epochs, seed,
+                                    verbose)
+                        acc = clf.evaluate(*validation, verbose=0,
+                                           return_dict=True)["accuracy"]
+                        rows.append(dict(
+                            train_size="all" if size is None else size,
+                            seed=seed, frozen=d,
+                            frozen_up_to=names[d - 1] if d else "-",
+                            accuracy=float(acc)))
+                        if verbose:
+                            print(rows[-1])
     finally:
         model.set_weights(initial)
-        for layer, t in zip(model.layers, trainable):
-            layer.trainable = t
     return rows
+
+
+def _seeded_fit(model, data, batch_size, epochs, seed, verbose):
+    """``fit`` with batch order drawn from ``seed``, not the global RNG."""
+    x, y = data
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        model.fit(x[order], y[order], batch_size=batch_size, epochs=1,
+                  shuffle=False, verbose=verbose)

@@ -5,9 +5,12 @@ import os
 import keras
 
 from kerastl import blocks as _blocks
-from kerastl.errors import BlockError, InputShapeError, KerastlError
+from kerastl.errors import (BlockError, InputShapeError, KerastlError,
+                            UnknownModelError)
+from kerastl.features import extract
+from kerastl.hub import HubLayer
 from kerastl.preprocessing import ImagePreprocessing, check_mode
-from kerastl.zoo.config import get_config
+from kerastl.zoo.config import ZooConfig, list_configs, zoo_entry
 from kerastl.zoo.keras_apps import build_application
 
 
@@ -78,12 +81,13 @@ class Backbone:
         return self.model.get_layer(endpoints[endpoint])
 
     def feature_model(self, endpoints):
-        """A model from the images to the named endpoints' outputs (a dict)."""
-        if isinstance(endpoints, str):
-            endpoints = [endpoints]
-        outputs = {e: self.endpoint_layer(e).output for e in endpoints}
-        return keras.Model(self.model.input, outputs,
-                           name=f"{self.model.name}_features")
+        """A model from the images to the named endpoints' outputs (a dict).
+
+        The outputs are not pooled; see :func:`kerastl.feature_model` for
+        pooled features (this is ``feature_model(self, endpoints,
+        pooling=None)``).
+        """
+        return extract.feature_model(self, endpoints, pooling=None)
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -176,13 +180,13 @@ def load_backbone(name, weights="imagenet", input_shape=None):
         return _load_keras_file(name, weights)
     if isinstance(name, str) and name.startswith("hub:"):
         return _load_hub(name[len("hub:"):], weights, input_shape)
-    config = get_config(name)
+    config = zoo_entry(name)
     if config.is_hub:
         return _load_hub(config, weights, input_shape)
     shape = _normalise_input_shape(config, input_shape)
     inputs = keras.Input(shape=shape, name="image")
     x = ImagePreprocessing(check_mode(config.preprocessing),
-                           zoo_name=config.name,
+                           zoo_name=config.name, blocks=config.blocks,
                            name="kerastl_preprocessing")(inputs)
     # The application is built on the preprocessed tensor, so `model` is one
     # flat functional graph from raw pixels to features.
@@ -210,8 +214,6 @@ def _load_hub(spec, weights, input_shape):
     handle. A bare handle follows the TF Hub image convention (RGB in
     [0, 1], 224x224 unless ``input_shape`` says otherwise) and is one block.
     """
-    from kerastl.hub import HubLayer
-    from kerastl.zoo.config import ZooConfig
 
     if weights != "imagenet":
         raise KerastlError(
@@ -249,7 +251,6 @@ def _load_hub(spec, weights, input_shape):
 
 def _hub_config(spec):
     """The Hub zoo config ``spec`` names (with or without ``hub_``), or None."""
-    from kerastl.errors import UnknownModelError
 
     looks_like_name = "/" not in spec and ":" not in spec \
         and not os.path.exists(spec)
@@ -257,12 +258,11 @@ def _hub_config(spec):
         return None
     for candidate in (spec, "hub_" + spec):
         try:
-            config = get_config(candidate)
+            config = zoo_entry(candidate)
         except UnknownModelError:
             continue
         if config.is_hub:
             return config
-    from kerastl.zoo.config import list_configs
 
     raise UnknownModelError(
         f"hub:{spec}: no TF Hub zoo entry of that name. Hub entries: "

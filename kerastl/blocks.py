@@ -9,8 +9,19 @@ analysis tools all speak in blocks.
 
 A block map comes from a zoo config (regexes over layer names plus the
 structural rules ``until`` / ``before``) or, for models the zoo does not
-know, from :func:`structural_block_rules`-style splitting at the layers that
+know, from :func:`structural_block_map`'s splitting at the layers that
 reduce the spatial resolution.
+
+The rules travel with the model: the layer that applies them (a backbone's
+:class:`~kerastl.preprocessing.ImagePreprocessing`, a
+:class:`~kerastl.HubLayer`) exposes them as ``block_rules`` and stores them
+in its config, so a model saved to ``.keras`` has the same block map after
+``load_model`` without the zoo entry that made it. A model kerastl builds
+around other models (``DANN``) lists its parts through
+``kerastl_block_parts()``; see :func:`composite_block_map`.
+
+This module depends on Keras and :mod:`kerastl.errors` only: the zoo supplies
+rules to it, never the other way round.
 """
 
 import dataclasses
@@ -20,6 +31,7 @@ import weakref
 
 import keras
 
+from kerastl import _keras_private as _private
 from kerastl.errors import BlockError
 
 HEAD = "head"
@@ -66,6 +78,54 @@ class BlockRule:
     def matches_variable(self, variable_name):
         return any(p.search(variable_name) for p in self._compiled_vars)
 
+    @property
+    def selector(self):
+        """Which selector the rule uses: ``layers``, ``until``, ``before``
+        or ``variables``."""
+        for key in ("until", "before"):
+            if getattr(self, key):
+                return key
+        return "variables" if self.variables else "layers"
+
+    def get_config(self):
+        """The rule as JSON-able data (what a saved model stores)."""
+        value = getattr(self, self.selector)
+        return {"name": self.name, self.selector:
+                list(value) if isinstance(value, tuple) else value}
+
+    @classmethod
+    def from_config(cls, config):
+        """The inverse of :meth:`get_config` (checked)."""
+        if not isinstance(config, dict) or not isinstance(
+                config.get("name"), str) or len(config) != 2:
+            raise BlockError(
+                f"A block rule must be {{'name': ..., one of 'layers', "
+                f"'until', 'before', 'variables': ...}}; got {config!r:.200}.")
+        key = next(k for k in config if k != "name")
+        if key not in ("layers", "until", "before", "variables"):
+            raise BlockError(f"Block rule {config['name']!r}: unknown "
+                             f"selector {key!r}.")
+        value = config[key]
+        if key in ("layers", "variables"):
+            value = [value] if isinstance(value, str) else list(value)
+        try:
+            return cls(config["name"], **{key: value})
+        except (re.error, TypeError) as e:
+            raise BlockError(f"Block rule {config['name']!r}: {e}.") from None
+
+
+def rules_to_config(rules):
+    """A list of rules as JSON-able data; ``None`` for no rules."""
+    return [rule.get_config() for rule in rules] if rules else None
+
+
+def rules_from_config(data):
+    """The inverse of :func:`rules_to_config`: a tuple of rules."""
+    if not data:
+        return ()
+    return tuple(r if isinstance(r, BlockRule) else BlockRule.from_config(r)
+                 for r in data)
+
 
 # --------------------------------------------------------------------------
 # The layer graph, with nested functional models expanded.
@@ -74,10 +134,7 @@ class BlockRule:
 
 def _graph_of(model):
     """The functional graph behind ``model`` (Sequential builds one)."""
-    functional = getattr(model, "_functional", None)
-    if functional is not None:
-        return functional
-    return model if hasattr(model, "_nodes_by_depth") else None
+    return _private.functional_graph(model)
 
 
 def _expand(model, input_parents, outer=None):
@@ -90,11 +147,12 @@ def _expand(model, input_parents, outer=None):
     graph = _graph_of(model)
     if graph is None:  # a subclassed model: one opaque leaf
         return [(model, list(input_parents), outer or model)], [model]
-    in_graph = {id(n) for ns in graph._nodes_by_depth.values() for n in ns}
+    by_depth = _private.nodes_by_depth(graph)
+    in_graph = {id(n) for ns in by_depth.values() for n in ns}
     produced = {}  # id(operation) -> leaf layers standing for its output
     entries = []
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
             op = node.operation
             if node.is_input or not node.parent_nodes:
                 parents = list(input_parents)
@@ -115,7 +173,8 @@ def _expand(model, input_parents, outer=None):
                 produced[id(op)] = [op]
     outputs = []
     for tensor in graph.outputs:
-        outputs.extend(produced.get(id(tensor._keras_history.operation), []))
+        outputs.extend(produced.get(
+            id(_private.producing_operation(tensor)), []))
     return entries, outputs
 
 
@@ -367,12 +426,20 @@ class BlockMap:
     Attributes:
         names: block names, input to output.
         source: ``"rules"`` (layer rules of a zoo config), ``"variables"``
-            (variable-path rules of a HubLayer) or ``"structural"``.
+            (variable-path rules of a HubLayer), ``"structural"`` or
+            ``"composite"`` (a model built around others, such as DANN).
+        head_blocks: the blocks that a new task added on top of the
+            pretrained network (a classifier's ``head``; DANN's
+            ``bottleneck``, ``label_head`` and ``domain_head``): what
+            ``freeze(model)`` leaves trainable.
     """
 
     def __init__(self, names, layers, assignment, parents, source,
-                 outer=None, variable_blocks=None, unmatched_variables=()):
+                 outer=None, variable_blocks=None, unmatched_variables=(),
+                 head_blocks=None):
         self.names = list(names)
+        self.head_blocks = [b for b in self.names if b == HEAD] \
+            if head_blocks is None else list(head_blocks)
         self._outer = dict(outer or {})
         self.source = source
         self._layers = list(layers)
@@ -423,6 +490,11 @@ class BlockMap:
     def index(self, block):
         """Position of ``block`` (0 is nearest the input)."""
         return self._index[self.resolve(block)]
+
+    @property
+    def base_blocks(self):
+        """The blocks that are not new heads, input to output."""
+        return [b for b in self.names if b not in self.head_blocks]
 
     def block_of(self, item):
         """The block of a layer, a layer name or a weight variable."""
@@ -551,19 +623,38 @@ def variable_size(v):
 
 _CACHE = weakref.WeakKeyDictionary()
 
+# Callables ``provider(layer) -> rules or None`` that supply rules for layers
+# saved before rules travelled with the model (the zoo registers one that
+# maps a backbone's recorded zoo name to its entry's rules).
+_RULE_PROVIDERS = []
+
+
+def register_rule_provider(provider):
+    """Registers ``provider(layer) -> rules or None`` as a source of rules.
+
+    Asked only for layers that carry no ``block_rules`` of their own.
+    """
+    if provider not in _RULE_PROVIDERS:
+        _RULE_PROVIDERS.append(provider)
+
 
 def _signature(model):
     return tuple(id(l) for l, _ in layer_graph(model))
 
 
-def find_zoo_name(model):
-    """The zoo entry a kerastl backbone inside ``model`` came from, or None."""
-    from kerastl.preprocessing import ImagePreprocessing
-
-    for layer, _ in layer_graph(model):
-        if isinstance(layer, ImagePreprocessing) and layer.zoo_name:
-            return layer.zoo_name
-    return None
+def _rules_in(model):
+    """The block rules carried by a layer of ``model``, or ``()``."""
+    graph = layer_graph(model)
+    for layer, _ in graph:
+        rules = getattr(layer, "block_rules", None)
+        if rules:
+            return tuple(rules)
+    for layer, _ in graph:
+        for provider in _RULE_PROVIDERS:
+            rules = provider(layer)
+            if rules:
+                return tuple(rules)
+    return ()
 
 
 def block_map(model):
@@ -571,12 +662,17 @@ def block_map(model):
 
     ``model`` can be a kerastl :class:`~kerastl.Backbone`, the Keras model of
     one, any model that contains one (a classifier built on it, even after
-    ``.keras`` save and load: the zoo entry is recorded in the model's
-    :class:`~kerastl.preprocessing.ImagePreprocessing` layer), a model around
-    a :class:`~kerastl.HubLayer` that carries variable-path block rules
-    (:func:`variable_block_map`), or any other functional/Sequential model
-    (structural fallback). Layers with weights
-    that a classifier adds after a zoo backbone form the ``head`` block.
+    ``.keras`` save and load: the block rules travel inside the model), a
+    model around a :class:`~kerastl.HubLayer` that carries variable-path
+    block rules (:func:`variable_block_map`), a model kerastl builds around
+    others (a :class:`~kerastl.DANN`: :func:`composite_block_map`), or any
+    other functional/Sequential model (structural fallback). Layers with
+    weights that a classifier adds after a zoo backbone form the ``head``
+    block.
+
+    Raises:
+        BlockError: a subclassed model that kerastl does not know: its
+            layers and their order cannot be read from a graph.
 
     Returns:
         A :class:`BlockMap`. The result is cached per model and recomputed if
@@ -587,19 +683,97 @@ def block_map(model):
         raise BlockError(
             f"Expected a keras.Model or kerastl.Backbone, got "
             f"{type(model).__name__}.")
+    parts = getattr(keras_model, "kerastl_block_parts", None)
+    if parts is not None:
+        return composite_block_map(keras_model, parts())
+    if _graph_of(keras_model) is None:
+        raise BlockError(
+            f"{type(keras_model).__name__} {keras_model.name!r} is a "
+            f"subclassed model: kerastl cannot see its layers or their "
+            f"order, so it has no block map (freezing, layer-wise rates and "
+            f"feature endpoints need one). Build it with the functional API "
+            f"(keras.Model(inputs, outputs)) or keras.Sequential.")
     signature = _signature(keras_model)
     cached = _CACHE.get(keras_model)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    zoo_name = find_zoo_name(keras_model)
-    if any(getattr(layer, "block_rules", None)
-           for layer, _ in layer_graph(keras_model)):
-        result = variable_block_map(keras_model)
-    elif zoo_name is not None:
-        from kerastl.zoo import get_config
-
-        result = assign_blocks(keras_model, get_config(zoo_name).blocks)
+    rules = _rules_in(keras_model)
+    if rules and all(rule.variables for rule in rules):
+        result = variable_block_map(keras_model, rules)
+    elif rules:
+        result = assign_blocks(keras_model, rules)
     else:
         result = structural_block_map(keras_model)
     _CACHE[keras_model] = (signature, result)
     return result
+
+
+def composite_block_map(model, parts):
+    """The block map of a model kerastl builds around other models.
+
+    Args:
+        model: the composite model (for messages).
+        parts: input to output, each either a ``keras.Model`` (its own block
+            map's blocks are taken as they are) or a ``(block name, layers,
+            is_head)`` triple: a new block of the composite's own layers;
+            ``is_head`` marks a newly added head (see
+            :attr:`BlockMap.head_blocks`). A triple without weighted layers
+            is skipped, its layers joining the next block.
+
+    Returns:
+        A :class:`BlockMap` over every part's layers.
+    """
+    names, layers, assignment, parents, outer = [], [], {}, {}, {}
+    variable_blocks, heads, unmatched, carry = {}, [], [], []
+    previous, seen = [], {}
+
+    def add(layer, block, layer_parents):
+        if layer.name in seen and seen[layer.name] is not layer:
+            raise BlockError(
+                f"{model.name!r}: two different layers are named "
+                f"{layer.name!r}; a block map names layers uniquely. Rename "
+                f"the layer in the feature extractor.")
+        seen[layer.name] = layer
+        layers.append(layer)
+        assignment[layer.name] = block
+        parents[layer.name] = layer_parents
+
+    def new_block(block):
+        if block in names:
+            raise BlockError(f"{model.name!r}: block {block!r} repeats.")
+        names.append(block)
+
+    for part in parts:
+        if isinstance(part, keras.Model):
+            sub = block_map(part)
+            for b in sub.names:
+                new_block(b)
+            heads.extend(sub.head_blocks)
+            for layer in carry:
+                add(layer, sub.names[0], [p.name for p in previous])
+            carry = []
+            for layer in sub.layers():
+                own = sub._parents.get(layer.name) or [p.name for p in previous]
+                add(layer, sub.block_of(layer.name), own)
+                outer[layer.name] = sub._outer.get(layer.name, layer)
+            variable_blocks.update(sub._var_block)
+            unmatched.extend(sub.unmatched_variables)
+            previous = [sub.layers()[-1]]
+            continue
+        block, part_layers, is_head = part
+        part_layers = list(part_layers)
+        if not any(_owns_weights(l) for l in part_layers):
+            carry.extend(part_layers)
+            continue
+        new_block(block)
+        if is_head:
+            heads.append(block)
+        for layer in carry + part_layers:
+            add(layer, block, [p.name for p in previous])
+            previous = [layer]
+        carry = []
+    for layer in carry:  # weightless layers at the end join the last block
+        add(layer, names[-1], [p.name for p in previous])
+    return BlockMap(names, layers, assignment, parents, source="composite",
+                    outer=outer, variable_blocks=variable_blocks,
+                    unmatched_variables=unmatched, head_blocks=heads)

@@ -83,9 +83,9 @@ def _show_hub(c):
 
 
 def cmd_zoo_show(args):
-    from kerastl import get_config, load_backbone
+    from kerastl import load_backbone, zoo_entry
 
-    config = get_config(args.name)
+    config = zoo_entry(args.name)
     if config.is_hub:
         return _show_hub(config)
     backbone = load_backbone(args.name, weights=None,

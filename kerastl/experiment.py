@@ -193,14 +193,14 @@ def scan_image_folder(folder):
 
 def check_experiment(experiment):
     """Checks the model and data of a resolved experiment before training."""
-    from kerastl.zoo import get_config
+    from kerastl.zoo import zoo_entry
 
     model = experiment["model"]
     if model.endswith(".keras"):
         if not os.path.isfile(model):
             raise KerastlError(f"Model file {model!r} does not exist.")
     elif not model.startswith("hub:"):
-        get_config(model)  # UnknownModelError names close matches
+        zoo_entry(model)  # UnknownModelError names close matches
     files = scan_image_folder(experiment["data"])
     check_new_folder(experiment["output"],
                      "choose another one or pass --overwrite",

@@ -26,7 +26,11 @@ import os
 import keras
 import numpy as np
 
+from kerastl import _keras_private as _private
+from kerastl.adaptation.dann import DANN
+from kerastl.adaptation.reversal import GradientReversal
 from kerastl.atomic import atomic_folder
+from kerastl.blocks import layer_graph
 from kerastl.errors import KerastlError
 
 INPUT_MODES = ("float", "uint8", "bytes")
@@ -43,9 +47,6 @@ def inference_model(model):
     every output that depends on a :class:`~kerastl.GradientReversal` layer;
     anything else is returned as is.
     """
-    from kerastl.blocks import layer_graph
-    from kerastl.adaptation import DANN, GradientReversal
-
     if isinstance(model, DANN):
         return model.classifier
     backbone_model = getattr(model, "model", None)
@@ -74,7 +75,7 @@ def inference_model(model):
 
     outputs = model.outputs
     keep = [t for t in outputs
-            if not reversed_upstream(id(t._keras_history.operation))]
+            if not reversed_upstream(id(_private.producing_operation(t)))]
     if not keep:
         raise ExportError(
             f"Every output of {model.name!r} goes through a GradientReversal "

@@ -22,9 +22,12 @@ themselves, with the same loss and metrics and a fresh optimizer of the same
 configuration (optionally a new learning rate).
 """
 
+import contextlib
+
 import keras
 
-from kerastl.blocks import HEAD, block_map, layer_graph, variable_size
+from kerastl import _keras_private as _private
+from kerastl.blocks import block_map, variable_size
 from kerastl.errors import BlockError, KerastlError
 
 BN_MODES = ("frozen", "train")
@@ -39,13 +42,9 @@ def _check_bn(bn):
         raise KerastlError(f"bn={bn!r}: expected 'frozen' or 'train'.")
 
 
-def _keras_model(model):
-    return getattr(model, "model", model)
-
-
 def keras_model_of(backbone):
     """The ``keras.Model`` of a Backbone (or the model itself), checked."""
-    model = _keras_model(backbone)
+    model = getattr(backbone, "model", backbone)
     if not isinstance(model, keras.Model):
         raise KerastlError(
             f"Expected a kerastl.Backbone or keras.Model, got "
@@ -63,7 +62,8 @@ def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
         model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
         trainable_blocks: block names (or indices) to train.
         bn: ``"frozen"`` or ``"train"``: BatchNormalization layers in the
-            trainable blocks (BN in frozen blocks is always frozen).
+            trainable blocks of the pretrained network (BN in frozen blocks
+            is always frozen; BN in new heads always trains).
         recompile: recompile a compiled model so that the change reaches
             ``fit`` (a fresh optimizer of the same configuration).
         learning_rate: with ``recompile``, the new optimizer's learning rate.
@@ -72,24 +72,22 @@ def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
         The list of trainable block names.
     """
     _check_bn(bn)
-    keras_model = _keras_model(model)
+    keras_model = keras_model_of(model)
     bm = block_map(keras_model)
     wanted = {bm.resolve(b) for b in trainable_blocks}
-    graph = layer_graph(keras_model, with_outer=True)
-    # Keras propagates `trainable` down to sublayers, so open every container
-    # first (nested models, the model itself), then set each leaf.
+    # Keras propagates `trainable` down to sublayers, so open the model (and
+    # with it every nested model) first, then set each leaf.
     keras_model.trainable = True
-    for layer, _, outer in graph:
-        if outer is not layer:
-            outer.trainable = True
-    for layer, _, _ in graph:
-        if not getattr(layer, "weights", None):
-            continue
+    for layer in bm.weighted_layers():
         if bm.is_split(layer):
             _set_split_layer(layer, bm, wanted, bn)
             continue
-        train = bm.block_of(layer) in wanted
-        if train and _is_batch_norm(layer) and bn == "frozen":
+        block = bm.block_of(layer)
+        train = block in wanted
+        # The BN policy is for pretrained blocks: BN in a new head (DANN's
+        # bottleneck and domain head) has no statistics worth keeping.
+        if train and _is_batch_norm(layer) and bn == "frozen" and \
+                block not in bm.head_blocks:
             train = False
         layer.trainable = train
         if hasattr(layer, "batchnorm_training"):  # a whole HubLayer
@@ -97,6 +95,70 @@ def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
     if recompile:
         _recompile(keras_model, learning_rate)
     return [b for b in bm.names if b in wanted]
+
+
+def freeze_weights(model, variables):
+    """Freezes exactly ``variables`` of ``model``; nothing else changes.
+
+    A layer all of whose weights are listed is frozen whole (BatchNorm then
+    runs in inference mode, as in :func:`freeze`); a layer whose variables
+    lie in several blocks (a HubLayer under a variable-path block map) has
+    the listed variables frozen one by one. What
+    :class:`~kerastl.LayerwiseOptimizer` does with a multiplier of 0.
+
+    Args:
+        model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
+        variables: weight variables of ``model``.
+    """
+    keras_model = keras_model_of(model)
+    bm = block_map(keras_model)
+    frozen = {id(v) for v in variables}
+    for layer in bm.weighted_layers():
+        hit = [id(v) in frozen for v in layer.weights]
+        if all(hit):
+            layer.trainable = False
+        elif any(hit) and bm.is_split(layer):
+            set_variables_trainable(
+                [v for v, h in zip(layer.weights, hit) if h], False)
+
+
+def set_variables_trainable(variables, trainable):
+    """Sets single variables' ``trainable`` flag (a HubLayer's variables).
+
+    Variables that their SavedModel marks non-trainable (BatchNorm
+    statistics, ``hub_trainable`` false) never become trainable.
+    """
+    for v in variables:
+        v.trainable = bool(trainable) and getattr(v, "hub_trainable", True)
+
+
+@contextlib.contextmanager
+def temporarily_trainable(layers):
+    """Makes ``layers`` trainable inside the block, restoring every flag
+    after it. AdaBN uses it: a BatchNormalization layer updates its
+    statistics only while trainable."""
+    layers = list(layers)
+    with restored_trainability(layers):
+        for layer in layers:
+            layer.trainable = True
+        yield
+
+
+@contextlib.contextmanager
+def restored_trainability(layers):
+    """Restores the ``trainable`` flag of ``layers`` (and of their
+    variables) when the block ends, however it ends."""
+    layers = list(layers)
+    saved = [(layer, layer.trainable,
+              [(v, v.trainable) for v in getattr(layer, "weights", [])])
+             for layer in layers]
+    try:
+        yield
+    finally:
+        for layer, trainable, variables in saved:
+            layer.trainable = trainable
+            for v, t in variables:
+                v.trainable = t
 
 
 def _set_split_layer(layer, bm, wanted, bn):
@@ -115,7 +177,7 @@ def _set_split_layer(layer, bm, wanted, bn):
     layer.trainable = any(train.values())
     if layer.trainable:
         for v in layer.weights:
-            v.trainable = train[id(v)]
+            set_variables_trainable([v], train[id(v)])
     layer.batchnorm_training = bn == "train"
 
 
@@ -127,12 +189,11 @@ def _recompile(model, learning_rate=None):
                 "learning_rate= needs a compiled model: compile it first, or "
                 "pass the rate to model.compile().")
         return False
-    config = getattr(model, "_compile_config", None)
-    if config is None or model.optimizer is None:
+    kwargs = _private.compile_config(model)
+    if kwargs is None or model.optimizer is None:
         raise KerastlError(
             "The model is compiled but kerastl cannot recompile it; call "
             "model.compile(...) again after changing what is trainable.")
-    kwargs = dict(config.config)
     optimizer = model.optimizer
     fresh = optimizer.__class__.from_config(optimizer.get_config())
     if learning_rate is not None:
@@ -144,7 +205,7 @@ def _recompile(model, learning_rate=None):
 
 def trainable_blocks(model):
     """Names of the blocks whose non-BN weighted layers are trainable."""
-    keras_model = _keras_model(model)
+    keras_model = keras_model_of(model)
     bm = block_map(keras_model)
     trainable_ids = {id(v) for v in keras_model.trainable_variables}
     out = []
@@ -160,8 +221,8 @@ def trainable_blocks(model):
 
 def _resolve_depth(bm, up_to):
     """Number of leading blocks that ``up_to`` names."""
-    if up_to is None:  # the whole backbone: every block but the head
-        return len(bm) - (1 if bm.names[-1] == HEAD else 0)
+    if up_to is None:  # the whole backbone: every block but the new heads
+        return len(bm.base_blocks)
     if isinstance(up_to, int) and not isinstance(up_to, bool):
         if not 0 <= up_to <= len(bm):
             raise BlockError(
@@ -179,7 +240,8 @@ def freeze(model, up_to=None, bn="frozen", recompile=True,
         model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
         up_to: the last block to freeze (a name: ``"stage3"``), or how many
             leading blocks to freeze (an int). ``None`` freezes every block
-            but the classifier's ``head``.
+            but the new heads (a classifier's ``head``; a DANN's
+            ``bottleneck``, ``label_head`` and ``domain_head``).
         bn: BatchNormalization in the blocks left trainable: ``"frozen"``
             (default: inference mode, nothing in BN moves) or ``"train"``.
         recompile: recompile a compiled model so the change reaches ``fit``.
@@ -193,7 +255,7 @@ def freeze(model, up_to=None, bn="frozen", recompile=True,
     >>> kerastl.freeze(model, up_to="stage3")
     ['stem', 'stage1', 'stage2', 'stage3']
     """
-    bm = block_map(_keras_model(model))
+    bm = block_map(keras_model_of(model))
     n = _resolve_depth(bm, up_to)
     apply_trainable_blocks(model, bm.names[n:], bn=bn, recompile=recompile,
                            learning_rate=learning_rate)
@@ -214,7 +276,7 @@ def unfreeze(model, from_block=0, bn="frozen", recompile=True,
     Returns:
         The list of trainable block names.
     """
-    bm = block_map(_keras_model(model))
+    bm = block_map(keras_model_of(model))
     start = bm.index(from_block)
     wanted = set(trainable_blocks(model)) | set(bm.names[start:])
     return apply_trainable_blocks(model, [b for b in bm.names if b in wanted],
@@ -246,7 +308,7 @@ def trainable_summary(model):
         ``trainable_params`` and ``frozen_params``); print it for a table.
         BN moving statistics always count as frozen.
     """
-    keras_model = _keras_model(model)
+    keras_model = keras_model_of(model)
     bm = block_map(keras_model)
     trainable_ids = {id(v) for v in keras_model.trainable_variables}
     rows = TrainableSummary()
@@ -279,7 +341,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
     Args:
         every: epochs between two unfreezing steps.
         start_blocks: how many blocks (from the top, the head included) are
-            trainable at epoch 0.
+            trainable at epoch 0. The new heads count as one block (a
+            DANN's ``bottleneck``, ``label_head`` and ``domain_head``
+            train from the start).
         bn: BatchNormalization mode of unfrozen blocks (see :func:`freeze`).
         max_blocks: stop after this many blocks are trainable (default: all).
         verbose: print each unfreezing step.
@@ -303,21 +367,30 @@ class GradualUnfreezing(keras.callbacks.Callback):
         self.history = {}  # epoch -> trainable blocks
 
     def _n_trainable(self, epoch):
+        """Trainable units at ``epoch``: the new heads count as one."""
         n = self.start_blocks + epoch // self.every
+        units = self._units()
+        limit = units if self.max_blocks is None else self.max_blocks
+        return min(n, limit, units)
+
+    def _units(self):
         bm = block_map(self.model)
-        limit = len(bm) if self.max_blocks is None else self.max_blocks
-        return min(n, limit, len(bm))
+        return len(bm.base_blocks) + (1 if bm.head_blocks else 0)
 
     def _set(self, n):
         bm = block_map(self.model)
-        return apply_trainable_blocks(self.model, bm.names[len(bm) - n:],
+        base = bm.base_blocks
+        if bm.head_blocks:
+            n -= 1
+        blocks = base[len(base) - n:] if n > 0 else []
+        return apply_trainable_blocks(self.model, blocks + bm.head_blocks,
                                       bn=self.bn, recompile=False)
 
     def on_train_begin(self, logs=None):
-        bm = block_map(self.model)
-        limit = len(bm) if self.max_blocks is None else self.max_blocks
+        units = self._units()
+        limit = units if self.max_blocks is None else self.max_blocks
         # Every variable that will ever train, in Keras's own order.
-        self._set(min(limit, len(bm)))
+        self._set(min(limit, units))
         every_variable = list(self.model.trainable_variables)
         optimizer = self.model.optimizer
         fresh = optimizer.__class__.from_config(optimizer.get_config())

@@ -37,22 +37,67 @@ def apply_freeze(model, freeze, bn, recompile=True):
         freezing.freeze(model, up_to=freeze, bn=bn, recompile=recompile)
 
 
-def _head(x, num_classes, dropout, hidden_units, activation):
-    for i, units in enumerate(hidden_units):
-        x = keras.layers.Dense(units, activation="relu",
-                               name=f"head_dense_{i}")(x)
+def _seeded(seed, i):
+    """Initializer/dropout seed ``i`` of a head built with ``seed``."""
+    return None if seed is None else int(seed) * 1000 + i
+
+
+def mlp(widths, prefix, batchnorm=False, dropout=0.0, seed=None):
+    """Hidden head layers: Dense (+ BN) + ReLU (+ Dropout) per width.
+
+    The one builder of hidden layers for every kerastl head (classifier,
+    DANN bottleneck and domain discriminator). Layers are named
+    ``{prefix}_{i}`` (``_bn``, ``_relu``, ``_dropout`` suffixes). With a
+    ``seed`` the initial weights and the dropout masks follow it.
+    """
+    layers = []
+    for i, units in enumerate(widths):
+        layers.append(keras.layers.Dense(
+            int(units), use_bias=not batchnorm, name=f"{prefix}_{i}",
+            kernel_initializer=keras.initializers.GlorotUniform(
+                _seeded(seed, i))))
+        if batchnorm:
+            layers.append(keras.layers.BatchNormalization(
+                name=f"{prefix}_{i}_bn"))
+        layers.append(keras.layers.ReLU(name=f"{prefix}_{i}_relu"))
         if dropout:
-            x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
+            layers.append(keras.layers.Dropout(
+                dropout, name=f"{prefix}_{i}_dropout",
+                seed=_seeded(seed, 100 + i)))
+    return layers
+
+
+def output_layer(units, activation="softmax", name="head_predictions",
+                 seed=None, **kwargs):
+    """The output Dense of every kerastl head.
+
+    float32 keeps softmax/sigmoid stable under mixed precision.
+    """
+    return keras.layers.Dense(
+        units, activation=activation, dtype="float32", name=name,
+        kernel_initializer=keras.initializers.GlorotUniform(
+            _seeded(seed, 999)), **kwargs)
+
+
+def apply(layers, x):
+    """``x`` through ``layers`` in order."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _head(x, num_classes, dropout, hidden_units, activation, seed=None):
+    x = apply(mlp(hidden_units, "head_dense", dropout=dropout, seed=seed), x)
     if dropout:
-        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    # float32 output keeps softmax/sigmoid stable under mixed precision.
-    return keras.layers.Dense(num_classes, activation=activation,
-                              dtype="float32", name="head_predictions")(x)
+        x = keras.layers.Dropout(dropout, name="head_dropout",
+                                 seed=_seeded(seed, 200))(x)
+    return output_layer(num_classes, activation, "head_predictions",
+                        seed=seed)(x)
 
 
 def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
                      hidden_units=(), activation="softmax", freeze=True,
-                     bn="frozen", name=None):
+                     bn="frozen", name=None, seed=None):
     """A new classifier on a backbone: a plain ``keras.Model``.
 
     Args:
@@ -71,16 +116,18 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
         bn: BatchNormalization mode of trainable backbone blocks
             (see :func:`kerastl.freeze`).
         name: the model's name.
+        seed: seeds the head's initial weights and dropout (default: drawn
+            from Keras' global seed).
 
     Returns:
         A ``keras.Model`` (images in [0, 255] in, class scores out) whose
         block map is the backbone's plus a ``head`` block.
 
-    Example:
+    Example::
 
-    >>> model = kerastl.build_classifier(backbone, num_classes=5)
-    >>> model.compile("adam", "sparse_categorical_crossentropy",
-    ...               metrics=["accuracy"])
+        model = kerastl.build_classifier(backbone, num_classes=5)
+        model.compile("adam", "sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
     """
     _check_num_classes(num_classes)
     pool = pooling_layer(pooling, "head_pool")
@@ -97,7 +144,8 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
             f"{model.name!r} outputs {tuple(features.shape)}. Pass the "
             "backbone without its classifier, or replace a classifier with "
             "replace_classifier().")
-    outputs = _head(pooled, num_classes, dropout, hidden_units, activation)
+    outputs = _head(pooled, num_classes, dropout, hidden_units, activation,
+                    seed)
     classifier = keras.Model(model.input, outputs,
                              name=name or f"{model.name}_classifier")
     apply_freeze(classifier, freeze, bn)

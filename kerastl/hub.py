@@ -21,7 +21,9 @@ import urllib.parse
 
 import keras
 
+from kerastl import _keras_private as _private
 from kerastl.errors import KerastlError
+from kerastl.freezing import set_variables_trainable
 
 TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com",
                  "storage.googleapis.com")
@@ -201,10 +203,7 @@ def _adopt(tf_variable, trainable):
     # Keras's TF Variable keeps its tf.Variable in `_value`; pointing it at
     # the SavedModel's variable makes the optimizer, checkpoints and exports
     # act on what the SavedModel's functions read.
-    v._value = tf_variable
-    v._shape = tuple(tf_variable.shape)
-    v._ndim = len(v._shape)
-    v._dtype = tf_variable.dtype.name
+    _private.adopt_tf_variable(v, tf_variable)
     v.hub_name = tf_variable.name
     return v
 
@@ -345,7 +344,7 @@ class HubLayer(keras.layers.Layer):
             if any(c.search(name) for c in compiled):
                 if not frozen and not v.hub_trainable:
                     continue
-                v.trainable = not frozen
+                set_variables_trainable([v], not frozen)
                 changed.append(name)
         return changed
 
@@ -421,11 +420,9 @@ class HubLayer(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from keras.src.saving import serialization_lib
-
         config = dict(config)
         frozen = config.pop("frozen_variables", [])
-        if serialization_lib.in_safe_mode() is not False and \
+        if _private.in_safe_mode() is not False and \
                 not is_trusted(config["handle"]):
             raise KerastlError(
                 f"Refusing to load the SavedModel {config['handle']!r} of a "

@@ -29,9 +29,11 @@ import re
 import keras
 from keras import ops
 
+from kerastl import _keras_private as _private
 from kerastl.blocks import block_map
 from kerastl.errors import BlockError, KerastlError
-from kerastl.freezing import _keras_model, trainable_summary
+from kerastl.freezing import (freeze_weights, keras_model_of,
+                              trainable_summary)
 
 __all__ = ["LayerwiseOptimizer", "layer_decay", "lr_spread",
            "describe_learning_rates", "resolve_multipliers"]
@@ -150,7 +152,7 @@ def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
             lists the blocks).
         KerastlError: a multiplier is negative or not a number.
     """
-    bm = block_map(_keras_model(model))
+    bm = block_map(keras_model_of(model))
     default = _check_multiplier(default, "default")
     per_block = {b: default for b in bm.names}
     layer_rules = []
@@ -201,18 +203,6 @@ def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
         for v in layer.weights:
             out.setdefault(v.path, rate(layer, bm.block_of(v)))
     return out
-
-
-def _freeze_zero_multipliers(bm, table):
-    """A multiplier of 0 freezes: the layer, or single HubLayer variables."""
-    for layer in bm.weighted_layers():
-        zero = [table[v.path] == 0 for v in layer.weights]
-        if all(zero):
-            layer.trainable = False
-        elif any(zero) and bm.is_split(layer):
-            for v, z in zip(layer.weights, zero):
-                if z:
-                    v.trainable = False
 
 
 def _unwrap(optimizer):
@@ -321,10 +311,13 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                     "to: LayerwiseOptimizer(optimizer, multipliers, model).")
             if multipliers is None:
                 multipliers = {}
-            keras_model = _keras_model(model)
+            keras_model = keras_model_of(model)
             table = resolve_multipliers(keras_model, multipliers,
                                         default=self.default, by="variable")
-            _freeze_zero_multipliers(block_map(keras_model), table)
+            # A multiplier of 0 freezes, through the one place that changes
+            # trainability (so BatchNorm in inference mode, as freeze()).
+            freeze_weights(keras_model, [
+                v for v in keras_model.weights if table.get(v.path) == 0])
         self._table = table
         self._multipliers = []  # aligned with the inner optimizer's variables
         self._hook(optimizer)
@@ -343,9 +336,6 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         wrapped on the inner instance, and the lookups happen while the step
         is traced: the compiled step only has one extra multiply per variable.
         """
-        update_step = inner.update_step
-        apply_weight_decay = inner._apply_weight_decay
-        current_rate = inner._get_current_learning_rate
         owner = self
         # The multiplier of the weight-decay group being applied. Under a
         # MirroredStrategy every replica thread runs the same groups in the
@@ -354,32 +344,38 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         # replicas, so a shared value (written, never deleted) is safe.
         owner._decay_multiplier = 1.0
 
-        def update_step_fn(gradient, variable, learning_rate):
-            m = owner._multipliers[inner._get_variable_index(variable)]
-            if m != 1.0:
-                learning_rate = ops.multiply(learning_rate, m)
-            return update_step(gradient, variable, learning_rate)
+        def multiplier_of(variable):
+            return owner._multipliers[_private.variable_index(inner, variable)]
 
-        def current_rate_fn():
-            m = owner._decay_multiplier
-            return current_rate() if m == 1.0 else ops.multiply(
-                current_rate(), m)
+        def wrap_update_step(update_step):
+            def update_step_fn(gradient, variable, learning_rate):
+                m = multiplier_of(variable)
+                if m != 1.0:
+                    learning_rate = ops.multiply(learning_rate, m)
+                return update_step(gradient, variable, learning_rate)
+            return update_step_fn
 
-        def apply_weight_decay_fn(variables):
-            variables = list(variables)
-            ms = [owner._multipliers[inner._get_variable_index(v)]
-                  for v in variables]
-            try:
-                for m, group in _group(variables, ms).items():
-                    owner._decay_multiplier = m
-                    apply_weight_decay(group)
-            finally:
-                owner._decay_multiplier = 1.0
+        def wrap_current_rate(current_rate):
+            def current_rate_fn():
+                m = owner._decay_multiplier
+                return current_rate() if m == 1.0 else ops.multiply(
+                    current_rate(), m)
+            return current_rate_fn
 
-        object.__setattr__(inner, "update_step", update_step_fn)
-        object.__setattr__(inner, "_apply_weight_decay", apply_weight_decay_fn)
-        object.__setattr__(inner, "_get_current_learning_rate",
-                           current_rate_fn)
+        def wrap_weight_decay(apply_weight_decay):
+            def apply_weight_decay_fn(variables):
+                variables = list(variables)
+                ms = [multiplier_of(v) for v in variables]
+                try:
+                    for m, group in _group(variables, ms).items():
+                        owner._decay_multiplier = m
+                        apply_weight_decay(group)
+                finally:
+                    owner._decay_multiplier = 1.0
+            return apply_weight_decay_fn
+
+        _private.hook_optimizer(inner, wrap_update_step, wrap_weight_decay,
+                                wrap_current_rate)
 
     def multiplier(self, variable):
         """The multiplier of one variable (by its path)."""
@@ -507,7 +503,7 @@ def describe_learning_rates(model, optimizer=None):
         pair over the block's trainable weights; a frozen block shows the
         multiplier it would train with and a rate of 0); ``print()`` it.
     """
-    keras_model = _keras_model(model)
+    keras_model = keras_model_of(model)
     if optimizer is None:
         optimizer = getattr(keras_model, "optimizer", None)
         if optimizer is None:

@@ -11,6 +11,7 @@ MobileNetV3 normalise inside the model). kerastl puts the right conversion
 import keras
 from keras import ops
 
+from kerastl.blocks import rules_from_config, rules_to_config
 from kerastl.errors import ConfigError
 
 MODES = ("caffe", "tf", "torch", "unit", "builtin")
@@ -39,8 +40,12 @@ class ImagePreprocessing(keras.layers.Layer):
             ImageNet mean/std), ``"unit"`` (scale to [0, 1]: the TF Hub
             image convention) or ``"builtin"`` (identity: the model
             normalises inside).
-        zoo_name: the zoo entry this backbone came from. Stored so that a
-            saved and re-loaded model still knows its block map.
+        zoo_name: the zoo entry this backbone came from (for messages and
+            summaries).
+        blocks: the backbone's block rules (:class:`~kerastl.blocks.
+            BlockRule` objects or their configs). Stored in the layer's
+            config, so a saved and re-loaded model has the same block map
+            without the zoo entry that made it.
 
     Example:
 
@@ -49,13 +54,14 @@ class ImagePreprocessing(keras.layers.Layer):
     1.0
     """
 
-    def __init__(self, mode, zoo_name=None, **kwargs):
+    def __init__(self, mode, zoo_name=None, blocks=None, **kwargs):
         # Preprocessing is cheap and numerically touchy (caffe means in
         # float16 lose a unit): it always runs in float32.
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.mode = check_mode(mode)
         self.zoo_name = zoo_name
+        self.block_rules = rules_from_config(blocks)
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")
@@ -75,5 +81,6 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(mode=self.mode, zoo_name=self.zoo_name)
+        config.update(mode=self.mode, zoo_name=self.zoo_name,
+                      blocks=rules_to_config(self.block_rules))
         return config

@@ -419,3 +419,115 @@ def test_adapt_batch_norm_on_dann_adapts_the_bottleneck_too():
             np.testing.assert_array_equal(v.numpy(), others[v.path])
     for before, v in zip(domain_bn, dann.domain_layers[1].weights):
         np.testing.assert_array_equal(before, v.numpy())  # not the label path
+
+
+# -- DANN through the block map -------------------------------------------------
+
+def zoo_dann(**kwargs):
+    """A DANN around a zoo backbone (MobileNetV2 at 32x32, random weights)."""
+    keras.utils.set_random_seed(0)
+    backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+                                     input_shape=(32, 32, 3))
+    return kerastl.DANN(backbone, 2, bottleneck=16, domain_hidden=(16,),
+                        **kwargs)
+
+
+def test_dann_block_map_lists_the_backbone_then_the_heads():
+    dann = zoo_dann()
+    bm = kerastl.block_map(dann)
+    assert bm.names == ["stem", "stage1", "stage2", "stage3", "stage4", "top",
+                        "bottleneck", "label_head", "domain_head"]
+    assert bm.head_blocks == ["bottleneck", "label_head", "domain_head"]
+    assert bm.validate() == []
+    # Every weight of the DANN is in exactly one block.
+    owned = [id(v) for b in bm.names for v in bm.variables(b)]
+    assert sorted(owned) == sorted(id(v) for v in dann.weights)
+    assert {v.path for v in bm.variables("domain_head")} >= {
+        dann.domain_head.kernel.path, dann.reversal.lambda_.path}
+    # Without a kerastl backbone: structural blocks, then the heads.
+    cnn = small_cnn()
+    plain = kerastl.DANN(cnn, 2, bottleneck=None, alignment="coral")
+    structural = kerastl.block_map(cnn).names
+    assert structural[0] == "block1"
+    assert kerastl.block_map(plain).names == structural + ["label_head"]
+
+
+def test_freeze_dann_keeps_frozen_blocks_bit_identical_through_fit():
+    dann = zoo_dann()
+    frozen = kerastl.freeze(dann, up_to="stage2")
+    assert frozen == ["stem", "stage1", "stage2"]
+    bm = kerastl.block_map(dann)
+    before = {v.path: v.numpy().copy() for v in dann.weights}
+    dann.compile(keras.optimizers.Adam(1e-2))
+    fit_one_epoch(dann)
+    for block in bm.names:
+        moved = [v.path for v in bm.variables(block)
+                 if not np.array_equal(v.numpy(), before[v.path])]
+        if block in frozen:  # weights and BN statistics alike
+            assert moved == [], block
+        else:
+            assert moved, f"{block} did not train"
+    # BN of the new heads trains even under the default bn="frozen".
+    assert dann.get_layer("bottleneck_0_bn").trainable
+    # freeze(dann) with no block freezes the backbone, trains the heads.
+    kerastl.freeze(dann)
+    assert kerastl.trainable_blocks(dann) == ["bottleneck", "label_head",
+                                              "domain_head"]
+
+
+def test_layerwise_optimizer_on_dann_gives_exact_block_rates():
+    dann = zoo_dann()
+    bm = kerastl.block_map(dann)
+    opt = kerastl.LayerwiseOptimizer(keras.optimizers.Adam(1e-3),
+                                     {"stage1": 0.1, "domain_head": 1.0},
+                                     dann)
+    variables = dann.trainable_variables
+    refs = []
+    for v in variables:
+        m = 0.1 if bm.block_of(v) == "stage1" else 1.0
+        assert opt.multiplier(v) == m
+        refs.append((keras.optimizers.Adam(1e-3 * m),
+                     keras.Variable(v.numpy(), name="ref")))
+    assert any(bm.block_of(v) == "stage1" for v in variables)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+        opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+        for g, (ref_opt, ref_var) in zip(grads, refs):
+            ref_opt.apply([keras.ops.convert_to_tensor(g)], [ref_var])
+    for v, (_, ref_var) in zip(variables, refs):
+        np.testing.assert_allclose(v.numpy(), ref_var.numpy(), rtol=1e-6,
+                                   atol=1e-7, err_msg=v.path)
+    rows = {r["block"]: r for r in kerastl.describe_learning_rates(dann, opt)}
+    assert rows["stage1"]["learning_rate"] == pytest.approx((1e-4, 1e-4))
+    assert rows["domain_head"]["multiplier"] == (1.0, 1.0)
+    # And it trains inside fit.
+    dann.compile(opt)
+    assert np.isfinite(fit_one_epoch(dann)["loss"][-1])
+
+
+def test_gradual_unfreezing_on_dann_trains_the_heads_first():
+    dann = zoo_dann()
+    dann.compile(keras.optimizers.Adam(1e-3))
+    callback = kerastl.GradualUnfreezing(every=1, start_blocks=1)
+    xs, ys, xt, _ = toy_domains()
+    dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=32), epochs=2,
+             callbacks=[callback], verbose=0)
+    assert callback.history[0] == ["bottleneck", "label_head", "domain_head"]
+    assert callback.history[1] == ["top", "bottleneck", "label_head",
+                                   "domain_head"]
+
+
+def test_unknown_subclassed_model_has_no_silent_block_map():
+    class Opaque(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    with pytest.raises(kerastl.BlockError, match="subclassed model"):
+        kerastl.block_map(Opaque())
+    with pytest.raises(kerastl.BlockError, match="functional API"):
+        kerastl.freeze(Opaque())

@@ -133,7 +133,7 @@ def test_every_hub_entry_is_covered():
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_block_regexes_follow_the_architecture(name):
-    config = kerastl.get_config(name)
+    config = kerastl.zoo_entry(name)
     got, expected = [], []
     for variable, block in ARCHITECTURES[name]:
         rule = next((r.name for r in config.blocks
@@ -176,7 +176,7 @@ class SlimLike(tf.Module):
 def hub_cache(tmp_path_factory):
     """A TFHUB_CACHE_DIR holding a SavedModel under MobileNet V2's handle."""
     cache = tmp_path_factory.mktemp("tfhub_cache")
-    config = kerastl.get_config("hub_mobilenet_v2_100_224")
+    config = kerastl.zoo_entry("hub_mobilenet_v2_100_224")
     names = [n for n, _ in ARCHITECTURES[config.name]]
     folder = cache / hashlib.sha1(config.handle.encode()).hexdigest()
     tf.saved_model.save(SlimLike(names, config.output_size), str(folder))
@@ -306,7 +306,7 @@ def test_a_config_that_does_not_fit_names_the_variables(
     zoo.mkdir()
     (zoo / "mine.yaml").write_text(
         "name: hub_mine\nsource: tfhub\n"
-        f"handle: {kerastl.get_config('hub_mobilenet_v2_100_224').handle}\n"
+        f"handle: {kerastl.zoo_entry('hub_mobilenet_v2_100_224').handle}\n"
         "input: {default_size: 224, min_size: 224}\npreprocessing: unit\n"
         "output_size: 1280\nblocks:\n"
         "- {name: early, variables: ['MobilenetV2/Conv/']}\n"

@@ -12,7 +12,7 @@ NAMES = [c.name for c in kerastl.list_configs("keras.applications")]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_block_map_of_every_application(name):
-    config = kerastl.get_config(name)
+    config = kerastl.zoo_entry(name)
     size = max(config.min_size, 32)
     backbone = kerastl.load_backbone(name, weights=None,
                                      input_shape=(size, size, 3))

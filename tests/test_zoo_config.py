@@ -94,12 +94,12 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
 @pytest.mark.parametrize("name", ["resnet50", "ResNet50", "RESNET50",
                                   "mobilenet_v2", "MobileNetV2", "mobilenetv2"])
 def test_names_are_case_insensitive(name):
-    assert kerastl.get_config(name).constructor in ("ResNet50", "MobileNetV2")
+    assert kerastl.zoo_entry(name).constructor in ("ResNet50", "MobileNetV2")
 
 
 def test_unknown_name_lists_the_closest_names():
     with pytest.raises(kerastl.UnknownModelError) as e:
-        kerastl.get_config("resnet5O")
+        kerastl.zoo_entry("resnet5O")
     msg = str(e.value)
     assert "Unknown model 'resnet5O'" in msg
     assert "resnet50" in msg
@@ -109,14 +109,14 @@ def test_unknown_name_lists_the_closest_names():
 def test_user_config_folder_is_searched(tmp_path, monkeypatch):
     write(tmp_path, GOOD, "tiny_test.yaml")
     monkeypatch.setenv("KERASTL_ZOO_PATH", str(tmp_path))
-    assert kerastl.get_config("TinyTest").name == "tiny_test"
+    assert kerastl.zoo_entry("TinyTest").name == "tiny_test"
     monkeypatch.delenv("KERASTL_ZOO_PATH")
     with pytest.raises(kerastl.UnknownModelError):
-        kerastl.get_config("tiny_test")
+        kerastl.zoo_entry("tiny_test")
 
 
 def test_broken_user_config_fails_loudly(tmp_path, monkeypatch):
     write(tmp_path, GOOD.replace("MobileNetV2", "Evil"), "evil.yaml")
     monkeypatch.setenv("KERASTL_ZOO_PATH", str(tmp_path))
     with pytest.raises(kerastl.ConfigError, match="evil.yaml"):
-        kerastl.get_config("resnet50")
+        kerastl.zoo_entry("resnet50")

@@ -3,8 +3,9 @@
 import keras
 import numpy as np
 
+from kerastl import _keras_private as _private
 from kerastl.adaptation.dann import DANN
-from kerastl.freezing import keras_model_of
+from kerastl.freezing import keras_model_of, temporarily_trainable
 
 
 def adapt_batch_norm(model, target, batch_size=64):
@@ -29,14 +30,14 @@ def adapt_batch_norm(model, target, batch_size=64):
         The number of BatchNormalization layers adapted.
     """
     if isinstance(model, DANN):
-        layers = (list(model.feature_extractor._flatten_layers())
+        layers = (_private.all_sublayers(model.feature_extractor)
                   + model.bottleneck_layers)
 
         def forward(batch):
             model.features(batch, training=True)
     else:
         net = keras_model_of(model)
-        layers = net._flatten_layers()
+        layers = _private.all_sublayers(net)
 
         def forward(batch):
             net(batch, training=True)
@@ -44,21 +45,19 @@ def adapt_batch_norm(model, target, batch_size=64):
            if isinstance(l, keras.layers.BatchNormalization)]
     if not bns:
         return 0
-    saved = [(l, l.trainable, l.momentum) for l in bns]
+    momenta = [l.momentum for l in bns]
     if isinstance(target, np.ndarray):
         batches = [target[i:i + batch_size]
                    for i in range(0, len(target), batch_size)]
     else:
         batches = (b[0] if isinstance(b, tuple) else b for b in target)
     try:
-        for l in bns:
-            l.trainable = True
-        for k, batch in enumerate(batches, start=1):
-            for l in bns:
-                l.momentum = 0.0 if k == 1 else (k - 1) / k
-            forward(batch)
+        with temporarily_trainable(bns):
+            for k, batch in enumerate(batches, start=1):
+                for l in bns:
+                    l.momentum = 0.0 if k == 1 else (k - 1) / k
+                forward(batch)
     finally:
-        for l, trainable, momentum in saved:
-            l.trainable = trainable
+        for l, momentum in zip(bns, momenta):
             l.momentum = momentum
     return len(bns)

@@ -20,6 +20,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from kerastl import heads
 from kerastl.errors import KerastlError
 from kerastl.features.extract import flat_features
 
@@ -206,8 +207,6 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
     Returns:
         A :class:`JointFineTuning`.
     """
-    from kerastl.heads import apply_freeze, pooling_layer
-
     model = getattr(backbone, "model", backbone)
     if not isinstance(model, keras.Model) or len(model.output.shape) != 4:
         raise KerastlError("joint_fine_tune needs a kerastl.Backbone or a "
@@ -221,16 +220,14 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
         raise KerastlError("No source samples to borrow: select some with "
                            "select_source_samples().")
     n_t, n_s = int(yt.max()) + 1, int(ys.max()) + 1
-    pool = pooling_layer(pooling, "joint_pool")(model.output)
+    pool = heads.pooling_layer(pooling, "joint_pool")(model.output)
     if dropout:
         pool = keras.layers.Dropout(dropout, name="joint_dropout")(pool)
-    out_t = keras.layers.Dense(n_t, activation="softmax", dtype="float32",
-                               name="target")(pool)
-    out_s = keras.layers.Dense(n_s, activation="softmax", dtype="float32",
-                               name="source")(pool)
+    out_t = heads.output_layer(n_t, "softmax", "target")(pool)
+    out_s = heads.output_layer(n_s, "softmax", "source")(pool)
     joint = keras.Model(model.input, {"target": out_t, "source": out_s},
                         name=f"{model.name}_joint")
-    apply_freeze(joint, freeze, bn, recompile=False)
+    heads.apply_freeze(joint, freeze, bn, recompile=False)
     repeat = max(1, int(round(len(xs) / len(xt))))
     xt_r, yt_r = np.concatenate([xt] * repeat), np.concatenate([yt] * repeat)
     x = np.concatenate([xt_r, xs]).astype("float32")

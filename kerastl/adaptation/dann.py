@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerastl import _keras_private as _private
+from kerastl import heads
 from kerastl.adaptation.losses import coral_loss, information_loss
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
@@ -140,21 +142,21 @@ class DANN(keras.Model):
         self.batchnorm = bool(batchnorm)
         self.entropy_weight = float(entropy_weight)
         self.split_batchnorm = bool(split_batchnorm)
-        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.bottleneck_layers = _mlp(
+        self.pool = heads.pooling_layer("avg", "pool")
+        self.bottleneck_layers = heads.mlp(
             () if self.bottleneck is None else (self.bottleneck,),
-            self.batchnorm, 0.0, "bottleneck")
-        self.label_dropout = keras.layers.Dropout(self.dropout_rate)
-        self.label_head = keras.layers.Dense(num_classes, activation="softmax",
-                                             dtype="float32", name="label")
+            "bottleneck", self.batchnorm)
+        self.label_dropout = keras.layers.Dropout(self.dropout_rate,
+                                                  name="label_dropout")
+        self.label_head = heads.output_layer(num_classes, "softmax", "label")
         self.domain_layers = []
         self.reversal = self.domain_head = None
         if alignment == "adversarial":
             self.reversal = GradientReversal(lambda_, name="reversal")
-            self.domain_layers = _mlp(self.domain_hidden, self.batchnorm,
-                                      self.dropout_rate, "domain_hidden")
-            self.domain_head = keras.layers.Dense(
-                1, activation="sigmoid", dtype="float32", name="domain")
+            self.domain_layers = heads.mlp(self.domain_hidden,
+                                           "domain_hidden", self.batchnorm,
+                                           self.dropout_rate)
+            self.domain_head = heads.output_layer(1, "sigmoid", "domain")
         self.class_loss_tracker = keras.metrics.Mean(name="class_loss")
         self.domain_loss_tracker = self.domain_accuracy = None
         self.entropy_loss_tracker = None
@@ -187,6 +189,25 @@ class DANN(keras.Model):
 
     def build_from_config(self, config):
         self.built = True
+
+    def kerastl_block_parts(self):
+        """The parts of DANN's block map, input to output.
+
+        The feature extractor's own blocks (a kerastl backbone's names, or
+        structural ``block1``... otherwise), then three new-head blocks:
+        ``bottleneck`` (pooling and the shared bottleneck; absent with
+        ``bottleneck=None``), ``label_head`` and, for the adversarial
+        alignment, ``domain_head`` (the reversal and the domain classifier).
+        ``kerastl.freeze``, ``LayerwiseOptimizer`` and the other block tools
+        read it through :func:`kerastl.block_map`.
+        """
+        parts = [self.feature_extractor,
+                 ("bottleneck", [self.pool] + self.bottleneck_layers, True),
+                 ("label_head", [self.label_dropout, self.label_head], True)]
+        if self.reversal is not None:
+            parts.append(("domain_head", [self.reversal] + self.domain_layers
+                          + [self.domain_head], True))
+        return parts
 
     @property
     def _aligns(self):
@@ -239,7 +260,7 @@ class DANN(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                      training=True):
         if not isinstance(y_pred, dict):  # evaluate: the label path
-            if self._compile_loss is not None:
+            if _private.compiled_loss(self) is not None:
                 return super().compute_loss(x, y, y_pred, sample_weight,
                                             training=training)
             return ops.mean(keras.losses.sparse_categorical_crossentropy(
@@ -267,8 +288,8 @@ class DANN(keras.Model):
                 self.entropy_loss_tracker.update_state(info)
                 total = total + self.entropy_weight * self._ramp() * info
         for extra in self.losses:  # regularizers of the feature extractor
-            total = total + ops.cast(self._aggregate_additional_loss(extra),
-                                     "float32")
+            total = total + ops.cast(
+                _private.additional_loss(self, extra), "float32")
         return total
 
     def _ramp(self):
@@ -337,24 +358,8 @@ class DANN(keras.Model):
         return cls(**config)
 
 
-def _mlp(widths, batchnorm, dropout, prefix):
-    """Dense (+ BN) + ReLU (+ dropout) layers, one group per width."""
-    layers = []
-    for i, units in enumerate(widths):
-        layers.append(keras.layers.Dense(units, use_bias=not batchnorm,
-                                         name=f"{prefix}_{i}"))
-        if batchnorm:
-            layers.append(keras.layers.BatchNormalization(
-                name=f"{prefix}_{i}_bn"))
-        layers.append(keras.layers.ReLU(name=f"{prefix}_{i}_relu"))
-        if dropout:
-            layers.append(keras.layers.Dropout(dropout,
-                                               name=f"{prefix}_{i}_dropout"))
-    return layers
-
-
 def _build_mlp(layers, d):
-    """Builds the layers of :func:`_mlp` on ``d`` inputs; returns the width."""
+    """Builds the layers of :func:`kerastl.heads.mlp` on ``d`` inputs; returns the width."""
     for layer in layers:
         if isinstance(layer, (keras.layers.Dense,
                               keras.layers.BatchNormalization)):

@@ -9,6 +9,7 @@ import math
 
 import keras
 
+from kerastl import _keras_private as _private
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
 
@@ -91,7 +92,7 @@ class GaninLambda(_PerBatch):
         return self.scale * ganin_lambda(p, self.gamma)
 
     def apply(self, value):
-        layers = [l for l in self.model._flatten_layers()
+        layers = [l for l in _private.all_sublayers(self.model)
                   if isinstance(l, GradientReversal)]
         if not layers:
             raise KerastlError("GaninLambda: the model has no "

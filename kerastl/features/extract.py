@@ -17,9 +17,11 @@ from kerastl.blocks import block_map
 from kerastl.errors import KerastlError
 from kerastl.features.cache import _as_cache, hash_array, model_fingerprint
 from kerastl.freezing import keras_model_of
+from kerastl.heads import POOLINGS as HEAD_POOLINGS
 from kerastl.heads import pooling_layer
 
-POOLINGS = ("avg", "max", None)
+#: The heads' poolings, plus ``None``: spatial outputs kept as they are.
+POOLINGS = HEAD_POOLINGS + (None,)
 
 
 # -- which outputs ------------------------------------------------------------
@@ -69,13 +71,14 @@ def feature_model(backbone, layers=None, pooling="avg"):
     """A ``keras.Model`` from the images to the features (a dict by layer).
 
     ``layers=None`` takes the model's output. Spatial outputs are pooled
-    (``"avg"`` or ``"max"``) inside the model; ``pooling=None`` keeps them.
+    inside the model (``"avg"``, ``"max"`` or ``"flatten"``, as the heads
+    pool); ``pooling=None`` keeps them.
     The model is built once per backbone, layers and pooling and reused, so
     repeated extractions reuse its compiled ``predict`` function.
     """
     if pooling not in POOLINGS:
         raise KerastlError(f"pooling={pooling!r}: expected one of "
-                           f"'avg', 'max' or None.")
+                           f"'avg', 'max', 'flatten' or None.")
     model = keras_model_of(backbone)
     names = _layer_names(layers)
     built = _FEATURE_MODELS.setdefault(model, {})

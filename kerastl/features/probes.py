@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from kerastl import heads
 from kerastl.errors import KerastlError
 from kerastl.features.extract import flat_features
 
@@ -37,26 +38,51 @@ class LinearProbe:
                  batch_size=128, learning_rate=1e-2, verbose=0):
         if kind not in self.KINDS:
             raise KerastlError(f"kind={kind!r}: expected 'softmax' or 'svm'.")
+        # Stored as given: the scikit-learn estimator contract
+        # (``sklearn.base.clone`` checks that get_params returns them).
         self.kind = kind
-        self.l2 = float(l2)
-        self.C = float(C)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.learning_rate = float(learning_rate)
+        self.l2 = l2
+        self.C = C
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
         self.verbose = verbose
         self.model = None
         self.classes_ = None
         self.history = None
+
+    _PARAMS = ("kind", "l2", "C", "epochs", "batch_size", "learning_rate",
+               "verbose")
+
+    def get_params(self, deep=True):
+        """The constructor arguments (scikit-learn estimator contract)."""
+        return {p: getattr(self, p) for p in self._PARAMS}
+
+    def set_params(self, **params):
+        """Sets constructor arguments; returns ``self`` (as scikit-learn)."""
+        unknown = sorted(set(params) - set(self._PARAMS))
+        if unknown:
+            raise KerastlError(f"LinearProbe has no parameter "
+                               f"{', '.join(unknown)}; parameters are "
+                               f"{', '.join(self._PARAMS)}.")
+        if params.get("kind", self.kind) not in self.KINDS:
+            raise KerastlError(f"kind={params['kind']!r}: expected 'softmax' "
+                               "or 'svm'.")
+        for p, v in params.items():
+            setattr(self, p, v)
+        return self
+
+    def __repr__(self):
+        return f"LinearProbe(kind={self.kind!r}, l2={self.l2}, C={self.C})"
 
     def build_model(self, dim, num_classes, mean=None, variance=None):
         """The softmax probe as a ``keras.Model`` on ``dim`` features."""
         inputs = keras.Input((dim,), name="features")
         norm = keras.layers.Normalization(mean=mean, variance=variance,
                                           name="standardize")
-        outputs = keras.layers.Dense(
-            num_classes, activation="softmax",
-            kernel_regularizer=keras.regularizers.L2(self.l2),
-            name="probe")(norm(inputs))
+        outputs = heads.output_layer(
+            num_classes, "softmax", "probe",
+            kernel_regularizer=keras.regularizers.L2(float(self.l2)))(norm(inputs))
         return keras.Model(inputs, outputs, name="linear_probe")
 
     def _encode(self, y):
@@ -81,14 +107,14 @@ class LinearProbe:
             raise KerastlError("A probe needs at least two classes in y.")
         yi = self._encode(y)
         if self.kind == "svm":
-            self.model = _svm(self.C)
+            self.model = _svm(float(self.C))
             self.model.fit(x, yi)
             return self
         mean = x.mean(axis=0)
         variance = x.var(axis=0) + 1e-6
         self.model = self.build_model(x.shape[1], len(self.classes_),
                                       mean, variance)
-        self.model.compile(keras.optimizers.Adam(self.learning_rate),
+        self.model.compile(keras.optimizers.Adam(float(self.learning_rate)),
                            "sparse_categorical_crossentropy",
                            metrics=["accuracy"])
         val = None
@@ -96,7 +122,7 @@ class LinearProbe:
             vx, vy = validation_data
             val = (flat_features(vx), self._encode(vy))
         self.history = self.model.fit(
-            x, yi, batch_size=self.batch_size, epochs=self.epochs,
+            x, yi, batch_size=int(self.batch_size), epochs=int(self.epochs),
             validation_data=val, verbose=self.verbose)
         return self
 

@@ -15,12 +15,14 @@ import dataclasses
 import difflib
 import os
 import re
+import warnings
 from pathlib import Path
 
 import yaml
 
 from kerastl.blocks import BlockRule
 from kerastl.errors import ConfigError, UnknownModelError
+from kerastl.hub import KAGGLE_HANDLE
 from kerastl.preprocessing import MODES
 
 # Every constructor in Keras 3's keras.applications. A config may name only
@@ -217,8 +219,6 @@ def _parse_extras(data, path):
 
 def _parse_hub_config(data, path, name):
     """The ``source: tfhub`` part of :func:`parse_config`."""
-    from kerastl.hub import KAGGLE_HANDLE
-
     handle = _expect(path, "handle", data["handle"], str, "a string")
     if not (handle.startswith(("https://", "gs://"))
             or KAGGLE_HANDLE.match(handle)):
@@ -378,6 +378,15 @@ def list_configs(source=None):
 
 
 def get_config(name):
+    """Deprecated alias of :func:`zoo_entry` (every Keras object has a
+    ``get_config()`` method with another meaning)."""
+    warnings.warn("kerastl.get_config(name) is deprecated; use "
+                  "kerastl.zoo_entry(name).", DeprecationWarning,
+                  stacklevel=2)
+    return zoo_entry(name)
+
+
+def zoo_entry(name):
     """The :class:`ZooConfig` for ``name`` (case-insensitive).
 
     ``mobilenet_v2``, ``MobileNetV2`` and ``mobilenetv2`` all name the same

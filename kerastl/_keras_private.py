@@ -1,0 +1,122 @@
+"""The private Keras attributes kerastl touches, in one place.
+
+Keras's public API has no way to walk a functional graph in order, to hook
+an optimizer's per-variable update, or to read a model's compile arguments
+back. Each accessor below names the private attribute it reads, why kerastl
+needs it, and the Keras version it was checked against (3.15.1; the test
+suite exercises every one of them, so a Keras release that moves one fails
+there first). Nothing else in kerastl reads a private Keras attribute.
+"""
+
+CHECKED_AGAINST = "3.15.1"
+
+
+# -- functional graphs ------------------------------------------------------------
+
+def functional_graph(model):
+    """The functional graph behind ``model``, or None (subclassed).
+
+    ``Sequential._functional`` is the functional model a built Sequential
+    keeps; a functional model has ``_nodes_by_depth`` itself. Needed to walk
+    layers input to output (block maps, export's label path).
+    """
+    functional = getattr(model, "_functional", None)
+    if functional is not None:
+        return functional
+    return model if hasattr(model, "_nodes_by_depth") else None
+
+
+def nodes_by_depth(graph):
+    """``{depth: [node, ...]}`` of a functional graph (``_nodes_by_depth``;
+    depth 0 is the output): the only ordered view of its nodes."""
+    return graph._nodes_by_depth
+
+
+def producing_operation(tensor):
+    """The layer (or operation) that produced a symbolic tensor
+    (``KerasTensor._keras_history.operation``)."""
+    return tensor._keras_history.operation
+
+
+def all_sublayers(layer):
+    """``layer`` and every layer nested in it, recursively
+    (``Layer._flatten_layers()``): subclassed models have no graph to walk."""
+    return list(layer._flatten_layers())
+
+
+# -- compiling ---------------------------------------------------------------------
+
+def compile_config(model):
+    """The arguments of the model's last ``compile`` call, or None
+    (``Model._compile_config.config``): freezing recompiles with them."""
+    config = getattr(model, "_compile_config", None)
+    return None if config is None else dict(config.config)
+
+
+def compiled_loss(model):
+    """The loss given to ``compile`` (``Model._compile_loss``), or None:
+    DANN's ``compute_loss`` falls back to its own loss without one."""
+    return getattr(model, "_compile_loss", None)
+
+
+def additional_loss(model, loss):
+    """One ``model.losses`` entry as Keras's own train step adds it
+    (``Model._aggregate_additional_loss``: the dtype and reduction rules)."""
+    return model._aggregate_additional_loss(loss)
+
+
+# -- optimizers --------------------------------------------------------------------
+
+def variable_index(optimizer, variable):
+    """The index of ``variable`` in the optimizer's slots
+    (``Optimizer._get_variable_index``)."""
+    return optimizer._get_variable_index(variable)
+
+
+def hook_optimizer(optimizer, update_step, apply_weight_decay,
+                   current_learning_rate):
+    """Replaces, on one optimizer instance, the three methods through which
+    every Keras 3 optimizer applies its learning rate:
+
+    * ``update_step(gradient, variable, learning_rate)`` (public);
+    * ``_apply_weight_decay(variables)`` (decoupled weight decay);
+    * ``_get_current_learning_rate()`` (what weight decay multiplies).
+
+    Each argument is ``wrap(original) -> replacement``. Returns nothing.
+    """
+    replacements = {
+        "update_step": update_step(optimizer.update_step),
+        "_apply_weight_decay": apply_weight_decay(
+            optimizer._apply_weight_decay),
+        "_get_current_learning_rate": current_learning_rate(
+            optimizer._get_current_learning_rate),
+    }
+    for name, fn in replacements.items():
+        object.__setattr__(optimizer, name, fn)
+
+
+# -- variables and saving ----------------------------------------------------------
+
+def adopt_tf_variable(variable, tf_variable):
+    """Points a Keras TensorFlow-backend variable at an existing
+    ``tf.Variable`` (``_value``, ``_shape``, ``_ndim``, ``_dtype``), so that
+    optimizers, checkpoints and exports act on a SavedModel's own variable."""
+    variable._value = tf_variable
+    variable._shape = tuple(tf_variable.shape)
+    variable._ndim = len(variable._shape)
+    variable._dtype = tf_variable.dtype.name
+
+
+def in_safe_mode():
+    """Whether ``keras.models.load_model`` is deserialising in safe mode
+    (``keras.src.saving.serialization_lib.in_safe_mode``): True, False, or
+    None outside a load (treated as safe)."""
+    from keras.src.saving import serialization_lib
+
+    return serialization_lib.in_safe_mode()
+
+
+__all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
+           "producing_operation", "all_sublayers", "compile_config",
+           "compiled_loss", "additional_loss", "variable_index",
+           "hook_optimizer", "adopt_tf_variable", "in_safe_mode"]
