@@ -2,7 +2,7 @@
 
 MobileNetV2 at 96x96 (random weights), batch 32, every block trainable, Adam.
 Two identical models are trained alternately in one process, one with
-``Adam`` and one with ``LayerwiseOptimizer(Adam, layer_decay(0.7))``. After
+``Adam`` and one with ``LayerwiseOptimizer(Adam, LayerDecay(0.7))``. After
 a warm-up that compiles both, single training steps are timed in pairs, the
 order inside each pair alternating, so that drift of a busy machine hits both
 alike. Prints the median step time of each and their ratio (and the spread of
@@ -31,7 +31,7 @@ def make_model(layerwise, size, classes=10):
     model = kerastl.build_classifier(backbone, classes, freeze=False)
     opt = keras.optimizers.Adam(1e-3)
     if layerwise:
-        opt = kerastl.LayerwiseOptimizer(opt, kerastl.layer_decay(0.7), model)
+        opt = kerastl.LayerwiseOptimizer(opt, kerastl.LayerDecay(0.7), model)
     model.compile(opt, "sparse_categorical_crossentropy")
     return model
 

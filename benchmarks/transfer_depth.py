@@ -29,7 +29,7 @@ import keras  # noqa: E402
 import kerastl  # noqa: E402
 from kerastl import datasets  # noqa: E402
 
-from kerastl.demo import pretrain, small_cnn  # noqa: E402
+from kerastl.pretrained import pretrain, small_cnn  # noqa: E402
 
 
 def cnn(filters=(16, 32, 32, 64, 64)):

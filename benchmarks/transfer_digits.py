@@ -25,7 +25,7 @@ from kerastl import datasets  # noqa: E402
 
 
 # The demo's network and source pretraining (``kerastl demo`` runs the same).
-from kerastl.demo import pretrain, small_cnn  # noqa: E402,F401
+from kerastl.pretrained import pretrain, small_cnn  # noqa: E402,F401
 
 
 def few_shot(x, y, per_class, seed):

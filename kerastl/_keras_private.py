@@ -107,6 +107,17 @@ def adopt_tf_variable(variable, tf_variable):
     variable._dtype = tf_variable.dtype.name
 
 
+def variables_used_by(fn):
+    """``(trainable, non_trainable)`` variables a restored SavedModel
+    function captures: Keras' own helper for ``model.export``
+    (``keras.src.export.saved_model._list_variables_used_by_fns``), for
+    SavedModels that list no ``variables`` attribute. Imported here, not at
+    the top: it imports TensorFlow."""
+    from keras.src.export.saved_model import _list_variables_used_by_fns
+
+    return _list_variables_used_by_fns([fn])
+
+
 def in_safe_mode():
     """Whether ``keras.models.load_model`` is deserialising in safe mode
     (``keras.src.saving.serialization_lib.in_safe_mode``): True, False, or
@@ -119,4 +130,5 @@ def in_safe_mode():
 __all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
            "producing_operation", "all_sublayers", "compile_config",
            "compiled_loss", "additional_loss", "variable_index",
-           "hook_optimizer", "adopt_tf_variable", "in_safe_mode"]
+           "hook_optimizer", "adopt_tf_variable", "variables_used_by",
+           "in_safe_mode"]

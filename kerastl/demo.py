@@ -18,86 +18,22 @@ import json
 import os
 import time
 
-STRATEGIES = ("feature extraction", "partial fine-tuning",
-              "full fine-tuning", "from scratch")
+import keras
 
+from kerastl import datasets
+from kerastl.atomic import atomic_folder, check_new_folder
+from kerastl.export import export_savedmodel
+from kerastl.freezing import trainable_summary
+from kerastl.heads import build_classifier
+from kerastl.pretrained import pretrained_backbone, small_cnn
+from kerastl.recipes import fine_tune
 
-def small_cnn(size=32, widths=(16, 32, 64), name="small_cnn"):
-    """A small conv net (one block per width) taking RGB in [0, 255]."""
-    import keras
-
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    for filters in widths:
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.MaxPooling2D()(x)
-    return keras.Model(inputs, x, name=name)
-
-
-def pretrain(backbone, samples=4000, epochs=10, seed=0, verbose=0):
-    """Trains ``backbone`` with a softmax head on ``syn_digits`` (the source).
-
-    Returns the source classifier (sharing the backbone's layers).
-    """
-    import keras
-
-    from kerastl import datasets
-    from kerastl.heads import build_classifier
-
-    keras.utils.set_random_seed(seed)
-    source = build_classifier(backbone, 10, freeze=False, bn="train")
-    source.compile(keras.optimizers.Adam(2e-3),
-                   "sparse_categorical_crossentropy", metrics=["accuracy"])
-    xs, ys = datasets.syn_digits(samples, seed=seed)
-    source.fit(xs, ys, batch_size=64, epochs=epochs, verbose=verbose)
-    return source
-
-
-def few_shot(x, y, per_class, seed, exclude=None):
-    """``per_class`` random samples of each class (indices not in exclude)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    allowed = np.ones(len(y), bool)
-    if exclude is not None:
-        allowed[exclude] = False
-    idx = np.concatenate([
-        rng.choice(np.flatnonzero((y == c) & allowed), per_class,
-                   replace=False) for c in np.unique(y)])
-    return idx
-
-
-def cache_dir():
-    return os.environ.get("KERASTL_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "kerastl")
-
-
-def pretrained_backbone(samples=4000, epochs=10, seed=0, verbose=0):
-    """The demo's source backbone, from the cache or pretrained now.
-
-    Returns ``(backbone, seconds, cached)``.
-    """
-    import keras
-
-    start = time.time()
-    backbone = small_cnn()
-    name = (f"demo_small_cnn_syn{samples}_e{epochs}_s{seed}_"
-            f"keras{keras.__version__}.weights.h5")
-    path = os.path.join(cache_dir(), name)
-    if os.path.isfile(path):
-        try:
-            backbone.load_weights(path)
-            return backbone, time.time() - start, True
-        except Exception:  # a damaged cache file: pretrain again
-            os.remove(path)
-    pretrain(backbone, samples, epochs, seed, verbose=verbose)
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}.weights.h5"
-    backbone.save_weights(tmp)
-    os.replace(tmp, path)
-    return backbone, time.time() - start, False
+# The demo's rows: a label and the fine_tune strategy behind it ("from
+# scratch" is "full" on freshly initialised weights, BatchNorm training).
+STRATEGIES = {"feature extraction": "features",
+              "partial fine-tuning": "partial",
+              "full fine-tuning": "full",
+              "from scratch": "full"}
 
 
 def run_demo(output="kerastl_demo", per_class=10, epochs=40,
@@ -108,14 +44,6 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     ``curves.png`` and the best model's ``savedmodel/`` and ``model.keras``
     into ``output`` (atomically: nothing is left there on failure).
     """
-    import keras
-
-    from kerastl import datasets
-    from kerastl.atomic import atomic_folder, check_new_folder
-    from kerastl.export import export_savedmodel
-    from kerastl.freezing import trainable_summary
-    from kerastl.heads import build_classifier
-
     def say(*args):
         if verbose:
             print(*args, flush=True)
@@ -132,40 +60,37 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     weights = backbone.get_weights()
     xtr, ytr = datasets.digits("train")
     xte, yte = datasets.digits("test")
-    train_idx = few_shot(xtr, ytr, per_class, seed)
-    val_idx = few_shot(xtr, ytr, 20, seed + 1, exclude=train_idx)
+    train_idx = datasets.few_shot(ytr, per_class, seed)
+    val_idx = datasets.few_shot(ytr, 20, seed + 1, exclude=train_idx)
     train = (xtr[train_idx], ytr[train_idx])
     val = (xtr[val_idx], ytr[val_idx])
     say(f"2/3 target: scikit-learn digits, {per_class} labelled images per "
         f"class ({len(train_idx)}), {len(val_idx)} for validation, "
         f"{len(yte)} for test")
     rows, models, curves = [], {}, {}
-    for strategy in STRATEGIES:
-        keras.utils.set_random_seed(seed)
+    for label, strategy in STRATEGIES.items():
+        keras.utils.set_random_seed(seed)  # the demo's seed (--seed)
         t0 = time.time()
         net = small_cnn()
-        if strategy != "from scratch":
+        scratch = label == "from scratch"
+        if not scratch:
             net.set_weights(weights)
-        freeze = {"feature extraction": True, "partial fine-tuning": 2,
-                  "full fine-tuning": False, "from scratch": False}[strategy]
-        bn = "train" if strategy == "from scratch" else "frozen"
-        model = build_classifier(net, 10, freeze=freeze, bn=bn)
-        model.compile(keras.optimizers.Adam(1e-3),
-                      "sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
-        history = model.fit(*train, validation_data=val, batch_size=10,
-                            epochs=epochs, verbose=0)
+        bn = "train" if scratch else "frozen"
+        model = build_classifier(net, 10, bn=bn)
+        history = fine_tune(
+            model, train, val, strategy=strategy, epochs=epochs,
+            head_epochs=0, optimizer=keras.optimizers.Adam(1e-3), bn=bn,
+            patience=None, batch_size=10).fine_tune
         summary = trainable_summary(model)
         rows.append(dict(
-            strategy=strategy,
+            strategy=label,
             trainable_params=int(sum(r["trainable_params"] for r in summary)),
             validation_accuracy=float(model.evaluate(*val, verbose=0)[1]),
             test_accuracy=float(model.evaluate(xte, yte, verbose=0)[1]),
             seconds=round(time.time() - t0, 1)))
-        models[strategy] = model
-        curves[strategy] = [float(v) for v in
-                            history.history["val_accuracy"]]
-        say(f"    {strategy:<20} test accuracy {rows[-1]['test_accuracy']:.3f}"
+        models[label] = model
+        curves[label] = [float(v) for v in history.history["val_accuracy"]]
+        say(f"    {label:<20} test accuracy {rows[-1]['test_accuracy']:.3f}"
             f" ({rows[-1]['seconds']:.0f} s)")
     best = max(rows, key=lambda r: r["validation_accuracy"])
     table = format_table(rows, best["strategy"])

@@ -15,17 +15,25 @@ class names, history, validation metrics, confusion matrix, timings),
 ``confusion_matrix.png``.
 """
 
+import difflib
 import json
 import numbers
 import os
 import time
 
+import keras
+import numpy as np
 import yaml
 
+from kerastl import backbone as backbone_lib
 from kerastl.atomic import atomic_folder, check_new_folder
 from kerastl.errors import ConfigError, KerastlError
-
-STRATEGIES = ("features", "partial", "full")
+from kerastl.export import INPUT_MODES, export_savedmodel
+from kerastl.freezing import BN_MODES, trainable_summary
+from kerastl.heads import build_classifier
+from kerastl.layerwise import LayerDecay
+from kerastl.recipes import STRATEGIES, fine_tune, frozen_blocks
+from kerastl.zoo import zoo_entry
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # Every key of an experiment, with its default (None: required).
@@ -39,8 +47,8 @@ DEFAULTS = {
     "seed": 0,
     "batch_size": 32,
     "strategy": "partial",    # features | partial | full
-    "freeze_up_to": None,     # partial: last frozen block (default: all but
-                              # the last two backbone blocks)
+    "freeze_up_to": None,     # partial: last frozen block (default: the
+                              # first half of the backbone's blocks)
     "bn": "frozen",
     "dropout": 0.2,
     "optimizer": "adam",
@@ -88,8 +96,6 @@ def resolve_experiment(config, **overrides):
     Returns the complete experiment dict. Raises :class:`ConfigError` for
     unknown keys, wrong types or values.
     """
-    import difflib
-
     merged = dict(DEFAULTS)
     for key, value in list(config.items()) + [
             (k, v) for k, v in overrides.items() if v is not None]:
@@ -122,9 +128,6 @@ def _describe(types):
 
 
 def _check_values(e):
-    from kerastl.export import INPUT_MODES
-    from kerastl.freezing import BN_MODES
-
     checks = [
         ("strategy", e["strategy"] in STRATEGIES, ", ".join(STRATEGIES)),
         ("bn", e["bn"] in BN_MODES, ", ".join(BN_MODES)),
@@ -160,7 +163,7 @@ def scan_image_folder(folder):
     than two class subfolders, an empty class folder, or a file that does
     not decode as an image.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: only when images are checked
 
     if not os.path.isdir(folder):
         raise KerastlError(f"Image folder {folder!r} does not exist.")
@@ -193,7 +196,6 @@ def scan_image_folder(folder):
 
 def check_experiment(experiment):
     """Checks the model and data of a resolved experiment before training."""
-    from kerastl.zoo import zoo_entry
 
     model = experiment["model"]
     if model.endswith(".keras"):
@@ -208,19 +210,13 @@ def check_experiment(experiment):
     return files
 
 
-def _partial_depth(backbone):
-    """Default of strategy 'partial': freeze all but the last two blocks."""
-    return max(len(backbone.blocks) - 2, 0)
-
-
 def build_model(experiment, num_classes):
-    """The backbone and classifier an experiment describes (compiled)."""
-    import keras
+    """The backbone and the classifier an experiment describes.
 
-    from kerastl import backbone as backbone_lib
-    from kerastl.heads import build_classifier
-    from kerastl.layerwise import LayerwiseOptimizer, layer_decay
-
+    The classifier comes with the experiment's strategy applied (what is
+    frozen); :func:`run_experiment` trains it with
+    :func:`kerastl.fine_tune`, which compiles it.
+    """
     e = experiment
     shape = None if e["image_size"] is None else (e["image_size"],) * 2
     weights = e["weights"]
@@ -228,30 +224,27 @@ def build_model(experiment, num_classes):
         weights = None
     backbone = backbone_lib.load_backbone(e["model"], weights=weights,
                                           input_shape=shape)
-    freeze = {"features": True, "full": False}.get(e["strategy"])
-    if freeze is None:
-        freeze = e["freeze_up_to"] if e["freeze_up_to"] is not None \
-            else _partial_depth(backbone)
-    model = build_classifier(backbone, num_classes, dropout=e["dropout"],
-                             freeze=freeze, bn=e["bn"])
     try:
-        optimizer = keras.optimizers.get(
+        depth = frozen_blocks(backbone, e["strategy"], e["freeze_up_to"])
+    except KerastlError as err:
+        raise ConfigError(f"Experiment key 'freeze_up_to': {err}") from None
+    model = build_classifier(backbone, num_classes, dropout=e["dropout"],
+                             freeze=depth, bn=e["bn"])
+    return backbone, model
+
+
+def _optimizer(experiment):
+    e = experiment
+    try:
+        return keras.optimizers.get(
             {"class_name": e["optimizer"],
              "config": {"learning_rate": e["learning_rate"]}})
     except (ValueError, TypeError):
         raise ConfigError(f"Unknown optimizer {e['optimizer']!r}; use a Keras "
                           "optimizer name such as adam, adamw, sgd.") from None
-    if e["layer_decay"] is not None:
-        optimizer = LayerwiseOptimizer(optimizer,
-                                       layer_decay(e["layer_decay"]), model)
-    model.compile(optimizer, "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    return backbone, model
 
 
 def _datasets(experiment, image_size):
-    import keras
-
     e = experiment
     train, val = keras.utils.image_dataset_from_directory(
         e["data"], validation_split=e["validation_split"], subset="both",
@@ -266,17 +259,12 @@ def run_experiment(experiment, verbose=1):
     Everything is written into a temporary folder beside
     ``experiment["output"]``, renamed into place at the end.
     """
-    import keras
-    import numpy as np
-
-    from kerastl.export import export_savedmodel
-    from kerastl.freezing import trainable_summary
-
     e = experiment
     files = check_experiment(e)
     start = time.time()
-    keras.utils.set_random_seed(e["seed"])
+    keras.utils.set_random_seed(e["seed"])  # the run's seed (CLI: --seed)
     classes = sorted(files)
+    optimizer = _optimizer(e)
     backbone, model = build_model(e, len(classes))
     size = tuple(backbone.input_shape[:2])
     train, val = _datasets(e, size)
@@ -287,11 +275,14 @@ def run_experiment(experiment, verbose=1):
             os.path.join(tmp, "checkpoints", "best.keras"),
             monitor="val_loss", save_best_only=True)]
         os.makedirs(os.path.join(tmp, "checkpoints"))
-        if e["early_stopping"]:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                patience=e["early_stopping"], restore_best_weights=True))
-        history = model.fit(train, validation_data=val, epochs=e["epochs"],
-                            callbacks=callbacks, verbose=verbose)
+        history = fine_tune(
+            model, train, val, strategy=e["strategy"],
+            freeze_up_to=e["freeze_up_to"], epochs=e["epochs"],
+            head_epochs=0, optimizer=optimizer,
+            multipliers=None if e["layer_decay"] is None
+            else LayerDecay(e["layer_decay"]),
+            bn=e["bn"], patience=e["early_stopping"], callbacks=callbacks,
+            verbose=verbose).fine_tune
         train_time = time.time() - start
         # One pass over the validation images for labels and predictions.
         y_true, y_pred = [], []

@@ -13,6 +13,7 @@ TensorFlow backend only: a SavedModel is a TensorFlow graph.
 """
 
 import hashlib
+import inspect
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ import urllib.parse
 import keras
 
 from kerastl import _keras_private as _private
+from kerastl.blocks import BlockRule
 from kerastl.errors import KerastlError
 from kerastl.freezing import set_variables_trainable
 
@@ -304,9 +306,7 @@ class HubLayer(keras.layers.Layer):
         trainable_ids = {id(v) for v in getattr(obj, "trainable_variables",
                                                 [])}
         if not variables:
-            from keras.src.export.saved_model import (
-                _list_variables_used_by_fns)
-            tvs, ntvs = _list_variables_used_by_fns([self._fn])
+            tvs, ntvs = _private.variables_used_by(self._fn)
             variables = list(tvs) + list(ntvs)
             trainable_ids = {id(v) for v in tvs}
         seen = set()
@@ -438,8 +438,6 @@ class HubLayer(keras.layers.Layer):
 
 def _block_rules(blocks):
     """``HubLayer(blocks=...)`` as a tuple of BlockRules (checked)."""
-    from kerastl.blocks import BlockRule
-
     if not blocks:
         return ()
     if isinstance(blocks, dict):
@@ -485,8 +483,6 @@ def _has_call(obj):
 
 def _takes_training(fn):
     """Whether a restored function accepts ``training``."""
-    import inspect
-
     try:
         return "training" in inspect.signature(fn).parameters
     except (TypeError, ValueError):

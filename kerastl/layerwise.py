@@ -17,14 +17,15 @@ base rate and so on every block. Decoupled weight decay (AdamW, Lion,
 optimizer with that rate.
 
 Multipliers are given per block of the model's block map (see
-:func:`kerastl.block_map`): an explicit mapping, :func:`layer_decay` or
-:func:`lr_spread`. A multiplier of 0 freezes the block (``trainable = False``,
+:func:`kerastl.block_map`): an explicit mapping, :class:`LayerDecay` or
+:class:`LRSpread`. A multiplier of 0 freezes the block (``trainable = False``,
 no gradient is computed for it).
 """
 
 import math
 import numbers
 import re
+import warnings
 
 import keras
 from keras import ops
@@ -35,7 +36,8 @@ from kerastl.errors import BlockError, KerastlError
 from kerastl.freezing import (freeze_weights, keras_model_of,
                               trainable_summary)
 
-__all__ = ["LayerwiseOptimizer", "layer_decay", "lr_spread",
+__all__ = ["LayerwiseOptimizer", "LayerDecay", "LRSpread",
+           "layer_decay", "lr_spread",
            "describe_learning_rates", "resolve_multipliers"]
 
 
@@ -59,7 +61,7 @@ class _BlockRule:
         raise NotImplementedError
 
 
-class layer_decay(_BlockRule):  # noqa: N801 - reads as a function
+class LayerDecay(_BlockRule):
     """Geometric layer decay, as in BEiT and timm: ``decay ** depth``.
 
     The last block (the head of a classifier) gets ``top``, the block below
@@ -69,17 +71,17 @@ class layer_decay(_BlockRule):  # noqa: N801 - reads as a function
         decay: the ratio between the rates of neighbouring blocks, in (0, 1].
         top: the multiplier of the last block.
 
-    Example:
+    Example::
 
-    >>> opt = kerastl.LayerwiseOptimizer(keras.optimizers.AdamW(1e-3),
-    ...                                  kerastl.layer_decay(0.7), model)
+        opt = kerastl.LayerwiseOptimizer(keras.optimizers.AdamW(1e-3),
+                                         kerastl.LayerDecay(0.7), model)
     """
 
     def __init__(self, decay, top=1.0):
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
                 or not 0 < decay <= 1:
             raise KerastlError(
-                f"layer_decay({decay!r}): the decay must be a number in "
+                f"LayerDecay({decay!r}): the decay must be a number in "
                 f"(0, 1], e.g. 0.75.")
         self.decay = float(decay)
         self.top = _check_multiplier(top, "the top block")
@@ -90,26 +92,26 @@ class layer_decay(_BlockRule):  # noqa: N801 - reads as a function
                 for i, b in enumerate(names)}
 
     def __repr__(self):
-        return f"layer_decay({self.decay}, top={self.top})"
+        return f"LayerDecay({self.decay}, top={self.top})"
 
 
-class lr_spread(_BlockRule):  # noqa: N801 - reads as a function
+class LRSpread(_BlockRule):
     """Multipliers spread geometrically from ``lo`` (first block) to ``hi``.
 
     fastai's ``slice(lo, hi)``: the first block gets ``lo``, the last ``hi``,
     and the blocks between are evenly spaced on a log scale.
 
-    Example:
+    Example::
 
-    >>> kerastl.lr_spread(0.01, 1.0)  # the stem learns 100x slower
+        kerastl.LRSpread(0.01, 1.0)  # the stem learns 100x slower
     """
 
     def __init__(self, lo, hi=1.0):
-        lo = _check_multiplier(lo, "lr_spread lo")
-        hi = _check_multiplier(hi, "lr_spread hi")
+        lo = _check_multiplier(lo, "LRSpread lo")
+        hi = _check_multiplier(hi, "LRSpread hi")
         if lo == 0 or hi == 0 or lo > hi:
             raise KerastlError(
-                f"lr_spread({lo}, {hi}): expected 0 < lo <= hi (a geometric "
+                f"LRSpread({lo}, {hi}): expected 0 < lo <= hi (a geometric "
                 f"spread cannot start or end at 0; freeze blocks instead).")
         self.lo, self.hi = lo, hi
 
@@ -122,7 +124,22 @@ class lr_spread(_BlockRule):  # noqa: N801 - reads as a function
                 for i, b in enumerate(names)}
 
     def __repr__(self):
-        return f"lr_spread({self.lo}, {self.hi})"
+        return f"LRSpread({self.lo}, {self.hi})"
+
+
+def _deprecated_alias(cls, old):
+    def alias(*args, **kwargs):
+        warnings.warn(f"kerastl.{old} is deprecated; use kerastl."
+                      f"{cls.__name__} (the same arguments).",
+                      DeprecationWarning, stacklevel=2)
+        return cls(*args, **kwargs)
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated alias of :class:`{cls.__name__}`."
+    return alias
+
+
+layer_decay = _deprecated_alias(LayerDecay, "layer_decay")
+lr_spread = _deprecated_alias(LRSpread, "lr_spread")
 
 
 def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
@@ -130,7 +147,7 @@ def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
 
     Args:
         model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
-        multipliers: a :func:`layer_decay` or :func:`lr_spread` rule, or a
+        multipliers: a :class:`LayerDecay` or :class:`LRSpread` rule, or a
             mapping whose keys are block names, block indices (negative
             counts from the top) or regular expressions matched against layer
             names (``re.match``, as in zoo configs). A block key sets every
@@ -183,8 +200,8 @@ def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
     else:
         raise KerastlError(
             f"multipliers={multipliers!r}: expected a dict "
-            f"{{block or layer regex: multiplier}}, kerastl.layer_decay(...) "
-            f"or kerastl.lr_spread(...).")
+            f"{{block or layer regex: multiplier}}, kerastl.LayerDecay(...) "
+            f"or kerastl.LRSpread(...).")
     if by not in ("layer", "variable"):
         raise KerastlError(f"by={by!r}: expected 'layer' or 'variable'.")
 
@@ -256,7 +273,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         optimizer: the Keras optimizer to wrap (an instance, or a name such
             as ``"adam"``).
         multipliers: a dict ``{block name | block index | layer regex:
-            multiplier}``, :func:`layer_decay` or :func:`lr_spread`.
+            multiplier}``, :class:`LayerDecay` or :class:`LRSpread`.
         model: the model (or :class:`~kerastl.Backbone`) whose block map the
             multipliers refer to.
         default: the multiplier of blocks a dict does not mention.

@@ -1,18 +1,68 @@
-"""Transfer-learning recipes as code: strategy advice and two-phase fine-tuning."""
+"""Transfer-learning recipes as code: strategy advice and the fine-tuning
+driver that the CLI (``kerastl finetune``, ``kerastl demo``) also runs.
 
+The strategy vocabulary, used everywhere (``fine_tune``, experiment YAML,
+``recommend_strategy``):
+
+* ``"features"``: the whole backbone frozen, only the head trains
+  (feature extraction).
+* ``"partial"``: the first half of the backbone's blocks frozen (rounded
+  up), or up to ``freeze_up_to``; the later blocks and the head train.
+* ``"full"``: everything trains.
+"""
+
+import collections
 import dataclasses
 import math
+import warnings
 
 import keras
 
 from kerastl import freezing
-from kerastl.blocks import HEAD, block_map
+from kerastl.blocks import block_map
 from kerastl.errors import KerastlError
 from kerastl.layerwise import LayerwiseOptimizer
 
 # Labelled target samples per class: below FEW is "few", at or above MANY
-# is "many" (the domain brief's data-size axis).
+# is "many" (the data-size axis of the transfer-learning table).
 FEW, MANY = 100, 1000
+
+STRATEGIES = ("features", "partial", "full")
+
+
+def frozen_blocks(model, strategy, freeze_up_to=None):
+    """How many leading backbone blocks ``strategy`` freezes on ``model``.
+
+    Args:
+        model: a Backbone, or a ``keras.Model`` with a block map.
+        strategy: one of :data:`STRATEGIES`.
+        freeze_up_to: ``"partial"`` only: the last frozen block (a name or
+            a count); default: the first half of the blocks, rounded up.
+    """
+    if strategy not in STRATEGIES:
+        raise KerastlError(f"strategy={strategy!r}: expected one of "
+                           f"{', '.join(STRATEGIES)}.")
+    names = block_map(model).base_blocks
+    if strategy != "partial" and freeze_up_to is not None:
+        raise KerastlError(f"freeze_up_to applies to strategy 'partial', not "
+                           f"{strategy!r}.")
+    if strategy == "features":
+        return len(names)
+    if strategy == "full":
+        return 0
+    if freeze_up_to is None:
+        return math.ceil(len(names) / 2)
+    if isinstance(freeze_up_to, str):
+        if freeze_up_to not in names:
+            raise KerastlError(
+                f"freeze_up_to={freeze_up_to!r} is not a backbone block; "
+                f"blocks: {', '.join(names)}.")
+        return names.index(freeze_up_to) + 1
+    if isinstance(freeze_up_to, bool) or not isinstance(freeze_up_to, int) \
+            or not 0 <= freeze_up_to <= len(names):
+        raise KerastlError(f"freeze_up_to={freeze_up_to!r}: expected a block "
+                           f"name or a count from 0 to {len(names)}.")
+    return freeze_up_to
 
 
 @dataclasses.dataclass
@@ -20,8 +70,8 @@ class Strategy:
     """What :func:`recommend_strategy` advises.
 
     Attributes:
-        name: ``feature_extraction``, ``partial_fine_tuning`` or
-            ``full_fine_tuning``.
+        name: the strategy: ``"features"``, ``"partial"`` or ``"full"``
+            (pass it and ``freeze_up_to`` to :func:`fine_tune`).
         freeze_fraction: share of the backbone's blocks to freeze (from the
             input).
         head_learning_rate: learning rate of the new head.
@@ -77,34 +127,34 @@ def recommend_strategy(n_labelled_per_class, similarity, model=None):
     size = "few" if n < FEW else "many" if n >= MANY else "a medium number of"
     if similar and n < FEW:
         s = Strategy(
-            "feature_extraction", 1.0, 1e-3, 0.0,
+            "features", 1.0, 1e-3, 0.0,
             f"With {size} labels per class ({n}) on a domain similar to the "
             "source, fine-tuning would overfit: freeze the whole backbone, "
             "drop its classifier and train only a new softmax head. The "
             "frozen features can be computed once and cached.")
     elif similar and n < MANY:
         s = Strategy(
-            "partial_fine_tuning", 0.5, 1e-3, 1e-4,
+            "partial", 0.5, 1e-3, 1e-4,
             f"With {size} labels per class ({n}) on a similar domain, keep "
             "the general early blocks frozen and fine-tune the later, more "
             "task-specific ones from their pretrained weights at a lower "
             "learning rate than the new head.")
     elif similar:
         s = Strategy(
-            "full_fine_tuning", 0.0, 1e-3, 1e-4,
+            "full", 0.0, 1e-3, 1e-4,
             f"With {size} labels per class ({n}) on a similar domain, use "
             "the pretrained weights as initialisation and train everything, "
             "the backbone at a lower learning rate.")
     elif n >= MANY:
         s = Strategy(
-            "full_fine_tuning", 0.0, 1e-3, 1e-3,
+            "full", 0.0, 1e-3, 1e-3,
             f"With {size} labels per class ({n}) on a dissimilar domain, "
             "transfer may not help much: train everything at the full rate "
             "from the pretrained initialisation, and compare with training "
             "from scratch as a baseline.")
     else:
         s = Strategy(
-            "partial_fine_tuning", 0.25, 1e-3, 1e-4,
+            "partial", 0.25, 1e-3, 1e-4,
             f"With {size} labels per class ({n}) on a dissimilar domain, only "
             "the earliest blocks (edges, colours, textures) are general "
             "enough to keep frozen; fine-tune the rest at a low learning "
@@ -112,7 +162,7 @@ def recommend_strategy(n_labelled_per_class, similarity, model=None):
             "source task.")
     if model is not None:
         bm = block_map(model)  # a Backbone or a keras.Model
-        names = [b for b in bm.names if b != HEAD]
+        names = bm.base_blocks
         k = math.ceil(s.freeze_fraction * len(names))
         s.freeze_up_to = names[k - 1] if k else None
     return s
@@ -124,44 +174,130 @@ def early_stopping(patience=3, monitor="val_loss"):
                                          restore_best_weights=True)
 
 
-def fine_tune(model, train, validation, unfreeze_from=-3, head_epochs=10,
-              fine_tune_epochs=10, head_learning_rate=1e-3,
-              fine_tune_learning_rate=1e-5, loss="sparse_categorical_crossentropy",
-              metrics=("accuracy",), patience=3, bn="frozen", callbacks=(),
-              multipliers=None, verbose=0):
-    """Two-phase fine-tuning of a classifier built on a backbone.
+FineTuneHistory = collections.namedtuple("FineTuneHistory",
+                                         ["head", "fine_tune"])
+FineTuneHistory.__doc__ = """What :func:`fine_tune` returns: the head
+phase's ``History`` (None when ``head_epochs=0``) and the main phase's."""
 
-    Phase 1 trains the head with every backbone block frozen; phase 2
-    unfreezes the blocks from ``unfreeze_from`` (a name or index; ``-3``:
-    the last two backbone blocks and the head) and continues at a lower
-    learning rate. Both phases stop early when the validation loss starts to
-    increase and keep the best weights.
+_RENAMED = {"fine_tune_epochs": "epochs"}
+
+
+def fine_tune(model, train, validation=None, strategy="partial",
+              freeze_up_to=None, epochs=10, head_epochs=10, optimizer=None,
+              head_optimizer=None, multipliers=None, bn="frozen",
+              loss="sparse_categorical_crossentropy", metrics=("accuracy",),
+              patience=3, callbacks=(), batch_size=None, verbose=0,
+              **deprecated):
+    """Fine-tunes a classifier built on a backbone: kerastl's one driver.
+
+    1. Head phase (``head_epochs > 0``): every backbone block frozen, the
+       new head trains with ``head_optimizer``; a fresh head's gradients
+       would otherwise disturb the pretrained blocks.
+    2. Main phase: the ``strategy`` sets what trains (see
+       :data:`STRATEGIES`), ``optimizer`` (with layer-wise ``multipliers``
+       if given) trains it for ``epochs``.
+
+    Each phase stops early when the validation loss starts to increase and
+    keeps the best weights (``patience=None``: no early stopping).
 
     Args:
+        model: a ``keras.Model`` with a block map whose last block is the
+            head (e.g. from :func:`kerastl.build_classifier`).
         train: a ``tf.data.Dataset`` (or other ``fit`` input) of ``(x, y)``
             batches, or an ``(x, y)`` tuple of arrays.
         validation: anything ``fit`` takes as ``validation_data``.
-        multipliers: layer-wise learning-rate multipliers for phase 2 (see
-            :class:`~kerastl.LayerwiseOptimizer`), e.g.
-            ``kerastl.layer_decay(0.7)``; ``None``: one rate for all.
+        strategy: ``"features"``, ``"partial"`` (default) or ``"full"``.
+        freeze_up_to: ``"partial"``: the last frozen block (name or count).
+        optimizer: the main phase's optimizer (a Keras optimizer or its
+            name; default ``Adam(1e-5)``).
+        head_optimizer: the head phase's (default ``Adam(1e-3)``).
+        multipliers: layer-wise learning-rate multipliers for the main
+            phase (see :class:`~kerastl.LayerwiseOptimizer`), e.g.
+            ``kerastl.LayerDecay(0.7)``; ``None``: one rate for all.
+        bn: BatchNormalization mode of trainable blocks (see
+            :func:`kerastl.freeze`).
+        callbacks: more Keras callbacks for both phases.
+        batch_size: for array input (default: Keras' 32).
+
+    Deprecated arguments (one release): ``unfreeze_from`` (the first
+    trainable block; use ``freeze_up_to``), ``fine_tune_epochs`` (use
+    ``epochs``), ``head_learning_rate`` and ``fine_tune_learning_rate``
+    (pass optimizers).
 
     Returns:
-        ``(history_head, history_fine_tune)``, two ``keras.callbacks.History``.
+        A :class:`FineTuneHistory` ``(head, fine_tune)`` of Keras
+        ``History`` objects; it unpacks as a pair.
     """
+    epochs, freeze_up_to, optimizer, head_optimizer = _deprecated(
+        deprecated, model, epochs, freeze_up_to, optimizer, head_optimizer)
+    depth = frozen_blocks(model, strategy, freeze_up_to)
     x, y = train if isinstance(train, tuple) else (train, None)
-    freezing.freeze(model, bn=bn, recompile=False)
-    model.compile(optimizer=keras.optimizers.Adam(head_learning_rate),
-                  loss=loss, metrics=list(metrics))
-    cbs = [early_stopping(patience)] + list(callbacks)
-    h1 = model.fit(x, y, validation_data=validation, epochs=head_epochs,
-                   callbacks=cbs, verbose=verbose)
-    freezing.unfreeze(model, from_block=unfreeze_from, bn=bn,
-                      recompile=False)
-    optimizer = keras.optimizers.Adam(fine_tune_learning_rate)
+
+    def phase(optimizer, n_epochs):
+        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+        cbs = ([] if patience is None else [early_stopping(patience)]) + \
+            list(callbacks)
+        return model.fit(x, y, validation_data=validation, epochs=n_epochs,
+                         batch_size=batch_size, callbacks=cbs,
+                         verbose=verbose)
+
+    h1 = None
+    if head_epochs:
+        freezing.freeze(model, bn=bn, recompile=False)
+        h1 = phase(_optimizer(head_optimizer, 1e-3), head_epochs)
+    freezing.freeze(model, up_to=depth, bn=bn, recompile=False)
+    optimizer = _optimizer(optimizer, 1e-5)
     if multipliers is not None:
         optimizer = LayerwiseOptimizer(optimizer, multipliers, model)
-    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
-    cbs = [early_stopping(patience)] + list(callbacks)
-    h2 = model.fit(x, y, validation_data=validation, epochs=fine_tune_epochs,
-                   callbacks=cbs, verbose=verbose)
-    return h1, h2
+    h2 = phase(optimizer, epochs)
+    return FineTuneHistory(h1, h2)
+
+
+def _optimizer(optimizer, default_rate):
+    if optimizer is None:
+        return keras.optimizers.Adam(default_rate)
+    if isinstance(optimizer, (str, dict)):
+        try:
+            return keras.optimizers.get(optimizer)
+        except (ValueError, TypeError):
+            raise KerastlError(
+                f"Unknown optimizer {optimizer!r}; use a Keras optimizer "
+                "(keras.optimizers.AdamW(1e-4)) or a name such as 'adam', "
+                "'adamw', 'sgd'.") from None
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise KerastlError(f"optimizer={optimizer!r}: expected a Keras "
+                           "optimizer or its name.")
+    return optimizer
+
+
+def _deprecated(kwargs, model, epochs, freeze_up_to, optimizer,
+                head_optimizer):
+    """Maps the arguments of kerastl <= 0.2's fine_tune onto the new ones."""
+    unknown = sorted(set(kwargs) - {"unfreeze_from", "fine_tune_epochs",
+                                    "head_learning_rate",
+                                    "fine_tune_learning_rate"})
+    if unknown:
+        raise TypeError(f"fine_tune() got unexpected keyword argument(s) "
+                        f"{', '.join(unknown)}")
+    for old in kwargs:
+        warnings.warn(f"fine_tune({old}=...) is deprecated; see "
+                      "help(kerastl.fine_tune) for its replacement.",
+                      DeprecationWarning, stacklevel=3)
+    if "fine_tune_epochs" in kwargs:
+        epochs = kwargs["fine_tune_epochs"]
+    if "unfreeze_from" in kwargs:
+        names = block_map(model).names
+        start = kwargs["unfreeze_from"]
+        if isinstance(start, str):
+            if start not in names:
+                raise KerastlError(f"unfreeze_from={start!r} is not a block; "
+                                   f"blocks: {', '.join(names)}.")
+            start = names.index(start)
+        elif start < 0:
+            start += len(names)
+        freeze_up_to = max(0, start)
+    if "fine_tune_learning_rate" in kwargs:
+        optimizer = keras.optimizers.Adam(kwargs["fine_tune_learning_rate"])
+    if "head_learning_rate" in kwargs:
+        head_optimizer = keras.optimizers.Adam(kwargs["head_learning_rate"])
+    return epochs, freeze_up_to, optimizer, head_optimizer

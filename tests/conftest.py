@@ -5,8 +5,14 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kerastl  # noqa: E402
+
+M_LOW = 0.1  # the multiplier of the lower block in most layer-wise tests
 
 
 @pytest.fixture
@@ -18,3 +24,100 @@ def rng():
 def images(rng):
     """A small batch of RGB images in [0, 255]."""
     return rng.uniform(0, 255, size=(4, 64, 64, 3)).astype("float32")
+
+
+# -- models and data shared by several test modules ----------------------
+
+def small_cnn(size=32, width=8):
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu")(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+def toy_domains(n=64, seed=0):
+    """Source: dark images; target: bright ones. Labels from one pixel."""
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(0, 120, (n, 32, 32, 3)).astype("float32")
+    xt = rng.uniform(100, 255, (n, 32, 32, 3)).astype("float32")
+    ys = (xs[:, 0, 0, 0] > 60).astype("int64")
+    yt = (xt[:, 0, 0, 0] > 180).astype("int64")
+    return xs, ys, xt, yt
+
+
+class Reusable(tf.Module):
+    def __init__(self):
+        super().__init__()
+        init = tf.random.stateless_normal
+        self.w1 = tf.Variable(init((3, 5), seed=(1, 2)), name="block1/w")
+        self.w2 = tf.Variable(init((5, 4), seed=(3, 4)), name="block2/w")
+        self.moving_mean = tf.Variable(tf.zeros(5), trainable=False,
+                                       name="block1/moving_mean")
+        self.regularization_losses = [tf.function(
+            lambda: 0.01 * tf.reduce_sum(self.w1 ** 2), input_signature=[])]
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 3), tf.float32),
+                                  tf.TensorSpec((), tf.bool)])
+    def __call__(self, x, training=False):
+        h = tf.matmul(x, self.w1)
+
+        def train():
+            self.moving_mean.assign(0.5 * self.moving_mean
+                                    + 0.5 * tf.reduce_mean(h, 0))
+            return h - tf.reduce_mean(h, 0)
+
+        h = tf.cond(training, train, lambda: h - self.moving_mean)
+        return tf.matmul(tf.nn.relu(h), self.w2)
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.Conv2D(6, 3, name="top_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, x).export(str(root / "keras_export"), verbose=False)
+    tf.saved_model.save(Reusable(), str(root / "reusable"))
+    return {"keras_export": (str(root / "keras_export"), (8, 8, 3)),
+            "reusable": (str(root / "reusable"), (3,))}
+
+
+def two_block_model(seed=0):
+    """Blocks ``low`` and ``top`` (one Dense layer each)."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6,), name="x")
+    h = keras.layers.Dense(5, activation="tanh", name="low")(x)
+    y = keras.layers.Dense(3, name="top")(h)
+    return keras.Model(x, y)
+
+
+def fit_data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 6)).astype("float32"),
+            rng.normal(size=(n, 3)).astype("float32"))
+
+
+def one_step_deltas(layerwise, jit_compile=False, model=None,
+                    optimizer="adamw"):
+    """Weight change of one full-batch step in ``fit``.
+
+    For one step of Adam, and of AdamW's decoupled weight decay, the change
+    is proportional to the learning rate: with the multiplier it must be
+    exactly m times the plain optimizer's.
+    """
+    model = model or two_block_model()
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    opt = (keras.optimizers.AdamW(1e-2, weight_decay=0.5)
+           if optimizer == "adamw" else keras.optimizers.Adam(1e-2))
+    if layerwise:
+        opt = kerastl.LayerwiseOptimizer(opt, {"low": M_LOW}, model)
+    model.compile(opt, "mse", jit_compile=jit_compile)
+    x, y = fit_data()
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    return model, {v.path: v.numpy() - before[v.path]
+                   for v in model.trainable_variables}

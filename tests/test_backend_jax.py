@@ -66,7 +66,7 @@ def test_gradient_reversal_and_dann_on_jax():
                 np.testing.assert_array_equal(np.asarray(g),
                                               expected.astype(dtype))
         # DANN in fit, from plain arrays (no tf.data), jit-compiled step.
-        import test_domain as t
+        import conftest as t
         xs, ys, xt, yt = t.toy_domains()
         keras.utils.set_random_seed(0)
         dann = kerastl.DANN(t.small_cnn(), 2, domain_hidden=(16,))

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import kerastl
 from kerastl.adaptation.schedules import ganin_lambda
+from conftest import small_cnn, toy_domains
 
 
 # -- GradientReversal -----------------------------------------------------------
@@ -87,25 +88,6 @@ def test_ganin_lambda_values():
     # The domain brief: 0, .462, .848, .987, 1.0 at p = 0, .1, .25, .5, 1.
     got = [round(ganin_lambda(p), 3) for p in (0, 0.1, 0.25, 0.5, 1.0)]
     assert got == [0.0, 0.462, 0.848, 0.987, 1.0]
-
-
-def small_cnn(size=32, width=8):
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu")(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu")(x)
-    return keras.Model(inputs, x, name="small_cnn")
-
-
-def toy_domains(n=64, seed=0):
-    """Source: dark images; target: bright ones. Labels from one pixel."""
-    rng = np.random.default_rng(seed)
-    xs = rng.uniform(0, 120, (n, 32, 32, 3)).astype("float32")
-    xt = rng.uniform(100, 255, (n, 32, 32, 3)).astype("float32")
-    ys = (xs[:, 0, 0, 0] > 60).astype("int64")
-    yt = (xt[:, 0, 0, 0] > 180).astype("int64")
-    return xs, ys, xt, yt
 
 
 def fit_one_epoch(dann):

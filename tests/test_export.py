@@ -129,7 +129,7 @@ def test_gradient_reversal_and_domain_head_are_left_out(tmp_path):
 
 
 def test_dann_exports_its_label_path(tmp_path):
-    from tests.test_domain import small_cnn
+    from conftest import small_cnn
 
     keras.utils.set_random_seed(0)
     dann = kerastl.DANN(small_cnn(16), 3)

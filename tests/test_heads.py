@@ -63,13 +63,13 @@ def test_replace_classifier_of_a_full_model():
 
 
 @pytest.mark.parametrize("n, sim, name", [
-    (20, "high", "feature_extraction"), (300, "high", "partial_fine_tuning"),
-    (5000, 0.9, "full_fine_tuning"), (5000, "low", "full_fine_tuning"),
-    (20, 0.1, "partial_fine_tuning")])
+    (20, "high", "features"), (300, "high", "partial"),
+    (5000, 0.9, "full"), (5000, "low", "full"), (20, 0.1, "partial")])
 def test_recommend_strategy_follows_the_table(n, sim, name):
     s = kerastl.recommend_strategy(n, sim)
     assert s.name == name and s.reasoning
     assert str(n) in s.reasoning
+    assert s.name in kerastl.STRATEGIES  # what fine_tune(strategy=) takes
 
 
 def test_recommend_strategy_names_blocks(backbone):
@@ -80,20 +80,64 @@ def test_recommend_strategy_names_blocks(backbone):
         kerastl.recommend_strategy(10, "medium")
 
 
-def test_fine_tune_runs_both_phases_with_early_stopping():
+def two_block_classifier():
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
-    model = kerastl.build_classifier(keras.Model(inputs, x), 2, dropout=0.0)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same",
+                            activation="relu")(x)
+    return kerastl.build_classifier(keras.Model(inputs, x), 2, dropout=0.0)
+
+
+def toy_data():
     rng = np.random.default_rng(0)
-    xs = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
-    ys = rng.integers(0, 2, 16)
+    return (rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32"),
+            rng.integers(0, 2, 16))
+
+
+def test_fine_tune_runs_both_phases_with_early_stopping():
+    model = two_block_classifier()
+    xs, ys = toy_data()
     block1 = kerastl.block_map(model).variables("block1")
     before = [v.numpy().copy() for v in block1]
-    h1, h2 = kerastl.fine_tune(model, (xs, ys), (xs, ys), unfreeze_from=-2,
-                               head_epochs=2, fine_tune_epochs=2)
+    h1, h2 = kerastl.fine_tune(model, (xs, ys), (xs, ys), strategy="partial",
+                               freeze_up_to="block1", head_epochs=2, epochs=2)
     assert len(h1.history["loss"]) == 2 and "val_loss" in h2.history
     assert kerastl.trainable_blocks(model) == ["block2", "head"]
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-5)
     for v, b in zip(block1, before):  # never unfrozen
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_fine_tune_trains_with_the_users_optimizer():
+    model = two_block_classifier()
+    opt = keras.optimizers.SGD(0.05, momentum=0.5)
+    result = kerastl.fine_tune(model, toy_data(), strategy="full",
+                               head_epochs=0, epochs=1, optimizer=opt)
+    assert result.head is None and len(result.fine_tune.history["loss"]) == 1
+    assert model.optimizer is opt and int(opt.iterations) == 1
+    assert kerastl.trainable_blocks(model) == ["block1", "block2", "head"]
+
+
+@pytest.mark.parametrize("strategy, frozen", [
+    ("features", 5), ("partial", 3), ("full", 0)])
+def test_one_strategy_vocabulary(backbone, strategy, frozen):
+    # resnet50: stem, conv2..conv5. "partial" freezes the first half,
+    # rounded up; the CLI and the demo use the same function.
+    assert kerastl.frozen_blocks(backbone, strategy) == frozen
+    assert kerastl.frozen_blocks(backbone, "partial", "conv2") == 2
+    with pytest.raises(kerastl.KerastlError, match="features, partial, full"):
+        kerastl.frozen_blocks(backbone, "partial_fine_tuning")
+    with pytest.raises(kerastl.KerastlError, match="conv9.*stem, conv2"):
+        kerastl.frozen_blocks(backbone, "partial", "conv9")
+
+
+def test_fine_tune_old_arguments_still_work_with_a_warning():
+    model = two_block_classifier()
+    with pytest.warns(DeprecationWarning, match="unfreeze_from"):
+        kerastl.fine_tune(model, toy_data(), toy_data(), unfreeze_from=-2,
+                          head_epochs=1, fine_tune_epochs=1,
+                          fine_tune_learning_rate=1e-4)
+    assert kerastl.trainable_blocks(model) == ["block2", "head"]
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
+    with pytest.raises(TypeError, match="unfreeze_form"):
+        kerastl.fine_tune(model, toy_data(), unfreeze_form=1)

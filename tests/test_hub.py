@@ -20,46 +20,6 @@ from kerastl.errors import KerastlError
 from kerastl.hub import HubLayer
 
 
-class Reusable(tf.Module):
-    def __init__(self):
-        super().__init__()
-        init = tf.random.stateless_normal
-        self.w1 = tf.Variable(init((3, 5), seed=(1, 2)), name="block1/w")
-        self.w2 = tf.Variable(init((5, 4), seed=(3, 4)), name="block2/w")
-        self.moving_mean = tf.Variable(tf.zeros(5), trainable=False,
-                                       name="block1/moving_mean")
-        self.regularization_losses = [tf.function(
-            lambda: 0.01 * tf.reduce_sum(self.w1 ** 2), input_signature=[])]
-
-    @tf.function(input_signature=[tf.TensorSpec((None, 3), tf.float32),
-                                  tf.TensorSpec((), tf.bool)])
-    def __call__(self, x, training=False):
-        h = tf.matmul(x, self.w1)
-
-        def train():
-            self.moving_mean.assign(0.5 * self.moving_mean
-                                    + 0.5 * tf.reduce_mean(h, 0))
-            return h - tf.reduce_mean(h, 0)
-
-        h = tf.cond(training, train, lambda: h - self.moving_mean)
-        return tf.matmul(tf.nn.relu(h), self.w2)
-
-
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, name="stem_conv")(inputs)
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.Conv2D(6, 3, name="top_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    keras.Model(inputs, x).export(str(root / "keras_export"), verbose=False)
-    tf.saved_model.save(Reusable(), str(root / "reusable"))
-    return {"keras_export": (str(root / "keras_export"), (8, 8, 3)),
-            "reusable": (str(root / "reusable"), (3,))}
-
-
 KINDS = ["keras_export", "reusable"]
 
 

@@ -18,7 +18,6 @@ import kerastl
 from kerastl.errors import BlockError, ConfigError
 from kerastl.hub import HubLayer
 from kerastl.zoo.config import parse_config
-from tests.test_hub import saved_models  # noqa: F401 - the shared fixture
 
 STRIDE_BLOCK = {2: "stem", 4: "stage1", 8: "stage2", 16: "stage3",
                 32: "stage4"}

@@ -12,16 +12,7 @@ import pytest
 
 import kerastl
 
-M_LOW = 0.1  # the multiplier of the lower block in most tests
-
-
-def two_block_model(seed=0):
-    """Blocks ``low`` and ``top`` (one Dense layer each)."""
-    keras.utils.set_random_seed(seed)
-    x = keras.Input((6,), name="x")
-    h = keras.layers.Dense(5, activation="tanh", name="low")(x)
-    y = keras.layers.Dense(3, name="top")(h)
-    return keras.Model(x, y)
+from conftest import M_LOW, fit_data, one_step_deltas, two_block_model
 
 
 class Scaled(keras.optimizers.schedules.LearningRateSchedule):
@@ -147,33 +138,6 @@ def test_adam_update_shrinks_with_the_multiplier_unlike_gradient_scaling():
 
 # -- inside model.fit ---------------------------------------------------------
 
-def fit_data(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, 6)).astype("float32"),
-            rng.normal(size=(n, 3)).astype("float32"))
-
-
-def one_step_deltas(layerwise, jit_compile=False, model=None,
-                    optimizer="adamw"):
-    """Weight change of one full-batch step in ``fit``.
-
-    For one step of Adam, and of AdamW's decoupled weight decay, the change
-    is proportional to the learning rate: with the multiplier it must be
-    exactly m times the plain optimizer's.
-    """
-    model = model or two_block_model()
-    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
-    opt = (keras.optimizers.AdamW(1e-2, weight_decay=0.5)
-           if optimizer == "adamw" else keras.optimizers.Adam(1e-2))
-    if layerwise:
-        opt = kerastl.LayerwiseOptimizer(opt, {"low": M_LOW}, model)
-    model.compile(opt, "mse", jit_compile=jit_compile)
-    x, y = fit_data()
-    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
-    return model, {v.path: v.numpy() - before[v.path]
-                   for v in model.trainable_variables}
-
-
 def assert_scaled(deltas, plain, rtol=1e-4):
     for path, d in deltas.items():
         m = M_LOW if path.startswith("low/") else 1.0
@@ -217,7 +181,7 @@ MIRRORED = textwrap.dedent("""
     import keras, kerastl
     sys_path_tests = os.environ["KERASTL_TESTS"]
     import sys; sys.path.insert(0, sys_path_tests)
-    from test_layerwise import one_step_deltas, two_block_model
+    from conftest import one_step_deltas, two_block_model
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     out = {"replicas": strategy.num_replicas_in_sync}
     for layerwise in (False, True):
@@ -333,12 +297,12 @@ def test_layer_decay_and_spread(mobilenet):
     names = kerastl.block_map(mobilenet).names
     assert names == ["stem", "stage1", "stage2", "stage3", "stage4", "top",
                      "head"]
-    opt = kerastl.LayerwiseOptimizer("adam", kerastl.layer_decay(0.5),
+    opt = kerastl.LayerwiseOptimizer("adam", kerastl.LayerDecay(0.5),
                                      mobilenet)
     got = block_multipliers(opt, mobilenet)
     for i, b in enumerate(names):
         assert got[b] == {0.5 ** (len(names) - 1 - i)}
-    opt = kerastl.LayerwiseOptimizer("adam", kerastl.lr_spread(0.01, 1.0),
+    opt = kerastl.LayerwiseOptimizer("adam", kerastl.LRSpread(0.01, 1.0),
                                      mobilenet)
     got = block_multipliers(opt, mobilenet)
     expected = np.geomspace(0.01, 1.0, len(names))
@@ -428,9 +392,9 @@ def test_fine_tune_phase_two_uses_the_multipliers(mobilenet):
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 3, 8)
-    kerastl.fine_tune(mobilenet, (x, y), (x, y), unfreeze_from="stage4",
-                      head_epochs=1, fine_tune_epochs=1,
-                      multipliers=kerastl.layer_decay(0.5))
+    kerastl.fine_tune(mobilenet, (x, y), (x, y), freeze_up_to="stage3",
+                      head_epochs=1, epochs=1,
+                      multipliers=kerastl.LayerDecay(0.5))
     opt = mobilenet.optimizer
     assert isinstance(opt, kerastl.LayerwiseOptimizer)
     rows = {r["block"]: r for r in kerastl.describe_learning_rates(mobilenet)}
@@ -465,9 +429,9 @@ def test_bad_optimizer_and_rules():
     with pytest.raises(kerastl.KerastlError, match="needs the model"):
         kerastl.LayerwiseOptimizer("adam", {"low": 0.1})
     with pytest.raises(kerastl.KerastlError, match=r"\(0, 1\]"):
-        kerastl.layer_decay(1.5)
+        kerastl.LayerDecay(1.5)
     with pytest.raises(kerastl.KerastlError, match="lo <= hi"):
-        kerastl.lr_spread(1.0, 0.1)
+        kerastl.LRSpread(1.0, 0.1)
     with pytest.raises(kerastl.KerastlError, match="expected a dict"):
         kerastl.LayerwiseOptimizer("adam", [0.1, 1.0], model)
     used = keras.optimizers.Adam()
