@@ -107,6 +107,16 @@ def adopt_tf_variable(variable, tf_variable):
     variable._dtype = tf_variable.dtype.name
 
 
+def optimizer_variables(optimizer):
+    """The variables a built optimizer updates, in its order (None if not
+    built): ``Optimizer._trainable_variables``; a LayerwiseOptimizer's are
+    its inner optimizer's."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not getattr(inner, "built", False):
+        return None
+    return list(getattr(inner, "_trainable_variables", []) or [])
+
+
 def variables_used_by(fn):
     """``(trainable, non_trainable)`` variables a restored SavedModel
     function captures: Keras' own helper for ``model.export``
@@ -130,5 +140,6 @@ def in_safe_mode():
 __all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
            "producing_operation", "all_sublayers", "compile_config",
            "compiled_loss", "additional_loss", "variable_index",
-           "hook_optimizer", "adopt_tf_variable", "variables_used_by",
+           "hook_optimizer", "adopt_tf_variable", "optimizer_variables",
+           "variables_used_by",
            "in_safe_mode"]

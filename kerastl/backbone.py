@@ -1,5 +1,6 @@
 """``Backbone``: a pretrained feature extractor, its block map and its input contract."""
 
+import numbers
 import os
 
 import keras
@@ -121,9 +122,22 @@ def _check_input_shape(input_shape, name, default_size, min_size):
     """``input_shape`` as ``(height, width, 3)``, checked; default square."""
     if input_shape is None:
         return (default_size, default_size, 3)
-    if isinstance(input_shape, int):
-        input_shape = (input_shape, input_shape)
+    if isinstance(input_shape, numbers.Integral) and \
+            not isinstance(input_shape, bool):
+        input_shape = (int(input_shape), int(input_shape))
+    if isinstance(input_shape, (str, bytes)) or not hasattr(
+            input_shape, "__iter__"):
+        raise InputShapeError(
+            f"input_shape={input_shape!r} for {name!r}: expected (height, "
+            "width, 3), (height, width) or one int.")
     input_shape = tuple(input_shape)
+    for dim in input_shape:
+        if dim is not None and (isinstance(dim, bool) or not isinstance(
+                dim, numbers.Integral)):
+            raise InputShapeError(
+                f"input_shape={input_shape!r} for {name!r}: every dimension "
+                f"must be an integer (or None); {dim!r} is not.")
+    input_shape = tuple(None if d is None else int(d) for d in input_shape)
     if len(input_shape) == 2:
         input_shape += (3,)
     if len(input_shape) != 3 or input_shape[-1] != 3:
@@ -132,7 +146,7 @@ def _check_input_shape(input_shape, name, default_size, min_size):
             "(height, width, 3): kerastl backbones take RGB images, channels "
             "last.")
     for dim in input_shape[:2]:
-        if dim is not None and (not isinstance(dim, int) or dim < min_size):
+        if dim is not None and dim < min_size:
             raise InputShapeError(
                 f"input_shape={input_shape} is too small for "
                 f"{name!r}: height and width must be at least "
@@ -169,12 +183,12 @@ def load_backbone(name, weights="imagenet", input_shape=None):
         WeightsError: the weights cannot be downloaded (offline) or loaded.
         InputShapeError: ``input_shape`` is not RGB or below the minimum.
 
-    Example:
+    Example::
 
-    >>> backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
-    ...                                  input_shape=(96, 96, 3))
-    >>> backbone.blocks[:3]
-    ['stem', 'stage1', 'stage2']
+        backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+                                         input_shape=(96, 96, 3))
+        backbone.blocks[:3]
+        # -> ['stem', 'stage1', 'stage2']
     """
     if isinstance(name, (str, os.PathLike)) and str(name).endswith(".keras"):
         return _load_keras_file(name, weights)

@@ -122,7 +122,8 @@ def cmd_finetune(args):
         learning_rate=args.learning_rate, layer_decay=args.layer_decay,
         validation_split=args.validation_split, seed=args.seed,
         export_input=args.export_input,
-        overwrite=True if args.overwrite else None)
+        overwrite=True if args.overwrite else None,
+        resume=True if args.resume else None)
     if experiment["weights"] in ("none", "None", "random"):
         experiment["weights"] = None
     metrics = run_experiment(experiment, verbose=2 if args.verbose else 0)
@@ -200,7 +201,12 @@ def build_parser():
     p.add_argument("--seed", type=int)
     p.add_argument("--export-input", choices=["float", "uint8", "bytes"])
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty output folder (at the end)")
+                   help="replace an earlier kerastl run in the output folder "
+                        "(at the end); kerastl never replaces a folder it "
+                        "did not write")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same output "
+                        "folder from its last completed epoch")
     p.add_argument("--verbose", action="store_true",
                    help="print one line per epoch")
     p.set_defaults(func=cmd_finetune)

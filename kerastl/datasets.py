@@ -56,8 +56,17 @@ def _check(split, size):
 
 
 def _finish(x, y, dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not (dt.kind == "f" or dt == np.uint8):
+        raise KerastlError(
+            f"dtype={dtype!r}: pixels in [0, 255] need a float dtype "
+            "('float32', 'float16') or 'uint8'; other integer types wrap "
+            "around or clip.")
     x = np.clip(x, 0, 255)
-    if np.dtype(dtype) == np.uint8:
+    if dt == np.uint8:
         x = np.round(x)
     return x.astype(dtype), y.astype("int64")
 

@@ -22,11 +22,16 @@ import keras
 
 from kerastl import datasets
 from kerastl.atomic import atomic_folder, check_new_folder
+from kerastl.errors import KerastlError
 from kerastl.export import export_savedmodel
 from kerastl.freezing import trainable_summary
 from kerastl.heads import build_classifier
 from kerastl.pretrained import pretrained_backbone, small_cnn
 from kerastl.recipes import fine_tune
+
+# The scikit-learn digits training split has at least 126 images of each
+# class; 20 per class are kept for validation.
+MAX_PER_CLASS = 100
 
 # The demo's rows: a label and the fine_tune strategy behind it ("from
 # scratch" is "full" on freshly initialised weights, BatchNorm training).
@@ -44,12 +49,27 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     ``curves.png`` and the best model's ``savedmodel/`` and ``model.keras``
     into ``output`` (atomically: nothing is left there on failure).
     """
+    for arg, value, low in (("per_class", per_class, 1), ("epochs", epochs, 1),
+                            ("source_samples", source_samples, 10),
+                            ("source_epochs", source_epochs, 1),
+                            ("seed", seed, 0)):
+        flag = "--" + arg.replace("_", "-")
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                value < low:
+            raise KerastlError(f"{arg} ({flag}) is {value!r}: expected an "
+                               f"integer >= {low}.")
+    if per_class > MAX_PER_CLASS:
+        raise KerastlError(
+            f"per_class (--per-class) is {per_class}: the digits training "
+            f"split has room for at most {MAX_PER_CLASS} labelled images per "
+            "class next to the 20 per class kept for validation.")
+
     def say(*args):
         if verbose:
             print(*args, flush=True)
 
     output = os.path.abspath(output)
-    check_new_folder(output, "choose another one")
+    check_new_folder(output, "choose another --output")
     start = time.time()
     say(f"1/3 source: small CNN on syn_digits ({source_samples} images, "
         f"{source_epochs} epochs)")
@@ -96,7 +116,7 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     table = format_table(rows, best["strategy"])
     say("3/3 results (best by validation accuracy is exported):\n")
     say(table)
-    with atomic_folder(output) as tmp:
+    with atomic_folder(output, "output folder") as tmp:
         best_model = models[best["strategy"]]
         best_model.save(os.path.join(tmp, "model.keras"))
         export_savedmodel(best_model, os.path.join(tmp, "savedmodel"))

@@ -19,12 +19,12 @@ import difflib
 import json
 import numbers
 import os
+import shutil
 import time
 
 import keras
 import numpy as np
-import yaml
-
+from kerastl import _yaml
 from kerastl import backbone as backbone_lib
 from kerastl.atomic import atomic_folder, check_new_folder
 from kerastl.errors import ConfigError, KerastlError
@@ -58,6 +58,7 @@ DEFAULTS = {
     "early_stopping": 3,      # patience in epochs, or null
     "export_input": "float",  # float | uint8 | bytes
     "overwrite": False,
+    "resume": False,          # continue an interrupted run (--resume)
 }
 
 _TYPES = {
@@ -68,7 +69,7 @@ _TYPES = {
     "dropout": numbers.Real, "optimizer": str, "learning_rate": numbers.Real,
     "layer_decay": (numbers.Real, type(None)), "epochs": int,
     "early_stopping": (int, type(None)), "export_input": str,
-    "overwrite": bool,
+    "overwrite": bool, "resume": bool,
 }
 
 
@@ -76,12 +77,8 @@ def load_experiment(path):
     """Reads an experiment YAML file into a dict (not yet checked)."""
     if not os.path.isfile(path):
         raise ConfigError(f"Experiment config {path!r} does not exist.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: "
-                          f"{' '.join(str(e).split())}") from None
+    with open(path, encoding="utf-8") as f:
+        data = _yaml.load(f, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -111,10 +108,11 @@ def resolve_experiment(config, **overrides):
             raise ConfigError(f"The experiment needs {key!r} (in the config "
                               f"or as --{key}).")
         types = _TYPES[key]
-        bad_bool = isinstance(value, bool) and key != "overwrite"
+        bad_bool = isinstance(value, bool) and key not in ("overwrite",
+                                                           "resume")
         if bad_bool or not isinstance(value, types):
             raise ConfigError(
-                f"Experiment key {key!r} is {value!r}: expected "
+                f"Experiment key {key!r} is {_yaml.short(value)}: expected "
                 f"{_describe(types)}.")
     _check_values(merged)
     return merged
@@ -148,7 +146,8 @@ def _check_values(e):
     ]
     for key, ok, expected in checks:
         if not ok:
-            raise ConfigError(f"Experiment key {key!r} is {e[key]!r}: "
+            raise ConfigError(f"Experiment key {key!r} is "
+                              f"{_yaml.short(e[key])}: "
                               f"expected {expected}.")
     if e["strategy"] != "partial" and e["freeze_up_to"] is not None:
         raise ConfigError(
@@ -204,10 +203,30 @@ def check_experiment(experiment):
     elif not model.startswith("hub:"):
         zoo_entry(model)  # UnknownModelError names close matches
     files = scan_image_folder(experiment["data"])
-    check_new_folder(experiment["output"],
-                     "choose another one or pass --overwrite",
+    check_new_folder(experiment["output"], "pass --overwrite",
                      overwrite=experiment["overwrite"])
+    backup = backup_folder(experiment["output"])
+    if experiment["resume"] and not os.path.isdir(backup):
+        raise KerastlError(
+            f"Nothing to resume: no interrupted run of "
+            f"{experiment['output']!r} (its backup {backup!r} does not "
+            "exist). Run without --resume.")
+    if os.path.isdir(backup) and not experiment["resume"]:
+        if not experiment["overwrite"]:
+            raise KerastlError(
+                f"An interrupted run of {experiment['output']!r} can be "
+                f"continued: pass --resume (with the same config), or "
+                "--overwrite to start over.")
+        shutil.rmtree(backup)
     return files
+
+
+def backup_folder(output):
+    """Where a run's BackupAndRestore state lives while it trains: beside
+    the output folder, removed when training ends."""
+    output = os.path.abspath(os.fspath(output))
+    parent, name = os.path.split(output)
+    return os.path.join(parent, f".{name}.backup")
 
 
 def build_model(experiment, num_classes):
@@ -270,11 +289,15 @@ def run_experiment(experiment, verbose=1):
     train, val = _datasets(e, size)
     if list(train.class_names) != classes:
         raise KerastlError("The image folder changed while it was read.")
-    with atomic_folder(e["output"]) as tmp:
+    with atomic_folder(e["output"], "output folder", e["overwrite"],
+                       "pass --overwrite") as tmp:
         callbacks = [keras.callbacks.ModelCheckpoint(
             os.path.join(tmp, "checkpoints", "best.keras"),
             monitor="val_loss", save_best_only=True)]
         os.makedirs(os.path.join(tmp, "checkpoints"))
+        # An interrupted run continues from its last epoch (--resume).
+        callbacks.append(keras.callbacks.BackupAndRestore(
+            backup_folder(e["output"])))
         history = fine_tune(
             model, train, val, strategy=e["strategy"],
             freeze_up_to=e["freeze_up_to"], epochs=e["epochs"],

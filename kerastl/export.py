@@ -29,7 +29,7 @@ import numpy as np
 from kerastl import _keras_private as _private
 from kerastl.adaptation.dann import DANN
 from kerastl.adaptation.reversal import GradientReversal
-from kerastl.atomic import atomic_folder
+from kerastl.atomic import atomic_folder, check_destination
 from kerastl.blocks import layer_graph
 from kerastl.errors import KerastlError
 
@@ -180,7 +180,7 @@ def _verify(folder, model, input_mode, probe, rtol, atol):
 
 def export_savedmodel(model, path, input="float", image_size=None,
                       verify=True, probe=None, rtol=1e-5, atol=1e-5,
-                      tflite=False):
+                      tflite=False, overwrite=False):
     """Writes ``model`` as a TF SavedModel with a ``serve`` signature.
 
     Args:
@@ -188,8 +188,9 @@ def export_savedmodel(model, path, input="float", image_size=None,
             :class:`~kerastl.Backbone` or a :class:`~kerastl.DANN` (its label
             path is exported). Outputs through a GradientReversal layer are
             left out.
-        path: the SavedModel folder. An existing export there is replaced
-            only once the new one is complete and verified.
+        path: the SavedModel folder: new, or empty. kerastl never writes
+            over the working directory, its parents, the home folder or a
+            folder it did not write.
         input: what the ``serve`` signature takes: ``"float"`` (RGB
             ``float32`` in [0, 255], any batch size), ``"uint8"`` or
             ``"bytes"`` (encoded JPEG/PNG/BMP/GIF strings, decoded and resized
@@ -203,6 +204,8 @@ def export_savedmodel(model, path, input="float", image_size=None,
         rtol, atol: the tolerance of the check.
         tflite: also write ``model.tflite`` (TensorFlow Lite, float input)
             into the export folder.
+        overwrite: replace an earlier kerastl export at ``path``; it is
+            replaced only once the new one is complete and verified.
 
     Returns:
         ``path``.
@@ -211,11 +214,11 @@ def export_savedmodel(model, path, input="float", image_size=None,
         ExportError: a bad argument, a failed write or a failed check; the
             previous content of ``path`` is left as it was.
 
-    Example:
+    Example::
 
-    >>> kerastl.export_savedmodel(model, "export/flowers", input="bytes")
-    >>> served = tf.saved_model.load("export/flowers")
-    >>> served.serve(tf.constant([open("rose.jpg", "rb").read()]))
+        kerastl.export_savedmodel(model, "export/flowers", input="bytes")
+        served = tf.saved_model.load("export/flowers")
+        served.serve(tf.constant([open("rose.jpg", "rb").read()]))
     """
     if keras.backend.backend() != "tensorflow":
         raise ExportError(
@@ -224,13 +227,15 @@ def export_savedmodel(model, path, input="float", image_size=None,
     if input not in INPUT_MODES:
         raise ExportError(f"input={input!r}: expected one of "
                           f"{', '.join(INPUT_MODES)}.")
+    try:
+        check_destination(path, "export folder", overwrite)
+    except KerastlError as e:
+        raise ExportError(str(e)) from None
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ExportError(f"{path!r} exists and is not a folder.")
     model = inference_model(model)
     size = _image_size(model, image_size) if input == "bytes" else None
     try:
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, "export folder", overwrite) as tmp:
             serve, spec = _serve_fn(model, input, size)
             archive = keras.export.ExportArchive()
             archive.track(model)

@@ -250,10 +250,10 @@ def freeze(model, up_to=None, bn="frozen", recompile=True,
     Returns:
         The list of frozen block names.
 
-    Example:
+    Example::
 
-    >>> kerastl.freeze(model, up_to="stage3")
-    ['stem', 'stage1', 'stage2', 'stage3']
+        kerastl.freeze(model, up_to="stage3")
+        # -> ['stem', 'stage1', 'stage2', 'stage3']
     """
     bm = block_map(keras_model_of(model))
     n = _resolve_depth(bm, up_to)
@@ -348,9 +348,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
         max_blocks: stop after this many blocks are trainable (default: all).
         verbose: print each unfreezing step.
 
-    Example:
+    Example::
 
-    >>> model.fit(data, epochs=6, callbacks=[kerastl.GradualUnfreezing(2)])
+        model.fit(data, epochs=6, callbacks=[kerastl.GradualUnfreezing(2)])
     """
 
     def __init__(self, every=1, start_blocks=1, bn="frozen", max_blocks=None,
@@ -386,25 +386,48 @@ class GradualUnfreezing(keras.callbacks.Callback):
         return apply_trainable_blocks(self.model, blocks + bm.head_blocks,
                                       bn=self.bn, recompile=False)
 
-    def on_train_begin(self, logs=None):
+    def set_model(self, model):
+        # fit() calls set_model on every callback before any
+        # on_train_begin: the optimizer is ready before BackupAndRestore
+        # (wherever it is in the list) restores its state into it.
+        super().set_model(model)
+        self._prepare_optimizer()
+
+    def _prepare_optimizer(self):
+        """Builds the optimizer over every variable that will ever train.
+
+        One already built over exactly those variables is kept with its
+        state (a resumed run, a second fit); otherwise a fresh one of the
+        same configuration replaces it.
+        """
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return
         units = self._units()
         limit = units if self.max_blocks is None else self.max_blocks
-        # Every variable that will ever train, in Keras's own order.
-        self._set(min(limit, units))
-        every_variable = list(self.model.trainable_variables)
-        optimizer = self.model.optimizer
-        fresh = optimizer.__class__.from_config(optimizer.get_config())
-        fresh.build(every_variable)
-        self.model.optimizer = fresh
-        self._set(self._n_trainable(0))
-        self.model.make_train_function(force=True)
+        with restored_trainability(_private.all_sublayers(self.model)):
+            self._set(min(limit, units))
+            every_variable = list(self.model.trainable_variables)
+        built = _private.optimizer_variables(optimizer)
+        if built is None or [id(v) for v in built] != \
+                [id(v) for v in every_variable]:
+            fresh = optimizer.__class__.from_config(optimizer.get_config())
+            fresh.build(every_variable)
+            self.model.optimizer = fresh
+
+    def on_train_begin(self, logs=None):
+        self._prepare_optimizer()
+        self._current = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        # Set from the epoch index alone: a run resumed at epoch k trains
+        # the blocks of epoch k, as the uninterrupted run did.
         n = self._n_trainable(epoch)
-        if epoch and n != self._n_trainable(epoch - 1):
+        if n != self._current:
             blocks = self._set(n)
             self.model.make_train_function(force=True)
-            if self.verbose:
+            if self.verbose and self._current is not None:
                 print(f"\nGradualUnfreezing: epoch {epoch + 1}: training "
                       f"{', '.join(blocks)}")
+            self._current = n
         self.history[epoch] = trainable_blocks(self.model)

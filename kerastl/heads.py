@@ -1,5 +1,7 @@
 """New classifier heads in place of the source classifier."""
 
+import numbers
+
 import keras
 
 from kerastl import freezing
@@ -8,12 +10,19 @@ from kerastl.errors import KerastlError
 POOLINGS = ("avg", "max", "flatten")
 
 
-def _check_num_classes(num_classes):
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or \
-            num_classes < 1:
+def _check_num_classes(num_classes, activation="softmax"):
+    """``num_classes`` as an int (NumPy integers welcome)."""
+    if not isinstance(num_classes, numbers.Integral) or \
+            isinstance(num_classes, bool) or num_classes < 1:
         raise KerastlError(
             f"num_classes={num_classes!r}: expected a positive integer (1 "
             "for one sigmoid output, the number of classes otherwise).")
+    if num_classes == 1 and activation == "softmax":
+        raise KerastlError(
+            "num_classes=1 with activation='softmax': a softmax over one "
+            "output is always 1.0. For a binary task pass num_classes=1, "
+            "activation='sigmoid' (or num_classes=2 with softmax).")
+    return int(num_classes)
 
 
 def pooling_layer(pooling, name):
@@ -129,7 +138,7 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
         model.compile("adam", "sparse_categorical_crossentropy",
                       metrics=["accuracy"])
     """
-    _check_num_classes(num_classes)
+    num_classes = _check_num_classes(num_classes, activation)
     pool = pooling_layer(pooling, "head_pool")
     model = freezing.keras_model_of(backbone)
     features = model.output
@@ -164,7 +173,7 @@ def replace_classifier(model, num_classes, dropout=0.0, hidden_units=(),
     Returns:
         A new ``keras.Model`` sharing the pretrained layers.
     """
-    _check_num_classes(num_classes)
+    num_classes = _check_num_classes(num_classes, activation)
     dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
     if not dense:
         raise KerastlError(

@@ -27,9 +27,10 @@ from kerastl.blocks import BlockRule
 from kerastl.errors import KerastlError
 from kerastl.freezing import set_variables_trainable
 
-TRUSTED_HOSTS = ("tfhub.dev", "www.kaggle.com", "kaggle.com",
-                 "storage.googleapis.com")
+# What the user trusted with trust_hub_path(): folders (everything under
+# them) and handles (exactly). See is_trusted().
 _TRUSTED_PATHS = []
+_TRUSTED_HANDLES = []
 # owner/model/framework/variation[/version]
 KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
 
@@ -166,33 +167,42 @@ def resolve_handle(handle, timeout=15.0):
 
 # -- trust ---------------------------------------------------------------------------
 
-def trust_hub_path(path):
-    """Trusts SavedModels under a local folder when loading ``.keras`` files.
+def trust_hub_path(path_or_handle):
+    """Trusts a SavedModel folder (and everything under it) or one handle
+    (a URL or Kaggle handle, exactly as written) when loading ``.keras``
+    files.
 
-    A SavedModel is a graph that can read and write files, so, like Keras's
-    own ``TFSMLayer``, a :class:`HubLayer` in a ``.keras`` file is only
-    re-loaded under ``safe_mode=True`` (Keras's default) when its handle is
-    trusted: a URL on :data:`TRUSTED_HOSTS`, a Kaggle handle, or a folder
-    under a path given here (or listed in ``KERASTL_TRUSTED_HUB_PATHS``,
-    separated by ``os.pathsep``). ``keras.models.load_model(...,
-    safe_mode=False)`` loads any handle.
+    A SavedModel is a program: its graph can read and write files. So, like
+    Keras's own ``TFSMLayer``, a :class:`HubLayer` in a ``.keras`` file is
+    re-loaded under ``safe_mode=True`` (Keras's default) only when the user
+    trusted its handle explicitly: here, in ``KERASTL_TRUSTED_HUB_PATHS``
+    (folders, separated by ``os.pathsep``) or in
+    ``KERASTL_TRUSTED_HUB_HANDLES`` (URLs or Kaggle handles, separated by
+    spaces or commas). No host is trusted by default: a ``.keras`` file
+    chooses its handles, and a URL's download lands in a cache that any
+    program of the user's can write. ``keras.models.load_model(...,
+    safe_mode=False)`` loads any handle. See SECURITY.md.
     """
-    _TRUSTED_PATHS.append(os.path.realpath(os.fspath(path)))
+    value = os.fspath(path_or_handle)
+    if _is_url(value) or _is_kaggle_handle(value):
+        _TRUSTED_HANDLES.append(value)
+    else:
+        _TRUSTED_PATHS.append(os.path.realpath(value))
 
 
 def is_trusted(handle):
-    """Whether ``handle`` may be loaded under Keras's safe mode."""
+    """Whether the user trusted ``handle`` (see :func:`trust_hub_path`)."""
     handle = os.fspath(handle)
-    if _is_url(handle):
-        host = urllib.parse.urlparse(handle).hostname or ""
-        return host in TRUSTED_HOSTS
-    if _is_kaggle_handle(handle):
-        return True
+    handles = _TRUSTED_HANDLES + re.split(
+        r"[\s,]+", os.environ.get("KERASTL_TRUSTED_HUB_HANDLES", "").strip())
+    if _is_url(handle) or _is_kaggle_handle(handle):
+        return handle in handles
     path = os.path.realpath(handle[len("file://"):] if handle.startswith(
         "file://") else handle)
     roots = _TRUSTED_PATHS + [os.path.realpath(p) for p in os.environ.get(
         "KERASTL_TRUSTED_HUB_PATHS", "").split(os.pathsep) if p]
-    return any(os.path.commonpath([path, r]) == r for r in roots)
+    return os.path.isdir(path) and any(
+        os.path.commonpath([path, r]) == r for r in roots)
 
 
 # -- the layer ------------------------------------------------------------------------
@@ -240,13 +250,13 @@ class HubLayer(keras.layers.Layer):
             LayerwiseOptimizer` and :func:`kerastl.trainable_summary` work
             by block on this layer. Zoo Hub configs supply it.
 
-    Example:
+    Example::
 
-    >>> model = keras.Sequential([
-    ...     keras.Input((224, 224, 3)),
-    ...     kerastl.HubLayer("https://tfhub.dev/google/imagenet/"
-    ...                      "mobilenet_v2_100_224/feature_vector/5"),
-    ...     keras.layers.Dense(5, activation="softmax")])
+        model = keras.Sequential([
+            keras.Input((224, 224, 3)),
+            kerastl.HubLayer("https://tfhub.dev/google/imagenet/"
+                             "mobilenet_v2_100_224/feature_vector/5"),
+            keras.layers.Dense(5, activation="softmax")])
     """
 
     def __init__(self, handle, trainable=False, signature=None,
@@ -427,9 +437,11 @@ class HubLayer(keras.layers.Layer):
             raise KerastlError(
                 f"Refusing to load the SavedModel {config['handle']!r} of a "
                 "HubLayer in safe mode: a SavedModel can read and write "
-                "files. If you trust it, load with keras.models.load_model("
-                "..., safe_mode=False), or call kerastl.trust_hub_path(folder)"
-                " (or set KERASTL_TRUSTED_HUB_PATHS) first.")
+                "files, and a .keras file chooses its handles. If you trust "
+                "it, call kerastl.trust_hub_path(handle or folder) first "
+                "(or set KERASTL_TRUSTED_HUB_HANDLES / "
+                "KERASTL_TRUSTED_HUB_PATHS), or load with "
+                "keras.models.load_model(..., safe_mode=False).")
         layer = cls(**config)
         if frozen:
             layer.freeze_variables(["^" + re.escape(n) + "$" for n in frozen])

@@ -251,12 +251,12 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     the multiplier right for Adam, where scaling the gradient does nothing.
 
     Build it after freezing (a multiplier of 0 freezes its block) and before
-    ``compile``:
+    ``compile``::
 
-    >>> opt = kerastl.LayerwiseOptimizer(
-    ...     keras.optimizers.Adam(1e-3),
-    ...     {"stage3": 0.1, "stage4": 0.3, "head": 1.0}, model)
-    >>> model.compile(opt, "sparse_categorical_crossentropy")
+        opt = kerastl.LayerwiseOptimizer(
+            keras.optimizers.Adam(1e-3),
+            {"stage3": 0.1, "stage4": 0.3, "head": 1.0}, model)
+        model.compile(opt, "sparse_categorical_crossentropy")
 
     Multipliers are stored per variable path, so ``get_config`` round-trips
     and a model saved to ``.keras`` trains on with the same multipliers after
@@ -410,8 +410,20 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 f"names.")
         return found.pop() if found else self.default
 
+    def _known(self, path):
+        return path in self._table or any(
+            p.endswith("/" + path) for p in self._table)
+
     def build(self, var_list):
         var_list = list(var_list)
+        if var_list and self._table and not any(
+                self._known(v.path) for v in var_list):
+            raise KerastlError(
+                "This LayerwiseOptimizer was made for another model: none of "
+                f"the variables it is asked to train ({var_list[0].path}, "
+                "...) is in its multiplier table. Make one per model: "
+                "LayerwiseOptimizer(optimizer, multipliers, model) with the "
+                "model you compile it into.")
         self._multipliers = [self.multiplier(v) for v in var_list]
         self.inner_optimizer.build(var_list)
         self.built = True

@@ -47,11 +47,11 @@ class ImagePreprocessing(keras.layers.Layer):
             config, so a saved and re-loaded model has the same block map
             without the zoo entry that made it.
 
-    Example:
+    Example::
 
-    >>> layer = ImagePreprocessing("tf")
-    >>> float(layer(keras.ops.full((1, 2, 2, 3), 255.0))[0, 0, 0, 0])
-    1.0
+        layer = ImagePreprocessing("tf")
+        float(layer(keras.ops.full((1, 2, 2, 3), 255.0))[0, 0, 0, 0])
+        # -> 1.0
     """
 
     def __init__(self, mode, zoo_name=None, blocks=None, **kwargs):

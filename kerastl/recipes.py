@@ -14,6 +14,7 @@ The strategy vocabulary, used everywhere (``fine_tune``, experiment YAML,
 import collections
 import dataclasses
 import math
+import numbers
 import warnings
 
 import keras
@@ -108,8 +109,9 @@ def recommend_strategy(n_labelled_per_class, similarity, model=None):
     Returns:
         A :class:`Strategy`.
     """
-    if not isinstance(n_labelled_per_class, (int, float)) or \
-            n_labelled_per_class < 1:
+    if isinstance(n_labelled_per_class, bool) or not isinstance(
+            n_labelled_per_class, numbers.Real) or not math.isfinite(
+            n_labelled_per_class) or n_labelled_per_class < 1:
         raise KerastlError(
             f"n_labelled_per_class={n_labelled_per_class!r}: expected a "
             "positive number.")
@@ -118,7 +120,8 @@ def recommend_strategy(n_labelled_per_class, similarity, model=None):
             raise KerastlError(f"similarity={similarity!r}: expected 'high', "
                                "'low' or a number in [0, 1].")
         similar = similarity == "high"
-    elif isinstance(similarity, (int, float)) and 0 <= similarity <= 1:
+    elif isinstance(similarity, numbers.Real) and \
+            not isinstance(similarity, bool) and 0 <= similarity <= 1:
         similar = similarity >= 0.5
     else:
         raise KerastlError(f"similarity={similarity!r}: expected 'high', "

@@ -121,3 +121,16 @@ def one_step_deltas(layerwise, jit_compile=False, model=None,
     model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
     return model, {v.path: v.numpy() - before[v.path]
                    for v in model.trainable_variables}
+
+
+def write_folder(root, per_class=10, size=24, classes=("cats", "dogs")):
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for j in range(per_class):
+            image = rng.integers(0, 80, (size, size, 3)).astype("uint8")
+            image[..., i] += 150  # the class is the dominant colour
+            keras.utils.save_img(str(folder / f"{j}.png"), image,
+                                 scale=False)
+    return root

@@ -9,19 +9,7 @@ import pytest
 import tensorflow as tf
 
 from kerastl import cli
-
-
-def write_folder(root, per_class=10, size=24, classes=("cats", "dogs")):
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(classes):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for j in range(per_class):
-            image = rng.integers(0, 80, (size, size, 3)).astype("uint8")
-            image[..., i] += 150  # the class is the dominant colour
-            keras.utils.save_img(str(folder / f"{j}.png"), image,
-                                 scale=False)
-    return root
+from conftest import write_folder
 
 
 def run(capsys, *argv):
@@ -132,8 +120,19 @@ def test_a_non_empty_output_folder_is_refused(images, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
                        "--data", str(images), "--output", str(out))
-    assert code != 0 and "--overwrite" in err
+    assert code != 0 and "was not written by kerastl" in err
     assert os.listdir(out) == ["keep.txt"]
+    # --overwrite does not change that: only kerastl's own runs are replaced.
+    code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
+                       "--data", str(images), "--output", str(out),
+                       "--overwrite")
+    assert code != 0 and "was not written by kerastl" in err
+    assert os.listdir(out) == ["keep.txt"]
+    # An earlier kerastl run asks for --overwrite.
+    (out / ".kerastl").write_text("{}")
+    code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
+                       "--data", str(images), "--output", str(out))
+    assert code != 0 and "pass --overwrite" in err
 
 
 def test_help_of_every_command(capsys):

@@ -85,7 +85,7 @@ def test_gradient_reversal_config_and_model_round_trip(tmp_path):
 # -- schedules ------------------------------------------------------------------
 
 def test_ganin_lambda_values():
-    # The domain brief: 0, .462, .848, .987, 1.0 at p = 0, .1, .25, .5, 1.
+    # Ganin & Lempitsky (2015)'s schedule: 0, .462, .848, .987, 1.0 at p = 0, .1, .25, .5, 1.
     got = [round(ganin_lambda(p), 3) for p in (0, 0.1, 0.25, 0.5, 1.0)]
     assert got == [0.0, 0.462, 0.848, 0.987, 1.0]
 

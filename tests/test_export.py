@@ -85,7 +85,7 @@ def test_a_crash_midway_leaves_the_earlier_export_intact(model, tmp_path,
     monkeypatch.setattr(archive_class, "write_out", crash)
     other = classifier()
     with pytest.raises(ExportError, match="killed"):
-        export_savedmodel(other, path, input="uint8")
+        export_savedmodel(other, path, input="uint8", overwrite=True)
     assert sorted(os.listdir(path)) == listing
     assert (path / "saved_model.pb").read_bytes() == before["saved_model.pb"]
     assert os.listdir(tmp_path) == ["export"]  # no temporary folder left

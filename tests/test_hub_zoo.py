@@ -1,4 +1,4 @@
-"""Hub zoo entries and variable-path block maps (issue 5, build items 2-3).
+"""Hub zoo entries and variable-path block maps.
 
 Nothing is downloaded. The block regexes of each Hub config are checked
 against variable names generated from the architecture (stage repeats and
@@ -284,13 +284,19 @@ def test_layerwise_multiplier_shows_in_the_exact_update(cached_hub):
     assert rows["stage3"]["multiplier"] == (0.25, 0.25)
 
 
-def test_keras_file_round_trip_keeps_the_blocks(cached_hub, tmp_path):
+def test_keras_file_round_trip_keeps_the_blocks(cached_hub, tmp_path,
+                                                monkeypatch):
     backbone = kerastl.load_backbone("hub:mobilenet_v2_100_224")
     model = classifier(backbone)
     kerastl.freeze(model, up_to="stage1")
     path = str(tmp_path / "m.keras")
     model.save(path)
-    # tfhub.dev is a trusted host: loads under safe_mode.
+    # No host is trusted by default; the user trusts this handle.
+    with pytest.raises(kerastl.KerastlError, match="safe mode"):
+        keras.models.load_model(path)
+    monkeypatch.setattr(kerastl.hub, "_TRUSTED_HANDLES", [])
+    kerastl.trust_hub_path(kerastl.zoo_entry("hub_mobilenet_v2_100_224")
+                           .handle)
     loaded = keras.models.load_model(path)
     assert kerastl.block_map(loaded).names == kerastl.block_map(model).names
     x = images(2)

@@ -5,6 +5,7 @@ import numpy as np
 
 from kerastl import _keras_private as _private
 from kerastl.adaptation.dann import DANN
+from kerastl.errors import KerastlError
 from kerastl.freezing import keras_model_of, temporarily_trainable
 
 
@@ -51,13 +52,23 @@ def adapt_batch_norm(model, target, batch_size=64):
                    for i in range(0, len(target), batch_size)]
     else:
         batches = (b[0] if isinstance(b, tuple) else b for b in target)
+    if isinstance(target, np.ndarray) and (target.ndim != 4 or
+                                           not len(target)):
+        raise KerastlError(
+            f"adapt_batch_norm needs target images (n, height, width, "
+            f"channels) with n >= 1; got shape {target.shape}.")
+    seen = 0
     try:
         with temporarily_trainable(bns):
             for k, batch in enumerate(batches, start=1):
                 for l in bns:
                     l.momentum = 0.0 if k == 1 else (k - 1) / k
                 forward(batch)
+                seen = k
     finally:
         for l, momentum in zip(bns, momenta):
             l.momentum = momentum
+    if not seen:
+        raise KerastlError("adapt_batch_norm got an empty target: no batch "
+                           "to take statistics from; pass target images.")
     return len(bns)

@@ -91,13 +91,13 @@ class DANN(keras.Model):
         split_batchnorm: per-domain batch statistics during training (see
             above); ``False`` runs both halves as one batch (the paper).
 
-    Example:
+    Example::
 
-    >>> dann = kerastl.DANN(backbone, num_classes=10)
-    >>> dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
-    >>> dann.fit(kerastl.domain_dataset((xs, ys), xt), epochs=20,
-    ...          callbacks=[kerastl.GaninLambda(warmup=0.5)])
-    >>> kerastl.adapt_batch_norm(dann, xt)  # AdaBN on the target
+        dann = kerastl.DANN(backbone, num_classes=10)
+        dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+        dann.fit(kerastl.domain_dataset((xs, ys), xt), epochs=20,
+                 callbacks=[kerastl.GaninLambda(warmup=0.5)])
+        kerastl.adapt_batch_norm(dann, xt)  # AdaBN on the target
 
     That is kerastl's recipe (``benchmarks/domain_adaptation.py``). The
     paper's is ``DANN(..., entropy_weight=0, split_batchnorm=False)`` with

@@ -48,9 +48,20 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
         batch_size: samples per domain per batch.
         target_labeled: optional ``(x, y)`` labelled target samples.
     """
-    import tensorflow as tf
-    if batch_size < 1:
-        raise KerastlError(f"batch_size={batch_size}: expected >= 1.")
+    import tensorflow as tf  # lazy: kerastl imports without TensorFlow
+    if isinstance(batch_size, bool) or not isinstance(
+            batch_size, (int, np.integer)) or batch_size < 1:
+        raise KerastlError(f"batch_size={batch_size!r}: expected an int "
+                           ">= 1.")
+    for name, data, labelled in (("source", source, True),
+                                 ("target", target, False)):
+        n = _known_size(data, labelled)
+        if n is not None and n < batch_size:
+            raise KerastlError(
+                f"The {name} has {n} samples, fewer than batch_size="
+                f"{batch_size}: DANN would train 0 steps (batches drop the "
+                f"remainder). Pass more {name} samples or a smaller "
+                "batch_size.")
     src = _as_dataset(source, labelled=True)
     tgt = _as_dataset(target, labelled=False)
     if shuffle:
@@ -77,6 +88,17 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
     ds = tf.data.Dataset.zip(tuple(parts)).map(
         combine, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _known_size(data, labelled):
+    """Samples in array data (None for a tf.data.Dataset)."""
+    if labelled:
+        return len(data[0]) if isinstance(data, tuple) and len(data) == 2 \
+            else None
+    if isinstance(data, tuple):
+        return None  # refused by _as_dataset with its own message
+    return len(data) if hasattr(data, "__len__") and not hasattr(
+        data, "element_spec") else None
 
 
 def _count(data):

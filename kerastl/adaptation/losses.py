@@ -6,7 +6,25 @@
   predictions: confident and class-balanced.
 """
 
+import numpy as np
 from keras import ops
+
+from kerastl.errors import KerastlError
+
+
+def _check_probabilities(x):
+    """Refuses concrete values that are not rows of probabilities
+    (symbolic tensors inside a traced step are not checked)."""
+    try:
+        a = np.asarray(ops.convert_to_numpy(x), dtype="float64")
+    except Exception:  # a symbolic tensor: nothing to look at
+        return
+    if a.size and (a.min() < -1e-6 or a.max() > 1 + 1e-6 or not np.allclose(
+            a.sum(axis=-1), 1.0, atol=1e-3)):
+        raise KerastlError(
+            "information_loss takes class probabilities (rows in [0, 1] "
+            "summing to 1); these are not (logits?). Pass "
+            "from_logits=True, or the softmax output.")
 
 
 def coral_loss(source, target):
@@ -26,7 +44,7 @@ def coral_loss(source, target):
     return ops.sum(ops.square(diff)) / (4.0 * d * d)
 
 
-def information_loss(probs, epsilon=1e-6):
+def information_loss(probs, epsilon=1e-6, from_logits=False):
     """Information maximisation on unlabelled predictions.
 
     ``mean_i H(p_i) - H(mean_i p_i)`` for a ``(batch, classes)`` array of
@@ -35,7 +53,15 @@ def information_loss(probs, epsilon=1e-6):
     decision boundaries, cluster by cluster) and when the batch as a whole
     uses every class (so the confidence cannot come from collapsing onto
     one class). Between ``-log(classes)`` and ``log(classes)``.
+
+    ``from_logits=True`` takes logits (a softmax is applied). Concrete
+    inputs (arrays, eager tensors) that are not probabilities are refused:
+    logits in place of probabilities give a meaningless loss.
     """
+    if from_logits:
+        probs = ops.softmax(ops.cast(probs, "float32"), axis=-1)
+    else:
+        _check_probabilities(probs)
     p = ops.cast(probs, "float32")
     conditional = -ops.mean(ops.sum(p * ops.log(p + epsilon), axis=-1))
     mean = ops.mean(p, axis=0)

@@ -28,11 +28,11 @@ class GradientReversal(keras.layers.Layer):
     Args:
         lambda_: the initial reversal strength (``>= 0``).
 
-    Example:
+    Example::
 
-    >>> features = backbone(images)
-    >>> domain = keras.layers.Dense(1, activation="sigmoid")(
-    ...     kerastl.GradientReversal(1.0)(features))
+        features = backbone(images)
+        domain = keras.layers.Dense(1, activation="sigmoid")(
+            kerastl.GradientReversal(1.0)(features))
     """
 
     def __init__(self, lambda_=1.0, **kwargs):

@@ -6,6 +6,7 @@ anneals the learning rate. Both update before every batch of ``fit``.
 """
 
 import math
+import numbers
 
 import keras
 
@@ -34,6 +35,32 @@ def _progress(callback):
     return min(1.0, callback._step / max(1, total))
 
 
+def _step(callback, batch):
+    """The training step of ``batch``: counted from fit's epoch index, so a
+    run resumed by ``keras.callbacks.BackupAndRestore`` (which restarts at
+    the saved epoch) continues the schedule where it stopped."""
+    steps = (callback.params or {}).get("steps")
+    if steps and callback._epoch is not None:
+        return callback._epoch * steps + batch
+    return callback._step
+
+
+
+def _real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and \
+        math.isfinite(x)
+
+
+def _positive(x, what, example, zero=False):
+    """``x`` as a float, refusing NaN, infinities, booleans and x <= 0
+    (x < 0 with ``zero``)."""
+    if not _real(x) or x < 0 or (x == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise KerastlError(f"{what}={x!r}: expected a finite number {bound} "
+                           f"(e.g. {example}).")
+    return float(x)
+
+
 class _PerBatch(keras.callbacks.Callback):
     def __init__(self, total_steps=None):
         super().__init__()
@@ -41,12 +68,18 @@ class _PerBatch(keras.callbacks.Callback):
             raise KerastlError(f"total_steps={total_steps}: expected >= 1.")
         self.total_steps = total_steps
         self._step = 0
+        self._epoch = None
         self.history = []
 
     def on_train_begin(self, logs=None):
         self._step = 0
+        self._epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
+        self._step = _step(self, batch)
         value = self.value(_progress(self))
         self.apply(value)
         self.history.append(value)
@@ -81,10 +114,11 @@ class GaninLambda(_PerBatch):
 
     def __init__(self, gamma=10.0, scale=1.0, warmup=0.0, total_steps=None):
         super().__init__(total_steps)
-        if not 0.0 <= warmup < 1.0:
+        if not _real(warmup) or not 0.0 <= warmup < 1.0:
             raise KerastlError(f"warmup={warmup!r}: expected a fraction of "
                                f"training in [0, 1).")
-        self.gamma, self.scale = float(gamma), float(scale)
+        self.gamma = _positive(gamma, "GaninLambda gamma", "10, the paper's")
+        self.scale = _positive(scale, "GaninLambda scale", "1.0")
         self.warmup = float(warmup)
 
     def value(self, p):
@@ -112,7 +146,11 @@ class GaninLearningRate(_PerBatch):
 
     def __init__(self, mu0=0.01, alpha=10.0, beta=0.75, total_steps=None):
         super().__init__(total_steps)
-        self.mu0, self.alpha, self.beta = float(mu0), float(alpha), float(beta)
+        self.mu0 = _positive(mu0, "GaninLearningRate mu0", "0.01")
+        self.alpha = _positive(alpha, "GaninLearningRate alpha", "10",
+                               zero=True)
+        self.beta = _positive(beta, "GaninLearningRate beta", "0.75",
+                              zero=True)
 
     def value(self, p):
         return self.mu0 / (1.0 + self.alpha * p) ** self.beta

@@ -55,11 +55,11 @@ class FeatureCache:
         directory: where the entries live (created on first write).
         mmap: load entries memory-mapped (read-only) instead of into memory.
 
-    Example:
+    Example::
 
-    >>> cache = kerastl.FeatureCache("~/.cache/kerastl/features")
-    >>> x = kerastl.extract_features(backbone, images, cache=cache)  # runs
-    >>> x = kerastl.extract_features(backbone, images, cache=cache)  # reads
+        cache = kerastl.FeatureCache("~/.cache/kerastl/features")
+        x = kerastl.extract_features(backbone, images, cache=cache)  # runs
+        x = kerastl.extract_features(backbone, images, cache=cache)  # reads
     """
 
     def __init__(self, directory, mmap=False):
@@ -92,12 +92,21 @@ class FeatureCache:
                           os.path.join(self.directory, e, "meta.json")))
 
     def clear(self):
-        """Deletes every entry."""
-        if os.path.isdir(self.directory):
-            shutil.rmtree(self.directory)
+        """Deletes every entry (and nothing else in the folder)."""
+        for entry in self.entries():
+            shutil.rmtree(self.path(entry), ignore_errors=True)
 
-    def load(self, key):
-        """The arrays of an entry (dict), or None if absent or damaged."""
+    @staticmethod
+    def _normal(parts):
+        return json.loads(json.dumps(parts or {}, sort_keys=True,
+                                     default=repr))
+
+    def load(self, key, parts=None):
+        """The arrays of an entry (dict), or None if absent or damaged.
+
+        With ``parts`` the entry must have been written for exactly those
+        key parts (a renamed or tampered entry is discarded).
+        """
         folder = self.path(key)
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
@@ -105,8 +114,15 @@ class FeatureCache:
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
+            if parts is not None and meta["key"] != self._normal(parts):
+                raise ValueError("its key parts are not the request's")
             arrays = {}
             for name, info in meta["arrays"].items():
+                if not isinstance(info["file"], str) or \
+                        os.path.basename(info["file"]) != info["file"] or \
+                        info["file"].startswith("."):
+                    raise ValueError(f"file {info['file']!r} is not a file "
+                                     "of the entry")
                 file = os.path.join(folder, info["file"])
                 if os.path.getsize(file) != info["bytes"]:
                     raise ValueError(f"{info['file']} has "
@@ -132,8 +148,11 @@ class FeatureCache:
         An entry already there (damaged, or written by a racer) is replaced
         only once the new one is complete.
         """
-        with atomic_folder(self.path(key)) as tmp:
-            meta = {"arrays": {}, "key": parts or {}, "format": FORMAT_VERSION}
+        # An entry folder is named by its key inside the cache: kerastl's.
+        with atomic_folder(self.path(key), "feature-cache entry",
+                           checked=False) as tmp:
+            meta = {"arrays": {}, "key": self._normal(parts),
+                    "format": FORMAT_VERSION}
             for i, (name, a) in enumerate(arrays.items()):
                 file = f"{i}.npy"
                 full = os.path.join(tmp, file)

@@ -106,10 +106,15 @@ class _Data:
     (a callable returning the labels or None), ``fingerprint`` (a callable).
     """
 
-    def __init__(self, images, labels, fingerprint):
+    def __init__(self, images, labels, fingerprint, paired=None):
         self.images = images
         self._labels = labels
         self._fingerprint = fingerprint
+        # A dataset may yield its elements in another order on each pass
+        # (``shuffle``, ``image_dataset_from_directory``'s default): its
+        # labels must come from the pass that computes the features.
+        # ``paired`` yields ``{"images", "labels"}`` for that one pass.
+        self.paired = paired
 
     def labels(self):
         return self._labels() if callable(self._labels) else self._labels
@@ -244,7 +249,12 @@ def _dataset_data(ds, batch_size, data_key):
     def fingerprint():
         return f"key:{data_key}" if data_key is not None else scan()
 
-    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint)
+    paired = None
+    if has_labels:
+        paired = ds.map(lambda x, y, *r: ({"images": x, "labels": y},))
+        paired = paired.prefetch(tf.data.AUTOTUNE)
+    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint,
+                 paired)
 
 
 # -- extraction ---------------------------------------------------------------
@@ -286,10 +296,10 @@ def extract_features(backbone, data, layers=None, pooling="avg",
     Returns:
         ``features`` (``(n, d)`` after pooling), or ``(features, labels)``.
 
-    Example:
+    Example::
 
-    >>> x = kerastl.extract_features(backbone, images, layers=["stage3",
-    ...                              "stage4"], cache="feature_cache")
+        x = kerastl.extract_features(backbone, images, layers=["stage3",
+                                     "stage4"], cache="feature_cache")
     """
     if dtype not in ("float32", "float16"):
         raise KerastlError(f"dtype={dtype!r}: expected 'float32' or "
@@ -316,25 +326,48 @@ def extract_features(backbone, data, layers=None, pooling="avg",
             "data": prepared.fingerprint(), "labels": bool(return_labels),
         }
         key = cache.key(parts)
-        stored = cache.load(key)
+        stored = cache.load(key, parts)
         if stored is not None:
             cache.hits += 1
             features = {n: stored[f"features/{n}"] for n in names}
             return _result(features, stored.get("labels"), names, as_dict,
                            return_labels)
         cache.misses += 1
-    out = fmodel.predict(prepared.images, verbose=verbose)
+    if return_labels and prepared.paired is not None:
+        # One pass gives the features and their labels together.
+        out = _with_labels(fmodel, prepared.paired).predict(
+            prepared.paired, verbose=verbose)
+        labels = np.asarray(out.pop(_LABELS))
+    else:
+        out = fmodel.predict(prepared.images, verbose=verbose)
+        labels = prepared.labels() if return_labels else None
     if not isinstance(out, dict):
         out = {names[0]: out}
     features = {n: np.asarray(out[n]).astype(dtype, copy=False)
                 for n in names}
-    labels = prepared.labels() if return_labels else None
+    for n in names:
+        check_finite(features[n], f"extract_features: the features of {n!r}")
     if cache is not None:
         arrays = {f"features/{n}": features[n] for n in names}
         if labels is not None:
             arrays["labels"] = np.asarray(labels)
         cache.save(key, arrays, parts)
     return _result(features, labels, names, as_dict, return_labels)
+
+
+_LABELS = "__kerastl_labels__"
+
+
+def _with_labels(fmodel, paired):
+    """``fmodel`` with the labels passed through as one more output."""
+    spec = paired.element_spec[0]["labels"]
+    images = keras.Input(fmodel.input.shape[1:], name="images")
+    labels = keras.Input(spec.shape[1:], dtype=spec.dtype.name,
+                         name="labels")
+    out = dict(fmodel(images))
+    out[_LABELS] = keras.layers.Identity(name="labels_through")(labels)
+    return keras.Model({"images": images, "labels": labels}, out,
+                       name=f"{fmodel.name}_with_labels")
 
 
 def _result(features, labels, names, as_dict, return_labels):
@@ -353,6 +386,21 @@ def _concat_flat(arrays):
     """Arrays with a common first axis, flattened and joined (dtype kept)."""
     return np.concatenate([np.reshape(a, (len(a), -1)) for a in arrays],
                           axis=1)
+
+
+def check_finite(features, what):
+    """Refuses features with NaN or infinite values, naming the rows."""
+    a = np.asarray(features)
+    if a.dtype.kind != "f" or not a.size:
+        return
+    bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise KerastlError(
+            f"{what}: {len(rows)} of {len(a)} rows hold NaN or infinite "
+            f"values (rows {', '.join(map(str, rows[:5]))}"
+            f"{', ...' if len(rows) > 5 else ''}). Check those images (NaN "
+            "pixels?) or drop the rows.")
 
 
 def flat_features(x):

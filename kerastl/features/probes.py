@@ -5,7 +5,7 @@ import numpy as np
 
 from kerastl import heads
 from kerastl.errors import KerastlError
-from kerastl.features.extract import flat_features
+from kerastl.features.extract import check_finite, flat_features
 
 
 class LinearProbe:
@@ -26,10 +26,10 @@ class LinearProbe:
         epochs, batch_size, learning_rate: softmax training.
         verbose: Keras ``fit`` verbosity.
 
-    Example:
+    Example::
 
-    >>> probe = kerastl.LinearProbe().fit(train_features, train_labels)
-    >>> probe.score(test_features, test_labels)
+        probe = kerastl.LinearProbe().fit(train_features, train_labels)
+        probe.score(test_features, test_labels)
     """
 
     KINDS = ("softmax", "svm")
@@ -99,6 +99,7 @@ class LinearProbe:
     def fit(self, x, y, validation_data=None):
         """Trains on features ``x`` (array or dict) and labels ``y``."""
         x = flat_features(x)
+        check_finite(x, "LinearProbe.fit: the features")
         y = np.asarray(y)
         if len(x) != len(y):
             raise KerastlError(f"{len(x)} feature rows but {len(y)} labels.")
@@ -134,6 +135,7 @@ class LinearProbe:
         """Class scores: probabilities (softmax) or margins (SVM)."""
         self._check_fitted()
         x = flat_features(x)
+        check_finite(x, "LinearProbe: the features")
         if self.kind == "svm":
             scores = self.model.decision_function(x)
             if scores.ndim == 1:  # binary
@@ -154,7 +156,12 @@ class LinearProbe:
 
     def score(self, x, y):
         """Accuracy on ``(x, y)``."""
-        return float(np.mean(self.predict(x) == np.asarray(y)))
+        y = np.asarray(y)
+        predicted = self.predict(x)
+        if len(predicted) != len(y):
+            raise KerastlError(f"{len(predicted)} feature rows but {len(y)} "
+                               "labels.")
+        return float(np.mean(predicted == y))
 
 
 def _svm(C):

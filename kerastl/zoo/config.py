@@ -1,6 +1,6 @@
 """Zoo configs: YAML data files that describe each backbone.
 
-A config is data, never code: it is read with ``yaml.safe_load``, checked
+A config is data, never code: it is read with ``yaml.safe_load`` (bounded: see ``kerastl._yaml``), checked
 against a schema (errors name the file and the key), and its constructor is
 looked up in an allow-list of ``keras.applications`` names, so a config can
 never make kerastl import or call anything else.
@@ -18,7 +18,7 @@ import re
 import warnings
 from pathlib import Path
 
-import yaml
+from kerastl import _yaml
 
 from kerastl.blocks import BlockRule
 from kerastl.errors import ConfigError, UnknownModelError
@@ -115,7 +115,7 @@ def _expect(path, key, value, types, what):
     if not isinstance(value, types) or isinstance(value, bool) and bool not in (
             types if isinstance(types, tuple) else (types,)):
         _fail(path, key, f"expected {what}, got {type(value).__name__} "
-                         f"{value!r}")
+                         f"{_yaml.short(value)}")
     return value
 
 
@@ -314,11 +314,7 @@ def load_config_file(path):
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, path)
+    return parse_config(_yaml.load(text, str(path)), path)
 
 
 # --------------------------------------------------------------------------
@@ -331,13 +327,17 @@ def _key(name):
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
 
 
+def _user_dirs():
+    extra = os.environ.get("KERASTL_ZOO_PATH", "")
+    return [Path(p) for p in extra.split(os.pathsep) if p]
+
+
 def config_dirs():
-    """Folders searched for configs, lowest priority first."""
+    """Folders searched for configs: the packaged zoo, then the user's."""
     dirs = [Path(__file__).resolve().parent.parent / "zoo_configs"]
     # A source checkout keeps the configs at the repository root.
     dirs.append(Path(__file__).resolve().parents[2] / "zoo_configs")
-    extra = os.environ.get("KERASTL_ZOO_PATH", "")
-    dirs.extend(Path(p) for p in extra.split(os.pathsep) if p)
+    dirs.extend(_user_dirs())
     seen, out = set(), []
     for d in dirs:
         if d.is_dir() and d.resolve() not in seen:
@@ -353,17 +353,35 @@ def _registry():
     dirs = tuple(config_dirs())
     state = tuple((str(d), tuple(sorted(os.listdir(d)))) for d in dirs)
     if _REGISTRY.get("state") != state:
-        configs, keys = {}, {}
+        user = {d.resolve() for d in _user_dirs() if d.is_dir()}
+        configs, files, keys = {}, {}, {}
         for d in dirs:
             for f in sorted(d.glob("*.yaml")):
                 cfg = load_config_file(f)
+                if d.resolve() in user:
+                    _check_no_collision(cfg, f, configs, files, keys)
                 configs[cfg.name] = cfg
-        for cfg in configs.values():
-            for k in (cfg.name, cfg.constructor, *cfg.aliases):
-                if k:
+                files[cfg.name] = f
+                # Names and aliases are the entry's own; a constructor
+                # (MobileNetV2) names the first entry that uses it, the
+                # packaged one before a user's variant of it.
+                for k in (cfg.name, *cfg.aliases):
                     keys[_key(k)] = cfg.name
+                if cfg.constructor:
+                    keys.setdefault(_key(cfg.constructor), cfg.name)
         _REGISTRY.update(state=state, configs=configs, keys=keys)
     return _REGISTRY["configs"], _REGISTRY["keys"]
+
+
+def _check_no_collision(cfg, path, configs, files, keys):
+    """A user entry may not take a name another entry answers to."""
+    for k in (cfg.name, *cfg.aliases):
+        other = keys.get(_key(k))
+        if other is not None:
+            raise ConfigError(
+                f"{path}: the name {k!r} is already taken by the zoo entry "
+                f"{other!r} ({files[other]}); a user entry cannot replace "
+                "another model. Give yours a name of its own.")
 
 
 def list_configs(source=None):

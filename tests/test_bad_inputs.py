@@ -1,0 +1,299 @@
+"""The bad-input matrix: every row is one wrong argument to the public API
+or the CLI. Each must raise a kerastl error (or, for the CLI, exit with a
+one-line ``kerastl: error:``) whose message names the argument, and write
+nothing."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import kerastl
+from kerastl import cli, datasets
+
+NAN = float("nan")
+
+
+def conv():
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, keras.layers.Conv2D(2, 3, name="c1")(inputs))
+
+
+def clf():
+    return kerastl.build_classifier(conv(), 2, dropout=0.0)
+
+
+def bb():
+    return kerastl.load_backbone("mobilenet_v2", weights=None,
+                                 input_shape=(32, 32, 3))
+
+
+IMAGES = np.zeros((4, 8, 8, 3), "float32")
+FEATURES = np.random.default_rng(0).normal(size=(10, 3)).astype("float32")
+LABELS = np.arange(10) % 2
+
+# (id, callable taking the test's tmp_path, error type, message regex)
+CASES = [
+    # -- backbones and the zoo
+    ("load_backbone unknown name", lambda t: kerastl.load_backbone(
+        "resnet5O", weights=None), kerastl.UnknownModelError, "resnet5O"),
+    ("load_backbone input_shape float", lambda t: kerastl.load_backbone(
+        "mobilenet_v2", weights=None, input_shape=(32.5, 32, 3)),
+     kerastl.InputShapeError, "input_shape.*32.5"),
+    ("load_backbone input_shape string", lambda t: kerastl.load_backbone(
+        "mobilenet_v2", weights=None, input_shape="32x32"),
+     kerastl.InputShapeError, "input_shape='32x32'"),
+    ("load_backbone input_shape string dim", lambda t: kerastl.load_backbone(
+        "mobilenet_v2", weights=None, input_shape=("32", 32, 3)),
+     kerastl.InputShapeError, "input_shape.*'32'"),
+    ("load_backbone input_shape grey", lambda t: kerastl.load_backbone(
+        "mobilenet_v2", weights=None, input_shape=(32, 32, 1)),
+     kerastl.InputShapeError, "input_shape.*RGB"),
+    ("load_backbone input_shape too small", lambda t: kerastl.load_backbone(
+        "mobilenet_v2", weights=None, input_shape=(8, 8, 3)),
+     kerastl.InputShapeError, "input_shape.*too small"),
+    ("load_backbone missing .keras", lambda t: kerastl.load_backbone(
+        str(t / "nope.keras")), kerastl.KerastlError, "nope.keras"),
+    ("zoo_entry unknown", lambda t: kerastl.zoo_entry("vgg99"),
+     kerastl.UnknownModelError, "vgg99"),
+    ("list_configs bad source", lambda t: kerastl.list_configs("torch"),
+     kerastl.ConfigError, "source='torch'"),
+    # -- block maps and freezing
+    ("freeze unknown block", lambda t: kerastl.freeze(clf(), up_to="c9"),
+     kerastl.BlockError, "c9"),
+    ("freeze depth out of range", lambda t: kerastl.freeze(clf(), up_to=7),
+     kerastl.BlockError, "7"),
+    ("freeze bad bn", lambda t: kerastl.freeze(clf(), bn="sometimes"),
+     kerastl.KerastlError, "bn='sometimes'"),
+    ("unfreeze unknown block", lambda t: kerastl.unfreeze(
+        clf(), from_block="zzz"), kerastl.BlockError, "zzz"),
+    ("GradualUnfreezing every 0", lambda t: kerastl.GradualUnfreezing(
+        every=0), kerastl.KerastlError, "every"),
+    ("block_map of a subclassed model", lambda t: kerastl.block_map(
+        type("Mine", (keras.Model,), {"call": lambda s, x: x})()),
+     kerastl.BlockError, "subclassed"),
+    # -- heads and recipes
+    ("build_classifier num_classes 0", lambda t: kerastl.build_classifier(
+        conv(), 0), kerastl.KerastlError, "num_classes=0"),
+    ("build_classifier num_classes float", lambda t: kerastl.build_classifier(
+        conv(), 2.5), kerastl.KerastlError, "num_classes=2.5"),
+    ("build_classifier num_classes str", lambda t: kerastl.build_classifier(
+        conv(), "3"), kerastl.KerastlError, "num_classes='3'"),
+    ("build_classifier one softmax unit", lambda t: kerastl.build_classifier(
+        conv(), 1), kerastl.KerastlError, "num_classes=1"),
+    ("build_classifier bad pooling", lambda t: kerastl.build_classifier(
+        conv(), 2, pooling="mean"), kerastl.KerastlError, "pooling='mean'"),
+    ("replace_classifier without Dense", lambda t: kerastl.replace_classifier(
+        conv(), 2), kerastl.KerastlError, "no Dense classifier"),
+    ("recommend_strategy 0 labels", lambda t: kerastl.recommend_strategy(
+        0, "high"), kerastl.KerastlError, "n_labelled_per_class=0"),
+    ("recommend_strategy nan", lambda t: kerastl.recommend_strategy(
+        NAN, "high"), kerastl.KerastlError, "n_labelled_per_class=nan"),
+    ("recommend_strategy similarity", lambda t: kerastl.recommend_strategy(
+        10, "medium"), kerastl.KerastlError, "similarity='medium'"),
+    ("recommend_strategy similarity > 1", lambda t: kerastl.recommend_strategy(
+        10, 1.5), kerastl.KerastlError, "similarity=1.5"),
+    ("fine_tune strategy", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.zeros(4)), strategy="most"),
+     kerastl.KerastlError, "strategy='most'"),
+    ("fine_tune freeze_up_to unknown", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.zeros(4)), freeze_up_to="c7"),
+     kerastl.KerastlError, "freeze_up_to='c7'"),
+    ("fine_tune freeze_up_to with full", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.zeros(4)), strategy="full", freeze_up_to=1),
+     kerastl.KerastlError, "freeze_up_to"),
+    ("fine_tune optimizer name", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.zeros(4)), optimizer="adamz", head_epochs=0),
+     kerastl.KerastlError, "optimizer 'adamz'"),
+    ("fine_tune optimizer type", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.zeros(4)), optimizer=0.1, head_epochs=0),
+     kerastl.KerastlError, "optimizer=0.1"),
+    # -- layer-wise rates
+    ("LayerwiseOptimizer unknown block", lambda t: kerastl.LayerwiseOptimizer(
+        "adam", {"c9": 0.1}, clf()), kerastl.BlockError, "c9"),
+    ("LayerwiseOptimizer negative", lambda t: kerastl.LayerwiseOptimizer(
+        "adam", {"c1": -1.0}, clf()), kerastl.KerastlError, "-1.0"),
+    ("LayerwiseOptimizer nan", lambda t: kerastl.LayerwiseOptimizer(
+        "adam", {"c1": NAN}, clf()), kerastl.KerastlError, "nan"),
+    ("LayerwiseOptimizer no model", lambda t: kerastl.LayerwiseOptimizer(
+        "adam", {"c1": 0.1}), kerastl.KerastlError, "needs the model"),
+    ("LayerDecay > 1", lambda t: kerastl.LayerDecay(1.5),
+     kerastl.KerastlError, r"LayerDecay\(1.5\)"),
+    ("LayerDecay bool", lambda t: kerastl.LayerDecay(True),
+     kerastl.KerastlError, r"LayerDecay\(True\)"),
+    ("LRSpread reversed", lambda t: kerastl.LRSpread(1.0, 0.1),
+     kerastl.KerastlError, r"LRSpread\(1.0, 0.1\)"),
+    # -- domain adaptation
+    ("GaninLambda warmup 1", lambda t: kerastl.GaninLambda(warmup=1.0),
+     kerastl.KerastlError, "warmup=1.0"),
+    ("GaninLambda gamma nan", lambda t: kerastl.GaninLambda(gamma=NAN),
+     kerastl.KerastlError, "gamma=nan"),
+    ("GaninLambda gamma 0", lambda t: kerastl.GaninLambda(gamma=0),
+     kerastl.KerastlError, "gamma=0"),
+    ("GaninLearningRate mu0 negative", lambda t: kerastl.GaninLearningRate(
+        mu0=-0.1), kerastl.KerastlError, "mu0=-0.1"),
+    ("GaninLambda total_steps 0", lambda t: kerastl.GaninLambda(
+        total_steps=0), kerastl.KerastlError, "total_steps=0"),
+    ("domain_dataset batch_size 0", lambda t: kerastl.domain_dataset(
+        (IMAGES, np.zeros(4)), IMAGES, batch_size=0),
+     kerastl.KerastlError, "batch_size=0"),
+    ("domain_dataset source not a pair", lambda t: kerastl.domain_dataset(
+        IMAGES, IMAGES, batch_size=2), kerastl.KerastlError, "source"),
+    ("domain_dataset labelled target", lambda t: kerastl.domain_dataset(
+        (IMAGES, np.zeros(4)), (IMAGES, np.zeros(4)), batch_size=2),
+     kerastl.KerastlError, "target is unlabelled"),
+    ("domain_dataset length mismatch", lambda t: kerastl.domain_dataset(
+        (IMAGES, np.zeros(3)), IMAGES, batch_size=2),
+     kerastl.KerastlError, "Source x has 4 samples but y has 3"),
+    ("domain_dataset empty target", lambda t: kerastl.domain_dataset(
+        (IMAGES, np.zeros(4)), IMAGES[:0], batch_size=2),
+     kerastl.KerastlError, "target has 0 samples"),
+    ("domain_dataset small source", lambda t: kerastl.domain_dataset(
+        (IMAGES, np.zeros(4)), IMAGES, batch_size=8),
+     kerastl.KerastlError, "source has 4 samples.*batch_size=8"),
+    ("adapt_batch_norm empty", lambda t: kerastl.adapt_batch_norm(
+        keras.Sequential([keras.Input((8, 8, 3)),
+                          keras.layers.BatchNormalization()]), IMAGES[:0]),
+     kerastl.KerastlError, "target images"),
+    ("information_loss logits", lambda t: kerastl.information_loss(
+        np.array([[3.0, -1.0]], "float32")), kerastl.KerastlError,
+     "from_logits"),
+    ("joint_fine_tune empty source", lambda t: kerastl.joint_fine_tune(
+        conv(), (IMAGES, np.zeros(4)), (IMAGES[:0], np.zeros(0))),
+     kerastl.KerastlError, "source"),
+    # -- features
+    ("extract_features dtype", lambda t: kerastl.extract_features(
+        conv(), IMAGES, dtype="int8"), kerastl.KerastlError, "dtype='int8'"),
+    ("extract_features batch_size", lambda t: kerastl.extract_features(
+        conv(), IMAGES, batch_size=0), kerastl.KerastlError, "batch_size=0"),
+    ("extract_features 3-D images", lambda t: kerastl.extract_features(
+        conv(), IMAGES[0]), kerastl.KerastlError, "4-D array"),
+    ("extract_features label mismatch", lambda t: kerastl.extract_features(
+        conv(), (IMAGES, np.zeros(3))), kerastl.KerastlError,
+     "4 images but 3 labels"),
+    ("extract_features 3-tuple", lambda t: kerastl.extract_features(
+        conv(), (IMAGES, IMAGES, IMAGES)), kerastl.KerastlError,
+     "tuple of 3"),
+    ("extract_features missing folder", lambda t: kerastl.extract_features(
+        conv(), str(t / "nowhere")), kerastl.KerastlError, "nowhere"),
+    ("extract_features pooling", lambda t: kerastl.extract_features(
+        conv(), IMAGES, pooling="median"), kerastl.KerastlError,
+     "pooling='median'"),
+    ("extract_features unknown layer", lambda t: kerastl.extract_features(
+        conv(), IMAGES, layers="c9"), kerastl.KerastlError, "c9"),
+    ("extract_features layers list", lambda t: kerastl.extract_features(
+        conv(), IMAGES, layers=[]), kerastl.KerastlError, "layers=\\[\\]"),
+    ("extract_features cache type", lambda t: kerastl.extract_features(
+        conv(), IMAGES, cache=3), kerastl.KerastlError, "cache=3"),
+    ("extract_features NaN images", lambda t: kerastl.extract_features(
+        conv(), np.full((2, 8, 8, 3), NAN, "float32"), verbose=0),
+     kerastl.KerastlError, "NaN"),
+    ("LinearProbe kind", lambda t: kerastl.LinearProbe(kind="tree"),
+     kerastl.KerastlError, "kind='tree'"),
+    ("LinearProbe one class", lambda t: kerastl.LinearProbe().fit(
+        FEATURES, np.zeros(10)), kerastl.KerastlError, "two classes"),
+    ("LinearProbe length mismatch", lambda t: kerastl.LinearProbe().fit(
+        FEATURES, LABELS[:5]), kerastl.KerastlError, "10 feature rows"),
+    ("LinearProbe unfitted", lambda t: kerastl.LinearProbe().predict(
+        FEATURES), kerastl.KerastlError, "not fitted"),
+    ("LinearProbe set_params", lambda t: kerastl.LinearProbe().set_params(
+        depth=3), kerastl.KerastlError, "depth"),
+    # -- analysis
+    ("transfer_depth_sweep depth", lambda t: kerastl.transfer_depth_sweep(
+        conv(), (IMAGES, np.zeros(4)), (IMAGES, np.zeros(4)), depths=[5]),
+     kerastl.KerastlError, "depth 5"),
+    ("stratified few_shot too many", lambda t: datasets.few_shot(
+        LABELS, 6), kerastl.KerastlError, "6 per class"),
+    ("few_shot per_class 0", lambda t: datasets.few_shot(LABELS, 0),
+     kerastl.KerastlError, "per_class=0"),
+    # -- datasets
+    ("digits dtype", lambda t: datasets.digits(dtype="int8"),
+     kerastl.KerastlError, "dtype='int8'"),
+    ("digits split", lambda t: datasets.digits(split="val"),
+     kerastl.KerastlError, "split='val'"),
+    ("digits size", lambda t: datasets.digits(size=4),
+     kerastl.KerastlError, "size=4"),
+    ("datasets.load unknown", lambda t: datasets.load("mnist"),
+     kerastl.KerastlError, "mnist"),
+    # -- export (writes nothing)
+    ("export input mode", lambda t: kerastl.export_savedmodel(
+        clf(), t / "e", input="jpeg"), kerastl.ExportError, "input='jpeg'"),
+    ("export not a model", lambda t: kerastl.export_savedmodel(
+        "model", t / "e"), kerastl.ExportError, "keras.Model"),
+    ("export onto a file", lambda t: (t / "f").write_text("x") and
+     kerastl.export_savedmodel(clf(), t / "f"), kerastl.ExportError,
+     "not a folder"),
+    ("export into cwd", lambda t: kerastl.export_savedmodel(clf(), "."),
+     kerastl.ExportError, "working directory"),
+    # -- hub
+    ("HubLayer missing folder", lambda t: kerastl.HubLayer(
+        str(t / "no_model")), kerastl.KerastlError, "no_model"),
+    ("resolve_handle not a handle", lambda t: kerastl.resolve_handle(
+        "just-a-name"), kerastl.KerastlError, "just-a-name"),
+]
+
+
+@pytest.mark.parametrize("name, make, error, match", CASES,
+                         ids=[c[0] for c in CASES])
+def test_bad_input(name, make, error, match, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(error, match=match):
+        make(work)
+    leftovers = [f for f in os.listdir(work) if f != "f"]
+    assert leftovers == [], leftovers
+
+
+CLI_CASES = [
+    ("demo --per-class 0", ["demo", "--per-class", "0"], "--per-class"),
+    ("demo --per-class 500", ["demo", "--per-class", "500"], "--per-class"),
+    ("demo --epochs 0", ["demo", "--epochs", "0"], "--epochs"),
+    ("demo --source-samples 1", ["demo", "--source-samples", "1"],
+     "--source-samples"),
+    ("demo --source-epochs -1", ["demo", "--source-epochs", "-1"],
+     "--source-epochs"),
+    ("demo into cwd", ["demo", "--output", "."], "working directory"),
+    ("finetune without model", ["finetune", "--data", "d"], "'model'"),
+    ("finetune missing config", ["finetune", "--config", "nope.yaml"],
+     "nope.yaml"),
+    ("finetune unknown model", ["finetune", "--model", "mobilenet_v9",
+                                "--data", "d"], "mobilenet_v9"),
+    ("finetune epochs 0", ["finetune", "--model", "mobilenet_v2", "--data",
+                           "d", "--epochs", "0"], "'epochs'"),
+    ("finetune validation split", ["finetune", "--model", "mobilenet_v2",
+                                   "--data", "d", "--validation-split", "1.5"],
+     "'validation_split'"),
+    ("finetune layer decay", ["finetune", "--model", "mobilenet_v2",
+                              "--data", "d", "--layer-decay", "2"],
+     "'layer_decay'"),
+    ("finetune resume nothing", ["finetune", "--model", "mobilenet_v2",
+                                 "--data", "IMAGES", "--resume"],
+     "Nothing to resume"),
+    ("zoo show unknown", ["zoo", "show", "resnet9000"], "resnet9000"),
+]
+
+
+@pytest.mark.parametrize("name, argv, match", CLI_CASES,
+                         ids=[c[0] for c in CLI_CASES])
+def test_bad_cli_input(name, argv, match, tmp_path, monkeypatch, capsys):
+    from conftest import write_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERASTL_CACHE_DIR", str(tmp_path / "cache"))
+    if "IMAGES" in argv:
+        write_folder(tmp_path / "images", per_class=2)
+        argv = [str(tmp_path / "images") if a == "IMAGES" else a
+                for a in argv]
+    before = sorted(os.listdir(tmp_path))
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("kerastl: error: ") and "\n" not in err, err
+    assert match in err, err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_the_matrix_is_large():
+    assert len(CASES) + len(CLI_CASES) >= 60

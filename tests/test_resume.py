@@ -1,0 +1,162 @@
+"""An interrupted fit, resumed with keras.callbacks.BackupAndRestore, ends
+bit-identical to an uninterrupted one: kerastl's callbacks derive their
+state from the epoch index and keep the restored optimizer state.
+
+As in Keras's own BackupAndRestore test, the data is not shuffled (the
+order of a shuffled epoch is not part of the backup)."""
+
+import os
+
+import numpy as np
+import pytest
+
+import keras
+
+import kerastl
+from conftest import small_cnn, toy_domains, write_folder
+
+EPOCHS, STOP_AFTER = 4, 2
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == STOP_AFTER:
+            raise RuntimeError("interrupted")
+
+
+def two_block_classifier():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(3, 3, name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.Conv2D(4, 3, name="c2")(x)
+    return kerastl.build_classifier(keras.Model(inputs, x), 2, dropout=0.0)
+
+
+def classifier_data():
+    rng = np.random.default_rng(0)
+    return (rng.uniform(0, 255, (32, 8, 8, 3)).astype("float32"),
+            rng.integers(0, 2, 32))
+
+
+def compile_classifier(model, layerwise):
+    opt = keras.optimizers.Adam(1e-2)
+    if layerwise:
+        opt = kerastl.LayerwiseOptimizer(opt, kerastl.LayerDecay(0.5), model)
+    model.compile(opt, "sparse_categorical_crossentropy")
+
+
+def dann_model(schedule):
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(32), 2, domain_hidden=(8,))
+    dann.compile(keras.optimizers.SGD(1e-2, momentum=0.9))
+    return dann
+
+
+def run(make, fit, tmp_path, interrupted, order):
+    """Weights after EPOCHS epochs, straight or interrupted and resumed."""
+    if not interrupted:
+        model = make()
+        fit(model, [], [])
+        return model
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    model = make()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(model, [backup] if order == "backup first" else [],
+            [Interrupt()] + ([backup] if order == "backup last" else []))
+    model = make()  # a new process: everything rebuilt from scratch
+    fit(model, [backup] if order == "backup first" else [],
+        [backup] if order == "backup last" else [])
+    return model
+
+
+def max_difference(a, b):
+    return max(float(np.max(np.abs(x - y)))
+               for x, y in zip(a.get_weights(), b.get_weights()))
+
+
+@pytest.mark.parametrize("order", ["backup first", "backup last"])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_gradual_unfreezing_resumes_exactly(tmp_path, layerwise, order):
+    x, y = classifier_data()
+
+    def make():
+        model = two_block_classifier()
+        compile_classifier(model, layerwise)
+        return model
+
+    def fit(model, before, after):
+        gradual = kerastl.GradualUnfreezing(every=1)
+        model.fit(x, y, batch_size=8, epochs=EPOCHS, shuffle=False,
+                  verbose=0, callbacks=before + [gradual] + after)
+        return gradual
+
+    straight = run(make, fit, tmp_path / "a", False, order)
+    resumed = run(make, fit, tmp_path / "b", True, order)
+    assert int(resumed.optimizer.iterations) == \
+        int(straight.optimizer.iterations) == EPOCHS * 4
+    assert kerastl.trainable_blocks(resumed) == \
+        kerastl.trainable_blocks(straight)
+    assert max_difference(straight, resumed) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["lambda", "learning rate"])
+def test_dann_schedules_resume_exactly(tmp_path, schedule):
+    xs, ys, xt, _ = toy_domains(32)
+    data = kerastl.domain_dataset((xs, ys), xt, batch_size=8, shuffle=False)
+
+    def make():
+        return dann_model(schedule)
+
+    def fit(model, before, after):
+        callback = kerastl.GaninLambda() if schedule == "lambda" else \
+            kerastl.GaninLearningRate()
+        model.fit(data, epochs=EPOCHS, verbose=0,
+                  callbacks=before + [callback] + after)
+
+    straight = run(make, fit, tmp_path / "a", False, "backup last")
+    resumed = run(make, fit, tmp_path / "b", True, "backup last")
+    if schedule == "lambda":
+        assert float(resumed.reversal.lambda_.numpy()) == \
+            float(straight.reversal.lambda_.numpy()) > 0.99
+    else:
+        assert float(resumed.optimizer.learning_rate) == \
+            float(straight.optimizer.learning_rate)
+    assert max_difference(straight, resumed) == 0.0
+
+
+@pytest.mark.slow
+def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
+                                                      monkeypatch):
+    import json
+
+    from kerastl import cli, experiment
+
+    images = write_folder(tmp_path / "images", per_class=6)
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", "mobilenet_v2", "--weights", "none",
+            "--image-size", "32", "--data", str(images), "--output",
+            str(out), "--epochs", "4", "--batch-size", "4"]
+    real = experiment.fine_tune
+
+    def interrupted(*args, **kwargs):
+        kwargs["callbacks"] = list(kwargs["callbacks"]) + [Interrupt()]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "fine_tune", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cli.main(argv)
+    monkeypatch.setattr(experiment, "fine_tune", real)
+    assert not out.exists()
+    backup = experiment.backup_folder(out)
+    assert os.path.isdir(backup)
+    # Without --resume the interrupted run is not thrown away silently.
+    assert cli.main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Epochs 3 and 4 ran; 1 and 2 came from the backup.
+    assert len(metrics["history"]["loss"]) == EPOCHS - STOP_AFTER
+    assert not os.path.exists(backup)
+    assert cli.main(argv + ["--resume", "--overwrite"]) == 2
+    assert "Nothing to resume" in capsys.readouterr().err

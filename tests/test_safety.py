@@ -1,0 +1,494 @@
+"""Nothing lost, nothing silently wrong: where kerastl writes, what it
+pairs, what it loads."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerastl
+from kerastl import atomic
+from kerastl.export import ExportError, export_savedmodel
+
+
+def tiny_classifier():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, name="c1")(inputs)
+    return kerastl.build_classifier(keras.Model(inputs, x), 2, dropout=0.0)
+
+
+def snapshot(root):
+    return {os.path.relpath(os.path.join(d, f), root):
+            open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+# -- 1. an export never deletes a user's folder --------------------------------
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "main.py").write_text("print('mine')\n")
+    (root / "README.txt").write_text("my project\n")
+    monkeypatch.chdir(root / "src")
+    return root
+
+
+@pytest.mark.parametrize("where", ["cwd", "parent", "home", "root",
+                                   "user folder", "user folder, overwrite"])
+def test_export_refuses_folders_it_must_not_replace(project, monkeypatch,
+                                                    tmp_path, where):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export A=1\n")
+    monkeypatch.setenv("HOME", str(home))
+    user = tmp_path / "mine"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("notes")
+    (user / "sub" / "data.csv").write_text("1,2\n")
+    path, overwrite, match = {
+        "cwd": (".", True, "the working directory"),
+        "parent": ("..", True, "a parent of the working directory"),
+        "home": (str(home), True, "the home folder"),
+        "root": ("/", True, "a filesystem root"),
+        "user folder": (str(user), False, "was not written by kerastl"),
+        "user folder, overwrite": (str(user), True,
+                                   "was not written by kerastl"),
+    }[where]
+    before = {r: snapshot(r) for r in (project, home, user)}
+    with pytest.raises(ExportError, match=match):
+        export_savedmodel(tiny_classifier(), path, overwrite=overwrite)
+    for r, files in before.items():
+        assert snapshot(r) == files
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_export_replaces_its_own_export_only_when_asked(tmp_path):
+    path = tmp_path / "export"
+    export_savedmodel(tiny_classifier(), path)
+    assert atomic.written_by_kerastl(path)
+    first = (path / "saved_model.pb").read_bytes()
+    with pytest.raises(ExportError, match="overwrite=True"):
+        export_savedmodel(tiny_classifier(), path)
+    assert (path / "saved_model.pb").read_bytes() == first
+    export_savedmodel(tiny_classifier(), path, overwrite=True)
+    assert atomic.written_by_kerastl(path)
+    # An empty folder is fine without overwrite.
+    (tmp_path / "empty").mkdir()
+    export_savedmodel(tiny_classifier(), tmp_path / "empty")
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = export_savedmodel(tiny_classifier(), tmp_path / "export")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o755
+
+
+# -- 8. killed writers: no leftovers, never a missing destination ---------------
+
+def test_a_replacement_killed_between_its_renames_is_put_back(tmp_path):
+    dest = tmp_path / "out"
+    with atomic.atomic_folder(dest) as tmp:
+        open(os.path.join(tmp, "v1"), "w").close()
+    # Simulate a kill after `rename(path, old)`, before `rename(tmp, path)`.
+    old = tmp_path / ".out.old-999999999-x"
+    os.rename(dest, old)
+    (tmp_path / ".out.tmp-999999999-y").mkdir()  # its half-written folder
+    assert not dest.exists()
+    atomic.recover(dest)
+    assert sorted(os.listdir(dest)) == [".kerastl", "v1"]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    from kerastl import atomic
+    dest = sys.argv[1]
+    with atomic.atomic_folder(dest, overwrite=True) as tmp:
+        open(os.path.join(tmp, "half"), "w").close()
+        print("writing", flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_kill_9_mid_write_leaves_nothing_after_the_next_run(tmp_path,
+                                                            existing):
+    dest = tmp_path / "out"
+    if existing:
+        with atomic.atomic_folder(dest) as tmp:
+            open(os.path.join(tmp, "v1"), "w").close()
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(dest)],
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # the leftover
+    with atomic.atomic_folder(dest, overwrite=True) as tmp:
+        open(os.path.join(tmp, "v2"), "w").close()
+    assert os.listdir(tmp_path) == ["out"]
+    assert sorted(os.listdir(dest)) == [".kerastl", "v2"]
+
+
+# -- 2. features keep their labels ------------------------------------------------
+
+def labelled_images(n=32, size=8):
+    """Images whose label is readable from their pixels."""
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 4
+    x = rng.uniform(0, 10, (n, size, size, 3)).astype("float32")
+    x[..., 0] += 60.0 * y[:, None, None]
+    return x, y
+
+
+def mean_red():
+    inputs = keras.Input((8, 8, 3))
+    out = keras.layers.GlobalAveragePooling2D()(inputs)
+    return keras.Model(inputs, out)
+
+
+def assert_aligned(features, labels):
+    assert len(features) == len(labels) == 32
+    np.testing.assert_array_equal(
+        np.round((features[:, 0] - 5) / 60).astype(int), labels)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_labels_stay_with_their_images_in_a_reshuffling_dataset(tmp_path,
+                                                                cached):
+    x, y = labelled_images()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+        64, reshuffle_each_iteration=True).batch(8)
+    cache = str(tmp_path / "cache") if cached else None
+    for _ in range(2):  # the second call reads the cache (when there is one)
+        f, labels = kerastl.extract_features(mean_red(), ds, cache=cache,
+                                             return_labels=True, verbose=0)
+        assert_aligned(f, labels)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_labels_stay_aligned_with_image_dataset_from_directory(tmp_path,
+                                                               cached):
+    x, y = labelled_images()
+    for i, (image, label) in enumerate(zip(x, y)):
+        folder = tmp_path / "images" / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        keras.utils.save_img(str(folder / f"{i}.png"), image, scale=False)
+    ds = keras.utils.image_dataset_from_directory(   # shuffle=True default
+        str(tmp_path / "images"), image_size=(8, 8), batch_size=8,
+        verbose=False)
+    cache = str(tmp_path / "cache") if cached else None
+    for _ in range(2):
+        f, labels = kerastl.extract_features(mean_red(), ds, cache=cache,
+                                             return_labels=True, verbose=0)
+        # PNG rounds the pixels: recompute the label from the red channel.
+        np.testing.assert_array_equal(
+            np.round((f[:, 0] - 5) / 60).astype(int), labels)
+
+
+# -- 3. safe mode loads no SavedModel the user has not trusted ------------------
+
+class Evil(tf.Module):
+    """A SavedModel whose forward pass writes a file (any program could)."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+        self.w = tf.Variable(tf.ones((3, 2)))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    def __call__(self, x):
+        tf.io.write_file(self.target, "pwned")
+        return tf.matmul(x, self.w)
+
+
+def keras_file_with_handle(tmp_path, handle):
+    """A .keras file whose HubLayer names ``handle`` (as an attacker's)."""
+    import json
+    import zipfile
+
+    benign = tmp_path / "benign"
+    tf.saved_model.save(Evil(str(tmp_path / "ignored")), str(benign))
+    layer = kerastl.HubLayer(str(benign))
+    model = keras.Sequential([keras.Input((3,)), layer])
+    path = tmp_path / "evil.keras"
+    model.save(path)
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    config = json.loads(files["config.json"])
+    text = json.dumps(config).replace(json.dumps(str(benign))[1:-1], handle)
+    files["config.json"] = text.encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    return str(path)
+
+
+@pytest.mark.parametrize("handle", [
+    "https://storage.googleapis.com/any-bucket/model",
+    "http://tfhub.dev/google/model/1",
+    "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
+    "owner/model/tensorFlow2/variation",      # a Kaggle handle
+    "a/b/c/d",                                # a missing relative path
+    "PLANTED",                                # an attacker's local folder
+])
+def test_safe_mode_refuses_untrusted_savedmodels_and_runs_nothing(
+        tmp_path, monkeypatch, handle):
+    monkeypatch.setattr(kerastl.hub, "_TRUSTED_PATHS", [])
+    monkeypatch.setattr(kerastl.hub, "_TRUSTED_HANDLES", [])
+    monkeypatch.delenv("KERASTL_TRUSTED_HUB_PATHS", raising=False)
+    monkeypatch.delenv("KERASTL_TRUSTED_HUB_HANDLES", raising=False)
+    target = tmp_path / "pwned.txt"
+    planted = tmp_path / "planted"
+    tf.saved_model.save(Evil(str(target)), str(planted))
+    if handle == "PLANTED":
+        handle = str(planted)
+    path = keras_file_with_handle(tmp_path, handle)
+    resolved = []
+    # Wherever the handle would resolve (the TF Hub cache, a Kaggle
+    # download), the attacker's SavedModel is waiting.
+    monkeypatch.setattr(kerastl.hub, "resolve_handle",
+                        lambda h, **k: resolved.append(h) or str(planted))
+    with pytest.raises(kerastl.KerastlError, match="trust_hub_path"):
+        keras.models.load_model(path)
+    assert resolved == [] and not target.exists()
+    # Trusted explicitly, it loads (and runs: the user's decision).
+    kerastl.trust_hub_path(handle)
+    model = keras.models.load_model(path)
+    model.predict(np.ones((1, 3), "float32"), verbose=0)
+    assert target.exists()
+
+
+# -- 4. a config file cannot blow up -------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi")) + "model: *i\n"
+
+
+def run_bounded(code):
+    """Runs ``code`` in a process capped at 1 s of CPU time and 2 GB."""
+    script = textwrap.dedent("""
+        import resource, sys, time
+        start = time.process_time()
+        import kerastl._yaml, kerastl.experiment, kerastl.zoo.config
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.process_time()
+    """) + textwrap.dedent(code) + textwrap.dedent("""
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+        print("cpu", time.process_time() - t0, "grown_kb", grown)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, timeout=120,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cpu, grown = proc.stdout.split()[-3], proc.stdout.split()[-1]
+    return proc.stdout, float(cpu), int(grown)
+
+
+@pytest.mark.parametrize("where", ["experiment", "zoo"])
+def test_an_alias_bomb_is_refused_fast_and_small(tmp_path, where):
+    path = tmp_path / ("experiment.yaml" if where == "experiment"
+                       else "bomb.yaml")
+    path.write_text(BOMB if where == "experiment" else
+                    "name: bomb\nsource: keras.applications\n" + BOMB)
+    assert len(BOMB) < 700
+    load = ("kerastl.experiment.load_experiment" if where == "experiment"
+            else "kerastl.zoo.config.load_config_file")
+    out, cpu, grown_kb = run_bounded(f"""
+        try:
+            {load}({str(path)!r})
+            print("LOADED")
+        except kerastl.errors.ConfigError as e:
+            print("REFUSED", str(e)[:300])
+    """)
+    assert "REFUSED" in out and "100,000 values" in out, out
+    assert cpu < 1.0 and grown_kb < 100 * 1024, (cpu, grown_kb)
+
+
+def test_error_messages_never_print_a_huge_value(tmp_path):
+    from kerastl import _yaml
+    value = [[["x" * 1000] * 1000] * 1000]
+    assert len(_yaml.short(value)) < 200
+    from kerastl import experiment
+    with pytest.raises(kerastl.ConfigError) as e:
+        experiment.resolve_experiment(
+            {"model": value, "data": "d"})
+    assert len(str(e.value)) < 400
+
+
+# -- 5. a user zoo entry cannot replace a packaged model ------------------------
+
+def test_a_user_entry_with_a_taken_name_is_an_error(tmp_path, monkeypatch):
+    entry = textwrap.dedent("""\
+        name: {name}
+        source: keras.applications
+        constructor: MobileNetV2
+        constructor_args: {{alpha: 0.35}}
+        input: {{default_size: 96, min_size: 32}}
+        preprocessing: tf
+        blocks:
+          - {{name: stem, layers: ['^Conv1']}}
+          - {{name: rest, until: out_relu}}
+        """)
+    monkeypatch.setenv("KERASTL_ZOO_PATH", str(tmp_path))
+    # A variant of a packaged constructor under its own name: fine, and the
+    # packaged name still means the packaged model.
+    (tmp_path / "mobilenet_v2_035.yaml").write_text(
+        entry.format(name="mobilenet_v2_035"))
+    assert kerastl.zoo_entry("mobilenet_v2").name == "mobilenet_v2"
+    assert kerastl.zoo_entry("MobileNetV2").name == "mobilenet_v2"
+    assert kerastl.zoo_entry("mobilenet_v2_035").name == "mobilenet_v2_035"
+    # Taking the packaged name is an error naming both files.
+    (tmp_path / "mine.yaml").write_text(entry.format(name="mobilenet_v2"))
+    with pytest.raises(kerastl.ConfigError,
+                       match="mine.yaml.*already taken.*mobilenet_v2"):
+        kerastl.zoo_entry("mobilenet_v2")
+
+
+# -- 6. no silently wrong or empty results --------------------------------------
+
+def test_dann_data_that_would_train_zero_steps_is_refused():
+    xs = np.zeros((8, 8, 8, 3), "float32")
+    ys = np.zeros(8, "int64")
+    with pytest.raises(kerastl.KerastlError, match="target has 0 samples"):
+        kerastl.domain_dataset((xs, ys), xs[:0], batch_size=4)
+    with pytest.raises(kerastl.KerastlError,
+                       match="source has 8 samples, fewer than batch_size=16"):
+        kerastl.domain_dataset((xs, ys), xs, batch_size=16)
+
+
+def test_nan_features_are_refused_by_the_probe_and_extraction():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 4)).astype("float32")
+    y = np.arange(20) % 2
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(kerastl.KerastlError, match="1 of 20 rows.*rows 3"):
+        kerastl.LinearProbe(epochs=1).fit(bad, y)
+    probe = kerastl.LinearProbe(epochs=1).fit(x, y)
+    with pytest.raises(kerastl.KerastlError, match="NaN"):
+        probe.score(bad, y)
+    images = rng.uniform(0, 255, (4, 8, 8, 3)).astype("float32")
+    images[2, 0, 0, 0] = np.nan
+    with pytest.raises(kerastl.KerastlError, match="rows 2.*NaN pixels"):
+        kerastl.extract_features(mean_red(), images, verbose=0)
+
+
+def test_a_layerwise_optimizer_for_another_model_is_refused():
+    def model(prefix):
+        x = keras.Input((3,))
+        h = keras.layers.Dense(2, name=f"{prefix}_low")(x)
+        return keras.Model(x, keras.layers.Dense(1, name=f"{prefix}_top")(h))
+    a, b = model("a"), model("b")
+    opt = kerastl.LayerwiseOptimizer(keras.optimizers.SGD(0.1),
+                                     {"a_low": 0.1}, a)
+    b.compile(opt, "mse")
+    with pytest.raises(kerastl.KerastlError, match="made for another model"):
+        b.fit(np.ones((4, 3)), np.ones((4, 1)), verbose=0)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: kerastl.GaninLambda(gamma=float("nan")), "gamma=nan"),
+    (lambda: kerastl.GaninLambda(scale=-1.0), "scale=-1.0"),
+    (lambda: kerastl.GaninLearningRate(mu0=float("inf")), "mu0=inf"),
+    (lambda: kerastl.recommend_strategy(float("nan"), "high"),
+     "n_labelled_per_class=nan"),
+    (lambda: kerastl.recommend_strategy(10, True), "similarity=True"),
+    (lambda: kerastl.datasets.digits(dtype="int8"), "dtype='int8'"),
+    (lambda: kerastl.build_classifier(tiny_backbone(), 1),
+     "num_classes=1 with activation='softmax'"),
+])
+def test_silently_wrong_inputs_are_refused(make, match):
+    with pytest.raises(kerastl.KerastlError, match=match.replace(
+            "(", r"\(").replace("[", r"\[")):
+        make()
+
+
+def tiny_backbone():
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+
+
+def test_information_loss_refuses_logits_and_takes_them_when_told():
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 3.0, -2.0]], "float32")
+    with pytest.raises(kerastl.KerastlError, match="from_logits=True"):
+        kerastl.information_loss(logits)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(
+        float(kerastl.information_loss(logits, from_logits=True)),
+        float(kerastl.information_loss(probs)), rtol=1e-5)
+
+
+def test_adapt_batch_norm_refuses_an_empty_target():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 3)(inputs))
+    model = keras.Model(inputs, x)
+    with pytest.raises(kerastl.KerastlError, match="n >= 1"):
+        kerastl.adapt_batch_norm(model, np.zeros((0, 8, 8, 3), "float32"))
+    empty = tf.data.Dataset.from_tensor_slices(
+        np.zeros((0, 8, 8, 3), "float32")).batch(4)
+    with pytest.raises(kerastl.KerastlError, match="empty target"):
+        kerastl.adapt_batch_norm(model, empty)
+
+
+def test_build_classifier_takes_numpy_integers():
+    model = kerastl.build_classifier(tiny_backbone(), np.int64(3))
+    assert model.output.shape == (None, 3)
+
+
+def test_a_tampered_cache_entry_is_discarded_not_trusted(tmp_path):
+    import json
+    cache = kerastl.FeatureCache(tmp_path / "cache")
+    model = mean_red()
+    x = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)) \
+        .astype("float32")
+    first = kerastl.extract_features(model, x, cache=cache, verbose=0)
+    (entry,) = cache.entries()
+    meta_path = tmp_path / "cache" / entry / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    secret = tmp_path / "secret.npy"
+    np.save(secret, np.full((4, 3), 7.0, "float32"))
+    meta["arrays"]["features/output"]["file"] = "../../secret.npy"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="not a file of the entry"):
+        again = kerastl.extract_features(model, x, cache=cache,
+                                         verbose=0)
+    np.testing.assert_array_equal(again, first)
+    # An entry renamed to another request's key is discarded as well.
+    other = kerastl.extract_features(model, x[:2], cache=cache,
+                                     verbose=0)
+    entries = cache.entries()
+    meta = json.loads((tmp_path / "cache" / entries[0] / "meta.json")
+                      .read_text())
+    assert len(entries) == 2 and other.shape == (2, 3)
+    a, b = (tmp_path / "cache" / e for e in entries)
+    os.rename(a, tmp_path / "cache" / "swap")
+    os.rename(b, a)
+    os.rename(tmp_path / "cache" / "swap", b)
+    with pytest.warns(UserWarning, match="key parts"):
+        np.testing.assert_array_equal(
+            kerastl.extract_features(model, x, cache=cache, verbose=0),
+            first)
+
+
+def test_cache_clear_deletes_only_entries(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    cache = kerastl.FeatureCache(tmp_path)
+    kerastl.extract_features(mean_red(), np.zeros((2, 8, 8, 3), "float32"),
+                             cache=cache, verbose=0)
+    assert len(cache.entries()) == 1
+    cache.clear()
+    assert cache.entries() == [] and (tmp_path / "mine.txt").exists()
