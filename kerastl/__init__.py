@@ -27,6 +27,7 @@ Methods
                       data.py (domain_dataset), adabn.py, borrowing.py
     analysis          linear CKA, transfer-depth sweeps
     export            SavedModel export and inference models
+    saving            load_model: a .keras file with kerastl's classes
 
 Application
     recipes           recommend_strategy and fine_tune, the one driver
@@ -64,6 +65,7 @@ from kerastl.export import ExportError, export_savedmodel, inference_model
 from kerastl.errors import (BlockError, ConfigError, InputShapeError,
                             KerastlError, UnknownModelError, WeightsError)
 from kerastl.preprocessing import ImagePreprocessing
+from kerastl.saving import load_model
 from kerastl.zoo import get_config, list_configs, zoo_entry
 
 __all__ = [
@@ -83,5 +85,5 @@ __all__ = [
     "hard_examples", "joint_fine_tune", "select_source_samples",
     "CKAResult", "DepthSweep", "cka_by_block", "linear_cka",
     "transfer_depth_sweep", "ExportError", "export_savedmodel",
-    "inference_model",
+    "inference_model", "load_model",
 ]

@@ -158,9 +158,9 @@ def atomic_folder(path, what="output", overwrite=False,
     """Yields a temporary folder to fill; it becomes ``path`` on success.
 
     The destination is checked first (:func:`check_destination`; skipped
-    with ``checked=False``, for folders inside a kerastl cache). When the
-    block ends without an error the folder gets the ``.kerastl`` marker and
-    is renamed to ``path`` (an existing folder there is replaced only then,
+    with ``checked=False``, for entries inside a kerastl cache, which need
+    no marker). When the block ends without an error the folder gets the
+    ``.kerastl`` marker (when checked) and is renamed to ``path`` (an existing folder there is replaced only then,
     see :func:`replace_folder`); on any error it is removed and the error
     propagates. Folders honour the umask.
     """
@@ -173,8 +173,9 @@ def atomic_folder(path, what="output", overwrite=False,
     tmp = _mkdtemp(path, "tmp")
     try:
         yield tmp
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"written_by": "kerastl", "what": what}, f)
+        if checked:
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump({"written_by": "kerastl", "what": what}, f)
         replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

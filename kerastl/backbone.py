@@ -5,6 +5,7 @@ import os
 
 import keras
 
+from kerastl import _keras_private as _private
 from kerastl import blocks as _blocks
 from kerastl.errors import (BlockError, InputShapeError, KerastlError,
                             UnknownModelError)
@@ -27,12 +28,15 @@ class Backbone:
         model: the ``keras.Model`` (images in, feature map out).
         config: the :class:`~kerastl.zoo.ZooConfig` (None for a user's model).
         preprocessing: the preprocessing mode inside the model.
+        removed_top: for a classifier loaded from a ``.keras`` file, the
+            names of its classification layers that were left out.
     """
 
     def __init__(self, model, config=None, preprocessing="builtin"):
         self.model = model
         self.config = config
         self.preprocessing = preprocessing
+        self.removed_top = []
 
     @property
     def name(self):
@@ -160,7 +164,10 @@ def load_backbone(name, weights="imagenet", input_shape=None):
 
     Args:
         name: a zoo name (case-insensitive: ``"resnet50"``, ``"ResNet50"``),
-            the path of a user's own ``.keras`` model file, or
+            the path of a user's own ``.keras`` model file (a classifier's
+            classification top, its block map's ``head``, is left out: see
+            :attr:`Backbone.removed_top`; a Sequential model is rebuilt as
+            a functional one over the same layers), or
             ``"hub:<zoo name or handle>"``: a TF Hub image feature-vector
             model (``"hub:mobilenet_v2_100_224"``, a tfhub.dev / Kaggle URL,
             a Kaggle handle or a local SavedModel folder; see
@@ -292,4 +299,57 @@ def _load_keras_file(path, weights):
     if not os.path.isfile(path):
         raise KerastlError(f"Model file {os.fspath(path)!r} does not exist.")
     model = keras.models.load_model(path)
-    return Backbone(model, None, "builtin")
+    model, removed = _without_classifier(model)
+    backbone = Backbone(model, None, "builtin")
+    backbone.removed_top = removed
+    return backbone
+
+
+def _without_classifier(model):
+    """The feature part of a saved model, as a functional model.
+
+    The classification top of a classifier is its block map's ``head``
+    (kerastl's head, or a plain model's Dense layers after its last
+    feature block); the model is cut at the last spatial (4-D) output
+    before it, so that weightless pooling or dropout of the old top does
+    not stay behind either. A Sequential model is rebuilt as a functional
+    one over the same layers. Returns the model and the names of the layers
+    left out (none for a backbone).
+    """
+    bm = _blocks.block_map(model)
+    has_top = bool(bm.head_blocks and bm.base_blocks and
+                   bm.has_output(bm.base_blocks[-1]))
+    if isinstance(model, keras.Sequential):
+        layers = list(model.layers)
+        if has_top:
+            layers = layers[:layers.index(
+                bm.output_layer(bm.base_blocks[-1])) + 1]
+            shape = (None,) + tuple(model.inputs[0].shape[1:]) \
+                if model.inputs else model.input_shape
+            shapes = []
+            for layer in layers:
+                shape = layer.compute_output_shape(shape)
+                shapes.append(shape)
+            while len(layers) > 1 and not layers[-1].weights and \
+                    len(shapes[-1]) != 4:
+                layers, shapes = layers[:-1], shapes[:-1]
+        inputs = keras.Input(model.inputs[0].shape[1:] if model.inputs else
+                             model.input_shape[1:], name="image")
+        x = inputs
+        for layer in layers:
+            x = layer(x)
+        kept = keras.Model(inputs, x, name=model.name)
+    else:
+        if not has_top:
+            return model, []
+        cut = bm.output_layer(bm.base_blocks[-1])
+        while not cut.weights and len(cut.output.shape) != 4 and \
+                not isinstance(cut, keras.layers.InputLayer):
+            cut = _private.producing_operation(cut.input)
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        kept = keras.Model(inputs, cut.output,
+                           name=f"{model.name}_features")
+    kept_ids = {id(l) for l in kept.layers}
+    removed = [l.name for l in model.layers if id(l) not in kept_ids and
+               not isinstance(l, keras.layers.InputLayer)]
+    return kept, removed

@@ -6,7 +6,29 @@ input.
 
 import argparse
 import os
+import re
 import sys
+import warnings
+
+
+def _kerastl_warnings_as_lines():
+    """kerastl's own warnings ("kerastl: ...") print as one line, as the
+    errors do; other packages' warnings are shown as Python shows them."""
+    show = warnings.showwarning
+    if getattr(show, "kerastl", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None,
+                    line=None):
+        text = " ".join(str(message).split())
+        if text.startswith("kerastl: "):
+            print("kerastl: warning: " + text[len("kerastl: "):],
+                  file=sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.kerastl = True
+    warnings.showwarning = showwarning
 
 
 def _quiet_tensorflow():
@@ -107,26 +129,83 @@ def cmd_zoo_show(args):
     return 0
 
 
+# Every experiment key but overwrite/resume (store_true flags): the type of
+# its flag (a tuple: the choices) and its help.
+FINETUNE_FLAGS = [
+    ("model", str, "zoo name, hub:<name or handle>, or a .keras file"),
+    ("data", str, "image folder, one subfolder per class"),
+    ("output", str, "output folder: new, empty, or an earlier kerastl run "
+                    "with --overwrite"),
+    ("weights", str, "imagenet, none (random), or a weights file"),
+    ("image_size", int, "input height and width; none: the model's own"),
+    ("validation_split", float, "share of the images held out"),
+    ("seed", int, "random seed of the split and the training"),
+    ("batch_size", int, "images per step"),
+    ("strategy", ("features", "partial", "full"),
+     "what trains: the head only, the later blocks too, or everything"),
+    ("freeze_up_to", str, "partial: the last frozen block (a name or a "
+                          "count); none: the first half"),
+    ("bn", ("frozen", "train"), "BatchNorm of trainable blocks"),
+    ("dropout", float, "dropout before the new head"),
+    ("optimizer", str, "a Keras optimizer name: adam, adamw, sgd, ..."),
+    ("learning_rate", float, "learning rate"),
+    ("layer_decay", float, "per-block rate decay, e.g. 0.7; none: one rate"),
+    ("epochs", int, "training epochs"),
+    ("early_stopping", int, "patience in epochs; none: train every epoch"),
+    ("export_input", ("float", "uint8", "bytes"),
+     "what the SavedModel's serve signature takes"),
+]
+NULL = object()  # "none"/"null" given on the command line
+
+
+def _nullable(kind):
+    def parse(text):
+        if text.lower() in ("none", "null"):
+            return NULL
+        if kind is str:
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+                " (or none)") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _show_default(key):
+    from kerastl.experiment import DEFAULTS
+
+    value = DEFAULTS[key]
+    return "required" if value is None and key in ("model", "data") else \
+        "none" if value is None else value
+
+
 def cmd_finetune(args):
     from kerastl.experiment import (load_experiment, resolve_experiment,
                                     run_experiment)
 
     config = load_experiment(args.config) if args.config else {}
-    if args.freeze_up_to is not None and args.freeze_up_to.isdigit():
-        args.freeze_up_to = int(args.freeze_up_to)
+    flags = {key: getattr(args, key) for key, _, _ in FINETUNE_FLAGS}
+    if isinstance(flags["freeze_up_to"], str) and \
+            flags["freeze_up_to"].isdigit():
+        flags["freeze_up_to"] = int(flags["freeze_up_to"])
+    nulls = [k for k, v in flags.items() if v is NULL]
+    overrides = {k: v for k, v in flags.items() if v is not NULL}
+    config = dict(config, **{k: None for k in nulls})
     experiment = resolve_experiment(
-        config, model=args.model, data=args.data, output=args.output,
-        weights=args.weights, image_size=args.image_size,
-        strategy=args.strategy, freeze_up_to=args.freeze_up_to,
-        epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, layer_decay=args.layer_decay,
-        validation_split=args.validation_split, seed=args.seed,
-        export_input=args.export_input,
-        overwrite=True if args.overwrite else None,
-        resume=True if args.resume else None)
-    if experiment["weights"] in ("none", "None", "random"):
+        config, overwrite=True if args.overwrite else None,
+        resume=True if args.resume else None, **overrides)
+    if experiment["weights"] in ("none", "None", "null", "random"):
         experiment["weights"] = None
-    metrics = run_experiment(experiment, verbose=2 if args.verbose else 0)
+    try:
+        metrics = run_experiment(experiment, verbose=0 if args.quiet else 2)
+    except KeyboardInterrupt:
+        print(f"kerastl: interrupted: the best checkpoint so far is in "
+              f"{os.path.join(experiment['output'], 'checkpoints')}; run the "
+              "same command with --resume to continue.", file=sys.stderr)
+        return 130
     v = metrics["validation"]
     print(f"{experiment['model']} ({experiment['strategy']}): validation "
           f"accuracy {v['accuracy']:.3f}, loss {v['loss']:.3f} after "
@@ -148,8 +227,25 @@ def cmd_demo(args):
             "missing): pip install 'kerastl[data]'.") from None
     run_demo(args.output, per_class=args.per_class, epochs=args.epochs,
              source_samples=args.source_samples,
-             source_epochs=args.source_epochs, seed=args.seed)
+             source_epochs=args.source_epochs, seed=args.seed,
+             overwrite=args.overwrite)
     return 0
+
+
+def _cli_terms(message):
+    """The library's advice in command-line terms."""
+    message = re.sub(r"input_shape=\((\d+), \d+, 3\)", r"--image-size \1",
+                     message)
+    message = re.sub(r"weights=None", "--weights none", message)
+    message = re.sub(r"weights='([^']*)'", r"--weights \1", message)
+    message = re.sub(r"strategy='(\w+)'", r"--strategy \1", message)
+    return message
+
+
+def _version():
+    from kerastl import __version__  # the package, already imported
+
+    return __version__
 
 
 def build_parser():
@@ -157,6 +253,8 @@ def build_parser():
         prog="kerastl",
         description="Transfer learning with Keras 3: the model zoo, "
                     "fine-tuning on an image folder, and an offline demo.")
+    parser.add_argument("--version", action="version",
+                        version=f"kerastl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     zoo = sub.add_parser("zoo", help="list the zoo or show one model's blocks")
@@ -177,29 +275,20 @@ def build_parser():
 
     p = sub.add_parser(
         "finetune", help="fine-tune a zoo model on an image folder",
-        description="Fine-tune a zoo model on an image folder (one subfolder "
-                    "per class). Keys come from --config (YAML; see "
-                    "kerastl.experiment.DEFAULTS) and the flags, which "
-                    "override it. Writes model.keras, savedmodel/, "
-                    "metrics.json, checkpoints/ and plots into --output.")
-    p.add_argument("--config", help="experiment YAML file")
-    p.add_argument("--model", help="zoo name, hub:<name or handle>, or a "
-                                   ".keras file")
-    p.add_argument("--data", help="image folder, one subfolder per class")
-    p.add_argument("--output", help="output folder (must be new or empty)")
-    p.add_argument("--weights", help="imagenet (default), none, or a weights "
-                                     "file")
-    p.add_argument("--image-size", type=int, help="input height and width")
-    p.add_argument("--strategy", choices=["features", "partial", "full"])
-    p.add_argument("--freeze-up-to", help="partial: the last frozen block")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--layer-decay", type=float,
-                   help="layer-wise learning-rate decay per block, e.g. 0.7")
-    p.add_argument("--validation-split", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--export-input", choices=["float", "uint8", "bytes"])
+        description="Fine-tune a zoo model or your own .keras model on an "
+                    "image folder (one subfolder per class). Every key of "
+                    "the experiment YAML (--config) has a flag; flags "
+                    "override the file. Writes model.keras, savedmodel/, "
+                    "metrics.json, checkpoints/ and plots into --output. "
+                    "'none' (or 'null') sets a key to null.")
+    p.add_argument("--config", help="experiment YAML file", default=None)
+    for key, kind, help_text in FINETUNE_FLAGS:
+        flag = "--" + key.replace("_", "-")
+        extra = {"choices": kind} if isinstance(kind, tuple) else {
+            "type": _nullable(kind)}
+        p.add_argument(flag, dest=key, default=None,
+                       help=f"{help_text} (default: "
+                            f"{_show_default(key)})", **extra)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier kerastl run in the output folder "
                         "(at the end); kerastl never replaces a folder it "
@@ -207,8 +296,10 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same output "
                         "folder from its last completed epoch")
+    p.add_argument("--quiet", action="store_true",
+                   help="no per-epoch progress lines")
     p.add_argument("--verbose", action="store_true",
-                   help="print one line per epoch")
+                   help=argparse.SUPPRESS)  # progress is the default now
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
@@ -227,20 +318,27 @@ def build_parser():
     p.add_argument("--source-samples", type=int, default=4000)
     p.add_argument("--source-epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo output in --output")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None):
     _quiet_tensorflow()
+    _kerastl_warnings_as_lines()
     parser = build_parser()
     args = parser.parse_args(argv)
     from kerastl.errors import KerastlError
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("kerastl: interrupted.", file=sys.stderr)
+        return 130
     except (KerastlError, OSError) as e:
-        print(f"kerastl: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"kerastl: error: {_cli_terms(' '.join(str(e).split()))}",
+              file=sys.stderr)
         return 2
 
 

@@ -42,7 +42,8 @@ STRATEGIES = {"feature extraction": "features",
 
 
 def run_demo(output="kerastl_demo", per_class=10, epochs=40,
-             source_samples=4000, source_epochs=10, seed=0, verbose=1):
+             source_samples=4000, source_epochs=10, seed=0, verbose=1,
+             overwrite=False):
     """Runs the demo; returns its results dict (also in ``results.json``).
 
     Writes ``report.md``, ``results.json``, ``accuracy.png``,
@@ -69,7 +70,7 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
             print(*args, flush=True)
 
     output = os.path.abspath(output)
-    check_new_folder(output, "choose another --output")
+    check_new_folder(output, "pass --overwrite", overwrite=overwrite)
     start = time.time()
     say(f"1/3 source: small CNN on syn_digits ({source_samples} images, "
         f"{source_epochs} epochs)")
@@ -116,7 +117,8 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     table = format_table(rows, best["strategy"])
     say("3/3 results (best by validation accuracy is exported):\n")
     say(table)
-    with atomic_folder(output, "output folder") as tmp:
+    with atomic_folder(output, "output folder", overwrite,
+                       "pass --overwrite") as tmp:
         best_model = models[best["strategy"]]
         best_model.save(os.path.join(tmp, "model.keras"))
         export_savedmodel(best_model, os.path.join(tmp, "savedmodel"))

@@ -204,7 +204,9 @@ def check_experiment(experiment):
         zoo_entry(model)  # UnknownModelError names close matches
     files = scan_image_folder(experiment["data"])
     check_new_folder(experiment["output"], "pass --overwrite",
-                     overwrite=experiment["overwrite"])
+                     overwrite=experiment["overwrite"] or (
+                         experiment["resume"] and
+                         was_interrupted(experiment["output"])))
     backup = backup_folder(experiment["output"])
     if experiment["resume"] and not os.path.isdir(backup):
         raise KerastlError(
@@ -289,7 +291,9 @@ def run_experiment(experiment, verbose=1):
     train, val = _datasets(e, size)
     if list(train.class_names) != classes:
         raise KerastlError("The image folder changed while it was read.")
-    with atomic_folder(e["output"], "output folder", e["overwrite"],
+    interrupted = None
+    replace = e["overwrite"] or (e["resume"] and was_interrupted(e["output"]))
+    with atomic_folder(e["output"], "output folder", replace,
                        "pass --overwrite") as tmp:
         callbacks = [keras.callbacks.ModelCheckpoint(
             os.path.join(tmp, "checkpoints", "best.keras"),
@@ -298,42 +302,77 @@ def run_experiment(experiment, verbose=1):
         # An interrupted run continues from its last epoch (--resume).
         callbacks.append(keras.callbacks.BackupAndRestore(
             backup_folder(e["output"])))
-        history = fine_tune(
-            model, train, val, strategy=e["strategy"],
-            freeze_up_to=e["freeze_up_to"], epochs=e["epochs"],
-            head_epochs=0, optimizer=optimizer,
-            multipliers=None if e["layer_decay"] is None
-            else LayerDecay(e["layer_decay"]),
-            bn=e["bn"], patience=e["early_stopping"], callbacks=callbacks,
-            verbose=verbose).fine_tune
-        train_time = time.time() - start
-        # One pass over the validation images for labels and predictions.
-        y_true, y_pred = [], []
-        for x, y in val:
-            y_true.append(y.numpy())
-            y_pred.append(model.predict_on_batch(x).argmax(-1))
-        y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
-        confusion = np.zeros((len(classes), len(classes)), dtype=int)
-        np.add.at(confusion, (y_true, y_pred), 1)
-        loss, accuracy = model.evaluate(val, verbose=0)
-        model.save(os.path.join(tmp, "model.keras"))
-        export_savedmodel(model, os.path.join(tmp, "savedmodel"),
-                          input=e["export_input"])
-        metrics = {
-            "experiment": e, "classes": classes,
-            "train_images": len(train.file_paths),
-            "validation_images": len(val.file_paths),
-            "validation": {"loss": float(loss), "accuracy": float(accuracy)},
-            "epochs_run": len(history.history["loss"]),
-            "history": {k: [float(v) for v in vs]
-                        for k, vs in history.history.items()},
-            "confusion_matrix": confusion.tolist(),
-            "trainable_summary": list(trainable_summary(model)),
-            "seconds": round(train_time, 1),
-        }
-        metrics["plots"] = _plots(tmp, metrics)
-        with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        epochs_done = keras.callbacks.History()
+        callbacks.append(epochs_done)
+        try:
+            history = fine_tune(
+                model, train, val, strategy=e["strategy"],
+                freeze_up_to=e["freeze_up_to"], epochs=e["epochs"],
+                head_epochs=0, optimizer=optimizer,
+                multipliers=None if e["layer_decay"] is None
+                else LayerDecay(e["layer_decay"]),
+                bn=e["bn"], patience=e["early_stopping"],
+                callbacks=callbacks, verbose=verbose).fine_tune
+        except KeyboardInterrupt as stop:
+            # Ctrl-C: keep what is complete (the best checkpoint so far)
+            # and say so in the output; --resume continues the run.
+            interrupted = stop
+            _write_interrupted(tmp, e, epochs_done)
+        if interrupted is None:
+            metrics = _finish(tmp, e, model, train, val, classes, history,
+                              start)
+    if interrupted is not None:
+        raise interrupted
+    return metrics
+
+
+INTERRUPTED = "INTERRUPTED.json"
+
+
+def was_interrupted(output):
+    """Whether ``output`` holds a kerastl run stopped by Ctrl-C."""
+    return os.path.isfile(os.path.join(output, INTERRUPTED))
+
+
+def _write_interrupted(folder, e, epochs_done):
+    done = len(getattr(epochs_done, "epoch", []) or [])
+    with open(os.path.join(folder, INTERRUPTED), "w") as f:
+        json.dump({"interrupted": True, "epochs_completed": done,
+                   "epochs": e["epochs"],
+                   "resume": "run the same kerastl finetune command with "
+                             "--resume"}, f, indent=2)
+
+
+def _finish(tmp, e, model, train, val, classes, history, start):
+    """Evaluates, saves, exports and writes metrics and plots into tmp."""
+    train_time = time.time() - start
+    # One pass over the validation images for labels and predictions.
+    y_true, y_pred = [], []
+    for x, y in val:
+        y_true.append(y.numpy())
+        y_pred.append(model.predict_on_batch(x).argmax(-1))
+    y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    loss, accuracy = model.evaluate(val, verbose=0)
+    model.save(os.path.join(tmp, "model.keras"))
+    export_savedmodel(model, os.path.join(tmp, "savedmodel"),
+                      input=e["export_input"])
+    metrics = {
+        "experiment": e, "classes": classes,
+        "train_images": len(train.file_paths),
+        "validation_images": len(val.file_paths),
+        "validation": {"loss": float(loss), "accuracy": float(accuracy)},
+        "epochs_run": len(history.history["loss"]),
+        "history": {k: [float(v) for v in vs]
+                    for k, vs in history.history.items()},
+        "confusion_matrix": confusion.tolist(),
+        "trainable_summary": list(trainable_summary(model)),
+        "seconds": round(train_time, 1),
+    }
+    metrics["plots"] = _plots(tmp, metrics)
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
     return metrics
 
 
@@ -349,9 +388,11 @@ def _plots(folder, metrics):
     history = metrics["history"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(history[key], label="train")
+        epochs = range(1, len(history[key]) + 1)  # as Keras logs them
+        ax.plot(epochs, history[key], marker="o", label="train")
         if f"val_{key}" in history:
-            ax.plot(history[f"val_{key}"], label="validation")
+            ax.plot(epochs, history[f"val_{key}"], marker="o",
+                    label="validation")
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
@@ -360,12 +401,18 @@ def _plots(folder, metrics):
     plt.close(fig)
     confusion = metrics["confusion_matrix"]
     classes = metrics["classes"]
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes),
-                                    1 + 0.5 * len(classes)))
-    ax.imshow(confusion, cmap="Blues")
+    side = min(16.0, max(4.0, 2.0 + 0.6 * len(classes)))
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    top = max(1, max(max(row) for row in confusion))
+    fontsize = max(6, min(14, int(120 / max(1, len(classes)))))
     for i, row in enumerate(confusion):
         for j, n in enumerate(row):
-            ax.text(j, i, str(n), ha="center", va="center", fontsize=8)
+            # White on dark cells, black on light ones.
+            ax.text(j, i, str(n), ha="center", va="center",
+                    fontsize=fontsize,
+                    color="white" if n > top / 2 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")

@@ -18,6 +18,7 @@ import numbers
 import warnings
 
 import keras
+import numpy as np
 
 from kerastl import freezing
 from kerastl.blocks import block_map
@@ -190,7 +191,7 @@ def fine_tune(model, train, validation=None, strategy="partial",
               head_optimizer=None, multipliers=None, bn="frozen",
               loss="sparse_categorical_crossentropy", metrics=("accuracy",),
               patience=3, callbacks=(), batch_size=None, verbose=0,
-              **deprecated):
+              check_features=True, **deprecated):
     """Fine-tunes a classifier built on a backbone: kerastl's one driver.
 
     1. Head phase (``head_epochs > 0``): every backbone block frozen, the
@@ -221,6 +222,11 @@ def fine_tune(model, train, validation=None, strategy="partial",
             :func:`kerastl.freeze`).
         callbacks: more Keras callbacks for both phases.
         batch_size: for array input (default: Keras' 32).
+        check_features: before training, run a few training batches
+            through the frozen blocks and stop with an error when they give
+            constant or non-finite features (a frozen, randomly
+            initialised backbone: nothing can learn from it); after
+            training, warn when validation accuracy is at chance.
 
     Deprecated arguments (one release): ``unfreeze_from`` (the first
     trainable block; use ``freeze_up_to``), ``fine_tune_epochs`` (use
@@ -234,7 +240,14 @@ def fine_tune(model, train, validation=None, strategy="partial",
     epochs, freeze_up_to, optimizer, head_optimizer = _deprecated(
         deprecated, model, epochs, freeze_up_to, optimizer, head_optimizer)
     depth = frozen_blocks(model, strategy, freeze_up_to)
+    # Arguments first, then the data: a typo fails before any computation.
+    optimizer = _optimizer(optimizer, 1e-5)
+    head_optimizer = _optimizer(head_optimizer, 1e-3) if head_epochs \
+        else None
     x, y = train if isinstance(train, tuple) else (train, None)
+    if check_features:
+        check_frozen_features(model, max(depth, len(block_map(
+            model).base_blocks) if head_epochs else depth), x)
 
     def phase(optimizer, n_epochs):
         model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
@@ -247,13 +260,85 @@ def fine_tune(model, train, validation=None, strategy="partial",
     h1 = None
     if head_epochs:
         freezing.freeze(model, bn=bn, recompile=False)
-        h1 = phase(_optimizer(head_optimizer, 1e-3), head_epochs)
+        h1 = phase(head_optimizer, head_epochs)
     freezing.freeze(model, up_to=depth, bn=bn, recompile=False)
-    optimizer = _optimizer(optimizer, 1e-5)
     if multipliers is not None:
         optimizer = LayerwiseOptimizer(optimizer, multipliers, model)
     h2 = phase(optimizer, epochs)
+    if check_features:
+        warn_at_chance(model, h2)
     return FineTuneHistory(h1, h2)
+
+
+def _sample_images(x, n=64):
+    """Up to ``n`` training images from arrays or a dataset, or None."""
+    import tensorflow as tf  # lazy: only for datasets
+
+    if isinstance(x, tf.data.Dataset):
+        batches = []
+        for element in x.take(4):
+            batches.append(np.asarray(element[0] if isinstance(
+                element, (tuple, list)) else element))
+            if sum(len(b) for b in batches) >= n:
+                break
+        return np.concatenate(batches)[:n] if batches else None
+    try:
+        a = np.asarray(x[:n])
+    except (TypeError, IndexError, KeyError):
+        return None
+    return a if a.dtype.kind in "fiu" and a.ndim >= 2 else None
+
+
+def check_frozen_features(model, depth, x):
+    """Stops a run whose ``depth`` frozen leading blocks give features
+    nothing can learn from: NaN/infinite, or (near-)constant across the
+    training images (a frozen backbone with random weights gives ~1e-12).
+
+    Raises:
+        KerastlError: naming the last frozen block, the measured spread and
+            the fix.
+    """
+    bm = block_map(model)
+    if depth < 1 or not bm.has_output(bm.base_blocks[depth - 1]):
+        return
+    images = _sample_images(x)
+    if images is None or len(images) < 2:
+        return
+    last = bm.base_blocks[depth - 1]
+    probe = keras.Model(model.inputs, bm.output_layer(last).output)
+    features = np.asarray(probe.predict(images, verbose=0), "float64")
+    features = features.reshape(len(features), -1)
+    fix = ("Load pretrained weights (weights='imagenet'; CLI: --weights "
+           "imagenet) or train the blocks (strategy='full'; CLI: --strategy "
+           "full).")
+    if not np.isfinite(features).all():
+        raise KerastlError(
+            f"The frozen blocks up to {last!r} give NaN or infinite features "
+            f"on the training images: nothing can be learnt from them. "
+            f"Check the images and the weights. {fix}")
+    spread = float(features.std(axis=0).max())
+    if spread < 1e-7:
+        raise KerastlError(
+            f"The frozen blocks up to {last!r} give the same features for "
+            f"every training image (largest spread across images "
+            f"{spread:.1e}): a frozen backbone with random weights, or "
+            f"constant images. The new head cannot learn from them. {fix}")
+
+
+def warn_at_chance(model, history):
+    """Warns when the best validation accuracy is at or below chance."""
+    acc = history.history.get("val_accuracy")
+    classes = model.output.shape[-1] if not isinstance(
+        model.output, (dict, list, tuple)) else None
+    if not acc or not classes or classes < 2:
+        return
+    chance = 1.0 / classes
+    if max(acc) <= chance + 1e-9:
+        warnings.warn(
+            f"kerastl: validation accuracy never rose above chance "
+            f"({max(acc):.3f} with {classes} classes): the model did not "
+            "learn. Check the labels, use pretrained weights, or train more "
+            "blocks (strategy='full').", RuntimeWarning, stacklevel=3)
 
 
 def _optimizer(optimizer, default_rate):

@@ -238,3 +238,24 @@ def test_depth_sweep_leaves_the_global_random_state_alone():
     second = kerastl.transfer_depth_sweep(backbone, data, data, epochs=1,
                                           seeds=(3,))
     assert [r["accuracy"] for r in first] == [r["accuracy"] for r in second]
+
+
+@pytest.mark.slow
+def test_load_model_needs_no_import_to_remember(tmp_path):
+    backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+                                     input_shape=(32, 32, 3))
+    path = tmp_path / "m.keras"
+    kerastl.build_classifier(backbone, 2).save(path)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    plain = subprocess.run(
+        [sys.executable, "-c", f"import keras; keras.models.load_model("
+                               f"{str(path)!r})"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert plain.returncode != 0 and "ImagePreprocessing" in plain.stderr
+    ours = subprocess.run(
+        [sys.executable, "-c", f"import kerastl; m = kerastl.load_model("
+                               f"{str(path)!r}); print(kerastl.block_map("
+                               f"m).names[-1])"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert ours.stdout.strip().splitlines()[-1] == "head"

@@ -110,3 +110,29 @@ def test_joint_fine_tune_trains_both_heads():
     np.testing.assert_allclose(
         p, joint.model.predict(target[0], verbose=0)["target"], rtol=1e-6)
     assert joint.source_model.predict(source[0], verbose=0).shape == (20, 5)
+
+
+def test_joint_fine_tuning_model_has_a_real_block_map():
+    backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+                                     input_shape=(32, 32, 3))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    y = np.arange(8) % 2
+    before = {v.path: v.numpy().copy()
+              for v in kerastl.block_map(backbone).variables("stem")}
+    joint = kerastl.joint_fine_tune(backbone, (x, y), (x, y), epochs=1,
+                                    batch_size=4, freeze="stage1")
+    bm = kerastl.block_map(joint.model)
+    assert bm.names == backbone.blocks + ["head"]
+    assert [l.name for l in bm.weighted_layers("head")] == ["target",
+                                                            "source"]
+    assert kerastl.trainable_blocks(joint.model) == backbone.blocks[2:] + [
+        "head"]
+    for v in bm.variables("stem"):  # frozen through fit, to the bit
+        np.testing.assert_array_equal(v.numpy(), before[v.path])
+    opt = kerastl.LayerwiseOptimizer("adam", kerastl.LayerDecay(0.5),
+                                     joint.model)
+    rows = {r["block"]: r for r in kerastl.describe_learning_rates(
+        joint.model, opt)}
+    assert rows["head"]["multiplier"] == (1.0, 1.0)
+    assert rows["top"]["multiplier"] == (0.5, 0.5)

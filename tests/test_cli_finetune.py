@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastl import cli
+import kerastl
 from conftest import write_folder
+from kerastl import cli
 
 
 def run(capsys, *argv):
@@ -135,6 +136,13 @@ def test_a_non_empty_output_folder_is_refused(images, tmp_path, capsys):
     assert code != 0 and "pass --overwrite" in err
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kerastl {kerastl.__version__}"
+
+
 def test_help_of_every_command(capsys):
     for argv in (["finetune", "--help"], ["demo", "--help"],
                  ["zoo", "list", "--help"], ["zoo", "show", "--help"]):
@@ -168,7 +176,128 @@ def test_demo_runs_and_prints_its_table(tmp_path, capsys, monkeypatch):
     for name in ("report.md", "accuracy.png", "curves.png", "model.keras",
                  "savedmodel/saved_model.pb"):
         assert (tmp_path / "demo" / name).exists(), name
-    # A second run reuses the cached source backbone.
-    code, out, _ = run(capsys, "demo", "--output", str(tmp_path / "demo2"),
+    # A second run into the same folder needs --overwrite; it reuses the
+    # cached source backbone.
+    code, _, err = run(capsys, "demo", "--output", str(tmp_path / "demo"),
                        "--epochs", "2")
+    assert code == 2 and "pass --overwrite" in err
+    code, out, _ = run(capsys, "demo", "--output", str(tmp_path / "demo"),
+                       "--epochs", "2", "--overwrite")
     assert code == 0 and "from the cache" in out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["epochs"] == 2
+
+
+def plain_classifier(kind):
+    """A Keras classifier not made by kerastl (10-way softmax top)."""
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Rescaling(1 / 255.0),
+              keras.layers.Conv2D(8, 3, activation="relu", name="conv_a"),
+              keras.layers.MaxPooling2D(),
+              keras.layers.Conv2D(16, 3, activation="relu", name="conv_b"),
+              keras.layers.GlobalAveragePooling2D(name="gap"),
+              keras.layers.Dense(10, activation="softmax", name="old_top")]
+    if kind == "sequential":
+        return keras.Sequential([keras.Input((32, 32, 3))] + layers)
+    inputs = keras.Input((32, 32, 3))
+    x = inputs
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["kerastl demo model", "functional",
+                                    "sequential"])
+def test_finetune_a_users_keras_classifier(tmp_path, capsys, source):
+    if source == "kerastl demo model":
+        from kerastl.pretrained import pretrain, small_cnn
+        backbone = small_cnn()
+        pretrain(backbone, samples=500, epochs=1)
+        model = kerastl.build_classifier(backbone, 10)  # as the demo saves
+        old_top = {"head_predictions"}
+    else:
+        model = plain_classifier(source)
+        old_top = {"old_top"}
+    path = tmp_path / "mine.keras"
+    model.save(path)
+    images = write_folder(tmp_path / "images", per_class=20)
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "finetune", "--model", str(path),
+                            "--data", str(images), "--output", str(out),
+                            "--epochs", "8", "--batch-size", "8")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Two classes: chance is 0.5; the colours make it easy.
+    assert metrics["validation"]["accuracy"] >= 0.75, metrics["validation"]
+    tuned = keras.models.load_model(str(out / "model.keras"))
+    names = {l.name for l in tuned.layers}
+    assert not names & old_top
+    assert tuned.output.shape == (None, 2)
+
+
+def test_every_experiment_key_has_a_flag(monkeypatch, capsys, tmp_path):
+    from kerastl import experiment
+    seen = {}
+
+    def fake_run(e, verbose):
+        seen.update(e, verbose=verbose)
+        raise kerastl.KerastlError("stop here")
+
+    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
+                       "--data", "d", "--bn", "train", "--dropout", "0.3",
+                       "--optimizer", "sgd", "--early-stopping", "none",
+                       "--weights", "null", "--layer-decay", "none",
+                       "--freeze-up-to", "2", "--image-size", "64")
+    assert code == 2 and "stop here" in err
+    assert (seen["bn"], seen["dropout"], seen["optimizer"]) == (
+        "train", 0.3, "sgd")
+    assert seen["early_stopping"] is None and seen["weights"] is None
+    assert seen["layer_decay"] is None and seen["freeze_up_to"] == 2
+    assert seen["image_size"] == 64 and seen["verbose"] == 2  # progress
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    help_text = capsys.readouterr().out
+    for key in experiment.DEFAULTS:
+        assert "--" + key.replace("_", "-") in help_text, key
+    assert "(default: partial)" in help_text
+    code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
+                       "--data", "d", "--quiet")
+    assert seen["verbose"] == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_best_checkpoint_and_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    images = write_folder(tmp_path / "images", per_class=8)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "kerastl.cli", "finetune", "--model",
+            "mobilenet_v2", "--weights", "none", "--image-size", "32",
+            "--data", str(images), "--output", str(out),
+            "--batch-size", "4", "--early-stopping", "none"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(argv + ["--epochs", "30"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # progress by default: wait for epoch 3
+        if line.startswith("Epoch 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = [l for l in err.splitlines() if l.strip()]
+    assert last[-1].startswith("kerastl: interrupted:") and \
+        "--resume" in last[-1]
+    assert not [l for l in err.splitlines() if "Traceback" in l], err
+    assert (out / "checkpoints" / "best.keras").is_file()
+    marker = json.loads((out / "INTERRUPTED.json").read_text())
+    assert marker["epochs_completed"] >= 2
+    resumed = subprocess.run(argv + ["--epochs", "4", "--resume"],
+                             capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "metrics.json").is_file()
+    assert not (out / "INTERRUPTED.json").exists()

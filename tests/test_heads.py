@@ -141,3 +141,45 @@ def test_fine_tune_old_arguments_still_work_with_a_warning():
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
     with pytest.raises(TypeError, match="unfreeze_form"):
         kerastl.fine_tune(model, toy_data(), unfreeze_form=1)
+
+
+def test_a_run_that_cannot_learn_stops_before_training():
+    # A frozen MobileNetV2 with random weights: features ~1e-12.
+    backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+                                     input_shape=(32, 32, 3))
+    model = kerastl.build_classifier(backbone, 3)
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)) \
+        .astype("float32")
+    y = np.arange(8) % 3
+    with pytest.raises(kerastl.KerastlError,
+                       match="same features for every training image.*"
+                             "--weights imagenet.*--strategy full"):
+        kerastl.fine_tune(model, (x, y), strategy="features", epochs=1)
+
+
+def test_no_false_alarm_on_a_pretrained_backbone():
+    from kerastl.pretrained import pretrain, small_cnn
+    backbone = small_cnn()
+    pretrain(backbone, samples=300, epochs=1)
+    model = kerastl.build_classifier(backbone, 10)
+    x, y = kerastl.datasets.digits("train")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        kerastl.fine_tune(model, (x[:200], y[:200]), (x[200:400], y[200:400]),
+                          strategy="features", head_epochs=0, epochs=3,
+                          optimizer=keras.optimizers.Adam(1e-2))
+
+
+def test_accuracy_at_chance_is_a_warning():
+    from kerastl.recipes import warn_at_chance
+    model = two_block_classifier()  # 2 classes
+    history = keras.callbacks.History()
+    history.history = {"val_accuracy": [0.5, 0.41]}
+    with pytest.warns(RuntimeWarning, match="never rose above chance"):
+        warn_at_chance(model, history)
+    history.history = {"val_accuracy": [0.5, 0.75]}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_at_chance(model, history)

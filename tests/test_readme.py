@@ -88,7 +88,8 @@ SETUPS = {f.__name__: f for f in (efficientnet_classifier, photo_folder,
 def test_every_python_block_is_run_here_or_by_a_tutorial():
     for setup, code in blocks():
         if setup is None:
-            first = code.strip().splitlines()[0]
+            first = [line for line in code.strip().splitlines()
+                     if line and not line.startswith("import ")][0]
             covered = [t for k, t in COVERED_BY.items() if first.startswith(k)]
             assert covered, f"README block not run anywhere: {first!r}"
             assert os.path.exists(os.path.join(

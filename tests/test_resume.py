@@ -77,7 +77,11 @@ def max_difference(a, b):
 
 @pytest.mark.parametrize("order", ["backup first", "backup last"])
 @pytest.mark.parametrize("layerwise", [False, True])
-def test_gradual_unfreezing_resumes_exactly(tmp_path, layerwise, order):
+@pytest.mark.parametrize("gradual", [False, True])
+def test_classifier_training_resumes_exactly(tmp_path, layerwise, order,
+                                             gradual):
+    """Plain Adam, LayerwiseOptimizer, each with and without
+    GradualUnfreezing, BackupAndRestore before or after it."""
     x, y = classifier_data()
 
     def make():
@@ -86,10 +90,9 @@ def test_gradual_unfreezing_resumes_exactly(tmp_path, layerwise, order):
         return model
 
     def fit(model, before, after):
-        gradual = kerastl.GradualUnfreezing(every=1)
+        extra = [kerastl.GradualUnfreezing(every=1)] if gradual else []
         model.fit(x, y, batch_size=8, epochs=EPOCHS, shuffle=False,
-                  verbose=0, callbacks=before + [gradual] + after)
-        return gradual
+                  verbose=0, callbacks=before + extra + after)
 
     straight = run(make, fit, tmp_path / "a", False, order)
     resumed = run(make, fit, tmp_path / "b", True, order)
@@ -100,7 +103,7 @@ def test_gradual_unfreezing_resumes_exactly(tmp_path, layerwise, order):
     assert max_difference(straight, resumed) == 0.0
 
 
-@pytest.mark.parametrize("schedule", ["lambda", "learning rate"])
+@pytest.mark.parametrize("schedule", [None, "lambda", "learning rate"])
 def test_dann_schedules_resume_exactly(tmp_path, schedule):
     xs, ys, xt, _ = toy_domains(32)
     data = kerastl.domain_dataset((xs, ys), xt, batch_size=8, shuffle=False)
@@ -109,14 +112,16 @@ def test_dann_schedules_resume_exactly(tmp_path, schedule):
         return dann_model(schedule)
 
     def fit(model, before, after):
-        callback = kerastl.GaninLambda() if schedule == "lambda" else \
-            kerastl.GaninLearningRate()
+        callback = {None: [], "lambda": [kerastl.GaninLambda()],
+                    "learning rate": [kerastl.GaninLearningRate()]}[schedule]
         model.fit(data, epochs=EPOCHS, verbose=0,
-                  callbacks=before + [callback] + after)
+                  callbacks=before + callback + after)
 
     straight = run(make, fit, tmp_path / "a", False, "backup last")
     resumed = run(make, fit, tmp_path / "b", True, "backup last")
-    if schedule == "lambda":
+    if schedule is None:
+        pass
+    elif schedule == "lambda":
         assert float(resumed.reversal.lambda_.numpy()) == \
             float(straight.reversal.lambda_.numpy()) > 0.99
     else:

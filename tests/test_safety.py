@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import keras
 import numpy as np
@@ -111,35 +110,88 @@ def test_a_replacement_killed_between_its_renames_is_put_back(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
-WRITER = textwrap.dedent("""
+# Each writer of kerastl, run in a process that stops ("paused") at the
+# worst moment: before its final rename, or between the two renames of a
+# replacement. The test kills it there with SIGKILL.
+WRITERS = {
+    "atomic": """
+        with atomic.atomic_folder(DEST, overwrite=True) as tmp:
+            open(os.path.join(tmp, "new"), "w").close()
+    """,
+    "export": """
+        import keras, kerastl
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(2, 3)(inputs)
+        model = kerastl.build_classifier(keras.Model(inputs, x), 2)
+        kerastl.export_savedmodel(model, DEST, overwrite=True)
+    """,
+    "cache entry": """
+        import keras, numpy as np, kerastl
+        inputs = keras.Input((8, 8, 3))
+        model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(
+            inputs), name="fixed")
+        cache = kerastl.FeatureCache(os.path.dirname(DEST))
+        kerastl.extract_features(model, np.ones((2, 8, 8, 3), "float32"),
+                                 cache=cache, verbose=0)
+    """,
+}
+PAUSE = """
     import os, sys, time
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     from kerastl import atomic
-    dest = sys.argv[1]
-    with atomic.atomic_folder(dest, overwrite=True) as tmp:
-        open(os.path.join(tmp, "half"), "w").close()
-        print("writing", flush=True)
-        time.sleep(60)
-""")
+    DEST = sys.argv[1]
+
+    def paused(tmp, path):
+        if sys.argv[2] == "between renames" and os.path.exists(path):
+            old = atomic._mkdtemp(path, "old")   # replace_folder's first
+            os.rmdir(old)                        # rename ...
+            os.rename(path, old)
+        print("paused", flush=True)
+        time.sleep(600)                          # ... and killed here
+
+    atomic.replace_folder = paused
+"""
+ONCE = """
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    from kerastl import atomic
+    DEST = sys.argv[1]
+"""
 
 
-@pytest.mark.parametrize("existing", [False, True])
-def test_kill_9_mid_write_leaves_nothing_after_the_next_run(tmp_path,
-                                                            existing):
-    dest = tmp_path / "out"
-    if existing:
-        with atomic.atomic_folder(dest) as tmp:
-            open(os.path.join(tmp, "v1"), "w").close()
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(dest)],
-                            stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert proc.stdout.readline().strip() == "writing"
+@pytest.mark.slow
+@pytest.mark.parametrize("writer, moment", [
+    ("atomic", "before the rename"), ("atomic", "between renames"),
+    ("export", "before the rename"), ("export", "between renames"),
+    ("cache entry", "before the rename")])  # entries are never replaced
+def test_kill_9_mid_write_leaves_nothing_after_the_next_run(tmp_path, writer,
+                                                            moment):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    dest = folder / "dest"
+    code = textwrap.dedent(WRITERS[writer])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    once = [sys.executable, "-c", textwrap.dedent(ONCE) + code, str(dest)]
+    if writer != "cache entry":
+        subprocess.run(once, check=True, capture_output=True, env=env)
+        first = snapshot(dest)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PAUSE) +
+                             code, str(dest), moment],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "paused"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # the leftover
-    with atomic.atomic_folder(dest, overwrite=True) as tmp:
-        open(os.path.join(tmp, "v2"), "w").close()
-    assert os.listdir(tmp_path) == ["out"]
-    assert sorted(os.listdir(dest)) == [".kerastl", "v2"]
+    assert [f for f in os.listdir(folder) if f.startswith(".")]  # leftovers
+    if moment == "before the rename" and writer != "cache entry":
+        assert snapshot(dest) == first  # the old version stays in place
+    subprocess.run(once, check=True, capture_output=True, env=env)
+    names = os.listdir(folder)
+    assert not [f for f in names if f.startswith(".")], names
+    if writer == "cache entry":
+        assert len(names) == 1 and os.path.isfile(
+            folder / names[0] / "meta.json")
+    else:
+        assert names == ["dest"] and atomic.written_by_kerastl(dest)
 
 
 # -- 2. features keep their labels ------------------------------------------------

@@ -53,6 +53,8 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
             batch_size, (int, np.integer)) or batch_size < 1:
         raise KerastlError(f"batch_size={batch_size!r}: expected an int "
                            ">= 1.")
+    src = _as_dataset(source, labelled=True)
+    tgt = _as_dataset(target, labelled=False)
     for name, data, labelled in (("source", source, True),
                                  ("target", target, False)):
         n = _known_size(data, labelled)
@@ -62,8 +64,6 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
                 f"{batch_size}: DANN would train 0 steps (batches drop the "
                 f"remainder). Pass more {name} samples or a smaller "
                 "batch_size.")
-    src = _as_dataset(source, labelled=True)
-    tgt = _as_dataset(target, labelled=False)
     if shuffle:
         src = src.shuffle(10000, seed=seed, reshuffle_each_iteration=True)
         tgt = tgt.shuffle(10000, seed=seed + 1,

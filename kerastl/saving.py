@@ -1,0 +1,29 @@
+"""Loading what kerastl saved.
+
+A kerastl model saved to ``.keras`` holds kerastl layers
+(``ImagePreprocessing``, ``HubLayer``, ``GradientReversal``, ``DANN``,
+``LayerwiseOptimizer``). Keras finds them by their registered names, which
+exist once ``kerastl`` is imported: ``keras.models.load_model`` works in any
+process that ran ``import kerastl``, and :func:`load_model` is that in one
+call.
+"""
+
+import keras
+
+# The modules that register kerastl's serialisable classes with Keras.
+from kerastl import layerwise, preprocessing, hub  # noqa: F401
+from kerastl.adaptation import dann, reversal  # noqa: F401
+
+
+def load_model(path, compile=True, safe_mode=True):
+    """``keras.models.load_model(path)`` with every kerastl class known.
+
+    Args:
+        path: a ``.keras`` file.
+        compile: restore the training configuration (optimizer included,
+            a LayerwiseOptimizer with its multipliers).
+        safe_mode: Keras's safe mode; a ``HubLayer`` then loads only a
+            handle trusted with :func:`kerastl.trust_hub_path`.
+    """
+    return keras.models.load_model(path, compile=compile,
+                                   safe_mode=safe_mode)
