@@ -337,7 +337,11 @@ def _without_classifier(model):
                              model.input_shape[1:], name="image")
         x = inputs
         for layer in layers:
-            x = layer(x)
+            # A copy with the same weights: a layer called in two graphs
+            # has no single ``output`` for block maps to use.
+            copy = layer.__class__.from_config(layer.get_config())
+            x = copy(x)
+            copy.set_weights(layer.get_weights())
         kept = keras.Model(inputs, x, name=model.name)
     else:
         if not has_top:
@@ -349,7 +353,7 @@ def _without_classifier(model):
         inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         kept = keras.Model(inputs, cut.output,
                            name=f"{model.name}_features")
-    kept_ids = {id(l) for l in kept.layers}
-    removed = [l.name for l in model.layers if id(l) not in kept_ids and
+    kept_names = {l.name for l in kept.layers}
+    removed = [l.name for l in model.layers if l.name not in kept_names and
                not isinstance(l, keras.layers.InputLayer)]
     return kept, removed

@@ -215,24 +215,26 @@ def test_finetune_a_users_keras_classifier(tmp_path, capsys, source):
         backbone = small_cnn()
         pretrain(backbone, samples=500, epochs=1)
         model = kerastl.build_classifier(backbone, 10)  # as the demo saves
-        old_top = {"head_predictions"}
+        old_top = set()  # the new head takes the same names
     else:
         model = plain_classifier(source)
-        old_top = {"old_top"}
+        old_top = {"gap", "old_top"}
     path = tmp_path / "mine.keras"
     model.save(path)
-    images = write_folder(tmp_path / "images", per_class=20)
+    images = write_folder(tmp_path / "images", per_class=30)
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "finetune", "--model", str(path),
                             "--data", str(images), "--output", str(out),
-                            "--epochs", "8", "--batch-size", "8")
+                            "--epochs", "15", "--batch-size", "8",
+                            "--learning-rate", "0.01")
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     # Two classes: chance is 0.5; the colours make it easy.
     assert metrics["validation"]["accuracy"] >= 0.75, metrics["validation"]
     tuned = keras.models.load_model(str(out / "model.keras"))
-    names = {l.name for l in tuned.layers}
-    assert not names & old_top
+    dense = [l for l in tuned.layers if isinstance(l, keras.layers.Dense)]
+    assert [d.units for d in dense] == [2]  # the old 10-way top is gone
+    assert not {l.name for l in tuned.layers} & old_top
     assert tuned.output.shape == (None, 2)
 
 
