@@ -305,7 +305,10 @@ def check_frozen_features(model, depth, x):
     if images is None or len(images) < 2:
         return
     last = bm.base_blocks[depth - 1]
-    probe = keras.Model(model.inputs, bm.output_layer(last).output)
+    try:
+        probe = keras.Model(model.inputs, bm.output_layer(last).output)
+    except (AttributeError, ValueError):  # no symbolic graph to cut
+        return
     features = np.asarray(probe.predict(images, verbose=0), "float64")
     features = features.reshape(len(features), -1)
     fix = ("Load pretrained weights (weights='imagenet'; CLI: --weights "
@@ -328,8 +331,12 @@ def check_frozen_features(model, depth, x):
 def warn_at_chance(model, history):
     """Warns when the best validation accuracy is at or below chance."""
     acc = history.history.get("val_accuracy")
-    classes = model.output.shape[-1] if not isinstance(
-        model.output, (dict, list, tuple)) else None
+    try:
+        output = model.output
+    except (AttributeError, ValueError):  # a model without a symbolic graph
+        return
+    classes = output.shape[-1] if not isinstance(
+        output, (dict, list, tuple)) else None
     if not acc or not classes or classes < 2:
         return
     chance = 1.0 / classes
