@@ -208,6 +208,7 @@ def load_backbone(name, weights="imagenet", input_shape=None):
     inputs = keras.Input(shape=shape, name="image")
     x = ImagePreprocessing(check_mode(config.preprocessing),
                            zoo_name=config.name, blocks=config.blocks,
+                           min_size=config.min_size,
                            name="kerastl_preprocessing")(inputs)
     # The application is built on the preprocessed tensor, so `model` is one
     # flat functional graph from raw pixels to features.

@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from kerastl.blocks import rules_from_config, rules_to_config
-from kerastl.errors import ConfigError
+from kerastl.errors import ConfigError, InputShapeError
 
 MODES = ("caffe", "tf", "torch", "unit", "builtin")
 
@@ -46,6 +46,11 @@ class ImagePreprocessing(keras.layers.Layer):
             BlockRule` objects or their configs). Stored in the layer's
             config, so a saved and re-loaded model has the same block map
             without the zoo entry that made it.
+        min_size: the smallest height and width the model takes. Images
+            with known smaller sides, other than 3 channels, or of a
+            non-numeric dtype are refused with an
+            :class:`~kerastl.InputShapeError` that says how to fix them
+            (Keras itself checks fixed input shapes first).
 
     Example::
 
@@ -54,7 +59,8 @@ class ImagePreprocessing(keras.layers.Layer):
         # -> 1.0
     """
 
-    def __init__(self, mode, zoo_name=None, blocks=None, **kwargs):
+    def __init__(self, mode, zoo_name=None, blocks=None, min_size=None,
+                 **kwargs):
         # Preprocessing is cheap and numerically touchy (caffe means in
         # float16 lose a unit): it always runs in float32.
         kwargs.setdefault("dtype", "float32")
@@ -62,8 +68,35 @@ class ImagePreprocessing(keras.layers.Layer):
         self.mode = check_mode(mode)
         self.zoo_name = zoo_name
         self.block_rules = rules_from_config(blocks)
+        self.min_size = None if min_size is None else int(min_size)
+
+    def _check(self, inputs):
+        """Refuses images the model cannot take, when their shape and dtype
+        are known (eager calls, or traced with a concrete shape)."""
+        what = self.zoo_name or "this model"
+        shape = tuple(inputs.shape)
+        dtype = str(getattr(inputs, "dtype", "float32"))
+        if not any(k in dtype for k in ("float", "int", "bfloat")):
+            raise InputShapeError(
+                f"{what} takes RGB images as numbers in [0, 255] (float32 "
+                f"or uint8); got dtype {dtype}. Decode files first (e.g. "
+                "keras.utils.load_img, tf.io.decode_image).")
+        if len(shape) != 4 or shape[-1] not in (None, 3):
+            raise InputShapeError(
+                f"{what} takes RGB images of shape (batch, height, width, 3);"
+                f" got {shape}. Convert greyscale or RGBA images to RGB "
+                "(e.g. np.repeat for greyscale, drop the alpha channel).")
+        small = [d for d in shape[1:3] if d is not None and self.min_size
+                 and d < self.min_size]
+        if small:
+            raise InputShapeError(
+                f"{what} takes images of at least {self.min_size}x"
+                f"{self.min_size} pixels; got {shape[1]}x{shape[2]}. Resize "
+                f"them up (keras.layers.Resizing({self.min_size}, "
+                f"{self.min_size}) or tf.image.resize).")
 
     def call(self, inputs):
+        self._check(inputs)
         x = ops.cast(inputs, "float32")
         if self.mode == "caffe":
             x = ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR)
@@ -82,5 +115,6 @@ class ImagePreprocessing(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(mode=self.mode, zoo_name=self.zoo_name,
-                      blocks=rules_to_config(self.block_rules))
+                      blocks=rules_to_config(self.block_rules),
+                      min_size=self.min_size)
         return config

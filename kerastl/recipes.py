@@ -183,8 +183,6 @@ FineTuneHistory = collections.namedtuple("FineTuneHistory",
 FineTuneHistory.__doc__ = """What :func:`fine_tune` returns: the head
 phase's ``History`` (None when ``head_epochs=0``) and the main phase's."""
 
-_RENAMED = {"fine_tune_epochs": "epochs"}
-
 
 def fine_tune(model, train, validation=None, strategy="partial",
               freeze_up_to=None, epochs=10, head_epochs=10, optimizer=None,

@@ -53,6 +53,14 @@ CASES = [
     ("load_backbone input_shape too small", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=(8, 8, 3)),
      kerastl.InputShapeError, "input_shape.*too small"),
+    ("predict with too-small images", lambda t: kerastl.load_backbone(
+        "mobilenet_v2", weights=None, input_shape=(None, None, 3)
+    ).model.predict(np.zeros((1, 8, 8, 3), "float32"), verbose=0),
+     kerastl.InputShapeError, "at least 32x32 pixels; got 8x8.*Resizing"),
+    ("call with too-small images", lambda t: kerastl.load_backbone(
+        "mobilenet_v2", weights=None, input_shape=(None, None, 3)
+    ).model(np.zeros((1, 16, 40, 3), "float32")),
+     kerastl.InputShapeError, "got 16x40"),
     ("load_backbone missing .keras", lambda t: kerastl.load_backbone(
         str(t / "nope.keras")), kerastl.KerastlError, "nope.keras"),
     ("zoo_entry unknown", lambda t: kerastl.zoo_entry("vgg99"),
