@@ -1,12 +1,14 @@
 """kerastl: transfer learning with Keras 3, easy, correct and fast.
 
 Everything a user builds is a plain ``keras.Model``; this module is the
-public API. The layout, from the centre outwards (each module imports only
-modules above it in this list):
+public API. The layout, from the centre outwards; imports point inwards
+(``tests/test_architecture.py`` fails on an import cycle):
 
 Core (what a block map is and what acts on it)
     errors            the KerastlError family
     _keras_private    the few private Keras attributes kerastl touches
+    _yaml, atomic     bounded YAML reading; folders written whole or not
+                      at all, never over a user's files
     blocks            BlockRule, BlockMap, block_map (every model)
     freezing          freeze / unfreeze / GradualUnfreezing: the one place
                       that sets ``trainable`` (BatchNorm policy included)
