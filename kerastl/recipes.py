@@ -199,8 +199,9 @@ def fine_tune(model, train, validation=None, strategy="partial",
        :data:`STRATEGIES`), ``optimizer`` (with layer-wise ``multipliers``
        if given) trains it for ``epochs``.
 
-    Each phase stops early when the validation loss starts to increase and
-    keeps the best weights (``patience=None``: no early stopping).
+    With ``validation``, each phase stops early when the validation loss
+    starts to increase and keeps the best weights (``patience=None``: no
+    early stopping).
 
     Args:
         model: a ``keras.Model`` with a block map whose last block is the
@@ -249,8 +250,9 @@ def fine_tune(model, train, validation=None, strategy="partial",
 
     def phase(optimizer, n_epochs):
         model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
-        cbs = ([] if patience is None else [early_stopping(patience)]) + \
-            list(callbacks)
+        # Early stopping watches the validation loss: none without one.
+        stop = patience is not None and validation is not None
+        cbs = ([early_stopping(patience)] if stop else []) + list(callbacks)
         return model.fit(x, y, validation_data=validation, epochs=n_epochs,
                          batch_size=batch_size, callbacks=cbs,
                          verbose=verbose)
