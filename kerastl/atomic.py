@@ -201,9 +201,3 @@ def replace_folder(tmp, path):
         os.rename(old, path)  # put the previous content back
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def check_new_folder(path, hint, overwrite=False, what="output folder"):
-    """:func:`check_destination` for an output folder of the CLI;
-    ``hint`` says how to overwrite (``"pass --overwrite"``)."""
-    check_destination(path, what, overwrite, hint)

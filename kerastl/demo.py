@@ -21,7 +21,7 @@ import time
 import keras
 
 from kerastl import datasets
-from kerastl.atomic import atomic_folder, check_new_folder
+from kerastl.atomic import atomic_folder, check_destination
 from kerastl.errors import KerastlError
 from kerastl.export import export_savedmodel
 from kerastl.freezing import trainable_summary
@@ -70,7 +70,7 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
             print(*args, flush=True)
 
     output = os.path.abspath(output)
-    check_new_folder(output, "pass --overwrite", overwrite=overwrite)
+    check_destination(output, "output folder", overwrite, "pass --overwrite")
     start = time.time()
     say(f"1/3 source: small CNN on syn_digits ({source_samples} images, "
         f"{source_epochs} epochs)")

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from kerastl import _yaml
 from kerastl import backbone as backbone_lib
-from kerastl.atomic import atomic_folder, check_new_folder
+from kerastl.atomic import atomic_folder, check_destination
 from kerastl.errors import ConfigError, KerastlError
 from kerastl.export import INPUT_MODES, export_savedmodel
 from kerastl.freezing import BN_MODES, trainable_summary
@@ -203,10 +203,11 @@ def check_experiment(experiment):
     elif not model.startswith("hub:"):
         zoo_entry(model)  # UnknownModelError names close matches
     files = scan_image_folder(experiment["data"])
-    check_new_folder(experiment["output"], "pass --overwrite",
-                     overwrite=experiment["overwrite"] or (
-                         experiment["resume"] and
-                         was_interrupted(experiment["output"])))
+    check_destination(experiment["output"], "output folder",
+                      experiment["overwrite"] or (
+                          experiment["resume"] and
+                          was_interrupted(experiment["output"])),
+                      "pass --overwrite")
     backup = backup_folder(experiment["output"])
     if experiment["resume"] and not os.path.isdir(backup):
         raise KerastlError(

@@ -134,3 +134,14 @@ def write_folder(root, per_class=10, size=24, classes=("cats", "dogs")):
             keras.utils.save_img(str(folder / f"{j}.png"), image,
                                  scale=False)
     return root
+
+
+def step_with_references(optimizer, variables, references, rng):
+    """One step of ``optimizer`` on random gradients, and the same gradient
+    of each variable through its own ``(reference optimizer, reference
+    variable)`` pair: the reference a multiplier must match."""
+    grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads],
+                    variables)
+    for g, (ref_opt, ref_var) in zip(grads, references):
+        ref_opt.apply([keras.ops.convert_to_tensor(g)], [ref_var])

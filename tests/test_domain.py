@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import kerastl
 from kerastl.adaptation.schedules import ganin_lambda
-from conftest import small_cnn, toy_domains
+from conftest import small_cnn, step_with_references, toy_domains
 
 
 # -- GradientReversal -----------------------------------------------------------
@@ -473,10 +473,7 @@ def test_layerwise_optimizer_on_dann_gives_exact_block_rates():
     assert any(bm.block_of(v) == "stage1" for v in variables)
     rng = np.random.default_rng(0)
     for _ in range(3):
-        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
-        opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
-        for g, (ref_opt, ref_var) in zip(grads, refs):
-            ref_opt.apply([keras.ops.convert_to_tensor(g)], [ref_var])
+        step_with_references(opt, variables, refs, rng)
     for v, (_, ref_var) in zip(variables, refs):
         np.testing.assert_allclose(v.numpy(), ref_var.numpy(), rtol=1e-6,
                                    atol=1e-7, err_msg=v.path)

@@ -12,7 +12,8 @@ import pytest
 
 import kerastl
 
-from conftest import M_LOW, fit_data, one_step_deltas, two_block_model
+from conftest import (M_LOW, fit_data, one_step_deltas, step_with_references,
+                      two_block_model)
 
 
 class Scaled(keras.optimizers.schedules.LearningRateSchedule):
@@ -60,10 +61,8 @@ def test_multiplier_equals_plain_optimizer_with_scaled_rate(name, rate, steps):
             opt.learning_rate = 0.1 * 0.3
             for m, ref_opt, _ in refs:
                 ref_opt.learning_rate = 0.1 * 0.3 * m
-        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
-        opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
-        for g, (_, ref_opt, ref_var) in zip(grads, refs):
-            ref_opt.apply([keras.ops.convert_to_tensor(g)], [ref_var])
+        step_with_references(opt, variables,
+                             [(o, r) for _, o, r in refs], rng)
     for v, (m, _, ref_var) in zip(variables, refs):
         np.testing.assert_allclose(v.numpy(), ref_var.numpy(), rtol=2e-6,
                                    atol=1e-7, err_msg=f"{v.path} (m={m})")
@@ -91,10 +90,7 @@ def test_every_keras_optimizer(name):
                      keras.Variable(v.numpy(), name=v.name)))
     rng = np.random.default_rng(2)
     for _ in range(4):
-        grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
-        opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
-        for g, (ref_opt, ref_var) in zip(grads, refs):
-            ref_opt.apply([keras.ops.convert_to_tensor(g)], [ref_var])
+        step_with_references(opt, variables, refs, rng)
     for v, (_, ref_var) in zip(variables, refs):
         np.testing.assert_allclose(v.numpy(), ref_var.numpy(), rtol=1e-5,
                                    atol=1e-6, err_msg=f"{name}: {v.path}")
