@@ -25,6 +25,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["kerastl", "kerastl.*"]) + [
         "kerastl.zoo_configs"],
+    # The console script's launcher: outside the package so that it can
+    # import kerastl lazily (see its docstring).
+    py_modules=["kerastl_cli"],
     # The zoo configs live at the repository root (zoo_configs/) and are
     # installed inside the package as kerastl/zoo_configs.
     package_dir={"kerastl.zoo_configs": "zoo_configs"},
@@ -42,7 +45,7 @@ setup(
         "data": DATA,
         "all": TEST,
     },
-    entry_points={"console_scripts": ["kerastl=kerastl.cli:main"]},
+    entry_points={"console_scripts": ["kerastl=kerastl_cli:main"]},
     license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -36,56 +36,109 @@ Application
     pretrained        the small offline-pretrained CNN of the demos
     datasets          offline digit domains and few-shot sampling
     experiment, demo  ``kerastl finetune`` / ``kerastl demo``
-    cli               the ``kerastl`` command
+    cli               the ``kerastl`` command (started by kerastl_cli.py)
 """
 
 __version__ = "0.1.0"
 
-from kerastl.backbone import Backbone, load_backbone
-from kerastl.blocks import BlockMap, block_map
-from kerastl.freezing import (GradualUnfreezing, freeze, trainable_blocks,
-                              trainable_summary, unfreeze)
-from kerastl import datasets, hub
-from kerastl.adaptation import (DANN, GaninLambda, GaninLearningRate,
-                                GradientReversal, adapt_batch_norm,
-                                coral_loss, domain_dataset, hard_examples,
-                                information_loss, joint_fine_tune,
-                                select_source_samples)
-from kerastl.hub import HubLayer, resolve_handle, trust_hub_path
-from kerastl.features import (FeatureCache, LinearProbe, extract_features,
-                              feature_model)
-from kerastl.analysis import (CKAResult, DepthSweep, cka_by_block,
-                              linear_cka, transfer_depth_sweep)
-from kerastl.heads import build_classifier, replace_classifier
-from kerastl.layerwise import (LayerDecay, LayerwiseOptimizer, LRSpread,
-                               describe_learning_rates, layer_decay,
-                               lr_spread)
-from kerastl.recipes import (STRATEGIES, FineTuneHistory, Strategy,
-                             early_stopping, fine_tune, frozen_blocks,
-                             recommend_strategy)
-from kerastl.export import ExportError, export_savedmodel, inference_model
-from kerastl.errors import (BlockError, ConfigError, InputShapeError,
-                            KerastlError, UnknownModelError, WeightsError)
-from kerastl.preprocessing import ImagePreprocessing
-from kerastl.saving import load_model
-from kerastl.zoo import get_config, list_configs, zoo_entry
+import importlib as _importlib
+import sys as _sys
 
-__all__ = [
-    "Backbone", "BlockError", "BlockMap", "ConfigError", "ImagePreprocessing",
-    "InputShapeError", "KerastlError", "UnknownModelError", "WeightsError",
-    "block_map", "get_config", "list_configs", "load_backbone", "zoo_entry",
-    "GradualUnfreezing", "freeze", "unfreeze", "trainable_blocks",
-    "trainable_summary", "build_classifier", "replace_classifier", "Strategy",
-    "early_stopping", "fine_tune", "recommend_strategy", "STRATEGIES",
-    "FineTuneHistory", "frozen_blocks",
-    "LayerwiseOptimizer", "describe_learning_rates", "LayerDecay", "LRSpread",
-    "layer_decay", "lr_spread", "datasets", "DANN", "GaninLambda", "GaninLearningRate",
-    "GradientReversal", "adapt_batch_norm", "coral_loss", "domain_dataset",
-    "information_loss",
-    "hub", "HubLayer", "resolve_handle", "trust_hub_path",
-    "FeatureCache", "LinearProbe", "extract_features", "feature_model",
-    "hard_examples", "joint_fine_tune", "select_source_samples",
-    "CKAResult", "DepthSweep", "cka_by_block", "linear_cka",
-    "transfer_depth_sweep", "ExportError", "export_savedmodel",
-    "inference_model", "load_model",
-]
+# The public API: name -> the module that defines it. ``import kerastl``
+# imports all of it (so that every kerastl class is registered with Keras
+# before ``keras.models.load_model`` meets one). Only the ``kerastl``
+# command's launcher (kerastl_cli.py) asks for a lazy package, so that
+# ``--help``, ``--version`` and ``zoo list`` answer without importing Keras
+# and TensorFlow; its other commands call ``_import_api()`` first.
+_API = {
+    "Backbone": "kerastl.backbone",
+    "load_backbone": "kerastl.backbone",
+    "BlockMap": "kerastl.blocks",
+    "block_map": "kerastl.blocks",
+    "GradualUnfreezing": "kerastl.freezing",
+    "freeze": "kerastl.freezing",
+    "trainable_blocks": "kerastl.freezing",
+    "trainable_summary": "kerastl.freezing",
+    "unfreeze": "kerastl.freezing",
+    "datasets": "kerastl.datasets",
+    "hub": "kerastl.hub",
+    "DANN": "kerastl.adaptation",
+    "GaninLambda": "kerastl.adaptation",
+    "GaninLearningRate": "kerastl.adaptation",
+    "GradientReversal": "kerastl.adaptation",
+    "adapt_batch_norm": "kerastl.adaptation",
+    "coral_loss": "kerastl.adaptation",
+    "domain_dataset": "kerastl.adaptation",
+    "hard_examples": "kerastl.adaptation",
+    "information_loss": "kerastl.adaptation",
+    "joint_fine_tune": "kerastl.adaptation",
+    "select_source_samples": "kerastl.adaptation",
+    "HubLayer": "kerastl.hub",
+    "resolve_handle": "kerastl.hub",
+    "trust_hub_path": "kerastl.hub",
+    "FeatureCache": "kerastl.features",
+    "LinearProbe": "kerastl.features",
+    "extract_features": "kerastl.features",
+    "feature_model": "kerastl.features",
+    "CKAResult": "kerastl.analysis",
+    "DepthSweep": "kerastl.analysis",
+    "cka_by_block": "kerastl.analysis",
+    "linear_cka": "kerastl.analysis",
+    "transfer_depth_sweep": "kerastl.analysis",
+    "build_classifier": "kerastl.heads",
+    "replace_classifier": "kerastl.heads",
+    "LayerDecay": "kerastl.layerwise",
+    "LayerwiseOptimizer": "kerastl.layerwise",
+    "LRSpread": "kerastl.layerwise",
+    "describe_learning_rates": "kerastl.layerwise",
+    "layer_decay": "kerastl.layerwise",
+    "lr_spread": "kerastl.layerwise",
+    "STRATEGIES": "kerastl.recipes",
+    "FineTuneHistory": "kerastl.recipes",
+    "Strategy": "kerastl.recipes",
+    "early_stopping": "kerastl.recipes",
+    "fine_tune": "kerastl.recipes",
+    "frozen_blocks": "kerastl.recipes",
+    "recommend_strategy": "kerastl.recipes",
+    "ExportError": "kerastl.export",
+    "export_savedmodel": "kerastl.export",
+    "inference_model": "kerastl.export",
+    "BlockError": "kerastl.errors",
+    "ConfigError": "kerastl.errors",
+    "InputShapeError": "kerastl.errors",
+    "KerastlError": "kerastl.errors",
+    "UnknownModelError": "kerastl.errors",
+    "WeightsError": "kerastl.errors",
+    "ImagePreprocessing": "kerastl.preprocessing",
+    "load_model": "kerastl.saving",
+    "get_config": "kerastl.zoo",
+    "list_configs": "kerastl.zoo",
+    "zoo_entry": "kerastl.zoo",
+}
+
+
+def _import_api():
+    """Import the whole public API into the package namespace."""
+    namespace = globals()
+    for name, module in _API.items():
+        if name not in namespace:
+            value = _importlib.import_module(module)
+            namespace[name] = (value if module == f"kerastl.{name}"
+                               else getattr(value, name))
+
+
+def __getattr__(name):  # only reached in the launcher's lazy mode
+    if name in _API:
+        _import_api()
+        return globals()[name]
+    raise AttributeError(f"module 'kerastl' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
+
+
+if not getattr(_sys.modules.get("kerastl_cli"), "LAZY_PACKAGE", False):
+    _import_api()
+
+__all__ = [name for name in _API]

@@ -16,6 +16,25 @@ from kerastl.zoo.config import ZooConfig, list_configs, zoo_entry
 from kerastl.zoo.keras_apps import build_application
 
 
+def _rules_of_saved_zoo_name(layer):
+    """Rules for a backbone saved with only its zoo name (older files)."""
+    name = getattr(layer, "zoo_name", None)
+    if not name or getattr(layer, "block_rules", None):
+        return None
+    try:
+        return zoo_entry(name).blocks
+    except UnknownModelError:
+        raise BlockError(
+            f"The model was saved from the zoo entry {name!r}, which this "
+            f"installation does not have, and without its block rules. Put "
+            f"the entry's YAML file in a folder on KERASTL_ZOO_PATH, or "
+            f"re-save the model with this kerastl version (the rules then "
+            f"travel inside it).") from None
+
+
+_blocks.register_rule_provider(_rules_of_saved_zoo_name)
+
+
 class Backbone:
     """A ``keras.Model`` without its source classifier, plus its block map.
 

@@ -24,107 +24,17 @@ This module depends on Keras and :mod:`kerastl.errors` only: the zoo supplies
 rules to it, never the other way round.
 """
 
-import dataclasses
 import difflib
-import re
 import weakref
 
 import keras
 
 from kerastl import _keras_private as _private
 from kerastl.errors import BlockError
+# The rules are plain data (read without Keras by the zoo and the CLI).
+from kerastl.spec import BlockRule, rules_from_config, rules_to_config
 
 HEAD = "head"
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockRule:
-    """How one block is recognised among a model's layers.
-
-    Exactly one of the selectors is used:
-
-    * ``layers``: regexes matched with ``re.match`` (anchored at the start of
-      the layer name; add ``$`` to anchor the end).
-    * ``until``: every not-yet-assigned layer the named layer depends on,
-      the named layer included. Works where inner layers have auto-generated
-      names (``conv2d_17``) but the block's output layer has a stable name.
-    * ``before``: every not-yet-assigned layer computed before the cell that
-      produces the named layer starts, i.e. the ancestors of its immediate
-      dominator (the last layer every path to it goes through), included.
-    * ``variables``: for opaque models (TF Hub SavedModels, which have
-      variables but no layers): regexes matched with ``re.search`` against
-      the SavedModel's variable names (``MobilenetV2/Conv/weights:0``), so a
-      prefix a Hub wrapper adds does not break them.
-    """
-
-    name: str
-    layers: tuple = ()
-    until: str = None
-    before: str = None
-    variables: tuple = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "variables", tuple(self.variables))
-        object.__setattr__(
-            self, "_compiled", tuple(re.compile(p) for p in self.layers))
-        object.__setattr__(
-            self, "_compiled_vars",
-            tuple(re.compile(p) for p in self.variables))
-
-    def matches(self, layer_name):
-        return any(p.match(layer_name) for p in self._compiled)
-
-    def matches_variable(self, variable_name):
-        return any(p.search(variable_name) for p in self._compiled_vars)
-
-    @property
-    def selector(self):
-        """Which selector the rule uses: ``layers``, ``until``, ``before``
-        or ``variables``."""
-        for key in ("until", "before"):
-            if getattr(self, key):
-                return key
-        return "variables" if self.variables else "layers"
-
-    def get_config(self):
-        """The rule as JSON-able data (what a saved model stores)."""
-        value = getattr(self, self.selector)
-        return {"name": self.name, self.selector:
-                list(value) if isinstance(value, tuple) else value}
-
-    @classmethod
-    def from_config(cls, config):
-        """The inverse of :meth:`get_config` (checked)."""
-        if not isinstance(config, dict) or not isinstance(
-                config.get("name"), str) or len(config) != 2:
-            raise BlockError(
-                f"A block rule must be {{'name': ..., one of 'layers', "
-                f"'until', 'before', 'variables': ...}}; got {config!r:.200}.")
-        key = next(k for k in config if k != "name")
-        if key not in ("layers", "until", "before", "variables"):
-            raise BlockError(f"Block rule {config['name']!r}: unknown "
-                             f"selector {key!r}.")
-        value = config[key]
-        if key in ("layers", "variables"):
-            value = [value] if isinstance(value, str) else list(value)
-        try:
-            return cls(config["name"], **{key: value})
-        except (re.error, TypeError) as e:
-            raise BlockError(f"Block rule {config['name']!r}: {e}.") from None
-
-
-def rules_to_config(rules):
-    """A list of rules as JSON-able data; ``None`` for no rules."""
-    return [rule.get_config() for rule in rules] if rules else None
-
-
-def rules_from_config(data):
-    """The inverse of :func:`rules_to_config`: a tuple of rules."""
-    if not data:
-        return ()
-    return tuple(r if isinstance(r, BlockRule) else BlockRule.from_config(r)
-                 for r in data)
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """The ``kerastl`` command line.
 
 Every command has ``--help`` and exits non-zero with a one-line error on bad
-input.
+input. The console script starts here through ``kerastl_cli`` (outside the
+package), which keeps ``--help``, ``--version`` and ``zoo list`` free of Keras
+and TensorFlow; :func:`main` imports the full API before the commands that
+need it.
 """
 
 import argparse
@@ -22,7 +25,7 @@ def _kerastl_warnings_as_lines():
                     line=None):
         text = " ".join(str(message).split())
         if text.startswith("kerastl: "):
-            print("kerastl: warning: " + text[len("kerastl: "):],
+            print("kerastl: warning: " + _cli_terms(text[len("kerastl: "):]),
                   file=sys.stderr, flush=True)
         else:
             show(message, category, filename, lineno, file, line)
@@ -33,6 +36,39 @@ def _kerastl_warnings_as_lines():
 
 def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _import_api_quietly():
+    """Import kerastl's API (Keras, TensorFlow) without their start-up lines.
+
+    TensorFlow 2.21 writes its loading messages (oneDNN, CUDA drivers) from
+    C++ before its logging is set up, ignoring ``TF_CPP_MIN_LOG_LEVEL``.
+    Unless you asked for TensorFlow's logs (``TF_CPP_MIN_LOG_LEVEL`` below
+    3), the process's stderr goes to a temporary file during the import;
+    when the import fails, what it wrote is shown with the error.
+    """
+    import tempfile
+
+    import kerastl
+
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3" or \
+            "tensorflow" in sys.modules:
+        kerastl._import_api()
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            kerastl._import_api()
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _format_table(headers, rows):
@@ -175,9 +211,9 @@ def _nullable(kind):
 
 
 def _show_default(key):
-    from kerastl.experiment import DEFAULTS
+    from kerastl.spec import EXPERIMENT_DEFAULTS
 
-    value = DEFAULTS[key]
+    value = EXPERIMENT_DEFAULTS[key]
     return "required" if value is None and key in ("model", "data") else \
         "none" if value is None else value
 
@@ -243,7 +279,7 @@ def _cli_terms(message):
 
 
 def _version():
-    from kerastl import __version__  # the package, already imported
+    from kerastl import __version__  # the package (lazy under kerastl_cli)
 
     return __version__
 
@@ -264,7 +300,7 @@ def build_parser():
                                         "block count")
     p.add_argument("--markdown", action="store_true",
                    help="print the README's Markdown table")
-    p.set_defaults(func=cmd_zoo_list)
+    p.set_defaults(func=cmd_zoo_list, needs_keras=False)
     p = zoo_sub.add_parser("show", help="one model's block table (builds it "
                                         "with random weights; nothing is "
                                         "downloaded)")
@@ -325,11 +361,14 @@ def build_parser():
 
 
 def main(argv=None):
-    _quiet_tensorflow()
+    _quiet_tensorflow()  # in case TensorFlow is not imported yet
     _kerastl_warnings_as_lines()
     parser = build_parser()
     args = parser.parse_args(argv)
     from kerastl.errors import KerastlError
+
+    if getattr(args, "needs_keras", True):
+        _import_api_quietly()  # also registers kerastl's classes with Keras
 
     try:
         return args.func(args)

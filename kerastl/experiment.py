@@ -33,33 +33,12 @@ from kerastl.freezing import BN_MODES, trainable_summary
 from kerastl.heads import build_classifier
 from kerastl.layerwise import LayerDecay
 from kerastl.recipes import STRATEGIES, fine_tune, frozen_blocks
+from kerastl.spec import EXPERIMENT_DEFAULTS
 from kerastl.zoo import zoo_entry
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # Every key of an experiment, with its default (None: required).
-DEFAULTS = {
-    "model": None,            # zoo name, "hub:<name or handle>" or a .keras file
-    "data": None,             # image folder with one subfolder per class
-    "output": "kerastl_run",  # the output folder
-    "weights": "imagenet",    # "imagenet", null (random) or a weights file
-    "image_size": None,       # input height = width (default: the model's)
-    "validation_split": 0.2,
-    "seed": 0,
-    "batch_size": 32,
-    "strategy": "partial",    # features | partial | full
-    "freeze_up_to": None,     # partial: last frozen block (default: the
-                              # first half of the backbone's blocks)
-    "bn": "frozen",
-    "dropout": 0.2,
-    "optimizer": "adam",
-    "learning_rate": 1e-3,
-    "layer_decay": None,      # e.g. 0.7: layer-wise rates (LayerwiseOptimizer)
-    "epochs": 10,
-    "early_stopping": 3,      # patience in epochs, or null
-    "export_input": "float",  # float | uint8 | bytes
-    "overwrite": False,
-    "resume": False,          # continue an interrupted run (--resume)
-}
+DEFAULTS = EXPERIMENT_DEFAULTS
 
 _TYPES = {
     "model": str, "data": str, "output": str, "weights": (str, type(None)),

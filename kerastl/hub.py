@@ -23,16 +23,15 @@ import urllib.parse
 import keras
 
 from kerastl import _keras_private as _private
-from kerastl.blocks import BlockRule
 from kerastl.errors import KerastlError
 from kerastl.freezing import set_variables_trainable
+from kerastl.spec import KAGGLE_HANDLE, BlockRule
 
 # What the user trusted with trust_hub_path(): folders (everything under
 # them) and handles (exactly). See is_trusted().
 _TRUSTED_PATHS = []
 _TRUSTED_HANDLES = []
 # owner/model/framework/variation[/version]
-KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
 
 
 # -- resolving handles --------------------------------------------------------------

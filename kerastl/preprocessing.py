@@ -11,10 +11,10 @@ MobileNetV3 normalise inside the model). kerastl puts the right conversion
 import keras
 from keras import ops
 
-from kerastl.blocks import rules_from_config, rules_to_config
 from kerastl.errors import ConfigError, InputShapeError
+from kerastl.spec import PREPROCESSING_MODES as MODES
+from kerastl.spec import rules_from_config, rules_to_config
 
-MODES = ("caffe", "tf", "torch", "unit", "builtin")
 
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)

@@ -253,9 +253,11 @@ def fine_tune(model, train, validation=None, strategy="partial",
         # Early stopping watches the validation loss: none without one.
         stop = patience is not None and validation is not None
         cbs = ([early_stopping(patience)] if stop else []) + list(callbacks)
+        # A dataset (no separate y) is shuffled by its own pipeline; Keras
+        # warns when asked to shuffle one.
         return model.fit(x, y, validation_data=validation, epochs=n_epochs,
                          batch_size=batch_size, callbacks=cbs,
-                         verbose=verbose)
+                         shuffle=y is not None, verbose=verbose)
 
     h1 = None
     if head_epochs:
@@ -266,7 +268,7 @@ def fine_tune(model, train, validation=None, strategy="partial",
         optimizer = LayerwiseOptimizer(optimizer, multipliers, model)
     h2 = phase(optimizer, epochs)
     if check_features:
-        warn_at_chance(model, h2)
+        warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
 
 
@@ -328,8 +330,11 @@ def check_frozen_features(model, depth, x):
             f"constant images. The new head cannot learn from them. {fix}")
 
 
-def warn_at_chance(model, history):
-    """Warns when the best validation accuracy is at or below chance."""
+def warn_at_chance(model, history, frozen=None):
+    """Warns when the best validation accuracy is at or below chance.
+
+    ``frozen``: how many blocks were frozen (the advice differs when
+    everything already trained)."""
     acc = history.history.get("val_accuracy")
     try:
         output = model.output
@@ -344,8 +349,10 @@ def warn_at_chance(model, history):
         warnings.warn(
             f"kerastl: validation accuracy never rose above chance "
             f"({max(acc):.3f} with {classes} classes): the model did not "
-            "learn. Check the labels, use pretrained weights, or train more "
-            "blocks (strategy='full').", RuntimeWarning, stacklevel=3)
+            "learn. Check the labels, use pretrained weights, or "
+            + ("train more epochs or another learning rate."
+               if frozen == 0 else "train more blocks (strategy='full')."),
+            RuntimeWarning, stacklevel=3)
 
 
 def _optimizer(optimizer, default_rate):

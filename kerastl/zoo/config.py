@@ -20,10 +20,9 @@ from pathlib import Path
 
 from kerastl import _yaml
 
-from kerastl.blocks import BlockRule
 from kerastl.errors import ConfigError, UnknownModelError
-from kerastl.hub import KAGGLE_HANDLE
-from kerastl.preprocessing import MODES
+from kerastl.spec import KAGGLE_HANDLE, BlockRule
+from kerastl.spec import PREPROCESSING_MODES as MODES
 
 # Every constructor in Keras 3's keras.applications. A config may name only
 # these; nothing else is ever resolved from a config.

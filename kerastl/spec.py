@@ -1,0 +1,135 @@
+"""The vocabulary kerastl's files and commands share, importable without Keras.
+
+Block rules, preprocessing modes, Hub handle syntax and the experiment keys
+are what a zoo YAML file or an experiment file is written in. They live here,
+apart from the code that acts on models, so that reading the zoo and the
+command line's ``--help``, ``--version`` and ``zoo list`` never import Keras
+or TensorFlow (which take seconds and print start-up logs).
+"""
+
+import dataclasses
+import re
+
+from kerastl.errors import BlockError
+
+# Preprocessing a zoo entry may name (see kerastl.preprocessing).
+PREPROCESSING_MODES = ("caffe", "tf", "torch", "unit", "builtin")
+
+# A Kaggle model handle: owner/model/framework/variation[/version].
+KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
+
+# Every key of an experiment (kerastl finetune), with its default
+# (None: required for model and data).
+EXPERIMENT_DEFAULTS = {
+    "model": None,            # zoo name, "hub:<name or handle>" or a .keras file
+    "data": None,             # image folder with one subfolder per class
+    "output": "kerastl_run",  # the output folder
+    "weights": "imagenet",    # "imagenet", null (random) or a weights file
+    "image_size": None,       # input height = width (default: the model's)
+    "validation_split": 0.2,
+    "seed": 0,
+    "batch_size": 32,
+    "strategy": "partial",    # features | partial | full
+    "freeze_up_to": None,     # partial: last frozen block (default: the
+                              # first half of the backbone's blocks)
+    "bn": "frozen",
+    "dropout": 0.2,
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "layer_decay": None,      # e.g. 0.7: layer-wise rates (LayerwiseOptimizer)
+    "epochs": 10,
+    "early_stopping": 3,      # patience in epochs, or null
+    "export_input": "float",  # float | uint8 | bytes
+    "overwrite": False,
+    "resume": False,          # continue an interrupted run (--resume)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRule:
+    """How one block is recognised among a model's layers.
+
+    Exactly one of the selectors is used:
+
+    * ``layers``: regexes matched with ``re.match`` (anchored at the start of
+      the layer name; add ``$`` to anchor the end).
+    * ``until``: every not-yet-assigned layer the named layer depends on,
+      the named layer included. Works where inner layers have auto-generated
+      names (``conv2d_17``) but the block's output layer has a stable name.
+    * ``before``: every not-yet-assigned layer computed before the cell that
+      produces the named layer starts, i.e. the ancestors of its immediate
+      dominator (the last layer every path to it goes through), included.
+    * ``variables``: for opaque models (TF Hub SavedModels, which have
+      variables but no layers): regexes matched with ``re.search`` against
+      the SavedModel's variable names (``MobilenetV2/Conv/weights:0``), so a
+      prefix a Hub wrapper adds does not break them.
+    """
+
+    name: str
+    layers: tuple = ()
+    until: str = None
+    before: str = None
+    variables: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "variables", tuple(self.variables))
+        object.__setattr__(
+            self, "_compiled", tuple(re.compile(p) for p in self.layers))
+        object.__setattr__(
+            self, "_compiled_vars",
+            tuple(re.compile(p) for p in self.variables))
+
+    def matches(self, layer_name):
+        return any(p.match(layer_name) for p in self._compiled)
+
+    def matches_variable(self, variable_name):
+        return any(p.search(variable_name) for p in self._compiled_vars)
+
+    @property
+    def selector(self):
+        """Which selector the rule uses: ``layers``, ``until``, ``before``
+        or ``variables``."""
+        for key in ("until", "before"):
+            if getattr(self, key):
+                return key
+        return "variables" if self.variables else "layers"
+
+    def get_config(self):
+        """The rule as JSON-able data (what a saved model stores)."""
+        value = getattr(self, self.selector)
+        return {"name": self.name, self.selector:
+                list(value) if isinstance(value, tuple) else value}
+
+    @classmethod
+    def from_config(cls, config):
+        """The inverse of :meth:`get_config` (checked)."""
+        if not isinstance(config, dict) or not isinstance(
+                config.get("name"), str) or len(config) != 2:
+            raise BlockError(
+                f"A block rule must be {{'name': ..., one of 'layers', "
+                f"'until', 'before', 'variables': ...}}; got {config!r:.200}.")
+        key = next(k for k in config if k != "name")
+        if key not in ("layers", "until", "before", "variables"):
+            raise BlockError(f"Block rule {config['name']!r}: unknown "
+                             f"selector {key!r}.")
+        value = config[key]
+        if key in ("layers", "variables"):
+            value = [value] if isinstance(value, str) else list(value)
+        try:
+            return cls(config["name"], **{key: value})
+        except (re.error, TypeError) as e:
+            raise BlockError(f"Block rule {config['name']!r}: {e}.") from None
+
+
+def rules_to_config(rules):
+    """A list of rules as JSON-able data; ``None`` for no rules."""
+    return [rule.get_config() for rule in rules] if rules else None
+
+
+def rules_from_config(data):
+    """The inverse of :func:`rules_to_config`: a tuple of rules."""
+    if not data:
+        return ()
+    return tuple(r if isinstance(r, BlockRule) else BlockRule.from_config(r)
+                 for r in data)
