@@ -137,9 +137,19 @@ def in_safe_mode():
     return serialization_lib.in_safe_mode()
 
 
+def move_initial_epoch(source, target):
+    """Moves the epoch ``BackupAndRestore`` set on ``source`` (the model its
+    callback sees) to ``target`` (the model whose ``fit`` runs): Keras reads
+    ``model._initial_epoch`` right after ``on_train_begin``."""
+    epoch = getattr(source, "_initial_epoch", None)
+    if epoch:
+        target._initial_epoch = epoch
+        source._initial_epoch = None
+
+
 __all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
            "producing_operation", "all_sublayers", "compile_config",
            "compiled_loss", "additional_loss", "variable_index",
            "hook_optimizer", "adopt_tf_variable", "optimizer_variables",
-           "variables_used_by",
-           "in_safe_mode"]
+           "variables_used_by", "in_safe_mode", "move_initial_epoch"]
+

@@ -190,6 +190,9 @@ FINETUNE_FLAGS = [
     ("early_stopping", int, "patience in epochs; none: train every epoch"),
     ("export_input", ("float", "uint8", "bytes"),
      "what the SavedModel's serve signature takes"),
+    ("boundary_cache", ("auto", "on", "off"),
+     "run the frozen blocks once and train the rest on their output: "
+     "auto (whenever valid), on (required), off"),
 ]
 NULL = object()  # "none"/"null" given on the command line
 

@@ -39,6 +39,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # Every key of an experiment, with its default (None: required).
 DEFAULTS = EXPERIMENT_DEFAULTS
+# The boundary_cache key's values (YAML's true/false too) as fine_tune's.
+BOUNDARY_CACHE = {"auto": "auto", "on": True, "off": False, True: True,
+                  False: False}
 
 _TYPES = {
     "model": str, "data": str, "output": str, "weights": (str, type(None)),
@@ -48,6 +51,7 @@ _TYPES = {
     "dropout": numbers.Real, "optimizer": str, "learning_rate": numbers.Real,
     "layer_decay": (numbers.Real, type(None)), "epochs": int,
     "early_stopping": (int, type(None)), "export_input": str,
+    "boundary_cache": (str, bool),
     "overwrite": bool, "resume": bool,
 }
 
@@ -110,6 +114,8 @@ def _check_values(e):
         ("bn", e["bn"] in BN_MODES, ", ".join(BN_MODES)),
         ("export_input", e["export_input"] in INPUT_MODES,
          ", ".join(INPUT_MODES)),
+        ("boundary_cache", e["boundary_cache"] in BOUNDARY_CACHE,
+         "auto, on or off"),
         ("validation_split", 0 < e["validation_split"] < 1,
          "a fraction between 0 and 1 (exclusive)"),
         ("batch_size", e["batch_size"] >= 1, "a positive integer"),
@@ -292,6 +298,7 @@ def run_experiment(experiment, verbose=1):
                 multipliers=None if e["layer_decay"] is None
                 else LayerDecay(e["layer_decay"]),
                 bn=e["bn"], patience=e["early_stopping"],
+                boundary_cache=BOUNDARY_CACHE[e["boundary_cache"]],
                 callbacks=callbacks, verbose=verbose).fine_tune
         except KeyboardInterrupt as stop:
             # Ctrl-C: keep what is complete (the best checkpoint so far)
@@ -344,6 +351,8 @@ def _finish(tmp, e, model, train, val, classes, history, start):
         "validation_images": len(val.file_paths),
         "validation": {"loss": float(loss), "accuracy": float(accuracy)},
         "epochs_run": len(history.history["loss"]),
+        # "used", or why the frozen blocks ran in every epoch instead.
+        "boundary_cache": getattr(history, "boundary_cache", None),
         "history": {k: [float(v) for v in vs]
                     for k, vs in history.history.items()},
         "confusion_matrix": confusion.tolist(),

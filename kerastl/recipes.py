@@ -20,7 +20,7 @@ import warnings
 import keras
 import numpy as np
 
-from kerastl import freezing
+from kerastl import boundary, freezing
 from kerastl.blocks import block_map
 from kerastl.errors import KerastlError
 from kerastl.layerwise import LayerwiseOptimizer
@@ -189,7 +189,7 @@ def fine_tune(model, train, validation=None, strategy="partial",
               head_optimizer=None, multipliers=None, bn="frozen",
               loss="sparse_categorical_crossentropy", metrics=("accuracy",),
               patience=3, callbacks=(), batch_size=None, verbose=0,
-              check_features=True, **deprecated):
+              check_features=True, boundary_cache="auto", **deprecated):
     """Fine-tunes a classifier built on a backbone: kerastl's one driver.
 
     1. Head phase (``head_epochs > 0``): every backbone block frozen, the
@@ -221,6 +221,15 @@ def fine_tune(model, train, validation=None, strategy="partial",
             :func:`kerastl.freeze`).
         callbacks: more Keras callbacks for both phases.
         batch_size: for array input (default: Keras' 32).
+        boundary_cache: ``"auto"`` (default): when the frozen blocks can be
+            run once (see :mod:`kerastl.boundary`: frozen, nothing random
+            before the boundary, replayable data), compute their output
+            once and train only the rest on it: the same training, several
+            times faster when the frozen part is most of the compute.
+            ``True``: require it (a :class:`~kerastl.boundary.BoundaryCacheError`
+            says why it cannot be used); ``False``: never. Each returned
+            ``History`` has ``boundary_cache``: ``"used"`` or the reason it
+            was not.
         check_features: before training, run a few training batches
             through the frozen blocks and stop with an error when they give
             constant or non-finite features (a frozen, randomly
@@ -243,30 +252,47 @@ def fine_tune(model, train, validation=None, strategy="partial",
     optimizer = _optimizer(optimizer, 1e-5)
     head_optimizer = _optimizer(head_optimizer, 1e-3) if head_epochs \
         else None
+    if boundary_cache not in ("auto", True, False):
+        raise KerastlError(f"boundary_cache={boundary_cache!r}: expected "
+                           "'auto', True or False.")
     x, y = train if isinstance(train, tuple) else (train, None)
     if check_features:
         check_frozen_features(model, max(depth, len(block_map(
             model).base_blocks) if head_epochs else depth), x)
 
-    def phase(optimizer, n_epochs):
-        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    def phase(optimizer, n_epochs, frozen):
         # Early stopping watches the validation loss: none without one.
         stop = patience is not None and validation is not None
         cbs = ([early_stopping(patience)] if stop else []) + list(callbacks)
+        reason = "boundary_cache=False"
+        if boundary_cache is not False:
+            history, reason = boundary.cached_fit(
+                model, frozen, x, y, validation, optimizer=optimizer,
+                loss=loss, metrics=metrics, epochs=n_epochs,
+                batch_size=batch_size, callbacks=cbs, verbose=verbose,
+                required=boundary_cache is True)
+            if history is not None:
+                history.boundary_cache = "used"
+                return history
+        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
         # A dataset (no separate y) is shuffled by its own pipeline; Keras
         # warns when asked to shuffle one.
-        return model.fit(x, y, validation_data=validation, epochs=n_epochs,
-                         batch_size=batch_size, callbacks=cbs,
-                         shuffle=y is not None, verbose=verbose)
+        history = model.fit(x, y, validation_data=validation,
+                            epochs=n_epochs, batch_size=batch_size,
+                            callbacks=cbs, shuffle=y is not None,
+                            verbose=verbose)
+        history.boundary_cache = reason
+        return history
 
     h1 = None
     if head_epochs:
         freezing.freeze(model, bn=bn, recompile=False)
-        h1 = phase(head_optimizer, head_epochs)
+        h1 = phase(head_optimizer, head_epochs,
+                   len(block_map(model).base_blocks))
     freezing.freeze(model, up_to=depth, bn=bn, recompile=False)
     if multipliers is not None:
         optimizer = LayerwiseOptimizer(optimizer, multipliers, model)
-    h2 = phase(optimizer, epochs)
+    h2 = phase(optimizer, epochs, depth)
     if check_features:
         warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)

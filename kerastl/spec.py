@@ -40,6 +40,7 @@ EXPERIMENT_DEFAULTS = {
     "epochs": 10,
     "early_stopping": 3,      # patience in epochs, or null
     "export_input": "float",  # float | uint8 | bytes
+    "boundary_cache": "auto",  # auto | on | off: frozen blocks run once
     "overwrite": False,
     "resume": False,          # continue an interrupted run (--resume)
 }

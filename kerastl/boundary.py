@@ -1,0 +1,312 @@
+"""Boundary-activation caching: train the top of a model on activations of
+its frozen prefix computed once.
+
+Partial fine-tuning freezes a model's first blocks and trains the rest. A
+frozen prefix (its BatchNorm in inference mode, nothing random in it) maps
+each image to the same activations in every epoch, so :func:`split_at_block`
+cuts the model at the end of a block into a ``prefix`` (images in, boundary
+activations out) and a ``suffix`` (boundary activations in, the model's
+outputs out) that share the model's layers, and :func:`cached_fit` runs the
+prefix once over the data and trains the suffix on what it produced. Since
+the layers are shared, the original model holds the trained weights
+afterwards: nothing is copied back, ``predict`` and export use it as it is.
+
+:func:`kerastl.fine_tune` uses this by default whenever it is valid
+(``boundary_cache="auto"``); ``boundary_cache=True`` asks for it and fails
+with the reason when it is not valid, ``False`` never uses it.
+
+What makes it invalid (each is a :class:`BoundaryCacheError` naming the fix):
+
+* a prefix variable that is trainable (the prefix is not frozen), a
+  BatchNormalization in the prefix that is trainable (it would update its
+  statistics);
+* a random layer in the prefix (augmentation, dropout, noise): its output
+  changes every epoch, so it must come after the boundary, or in the input
+  pipeline;
+* the boundary inside a nested model, or no block to cut after;
+* a ``GradualUnfreezing`` callback (it moves the boundary during training:
+  use ``boundary_cache=False``);
+* data it cannot replay: a dataset that repeats forever, data that is not
+  ``(x, y)`` arrays or a ``tf.data.Dataset`` of ``(x, y[, weights])``
+  batches, or activations larger than ``max_bytes`` (default 2 GiB).
+
+The same batches and seed give the same training as end to end up to float
+summation order (the acceptance test compares predictions to 1e-5). A
+``tf.data`` input is replayed as arrays with its examples reshuffled each
+epoch (as ``image_dataset_from_directory`` does); its augmentation, if any,
+is frozen at the first epoch's draw, so put random augmentation in the model
+after the boundary, or pass ``boundary_cache=False``.
+"""
+
+import numpy as np
+
+import keras
+
+from kerastl import _keras_private as _private
+from kerastl.blocks import block_map
+from kerastl.errors import KerastlError
+from kerastl.freezing import GradualUnfreezing
+
+MAX_BYTES = 2 * 1024 ** 3
+
+
+class BoundaryCacheError(KerastlError):
+    """The boundary cache cannot be used here (the message says why)."""
+
+
+def _random_state(layer):
+    """True when ``layer`` draws random numbers (augmentation, dropout)."""
+    return any(isinstance(v, keras.random.SeedGenerator)
+               for v in vars(layer).values())
+
+
+def _prefix_problem(model, depth):
+    bm = block_map(model)
+    if depth <= 0 or depth > len(bm.base_blocks):
+        return (f"there is no frozen block to cache (frozen blocks: "
+                f"{depth}); boundary caching needs strategy 'partial' or "
+                "'features'")
+    for block in bm.names[:depth]:
+        for layer in bm.layers(block):
+            if any(v.trainable for v in layer.weights) and layer.trainable:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    return (f"BatchNormalization layer {layer.name!r} in "
+                            f"block {block!r} before the boundary is in "
+                            "training mode; freeze it (bn='frozen')")
+                return (f"layer {layer.name!r} in block {block!r} before the "
+                        "boundary is trainable: the prefix is not frozen")
+            if _random_state(layer):
+                return (f"layer {layer.name!r} in block {block!r} before the "
+                        "boundary is random (augmentation, dropout or "
+                        "noise); move it after the boundary or into the "
+                        "input pipeline, or pass boundary_cache=False")
+    return None
+
+
+def split_at_block(model, depth):
+    """``(prefix, suffix)``: ``model`` cut after its first ``depth`` blocks.
+
+    Both are ``keras.Model`` objects sharing ``model``'s layers: ``prefix``
+    maps the model's inputs to the tensors that cross the boundary,
+    ``suffix`` maps those to the model's outputs, and ``suffix(prefix(x))``
+    computes ``model(x)``.
+
+    Raises:
+        BoundaryCacheError: the prefix is not frozen or holds a random layer,
+            or the boundary falls inside a nested model.
+    """
+    problem = _prefix_problem(model, depth)
+    if problem:
+        raise BoundaryCacheError(f"Boundary cache: {problem}.")
+    bm = block_map(model)
+    prefix_leaves = {id(l) for b in bm.names[:depth] for l in bm.layers(b)}
+    graph = _private.functional_graph(model)
+    if graph is None:
+        raise BoundaryCacheError(
+            "Boundary cache: the model is subclassed (no layer graph to cut); "
+            "pass boundary_cache=False.")
+    nodes = [n for ns in _private.nodes_by_depth(graph).values() for n in ns]
+
+    def side(op):
+        if isinstance(op, keras.layers.InputLayer):
+            return "prefix"
+        leaves = [l for l in _private.all_sublayers(op)
+                  if not isinstance(l, (keras.Model, keras.layers.InputLayer))
+                  ] if isinstance(op, keras.Model) else [op]
+        inside = {id(l) in prefix_leaves for l in leaves}
+        if len(inside) > 1:
+            raise BoundaryCacheError(
+                f"Boundary cache: the boundary after block "
+                f"{bm.names[depth - 1]!r} falls inside the nested model "
+                f"{op.name!r}; pass boundary_cache=False.")
+        return "prefix" if inside == {True} else "suffix"
+
+    crossing, seen = [], set()
+    for node in nodes:
+        if node.is_input or side(node.operation) == "prefix":
+            continue
+        for tensor in node.input_tensors:
+            op = _private.producing_operation(tensor)
+            if side(op) == "prefix" and id(tensor) not in seen:
+                seen.add(id(tensor))
+                crossing.append(tensor)
+    if not crossing:
+        raise BoundaryCacheError(
+            "Boundary cache: nothing after the boundary reads the frozen "
+            "blocks' output.")
+    prefix = keras.Model(model.inputs, crossing if len(crossing) > 1
+                         else crossing[0], name=f"{model.name}_prefix")
+    suffix = keras.Model(crossing if len(crossing) > 1 else crossing[0],
+                         model.outputs if len(model.outputs) > 1
+                         else model.outputs[0], name=f"{model.name}_suffix")
+    return prefix, suffix
+
+
+def why_not(model, depth, callbacks=()):
+    """The reason boundary caching is invalid for this setup, or ``None``."""
+    if any(isinstance(c, GradualUnfreezing) for c in callbacks):
+        return ("GradualUnfreezing moves the boundary during training; pass "
+                "boundary_cache=False")
+    problem = _prefix_problem(model, depth)
+    if problem:
+        return problem
+    try:
+        split_at_block(model, depth)
+    except BoundaryCacheError as e:
+        return str(e)[len("Boundary cache: "):].rstrip(".")
+    return None
+
+
+class _NotReplayable(Exception):
+    pass
+
+
+def _activations(prefix, data, batch_size, max_bytes):
+    """``(activations, y, sample_weight, batch_size)`` of ``data`` through
+    ``prefix``, or :class:`_NotReplayable` with the reason."""
+    if isinstance(data, tuple) and len(data) in (2, 3):
+        x, y = data[0], data[1]
+        w = data[2] if len(data) == 3 else None
+        size = batch_size or 32
+        n = len(y)
+        bytes_needed = n * sum(int(np.prod(t.shape[1:])) * 4
+                               for t in prefix.outputs)
+        if bytes_needed > max_bytes:
+            raise _NotReplayable(
+                f"the boundary activations would take {bytes_needed / 2**30:.1f}"
+                f" GiB (limit {max_bytes / 2**30:.1f} GiB)")
+        acts = prefix.predict(x, batch_size=size, verbose=0)
+        return acts, np.asarray(y), w, size
+    tf = _tf_data()
+    if tf is None or not isinstance(data, tf.data.Dataset):
+        raise _NotReplayable(f"data of type {type(data).__name__} (cached: "
+                             "(x, y) arrays or a tf.data.Dataset)")
+    if data.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise _NotReplayable("the dataset repeats forever")
+    parts, ys, ws, size, total = [], [], [], None, 0
+    for batch in data:
+        if not isinstance(batch, tuple) or len(batch) not in (2, 3):
+            raise _NotReplayable("dataset elements are not (x, y[, weights])")
+        a = prefix.predict_on_batch(batch[0])
+        total += sum(np.asarray(v).nbytes for v in (
+            a if isinstance(a, list) else [a]))
+        if total > max_bytes:
+            raise _NotReplayable(
+                f"the boundary activations exceed "
+                f"{max_bytes / 2**30:.1f} GiB")
+        parts.append(a)
+        ys.append(np.asarray(batch[1]))
+        if len(batch) == 3:
+            ws.append(np.asarray(batch[2]))
+        size = size or len(ys[-1])
+    if not parts:
+        raise _NotReplayable("the dataset is empty")
+    if isinstance(parts[0], list):
+        acts = [np.concatenate([p[i] for p in parts])
+                for i in range(len(parts[0]))]
+    else:
+        acts = np.concatenate(parts)
+    return (acts, np.concatenate(ys), np.concatenate(ws) if ws else None,
+            size)
+
+
+def _tf_data():
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf
+
+
+class _OnFullModel(keras.callbacks.Callback):
+    """Shows a callback the whole model while the suffix trains: a
+    checkpoint saves the whole model, early stopping restores its weights,
+    BackupAndRestore's resumed epoch reaches the suffix's ``fit``."""
+
+    def __init__(self, inner, full, fitted):
+        super().__init__()
+        self.inner, self.full, self.fitted = inner, full, fitted
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.inner.set_model(self.full)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.inner.on_train_begin(logs)
+        _private.move_initial_epoch(self.full, self.fitted)
+
+
+def _forward(name):
+    def hook(self, *args, **kwargs):
+        if self.full.stop_training:
+            self.fitted.stop_training = True
+        result = getattr(self.inner, name)(*args, **kwargs)
+        if self.full.stop_training:
+            self.fitted.stop_training = True
+        return result
+    hook.__name__ = name
+    return hook
+
+
+for _name in ("on_train_end", "on_epoch_begin", "on_epoch_end",
+              "on_train_batch_begin", "on_train_batch_end",
+              "on_test_begin", "on_test_end", "on_test_batch_begin",
+              "on_test_batch_end", "on_predict_begin", "on_predict_end",
+              "on_predict_batch_begin", "on_predict_batch_end"):
+    setattr(_OnFullModel, _name, _forward(_name))
+
+
+def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
+               loss, metrics=(), epochs=1, batch_size=None, callbacks=(),
+               verbose=0, max_bytes=MAX_BYTES, required=False):
+    """``model.fit`` with its first ``depth`` (frozen) blocks run once.
+
+    Compiles ``model`` and its suffix with the same optimizer, computes the
+    boundary activations of the training (and validation) data, and trains
+    the suffix on them.
+
+    Returns:
+        ``(history, reason)``: the Keras ``History`` and ``None``; or
+        ``None`` and why the cache is invalid (nothing was trained then:
+        call ``model.fit``), unless ``required``.
+
+    Raises:
+        BoundaryCacheError: ``required`` and the cache is invalid.
+    """
+    reason = why_not(model, depth, callbacks)
+    result = None
+    if reason is None:
+        prefix, suffix = split_at_block(model, depth)
+        if verbose:
+            names = block_map(model).names
+            print(f"kerastl: boundary cache: running blocks {names[0]}.."
+                  f"{names[depth - 1]} once over the data; training "
+                  f"{', '.join(names[depth:])} on their output.", flush=True)
+        try:
+            train = _activations(prefix, x if y is None else (x, y),
+                                 batch_size, max_bytes)
+            val = None
+            if validation_data is not None:
+                a, vy, vw, _ = _activations(prefix, validation_data,
+                                            batch_size, max_bytes)
+                val = (a, vy) if vw is None else (a, vy, vw)
+        except _NotReplayable as e:
+            reason = str(e)
+        else:
+            model.compile(optimizer=optimizer, loss=loss,
+                          metrics=list(metrics))
+            suffix.compile(optimizer=optimizer, loss=loss,
+                           metrics=list(metrics))
+            acts, ty, tw, size = train
+            result = suffix.fit(
+                acts, ty, sample_weight=tw, validation_data=val,
+                epochs=epochs, batch_size=size, shuffle=True,
+                callbacks=[_OnFullModel(c, model, suffix)
+                           for c in callbacks], verbose=verbose)
+    if reason is not None and required:
+        raise BoundaryCacheError(f"Boundary cache: {reason}.")
+    return result, reason

@@ -1,0 +1,210 @@
+"""Boundary-activation caching: the frozen prefix runs once, the result is
+the training end to end would give, and every invalid case is refused."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerastl
+from kerastl import boundary
+from kerastl.boundary import BoundaryCacheError
+
+
+def net(first=None, name="net"):
+    """Input -> [first] -> conv/BN (block1) -> conv/pool (block2) -> head."""
+    inputs = keras.Input((32, 32, 3))
+    x = first(inputs) if first is not None else inputs
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="c1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="out")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def mobilenet_classifier(seed=1):
+    keras.utils.set_random_seed(seed)
+    backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+                                     input_shape=(32, 32, 3))
+    return kerastl.build_classifier(backbone, 3)
+
+
+def data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 255, (n, 32, 32, 3)).astype("float32")
+    return x, rng.integers(0, 3, n)
+
+
+def train_both_ways(make, train, validation, **kwargs):
+    """Predictions and histories of fine_tune with and without the cache,
+    from the same model, seed and batches."""
+    out = {}
+    for cache in (False, True):
+        model = make()
+        keras.utils.set_random_seed(2)
+        history = kerastl.fine_tune(
+            model, train, validation, head_epochs=0,
+            optimizer=keras.optimizers.Adam(1e-3), check_features=False,
+            boundary_cache=cache, **kwargs).fine_tune
+        out[cache] = (model, history)
+    return out
+
+
+def test_cached_partial_fine_tuning_equals_end_to_end():
+    x, y = data()
+    runs = train_both_ways(mobilenet_classifier, (x, y), data(16, 1),
+                           strategy="partial", freeze_up_to="stage3",
+                           epochs=3, batch_size=16)
+    (plain, h_plain), (cached, h_cached) = runs[False], runs[True]
+    assert h_cached.boundary_cache == "used"
+    assert h_plain.boundary_cache == "boundary_cache=False"
+    np.testing.assert_allclose(h_cached.history["loss"],
+                               h_plain.history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(cached.predict(x, verbose=0),
+                               plain.predict(x, verbose=0), atol=1e-5)
+    # The frozen prefix did not move; the trained top did.
+    bm = kerastl.block_map(cached)
+    fresh = mobilenet_classifier()
+    for block in bm.names:
+        same = all(np.array_equal(a, b) for a, b in zip(
+            [v.numpy() for v in bm.variables(block)],
+            [v.numpy() for v in kerastl.block_map(fresh).variables(block)]))
+        assert same == (bm.index(block) < bm.index("stage4")), block
+
+
+def test_features_strategy_on_a_dataset_keeps_the_full_model_for_callbacks(
+        tmp_path):
+    x, y = data()
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    val = tf.data.Dataset.from_tensor_slices(data(16, 1)).batch(8)
+    path = str(tmp_path / "best.keras")
+    model = net()
+    history = kerastl.fine_tune(
+        model, train, val, strategy="features", head_epochs=0, epochs=2,
+        optimizer=keras.optimizers.Adam(1e-2), check_features=False,
+        callbacks=[keras.callbacks.ModelCheckpoint(path)]).fine_tune
+    assert history.boundary_cache == "used"
+    assert set(history.history) >= {"loss", "val_loss", "val_accuracy"}
+    # The checkpoint is the whole model (images in), not the cached top.
+    saved = keras.models.load_model(path)
+    assert saved.input_shape == (None, 32, 32, 3)
+    np.testing.assert_allclose(saved.predict(x, verbose=0),
+                               model.predict(x, verbose=0), atol=1e-6)
+    # The full model is compiled with the optimizer that trained it.
+    assert model.optimizer.iterations.numpy() == 2 * 3
+    model.evaluate(val, verbose=0)
+
+
+def test_early_stopping_restores_and_stops_through_the_full_model():
+    x, y = data()
+    model = net()
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=0,
+                                         min_delta=10.0)
+    history = kerastl.fine_tune(
+        model, (x, y), None, strategy="features", head_epochs=0, epochs=5,
+        check_features=False, callbacks=[stop]).fine_tune
+    assert history.boundary_cache == "used"
+    assert len(history.history["loss"]) == 2  # stopped after patience 0
+
+
+# -- refusals (boundary_cache=True) and the fallback ("auto") -----------------
+
+def refusal(model, depth=1, callbacks=(), **kwargs):
+    x, y = data(16)
+    kerastl.freeze(model, up_to=depth)
+    with pytest.raises(BoundaryCacheError) as e:
+        boundary.cached_fit(model, depth, x, y, optimizer="adam",
+                            loss="sparse_categorical_crossentropy",
+                            callbacks=callbacks, required=True, **kwargs)
+    return str(e.value)
+
+
+def test_refuses_augmentation_before_the_boundary():
+    message = refusal(net(keras.layers.RandomFlip(name="flip")))
+    assert "'flip'" in message and "random" in message
+    assert "boundary_cache=False" in message
+
+
+def test_refuses_a_prefix_that_is_not_frozen():
+    model = net()
+    with pytest.raises(BoundaryCacheError, match="'c1'.*not frozen"):
+        boundary.split_at_block(model, 1)
+
+
+def test_refuses_batch_norm_in_training_mode_before_the_boundary():
+    model = net()
+    model.get_layer("c1").trainable = False
+    with pytest.raises(BoundaryCacheError, match="'bn1'.*training mode"):
+        boundary.split_at_block(model, 1)
+
+
+def test_refuses_gradual_unfreezing():
+    model = net()
+    unfreezing = kerastl.GradualUnfreezing(every=1)
+    assert "GradualUnfreezing" in refusal(model, callbacks=[unfreezing])
+
+
+def test_refuses_nothing_frozen():
+    assert "no frozen block" in refusal(net(), depth=0)
+
+
+def test_refuses_a_boundary_inside_a_nested_model():
+    inner = net(name="inner")
+    inner = keras.Model(inner.input, inner.get_layer("c2").output,
+                        name="inner")
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inner(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    assert "inside the nested model 'inner'" in refusal(model)
+
+
+def test_refuses_a_dataset_that_repeats_forever():
+    x, y = data(16)
+    model = net()
+    kerastl.freeze(model, up_to=1)
+    forever = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    with pytest.raises(BoundaryCacheError, match="repeats forever"):
+        boundary.cached_fit(model, 1, forever, optimizer="adam",
+                            loss="sparse_categorical_crossentropy",
+                            required=True)
+
+
+def test_refuses_activations_over_the_memory_limit():
+    message = refusal(net(), max_bytes=1000)
+    assert "GiB" in message and "limit" in message
+
+
+def test_auto_falls_back_to_end_to_end_and_says_why():
+    x, y = data()
+    model = net(keras.layers.RandomFlip(name="flip"))
+    history = kerastl.fine_tune(
+        model, (x, y), None, strategy="partial", freeze_up_to=1,
+        head_epochs=0, epochs=1, check_features=False).fine_tune
+    assert "'flip'" in history.boundary_cache
+    assert len(history.history["loss"]) == 1
+
+
+def test_bad_boundary_cache_value():
+    x, y = data(16)
+    with pytest.raises(kerastl.KerastlError, match="boundary_cache='yes'"):
+        kerastl.fine_tune(net(), (x, y), boundary_cache="yes")
+
+
+def test_cli_records_whether_the_cache_was_used(tmp_path):
+    from conftest import write_folder
+    from kerastl import cli
+    import json
+
+    folder = write_folder(tmp_path / "images", per_class=6, size=32)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", "mobilenet_v2", "--weights",
+                     "none", "--data", str(folder), "--output", str(out),
+                     "--image-size", "32", "--epochs", "1", "--strategy",
+                     "partial", "--boundary-cache", "on", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["boundary_cache"] == "used"
+    assert metrics["experiment"]["boundary_cache"] == "on"
+    assert os.path.exists(out / "savedmodel")
