@@ -133,7 +133,7 @@ def run_pair(src_name, tgt_name, seed, args):
     return row
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=0,
@@ -149,7 +149,7 @@ def main():
     parser.add_argument("--no-split-batchnorm", dest="paper_batchnorm",
                         action="store_true",
                         help="one batch of both domains through BN")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.time()
     print(f"optimizer {args.optimizer}, GaninLambda(warmup={args.warmup}), "
           f"DANN(entropy_weight="

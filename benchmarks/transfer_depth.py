@@ -37,14 +37,14 @@ def cnn(filters=(16, 32, 32, 64, 64)):
     return small_cnn(widths=filters, name="cnn5")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 10, 50])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--plot", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.time()
     keras.utils.set_random_seed(0)
     backbone = cnn()

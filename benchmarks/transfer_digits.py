@@ -42,13 +42,13 @@ def accuracy(model, train, test, epochs=40):
     return model.evaluate(*test, verbose=0)[1]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, nargs="+", default=[1, 2, 3, 5])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--source-samples", type=int, default=4000)
     parser.add_argument("--source-epochs", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.time()
     keras.utils.set_random_seed(0)
     backbone = small_cnn()
@@ -61,6 +61,7 @@ def main():
           f"test set: {source.evaluate(*test, verbose=0)[1]:.3f}\n")
     variants = ("frozen + head", "fine-tune", "AdaBN + fine-tune", "scratch")
     print(f"{'labels/class':>12}" + "".join(f"{v:>20}" for v in variants))
+    results = {}
     for k in args.per_class:
         scores = {v: [] for v in variants}
         for seed in range(args.seeds):
@@ -81,7 +82,9 @@ def main():
         print(f"{k:>12}" + "".join(
             f"{np.mean(s):>13.3f} +-{np.std(s):.2f}" for s in scores.values()),
             flush=True)
+        results[k] = {v: float(np.mean(s)) for v, s in scores.items()}
     print(f"\n{time.time() - start:.0f} s")
+    return results
 
 
 if __name__ == "__main__":

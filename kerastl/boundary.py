@@ -262,7 +262,8 @@ for _name in ("on_train_end", "on_epoch_begin", "on_epoch_end",
 
 def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                loss, metrics=(), epochs=1, batch_size=None, callbacks=(),
-               verbose=0, max_bytes=MAX_BYTES, required=False):
+               verbose=0, max_bytes=MAX_BYTES, required=False,
+               jit_compile="auto"):
     """``model.fit`` with its first ``depth`` (frozen) blocks run once.
 
     Compiles ``model`` and its suffix with the same optimizer, computes the
@@ -298,9 +299,10 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
             reason = str(e)
         else:
             model.compile(optimizer=optimizer, loss=loss,
-                          metrics=list(metrics))
-            suffix.compile(optimizer=optimizer, loss=loss,
-                           metrics=list(metrics))
+                          metrics=list(metrics), jit_compile=jit_compile)
+            suffix.dtype_policy = model.dtype_policy  # loss scaling alike
+            suffix.compile(optimizer=model.optimizer, loss=loss,
+                           metrics=list(metrics), jit_compile=jit_compile)
             acts, ty, tw, size = train
             result = suffix.fit(
                 acts, ty, sample_weight=tw, validation_data=val,

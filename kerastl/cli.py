@@ -193,6 +193,10 @@ FINETUNE_FLAGS = [
     ("boundary_cache", ("auto", "on", "off"),
      "run the frozen blocks once and train the rest on their output: "
      "auto (whenever valid), on (required), off"),
+    ("mixed_precision", ("none", "float16", "bfloat16"),
+     "half-precision compute: float16 on GPUs, bfloat16 on TPUs and recent "
+     "CPUs (slower on other CPUs)"),
+    ("jit", ("auto", "on", "off"), "XLA compilation of the train step"),
 ]
 NULL = object()  # "none"/"null" given on the command line
 
@@ -230,6 +234,8 @@ def cmd_finetune(args):
     if isinstance(flags["freeze_up_to"], str) and \
             flags["freeze_up_to"].isdigit():
         flags["freeze_up_to"] = int(flags["freeze_up_to"])
+    if flags["mixed_precision"] == "none":
+        flags["mixed_precision"] = NULL
     nulls = [k for k, v in flags.items() if v is NULL]
     overrides = {k: v for k, v in flags.items() if v is not NULL}
     config = dict(config, **{k: None for k in nulls})

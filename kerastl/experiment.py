@@ -39,9 +39,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # Every key of an experiment, with its default (None: required).
 DEFAULTS = EXPERIMENT_DEFAULTS
-# The boundary_cache key's values (YAML's true/false too) as fine_tune's.
+# The boundary_cache and jit keys' values (YAML's true/false too) as
+# fine_tune's.
 BOUNDARY_CACHE = {"auto": "auto", "on": True, "off": False, True: True,
                   False: False}
+PRECISION = {None: None, "float16": "mixed_float16",
+             "bfloat16": "mixed_bfloat16"}
 
 _TYPES = {
     "model": str, "data": str, "output": str, "weights": (str, type(None)),
@@ -51,7 +54,8 @@ _TYPES = {
     "dropout": numbers.Real, "optimizer": str, "learning_rate": numbers.Real,
     "layer_decay": (numbers.Real, type(None)), "epochs": int,
     "early_stopping": (int, type(None)), "export_input": str,
-    "boundary_cache": (str, bool),
+    "boundary_cache": (str, bool), "mixed_precision": (str, type(None)),
+    "jit": (str, bool),
     "overwrite": bool, "resume": bool,
 }
 
@@ -116,6 +120,9 @@ def _check_values(e):
          ", ".join(INPUT_MODES)),
         ("boundary_cache", e["boundary_cache"] in BOUNDARY_CACHE,
          "auto, on or off"),
+        ("jit", e["jit"] in BOUNDARY_CACHE, "auto, on or off"),
+        ("mixed_precision", e["mixed_precision"] in PRECISION,
+         "null, float16 or bfloat16"),
         ("validation_split", 0 < e["validation_split"] < 1,
          "a fraction between 0 and 1 (exclusive)"),
         ("batch_size", e["batch_size"] >= 1, "a positive integer"),
@@ -251,13 +258,64 @@ def _optimizer(experiment):
                           "optimizer name such as adam, adamw, sgd.") from None
 
 
-def _datasets(experiment, image_size):
-    e = experiment
+# Decoded images are kept in memory when all of them take at most this.
+CACHE_IMAGES_BYTES = 2 * 1024 ** 3
+
+
+def image_folder_datasets(folder, image_size, batch_size=32,
+                          validation_split=0.2, seed=0,
+                          cache_bytes=CACHE_IMAGES_BYTES, verbose=0):
+    """Training and validation ``tf.data`` pipelines for an image folder.
+
+    The split, decoding and resizing are Keras's
+    (``keras.utils.image_dataset_from_directory``: the same files in the
+    same split for a seed, decoded in parallel, shuffled in a buffer before
+    batching). When the decoded images fit in ``cache_bytes`` (float32,
+    default 2 GiB) the first epoch's batches are kept in memory and later
+    epochs replay them in a new order each epoch (the order of the batches
+    is reshuffled, not their contents: replaying costs nothing per image);
+    otherwise images are decoded every epoch, as Keras does. Both pipelines
+    prefetch.
+
+    Returns:
+        ``(train, validation)`` datasets of ``(images, int labels)``
+        batches, each with Keras's ``file_paths`` and ``class_names``.
+    """
+    import tensorflow as tf  # lazy, as scan_image_folder
+
+    common = dict(validation_split=validation_split, subset="both",
+                  seed=seed, image_size=image_size, label_mode="int",
+                  shuffle=True, verbose=False)
     train, val = keras.utils.image_dataset_from_directory(
-        e["data"], validation_split=e["validation_split"], subset="both",
-        seed=e["seed"], image_size=image_size, batch_size=e["batch_size"],
-        label_mode="int", shuffle=True, verbose=False)
+        folder, batch_size=batch_size, **common)
+    paths = (train.file_paths, val.file_paths)
+    names = train.class_names
+    n = len(paths[0]) + len(paths[1])
+    size = n * image_size[0] * image_size[1] * 3 * 4
+    if size <= cache_bytes:
+        if verbose:
+            print(f"kerastl: keeping the {n} decoded images in memory "
+                  f"({size / 2 ** 20:.1f} MiB).", flush=True)
+        batches = -(-len(paths[0]) // batch_size)
+        train = train.cache().shuffle(batches, seed=seed,
+                                      reshuffle_each_iteration=True)
+        val = val.cache()
+        train, val = (d.prefetch(tf.data.AUTOTUNE) for d in (train, val))
+    elif verbose:
+        print(f"kerastl: {n} decoded images would take "
+              f"{size / 2 ** 30:.1f} GiB; decoding them every epoch.",
+              flush=True)
+    for d, p in zip((train, val), paths):
+        d.file_paths, d.class_names = p, names
     return train, val
+
+
+def _datasets(experiment, image_size, verbose=0):
+    e = experiment
+    return image_folder_datasets(
+        e["data"], image_size, batch_size=e["batch_size"],
+        validation_split=e["validation_split"], seed=e["seed"],
+        verbose=verbose)
 
 
 def run_experiment(experiment, verbose=1):
@@ -274,7 +332,7 @@ def run_experiment(experiment, verbose=1):
     optimizer = _optimizer(e)
     backbone, model = build_model(e, len(classes))
     size = tuple(backbone.input_shape[:2])
-    train, val = _datasets(e, size)
+    train, val = _datasets(e, size, verbose)
     if list(train.class_names) != classes:
         raise KerastlError("The image folder changed while it was read.")
     interrupted = None
@@ -299,6 +357,8 @@ def run_experiment(experiment, verbose=1):
                 else LayerDecay(e["layer_decay"]),
                 bn=e["bn"], patience=e["early_stopping"],
                 boundary_cache=BOUNDARY_CACHE[e["boundary_cache"]],
+                mixed_precision=PRECISION[e["mixed_precision"]],
+                jit_compile=BOUNDARY_CACHE[e["jit"]],
                 callbacks=callbacks, verbose=verbose).fine_tune
         except KeyboardInterrupt as stop:
             # Ctrl-C: keep what is complete (the best checkpoint so far)

@@ -21,7 +21,8 @@ import keras
 import numpy as np
 
 from kerastl import boundary, freezing
-from kerastl.blocks import block_map
+from kerastl import _keras_private as _private
+from kerastl.blocks import block_map, layer_graph
 from kerastl.errors import KerastlError
 from kerastl.layerwise import LayerwiseOptimizer
 
@@ -189,7 +190,8 @@ def fine_tune(model, train, validation=None, strategy="partial",
               head_optimizer=None, multipliers=None, bn="frozen",
               loss="sparse_categorical_crossentropy", metrics=("accuracy",),
               patience=3, callbacks=(), batch_size=None, verbose=0,
-              check_features=True, boundary_cache="auto", **deprecated):
+              check_features=True, boundary_cache="auto",
+              mixed_precision=None, jit_compile="auto", **deprecated):
     """Fine-tunes a classifier built on a backbone: kerastl's one driver.
 
     1. Head phase (``head_epochs > 0``): every backbone block frozen, the
@@ -230,6 +232,14 @@ def fine_tune(model, train, validation=None, strategy="partial",
             says why it cannot be used); ``False``: never. Each returned
             ``History`` has ``boundary_cache``: ``"used"`` or the reason it
             was not.
+        mixed_precision: ``None`` (float32), ``"mixed_float16"`` (GPUs) or
+            ``"mixed_bfloat16"`` (TPUs, recent CPUs): every layer but those
+            producing the outputs computes in half precision with float32
+            variables (``layer.dtype_policy``; the model keeps it after
+            training); float16 gets Keras's dynamic loss scaling. On CPUs
+            without bfloat16 units it is slower than float32.
+        jit_compile: passed to ``model.compile``: ``"auto"`` (Keras's
+            default), ``True`` (XLA) or ``False``.
         check_features: before training, run a few training batches
             through the frozen blocks and stop with an error when they give
             constant or non-finite features (a frozen, randomly
@@ -255,6 +265,10 @@ def fine_tune(model, train, validation=None, strategy="partial",
     if boundary_cache not in ("auto", True, False):
         raise KerastlError(f"boundary_cache={boundary_cache!r}: expected "
                            "'auto', True or False.")
+    if jit_compile not in ("auto", True, False):
+        raise KerastlError(f"jit_compile={jit_compile!r}: expected 'auto', "
+                           "True or False.")
+    set_precision(model, mixed_precision)
     x, y = train if isinstance(train, tuple) else (train, None)
     if check_features:
         check_frozen_features(model, max(depth, len(block_map(
@@ -270,11 +284,12 @@ def fine_tune(model, train, validation=None, strategy="partial",
                 model, frozen, x, y, validation, optimizer=optimizer,
                 loss=loss, metrics=metrics, epochs=n_epochs,
                 batch_size=batch_size, callbacks=cbs, verbose=verbose,
-                required=boundary_cache is True)
+                required=boundary_cache is True, jit_compile=jit_compile)
             if history is not None:
                 history.boundary_cache = "used"
                 return history
-        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics),
+                      jit_compile=jit_compile)
         # A dataset (no separate y) is shuffled by its own pipeline; Keras
         # warns when asked to shuffle one.
         history = model.fit(x, y, validation_data=validation,
@@ -354,6 +369,28 @@ def check_frozen_features(model, depth, x):
             f"every training image (largest spread across images "
             f"{spread:.1e}): a frozen backbone with random weights, or "
             f"constant images. The new head cannot learn from them. {fix}")
+
+
+PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def set_precision(model, policy):
+    """Makes ``model`` compute in ``policy`` (see :func:`fine_tune`'s
+    ``mixed_precision``), except the layers that produce its outputs,
+    which stay float32 (softmax and loss are unstable in half precision).
+    ``None`` or ``"float32"`` leaves the model as it is."""
+    if policy not in PRECISIONS:
+        raise KerastlError(
+            f"mixed_precision={policy!r}: expected None, 'mixed_float16' "
+            "(GPUs) or 'mixed_bfloat16' (TPUs, recent CPUs).")
+    if policy in (None, "float32"):
+        return
+    outputs = {id(_private.producing_operation(t)) for t in model.outputs}
+    for layer, _ in layer_graph(model):
+        if id(layer) not in outputs and not isinstance(
+                layer, keras.layers.InputLayer):
+            layer.dtype_policy = policy
+    model.dtype_policy = policy  # compile adds loss scaling for float16
 
 
 def warn_at_chance(model, history, frozen=None):

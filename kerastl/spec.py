@@ -41,6 +41,8 @@ EXPERIMENT_DEFAULTS = {
     "early_stopping": 3,      # patience in epochs, or null
     "export_input": "float",  # float | uint8 | bytes
     "boundary_cache": "auto",  # auto | on | off: frozen blocks run once
+    "mixed_precision": None,  # null | float16 | bfloat16
+    "jit": "auto",            # auto | on | off: XLA compilation
     "overwrite": False,
     "resume": False,          # continue an interrupted run (--resume)
 }

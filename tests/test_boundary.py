@@ -203,8 +203,13 @@ def test_cli_records_whether_the_cache_was_used(tmp_path):
     assert cli.main(["finetune", "--model", "mobilenet_v2", "--weights",
                      "none", "--data", str(folder), "--output", str(out),
                      "--image-size", "32", "--epochs", "1", "--strategy",
-                     "partial", "--boundary-cache", "on", "--quiet"]) == 0
+                     "partial", "--boundary-cache", "on", "--quiet",
+                     "--mixed-precision", "bfloat16", "--jit", "off"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["boundary_cache"] == "used"
     assert metrics["experiment"]["boundary_cache"] == "on"
+    assert metrics["experiment"]["mixed_precision"] == "bfloat16"
+    model = keras.models.load_model(out / "model.keras")
+    assert model.get_layer("Conv1").compute_dtype == "bfloat16"
+    assert model.get_layer("head_predictions").compute_dtype == "float32"
     assert os.path.exists(out / "savedmodel")

@@ -303,3 +303,39 @@ def test_ctrl_c_keeps_the_best_checkpoint_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "metrics.json").is_file()
     assert not (out / "INTERRUPTED.json").exists()
+
+
+def test_plots_number_epochs_as_the_log_and_keep_numbers_readable(
+        tmp_path, monkeypatch):
+    """Curves start at epoch 1 (Keras logs "Epoch 1/N"); a confusion-matrix
+    count is white on a dark cell and black on a light one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kerastl import experiment
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    metrics = {"history": {"loss": [1.0, 0.5, 0.4],
+                           "val_loss": [1.1, 0.7, 0.6],
+                           "accuracy": [0.4, 0.7, 0.8],
+                           "val_accuracy": [0.3, 0.6, 0.7]},
+               "confusion_matrix": [[9, 1], [0, 10]],
+               "classes": ["cats", "dogs"]}
+    assert experiment._plots(str(tmp_path), metrics) == [
+        "training_curves.png", "confusion_matrix.png"]
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    curves, confusion = figures
+    for ax in curves.axes:
+        for line in ax.lines:
+            assert list(line.get_xdata()) == [1, 2, 3]
+    texts = {t.get_text(): matplotlib.colors.to_hex(t.get_color())
+             for t in confusion.axes[0].texts}
+    assert texts["9"] == texts["10"] == "#ffffff"  # dark cells
+    assert texts["0"] == texts["1"] == "#000000"   # light cells
+    width, height = confusion.get_size_inches()
+    assert width >= 4 and height >= 4
+    monkeypatch.undo()
+    plt.close("all")

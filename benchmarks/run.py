@@ -1,0 +1,216 @@
+"""Every benchmark in one run: one table, one JSON file.
+
+    python benchmarks/run.py [--full] [--only NAME ...] [--json results.json]
+    python benchmarks/run.py --compare old.json new.json
+
+Quick mode (the default, about 10 minutes on 2 CPU cores) runs each
+benchmark with fewer images, seeds or steps; ``--full`` with its own
+defaults. Prints one table (benchmark, kerastl figure, reference figure,
+ratio, target, met) and writes it as JSON (default
+``benchmarks/results.json``) with the machine, the Keras backend and the git
+commit, so that ``--compare`` can show two commits side by side. The
+README's "Measured" figures come from here.
+
+Each benchmark is also a script of its own (``python benchmarks/<name>.py
+--help``) that prints more detail.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+
+
+def _row(name, kerastl, reference, ratio, target, met, unit=""):
+    return {"benchmark": name, "kerastl": kerastl, "reference": reference,
+            "unit": unit, "ratio": ratio, "target": target, "met": met}
+
+
+def rows_boundary(results):
+    return [_row(f"partial fine-tune, frozen up to "
+                 f"{r['name'].rsplit('_', 1)[1]}: boundary cache vs "
+                 "end to end", r["kerastl_s"], r["reference_s"],
+                 r["reference_s"] / r["kerastl_s"], "speed-up >= 3",
+                 r["met"], "s") for r in results]
+
+
+def rows_pipeline(r):
+    return [_row("image folder pipeline vs image_dataset_from_directory"
+                 "+cache+prefetch", r["kerastl"], r["reference"], r["ratio"],
+                 ">= 0.95", r["met"], "images/s")]
+
+
+def rows_layerwise(r):
+    return [_row("LayerwiseOptimizer step vs plain Adam", r["layerwise_ms"],
+                 r["plain_ms"], r["ratio"], "<= 1.03", r["ratio"] <= 1.03,
+                 "ms/step")]
+
+
+def rows_features(r):
+    return [
+        _row("extract_features vs backbone.predict",
+             r["extract_images_per_s"], r["predict_images_per_s"],
+             r["extraction_ratio"], ">= 0.9", r["extraction_ratio"] >= 0.9,
+             "images/s"),
+        _row("head on cached features vs through the frozen backbone",
+             r["warm_s"], r["through_backbone_s"], r["warm_speedup"],
+             "speed-up >= 8", r["warm_speedup"] >= 8, "s")]
+
+
+def rows_precision(results):
+    base = next(r for r in results if r["name"] == "float32")
+    return [_row(f"{r['name']} vs float32: accuracy (digits transfer); "
+                 f"time x{r['time_ratio']:.2f}", r["accuracy"],
+                 base["accuracy"], r["accuracy"] / base["accuracy"],
+                 "difference <= 0.03", r["met"], "accuracy")
+            for r in results if r["name"] != "float32"]
+
+
+def rows_transfer(results):
+    rows = []
+    for k, scores in sorted(results.items()):
+        best = max(v for name, v in scores.items() if name != "scratch")
+        rows.append(_row(f"best transfer vs scratch, {k} labels/class",
+                         best, scores["scratch"], best / scores["scratch"],
+                         "> scratch", best > scores["scratch"], "accuracy"))
+    return rows
+
+
+def rows_depth(sweep):
+    best = sweep.best()
+    sizes = sorted(best)
+    depths = [best[s] for s in sizes]
+    trend = all(a >= b for a, b in zip(depths, depths[1:]))
+    return [_row("best frozen depth by labels/class "
+                 + "/".join(map(str, sizes)), "/".join(map(str, depths)),
+                 None, None, "does not grow with data", trend, "blocks")]
+
+
+def rows_domain(summary):
+    rows = []
+    for pair, runs in summary.items():
+        mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa
+        rows.append(_row(f"DANN+AdaBN vs source only, {pair}",
+                         mean("adabn"), mean("source_only"),
+                         mean("adabn") / mean("source_only"),
+                         "> source only",
+                         mean("adabn") > mean("source_only"), "accuracy"))
+    return rows
+
+
+# name: (module, quick arguments, full arguments, rows)
+BENCHMARKS = {
+    "boundary_cache": ("boundary_cache", ["--images", "1000"], [],
+                       rows_boundary),
+    "input_pipeline": ("input_pipeline", ["--images", "1000"], [],
+                       rows_pipeline),
+    "precision": ("precision", ["--seeds", "1", "--epochs", "10"], [],
+                  rows_precision),
+    "layerwise_overhead": ("layerwise_overhead", ["--pairs", "15"], [],
+                           rows_layerwise),
+    "feature_cache": ("feature_cache", ["--epochs", "5"], [],
+                      rows_features),
+    "transfer_digits": ("transfer_digits",
+                        ["--per-class", "1", "5", "--seeds", "2"],
+                        [], rows_transfer),
+    "transfer_depth": ("transfer_depth",
+                       ["--sizes", "2", "50", "--seeds", "1", "--steps",
+                        "100"], [], rows_depth),
+    "domain_adaptation": ("domain_adaptation",
+                          ["--seeds", "1", "--pairs", "syn_digits:digits"],
+                          [], rows_domain),
+}
+
+
+def _fmt(value):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows):
+    head = ["benchmark", "kerastl", "reference", "unit", "ratio", "target",
+            "met"]
+    cells = [[r["benchmark"], _fmt(r["kerastl"]), _fmt(r["reference"]),
+              r["unit"], _fmt(r["ratio"]), r["target"],
+              "error" if r.get("error") else "yes" if r["met"] else "NO"]
+             for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *cells)]
+    line = lambda cs: "  ".join(str(c).ljust(w)  # noqa: E731
+                                for c, w in zip(cs, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])]
+                     + [line(c) for c in cells])
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return None
+
+
+def compare(old_path, new_path):
+    old, new = (json.load(open(p)) for p in (old_path, new_path))
+    before = {r["benchmark"]: r for r in old["rows"]}
+    print(f"{old.get('commit')} -> {new.get('commit')}")
+    for r in new["rows"]:
+        o = before.get(r["benchmark"])
+        print(f"{r['benchmark']}: ratio {_fmt(o and o['ratio'])} -> "
+              f"{_fmt(r['ratio'])}, met {o and o['met']} -> {r['met']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true",
+                        help="each benchmark's own defaults (slow)")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS))
+    parser.add_argument("--json", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results.json"))
+    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
+    args = parser.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
+    rows, start = [], time.time()
+    for name in args.only or BENCHMARKS:
+        module, quick, full, to_rows = BENCHMARKS[name]
+        print(f"\n=== {name} ({'full' if args.full else 'quick'})",
+              flush=True)
+        t = time.time()
+        try:
+            result = importlib.import_module(module).main(
+                full if args.full else quick)
+            new = to_rows(result)
+        except Exception as e:  # one broken benchmark does not hide others
+            new = [dict(_row(name, None, None, None, "-", False),
+                        error=f"{type(e).__name__}: {e}")]
+        for r in new:
+            r["seconds"] = round(time.time() - t, 1)
+        rows += new
+        keras.backend.clear_session()
+    print("\n" + table(rows))
+    print(f"\n{time.time() - start:.0f} s in all")
+    report = {"commit": _commit(), "mode": "full" if args.full else "quick",
+              "backend": keras.backend.backend(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "keras": keras.__version__, "rows": rows}
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"written: {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
