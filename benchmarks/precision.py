@@ -12,7 +12,7 @@ spread of this transfer). On a CPU without half-precision units both mixed
 policies are expected to be slower than float32: they are for GPUs
 (float16) and TPUs or recent CPUs (bfloat16).
 
-    python benchmarks/precision.py [--seeds 2] [--epochs 15] [--json F]
+    python benchmarks/precision.py [--seeds 3] [--epochs 15] [--json F]
 """
 
 import argparse
@@ -52,7 +52,7 @@ def run(weights, train, test, seed, epochs, **options):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--json")

@@ -1,6 +1,7 @@
 """Every benchmark in one run: one table, one JSON file.
 
     python benchmarks/run.py [--full] [--only NAME ...] [--json results.json]
+    python benchmarks/run.py --only NAME ... --update   # replace their rows
     python benchmarks/run.py --compare old.json new.json
 
 Quick mode (the default, about 10 minutes on 2 CPU cores) runs each
@@ -53,6 +54,13 @@ def rows_layerwise(r):
     return [_row("LayerwiseOptimizer step vs plain Adam", r["layerwise_ms"],
                  r["plain_ms"], r["ratio"], "<= 1.03", r["ratio"] <= 1.03,
                  "ms/step")]
+
+
+def rows_step(results):
+    return [_row(f"classifier train step vs Keras guide recipe, "
+                 f"{r['setting']}", r["kerastl_ms"], r["guide_ms"],
+                 r["ratio"], "<= 1.02", r["met"], "ms/step")
+            for r in results]
 
 
 def rows_features(r):
@@ -113,7 +121,9 @@ BENCHMARKS = {
                        rows_boundary),
     "input_pipeline": ("input_pipeline", ["--images", "1000"], [],
                        rows_pipeline),
-    "precision": ("precision", ["--seeds", "1", "--epochs", "10"], [],
+    "classifier_step": ("classifier_step", ["--pairs", "20"], [],
+                        rows_step),
+    "precision": ("precision", ["--seeds", "2", "--epochs", "10"], [],
                   rows_precision),
     "layerwise_overhead": ("layerwise_overhead", ["--pairs", "15"], [],
                            rows_layerwise),
@@ -179,6 +189,8 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS))
     parser.add_argument("--json", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other benchmarks' rows of --json")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
     args = parser.parse_args(argv)
     if args.compare:
@@ -198,16 +210,26 @@ def main(argv=None):
                         error=f"{type(e).__name__}: {e}")]
         for r in new:
             r["seconds"] = round(time.time() - t, 1)
+        for r in new:
+            r["source"] = name
         rows += new
         keras.backend.clear_session()
-    print("\n" + table(rows))
+    if args.update and os.path.exists(args.json):
+        ran = set(args.only or BENCHMARKS)
+        with open(args.json) as f:
+            kept = [r for r in json.load(f)["rows"]
+                    if r.get("source") not in ran]
+        order = list(BENCHMARKS)
+        rows = sorted(kept + rows, key=lambda r: order.index(r["source"]))
     print(f"\n{time.time() - start:.0f} s in all")
     report = {"commit": _commit(), "mode": "full" if args.full else "quick",
               "backend": keras.backend.backend(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "keras": keras.__version__, "rows": rows}
+              "keras": keras.__version__, "rows": rows,
+              "updated": sorted(args.only) if args.update else None}
     with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+        # numpy scalars (bool_, float64) as plain JSON values
+        json.dump(report, f, indent=2, default=lambda o: o.item())
     print(f"written: {args.json}")
     return report
 

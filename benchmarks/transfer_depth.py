@@ -69,7 +69,7 @@ def main(argv=None):
     best = sweep.best()
     depths = [best[s] for s in args.sizes]
     trend = all(a >= b for a, b in zip(depths, depths[1:]))
-    print(f"\nbest depth per target size: "
+    print("\nbest depth per target size: "
           + ", ".join(f"{s}/class -> {best[s]}" for s in args.sizes))
     print("the best depth does not grow as target data grows "
           f"(the paper's qualitative finding): {'yes' if trend else 'NO'}")

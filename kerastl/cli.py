@@ -141,11 +141,14 @@ def _show_hub(c):
 
 
 def cmd_zoo_show(args):
-    from kerastl import load_backbone, zoo_entry
+    from kerastl.zoo import zoo_entry
 
     config = zoo_entry(args.name)
-    if config.is_hub:
+    if config.is_hub:  # described by its YAML entry: no Keras needed
         return _show_hub(config)
+    _import_api_quietly()  # a Keras Applications entry is built
+    from kerastl import load_backbone
+
     backbone = load_backbone(args.name, weights=None,
                              input_shape=args.input_size)
     c = backbone.config
@@ -316,7 +319,7 @@ def build_parser():
     p.add_argument("name", help="model name, e.g. mobilenet_v2 or ResNet50")
     p.add_argument("--input-size", type=int, default=None,
                    help="input height and width (default: the model's own)")
-    p.set_defaults(func=cmd_zoo_show)
+    p.set_defaults(func=cmd_zoo_show, needs_keras=False)
 
     p = sub.add_parser(
         "finetune", help="fine-tune a zoo model on an image folder",

@@ -71,7 +71,8 @@ def _clean_env():
 
 LIGHT_COMMANDS = [["--version"], ["--help"], ["zoo", "list"],
                   ["zoo", "list", "--markdown"], ["finetune", "--help"],
-                  ["demo", "--help"]]
+                  ["demo", "--help"], ["zoo", "show", "hub_resnet_v2_50"],
+                  ["zoo", "show", "resnet5"]]
 
 
 @pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=" ".join)
