@@ -3,6 +3,7 @@
     python benchmarks/run.py [--full] [--only NAME ...] [--json results.json]
     python benchmarks/run.py --only NAME ... --update   # replace their rows
     python benchmarks/run.py --compare old.json new.json
+    python benchmarks/run.py --markdown results.json   # the README's table
 
 Quick mode (the default, about 10 minutes on 2 CPU cores) runs each
 benchmark with fewer images, seeds or steps; ``--full`` with its own
@@ -127,7 +128,7 @@ BENCHMARKS = {
                   rows_precision),
     "layerwise_overhead": ("layerwise_overhead", ["--pairs", "15"], [],
                            rows_layerwise),
-    "feature_cache": ("feature_cache", ["--epochs", "5"], [],
+    "feature_cache": ("feature_cache", [], [],
                       rows_features),
     "transfer_digits": ("transfer_digits",
                         ["--per-class", "1", "5", "--seeds", "2"],
@@ -172,6 +173,17 @@ def _commit():
         return None
 
 
+def markdown(path):
+    rows = json.load(open(path))["rows"]
+    lines = ["| benchmark | kerastl | reference | unit | ratio | target | met |",
+             "|---|---:|---:|---|---:|---|---|"]
+    lines += [f"| {r['benchmark']} | {_fmt(r['kerastl'])} | "
+              f"{_fmt(r['reference'])} | {r['unit']} | {_fmt(r['ratio'])} | "
+              f"{r['target']} | {'yes' if r['met'] else 'no'} |"
+              for r in rows]
+    print("\n".join(lines))
+
+
 def compare(old_path, new_path):
     old, new = (json.load(open(p)) for p in (old_path, new_path))
     before = {r["benchmark"]: r for r in old["rows"]}
@@ -192,9 +204,13 @@ def main(argv=None):
     parser.add_argument("--update", action="store_true",
                         help="keep the other benchmarks' rows of --json")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="print a results file as a Markdown table")
     args = parser.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
+    if args.markdown:
+        return markdown(args.markdown)
     rows, start = [], time.time()
     for name in args.only or BENCHMARKS:
         module, quick, full, to_rows = BENCHMARKS[name]

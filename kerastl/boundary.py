@@ -48,6 +48,10 @@ from kerastl.errors import KerastlError
 from kerastl.freezing import GradualUnfreezing
 
 MAX_BYTES = 2 * 1024 ** 3
+# The one-time pass over arrays runs in batches of at least this many: on
+# CPUs, inference in larger batches is much faster (MobileNetV2 at 96x96:
+# 1.7 s for 1,000 images in batches of 128, 2.6 s in batches of 32).
+PREDICT_BATCH = 128
 
 
 class BoundaryCacheError(KerastlError):
@@ -175,7 +179,8 @@ def _activations(prefix, data, batch_size, max_bytes):
             raise _NotReplayable(
                 f"the boundary activations would take {bytes_needed / 2**30:.1f}"
                 f" GiB (limit {max_bytes / 2**30:.1f} GiB)")
-        acts = prefix.predict(x, batch_size=size, verbose=0)
+        acts = prefix.predict(x, batch_size=max(size, PREDICT_BATCH),
+                              verbose=0)
         return acts, np.asarray(y), w, size
     tf = _tf_data()
     if tf is None or not isinstance(data, tf.data.Dataset):
