@@ -8,6 +8,11 @@ and ``zoo list`` answer at once; the commands that build models import the
 full API (:func:`kerastl.cli.main` does). TensorFlow's C++ logging is
 silenced before anything can import it (``TF_CPP_MIN_LOG_LEVEL``, unless
 you set it yourself).
+
+This is the console script's entry point only: in a Python process that
+goes on to use kerastl, call :func:`kerastl.cli.main` instead (after
+``kerastl_cli.main`` the package stays lazy, so its classes are registered
+with Keras only once one of its names is used).
 """
 
 import os

@@ -26,16 +26,21 @@ What makes it invalid (each is a :class:`BoundaryCacheError` naming the fix):
 * the boundary inside a nested model, or no block to cut after;
 * a ``GradualUnfreezing`` callback (it moves the boundary during training:
   use ``boundary_cache=False``);
-* data it cannot replay: a dataset that repeats forever, data that is not
-  ``(x, y)`` arrays or a ``tf.data.Dataset`` of ``(x, y[, weights])``
-  batches, or activations larger than ``max_bytes`` (default 2 GiB).
+* a callback that unfreezes the prefix or swaps the optimizer during
+  training (checked every epoch: the run stops with the reason);
+* data it cannot replay: a dataset that repeats forever, labels that are
+  not one array, data that is not ``(x, y)`` arrays or a
+  ``tf.data.Dataset`` of ``(x, y[, weights])`` batches, or activations
+  larger than ``max_bytes`` (default 2 GiB). Under ``"auto"`` a
+  ``tf.data`` training pipeline is replayed only when kerastl made it
+  (:func:`kerastl.experiment.image_folder_datasets`, what ``kerastl
+  finetune`` reads with): another pipeline may augment, and replaying it
+  would freeze the first epoch's draw. ``boundary_cache=True`` replays any.
 
 The same batches and seed give the same training as end to end up to float
 summation order (the acceptance test compares predictions to 1e-5). A
-``tf.data`` input is replayed as arrays with its examples reshuffled each
-epoch (as ``image_dataset_from_directory`` does); its augmentation, if any,
-is frozen at the first epoch's draw, so put random augmentation in the model
-after the boundary, or pass ``boundary_cache=False``.
+replayed ``tf.data`` input becomes arrays with its examples reshuffled each
+epoch (as ``image_dataset_from_directory`` does).
 """
 
 import numpy as np
@@ -59,9 +64,12 @@ class BoundaryCacheError(KerastlError):
 
 
 def _random_state(layer):
-    """True when ``layer`` draws random numbers (augmentation, dropout)."""
+    """True when ``layer``, or a layer inside it (a ``Pipeline`` of
+    augmentations, a custom layer holding a ``Dropout``), draws random
+    numbers."""
     return any(isinstance(v, keras.random.SeedGenerator)
-               for v in vars(layer).values())
+               for inner in _private.all_sublayers(layer)
+               for v in vars(inner).values())
 
 
 def _prefix_problem(model, depth):
@@ -127,7 +135,18 @@ def split_at_block(model, depth):
 
     crossing, seen = [], set()
     for node in nodes:
-        if node.is_input or side(node.operation) == "prefix":
+        if node.is_input:
+            continue
+        if side(node.operation) == "prefix":
+            # A frozen block fed by a layer after the boundary would be
+            # computed once from that layer's initial weights.
+            for tensor in node.input_tensors:
+                op = _private.producing_operation(tensor)
+                if side(op) == "suffix":
+                    raise BoundaryCacheError(
+                        f"Boundary cache: layer {op.name!r} after the "
+                        f"boundary feeds {node.operation.name!r} before it; "
+                        "pass boundary_cache=False.")
             continue
         for tensor in node.input_tensors:
             op = _private.producing_operation(tensor)
@@ -138,11 +157,18 @@ def split_at_block(model, depth):
         raise BoundaryCacheError(
             "Boundary cache: nothing after the boundary reads the frozen "
             "blocks' output.")
-    prefix = keras.Model(model.inputs, crossing if len(crossing) > 1
-                         else crossing[0], name=f"{model.name}_prefix")
-    suffix = keras.Model(crossing if len(crossing) > 1 else crossing[0],
-                         model.outputs if len(model.outputs) > 1
-                         else model.outputs[0], name=f"{model.name}_suffix")
+    try:
+        prefix = keras.Model(model.inputs, crossing if len(crossing) > 1
+                             else crossing[0], name=f"{model.name}_prefix")
+        suffix = keras.Model(crossing if len(crossing) > 1 else crossing[0],
+                             model.outputs if len(model.outputs) > 1
+                             else model.outputs[0],
+                             name=f"{model.name}_suffix")
+    except ValueError as e:  # e.g. an output computed before the boundary
+        raise BoundaryCacheError(
+            f"Boundary cache: the model cannot be cut after block "
+            f"{bm.names[depth - 1]!r} ({' '.join(str(e).split())[:200]}); "
+            "pass boundary_cache=False.") from None
     return prefix, suffix
 
 
@@ -165,16 +191,24 @@ class _NotReplayable(Exception):
     pass
 
 
-def _activations(prefix, data, batch_size, max_bytes):
+def _activations(prefix, data, batch_size, max_bytes, replay_any):
     """``(activations, y, sample_weight, batch_size)`` of ``data`` through
     ``prefix``, or :class:`_NotReplayable` with the reason."""
     if isinstance(data, tuple) and len(data) in (2, 3):
         x, y = data[0], data[1]
         w = data[2] if len(data) == 3 else None
         size = batch_size or 32
+        if not isinstance(y, np.ndarray) and not hasattr(y, "shape"):
+            raise _NotReplayable("labels that are not one array")
         n = len(y)
-        bytes_needed = n * sum(int(np.prod(t.shape[1:])) * 4
-                               for t in prefix.outputs)
+        shapes = [t.shape[1:] for t in prefix.outputs]
+        if any(d is None for s in shapes for d in s):  # size from one image
+            one = prefix.predict_on_batch(x[:1])
+            per_image = sum(np.asarray(a).nbytes for a in (
+                one if isinstance(one, list) else [one]))
+        else:
+            per_image = sum(int(np.prod(s)) * 4 for s in shapes)
+        bytes_needed = n * per_image
         if bytes_needed > max_bytes:
             raise _NotReplayable(
                 f"the boundary activations would take {bytes_needed / 2**30:.1f}"
@@ -188,6 +222,12 @@ def _activations(prefix, data, batch_size, max_bytes):
                              "(x, y) arrays or a tf.data.Dataset)")
     if data.cardinality() == tf.data.INFINITE_CARDINALITY:
         raise _NotReplayable("the dataset repeats forever")
+    if not replay_any and not getattr(data, "kerastl_replayable", False):
+        raise _NotReplayable(
+            "a tf.data pipeline may augment its images, and replaying it "
+            "would freeze the first epoch's draw; boundary_cache=True "
+            "replays it anyway (kerastl's image_folder_datasets are "
+            "replayed by default)")
     parts, ys, ws, size, total = [], [], [], None, 0
     for batch in data:
         if not isinstance(batch, tuple) or len(batch) not in (2, 3):
@@ -200,6 +240,8 @@ def _activations(prefix, data, batch_size, max_bytes):
                 f"the boundary activations exceed "
                 f"{max_bytes / 2**30:.1f} GiB")
         parts.append(a)
+        if isinstance(batch[1], (dict, list, tuple)):
+            raise _NotReplayable("labels that are not one array")
         ys.append(np.asarray(batch[1]))
         if len(batch) == 3:
             ws.append(np.asarray(batch[2]))
@@ -243,6 +285,31 @@ class _OnFullModel(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.inner.on_train_begin(logs)
         _private.move_initial_epoch(self.full, self.fitted)
+
+
+class _Guard(keras.callbacks.Callback):
+    """Stops a cached run whose premises a callback changed: the frozen
+    blocks unfrozen, or the whole model given another optimizer (the
+    suffix would go on training without them)."""
+
+    def __init__(self, full, depth, optimizer):
+        super().__init__()
+        self.full, self.depth, self.optimizer = full, depth, optimizer
+
+    def _check(self):
+        problem = _prefix_problem(self.full, self.depth)
+        if problem is None and self.full.optimizer is not self.optimizer:
+            problem = "the model was given another optimizer"
+        if problem:
+            raise BoundaryCacheError(
+                f"Boundary cache: a callback changed the model during "
+                f"training ({problem}); pass boundary_cache=False.")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check()
 
 
 def _forward(name):
@@ -294,11 +361,12 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                   f"{', '.join(names[depth:])} on their output.", flush=True)
         try:
             train = _activations(prefix, x if y is None else (x, y),
-                                 batch_size, max_bytes)
+                                 batch_size, max_bytes, required)
             val = None
             if validation_data is not None:
+                # Validation is never augmented: replaying it is exact.
                 a, vy, vw, _ = _activations(prefix, validation_data,
-                                            batch_size, max_bytes)
+                                            batch_size, max_bytes, True)
                 val = (a, vy) if vw is None else (a, vy, vw)
         except _NotReplayable as e:
             reason = str(e)
@@ -309,11 +377,17 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
             suffix.compile(optimizer=model.optimizer, loss=loss,
                            metrics=list(metrics), jit_compile=jit_compile)
             acts, ty, tw, size = train
+            # History and the progress bar record the suffix's logs (the
+            # same numbers); Keras adds its own only when none is given.
+            own = (keras.callbacks.History, keras.callbacks.ProgbarLogger)
+            wrapped = [c if isinstance(c, own) else
+                       _OnFullModel(c, model, suffix) for c in callbacks]
             result = suffix.fit(
                 acts, ty, sample_weight=tw, validation_data=val,
                 epochs=epochs, batch_size=size, shuffle=True,
-                callbacks=[_OnFullModel(c, model, suffix)
-                           for c in callbacks], verbose=verbose)
+                callbacks=wrapped + [_Guard(model, depth, model.optimizer)],
+                verbose=verbose)
+            result.set_model(model)  # history.model: the whole model
     if reason is not None and required:
         raise BoundaryCacheError(f"Boundary cache: {reason}.")
     return result, reason

@@ -56,8 +56,16 @@ def _import_api_quietly():
         kerastl._import_api()
         return
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as log:
+    log = None
+    try:
+        log = tempfile.TemporaryFile()
         saved = os.dup(2)
+    except OSError:  # no writable temp folder, or stderr closed: just import
+        if log is not None:
+            log.close()
+        kerastl._import_api()
+        return
+    with log:
         os.dup2(log.fileno(), 2)
         try:
             kerastl._import_api()

@@ -307,6 +307,9 @@ def image_folder_datasets(folder, image_size, batch_size=32,
               flush=True)
     for d, p in zip((train, val), paths):
         d.file_paths, d.class_names = p, names
+        # Nothing random after decoding: fine_tune's boundary cache may
+        # replay these (it does not replay other pipelines by default).
+        d.kerastl_replayable = True
     return train, val
 
 

@@ -85,8 +85,10 @@ def test_features_strategy_on_a_dataset_keeps_the_full_model_for_callbacks(
     history = kerastl.fine_tune(
         model, train, val, strategy="features", head_epochs=0, epochs=2,
         optimizer=keras.optimizers.Adam(1e-2), check_features=False,
+        boundary_cache=True,
         callbacks=[keras.callbacks.ModelCheckpoint(path)]).fine_tune
     assert history.boundary_cache == "used"
+    assert history.model is model  # not the internal suffix
     assert set(history.history) >= {"loss", "val_loss", "val_accuracy"}
     # The checkpoint is the whole model (images in), not the cached top.
     saved = keras.models.load_model(path)
@@ -213,3 +215,63 @@ def test_cli_records_whether_the_cache_was_used(tmp_path):
     assert model.get_layer("Conv1").compute_dtype == "bfloat16"
     assert model.get_layer("head_predictions").compute_dtype == "float32"
     assert os.path.exists(out / "savedmodel")
+
+
+def test_auto_replays_only_pipelines_kerastl_made(tmp_path):
+    """A user's tf.data pipeline may augment: "auto" trains it end to end;
+    image_folder_datasets (what kerastl finetune reads with) is replayed."""
+    from conftest import write_folder
+    from kerastl.experiment import image_folder_datasets
+
+    x, y = data()
+    theirs = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    history = kerastl.fine_tune(net(), theirs, strategy="features",
+                                head_epochs=0, epochs=1,
+                                check_features=False).fine_tune
+    assert "may augment" in history.boundary_cache
+    folder = write_folder(tmp_path / "images", per_class=6, size=32)
+    ours, val = image_folder_datasets(str(folder), (32, 32), batch_size=4)
+    model = kerastl.build_classifier(mobilenet_classifier_backbone(), 2)
+    history = kerastl.fine_tune(model, ours, val, strategy="partial",
+                                head_epochs=0, epochs=1,
+                                check_features=False).fine_tune
+    assert history.boundary_cache == "used"
+
+
+def mobilenet_classifier_backbone():
+    return kerastl.load_backbone("mobilenet_v2", weights=None,
+                                 input_shape=(32, 32, 3))
+
+
+def test_refuses_random_layers_inside_a_container():
+    flips = keras.layers.Pipeline([keras.layers.RandomFlip(),
+                                   keras.layers.RandomRotation(0.1)],
+                                  name="augment")
+    assert "'augment'" in refusal(net(flips))
+
+
+def test_a_callback_that_unfreezes_the_prefix_stops_the_run():
+    class Unfreeze(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            kerastl.unfreeze(self.model)
+
+    x, y = data(32)
+    with pytest.raises(BoundaryCacheError, match="a callback changed"):
+        kerastl.fine_tune(net(), (x, y), strategy="features", head_epochs=0,
+                          epochs=3, check_features=False,
+                          callbacks=[Unfreeze()], boundary_cache=True)
+
+
+def test_images_of_any_size_are_measured_not_crashed_on():
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu",
+                            name="c1")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax",
+                                                   name="out")(x))
+    x, y = data(16)
+    history = kerastl.fine_tune(model, (x, y), strategy="partial",
+                                freeze_up_to=1, head_epochs=0, epochs=1,
+                                check_features=False).fine_tune
+    assert history.boundary_cache == "used"
