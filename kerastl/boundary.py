@@ -172,19 +172,20 @@ def split_at_block(model, depth):
     return prefix, suffix
 
 
+def _split_or_reason(model, depth, callbacks):
+    """``((prefix, suffix), None)``, or ``(None, why caching is invalid)``."""
+    if any(isinstance(c, GradualUnfreezing) for c in callbacks):
+        return None, ("GradualUnfreezing moves the boundary during training; "
+                      "pass boundary_cache=False")
+    try:
+        return split_at_block(model, depth), None  # checks the prefix too
+    except BoundaryCacheError as e:
+        return None, str(e)[len("Boundary cache: "):].rstrip(".")
+
+
 def why_not(model, depth, callbacks=()):
     """The reason boundary caching is invalid for this setup, or ``None``."""
-    if any(isinstance(c, GradualUnfreezing) for c in callbacks):
-        return ("GradualUnfreezing moves the boundary during training; pass "
-                "boundary_cache=False")
-    problem = _prefix_problem(model, depth)
-    if problem:
-        return problem
-    try:
-        split_at_block(model, depth)
-    except BoundaryCacheError as e:
-        return str(e)[len("Boundary cache: "):].rstrip(".")
-    return None
+    return _split_or_reason(model, depth, callbacks)[1]
 
 
 class _NotReplayable(Exception):
@@ -350,10 +351,10 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
     Raises:
         BoundaryCacheError: ``required`` and the cache is invalid.
     """
-    reason = why_not(model, depth, callbacks)
+    parts, reason = _split_or_reason(model, depth, callbacks)
     result = None
     if reason is None:
-        prefix, suffix = split_at_block(model, depth)
+        prefix, suffix = parts
         if verbose:
             names = block_map(model).names
             print(f"kerastl: boundary cache: running blocks {names[0]}.."
