@@ -153,3 +153,10 @@ __all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
            "hook_optimizer", "adopt_tf_variable", "optimizer_variables",
            "variables_used_by", "in_safe_mode", "move_initial_epoch"]
 
+
+
+def run_graph_with(model, inputs, operation_fn):
+    """``model``'s functional graph applied to ``inputs`` (its inputs'
+    structure), each operation replaced by ``operation_fn(operation)``:
+    how a graph is rebuilt over fresh layers on new tensors."""
+    return model._run_through_graph(inputs, operation_fn=operation_fn)

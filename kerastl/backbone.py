@@ -13,6 +13,7 @@ from kerastl.features import extract
 from kerastl.hub import HubLayer
 from kerastl.preprocessing import ImagePreprocessing, check_mode
 from kerastl.zoo.config import ZooConfig, list_configs, zoo_entry
+from kerastl.zoo import kerashub
 from kerastl.zoo.keras_apps import build_application
 
 
@@ -192,8 +193,14 @@ def load_backbone(name, weights="imagenet", input_shape=None):
             a Kaggle handle or a local SavedModel folder; see
             :func:`kerastl.hub.resolve_handle`). Hub zoo entries bring a
             variable-path block map; a bare handle is one block, ``hub``.
+            ``"kerashub:<zoo name, preset or handle>"``: a KerasHub preset's
+            vision backbone (``"kerashub:dinov2_small"``, a ``kaggle://`` or
+            ``hf://`` handle, or a local preset folder, which may also be
+            passed without the prefix); needs ``pip install
+            "kerastl[kerashub]"``. See :mod:`kerastl.zoo.kerashub`.
         weights: ``"imagenet"`` (downloaded by Keras, or read from the Keras
-            cache ``~/.keras/models``), ``None`` (random initialisation) or
+            cache ``~/.keras/models``; for a KerasHub preset: the preset's
+            own weights), ``None`` (random initialisation) or
             the path of a local weights file (``.weights.h5`` written by
             ``save_weights``, or a Keras Applications ``..._notop.h5``).
             A Hub model carries its own weights: leave the default.
@@ -220,9 +227,15 @@ def load_backbone(name, weights="imagenet", input_shape=None):
         return _load_keras_file(name, weights)
     if isinstance(name, str) and name.startswith("hub:"):
         return _load_hub(name[len("hub:"):], weights, input_shape)
+    if isinstance(name, str) and name.startswith(kerashub.PREFIX) or \
+            isinstance(name, (str, os.PathLike)) and \
+            kerashub.is_preset_folder(name):
+        return kerashub.load(name, weights, input_shape)
     config = zoo_entry(name)
     if config.is_hub:
         return _load_hub(config, weights, input_shape)
+    if config.is_kerashub:
+        return kerashub.load(config, weights, input_shape)
     shape = _normalise_input_shape(config, input_shape)
     inputs = keras.Input(shape=shape, name="image")
     x = ImagePreprocessing(check_mode(config.preprocessing),

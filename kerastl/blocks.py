@@ -174,13 +174,17 @@ def assign_blocks(model, rules, unmatched=HEAD):
         A :class:`BlockMap`.
     """
     order, by_name, parents, outer = _graph_tables(model)
-    names = [rule.name for rule in rules]
-    if len(set(names)) != len(names):
-        raise BlockError(f"Block names repeat: {names}.")
+    names = []
     index = {}
     upstream = set()  # layers that earlier blocks depend on
-    for i, rule in enumerate(rules):
-        if rule.until or rule.before:
+    for rule in rules:
+        if rule.repeated:  # one block per number, in increasing order
+            numbers = {}
+            for n in order:
+                if n not in index and rule.matches(n):
+                    numbers.setdefault(rule.number(n), []).append(n)
+            groups = [numbers[k] for k in sorted(numbers)]
+        elif rule.until or rule.before:
             anchor = rule.until or rule.before
             if anchor not in by_name:
                 raise BlockError(
@@ -188,14 +192,19 @@ def assign_blocks(model, rules, unmatched=HEAD):
                     f"model {model.name!r} does not have.")
             if rule.before:
                 anchor = _immediate_dominator(anchor, parents, order)
-            chosen = _ancestors(anchor, parents) - upstream
+            groups = [_ancestors(anchor, parents) - upstream]
         else:
-            chosen = [n for n in order if rule.matches(n)]
-        for n in chosen:
-            if n not in index:
-                index[n] = i
-                upstream |= _ancestors(n, parents)
-    head = len(rules)  # the index of a trailing head block, if one is needed
+            groups = [[n for n in order if rule.matches(n)]]
+        for k, chosen in enumerate(groups):
+            i = len(names)
+            names.append(rule.block_name(k) if rule.repeated else rule.name)
+            for n in chosen:
+                if n not in index:
+                    index[n] = i
+                    upstream |= _ancestors(n, parents)
+    if len(set(names)) != len(names):
+        raise BlockError(f"Block names repeat: {names}.")
+    head = len(names)  # the index of a trailing head block, if one is needed
     for n in order:
         if n in index:
             continue

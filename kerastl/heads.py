@@ -7,7 +7,9 @@ import keras
 from kerastl import freezing
 from kerastl.errors import KerastlError
 
-POOLINGS = ("avg", "max", "flatten")
+POOLINGS = ("avg", "max", "flatten", "cls", "cls_avg")
+# Poolings that only a transformer's token sequence has.
+TOKEN_POOLINGS = ("cls", "cls_avg")
 
 
 def _check_num_classes(num_classes, activation="softmax"):
@@ -26,13 +28,99 @@ def _check_num_classes(num_classes, activation="softmax"):
 
 
 def pooling_layer(pooling, name):
-    """The global pooling layer for ``pooling`` (one of :data:`POOLINGS`)."""
+    """The global pooling layer for ``pooling`` over a feature map
+    ``(batch, height, width, channels)``: ``"avg"``, ``"max"`` or
+    ``"flatten"`` (see :func:`pool` for token sequences)."""
     if pooling not in POOLINGS:
         raise KerastlError(f"pooling={pooling!r}: expected one of "
                            f"{', '.join(POOLINGS)}.")
+    if pooling in TOKEN_POOLINGS:
+        raise KerastlError(
+            f"pooling={pooling!r} reads a transformer's class token; this "
+            "output is a feature map (batch, height, width, channels). Use "
+            "'avg', 'max' or 'flatten'.")
     return {"avg": keras.layers.GlobalAveragePooling2D,
             "max": keras.layers.GlobalMaxPooling2D,
             "flatten": keras.layers.Flatten}[pooling](name=name)
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class TokenPooling(keras.layers.Layer):
+    """Pools a transformer's token sequence ``(batch, tokens, dim)``.
+
+    Args:
+        mode: ``"avg"`` (mean of the patch tokens), ``"max"`` (their
+            maximum), ``"cls"`` (the class token, the first token) or
+            ``"cls_avg"`` (class token and patch-token mean, concatenated:
+            the DINOv2 linear-probe features, ``2 * dim`` wide).
+        prefix_tokens: how many tokens (class, registers) come before the
+            patch tokens; ``avg`` and ``max`` leave them out.
+    """
+
+    def __init__(self, mode="avg", prefix_tokens=0, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("avg", "max", "cls", "cls_avg"):
+            raise KerastlError(f"TokenPooling mode={mode!r}: expected avg, "
+                               "max, cls or cls_avg.")
+        if mode in TOKEN_POOLINGS and not prefix_tokens:
+            raise KerastlError(
+                f"pooling={mode!r}: this transformer has no class token "
+                "(SigLIP, for one, has none). Use pooling='avg'.")
+        self.mode = mode
+        self.prefix_tokens = int(prefix_tokens or 0)
+
+    def call(self, tokens):
+        patches = tokens[:, self.prefix_tokens:, :]
+        if self.mode == "max":
+            return keras.ops.max(patches, axis=1)
+        mean = keras.ops.mean(patches, axis=1)
+        if self.mode == "avg":
+            return mean
+        if self.mode == "cls":
+            return tokens[:, 0, :]
+        return keras.ops.concatenate([tokens[:, 0, :], mean], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        dim = input_shape[-1]
+        if self.mode == "cls_avg" and dim is not None:
+            dim *= 2
+        return (input_shape[0], dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode, prefix_tokens=self.prefix_tokens)
+        return config
+
+
+def prefix_tokens(model):
+    """The number of tokens before the patch tokens in ``model``'s
+    transformer backbone (from its preprocessing layer), or None."""
+    from kerastl.blocks import layer_graph
+    for layer, _ in layer_graph(freezing.keras_model_of(model)):
+        count = getattr(layer, "prefix_tokens", None)
+        if count is not None and not isinstance(layer, TokenPooling):
+            return count
+    return None
+
+
+def pool(tensor, pooling, name, model=None):
+    """``tensor`` pooled to ``(batch, features)``.
+
+    A feature map ``(batch, h, w, c)`` by :func:`pooling_layer`; a token
+    sequence ``(batch, tokens, dim)`` by :class:`TokenPooling` (the number
+    of class/register tokens is read from ``model``); a vector as it is.
+    """
+    if pooling not in POOLINGS:
+        raise KerastlError(f"pooling={pooling!r}: expected one of "
+                           f"{', '.join(POOLINGS)}.")
+    if len(tensor.shape) == 2:
+        return tensor
+    if len(tensor.shape) == 3 and pooling != "flatten":
+        count = prefix_tokens(model) if model is not None else None
+        return TokenPooling(pooling, count or 0, name=name)(tensor)
+    if len(tensor.shape) == 4:
+        return pooling_layer(pooling, name)(tensor)
+    return keras.layers.Flatten(name=name)(tensor)
 
 
 def apply_freeze(model, freeze, bn, recompile=True):
@@ -115,7 +203,10 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
             a feature vector ``(batch, features)`` (TF Hub models).
         num_classes: number of outputs.
         pooling: ``"avg"`` (global average), ``"max"`` or ``"flatten"``
-            (unused for a feature vector).
+            (unused for a feature vector). For a transformer's token
+            sequence: ``"avg"`` (mean of the patch tokens), ``"max"``,
+            ``"cls"`` (the class token) or ``"cls_avg"`` (both,
+            concatenated). See :class:`TokenPooling`.
         dropout: dropout rate before each dense layer of the head (0: none).
         hidden_units: sizes of hidden ReLU layers in the head.
         activation: ``"softmax"`` (single label), ``"sigmoid"`` (multi-label)
@@ -139,20 +230,16 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
                       metrics=["accuracy"])
     """
     num_classes = _check_num_classes(num_classes, activation)
-    pool = pooling_layer(pooling, "head_pool")
     model = freezing.keras_model_of(backbone)
     features = model.output
-    if len(features.shape) == 2:  # a feature vector (TF Hub models)
-        pooled = features
-    elif len(features.shape) == 4:
-        pooled = pool(features)
-    else:
+    if len(features.shape) not in (2, 3, 4):
         raise KerastlError(
             f"build_classifier needs a backbone with a spatial output "
-            f"(batch, height, width, channels) or a feature vector; "
-            f"{model.name!r} outputs {tuple(features.shape)}. Pass the "
-            "backbone without its classifier, or replace a classifier with "
-            "replace_classifier().")
+            f"(batch, height, width, channels), a token sequence (batch, "
+            f"tokens, dim) or a feature vector; {model.name!r} outputs "
+            f"{tuple(features.shape)}. Pass the backbone without its "
+            "classifier, or replace a classifier with replace_classifier().")
+    pooled = pool(features, pooling, "head_pool", model)
     outputs = _head(pooled, num_classes, dropout, hidden_units, activation,
                     seed)
     classifier = keras.Model(model.input, outputs,

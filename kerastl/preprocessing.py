@@ -30,6 +30,21 @@ def check_mode(mode):
     return mode
 
 
+def _per_channel(value):
+    """``scale``/``offset``: None, a float, or a list of 3 floats."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    values = [float(v) for v in value]
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 3:
+        raise ConfigError(f"A per-channel scale or offset needs 1 or 3 "
+                          f"values; got {value!r}.")
+    return values
+
+
 @keras.saving.register_keras_serializable(package="kerastl")
 class ImagePreprocessing(keras.layers.Layer):
     """Maps RGB images in [0, 255] to what a pretrained model expects.
@@ -51,6 +66,12 @@ class ImagePreprocessing(keras.layers.Layer):
             non-numeric dtype are refused with an
             :class:`~kerastl.InputShapeError` that says how to fix them
             (Keras itself checks fixed input shapes first).
+        scale, offset: ``x * scale + offset`` after ``mode`` (a number or
+            one per channel): a KerasHub preset's image converter
+            (``builtin`` mode, so that its own rescaling and mean/std apply).
+        prefix_tokens: for a transformer backbone, how many tokens (class
+            and register tokens) come before the patch tokens in its output;
+            token pooling reads it (see :func:`kerastl.heads.pooling_layer`).
 
     Example::
 
@@ -60,7 +81,7 @@ class ImagePreprocessing(keras.layers.Layer):
     """
 
     def __init__(self, mode, zoo_name=None, blocks=None, min_size=None,
-                 **kwargs):
+                 scale=None, offset=None, prefix_tokens=None, **kwargs):
         # Preprocessing is cheap and numerically touchy (caffe means in
         # float16 lose a unit): it always runs in float32.
         kwargs.setdefault("dtype", "float32")
@@ -69,6 +90,10 @@ class ImagePreprocessing(keras.layers.Layer):
         self.zoo_name = zoo_name
         self.block_rules = rules_from_config(blocks)
         self.min_size = None if min_size is None else int(min_size)
+        self.scale = _per_channel(scale)
+        self.offset = _per_channel(offset)
+        self.prefix_tokens = None if prefix_tokens is None else int(
+            prefix_tokens)
 
     def _check(self, inputs):
         """Refuses images the model cannot take, when their shape and dtype
@@ -107,6 +132,10 @@ class ImagePreprocessing(keras.layers.Layer):
         elif self.mode == "torch":
             x = (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN)) / (
                 ops.convert_to_tensor(_TORCH_STD))
+        if self.scale is not None:
+            x = x * ops.convert_to_tensor(self.scale, "float32")
+        if self.offset is not None:
+            x = x + ops.convert_to_tensor(self.offset, "float32")
         return x
 
     def compute_output_shape(self, input_shape):
@@ -117,4 +146,7 @@ class ImagePreprocessing(keras.layers.Layer):
         config.update(mode=self.mode, zoo_name=self.zoo_name,
                       blocks=rules_to_config(self.block_rules),
                       min_size=self.min_size)
+        for key in ("scale", "offset", "prefix_tokens"):
+            if getattr(self, key) is not None:
+                config[key] = getattr(self, key)
         return config

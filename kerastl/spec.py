@@ -66,6 +66,13 @@ class BlockRule:
       variables but no layers): regexes matched with ``re.search`` against
       the SavedModel's variable names (``MobilenetV2/Conv/weights:0``), so a
       prefix a Hub wrapper adds does not break them.
+
+    A ``layers`` rule whose name contains ``{i}`` is a *repeated* rule: it
+    stands for one block per distinct number that ``{i}`` in its regexes
+    matches (``name: layer{i}``, ``layers: ['^encoder_block_{i}$']``), in
+    increasing order of that number, the blocks numbered from ``first``
+    (default 0) whatever numbers the layer names use. Transformers get one
+    block per encoder layer this way, whatever their depth.
     """
 
     name: str
@@ -73,18 +80,43 @@ class BlockRule:
     until: str = None
     before: str = None
     variables: tuple = ()
+    first: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "variables", tuple(self.variables))
+        if self.repeated and (not self.layers or self.until or self.before):
+            raise BlockError(
+                f"Block rule {self.name!r}: a repeated rule ('{{i}}' in its "
+                "name) needs 'layers' regexes containing '{i}'.")
         object.__setattr__(
-            self, "_compiled", tuple(re.compile(p) for p in self.layers))
+            self, "_compiled", tuple(re.compile(
+                p.replace("{i}", r"(?P<i>\d+)") if self.repeated else p)
+                for p in self.layers))
         object.__setattr__(
             self, "_compiled_vars",
             tuple(re.compile(p) for p in self.variables))
 
+    @property
+    def repeated(self):
+        """Whether the rule stands for one block per number (``{i}``)."""
+        return "{i}" in self.name
+
     def matches(self, layer_name):
         return any(p.match(layer_name) for p in self._compiled)
+
+    def number(self, layer_name):
+        """The number ``{i}`` matches in ``layer_name`` (repeated rules),
+        or None if the rule does not match it."""
+        for p in self._compiled:
+            found = p.match(layer_name)
+            if found and "i" in p.groupindex:
+                return int(found.group("i"))
+        return None
+
+    def block_name(self, ordinal):
+        """The name of a repeated rule's ``ordinal``-th block (from 0)."""
+        return self.name.replace("{i}", str(self.first + ordinal))
 
     def matches_variable(self, variable_name):
         return any(p.search(variable_name) for p in self._compiled_vars)
@@ -101,18 +133,23 @@ class BlockRule:
     def get_config(self):
         """The rule as JSON-able data (what a saved model stores)."""
         value = getattr(self, self.selector)
-        return {"name": self.name, self.selector:
-                list(value) if isinstance(value, tuple) else value}
+        config = {"name": self.name, self.selector:
+                  list(value) if isinstance(value, tuple) else value}
+        if self.first:
+            config["first"] = self.first
+        return config
 
     @classmethod
     def from_config(cls, config):
         """The inverse of :meth:`get_config` (checked)."""
+        first = config.get("first", 0) if isinstance(config, dict) else 0
         if not isinstance(config, dict) or not isinstance(
-                config.get("name"), str) or len(config) != 2:
+                config.get("name"), str) or len(config) != 2 + (
+                "first" in config) or not isinstance(first, int):
             raise BlockError(
                 f"A block rule must be {{'name': ..., one of 'layers', "
                 f"'until', 'before', 'variables': ...}}; got {config!r:.200}.")
-        key = next(k for k in config if k != "name")
+        key = next(k for k in config if k not in ("name", "first"))
         if key not in ("layers", "until", "before", "variables"):
             raise BlockError(f"Block rule {config['name']!r}: unknown "
                              f"selector {key!r}.")
@@ -120,7 +157,7 @@ class BlockRule:
         if key in ("layers", "variables"):
             value = [value] if isinstance(value, str) else list(value)
         try:
-            return cls(config["name"], **{key: value})
+            return cls(config["name"], first=first, **{key: value})
         except (re.error, TypeError) as e:
             raise BlockError(f"Block rule {config['name']!r}: {e}.") from None
 

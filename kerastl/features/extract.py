@@ -18,7 +18,7 @@ from kerastl.errors import KerastlError
 from kerastl.features.cache import _as_cache, hash_array, model_fingerprint
 from kerastl.freezing import keras_model_of
 from kerastl.heads import POOLINGS as HEAD_POOLINGS
-from kerastl.heads import pooling_layer
+from kerastl.heads import pool
 
 #: The heads' poolings, plus ``None``: spatial outputs kept as they are.
 POOLINGS = HEAD_POOLINGS + (None,)
@@ -55,13 +55,10 @@ def _endpoint_tensor(backbone, model, name):
         f"{', '.join(bm.names)}.")
 
 
-def _pool(tensor, pooling, name):
-    if len(tensor.shape) == 4 and pooling is not None:
-        return pooling_layer(pooling, f"kerastl_{pooling}_pool_{name}")(
-            tensor)
-    if len(tensor.shape) > 2 and pooling is not None:
-        return keras.layers.Flatten(name=f"kerastl_flatten_{name}")(tensor)
-    return tensor
+def _pool(tensor, pooling, name, model=None):
+    if pooling is None:
+        return tensor
+    return pool(tensor, pooling, f"kerastl_{pooling}_pool_{name}", model)
 
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()
@@ -90,9 +87,10 @@ def feature_model(backbone, layers=None, pooling="avg"):
 
 def _build_feature_model(backbone, model, names, pooling):
     if names is None:
-        outputs = {"output": _pool(model.output, pooling, "output")}
+        outputs = {"output": _pool(model.output, pooling, "output", model)}
     else:
-        outputs = {n: _pool(_endpoint_tensor(backbone, model, n), pooling, n)
+        outputs = {n: _pool(_endpoint_tensor(backbone, model, n), pooling, n,
+                            model)
                    for n in names}
     return keras.Model(model.input, outputs, name=f"{model.name}_features")
 
@@ -276,8 +274,10 @@ def extract_features(backbone, data, layers=None, pooling="avg",
             not), or an image folder (class subfolders give the labels).
         layers: ``None`` (the model's output), or a block name, a config
             endpoint (``"stride16"``), a layer name, or a list of them.
-        pooling: ``"avg"`` or ``"max"`` over space for 4-D outputs (other
-            multi-dimensional outputs are flattened); ``None`` keeps them.
+        pooling: ``"avg"`` or ``"max"`` over space for 4-D outputs; for a
+            transformer's tokens ``(batch, tokens, dim)`` also ``"cls"`` and
+            ``"cls_avg"`` (see :class:`kerastl.heads.TokenPooling`);
+            ``"flatten"`` flattens; ``None`` keeps them.
         batch_size: for arrays and unbatched datasets.
         cache: a :class:`FeatureCache` or a folder: computed once, read back
             on later calls with the same model, weights, layers, pooling,

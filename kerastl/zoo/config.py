@@ -39,7 +39,7 @@ KERAS_APPLICATIONS = frozenset({
     "ResNet101V2", "ResNet152V2", "VGG16", "VGG19", "Xception",
 })
 
-SOURCES = ("keras.applications", "tfhub")
+SOURCES = ("keras.applications", "tfhub", "kerashub")
 _HUB_KEYS = {"signature", "output_key", "tags"}
 
 # Arguments that kerastl itself sets; a config may not override them.
@@ -52,7 +52,7 @@ _TOP_KEYS = {
     "preprocessing": True, "blocks": True, "aliases": False,
     "constructor_args": False, "endpoints": False, "reference": False,
     "description": False, "handle": False, "output_size": False,
-    "hub": False,
+    "hub": False, "preset": False, "architecture": False,
 }
 _REFERENCE_KEYS = {"params", "top1", "top5", "size_mb", "depth", "source"}
 
@@ -70,6 +70,11 @@ class ZooConfig:
         output_size: (tfhub) the length of the feature vector.
         hub: (tfhub) ``signature``, ``output_key`` and ``tags`` for
             :class:`~kerastl.HubLayer`, where the default call does not do.
+        preset: (kerashub) the KerasHub preset: a preset name as KerasHub
+            spells it, a ``kaggle://`` or ``hf://`` handle.
+        architecture: (kerashub) the KerasHub class whose layers the blocks
+            name (``ViTBackbone``); a local preset folder of that class
+            gets this entry's blocks.
         constructor_args: extra scalar keyword arguments for it.
         default_size: the input size the weights were trained at.
         min_size: the smallest input size kerastl accepts.
@@ -96,10 +101,16 @@ class ZooConfig:
     handle: str = ""
     output_size: int = None
     hub: dict = dataclasses.field(default_factory=dict)
+    preset: str = ""
+    architecture: str = ""
 
     @property
     def is_hub(self):
         return self.source == "tfhub"
+
+    @property
+    def is_kerashub(self):
+        return self.source == "kerashub"
 
     @property
     def block_names(self):
@@ -151,6 +162,11 @@ def parse_config(data, path="<config>"):
     if source not in SOURCES:
         _fail(path, "source", f"{source!r} is not one of {', '.join(SOURCES)}")
     hub_only = ("handle", "output_size", "hub")
+    if source == "kerashub":
+        return _parse_kerashub_config(data, path, name)
+    for key in ("preset", "architecture"):
+        if key in data:
+            _fail(path, key, f"applies only to source: kerashub, not {source}")
     if source == "tfhub":
         for key in ("handle", "output_size"):
             if key not in data:
@@ -245,6 +261,38 @@ def _parse_hub_config(data, path, name):
         **_parse_extras(data, path))
 
 
+def _parse_kerashub_config(data, path, name):
+    """The ``source: kerashub`` part of :func:`parse_config`."""
+    for key in ("preset", "architecture"):
+        if key not in data:
+            _fail(path, key, "required key is missing (source: kerashub)")
+    for key in ("constructor", "constructor_args", "handle", "hub"):
+        if key in data:
+            _fail(path, key, "does not apply to source: kerashub")
+    preset = _expect(path, "preset", data["preset"], str, "a string")
+    architecture = _expect(path, "architecture", data["architecture"], str,
+                           "a string")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", architecture):
+        _fail(path, "architecture", f"{architecture!r} is not a KerasHub "
+                                    "class name (e.g. ViTBackbone)")
+    output_size = data.get("output_size")
+    if output_size is not None:
+        _expect(path, "output_size", output_size, int, "an integer")
+    default_size, min_size, preprocessing, blocks = _parse_common(
+        data, path, variables=False)
+    if preprocessing != "builtin":
+        _fail(path, "preprocessing", "must be builtin for source: kerashub "
+                                     "(the preset's own image converter)")
+    endpoints = data.get("endpoints") or {}
+    _expect(path, "endpoints", endpoints, dict, "a mapping")
+    return ZooConfig(
+        name=name, source="kerashub", constructor="",
+        default_size=default_size, min_size=min_size,
+        preprocessing=preprocessing, blocks=tuple(blocks),
+        endpoints=dict(endpoints), path=str(path), output_size=output_size,
+        preset=preset, architecture=architecture, **_parse_extras(data, path))
+
+
 def _parse_common(data, path, variables):
     """input, preprocessing and blocks (layer or variable-path rules)."""
     inp = _expect(path, "input", data["input"], dict, "a mapping")
@@ -276,7 +324,7 @@ def _parse_common(data, path, variables):
         allowed = ("variables",) if variables else ("layers", "until",
                                                     "before")
         for k in b:
-            if k != "name" and k not in allowed:
+            if k not in ("name", "first") and k not in allowed:
                 _fail(path, f"{key}.{k}", "unknown key; expected name and "
                                           f"{' or '.join(allowed)}"
                       + (" (source: tfhub blocks are regexes over variable "
@@ -297,7 +345,17 @@ def _parse_common(data, path, variables):
             _expect(path, f"{key}.{sel}", pats, list, "a list of regexes")
             pats = [_regex(path, f"{key}.{sel}[{j}]", p)
                     for j, p in enumerate(pats)]
-            blocks.append(BlockRule(bname, **{sel: pats}))
+            first = b.get("first", 0)
+            if "{i}" in bname:
+                _expect(path, f"{key}.first", first, int, "an integer")
+                if sel != "layers" or not all("{i}" in p for p in pats):
+                    _fail(path, f"{key}.{sel}", "a repeated block ('{i}' in "
+                          "its name) needs 'layers' regexes that each "
+                          "contain '{i}'")
+            elif "first" in b:
+                _fail(path, f"{key}.first", "only a repeated block ('{i}' "
+                      "in its name) has a first number")
+            blocks.append(BlockRule(bname, first=first, **{sel: pats}))
         else:
             sel = selectors[0]
             anchor = _expect(path, f"{key}.{sel}", b[sel], str, "a layer name")
@@ -385,7 +443,7 @@ def _check_no_collision(cfg, path, configs, files, keys):
 
 def list_configs(source=None):
     """All zoo configs, sorted by name; ``source`` filters
-    (``"keras.applications"`` or ``"tfhub"``)."""
+    (``"keras.applications"``, ``"tfhub"`` or ``"kerashub"``)."""
     if source is not None and source not in SOURCES:
         raise ConfigError(f"source={source!r}: expected one of "
                           f"{', '.join(SOURCES)}.")
