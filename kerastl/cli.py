@@ -99,6 +99,16 @@ def _millions(n):
     return f"{n / 1e6:.1f}M" if n else "-"
 
 
+def _origin(c, markdown=False):
+    """Where a zoo entry's model comes from, for the zoo tables."""
+    if c.is_hub:
+        return "TF Hub" if markdown else "tfhub"
+    if c.is_kerashub:
+        return f"KerasHub `{c.preset}`" if markdown else \
+            f"kerashub:{c.preset}"
+    return f"keras.applications.{c.constructor}"
+
+
 def zoo_markdown_table():
     """The zoo as a Markdown table (the README's, kept in sync by a test)."""
     from kerastl.zoo import list_configs
@@ -108,8 +118,7 @@ def zoo_markdown_table():
     for c in list_configs():
         ref = c.reference
         top1 = f"{ref['top1'] * 100:.1f}%" if ref.get("top1") else "-"
-        origin = (f"keras.applications.{c.constructor}" if not c.is_hub
-                  else "TF Hub")
+        origin = _origin(c, markdown=True)
         lines.append(f"| `{c.name}` | {origin} | {_millions(ref.get('params'))} "
                      f"| {top1} | {c.default_size} | {c.min_size} | "
                      f"{c.preprocessing} | {', '.join(c.block_names)} |")
@@ -126,8 +135,7 @@ def cmd_zoo_list(args):
     for c in list_configs():
         ref = c.reference
         top1 = f"{ref['top1'] * 100:.1f}%" if ref.get("top1") else "-"
-        origin = (f"keras.applications.{c.constructor}" if not c.is_hub
-                  else "tfhub")
+        origin = _origin(c)
         rows.append([c.name, origin, _millions(ref.get("params")),
                      top1, c.default_size, c.min_size, c.preprocessing,
                      len(c.blocks)])
@@ -148,12 +156,27 @@ def _show_hub(c):
     return 0
 
 
+def _show_kerashub(c):
+    print(f"{c.name}: KerasHub preset {c.preset} ({c.architecture})")
+    print(f"input {c.default_size}x{c.default_size}, the preset's image "
+          "converter inside the model: feed RGB in [0, 255]")
+    rows = [[r.name, "  ".join(r.layers)] for r in c.blocks]
+    print(_format_table(["block", "layer regexes ({i}: one block per "
+                                  "number)"], rows))
+    print("(KerasHub presets are not built here: that needs the download. "
+          "load_backbone('kerashub:...') checks the blocks against it; "
+          'it needs pip install "kerastl[kerashub]".)')
+    return 0
+
+
 def cmd_zoo_show(args):
     from kerastl.zoo import zoo_entry
 
     config = zoo_entry(args.name)
     if config.is_hub:  # described by its YAML entry: no Keras needed
         return _show_hub(config)
+    if config.is_kerashub:
+        return _show_kerashub(config)
     _import_api_quietly()  # a Keras Applications entry is built
     from kerastl import load_backbone
 
@@ -179,7 +202,8 @@ def cmd_zoo_show(args):
 # Every experiment key but overwrite/resume (store_true flags): the type of
 # its flag (a tuple: the choices) and its help.
 FINETUNE_FLAGS = [
-    ("model", str, "zoo name, hub:<name or handle>, or a .keras file"),
+    ("model", str, "zoo name, hub:<name or handle>, kerashub:<preset or "
+                   "folder>, or a .keras file"),
     ("data", str, "image folder, one subfolder per class"),
     ("output", str, "output folder: new, empty, or an earlier kerastl run "
                     "with --overwrite"),

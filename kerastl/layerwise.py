@@ -70,14 +70,22 @@ class LayerDecay(_BlockRule):
     Args:
         decay: the ratio between the rates of neighbouring blocks, in (0, 1].
         top: the multiplier of the last block.
+        shared: blocks that share the rate of the block above them rather
+            than taking a rung of their own. ``shared=("top",)`` on a
+            transformer classifier is the BEiT / MAE / timm schedule: the
+            final norm (``top``) and the head learn at ``top``, encoder
+            layer ``i`` of ``N`` at ``top * decay ** (N - i)`` (``layer0``
+            at ``decay ** N``), the embeddings at ``decay ** (N + 1)``.
 
     Example::
 
         opt = kerastl.LayerwiseOptimizer(keras.optimizers.AdamW(1e-3),
                                          kerastl.LayerDecay(0.7), model)
+        # A ViT / DINOv2 classifier, BEiT's schedule:
+        kerastl.LayerDecay(0.75, shared=("top",))
     """
 
-    def __init__(self, decay, top=1.0):
+    def __init__(self, decay, top=1.0, shared=()):
         if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
                 or not 0 < decay <= 1:
             raise KerastlError(
@@ -85,14 +93,24 @@ class LayerDecay(_BlockRule):
                 f"(0, 1], e.g. 0.75.")
         self.decay = float(decay)
         self.top = _check_multiplier(top, "the top block")
+        if isinstance(shared, str):
+            shared = (shared,)
+        self.shared = tuple(shared or ())
 
     def per_block(self, names):
-        n = len(names)
-        return {b: self.top * self.decay ** (n - 1 - i)
-                for i, b in enumerate(names)}
+        unknown = [b for b in self.shared if b not in names]
+        if unknown:
+            raise KerastlError(
+                f"LayerDecay(shared={self.shared!r}): the model has no block "
+                f"{unknown[0]!r}; its blocks are {', '.join(names)}.")
+        rungs = [0] * len(names)
+        for i in range(len(names) - 2, -1, -1):
+            rungs[i] = rungs[i + 1] + (names[i] not in self.shared)
+        return {b: self.top * self.decay ** r for b, r in zip(names, rungs)}
 
     def __repr__(self):
-        return f"LayerDecay({self.decay}, top={self.top})"
+        shared = f", shared={self.shared}" if self.shared else ""
+        return f"LayerDecay({self.decay}, top={self.top}{shared})"
 
 
 class LRSpread(_BlockRule):

@@ -41,6 +41,9 @@ INSTALL_HINT = 'pip install "kerastl[kerashub]"  (or: pip install keras-hub)'
 # a remote preset cannot be fetched.
 PRESET_TIMEOUT_S = 10
 PREFIX = "kerashub:"
+# The hosts a remote preset comes from (checked before KerasHub downloads).
+KAGGLE_URL = "https://www.kaggle.com"
+HF_URL = "https://huggingface.co"
 
 
 def import_keras_hub():
@@ -156,9 +159,9 @@ def _check_reachable(preset, timeout):
         parts = handle[len("kaggle://"):].split("/")
         if len(parts) == 5 and os.path.isdir(_kaggle_cache(handle)):
             return  # cached with its version: no download
-        url = "https://www.kaggle.com"
+        url = KAGGLE_URL
     elif handle.startswith("hf://"):
-        url = "https://huggingface.co"
+        url = HF_URL
     else:
         return  # gs:// and others: KerasHub's own errors
     from kerastl.hub import _reachable
@@ -312,6 +315,8 @@ def _rebuild(vision, x):
     fresh = {}
 
     def operation_fn(op):
+        if not isinstance(op, keras.layers.Layer):
+            return op  # a keras.ops operation: no weights, no name to keep
         if id(op) not in fresh:
             fresh[id(op)] = _fresh(op)
             pairs.append((fresh[id(op)], op))
