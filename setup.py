@@ -10,10 +10,12 @@ PLOTS = ["matplotlib>=3.7"]
 # kerastl.datasets needs scikit-learn (digits, sample photos) and matplotlib
 # (fonts; it brings Pillow, which draws and resizes the images).
 DATA = ["scikit-learn>=1.3"] + PLOTS
+# KerasHub presets as a zoo source (load_backbone("kerashub:...")).
+KERASHUB = ["keras-hub>=0.32"]
 # jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
 # nbclient, nbformat, ipykernel: CI executes the tutorial notebooks.
 TEST = ["pytest>=7", "jax>=0.4.30", "nbclient>=0.8", "nbformat>=5",
-        "ipykernel>=6"] + DATA
+        "ipykernel>=6"] + DATA + KERASHUB
 
 setup(
     name="kerastl",
@@ -43,6 +45,7 @@ setup(
         "test": TEST,
         "plots": PLOTS,
         "data": DATA,
+        "kerashub": KERASHUB,
         "all": TEST,
     },
     entry_points={"console_scripts": ["kerastl=kerastl_cli:main"]},

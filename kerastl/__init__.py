@@ -13,12 +13,14 @@ Core (what a block map is and what acts on it)
     freezing          freeze / unfreeze / GradualUnfreezing: the one place
                       that sets ``trainable`` (BatchNorm policy included)
     layerwise         LayerwiseOptimizer, LayerDecay, LRSpread
-    heads             the one head builder (classifier, DANN, probes)
+    heads             the one head builder (classifier, DANN, probes),
+                      pooling of feature maps and token sequences
 
 Model sources
     preprocessing     ImagePreprocessing (carries the block rules)
     hub               HubLayer, TF Hub handles, trusted paths
-    zoo/              the YAML zoo (config.py) and Keras Applications
+    zoo/              the YAML zoo (config.py), Keras Applications
+                      (keras_apps.py) and KerasHub presets (kerashub.py)
     backbone          load_backbone, Backbone
 
 Methods
@@ -87,6 +89,7 @@ _API = {
     "transfer_depth_sweep": "kerastl.analysis",
     "build_classifier": "kerastl.heads",
     "replace_classifier": "kerastl.heads",
+    "TokenPooling": "kerastl.heads",
     "LayerDecay": "kerastl.layerwise",
     "LayerwiseOptimizer": "kerastl.layerwise",
     "LRSpread": "kerastl.layerwise",

@@ -1,17 +1,17 @@
 """``Backbone``: a pretrained feature extractor, its block map and its input contract."""
 
-import numbers
 import os
 
 import keras
 
 from kerastl import _keras_private as _private
 from kerastl import blocks as _blocks
-from kerastl.errors import (BlockError, InputShapeError, KerastlError,
+from kerastl.errors import (BlockError, KerastlError,
                             UnknownModelError)
 from kerastl.features import extract
 from kerastl.hub import HubLayer
-from kerastl.preprocessing import ImagePreprocessing, check_mode
+from kerastl.preprocessing import (ImagePreprocessing, check_input_shape,
+                                   check_mode)
 from kerastl.zoo.config import ZooConfig, list_configs, zoo_entry
 from kerastl.zoo import kerashub
 from kerastl.zoo.keras_apps import build_application
@@ -138,45 +138,8 @@ class Backbone:
 
 
 def _normalise_input_shape(config, input_shape):
-    return _check_input_shape(input_shape, config.name, config.default_size,
+    return check_input_shape(input_shape, config.name, config.default_size,
                               config.min_size)
-
-
-def _check_input_shape(input_shape, name, default_size, min_size):
-    """``input_shape`` as ``(height, width, 3)``, checked; default square."""
-    if input_shape is None:
-        return (default_size, default_size, 3)
-    if isinstance(input_shape, numbers.Integral) and \
-            not isinstance(input_shape, bool):
-        input_shape = (int(input_shape), int(input_shape))
-    if isinstance(input_shape, (str, bytes)) or not hasattr(
-            input_shape, "__iter__"):
-        raise InputShapeError(
-            f"input_shape={input_shape!r} for {name!r}: expected (height, "
-            "width, 3), (height, width) or one int.")
-    input_shape = tuple(input_shape)
-    for dim in input_shape:
-        if dim is not None and (isinstance(dim, bool) or not isinstance(
-                dim, numbers.Integral)):
-            raise InputShapeError(
-                f"input_shape={input_shape!r} for {name!r}: every dimension "
-                f"must be an integer (or None); {dim!r} is not.")
-    input_shape = tuple(None if d is None else int(d) for d in input_shape)
-    if len(input_shape) == 2:
-        input_shape += (3,)
-    if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise InputShapeError(
-            f"input_shape={input_shape} for {name!r}: expected "
-            "(height, width, 3): kerastl backbones take RGB images, channels "
-            "last.")
-    for dim in input_shape[:2]:
-        if dim is not None and dim < min_size:
-            raise InputShapeError(
-                f"input_shape={input_shape} is too small for "
-                f"{name!r}: height and width must be at least "
-                f"{min_size} (its default is {default_size}). "
-                "Resize the images up, or pick another model.")
-    return input_shape
 
 
 def load_backbone(name, weights="imagenet", input_shape=None):
@@ -230,12 +193,14 @@ def load_backbone(name, weights="imagenet", input_shape=None):
     if isinstance(name, str) and name.startswith(kerashub.PREFIX) or \
             isinstance(name, (str, os.PathLike)) and \
             kerashub.is_preset_folder(name):
-        return kerashub.load(name, weights, input_shape)
+        return Backbone(*kerashub.load(name, weights, input_shape),
+                        "builtin")
     config = zoo_entry(name)
     if config.is_hub:
         return _load_hub(config, weights, input_shape)
     if config.is_kerashub:
-        return kerashub.load(config, weights, input_shape)
+        return Backbone(*kerashub.load(config, weights, input_shape),
+                        "builtin")
     shape = _normalise_input_shape(config, input_shape)
     inputs = keras.Input(shape=shape, name="image")
     x = ImagePreprocessing(check_mode(config.preprocessing),
@@ -281,7 +246,7 @@ def _load_hub(spec, weights, input_shape):
         name = config.name
     else:
         handle, blocks, hub_args, mode = spec, {"hub": ""}, {}, "unit"
-        shape = _check_input_shape(input_shape, spec, 224, 1)
+        shape = check_input_shape(input_shape, spec, 224, 1)
         name = None
     inputs = keras.Input(shape=shape, name="image")
     x = ImagePreprocessing(mode, zoo_name=name,

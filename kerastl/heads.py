@@ -5,6 +5,7 @@ import numbers
 import keras
 
 from kerastl import freezing
+from kerastl.blocks import layer_graph
 from kerastl.errors import KerastlError
 
 POOLINGS = ("avg", "max", "flatten", "cls", "cls_avg")
@@ -95,7 +96,6 @@ class TokenPooling(keras.layers.Layer):
 def prefix_tokens(model):
     """The number of tokens before the patch tokens in ``model``'s
     transformer backbone (from its preprocessing layer), or None."""
-    from kerastl.blocks import layer_graph
     for layer, _ in layer_graph(freezing.keras_model_of(model)):
         count = getattr(layer, "prefix_tokens", None)
         if count is not None and not isinstance(layer, TokenPooling):

@@ -8,6 +8,8 @@ MobileNetV3 normalise inside the model). kerastl puts the right conversion
 ``fit``, ``predict`` and exported SavedModels all take the same raw pixels.
 """
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -150,3 +152,40 @@ class ImagePreprocessing(keras.layers.Layer):
             if getattr(self, key) is not None:
                 config[key] = getattr(self, key)
         return config
+
+
+def check_input_shape(input_shape, name, default_size, min_size):
+    """``input_shape`` as ``(height, width, 3)``, checked; default square."""
+    if input_shape is None:
+        return (default_size, default_size, 3)
+    if isinstance(input_shape, numbers.Integral) and \
+            not isinstance(input_shape, bool):
+        input_shape = (int(input_shape), int(input_shape))
+    if isinstance(input_shape, (str, bytes)) or not hasattr(
+            input_shape, "__iter__"):
+        raise InputShapeError(
+            f"input_shape={input_shape!r} for {name!r}: expected (height, "
+            "width, 3), (height, width) or one int.")
+    input_shape = tuple(input_shape)
+    for dim in input_shape:
+        if dim is not None and (isinstance(dim, bool) or not isinstance(
+                dim, numbers.Integral)):
+            raise InputShapeError(
+                f"input_shape={input_shape!r} for {name!r}: every dimension "
+                f"must be an integer (or None); {dim!r} is not.")
+    input_shape = tuple(None if d is None else int(d) for d in input_shape)
+    if len(input_shape) == 2:
+        input_shape += (3,)
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise InputShapeError(
+            f"input_shape={input_shape} for {name!r}: expected "
+            "(height, width, 3): kerastl backbones take RGB images, channels "
+            "last.")
+    for dim in input_shape[:2]:
+        if dim is not None and dim < min_size:
+            raise InputShapeError(
+                f"input_shape={input_shape} is too small for "
+                f"{name!r}: height and width must be at least "
+                f"{min_size} (its default is {default_size}). "
+                "Resize the images up, or pick another model.")
+    return input_shape

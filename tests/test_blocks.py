@@ -151,3 +151,45 @@ def test_structural_fallback_splits_at_resolution_changes():
 def test_block_map_rejects_non_models():
     with pytest.raises(kerastl.BlockError, match="keras.Model"):
         kerastl.block_map("resnet50")
+
+
+def _numbered_chain(names):
+    """A chain of Dense layers with the given names."""
+    inputs = keras.Input((4,))
+    x = inputs
+    for name in names:
+        x = keras.layers.Dense(4, name=name)(x)
+    return keras.Model(inputs, x)
+
+
+def test_a_repeated_rule_gives_one_block_per_number_in_numeric_order():
+    model = _numbered_chain(["embed", "blk_1", "blk_2", "blk_10", "norm"])
+    rules = [BlockRule("embed", layers=["^embed$"]),
+             BlockRule("layer{i}", layers=["^blk_{i}$"]),
+             BlockRule("top", layers=["^norm$"])]
+    bm = assign_blocks(model, rules)
+    # Numbered from 0 whatever the names use; blk_10 after blk_2.
+    assert bm.names == ["embed", "layer0", "layer1", "layer2", "top"]
+    assert bm.block_of("blk_10") == "layer2"
+    assert bm.validate() == []
+
+
+def test_a_repeated_rule_skips_layers_earlier_blocks_took():
+    model = _numbered_chain(["block_0_0", "block_1_0", "block_1_1",
+                             "block_2_0"])
+    rules = [BlockRule("stem", layers=["^block_0_"]),
+             BlockRule("stage{i}", layers=["^block_{i}_"], first=1)]
+    bm = assign_blocks(model, rules)
+    assert bm.names == ["stem", "stage1", "stage2"]
+    assert [l.name for l in bm.layers("stage1")] == ["block_1_0", "block_1_1"]
+
+
+def test_a_repeated_rule_travels_in_the_config():
+    rule = BlockRule("stage{i}", layers=["^(\\w+_)?stack{i}_"], first=1)
+    assert rule.get_config() == {"name": "stage{i}",
+                                 "layers": ["^(\\w+_)?stack{i}_"],
+                                 "first": 1}
+    again = BlockRule.from_config(rule.get_config())
+    assert again == rule and again.number("pre_stack12_conv") == 12
+    with pytest.raises(kerastl.BlockError, match="repeated rule"):
+        BlockRule("layer{i}", until="norm")

@@ -15,12 +15,15 @@ from kerastl import cli
 def test_zoo_list(capsys):
     assert cli.main(["zoo", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 + 40 + len(kerastl.list_configs("tfhub"))
+    assert len(out) == 2 + 40 + len(kerastl.list_configs("tfhub")) + len(
+        kerastl.list_configs("kerashub"))
     assert out[0].split()[:3] == ["name", "source", "params"]
     row = next(l for l in out if l.startswith("mobilenet_v2 "))
     assert "MobileNetV2" in row and "3.5M" in row and "71.3%" in row
     row = next(l for l in out if l.startswith("hub_mobilenet_v2_100_224 "))
     assert "tfhub" in row and "unit" in row
+    row = next(l for l in out if l.startswith("kerashub_dinov2_small "))
+    assert "kerashub:dinov2_small" in row and "22.6M" in row
 
 
 def test_zoo_show_prints_the_block_table(capsys):

@@ -44,8 +44,15 @@ def test_head_needs_a_feature_map_or_vector():
     flat = keras.Model(inputs, keras.layers.Dense(4)(inputs))
     model = kerastl.build_classifier(flat, 2, freeze=False)  # a vector
     assert model.output.shape == (None, 2)
+    # A sequence (batch, tokens, dim) is pooled over its tokens.
     seq = keras.Input((5, 8))
-    odd = keras.Model(seq, keras.layers.Dense(4)(seq))
+    tokens = keras.Model(seq, keras.layers.Dense(4)(seq))
+    model = kerastl.build_classifier(tokens, 2, freeze=False)
+    assert model.get_layer("head_pool").mode == "avg"
+    with pytest.raises(kerastl.KerastlError, match="no class token"):
+        kerastl.build_classifier(tokens, 2, pooling="cls")
+    volume = keras.Input((2, 3, 4, 8))
+    odd = keras.Model(volume, keras.layers.Dense(4)(volume))
     with pytest.raises(kerastl.KerastlError, match="spatial output"):
         kerastl.build_classifier(odd, 2)
 

@@ -6,7 +6,6 @@ preset folder with an image converter, and loaded through
 ``kerastl.load_backbone(folder)``: the real loading path.
 """
 
-import os
 import sys
 import time
 

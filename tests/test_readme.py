@@ -81,8 +81,35 @@ def mobilenet_backbone(ns, tmp_path):
         "mobilenet_v2", weights=None, input_shape=(32, 32, 3))
 
 
+def kerashub_preset(ns, tmp_path):
+    """A small DINOv2 in the kagglehub cache under the name of the real
+    preset (as a download leaves it), and digits to probe."""
+    keras_hub = pytest.importorskip("keras_hub")
+    from kerastl.zoo import kerashub
+
+    handle = kerashub._builtin_presets()["dinov2_small"]
+    cache = tmp_path / "kagglehub"
+    os.environ["KAGGLEHUB_CACHE"] = str(cache)  # restored by monkeypatch
+    folder = kerashub._kaggle_cache(handle)
+    keras_hub.models.DINOV2Backbone(
+        patch_size=8, num_layers=2, hidden_dim=16, num_heads=2,
+        intermediate_dim=32, image_shape=(32, 32, 3),
+        position_embedding_shape=(32, 32, 3)).save_to_preset(folder)
+    keras_hub.layers.DINOV2ImageConverter(
+        image_size=(32, 32), scale=1 / 255.0).save_to_preset(folder)
+    version = os.path.basename(folder)
+    open(folder + ".complete", "w").close()
+    os.makedirs(os.path.join(os.path.dirname(folder), ".complete", version))
+    for name in os.listdir(folder):
+        open(os.path.join(os.path.dirname(folder), ".complete", version,
+                          name + ".complete"), "w").close()
+    x, y = digits(60, 32)
+    ns.update(x_train=x[:40], y_train=y[:40], x_val=x[40:], y_val=y[40:])
+
+
 SETUPS = {f.__name__: f for f in (efficientnet_classifier, photo_folder,
-                                  digits_model, mobilenet_backbone)}
+                                  digits_model, mobilenet_backbone,
+                                  kerashub_preset)}
 
 
 def test_every_python_block_is_run_here_or_by_a_tutorial():
@@ -105,6 +132,7 @@ def test_readme_block_runs_as_written(index, tmp_path, monkeypatch):
     setup, code = blocks()[index]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # the FeatureCache example
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
     keras.utils.set_random_seed(0)
     ns = {"keras": keras, "kerastl": kerastl, "tf": tf, "np": np}
     SETUPS[setup](ns, tmp_path)

@@ -120,3 +120,26 @@ def test_broken_user_config_fails_loudly(tmp_path, monkeypatch):
     monkeypatch.setenv("KERASTL_ZOO_PATH", str(tmp_path))
     with pytest.raises(kerastl.ConfigError, match="evil.yaml"):
         kerastl.zoo_entry("resnet50")
+
+
+def test_repeated_blocks_are_checked(tmp_path):
+    ok = GOOD.replace("- {name: rest, until: out_relu}",
+                      "- {name: 'stage{i}', first: 1, layers: ['^block_{i}_']}")
+    cfg = zc.load_config_file(write(tmp_path, ok))
+    assert cfg.blocks[1].repeated and cfg.blocks[1].first == 1
+    no_i = GOOD.replace("- {name: rest, until: out_relu}",
+                        "- {name: 'stage{i}', layers: ['^block_']}")
+    with pytest.raises(kerastl.ConfigError, match=r"each\s+contain"):
+        zc.load_config_file(write(tmp_path, no_i, "b.yaml"))
+    stray = GOOD.replace("- {name: rest, until: out_relu}",
+                         "- {name: rest, first: 2, until: out_relu}")
+    with pytest.raises(kerastl.ConfigError, match="first number"):
+        zc.load_config_file(write(tmp_path, stray, "c.yaml"))
+
+
+def test_kerashub_entries_parse_and_name_their_architecture():
+    entries = kerastl.list_configs("kerashub")
+    assert len(entries) >= 8
+    for e in entries:
+        assert e.preset and e.architecture and e.preprocessing == "builtin"
+        assert any(b.repeated for b in e.blocks), e.name

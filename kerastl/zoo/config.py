@@ -333,6 +333,9 @@ def _parse_common(data, path, variables):
         if bname in seen:
             _fail(path, f"{key}.name", f"block {bname!r} appears twice")
         seen.add(bname)
+        if "first" in b and "{i}" not in bname:
+            _fail(path, f"{key}.first", "only a repeated block ('{i}' in "
+                  "its name) has a first number")
         selectors = [k for k in allowed if k in b]
         if len(selectors) != 1:
             _fail(path, key, f"needs exactly one of {', '.join(allowed)} "
@@ -352,9 +355,6 @@ def _parse_common(data, path, variables):
                     _fail(path, f"{key}.{sel}", "a repeated block ('{i}' in "
                           "its name) needs 'layers' regexes that each "
                           "contain '{i}'")
-            elif "first" in b:
-                _fail(path, f"{key}.first", "only a repeated block ('{i}' "
-                      "in its name) has a first number")
             blocks.append(BlockRule(bname, first=first, **{sel: pats}))
         else:
             sel = selectors[0]

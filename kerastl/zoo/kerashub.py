@@ -23,6 +23,7 @@ vision tower.
 Needs the optional extra: ``pip install "kerastl[kerashub]"``.
 """
 
+import difflib
 import importlib
 import inspect
 import os
@@ -34,7 +35,11 @@ import keras
 from kerastl import _keras_private as _private
 from kerastl import blocks as _blocks
 from kerastl.errors import KerastlError, UnknownModelError, WeightsError
+from kerastl.hub import _reachable
+from kerastl.preprocessing import ImagePreprocessing, check_input_shape
+from kerastl.spec import rules_from_config
 from kerastl.zoo.config import list_configs, zoo_entry
+from kerastl.zoo.keras_apps import load_weights_file
 
 INSTALL_HINT = 'pip install "kerastl[kerashub]"  (or: pip install keras-hub)'
 # How long kerastl waits for kaggle.com / huggingface.co before saying that
@@ -131,7 +136,6 @@ def resolve(spec):
     presets = _builtin_presets()
     if spec in presets:
         return spec, None
-    import difflib
     names = [c.name for c in _entries()] + sorted(presets)
     close = difflib.get_close_matches(spec, names, n=3, cutoff=0.5)
     hint = f" Closest: {', '.join(close)}." if close else ""
@@ -164,7 +168,6 @@ def _check_reachable(preset, timeout):
         url = HF_URL
     else:
         return  # gs:// and others: KerasHub's own errors
-    from kerastl.hub import _reachable
     try:
         _reachable(url, timeout)
     except KerastlError as e:
@@ -367,7 +370,6 @@ def _set_rules(model, entry):
     """Puts ``entry``'s block rules and name on the model's preprocessing
     layer (where the block map reads them, and where they travel in
     ``.keras``)."""
-    from kerastl.spec import rules_from_config
     layer = model.get_layer("kerastl_preprocessing")
     layer.block_rules = rules_from_config(entry.blocks) if entry else ()
     _blocks._CACHE.pop(model, None)  # the map follows the new rules
@@ -376,14 +378,13 @@ def _set_rules(model, entry):
 def load(spec, weights="imagenet", input_shape=None):
     """``load_backbone("kerashub:...")``: see :func:`kerastl.load_backbone`.
 
+    Returns ``(model, zoo entry or None)``; the model takes RGB in
+    [0, 255] and carries its block rules.
+
     ``weights``: ``"imagenet"`` (the default: the preset's own pretrained
     weights, whatever data they come from), ``None`` (the preset's
     architecture, randomly initialised) or a weights file.
     """
-    from kerastl.backbone import Backbone, _check_input_shape
-    from kerastl.preprocessing import ImagePreprocessing
-    from kerastl.zoo.keras_apps import load_weights_file
-
     keras_hub = import_keras_hub()
     preset, config = resolve(spec)
     if weights not in ("imagenet", "preset", None) and not isinstance(
@@ -412,7 +413,7 @@ def load(spec, weights="imagenet", input_shape=None):
         converter.image_size else None
     fixed = tuple(vision.inputs[0].shape[1:3])
     default = (size or fixed)[0] if (size or fixed)[0] else 224
-    shape = _check_input_shape(input_shape, name, default,
+    shape = check_input_shape(input_shape, name, default,
                                config.min_size if config else 1)
     inputs = keras.Input(shape=shape, name="image")
     prefix = _PREFIX_TOKENS.get(architecture)
@@ -454,4 +455,4 @@ def load(spec, weights="imagenet", input_shape=None):
             f"{preset!r} gets a structural block map (split where the "
             f"resolution drops). Add a zoo entry (zoo_configs/kerashub_*.yaml"
             f", on KERASTL_ZOO_PATH) to name its blocks.", stacklevel=3)
-    return Backbone(model, config, "builtin")
+    return model, config
