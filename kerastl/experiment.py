@@ -34,7 +34,7 @@ from kerastl.heads import build_classifier
 from kerastl.layerwise import LayerDecay
 from kerastl.recipes import STRATEGIES, fine_tune, frozen_blocks
 from kerastl.spec import EXPERIMENT_DEFAULTS
-from kerastl.zoo import zoo_entry
+from kerastl.zoo import kerashub, zoo_entry
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # Every key of an experiment, with its default (None: required).
@@ -192,7 +192,10 @@ def check_experiment(experiment):
     if model.endswith(".keras"):
         if not os.path.isfile(model):
             raise KerastlError(f"Model file {model!r} does not exist.")
-    elif not model.startswith("hub:"):
+    elif model.startswith(kerashub.PREFIX):
+        kerashub.resolve(model)  # the install hint, or close preset names
+    elif not model.startswith("hub:") and not kerashub.is_preset_folder(
+            model):
         zoo_entry(model)  # UnknownModelError names close matches
     files = scan_image_folder(experiment["data"])
     check_destination(experiment["output"], "output folder",

@@ -62,8 +62,9 @@ def _hub_cache_path(handle):
     return os.path.join(cache, hashlib.sha1(handle.encode("utf8")).hexdigest())
 
 
-def _reachable(url, timeout):
-    """Connects to the URL's host within ``timeout`` seconds, or raises."""
+def _reachable(url, timeout, advice=None):
+    """Connects to the URL's host within ``timeout`` seconds, or raises
+    (``advice``: what the error tells the user to do; default: TF Hub's)."""
     parts = urllib.parse.urlparse(url)
     host = parts.hostname
     port = parts.port or (80 if parts.scheme == "http" else 443)
@@ -85,10 +86,11 @@ def _reachable(url, timeout):
     if not result.get("ok"):
         why = result.get("error") or f"no answer within {timeout:g} s"
         raise KerastlError(
-            f"Cannot reach {host} to download {url!r} ({why}). Offline? "
-            "Download the model where there is internet and set "
-            "TFHUB_CACHE_DIR to that cache, or pass the local SavedModel "
-            "folder as the handle.")
+            f"Cannot reach {host} to download {url!r} ({why}). " + (
+                advice if advice is not None else
+                "Offline? Download the model where there is internet and "
+                "set TFHUB_CACHE_DIR to that cache, or pass the local "
+                "SavedModel folder as the handle."))
 
 
 def resolve_handle(handle, timeout=15.0):

@@ -180,6 +180,9 @@ def test_family_loads_with_a_block_map_and_keras_hub_outputs(presets, family):
                                _reference(folder, x), rtol=1e-5, atol=1e-5)
     # Every block has an output: a feature endpoint.
     assert all(bm.has_output(b) for b in bm.names)
+    # DINOv2's mask token gets no gradient in fine-tuning: not trainable.
+    assert not [v.path for v in backbone.model.trainable_weights
+                if "mask_token" in v.path]
     keras.backend.clear_session()
 
 
@@ -345,3 +348,29 @@ def test_every_kerashub_entry_is_listed_with_its_preset():
     for e in entries:
         line = next(l for l in text.splitlines() if l.startswith(e.name))
         assert f"kerashub:{e.preset}" in line and "M" in line
+
+
+@pytest.mark.slow
+def test_finetune_a_kerashub_preset_from_the_command_line(presets, tmp_path,
+                                                           capsys):
+    """kerastl finetune --model kerashub:<folder> trains, with layer decay,
+    and leaves a model that loads with its block map."""
+    import json
+
+    from conftest import write_folder
+    from kerastl.cli import main
+
+    images = write_folder(tmp_path / "images", per_class=20, size=32)
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", "kerashub:" + presets["vit"][0],
+                 "--weights", "none", "--data", str(images), "--output",
+                 str(out), "--strategy", "full", "--layer-decay", "0.75",
+                 "--epochs", "6", "--batch-size", "8", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Two colour-coded classes: chance is 0.5.
+    assert metrics["validation"]["accuracy"] >= 0.75, metrics["validation"]
+    tuned = kerastl.load_model(str(out / "model.keras"))
+    assert kerastl.block_map(tuned).names == presets["vit"][1] + ["head"]
+    keras.backend.clear_session()

@@ -133,6 +133,7 @@ def resolve(spec):
     config = _entry_for(spec)
     if config is not None:
         return config.preset, config
+    import_keras_hub()  # the install hint before "unknown preset"
     presets = _builtin_presets()
     if spec in presets:
         return spec, None
@@ -169,24 +170,22 @@ def _check_reachable(preset, timeout):
     else:
         return  # gs:// and others: KerasHub's own errors
     try:
-        _reachable(url, timeout)
+        _reachable(url, timeout, advice="")
     except KerastlError as e:
         raise WeightsError(_offline_message(preset, handle, e)) from None
 
 
 def _offline_message(preset, handle, error):
     return (
-        f"Cannot fetch the KerasHub preset {preset!r} ({handle}): {error} "
-        f"To use it offline: on a machine with internet run\n"
-        f"  import keras_hub\n"
-        f"  keras_hub.models.Backbone.from_preset({preset!r})"
-        f".save_to_preset('my_preset')\n"
-        f"  keras_hub.layers.ImageConverter.from_preset({preset!r})"
-        f".save_to_preset('my_preset')\n"
-        f"copy the folder 'my_preset' here and pass it: kerastl.load_backbone"
-        f"('kerashub:/path/to/my_preset') (kerastl finetune --model "
+        f"Cannot fetch the KerasHub preset {preset!r} ({handle}): "
+        f"{str(error).strip()} To use it offline, save it on a machine with "
+        f"internet: `keras_hub.models.Backbone.from_preset({preset!r})"
+        f".save_to_preset('my_preset')` and `keras_hub.layers.ImageConverter"
+        f".from_preset({preset!r}).save_to_preset('my_preset')`; copy the "
+        f"folder my_preset here and pass it: kerastl.load_backbone("
+        f"'kerashub:/path/to/my_preset') (kerastl finetune --model "
         f"kerashub:/path/to/my_preset). A kagglehub download folder works "
-        f"too. For random initialisation of the architecture, pass a preset "
+        f"too. For the architecture with random weights, pass such a "
         f"folder with weights=None.")
 
 
@@ -437,6 +436,11 @@ def load(spec, weights="imagenet", input_shape=None):
     for new, old in pairs:
         new.set_weights(old.get_weights())
     model = keras.Model(inputs, outputs, name=vision.name)
+    for v in model.weights:
+        # DINOv2's mask token serves masked-image pretraining only: no
+        # gradient reaches it in fine-tuning (Keras would warn every fit).
+        if v.path.endswith("/mask_token"):
+            v.trainable = False
     if isinstance(weights, (str, os.PathLike)) and weights not in (
             "imagenet", "preset"):
         load_weights_file(model, weights, name)
