@@ -13,6 +13,7 @@ Core (what a block map is and what acts on it)
     freezing          freeze / unfreeze / GradualUnfreezing: the one place
                       that sets ``trainable`` (BatchNorm policy included)
     layerwise         LayerwiseOptimizer, LayerDecay, LRSpread
+    distribute        strategies; exact losses and BN across replicas
     heads             the one head builder (classifier, DANN, probes),
                       pooling of feature maps and token sequences
 
@@ -90,6 +91,7 @@ _API = {
     "build_classifier": "kerastl.heads",
     "replace_classifier": "kerastl.heads",
     "TokenPooling": "kerastl.heads",
+    "prepare_distributed_fit": "kerastl.distribute",
     "LayerDecay": "kerastl.layerwise",
     "LayerwiseOptimizer": "kerastl.layerwise",
     "LRSpread": "kerastl.layerwise",

@@ -8,6 +8,8 @@ suite exercises every one of them, so a Keras release that moves one fails
 there first). Nothing else in kerastl reads a private Keras attribute.
 """
 
+import keras
+
 CHECKED_AGAINST = "3.15.1"
 
 
@@ -160,3 +162,39 @@ def run_graph_with(model, inputs, operation_fn):
     structure), each operation replaced by ``operation_fn(operation)``:
     how a graph is rebuilt over fresh layers on new tensors."""
     return model._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def build_before_distributed_fit(model, data_batch):
+    """Builds ``model``'s layers, compiled loss, metrics and optimizer from
+    one batch now, and skips the step of ``fit`` that would do it.
+
+    Keras 3 (3.15 at least) cannot start ``fit`` under
+    ``tf.distribute.MultiWorkerMirroredStrategy``: ``fit`` first averages a
+    distributed input batch across workers in eager mode to build the model
+    (``TensorFlowTrainer._maybe_symbolic_build``), which the collective
+    strategy refuses ("Attempt to convert a value (PerReplica..."; see
+    keras-team/keras#20585). With everything built, that step has nothing to
+    do.
+    """
+    with model.distribute_strategy.scope():
+        model._symbolic_build(data_batch=data_batch)
+
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    # The same version averages each step's logs across workers with
+    # strategy.reduce("MEAN", value, axis=0), which fails on the scalars
+    # that train_step returns: return them as (1,) vectors instead (the
+    # mean over axis 0 is then the scalar mean across workers).
+    for name in ("train_step", "test_step"):
+        step = getattr(model, name)
+        if getattr(step, "_kerastl_vector_logs", False):
+            continue
+
+        def vector_logs(data, step=step):
+            return keras.tree.map_structure(
+                lambda v: keras.ops.reshape(v, (1,))
+                if len(getattr(v, "shape", ())) == 0 else v, step(data))
+
+        vector_logs._kerastl_vector_logs = True
+        setattr(model, name, vector_logs)

@@ -181,6 +181,19 @@ def _set_split_layer(layer, bm, wanted, bn):
     layer.batchnorm_training = bn == "train"
 
 
+# Backends whose train step applies the optimizer statelessly.
+_STATELESS = keras.backend.backend() == "jax"
+
+
+def strategy_scope(model):
+    """The scope of ``model``'s ``tf.distribute`` strategy (a no-op on one
+    device and on other backends): optimizers built for it must have their
+    variables mirrored like the model's."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else \
+        contextlib.nullcontext()
+
+
 def _recompile(model, learning_rate=None):
     """Recompiles a compiled model with a fresh optimizer of the same config."""
     if not getattr(model, "compiled", False):
@@ -195,11 +208,12 @@ def _recompile(model, learning_rate=None):
             "The model is compiled but kerastl cannot recompile it; call "
             "model.compile(...) again after changing what is trainable.")
     optimizer = model.optimizer
-    fresh = optimizer.__class__.from_config(optimizer.get_config())
-    if learning_rate is not None:
-        fresh.learning_rate = learning_rate
-    kwargs["optimizer"] = fresh
-    model.compile(**kwargs)
+    with strategy_scope(model):
+        fresh = optimizer.__class__.from_config(optimizer.get_config())
+        if learning_rate is not None:
+            fresh.learning_rate = learning_rate
+        kwargs["optimizer"] = fresh
+        model.compile(**kwargs)
     return True
 
 
@@ -411,9 +425,32 @@ class GradualUnfreezing(keras.callbacks.Callback):
         built = _private.optimizer_variables(optimizer)
         if built is None or [id(v) for v in built] != \
                 [id(v) for v in every_variable]:
-            fresh = optimizer.__class__.from_config(optimizer.get_config())
-            fresh.build(every_variable)
+            with strategy_scope(self.model):
+                fresh = optimizer.__class__.from_config(
+                    optimizer.get_config())
+                fresh.build(every_variable)
             self.model.optimizer = fresh
+
+    def _rebuild_optimizer(self):
+        """JAX: the optimizer over exactly the trainable variables.
+
+        JAX's train step is stateless (``optimizer.stateless_apply``), which
+        takes the optimizer's variables 1:1 with the trainable ones, so the
+        optimizer built over every variable that will ever train cannot
+        serve. A fresh one over the trainable variables takes over the
+        state (step count, moments) of the variables already training, by
+        name; the newly unfrozen start from zero state, as they do on
+        TensorFlow (where they sat untouched in the bigger optimizer).
+        """
+        old = self.model.optimizer
+        fresh = old.__class__.from_config(old.get_config())
+        fresh.build(list(self.model.trainable_variables))
+        state = {v.path: v for v in old.variables} if old.built else {}
+        for v in fresh.variables:
+            if v.path in state and tuple(state[v.path].shape) == \
+                    tuple(v.shape):
+                v.assign(state[v.path])
+        self.model.optimizer = fresh
 
     def on_train_begin(self, logs=None):
         self._prepare_optimizer()
@@ -425,6 +462,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
         n = self._n_trainable(epoch)
         if n != self._current:
             blocks = self._set(n)
+            if _STATELESS:
+                self._rebuild_optimizer()
             self.model.make_train_function(force=True)
             if self.verbose and self._current is not None:
                 print(f"\nGradualUnfreezing: epoch {epoch + 1}: training "

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerastl import distribute as _distribute
 from kerastl import _keras_private as _private
 from kerastl import heads
 from kerastl.adaptation.losses import coral_loss, information_loss
@@ -184,6 +185,12 @@ class DANN(keras.Model):
             self.domain_head.build((None, d))
         self.built = True
 
+    def compile(self, *args, **kwargs):
+        # Per-domain batch statistics over the global batch under
+        # tf.distribute (each replica sees half of each domain).
+        _distribute.synchronize_batch_norm(self)
+        super().compile(*args, **kwargs)
+
     def build(self, input_shape=None):
         self.built = True
 
@@ -287,6 +294,9 @@ class DANN(keras.Model):
                 info = information_loss(labels[n_s:n_s + n_t])
                 self.entropy_loss_tracker.update_state(info)
                 total = total + self.entropy_weight * self._ramp() * info
+        # Keras divides the losses it computes by the number of replicas
+        # (their gradients are summed); this one is computed here.
+        total = _distribute.scale_loss(total)
         for extra in self.losses:  # regularizers of the feature extractor
             total = total + ops.cast(
                 _private.additional_loss(self, extra), "float32")

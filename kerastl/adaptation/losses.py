@@ -9,6 +9,7 @@
 import numpy as np
 from keras import ops
 
+from kerastl import distribute as _distribute
 from kerastl.errors import KerastlError
 
 
@@ -64,6 +65,8 @@ def information_loss(probs, epsilon=1e-6, from_logits=False):
         _check_probabilities(probs)
     p = ops.cast(probs, "float32")
     conditional = -ops.mean(ops.sum(p * ops.log(p + epsilon), axis=-1))
-    mean = ops.mean(p, axis=0)
+    # The class balance is a property of the whole batch: under
+    # tf.distribute, of the global batch, not of this replica's share.
+    mean = _distribute.global_mean(ops.mean(p, axis=0), ops.shape(p)[0])
     marginal = -ops.sum(mean * ops.log(mean + epsilon))
     return conditional - marginal

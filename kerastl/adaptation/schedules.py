@@ -81,6 +81,13 @@ class _PerBatch(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         self._step = _step(self, batch)
         value = self.value(_progress(self))
+        # JAX: fit keeps the variables' values in its own state between
+        # steps; a callback's assign reaches the next step only after the
+        # state is written back (jax_state_sync, which makes fit re-read
+        # it).
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
         self.apply(value)
         self.history.append(value)
         self._step += 1

@@ -1,0 +1,140 @@
+"""More than one device: strategies, and what stays exact across replicas.
+
+:func:`strategy` makes the ``tf.distribute`` strategy the CLI's
+``--distribute`` names; :func:`prepare_distributed_fit` works around Keras
+3's failure to start ``fit`` under ``MultiWorkerMirroredStrategy``. The
+rest is what kerastl's own losses need to stay exact under
+``tf.distribute``:
+
+Keras scales the loss it computes by ``1 / replicas`` so that the summed
+gradients of the replicas equal the gradient of the mean over the global
+batch; a model that computes its loss itself (``DANN.compute_loss``) must
+do the same. A loss that is not a mean over samples (the class-balance term
+of the information loss, batch statistics) must see the global batch, not
+the replica's share of it. On one device, and on the JAX backend (where
+``keras.distribution`` runs one program over the global batch), every
+function here returns its input.
+
+TensorFlow is imported only on the TensorFlow backend.
+"""
+
+import json
+import os
+
+import keras
+from keras import ops
+
+from kerastl import _keras_private as _private
+from kerastl._keras_private import all_sublayers
+from kerastl.errors import KerastlError
+
+STRATEGIES = ("none", "mirrored", "multi-worker")
+
+
+def _strategy():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+    strategy = tf.distribute.get_strategy()
+    return strategy if strategy.num_replicas_in_sync > 1 else None
+
+
+def replicas():
+    """How many replicas share each global batch (1 off ``tf.distribute``)."""
+    strategy = _strategy()
+    return strategy.num_replicas_in_sync if strategy else 1
+
+
+def scale_loss(value):
+    """``value / replicas``: what Keras does to the losses it computes."""
+    n = replicas()
+    return value if n == 1 else ops.multiply(value, 1.0 / n)
+
+
+def global_mean(local_mean, local_count):
+    """The mean over the global batch from each replica's mean and count.
+
+    Differentiable: the gradient reaching each replica is its share of the
+    global mean's gradient (TensorFlow's all-reduce passes gradients).
+    """
+    if _strategy() is None:
+        return local_mean
+    import tensorflow as tf
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context: nothing to combine
+        return local_mean
+    count = ops.cast(local_count, local_mean.dtype)
+    total = context.all_reduce("sum", local_mean * count)
+    return total / context.all_reduce("sum", count)
+
+
+def synchronize_batch_norm(model):
+    """Batch statistics over the global batch, not each replica's share:
+    ``synchronized=True`` on every BatchNormalization layer of ``model``
+    while it trains under a multi-replica ``tf.distribute`` strategy."""
+    if _strategy() is None:
+        return
+    for layer in all_sublayers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+def strategy(name):
+    """The ``tf.distribute`` strategy for ``name`` (TensorFlow backend).
+
+    * ``"none"``: None (one device);
+    * ``"mirrored"``: ``MirroredStrategy`` over every GPU of this machine
+      (its CPU if it has none);
+    * ``"multi-worker"``: ``MultiWorkerMirroredStrategy``; every machine
+      runs the same command with its own ``TF_CONFIG`` (the cluster's
+      ``host:port`` list and this worker's index).
+
+    Create it before the model, and build and compile the model in
+    ``strategy.scope()``.
+    """
+    if name in (None, "none"):
+        return None
+    if name not in STRATEGIES:
+        raise KerastlError(f"distribute={name!r}: expected one of "
+                           f"{', '.join(STRATEGIES)}.")
+    if keras.backend.backend() != "tensorflow":
+        raise KerastlError(
+            f"distribute={name!r} uses tf.distribute: the TensorFlow backend."
+            " On JAX, set keras.distribution.DataParallel() instead (see the "
+            "README, More than one device).")
+    import tensorflow as tf
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    config = os.environ.get("TF_CONFIG")
+    try:
+        cluster = json.loads(config)["cluster"]["worker"] if config else None
+    except (ValueError, KeyError, TypeError):
+        cluster = None
+    if not cluster:
+        raise KerastlError(
+            "distribute='multi-worker' needs TF_CONFIG on every worker: "
+            "'{\"cluster\": {\"worker\": [\"host1:port\", \"host2:port\"]}, "
+            "\"task\": {\"type\": \"worker\", \"index\": 0}}' (index 1 on the "
+            "second machine). Set it, then run the same command on each.")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def prepare_distributed_fit(model, data):
+    """Builds a compiled ``model`` from the first batch of ``data`` so that
+    ``model.fit`` can start under ``MultiWorkerMirroredStrategy``.
+
+    Keras 3 averages a distributed input batch across workers in eager mode
+    before the first step (to build the model), which the multi-worker
+    strategy refuses (keras-team/keras#20585). After this call there is
+    nothing left to build and ``fit`` skips that step. Harmless on one
+    device. Call it after ``compile`` and before ``fit``, with the data
+    ``fit`` gets (a ``tf.data.Dataset`` of batches, or ``(x, y)`` arrays).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return model
+    if isinstance(data, (tuple, list)):
+        batch = tuple(d[:2] for d in data)
+    else:
+        batch = next(iter(data))
+    _private.build_before_distributed_fit(model, batch)
+    return model
