@@ -232,6 +232,9 @@ FINETUNE_FLAGS = [
      "half-precision compute: float16 on GPUs, bfloat16 on TPUs and recent "
      "CPUs (slower on other CPUs)"),
     ("jit", ("auto", "on", "off"), "XLA compilation of the train step"),
+    ("distribute", ("none", "mirrored", "multi-worker"),
+     "every GPU of this machine, or several machines (each with its "
+     "TF_CONFIG; see the README)"),
 ]
 NULL = object()  # "none"/"null" given on the command line
 

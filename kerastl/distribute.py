@@ -138,3 +138,27 @@ def prepare_distributed_fit(model, data):
         batch = next(iter(data))
     _private.build_before_distributed_fit(model, batch)
     return model
+
+
+def is_chief(strategy):
+    """Whether this process writes a run's outputs: the first worker of a
+    multi-worker run; always, otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def is_multi_worker(model):
+    """Whether ``model`` trains under a strategy spanning several workers."""
+    strategy = getattr(model, "distribute_strategy", None)
+    extended = getattr(strategy, "extended", None)
+    return bool(getattr(extended, "_num_workers", 1) > 1)
+
+
+def is_distributed(model):
+    """Whether ``model`` trains on several replicas (``tf.distribute``)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return bool(strategy is not None and
+                strategy.num_replicas_in_sync > 1) or is_multi_worker(model)

@@ -15,17 +15,20 @@ class names, history, validation metrics, confusion matrix, timings),
 ``confusion_matrix.png``.
 """
 
+import contextlib
 import difflib
 import json
 import numbers
 import os
 import shutil
+import tempfile
 import time
 
 import keras
 import numpy as np
 from kerastl import _yaml
 from kerastl import backbone as backbone_lib
+from kerastl import distribute
 from kerastl.atomic import atomic_folder, check_destination
 from kerastl.errors import ConfigError, KerastlError
 from kerastl.export import INPUT_MODES, export_savedmodel
@@ -55,7 +58,7 @@ _TYPES = {
     "layer_decay": (numbers.Real, type(None)), "epochs": int,
     "early_stopping": (int, type(None)), "export_input": str,
     "boundary_cache": (str, bool), "mixed_precision": (str, type(None)),
-    "jit": (str, bool),
+    "jit": (str, bool), "distribute": str,
     "overwrite": bool, "resume": bool,
 }
 
@@ -121,6 +124,8 @@ def _check_values(e):
         ("boundary_cache", e["boundary_cache"] in BOUNDARY_CACHE,
          "auto, on or off"),
         ("jit", e["jit"] in BOUNDARY_CACHE, "auto, on or off"),
+        ("distribute", e["distribute"] in distribute.STRATEGIES,
+         ", ".join(distribute.STRATEGIES)),
         ("mixed_precision", e["mixed_precision"] in PRECISION,
          "null, float16 or bfloat16"),
         ("validation_split", 0 < e["validation_split"] < 1,
@@ -331,12 +336,33 @@ def run_experiment(experiment, verbose=1):
     ``experiment["output"]``, renamed into place at the end.
     """
     e = experiment
+    # A multi-worker strategy must exist before TensorFlow runs any op.
+    strategy = distribute.strategy(e["distribute"])
     files = check_experiment(e)
     start = time.time()
     keras.utils.set_random_seed(e["seed"])  # the run's seed (CLI: --seed)
     classes = sorted(files)
-    optimizer = _optimizer(e)
-    backbone, model = build_model(e, len(classes))
+    # Several devices: the model and its optimizer are made in the
+    # strategy's scope (fine_tune compiles and fits in it too).
+    scratch = None
+    if strategy is not None and not distribute.is_chief(strategy):
+        # A multi-worker run: every worker trains, the first one writes.
+        scratch = tempfile.mkdtemp(prefix="kerastl_worker_")
+        e = dict(e, output=os.path.join(scratch, "run"), resume=False)
+    with strategy.scope() if strategy is not None else \
+            contextlib.nullcontext():
+        optimizer = _optimizer(e)
+        backbone, model = build_model(e, len(classes))
+    try:
+        return _train(e, files, classes, start, optimizer, backbone, model,
+                      verbose)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(e, files, classes, start, optimizer, backbone, model, verbose):
+    """run_experiment's training, saving and reporting."""
     size = tuple(backbone.input_shape[:2])
     train, val = _datasets(e, size, verbose)
     if list(train.class_names) != classes:
@@ -403,7 +429,9 @@ def _finish(tmp, e, model, train, val, classes, history, start):
     y_true, y_pred = [], []
     for x, y in val:
         y_true.append(y.numpy())
-        y_pred.append(model.predict_on_batch(x).argmax(-1))
+        # (Under a multi-worker strategy every worker predicts the batch
+        # it was given and the results are gathered: this worker's first.)
+        y_pred.append(model.predict_on_batch(x)[:len(y)].argmax(-1))
     y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(confusion, (y_true, y_pred), 1)

@@ -20,10 +20,11 @@ import warnings
 import keras
 import numpy as np
 
-from kerastl import boundary, freezing
+from kerastl import boundary, distribute, freezing
 from kerastl import _keras_private as _private
 from kerastl.blocks import block_map, layer_graph
 from kerastl.errors import KerastlError
+from kerastl.freezing import strategy_scope
 from kerastl.layerwise import LayerwiseOptimizer
 
 # Labelled target samples per class: below FEW is "few", at or above MANY
@@ -259,9 +260,10 @@ def fine_tune(model, train, validation=None, strategy="partial",
         deprecated, model, epochs, freeze_up_to, optimizer, head_optimizer)
     depth = frozen_blocks(model, strategy, freeze_up_to)
     # Arguments first, then the data: a typo fails before any computation.
-    optimizer = _optimizer(optimizer, 1e-5)
-    head_optimizer = _optimizer(head_optimizer, 1e-3) if head_epochs \
-        else None
+    with strategy_scope(model):  # optimizers made here: mirrored state
+        optimizer = _optimizer(optimizer, 1e-5)
+        head_optimizer = _optimizer(head_optimizer, 1e-3) if head_epochs \
+            else None
     if boundary_cache not in ("auto", True, False):
         raise KerastlError(f"boundary_cache={boundary_cache!r}: expected "
                            "'auto', True or False.")
@@ -279,7 +281,9 @@ def fine_tune(model, train, validation=None, strategy="partial",
         stop = patience is not None and validation is not None
         cbs = ([early_stopping(patience)] if stop else []) + list(callbacks)
         reason = "boundary_cache=False"
-        if boundary_cache is not False:
+        if distribute.is_distributed(model):
+            reason = "distributed training (the frozen part runs each step)"
+        elif boundary_cache is not False:
             history, reason = boundary.cached_fit(
                 model, frozen, x, y, validation, optimizer=optimizer,
                 loss=loss, metrics=metrics, epochs=n_epochs,
@@ -288,8 +292,12 @@ def fine_tune(model, train, validation=None, strategy="partial",
             if history is not None:
                 history.boundary_cache = "used"
                 return history
-        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics),
-                      jit_compile=jit_compile)
+        with strategy_scope(model):  # several devices: mirrored state
+            model.compile(optimizer=optimizer, loss=loss,
+                          metrics=list(metrics), jit_compile=jit_compile)
+        if distribute.is_multi_worker(model):
+            distribute.prepare_distributed_fit(
+                model, (x, y) if y is not None else x)
         # A dataset (no separate y) is shuffled by its own pipeline; Keras
         # warns when asked to shuffle one.
         history = model.fit(x, y, validation_data=validation,
@@ -306,7 +314,8 @@ def fine_tune(model, train, validation=None, strategy="partial",
                    len(block_map(model).base_blocks))
     freezing.freeze(model, up_to=depth, bn=bn, recompile=False)
     if multipliers is not None:
-        optimizer = LayerwiseOptimizer(optimizer, multipliers, model)
+        with strategy_scope(model):
+            optimizer = LayerwiseOptimizer(optimizer, multipliers, model)
     h2 = phase(optimizer, epochs, depth)
     if check_features:
         warn_at_chance(model, h2, frozen=depth)

@@ -43,6 +43,7 @@ EXPERIMENT_DEFAULTS = {
     "boundary_cache": "auto",  # auto | on | off: frozen blocks run once
     "mixed_precision": None,  # null | float16 | bfloat16
     "jit": "auto",            # auto | on | off: XLA compilation
+    "distribute": "none",     # none | mirrored | multi-worker (TF_CONFIG)
     "overwrite": False,
     "resume": False,          # continue an interrupted run (--resume)
 }

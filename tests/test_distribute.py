@@ -107,3 +107,42 @@ def test_jax_data_parallel_on_two_host_devices(single, job, tmp_path):
     _assert_same(single[job, "jax_single"], _weights(path))
     # And the JAX run is the TensorFlow run.
     _assert_same(single[job, "single"], single[job, "jax_single"])
+
+
+@pytest.mark.slow
+def test_finetune_on_two_workers_from_the_command_line(tmp_path):
+    """kerastl finetune --distribute multi-worker, the same command on two
+    workers (TF_CONFIG differs): both train, the first writes the run."""
+    from conftest import write_folder
+
+    images = write_folder(tmp_path / "images", per_class=12, size=32)
+    out = tmp_path / "run"
+    workers = [f"localhost:{_free_port()}" for _ in range(2)]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers},
+             "task": {"type": "worker", "index": i}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kerastl_cli", "finetune", "--model",
+             "mobilenet_v2", "--weights", "none", "--image-size", "32",
+             "--data", str(images), "--output", str(out), "--epochs", "1",
+             "--strategy", "full", "--batch-size", "8", "--quiet",
+             "--distribute", "multi-worker"], env=env, cwd=str(tmp_path),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _finish(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["experiment"]["distribute"] == "multi-worker"
+    assert metrics["epochs_run"] == 1
+    assert (out / "model.keras").is_file() and (out / "savedmodel").is_dir()
+
+
+def test_multi_worker_without_tf_config_says_what_to_set(monkeypatch):
+    import kerastl
+    from kerastl import distribute
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(kerastl.KerastlError, match="TF_CONFIG"):
+        distribute.strategy("multi-worker")
+    with pytest.raises(kerastl.KerastlError, match="mirrored"):
+        distribute.strategy("two-gpus")
