@@ -81,3 +81,18 @@ def test_gradient_reversal_and_dann_on_jax():
         assert dann.predict(xt[:4], verbose=0).shape == (4, 2)
         print("BACKEND OK")
     """)
+
+
+@pytest.mark.slow
+def test_jax_paths_run_with_tensorflow_hidden():
+    """benchmarks/gpu_check.py --quick: the reversal gradient in three
+    dtypes, a jitted DANN step, LayerwiseOptimizer under mixed precision
+    and a MobileNetV2 classifier step, with TensorFlow unimportable (the
+    GPU machine's image has none)."""
+    script = os.path.join(TESTS, "..", "benchmarks", "gpu_check.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, script, "--quick"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "GPU CHECK OK" in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TensorFlow not importable" in proc.stdout
