@@ -31,6 +31,8 @@ COVERED_BY = {
     "layer = kerastl.HubLayer(": "tutorials/03_tf_hub.ipynb",
     'backbone = kerastl.load_backbone("hub:mobilenet_v2_100_224")':
         "tutorials/03_tf_hub.ipynb",
+    "strategy = tf.distribute.MirroredStrategy()":
+        "tests/distributed_jobs.py",  # the same calls, on two devices
 }
 
 
