@@ -146,3 +146,84 @@ def test_multi_worker_without_tf_config_says_what_to_set(monkeypatch):
         distribute.strategy("multi-worker")
     with pytest.raises(kerastl.KerastlError, match="mirrored"):
         distribute.strategy("two-gpus")
+
+
+SHARD_WORKER = """
+import numpy as np, keras, kerastl
+model = keras.models.load_model({weights!r})
+x = np.load({images!r})
+part = kerastl.extract_features(model, (x, np.arange(len(x))), cache={cache!r},
+                                shard=({index}, {count}), batch_size=8,
+                                return_labels=True, verbose=0)
+print("PART", len(part[0]))
+"""
+
+
+@pytest.mark.parametrize("count", [3])
+def test_sharded_extraction_in_one_process_reads_back_in_order(tmp_path,
+                                                               count):
+    import kerastl
+    from conftest import small_cnn
+
+    model = small_cnn()
+    x = np.random.default_rng(0).uniform(0, 255, (20, 32, 32, 3)).astype(
+        "float32")
+    y = np.arange(20)
+    whole = kerastl.extract_features(model, (x, y), return_labels=True,
+                                     batch_size=8, verbose=0)
+    cache = kerastl.FeatureCache(str(tmp_path / "cache"))
+    for index in range(count):
+        f, labels = kerastl.extract_features(
+            model, (x, y), cache=cache, shard=(index, count), batch_size=8,
+            return_labels=True, verbose=0)
+        np.testing.assert_array_equal(labels, y[index::count])
+        if index < count - 1:  # not all parts yet: a reader recomputes
+            assert kerastl.FeatureCache(cache.directory).entries()
+    reader = kerastl.FeatureCache(cache.directory)
+    f, labels = kerastl.extract_features(model, (x, y), cache=reader,
+                                         return_labels=True, batch_size=8,
+                                         verbose=0)
+    assert reader.hits == 1 and reader.misses == 0
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_allclose(f, whole[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(kerastl.KerastlError, match="cache="):
+        kerastl.extract_features(model, x, shard=(0, 2))
+    with pytest.raises(kerastl.KerastlError, match="index < count"):
+        kerastl.extract_features(model, x, cache=cache, shard=(2, 2))
+
+
+@pytest.mark.slow
+def test_two_workers_extract_into_one_cache(tmp_path):
+    """Two processes, each its shard, into one cache folder at the same
+    time; read back as one array equal to the single-process extraction."""
+    import keras
+    import kerastl
+    from conftest import small_cnn
+
+    # Every worker loads the same saved model (the cache key covers the
+    # architecture, layer names included, and every weight).
+    small_cnn().save(tmp_path / "model.keras")
+    weights = str(tmp_path / "model.keras")
+    model = keras.models.load_model(weights)
+    x = np.random.default_rng(1).uniform(0, 255, (37, 32, 32, 3)).astype(
+        "float32")
+    np.save(tmp_path / "x.npy", x)
+    cache = str(tmp_path / "cache")
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", SHARD_WORKER.format(
+            tests=TESTS, weights=weights, images=str(tmp_path / "x.npy"),
+            cache=cache, index=i, count=2)],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    parts = [_finish(p) for p in procs]
+    assert "PART 19" in parts[0] and "PART 18" in parts[1]
+    reader = kerastl.FeatureCache(cache)
+    f, labels = kerastl.extract_features(model, (x, np.arange(37)),
+                                         cache=reader, return_labels=True,
+                                         batch_size=8, verbose=0)
+    assert reader.hits == 1
+    np.testing.assert_array_equal(labels, np.arange(37))
+    np.testing.assert_allclose(
+        f, kerastl.extract_features(model, x, verbose=0), rtol=1e-6,
+        atol=1e-6)

@@ -7,6 +7,7 @@ prefetched ``predict`` pass; :func:`feature_model` is the model it runs.
 """
 
 import hashlib
+import numbers
 import os
 import weakref
 
@@ -116,6 +117,24 @@ class _Data:
 
     def labels(self):
         return self._labels() if callable(self._labels) else self._labels
+
+    def shard(self, index, count, batch_size):
+        """Elements ``index, index + count, ...`` only (same fingerprint:
+        the key of a shard is the whole data's plus the shard)."""
+        import tensorflow as tf
+
+        def part(ds):
+            if ds is None:
+                return None
+            return ds.unbatch().shard(count, index).batch(
+                batch_size).prefetch(tf.data.AUTOTUNE)
+
+        def labels():
+            full = self.labels()
+            return None if full is None else full[index::count]
+
+        return _Data(part(self.images), labels, self.fingerprint,
+                     part(self.paired))
 
     def fingerprint(self):
         if callable(self._fingerprint):
@@ -260,7 +279,7 @@ def _dataset_data(ds, batch_size, data_key):
 def extract_features(backbone, data, layers=None, pooling="avg",
                      batch_size=64, cache=None, dtype="float32",
                      as_dict=False, return_labels=False, image_size=None,
-                     data_key=None, verbose="auto"):
+                     data_key=None, verbose="auto", shard=None):
     """Features of a backbone (or any Keras model) for a whole dataset.
 
     One ``predict`` pass over a batched, prefetched ``tf.data`` pipeline
@@ -292,9 +311,17 @@ def extract_features(backbone, data, layers=None, pooling="avg",
             instead of hashing the data (for a ``tf.data.Dataset`` hashing
             costs one pass over the data, without the model).
         verbose: Keras ``predict`` verbosity.
+        shard: ``(index, count)``: this worker's part of the data, elements
+            ``index, index + count, ...`` (any number of workers, each with
+            its own index), written into ``cache`` (required) as its own
+            entry. Once every part is there, a call without ``shard`` (on
+            any worker or machine sharing the cache folder) reads them back
+            as one array in the original order. Writers never share an
+            entry, and an entry appears only complete.
 
     Returns:
-        ``features`` (``(n, d)`` after pooling), or ``(features, labels)``.
+        ``features`` (``(n, d)`` after pooling), or ``(features, labels)``;
+        with ``shard``, this part's.
 
     Example::
 
@@ -313,6 +340,7 @@ def extract_features(backbone, data, layers=None, pooling="avg",
     if image_size is None:
         image_size = tuple(model.input.shape[1:3])
         image_size = None if None in image_size else image_size
+    index, count = _check_shard(shard, cache)
     prepared = _as_data(data, batch_size, image_size, data_key)
     cache = _as_cache(cache)
     key = parts = None
@@ -325,8 +353,13 @@ def extract_features(backbone, data, layers=None, pooling="avg",
             "image_size": list(image_size) if image_size else None,
             "data": prepared.fingerprint(), "labels": bool(return_labels),
         }
+        if count is not None:
+            parts = dict(parts, shard=[index, count])
+            prepared = prepared.shard(index, count, batch_size)
         key = cache.key(parts)
         stored = cache.load(key, parts)
+        if stored is None and count is None:
+            stored = _gathered_shards(cache, parts)
         if stored is not None:
             cache.hits += 1
             features = {n: stored[f"features/{n}"] for n in names}
@@ -356,6 +389,61 @@ def extract_features(backbone, data, layers=None, pooling="avg",
 
 
 _LABELS = "__kerastl_labels__"
+
+# The most workers a sharded extraction may have (readers look for the
+# parts of up to this many).
+MAX_SHARDS = 4096
+
+
+def _check_shard(shard, cache):
+    if shard is None:
+        return None, None
+    if cache is None:
+        raise KerastlError(
+            "shard=(index, count) writes this worker's part into the "
+            "feature cache: pass cache= (a folder all workers share).")
+    try:
+        index, count = shard
+    except (TypeError, ValueError):
+        raise KerastlError(f"shard={shard!r}: expected (index, count), e.g. "
+                           "(0, 4) for the first of 4 workers.") from None
+    ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+             for v in (index, count))
+    if not ok or not 1 <= count <= MAX_SHARDS or not 0 <= index < count:
+        raise KerastlError(
+            f"shard={shard!r}: expected (index, count) with 0 <= index < "
+            f"count <= {MAX_SHARDS}.")
+    return int(index), int(count)
+
+
+def _gathered_shards(cache, parts):
+    """The whole data's arrays from complete shard entries, or None.
+
+    Shard ``i`` of ``n`` holds rows ``i, i + n, ...``; they are interleaved
+    back into the original order.
+    """
+    for count in range(1, MAX_SHARDS + 1):
+        if os.path.isdir(cache.path(cache.key(dict(parts,
+                                                   shard=[0, count])))):
+            break
+    else:
+        return None
+    pieces = []
+    for index in range(count):
+        piece_parts = dict(parts, shard=[index, count])
+        piece = cache.load(cache.key(piece_parts), piece_parts)
+        if piece is None:
+            return None  # not every worker has finished
+        pieces.append(piece)
+    total = sum(len(next(iter(p.values()))) for p in pieces)
+    out = {}
+    for name in pieces[0]:
+        first = pieces[0][name]
+        whole = np.empty((total,) + first.shape[1:], first.dtype)
+        for index, piece in enumerate(pieces):
+            whole[index::count] = piece[name]
+        out[name] = whole
+    return out
 
 
 def _with_labels(fmodel, paired):
