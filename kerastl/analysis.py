@@ -262,7 +262,7 @@ class DepthSweep(list):
 def transfer_depth_sweep(backbone, train, validation, depths=None,
                          train_sizes=None, seeds=(0,), epochs=20,
                          batch_size=32, optimizer=None, bn="frozen",
-                         dropout=0.0, verbose=0):
+                         dropout=0.0, verbose=0, pooling="avg"):
     """Fine-tune once per number of frozen blocks; record target accuracy.
 
     Every run starts from the backbone's weights as given, puts a new head
@@ -287,6 +287,8 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
             1e-3).
         bn: BatchNorm mode of trainable blocks (see :func:`kerastl.freeze`).
         dropout: head dropout.
+        pooling: the head's pooling (see :func:`kerastl.build_classifier`;
+            ``"cls"`` for a transformer's class token).
 
     Returns:
         A :class:`DepthSweep`: ``print()`` it, ``.best()``, ``.plot()``.
@@ -318,7 +320,7 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
                         model.set_weights(initial)
                         clf = build_classifier(
                             backbone, num_classes, dropout=dropout, freeze=d,
-                            bn=bn, seed=seed)
+                            bn=bn, seed=seed, pooling=pooling)
                         clf.compile(optimizer(),
                                     "sparse_categorical_crossentropy",
                                     metrics=["accuracy"])

@@ -291,6 +291,11 @@ def test_transformer_features_per_block(presets, tmp_path):
     cka = cka.diagonal()
     assert set(cka) == set(expected)
     assert all(v == pytest.approx(1.0, abs=1e-4) for v in cka.values())
+    y = np.arange(6) % 2
+    sweep = kerastl.transfer_depth_sweep(backbone, (x, y), (x, y),
+                                         depths=[0, 3, len(expected)],
+                                         epochs=1, pooling="cls")
+    assert [r["frozen_up_to"] for r in sweep] == ["-", "layer1", "top"]
     keras.backend.clear_session()
 
 
