@@ -71,8 +71,9 @@ def global_mean(local_mean, local_count):
 def synchronize_batch_norm(model):
     """Batch statistics over the global batch, not each replica's share:
     ``synchronized=True`` on every BatchNormalization layer of ``model``
-    while it trains under a multi-replica ``tf.distribute`` strategy."""
-    if _strategy() is None:
+    when it trains under a multi-replica ``tf.distribute`` strategy (its
+    own, or the one in scope)."""
+    if _strategy() is None and not is_distributed(model):
         return
     for layer in all_sublayers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -125,9 +126,11 @@ def prepare_distributed_fit(model, data):
 
     Keras 3 averages a distributed input batch across workers in eager mode
     before the first step (to build the model), which the multi-worker
-    strategy refuses (keras-team/keras#20585). After this call there is
-    nothing left to build and ``fit`` skips that step. Harmless on one
-    device. Call it after ``compile`` and before ``fit``, with the data
+    strategy refuses (keras-team/keras#20585), and then averages each
+    step's scalar logs with a reduction that fails on scalars. After this
+    call there is nothing left to build (``fit`` skips that step for good)
+    and the model's ``train_step``/``test_step`` return their logs as
+    1-element vectors. No-op on other backends. Call it after ``compile`` and before ``fit``, with the data
     ``fit`` gets (a ``tf.data.Dataset`` of batches, or ``(x, y)`` arrays).
     """
     if keras.backend.backend() != "tensorflow":

@@ -336,6 +336,11 @@ def run_experiment(experiment, verbose=1):
     ``experiment["output"]``, renamed into place at the end.
     """
     e = experiment
+    if e["distribute"] == "multi-worker" and e["resume"]:
+        raise ConfigError(
+            "--resume with --distribute multi-worker: the workers would "
+            "restart from different epochs. Start the run again without "
+            "--resume (with --overwrite).")
     # A multi-worker strategy must exist before TensorFlow runs any op.
     strategy = distribute.strategy(e["distribute"])
     files = check_experiment(e)

@@ -73,7 +73,7 @@ class ImagePreprocessing(keras.layers.Layer):
             (``builtin`` mode, so that its own rescaling and mean/std apply).
         prefix_tokens: for a transformer backbone, how many tokens (class
             and register tokens) come before the patch tokens in its output;
-            token pooling reads it (see :func:`kerastl.heads.pooling_layer`).
+            token pooling reads it (see :class:`kerastl.heads.TokenPooling`).
 
     Example::
 

@@ -86,10 +86,11 @@ class BlockRule:
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "variables", tuple(self.variables))
-        if self.repeated and (not self.layers or self.until or self.before):
+        if self.repeated and (not self.layers or self.until or self.before
+                              or not all("{i}" in p for p in self.layers)):
             raise BlockError(
                 f"Block rule {self.name!r}: a repeated rule ('{{i}}' in its "
-                "name) needs 'layers' regexes containing '{i}'.")
+                "name) needs 'layers' regexes that each contain '{i}'.")
         object.__setattr__(
             self, "_compiled", tuple(re.compile(
                 p.replace("{i}", r"(?P<i>\d+)") if self.repeated else p)

@@ -193,3 +193,5 @@ def test_a_repeated_rule_travels_in_the_config():
     assert again == rule and again.number("pre_stack12_conv") == 12
     with pytest.raises(kerastl.BlockError, match="repeated rule"):
         BlockRule("layer{i}", until="norm")
+    with pytest.raises(kerastl.BlockError, match="each contain"):
+        BlockRule("layer{i}", layers=["^blk_{i}$", "^extra$"])

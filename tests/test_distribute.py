@@ -148,6 +148,19 @@ def test_multi_worker_without_tf_config_says_what_to_set(monkeypatch):
         distribute.strategy("two-gpus")
 
 
+def test_resume_is_refused_on_several_workers(tmp_path, capsys):
+    from kerastl.cli import main
+    from conftest import write_folder
+
+    images = write_folder(tmp_path / "images", per_class=3, size=32)
+    code = main(["finetune", "--model", "mobilenet_v2", "--data",
+                 str(images), "--output", str(tmp_path / "run"), "--resume",
+                 "--distribute", "multi-worker"])
+    assert code != 0
+    assert "--resume with --distribute multi-worker" in \
+        capsys.readouterr().err
+
+
 SHARD_WORKER = """
 import numpy as np, keras, kerastl
 model = keras.models.load_model({weights!r})
@@ -172,6 +185,9 @@ def test_sharded_extraction_in_one_process_reads_back_in_order(tmp_path,
     whole = kerastl.extract_features(model, (x, y), return_labels=True,
                                      batch_size=8, verbose=0)
     cache = kerastl.FeatureCache(str(tmp_path / "cache"))
+    # An aborted earlier run left one part of two: it does not count.
+    kerastl.extract_features(model, (x, y), cache=cache, shard=(0, 2),
+                             batch_size=8, return_labels=True, verbose=0)
     for index in range(count):
         f, labels = kerastl.extract_features(
             model, (x, y), cache=cache, shard=(index, count), batch_size=8,

@@ -310,6 +310,7 @@ def test_dann_save_load_and_export(tmp_path):
     dann.save(tmp_path / "dann.keras")
     loaded = keras.models.load_model(tmp_path / "dann.keras")
     assert isinstance(loaded, kerastl.DANN)
+    assert loaded.compiled  # training continues: optimizer and metrics back
     assert loaded.alignment == "adversarial"
     options = {k: v for k, v in dann.get_config().items()
                if k != "feature_extractor"}

@@ -324,6 +324,18 @@ def test_an_unreachable_preset_fails_fast_and_says_what_to_do(
     assert "kerashub:/path/to/my_preset" in message
 
 
+def test_a_preset_without_its_image_converter_is_refused(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    folder = str(tmp_path / "no_converter")
+    keras_hub.models.DINOV2Backbone(
+        patch_size=8, num_layers=1, hidden_dim=8, num_heads=2,
+        intermediate_dim=16, image_shape=(32, 32, 3),
+        position_embedding_shape=(32, 32, 3)).save_to_preset(folder)
+    with pytest.raises(KerastlError, match="no image converter"):
+        kerastl.load_backbone(folder)
+    keras.backend.clear_session()
+
+
 def test_unknown_preset_names_close_ones():
     pytest.importorskip("keras_hub")
     with pytest.raises(UnknownModelError, match="dinov2_small"):

@@ -185,11 +185,12 @@ class DANN(keras.Model):
             self.domain_head.build((None, d))
         self.built = True
 
-    def compile(self, *args, **kwargs):
+    def make_train_function(self, force=False):
         # Per-domain batch statistics over the global batch under
-        # tf.distribute (each replica sees half of each domain).
+        # tf.distribute (each replica sees half of each domain); set when
+        # fit builds its step, whatever scope compile ran in.
         _distribute.synchronize_batch_norm(self)
-        super().compile(*args, **kwargs)
+        return super().make_train_function(force)
 
     def build(self, input_shape=None):
         self.built = True
@@ -270,8 +271,10 @@ class DANN(keras.Model):
             if _private.compiled_loss(self) is not None:
                 return super().compute_loss(x, y, y_pred, sample_weight,
                                             training=training)
-            return ops.mean(keras.losses.sparse_categorical_crossentropy(
-                y, y_pred))
+            # Divided by the replicas like every loss Keras computes (its
+            # test step multiplies the logged value back).
+            return _distribute.scale_loss(ops.mean(
+                keras.losses.sparse_categorical_crossentropy(y, y_pred)))
         n_s, n_t = self._split(x)
         labels = y_pred["label"]
         y_source = y["source"] if isinstance(y, dict) else y

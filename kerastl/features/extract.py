@@ -19,7 +19,7 @@ from kerastl.errors import KerastlError
 from kerastl.features.cache import _as_cache, hash_array, model_fingerprint
 from kerastl.freezing import keras_model_of
 from kerastl.heads import POOLINGS as HEAD_POOLINGS
-from kerastl.heads import pool
+from kerastl.heads import pool, prefix_tokens
 
 #: The heads' poolings, plus ``None``: spatial outputs kept as they are.
 POOLINGS = HEAD_POOLINGS + (None,)
@@ -59,6 +59,10 @@ def _endpoint_tensor(backbone, model, name):
 def _pool(tensor, pooling, name, model=None):
     if pooling is None:
         return tensor
+    if len(tensor.shape) == 3 and (model is None or
+                                   prefix_tokens(model) is None):
+        # Not a transformer kerastl knows: flattened, as always.
+        return keras.layers.Flatten(name=f"kerastl_flatten_{name}")(tensor)
     return pool(tensor, pooling, f"kerastl_{pooling}_pool_{name}", model)
 
 
@@ -70,13 +74,16 @@ def feature_model(backbone, layers=None, pooling="avg"):
 
     ``layers=None`` takes the model's output. Spatial outputs are pooled
     inside the model (``"avg"``, ``"max"`` or ``"flatten"``, as the heads
-    pool); ``pooling=None`` keeps them.
+    pool; a transformer's tokens also ``"cls"`` or ``"cls_avg"``, see
+    :class:`kerastl.heads.TokenPooling`; other 3-D outputs are flattened);
+    ``pooling=None`` keeps them.
     The model is built once per backbone, layers and pooling and reused, so
     repeated extractions reuse its compiled ``predict`` function.
     """
     if pooling not in POOLINGS:
         raise KerastlError(f"pooling={pooling!r}: expected one of "
-                           f"'avg', 'max', 'flatten' or None.")
+                           f"'avg', 'max', 'flatten', 'cls', 'cls_avg' (a "
+                           f"transformer's tokens) or None.")
     model = keras_model_of(backbone)
     names = _layer_names(layers)
     built = _FEATURE_MODELS.setdefault(model, {})
@@ -422,19 +429,29 @@ def _gathered_shards(cache, parts):
     Shard ``i`` of ``n`` holds rows ``i, i + n, ...``; they are interleaved
     back into the original order.
     """
-    for count in range(1, MAX_SHARDS + 1):
-        if os.path.isdir(cache.path(cache.key(dict(parts,
-                                                   shard=[0, count])))):
-            break
-    else:
+    if not os.path.isdir(cache.directory):
         return None
-    pieces = []
-    for index in range(count):
-        piece_parts = dict(parts, shard=[index, count])
-        piece = cache.load(cache.key(piece_parts), piece_parts)
-        if piece is None:
-            return None  # not every worker has finished
-        pieces.append(piece)
+    present = set(os.listdir(cache.directory))  # one listing, then hashes
+    pieces = None
+    for count in range(1, MAX_SHARDS + 1):
+        keys = [cache.key(dict(parts, shard=[0, count]))]
+        if keys[0] not in present:
+            continue
+        keys += [cache.key(dict(parts, shard=[i, count]))
+                 for i in range(1, count)]
+        if not all(k in present for k in keys):
+            continue  # an incomplete set (a run still going, or aborted)
+        pieces = []
+        for index, key in enumerate(keys):
+            piece = cache.load(key, dict(parts, shard=[index, count]))
+            if piece is None:
+                break
+            pieces.append(piece)
+        if len(pieces) == count:
+            break
+        pieces = None
+    if pieces is None:
+        return None
     total = sum(len(next(iter(p.values()))) for p in pieces)
     out = {}
     for name in pieces[0]:

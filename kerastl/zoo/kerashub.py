@@ -166,6 +166,9 @@ def _check_reachable(preset, timeout):
             return  # cached with its version: no download
         url = KAGGLE_URL
     elif handle.startswith("hf://"):
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true",
+                                                            "yes"):
+            return  # huggingface_hub reads its cache (or says it is not)
         url = HF_URL
     else:
         return  # gs:// and others: KerasHub's own errors
@@ -331,11 +334,23 @@ def _rebuild(vision, x):
 
 
 def _converter(keras_hub, preset):
-    """The preset's ImageConverter, or None if the preset has none."""
+    """The preset's ImageConverter; a preset without one is refused (the
+    model would get raw [0, 255] pixels instead of its normalisation)."""
     try:
         return keras_hub.layers.ImageConverter.from_preset(preset)
-    except Exception:  # KerasHub raises ValueError/FileNotFoundError
-        return None
+    except (OSError, socket.timeout) as e:
+        if not isinstance(e, FileNotFoundError) and not os.path.isdir(
+                preset):
+            raise  # offline: load() says what to do
+        missing = e
+    except Exception as e:  # KerasHub: ValueError for a missing file
+        missing = e
+    raise KerastlError(
+        f"The KerasHub preset {preset!r} has no image converter ({missing}),"
+        f" so kerastl cannot apply its input normalisation inside the "
+        f"model. Save the converter into the preset folder too: "
+        f"`keras_hub.layers.ImageConverter.from_preset(<the original preset "
+        f"name>).save_to_preset({preset!r})`.")
 
 
 def _candidates(config, architecture):
