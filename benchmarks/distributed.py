@@ -9,9 +9,9 @@
    not tune.
 2. Peak memory (max RSS) of one worker of a two-worker sharded
    ``extract_features`` over a generated dataset (never held in memory)
-   that is 10 times the size of one batch, against the same worker over a
-   dataset of one batch: if memory is bounded by a batch, the two are close
-   although the data is 10 times larger.
+   whose share for the worker is 10 batches (MobileNetV2, 128x128, batch
+   64), against the same worker's share of one batch: if memory is bounded
+   by a batch, the two are close although the data is 10 times larger.
 
     python benchmarks/distributed.py [--json F]
 """
@@ -73,7 +73,7 @@ f = kerastl.extract_features(backbone, ds, cache=sys.argv[2], shard=(0, 2),
                              data_key=f"generated-{N}", verbose=0)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT" + json.dumps({"rss_mb": rss, "rows": len(f),
-                             "data_mb": N * SIZE * SIZE * 3 * 4 / 2**20,
+                             "data_mb": len(f) * SIZE * SIZE * 3 * 4 / 2**20,
                              "batch_mb": BATCH * SIZE * SIZE * 3 * 4 / 2**20}))
 """
 
@@ -114,10 +114,13 @@ def main(argv=None):
     print(f"step time, global batch 32: one worker {single * 1000:.0f} ms, "
           f"two workers {multi * 1000:.0f} ms (ratio {multi / single:.2f})")
     with tempfile.TemporaryDirectory() as cache:
-        small = _result(_spawn(EXTRACT, "64", os.path.join(cache, "a")))
-        large = _result(_spawn(EXTRACT, "640", os.path.join(cache, "b")))
-    print(f"sharded extraction (worker 0 of 2), peak RSS: data of 1 batch "
-          f"({small['data_mb']:.0f} MB) {small['rss_mb']:.0f} MB, data of "
+        # Worker 0 of 2 gets every other image: one full batch of its own,
+        # against ten.
+        small = _result(_spawn(EXTRACT, "128", os.path.join(cache, "a")))
+        large = _result(_spawn(EXTRACT, "1280", os.path.join(cache, "b")))
+    print(f"sharded extraction (worker 0 of 2), peak RSS: its share of 1 "
+          f"batch "
+          f"({small['data_mb']:.0f} MB) {small['rss_mb']:.0f} MB, of "
           f"10 batches ({large['data_mb']:.0f} MB) {large['rss_mb']:.0f} MB: "
           f"+{large['rss_mb'] - small['rss_mb']:.0f} MB for "
           f"+{large['data_mb'] - small['data_mb']:.0f} MB of data")
