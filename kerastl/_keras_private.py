@@ -40,6 +40,14 @@ def producing_operation(tensor):
     return tensor._keras_history.operation
 
 
+def producing_inputs(tensor):
+    """The input tensors of the call that produced a symbolic tensor
+    (``_keras_history``: operation, node index; ``_inbound_nodes``)."""
+    history = tensor._keras_history
+    node = history.operation._inbound_nodes[history.node_index]
+    return node.input_tensors
+
+
 def all_sublayers(layer):
     """``layer`` and every layer nested in it, recursively
     (``Layer._flatten_layers()``): subclassed models have no graph to walk."""

@@ -7,10 +7,14 @@ model must do well on the target.
 * :mod:`~kerastl.adaptation.schedules` — :class:`GaninLambda`,
   :class:`GaninLearningRate` (per-batch callbacks).
 * :mod:`~kerastl.adaptation.losses` — :func:`coral_loss`,
-  :func:`information_loss`.
+  :func:`mmd_loss`, :func:`confusion_loss`, :func:`information_loss`.
 * :mod:`~kerastl.adaptation.dann` — :class:`DANN`, trained with plain
   ``fit``; its block map lists the feature extractor's blocks, then
   ``bottleneck``, ``label_head`` and ``domain_head``.
+* :mod:`~kerastl.adaptation.adda` — :class:`ADDA` (stage 2 of ADDA in
+  ``fit``).
+* :mod:`~kerastl.adaptation.selection` — label-free model selection:
+  :func:`deep_embedded_validation`, :func:`select_model`.
 * :mod:`~kerastl.adaptation.data` — :func:`domain_dataset`.
 * :mod:`~kerastl.adaptation.adabn` — :func:`adapt_batch_norm` (AdaBN).
 * :mod:`~kerastl.adaptation.borrowing` — borrowing similar source data:
@@ -19,17 +23,25 @@ model must do well on the target.
 """
 
 from kerastl.adaptation.adabn import adapt_batch_norm
+from kerastl.adaptation.adda import ADDA
 from kerastl.adaptation.borrowing import (JointFineTuning, SourceSelection,
                                           hard_examples, joint_fine_tune,
                                           select_source_samples)
 from kerastl.adaptation.dann import DANN
 from kerastl.adaptation.data import domain_dataset
-from kerastl.adaptation.losses import coral_loss, information_loss
+from kerastl.adaptation.losses import (confusion_loss, coral_loss,
+                                       information_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
+from kerastl.adaptation.selection import (DEVEstimate, ModelSelection,
+                                          deep_embedded_validation,
+                                          select_model)
 from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
                                           ganin_lambda)
 
-__all__ = ["DANN", "GaninLambda", "GaninLearningRate", "GradientReversal",
-           "JointFineTuning", "SourceSelection", "adapt_batch_norm",
-           "coral_loss", "domain_dataset", "ganin_lambda", "hard_examples",
-           "information_loss", "joint_fine_tune", "select_source_samples"]
+__all__ = ["ADDA", "DANN", "DEVEstimate", "GaninLambda",
+           "GaninLearningRate", "GradientReversal", "JointFineTuning",
+           "ModelSelection", "SourceSelection", "adapt_batch_norm",
+           "confusion_loss", "coral_loss", "deep_embedded_validation",
+           "domain_dataset", "ganin_lambda", "hard_examples",
+           "information_loss", "joint_fine_tune", "mmd_loss",
+           "select_model", "select_source_samples"]

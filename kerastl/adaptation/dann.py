@@ -18,12 +18,16 @@ from keras import ops
 from kerastl import distribute as _distribute
 from kerastl import _keras_private as _private
 from kerastl import heads
-from kerastl.adaptation.losses import coral_loss, information_loss
+from kerastl.adaptation.losses import (confusion_loss, coral_loss,
+                                       information_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
 
 
-ALIGNMENTS = ("adversarial", "coral")
+ALIGNMENTS = ("adversarial", "confusion", "mmd", "coral")
+# The alignments whose feature-side loss is scaled by a ramped strength
+# (GaninLambda sets it): the reversal's lambda, or ``alignment_strength``.
+_RAMPED = ("confusion", "mmd")
 
 
 @keras.saving.register_keras_serializable(package="kerastl")
@@ -66,8 +70,23 @@ class DANN(keras.Model):
     the class loss is sparse categorical cross-entropy, the domain loss
     binary cross-entropy.
 
-    ``alignment="coral"`` aligns the domains with :func:`coral_loss` on the
-    features instead of the adversary (same data, same training).
+    Other alignments on the same data and ``fit`` (``alignment=``):
+
+    * ``"adversarial"`` (default): the domain head behind the reversal
+      (Ganin et al.).
+    * ``"confusion"``: the domain-confusion loss of Tzeng et al. (2015).
+      The domain head learns to tell the domains apart on features it
+      cannot change (no gradient to the feature extractor), and the
+      feature extractor is trained towards a uniform domain prediction
+      (:func:`confusion_loss`) through a copy of the domain head that
+      does not learn from it; both updates happen in every step.
+    * ``"mmd"``: multi-kernel MMD between the source and target features
+      (:func:`mmd_loss`, Long et al., 2015, DAN); no domain head.
+    * ``"coral"``: :func:`coral_loss` on the features; no domain head.
+
+    For ``"confusion"`` and ``"mmd"`` the feature-side loss is scaled by a
+    strength that :class:`GaninLambda` ramps like the reversal's lambda
+    (the non-trainable ``alignment_strength``); CORAL is not ramped.
 
     Args:
         feature_extractor: a ``keras.Model`` (or Backbone) from images to
@@ -83,11 +102,12 @@ class DANN(keras.Model):
             not run and ``domain_*`` metrics are not logged).
         lambda_: the initial gradient-reversal strength; :class:`GaninLambda`
             ramps it from 0.
-        alignment: ``"adversarial"`` (DANN) or ``"coral"``.
+        alignment: ``"adversarial"`` (DANN), ``"confusion"``, ``"mmd"``
+            or ``"coral"`` (see above).
         dropout: dropout before the label head and in the domain head.
         entropy_weight: the weight of :func:`information_loss` on the
             unlabelled target predictions, times the current reversal
-            strength (with ``alignment="coral"``: times 1). 0 turns it off
+            (or alignment) strength (with ``alignment="coral"``: times 1). 0 turns it off
             (the paper's DANN).
         split_batchnorm: per-domain batch statistics during training (see
             above); ``False`` runs both halves as one batch (the paper).
@@ -151,9 +171,14 @@ class DANN(keras.Model):
                                                   name="label_dropout")
         self.label_head = heads.output_layer(num_classes, "softmax", "label")
         self.domain_layers = []
-        self.reversal = self.domain_head = None
+        self.reversal = self.domain_head = self.alignment_strength = None
         if alignment == "adversarial":
             self.reversal = GradientReversal(lambda_, name="reversal")
+        elif alignment in _RAMPED:
+            self.alignment_strength = self.add_weight(
+                shape=(), name="alignment_strength", trainable=False,
+                initializer=keras.initializers.Constant(float(lambda_)))
+        if alignment in ("adversarial", "confusion"):
             self.domain_layers = heads.mlp(self.domain_hidden,
                                            "domain_hidden", self.batchnorm,
                                            self.dropout_rate)
@@ -163,7 +188,7 @@ class DANN(keras.Model):
         self.entropy_loss_tracker = None
         if self._aligns:
             self.domain_loss_tracker = keras.metrics.Mean(name="domain_loss")
-            if alignment == "adversarial":
+            if self.domain_head is not None:
                 self.domain_accuracy = keras.metrics.Mean(
                     name="domain_accuracy")
             if self.entropy_weight:
@@ -212,8 +237,9 @@ class DANN(keras.Model):
         parts = [self.feature_extractor,
                  ("bottleneck", [self.pool] + self.bottleneck_layers, True),
                  ("label_head", [self.label_dropout, self.label_head], True)]
-        if self.reversal is not None:
-            parts.append(("domain_head", [self.reversal] + self.domain_layers
+        if self.domain_head is not None:
+            reversal = [self.reversal] if self.reversal is not None else []
+            parts.append(("domain_head", reversal + self.domain_layers
                           + [self.domain_head], True))
         return parts
 
@@ -237,10 +263,17 @@ class DANN(keras.Model):
         return self.label_head(self.label_dropout(f, training=training))
 
     def _domain(self, f, training=False):
-        h = self.reversal(f)
+        h = self.reversal(f) if self.reversal is not None else f
         for layer in self.domain_layers:
             h = layer(h, training=training)
         return self.domain_head(h)
+
+    def _confused(self, f, training=False):
+        """The domain head on ``f`` with its variables held fixed: the
+        gradient reaches ``f`` only (the feature side of the confusion
+        loss)."""
+        return _call_frozen(self.domain_layers + [self.domain_head], f,
+                            training)
 
     def call(self, inputs, training=False):
         if not isinstance(inputs, dict):  # the label path
@@ -255,8 +288,11 @@ class DANN(keras.Model):
             f = self.features(
                 ops.concatenate([inputs["source"], target], axis=0), training)
         out = {"label": self._labels(f, training), "features": f}
-        if self.alignment == "adversarial" and self._aligns:
+        if self._aligns and self.alignment == "adversarial":
             out["domain"] = self._domain(f, training)
+        elif self._aligns and self.alignment == "confusion":
+            out["domain"] = self._domain(ops.stop_gradient(f), training)
+            out["confusion"] = self._confused(f, training)
         return out
 
     # -- training -----------------------------------------------------------
@@ -306,16 +342,21 @@ class DANN(keras.Model):
         return total
 
     def _ramp(self):
-        """The reversal strength: the target terms ramp in together."""
-        if self.reversal is None:
-            return 1.0
-        return ops.convert_to_tensor(self.reversal.lambda_)
+        """The reversal (or alignment) strength: the target terms ramp in
+        together."""
+        if self.reversal is not None:
+            return ops.convert_to_tensor(self.reversal.lambda_)
+        if self.alignment_strength is not None:
+            return ops.convert_to_tensor(self.alignment_strength)
+        return 1.0
 
     def _alignment_loss(self, y_pred, n_s):
         """The domain loss (adversarial, with its accuracy) or CORAL."""
         f = y_pred["features"]
         if self.alignment == "coral":
             return coral_loss(f[:n_s], f[n_s:])
+        if self.alignment == "mmd":
+            return self._ramp() * mmd_loss(f[:n_s], f[n_s:])
         domain_true = ops.concatenate([
             ops.zeros((n_s, 1)), ops.ones((ops.shape(f)[0] - n_s, 1))],
             axis=0)
@@ -324,7 +365,10 @@ class DANN(keras.Model):
             ops.equal(ops.cast(domain > 0.5, "float32"), domain_true),
             "float32"))
         self.domain_accuracy.update_state(acc)
-        return ops.mean(keras.losses.binary_crossentropy(domain_true, domain))
+        loss = ops.mean(keras.losses.binary_crossentropy(domain_true, domain))
+        if self.alignment == "confusion":
+            loss = loss + self._ramp() * confusion_loss(y_pred["confusion"])
+        return loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if isinstance(y_pred, dict):
@@ -369,6 +413,22 @@ class DANN(keras.Model):
         config["feature_extractor"] = keras.saving.deserialize_keras_object(
             config["feature_extractor"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def _call_frozen(layers, x, training=False):
+    """Runs ``layers`` on ``x`` with their variables as constants: the
+    gradient flows to ``x`` but not to the layers, and BatchNorm moving
+    statistics are left as they are."""
+    for layer in layers:
+        if not layer.weights:
+            x = layer(x, training=training)
+            continue
+        trainable = [ops.stop_gradient(ops.convert_to_tensor(v))
+                     for v in layer.trainable_variables]
+        fixed = [ops.convert_to_tensor(v)
+                 for v in layer.non_trainable_variables]
+        x, _ = layer.stateless_call(trainable, fixed, x, training=training)
+    return x
 
 
 def _build_mlp(layers, d):

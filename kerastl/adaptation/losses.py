@@ -2,6 +2,10 @@
 
 * :func:`coral_loss` — Deep CORAL: the distance between the feature
   covariances of two domains.
+* :func:`mmd_loss` — multi-kernel maximum mean discrepancy (DAN): the
+  distance between the feature distributions in a Gaussian-kernel space.
+* :func:`confusion_loss` — the domain-confusion loss (Tzeng et al., 2015):
+  cross-entropy of the domain predictions against the uniform one.
 * :func:`information_loss` — information maximisation on unlabelled
   predictions: confident and class-balanced.
 """
@@ -43,6 +47,55 @@ def coral_loss(source, target):
     d = ops.cast(ops.shape(source)[-1], "float32")
     diff = cov(source) - cov(target)
     return ops.sum(ops.square(diff)) / (4.0 * d * d)
+
+
+# DAN's kernel family: Gaussian kernels at bandwidths 2**k times the mean
+# squared distance of the batch (Long et al., 2015; Gretton et al., 2012).
+MMD_BANDWIDTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def mmd_loss(source, target, bandwidths=MMD_BANDWIDTHS):
+    """Multi-kernel maximum mean discrepancy (Long et al., 2015, DAN).
+
+    The squared MMD between ``(n, d)`` source and ``(m, d)`` target
+    features under the sum of Gaussian kernels
+    ``exp(-||x - y||^2 / (b * s))``, one per ``b`` in ``bandwidths``, where
+    ``s`` is the mean squared distance between all pairs of the batch (so
+    the kernels follow the features' scale; no gradient flows through
+    ``s``). The biased estimate
+    ``mean K(s, s') + mean K(t, t') - 2 mean K(s, t)``: exactly 0 for
+    identical samples, larger the further the distributions are apart.
+    """
+    if not bandwidths or min(float(b) for b in bandwidths) <= 0:
+        raise KerastlError(
+            f"mmd_loss: bandwidths={bandwidths!r}; expected positive "
+            f"multipliers of the mean squared distance, e.g. "
+            f"{MMD_BANDWIDTHS}.")
+    s = ops.cast(source, "float32")
+    t = ops.cast(target, "float32")
+    n = ops.shape(s)[0]
+    x = ops.concatenate([s, t], axis=0)
+    sq = ops.sum(ops.square(x), axis=-1)
+    d2 = ops.maximum(sq[:, None] + sq[None, :]
+                     - 2.0 * ops.matmul(x, ops.transpose(x)), 0.0)
+    scale = ops.stop_gradient(ops.maximum(ops.mean(d2), 1e-12))
+    k = sum(ops.exp(-d2 / (float(b) * scale)) for b in bandwidths)
+    k_ss, k_tt, k_st = k[:n, :n], k[n:, n:], k[:n, n:]
+    return ops.mean(k_ss) + ops.mean(k_tt) - 2.0 * ops.mean(k_st)
+
+
+def confusion_loss(domain_probabilities):
+    """The domain-confusion loss (Tzeng et al., 2015).
+
+    Binary cross-entropy of sigmoid domain predictions (``(n, 1)`` or
+    ``(n,)``, the probability of "target") against the uniform prediction
+    0.5: ``-mean(0.5 log p + 0.5 log(1 - p))``. Minimal, ``log 2``, when
+    every prediction is 0.5, i.e. when the domain classifier cannot tell
+    the domains apart. The feature extractor minimises it while the domain
+    classifier minimises the ordinary domain loss.
+    """
+    p = ops.clip(ops.cast(domain_probabilities, "float32"), 1e-7, 1 - 1e-7)
+    return -ops.mean(0.5 * ops.log(p) + 0.5 * ops.log(1.0 - p))
 
 
 def information_loss(probs, epsilon=1e-6, from_logits=False):

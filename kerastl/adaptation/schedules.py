@@ -100,6 +100,9 @@ class _PerBatch(keras.callbacks.Callback):
 class GaninLambda(_PerBatch):
     """Sets every :class:`GradientReversal` of the model to Ganin's schedule.
 
+    (And the alignment strength of a :class:`DANN` with
+    ``alignment="confusion"`` or ``"mmd"``.)
+
     ``lambda_p = scale * (2 / (1 + exp(-gamma p)) - 1)``, p going from 0 to 1
     over the planned training steps (``epochs x steps`` of ``fit``, or
     ``total_steps``), updated before every batch: the domain head's signal
@@ -133,13 +136,18 @@ class GaninLambda(_PerBatch):
         return self.scale * ganin_lambda(p, self.gamma)
 
     def apply(self, value):
-        layers = [l for l in _private.all_sublayers(self.model)
-                  if isinstance(l, GradientReversal)]
-        if not layers:
-            raise KerastlError("GaninLambda: the model has no "
-                               "GradientReversal layer.")
-        for layer in layers:
-            layer.lambda_.assign(value)
+        variables = [l.lambda_ for l in _private.all_sublayers(self.model)
+                     if isinstance(l, GradientReversal)]
+        # DANN(alignment="confusion" | "mmd"): the feature-side strength.
+        strength = getattr(self.model, "alignment_strength", None)
+        if strength is not None:
+            variables.append(strength)
+        if not variables:
+            raise KerastlError(
+                "GaninLambda: the model has no GradientReversal layer (nor "
+                "a DANN alignment strength to ramp).")
+        for variable in variables:
+            variable.assign(value)
 
 
 class GaninLearningRate(_PerBatch):

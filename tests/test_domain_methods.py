@@ -1,0 +1,308 @@
+"""MMD, domain confusion, ADDA and label-free model selection (DEV)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerastl
+from kerastl.adaptation.selection import density_ratio
+from conftest import small_cnn, toy_domains
+
+
+def batch(n=16, seed=0):
+    xs, ys, xt, _ = toy_domains(n, seed)
+    return {"source": tf.constant(xs), "target": tf.constant(xt)}, \
+        tf.constant(ys)
+
+
+def gradients(model, x, y, variables, part=None):
+    """Gradients of the model's training loss (or of one of its parts,
+    ``part(y_pred)``) with respect to ``variables``."""
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        loss = (part(y_pred) if part is not None
+                else model.compute_loss(x, y, y_pred))
+    return tape.gradient(loss, variables)
+
+
+def assert_same_gradients(got, expected):
+    for g, e in zip(got, expected):
+        if e is None:
+            assert g is None or np.all(np.asarray(g) == 0)
+        else:
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e),
+                                       rtol=1e-5, atol=1e-7)
+
+
+def trainable(layers):
+    return [v for layer in layers for v in layer.trainable_variables]
+
+
+# -- the losses on inputs where the answer is known ------------------------------
+
+def test_mmd_is_zero_for_identical_samples_and_grows_with_a_mean_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 5)).astype("float32")
+    assert float(kerastl.mmd_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    b = rng.normal(size=(64, 5)).astype("float32")
+    values = [float(kerastl.mmd_loss(a, b + shift))
+              for shift in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    assert all(x < y for x, y in zip(values, values[1:])), values
+    # Same distribution, different samples: small next to a real shift.
+    assert values[0] < 0.25 * values[2]
+    # Symmetric, and a hand computation for one kernel.
+    assert float(kerastl.mmd_loss(b, a)) == pytest.approx(
+        float(kerastl.mmd_loss(a, b)), rel=1e-5)
+    x, y = np.array([[0.0], [1.0]], "float32"), np.array([[3.0]], "float32")
+    d2 = np.array([[0, 1, 9], [1, 0, 4], [9, 4, 0]], "float64")
+    k = np.exp(-d2 / d2.mean())
+    expected = k[:2, :2].mean() + k[2:, 2:].mean() - 2 * k[:2, 2:].mean()
+    assert float(kerastl.mmd_loss(x, y, bandwidths=(1.0,))) == \
+        pytest.approx(expected, rel=1e-5)
+    with pytest.raises(kerastl.KerastlError, match="bandwidths"):
+        kerastl.mmd_loss(a, b, bandwidths=(0.0,))
+
+
+def test_confusion_loss_is_minimal_at_uniform_domain_predictions():
+    p = tf.Variable(np.full((6, 1), 0.5, "float32"))
+    with tf.GradientTape() as tape:
+        loss = kerastl.confusion_loss(p)
+    assert float(loss) == pytest.approx(np.log(2.0), rel=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss, p).numpy(), 0.0,
+                               atol=1e-7)
+    for q in (0.01, 0.2, 0.7, 0.99):
+        assert float(kerastl.confusion_loss(np.full((6, 1), q))) > np.log(2)
+    # Confident in either direction costs the same.
+    assert float(kerastl.confusion_loss([[0.2]])) == pytest.approx(
+        float(kerastl.confusion_loss([[0.8]])), rel=1e-6)
+
+
+# -- DANN(alignment="confusion" | "mmd") ---------------------------------------------
+
+def test_confusion_splits_the_gradients_between_the_two_players():
+    """The domain head learns from the domain loss only; the feature
+    extractor from the class loss and lambda x the confusion loss only."""
+    model = kerastl.DANN(small_cnn(), 2, alignment="confusion",
+                         entropy_weight=0, lambda_=0.7)
+    x, y = batch()
+    head = trainable(model.domain_layers + [model.domain_head])
+    features = model.feature_extractor.trainable_variables + trainable(
+        model.bottleneck_layers)
+    n = x["source"].shape[0]
+
+    def domain_bce(p):
+        truth = tf.concat([tf.zeros((n, 1)), tf.ones((n, 1))], axis=0)
+        return tf.reduce_mean(keras.losses.binary_crossentropy(
+            truth, p["domain"]))
+
+    def class_and_confusion(p):
+        class_loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(y, p["label"][:n]))
+        return class_loss + 0.7 * kerastl.confusion_loss(p["confusion"])
+
+    assert_same_gradients(gradients(model, x, y, head),
+                          gradients(model, x, y, head, domain_bce))
+    assert_same_gradients(gradients(model, x, y, features),
+                          gradients(model, x, y, features,
+                                    class_and_confusion))
+    # And it is a real force on the features.
+    confusion = gradients(model, x, y, features,
+                          lambda p: kerastl.confusion_loss(p["confusion"]))
+    assert max(float(tf.reduce_max(tf.abs(g))) for g in confusion) > 0
+
+
+def test_mmd_alignment_is_the_features_mmd_times_the_ramped_strength():
+    model = kerastl.DANN(small_cnn(), 2, alignment="mmd", entropy_weight=0)
+    x, y = batch()
+    y_pred = model(x, training=True)
+    n = x["source"].shape[0]
+    f = y_pred["features"]
+    assert model.domain_head is None and model.reversal is None
+    assert float(model._alignment_loss(y_pred, n)) == 0.0  # lambda_ = 0
+    model.alignment_strength.assign(0.6)
+    assert float(model._alignment_loss(y_pred, n)) == pytest.approx(
+        0.6 * float(kerastl.mmd_loss(f[:n], f[n:])), rel=1e-5)
+    # GaninLambda ramps it like the reversal.
+    model.compile(keras.optimizers.Adam(1e-3))
+    ramp = kerastl.GaninLambda()
+    model.fit(kerastl.domain_dataset(toy_domains(32)[:2], toy_domains(32)[2],
+                                     batch_size=8),
+              epochs=1, verbose=0, callbacks=[ramp])
+    assert float(model.alignment_strength) == pytest.approx(
+        ramp.history[-1], rel=1e-6) and ramp.history[-1] > 0
+
+
+@pytest.mark.parametrize("alignment", ["confusion", "mmd"])
+def test_new_alignments_train_save_and_export(alignment, tmp_path):
+    xs, ys, xt, yt = toy_domains(48)
+    model = kerastl.DANN(small_cnn(), 2, alignment=alignment)
+    model.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+    history = model.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+                        epochs=2, verbose=0,
+                        callbacks=[kerastl.GaninLambda()])
+    assert np.all(np.isfinite(history.history["domain_loss"]))
+    assert ("domain_accuracy" in history.history) == (
+        alignment == "confusion")
+    names = kerastl.block_map(model).names
+    assert names[-1] == ("domain_head" if alignment == "confusion"
+                         else "label_head")
+    assert kerastl.block_map(model).validate() == []
+    model.save(tmp_path / "m.keras")
+    loaded = kerastl.load_model(tmp_path / "m.keras")
+    assert loaded.alignment == alignment
+    np.testing.assert_array_equal(model.predict(xt, verbose=0),
+                                  loaded.predict(xt, verbose=0))
+    kerastl.export_savedmodel(model.classifier, tmp_path / "sm")
+    reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    served = reloaded.serve(tf.constant(xt))
+    np.testing.assert_allclose(np.asarray(served),
+                               model.predict(xt, verbose=0), atol=1e-5)
+
+
+# -- ADDA ------------------------------------------------------------------------------
+
+def source_model():
+    encoder = keras.Sequential([keras.Input((32, 32, 3)),
+                                keras.layers.Rescaling(1 / 255.0),
+                                keras.layers.Conv2D(4, 3, strides=2,
+                                                    activation="relu"),
+                                keras.layers.GlobalAveragePooling2D(),
+                                keras.layers.Dense(8, activation="relu")],
+                               name="encoder")
+    head = keras.Sequential([keras.Input((8,)),
+                             keras.layers.Dense(2, activation="softmax")],
+                            name="head")
+    return encoder, head
+
+
+def test_adda_gradients_fixed_parts_and_round_trip(tmp_path):
+    xs, ys, xt, _ = toy_domains(32)
+    encoder, head = source_model()
+    stage1 = keras.Sequential([encoder, head])
+    stage1.compile("adam", "sparse_categorical_crossentropy")
+    stage1.fit(xs, ys, epochs=1, verbose=0)
+    adda = kerastl.ADDA(encoder, head, discriminator_hidden=(16,))
+    # Starts as the source model.
+    np.testing.assert_array_equal(adda.predict(xt, verbose=0),
+                                  stage1.predict(xt, verbose=0))
+    x, y = batch(16)
+    disc = trainable(adda.discriminator_layers + [adda.discriminator])
+    target = adda.target_encoder.trainable_variables
+    assert adda.trainable_variables and not adda.source_encoder.trainable \
+        and not adda.head.trainable
+    n = x["source"].shape[0]
+
+    def discriminator_loss(p):
+        truth = tf.concat([tf.zeros((n, 1)), tf.ones((n, 1))], axis=0)
+        return tf.reduce_mean(keras.losses.binary_crossentropy(
+            truth, p["domain"]))
+
+    def mapping_loss(p):
+        return tf.reduce_mean(keras.losses.binary_crossentropy(
+            tf.zeros_like(p["mapping"]), p["mapping"]))
+
+    assert_same_gradients(gradients(adda, x, y, disc),
+                          gradients(adda, x, y, disc, discriminator_loss))
+    assert_same_gradients(gradients(adda, x, y, target),
+                          gradients(adda, x, y, target, mapping_loss))
+    source_before = [v.numpy().copy() for v in adda.source_encoder.weights
+                     + adda.head.weights]
+    target_before = [v.numpy().copy() for v in target]
+    adda.compile(keras.optimizers.Adam(1e-3, beta_1=0.5),
+                 metrics=["accuracy"])
+    history = adda.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=8),
+                       epochs=2, verbose=0)
+    assert {"domain_loss", "mapping_loss", "domain_accuracy"} <= set(
+        history.history)
+    for before, v in zip(source_before, adda.source_encoder.weights
+                         + adda.head.weights):
+        np.testing.assert_array_equal(before, v.numpy())
+    assert any(np.any(b != v.numpy()) for b, v in zip(target_before, target))
+    assert kerastl.block_map(adda).validate() == []
+    assert kerastl.block_map(adda).names[-3:] == [
+        "source_head", "source_encoder", "discriminator"]
+    adda.save(tmp_path / "adda.keras")
+    loaded = kerastl.load_model(tmp_path / "adda.keras")
+    np.testing.assert_array_equal(adda.predict(xt, verbose=0),
+                                  loaded.predict(xt, verbose=0))
+    kerastl.export_savedmodel(adda.classifier, tmp_path / "sm")
+    reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    served = reloaded.serve(tf.constant(xt))
+    np.testing.assert_allclose(np.asarray(served),
+                               adda.predict(xt, verbose=0), atol=1e-5)
+
+
+def test_adda_refuses_what_it_cannot_clone():
+    _, head = source_model()
+    with pytest.raises(kerastl.KerastlError, match="encoder"):
+        kerastl.ADDA("encoder.keras", head)
+
+
+# -- label-free model selection -----------------------------------------------------
+
+def test_density_ratio_recovers_a_known_ratio():
+    rng = np.random.default_rng(0)
+    fs = rng.normal(0.0, 1.0, (4000, 1))
+    ft = rng.normal(1.0, 1.0, (4000, 1))
+    ratio = density_ratio(fs, ft)
+    truth = np.exp(fs[:, 0] - 0.5)  # N(1, 1) / N(0, 1)
+    inside = np.abs(fs[:, 0]) < 2
+    np.testing.assert_allclose(np.log(ratio[inside]), np.log(truth[inside]),
+                               atol=0.2)
+
+
+class Rule:
+    """A fixed classifier: ``predict`` gives probabilities by a rule."""
+
+    def __init__(self, correct_where):
+        self.correct_where = correct_where
+
+    def predict(self, x, **kwargs):
+        y = (x[:, 1] > 0).astype(int)
+        right = self.correct_where(x)
+        guess = np.where(right, y, 1 - y)
+        probs = np.full((len(x), 2), 0.1)
+        probs[np.arange(len(x)), guess] = 0.9
+        return probs
+
+
+def test_dev_picks_the_model_that_is_right_where_the_target_is():
+    """Covariate shift: the target lives at x0 > 1, rare in the source.
+    Model "near" is right only there, "far" only elsewhere; "far" has the
+    lower source loss, DEV must still prefer "near"."""
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(3000, 2))
+    ys = (xs[:, 1] > 0).astype(int)
+    xt = rng.normal(size=(1000, 2)) * [0.5, 1.0] + [2.0, 0.0]
+    near = Rule(lambda x: x[:, 0] > 1)
+    far = Rule(lambda x: x[:, 0] <= 1)
+    identity = {"near": lambda x: x, "far": lambda x: x}
+    choice = kerastl.select_model({"near": near, "far": far}, (xs, ys), xt,
+                                  features=identity)
+    e = choice.estimates
+    assert e["far"].source_loss < e["near"].source_loss
+    assert choice.best == "near" and e["near"].risk < e["far"].risk
+    assert "<- chosen" in choice.table().splitlines()[1]
+    # No shift: the estimate is the plain source loss, nearly.
+    same = kerastl.deep_embedded_validation(
+        near, (xs, ys), rng.normal(size=(1000, 2)), features=lambda x: x)
+    assert same.risk == pytest.approx(same.source_loss, rel=0.05)
+    assert same.ess > 0.9 * same.n
+
+
+def test_select_model_finds_the_features_of_kerastl_and_keras_models():
+    xs, ys, xt, _ = toy_domains(24)
+    dann = kerastl.DANN(small_cnn(), 2)
+    encoder, head = source_model()
+    plain = keras.Sequential([encoder, head])
+    adda = kerastl.ADDA(encoder, head, discriminator_hidden=(4,))
+    choice = kerastl.select_model(
+        {"dann": dann, "keras": plain, "adda": adda.classifier}, (xs, ys),
+        xt)
+    assert set(choice.estimates) == {"dann", "keras", "adda"}
+    assert all(np.isfinite(e.risk) for e in choice.estimates.values())
+    with pytest.raises(kerastl.KerastlError, match="source_val"):
+        kerastl.select_model({"dann": dann}, xs, xt)
+    with pytest.raises(kerastl.KerastlError, match="dict"):
+        kerastl.select_model([dann], (xs, ys), xt)
