@@ -1,38 +1,51 @@
-"""Does DANN close the domain gap? Offline digit pairs, kerastl defaults.
+"""Domain adaptation against strong baselines, absolute accuracy first.
 
-For each pair (source -> target) and seed, the same small CNN is trained
-with the same number of steps, optimizer and learning-rate schedule three
-ways and scored on held-out target test images:
+Offline digit pairs (source -> target; ``kerastl.datasets``), every run the
+same number of steps (batches of 32 per domain) and optimizer (Adam 1e-3
+unless a method's paper says otherwise), scored on held-out target test
+images. 20% of the source training images are held out as labelled source
+validation data (for model selection); every method trains on the rest.
 
-* source only: source labels only (the label path of ``kerastl.DANN``,
-  ``dann.classifier``, fitted on source batches of the same size);
-* DANN: source labels + unlabelled target images, kerastl's recipe (the
-  README's): ``kerastl.DANN`` with its defaults (per-domain batch
-  statistics, the target information-maximisation loss at weight 0.5),
-  Adam 1e-3, ``GaninLambda(warmup=0.5)`` (the label head learns the source
-  before the reversal and the target loss ramp up), then
-  ``kerastl.adapt_batch_norm`` on the unlabelled target (AdaBN). No target
-  labels are used for anything, tuning included. The table shows the
-  accuracy before (``DANN``) and after (``+AdaBN``) the BatchNorm
-  re-estimation;
-* target only (the oracle): the label path fitted on target labels.
+Baselines (no target data at all, or only its BatchNorm statistics):
 
-Prints a table with the accuracies and the fraction of the
-source-only -> target-only gap that DANN closes, mean and spread over seeds.
+* ``source only (paper net)``: the DANN paper's MNIST network (conv 32 5x5,
+  max-pool, conv 48 5x5, max-pool, FC 100, FC 100, softmax; ReLU, no
+  BatchNorm, inputs in [0, 1]) on the source labels. It has no BatchNorm,
+  so AdaBN changes nothing for it.
+* ``source only``: kerastl's recommended network on the source labels (the
+  label path of ``kerastl.DANN``: the paper's conv layers as the feature
+  extractor, kerastl's bottleneck Dense 256 + BN + ReLU, softmax);
+  ``+ AdaBN``: the same with ``kerastl.adapt_batch_norm`` on the target.
 
-    python benchmarks/domain_adaptation.py [--seeds 2] [--first-seed 0]
-        [--steps 1500]
-        [--pairs syn_digits:digits digits:digits_m]
-        [--optimizer adam|sgd] [--warmup 0.5] [--entropy-weight W]
-        [--no-split-batchnorm]
+The best baseline is the best of those rows, seed by seed.
 
-``--optimizer sgd --warmup 0 --entropy-weight 0 --no-split-batchnorm``
-runs the paper's DANN instead (SGD 0.01, momentum 0.9,
-``GaninLearningRate`` annealing, no warm-up, one batch through BN, no
-target loss); the optimizer and its schedule apply to all three runs alike.
+Adaptation (source labels + unlabelled target images):
+
+* ``DANN``: the recommended recipe, ``kerastl.DANN`` with its defaults on
+  that network, ``GaninLambda(warmup=0.5)``; ``+ AdaBN`` after it.
+* ``--all`` adds: DANN with ``alignment="mmd"`` (DAN) and
+  ``"confusion"`` (Tzeng et al. 2015), ADDA (stage 1 is the source-only
+  model above; Adam 2e-4, beta_1 0.5), DANN on the pretrained kerastl
+  backbone (``kerastl.pretrained``'s CNN pretrained on 4,000 syn_digits:
+  its first block frozen, 0.1x the rate on its other blocks through
+  ``LayerwiseOptimizer``), and, if ``adapt`` (ADAPT) is installed, ADAPT's
+  DANN with the same network, data and steps.
+* ``target only``: the oracle, the recommended network on target labels.
+
+Label-free selection among every source-only and adapted model of the run
+(ADAPT's and the oracle excluded): ``kerastl.ensemble_validation`` (EnsV,
+``select_model``'s default; the unlabelled target images only) and
+``kerastl.deep_embedded_validation`` (DEV; also the held-out source
+validation data). The table shows the candidate each picked and its
+accuracy next to the best candidate's.
+
+    python benchmarks/domain_adaptation.py [--seeds 3] [--first-seed 0]
+        [--steps 1500] [--pairs syn_digits:digits digits:digits_m] [--all]
+        [--json FILE]
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -47,17 +60,36 @@ from kerastl import datasets  # noqa: E402
 BATCH = 32
 
 
-def features(width=16):
-    """The shared feature extractor: three conv blocks."""
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    for filters in (width, 2 * width, 4 * width):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.MaxPooling2D()(x)
-    return keras.Model(inputs, x, name="features")
+# -- networks -------------------------------------------------------------------------
 
+def paper_features(name="features"):
+    """The DANN paper's MNIST feature extractor (conv part), flattened."""
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(32, 5, activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(48, 5, activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def paper_network():
+    """The DANN paper's whole MNIST classifier: no BatchNorm anywhere."""
+    features = paper_features()
+    x = keras.layers.Dense(100, activation="relu")(features.output)
+    x = keras.layers.Dense(100, activation="relu")(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    return keras.Model(features.input, outputs, name="paper_network")
+
+
+def recommended(**options):
+    """kerastl's recommended network: DANN's defaults on the paper's conv
+    layers (``domain_weight=0`` makes it a source-only model)."""
+    return kerastl.DANN(paper_features(), 10, **options)
+
+
+# -- data -------------------------------------------------------------------------------
 
 def load(name, split, seed):
     if name == "syn_digits":
@@ -66,123 +98,348 @@ def load(name, split, seed):
     return datasets.load(name, split)
 
 
-def optimizer_and_schedule(name):
-    """Adam 1e-3 (kerastl's recipe) or the paper's SGD + annealing."""
-    if name == "adam":
-        return keras.optimizers.Adam(1e-3), []
-    return (keras.optimizers.SGD(0.01, momentum=0.9),
-            [kerastl.GaninLearningRate()])
+def hold_out(data, seed, fraction=0.2):
+    """(train, validation): a seeded split of labelled data."""
+    x, y = data
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = int(round(fraction * len(x)))
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
 
 
-def epochs_for(steps, labelled):
-    return max(1, round(steps * BATCH / len(labelled[0])))
+def epochs_for(steps, n):
+    return max(1, round(steps * BATCH / n))
 
 
-def train_label_path(labelled, steps, test, args):
-    """Source only or target only: the label path of the same network
-    (``dann.classifier``, the same layers) fitted on ``labelled``."""
-    net = kerastl.DANN(features(), 10).classifier
-    optimizer, callbacks = optimizer_and_schedule(args.optimizer)
-    net.compile(optimizer, loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"])
-    net.fit(*labelled, batch_size=BATCH, epochs=epochs_for(steps, labelled),
-            verbose=0, callbacks=callbacks)
-    return net.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
+# -- training ---------------------------------------------------------------------------
+
+def fit_labels(model, data, steps, learning_rate=1e-3):
+    """Plain supervised training on ``data`` (source or target labels)."""
+    model.compile(keras.optimizers.Adam(learning_rate),
+                  loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    start = time.time()
+    model.fit(*data, batch_size=BATCH, epochs=epochs_for(steps, len(data[0])),
+              verbose=0)
+    return time.time() - start
 
 
-def train_dann(source, target_images, steps, test, args):
-    """kerastl's recipe. Returns (accuracy, accuracy after AdaBN, final
-    domain accuracy)."""
-    # kerastl's defaults unless the command line says otherwise.
-    options = {"split_batchnorm": False} if args.paper_batchnorm else {}
-    if args.entropy_weight is not None:
-        options["entropy_weight"] = args.entropy_weight
-    model = kerastl.DANN(features(), 10, **options)
-    optimizer, callbacks = optimizer_and_schedule(args.optimizer)
-    model.compile(optimizer, metrics=["accuracy"])
-    data = kerastl.domain_dataset(source, target_images, batch_size=BATCH)
-    callbacks.append(kerastl.GaninLambda(warmup=args.warmup))
-    history = model.fit(data, epochs=epochs_for(steps, source), verbose=0,
-                        callbacks=callbacks)
-    accuracy = model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
-    kerastl.adapt_batch_norm(model, target_images)
-    adabn = model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
-    return accuracy, adabn, history.history["domain_accuracy"][-1]
+def fit_domains(model, source, target_images, steps, optimizer=None,
+                ramp=True):
+    """``fit`` on ``domain_dataset`` batches; returns (seconds per epoch,
+    history)."""
+    model.compile(optimizer or keras.optimizers.Adam(1e-3),
+                  metrics=["accuracy"])
+    epochs = epochs_for(steps, len(source[0]))
+    callbacks = [kerastl.GaninLambda(warmup=0.5)] if ramp else []
+    start = time.time()
+    history = model.fit(kerastl.domain_dataset(source, target_images,
+                                               batch_size=BATCH),
+                        epochs=epochs, verbose=0, callbacks=callbacks)
+    return (time.time() - start) / epochs, history.history
+
+
+def accuracy(model, test):
+    probs = model.predict(test[0], verbose=0, batch_size=256)
+    return float(np.mean(np.argmax(probs, axis=-1) == test[1]))
+
+
+def pretrained_dann(**options):
+    """DANN on the pretrained kerastl backbone: first block frozen, 0.1x the
+    rate on the rest of the backbone (through the block map)."""
+    from kerastl.pretrained import pretrained_backbone
+    backbone, _, _ = pretrained_backbone()
+    model = kerastl.DANN(backbone, 10, **options)
+    kerastl.freeze(model, up_to="block1", recompile=False)
+    optimizer = kerastl.LayerwiseOptimizer(
+        keras.optimizers.Adam(1e-3), {"block2": 0.1, "block3": 0.1},
+        model=model)
+    return model, optimizer
+
+
+def adapt_peer(source, target_images, test, steps):
+    """ADAPT's DANN on the same network, data and steps. Returns (accuracy,
+    seconds per epoch), or None if ``adapt`` is not installed."""
+    try:
+        from adapt.feature_based import DANN as AdaptDANN
+        from adapt.utils import UpdateLambda
+        import tensorflow as tf
+    except ImportError:
+        return None
+    net = recommended()  # the same layers as kerastl's DANN
+    encoder = keras.Sequential([net.feature_extractor] + [
+        layer for layer in net.bottleneck_layers])
+    task = keras.Sequential([keras.layers.Dense(10, activation="softmax")])
+    disc = keras.Sequential(
+        [layer for width in (1024, 1024) for layer in (
+            keras.layers.Dense(width), keras.layers.BatchNormalization(),
+            keras.layers.ReLU())]
+        + [keras.layers.Dense(1, activation="sigmoid")])
+    epochs = epochs_for(steps, len(source[0]))
+    # UpdateLambda ramps a variable lambda with Ganin's schedule.
+    model = AdaptDANN(encoder, task, disc, lambda_=tf.Variable(0.0),
+                      verbose=0,
+                      copy=False, random_state=0,
+                      optimizer=keras.optimizers.Adam(1e-3),
+                      loss="categorical_crossentropy")
+    onehot = np.eye(10, dtype="float32")[source[1]]
+    start = time.time()
+    model.fit(source[0], onehot, Xt=target_images, epochs=epochs,
+              batch_size=BATCH, verbose=0,
+              callbacks=[UpdateLambda(lambda_max=1.0)])
+    seconds = (time.time() - start) / epochs
+    probs = model.predict(test[0], verbose=0)
+    return float(np.mean(np.argmax(probs, axis=-1) == test[1])), seconds
+
+
+# -- one pair, one seed -------------------------------------------------------------
+
+def run_pair(src_name, tgt_name, seed, args, log=print):
+    """All rows for one pair and seed: ``{row: accuracy}`` plus the
+    selection and timings."""
+    keras.utils.set_random_seed(seed)
+    source, source_val = hold_out(load(src_name, "train", seed), seed)
+    target = load(tgt_name, "train", seed)
+    test = load(tgt_name, "test", seed)
+    xt = target[0]
+    acc, seconds, candidates, target_probs = {}, {}, {}, {}
+
+    def candidate(name, model):
+        """Scores ``model`` now and keeps what the label-free selection
+        needs (before any AdaBN that follows changes it)."""
+        acc[name] = accuracy(model, test)
+        target_probs[name] = model.predict(xt, verbose=0, batch_size=256)
+        candidates[name] = kerastl.deep_embedded_validation(
+            model, source_val, xt, seed=seed)
+        if args.dump:
+            dump(name, model)
+
+    def dump(name, model):
+        """What a label-free selection method sees, for offline study."""
+        from kerastl.adaptation.selection import feature_function
+        embed = feature_function(model)
+        xs_, xt_ = source_val[0], xt[:2000]
+        os.makedirs(args.dump, exist_ok=True)
+        np.savez_compressed(
+            os.path.join(args.dump, f"{src_name}-{tgt_name}-{seed}-"
+                         + name.replace(" ", "_").replace(",", "")
+                         .replace("+", "plus").replace("(", "")
+                         .replace(")", "") + ".npz"),
+            fs=embed(xs_).astype("float16"), ft=embed(xt_).astype("float16"),
+            ps=model.predict(xs_, verbose=0, batch_size=256),
+            pt=model.predict(xt_, verbose=0, batch_size=256),
+            ys=source_val[1], acc=acc[name], name=name)
+
+    def step(name, fn):
+        keras.utils.set_random_seed(seed)
+        start = time.time()
+        fn()
+        seconds[name] = time.time() - start
+        log(f"  {name}: {acc.get(name, acc.get(name + ' + AdaBN', 0)):.3f}"
+            f" ({seconds[name]:.0f} s)")
+
+    def source_only_paper():
+        net = paper_network()
+        fit_labels(net, source, args.steps)
+        candidate("source only (paper net)", net)
+
+    models = {}
+
+    def source_only():
+        net = recommended(domain_weight=0)
+        fit_labels(net.classifier, source, args.steps)
+        candidate("source only", net)
+        models["source only"] = net.classifier.get_weights()
+        # ADDA's stage 1: this source model, copied before AdaBN moves it.
+        inputs = keras.Input((32, 32, 3))
+        encoder = keras.Model(inputs, net.features(inputs), name="encoder")
+        copy = keras.models.clone_model(encoder)
+        copy.set_weights(encoder.get_weights())
+        features = keras.Input((net.bottleneck,))
+        models["ADDA stage 1"] = (copy, keras.Model(
+            features, net._labels(features), name="head"))
+        kerastl.adapt_batch_norm(net, xt)
+        candidate("source only + AdaBN", net)
+
+    def adapted(name, adabn=True, **options):
+        def run():
+            net = recommended(**options)
+            seconds[name + " /epoch"], _ = fit_domains(net, source, xt,
+                                                       args.steps)
+            candidate(name, net)
+            if adabn:
+                kerastl.adapt_batch_norm(net, xt)
+                candidate(name + " + AdaBN", net)
+        return run
+
+    def adda():
+        encoder, head = models["ADDA stage 1"]
+        model = kerastl.ADDA(encoder, head)
+        fit_domains(model, source, xt, args.steps,
+                    optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
+                    ramp=False)
+        candidate("ADDA", model)
+
+    def from_source():
+        # Two stages: the source-only model's weights, then DANN.
+        net = recommended()
+        net.classifier.set_weights(models["source only"])
+        seconds["DANN from source only /epoch"], _ = fit_domains(
+            net, source, xt, args.steps)
+        candidate("DANN from source only", net)
+        kerastl.adapt_batch_norm(net, xt)
+        candidate("DANN from source only + AdaBN", net)
+
+    def pretrained_source_only():
+        model, optimizer = pretrained_dann(domain_weight=0)
+        model.compile(optimizer, metrics=["accuracy"])
+        model.fit(*source, batch_size=BATCH,
+                  epochs=epochs_for(args.steps, len(source[0])), verbose=0)
+        candidate("source only, pretrained backbone", model)
+        kerastl.adapt_batch_norm(model, xt)
+        candidate("source only, pretrained backbone + AdaBN", model)
+
+    def pretrained():
+        model, optimizer = pretrained_dann()
+        fit_domains(model, source, xt, args.steps, optimizer=optimizer)
+        candidate("DANN, pretrained backbone", model)
+        kerastl.adapt_batch_norm(model, xt)
+        candidate("DANN, pretrained backbone + AdaBN", model)
+
+    def peer():
+        result = adapt_peer(source, xt, test, args.steps)
+        if result is None:
+            log("  ADAPT DANN: skipped (pip install adapt to compare)")
+            return
+        acc["ADAPT DANN"], seconds["ADAPT DANN /epoch"] = result
+
+    def target_only():
+        net = recommended(domain_weight=0)
+        fit_labels(net.classifier, target, args.steps)
+        acc["target only"] = accuracy(net, test)
+
+    step("source only (paper net)", source_only_paper)
+    step("source only", source_only)
+    step("DANN", adapted("DANN"))
+    if args.all:
+        step("MMD", adapted("MMD", alignment="mmd"))
+        step("confusion", adapted("confusion", alignment="confusion"))
+        step("ADDA", adda)
+        step("DANN from source only", from_source)
+        step("source only, pretrained backbone", pretrained_source_only)
+        step("DANN, pretrained backbone", pretrained)
+        step("ADAPT DANN", peer)
+    step("target only", target_only)
+    baselines = [k for k in acc if k.startswith("source only")]
+    best_baseline = max(acc[b] for b in baselines)
+    ensv = kerastl.ensemble_validation(target_probs)
+    chosen = max(ensv, key=lambda k: ensv[k].score)
+    dev_chosen = min(candidates, key=lambda k: candidates[k].risk)
+    best = max(candidates, key=lambda k: acc[k])
+    return {"acc": acc, "seconds": seconds, "best_baseline": best_baseline,
+            "chosen": chosen, "dev_chosen": dev_chosen,
+            "best_candidate": best,
+            "ensv": {k: e.agreement for k, e in ensv.items()},
+            "dev": {k: {"risk": e.risk, "ess": e.ess, "n": e.n}
+                    for k, e in candidates.items()}}
 
 
 def closed(row, key):
-    gap = row["target_only"] - row["source_only"]
-    return (row[key] - row["source_only"]) / gap if gap > 0 else float("nan")
+    gap = row["acc"]["target only"] - row["best_baseline"]
+    return (row["acc"][key] - row["best_baseline"]) / gap if gap > 0 else \
+        float("nan")
 
 
-def run_pair(src_name, tgt_name, seed, args):
-    keras.utils.set_random_seed(seed)
-    source = load(src_name, "train", seed)
-    target = load(tgt_name, "train", seed)
-    test = load(tgt_name, "test", seed)
-    row = {}
-    keras.utils.set_random_seed(seed)
-    row["source_only"] = train_label_path(source, args.steps, test, args)
-    keras.utils.set_random_seed(seed)
-    row["dann"], row["adabn"], row["domain_acc"] = train_dann(
-        source, target[0], args.steps, test, args)
-    keras.utils.set_random_seed(seed)
-    row["target_only"] = train_label_path(target, args.steps, test, args)
-    row["closed"] = closed(row, "dann")
-    row["closed_adabn"] = closed(row, "adabn")
-    return row
+def mean_se(values):
+    v = np.asarray(values, "float64")
+    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return f"{v.mean():.3f} +- {se:.3f}"
+
+
+def report(summary):
+    """The tables: accuracy per row (mean +- standard error over seeds),
+    the gain and gap closed against the best baseline, and the selection."""
+    lines = []
+    for pair, rows in summary.items():
+        keys = list(rows[0]["acc"])
+        lines.append(f"\n{pair}: target test accuracy, mean +- standard "
+                     f"error over {len(rows)} seeds")
+        lines.append(f"{'':<42}" + "".join(f"{'seed ' + str(r['seed']):>9}"
+                                            for r in rows) + "    mean")
+        for key in keys + ["best baseline"]:
+            vals = [r["best_baseline"] if key == "best baseline"
+                    else r["acc"][key] for r in rows]
+            lines.append(f"{key:<42}" + "".join(f"{v:>9.3f}" for v in vals)
+                         + f"    {mean_se(vals)}")
+        lines.append("gain over the best baseline (points), gap closed "
+                     "against it:")
+        for key in keys:
+            if key.startswith(("source only", "target only")):
+                continue
+            gains = [100 * (r["acc"][key] - r["best_baseline"]) for r in rows]
+            gaps = [closed(r, key) for r in rows]
+            lines.append(f"  {key:<40}" + "".join(f"{g:>+9.1f}" for g in gains)
+                         + f"    {np.mean(gains):+.1f} points, "
+                         f"{np.mean(gaps):.0%} of the gap")
+        for method, key in (("EnsV, select_model's default", "chosen"),
+                            ("DEV", "dev_chosen")):
+            lines.append(f"label-free selection ({method}) among the "
+                         f"{len(rows[0]['dev'])} source-only and adapted rows: "
+                         f"picked -> its accuracy (best -> its accuracy)")
+            hits = 0
+            for r in rows:
+                a, pick, best = r["acc"], r[key], r["best_candidate"]
+                below = 100 * (a[best] - a[pick])
+                hits += below <= 2.0 + 1e-9
+                lines.append(f"  seed {r['seed']}: {pick} -> {a[pick]:.3f} "
+                             f"({best} -> {a[best]:.3f}), {below:.1f} "
+                             f"points below the best")
+            lines.append(f"  within 2 points of the best: {hits} of "
+                         f"{len(rows)}")
+        per_epoch = {k[:-len(" /epoch")]: np.mean([r["seconds"][k]
+                                                   for r in rows])
+                     for k in rows[0]["seconds"] if k.endswith(" /epoch")}
+        if per_epoch:
+            lines.append("seconds per epoch: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in per_epoch.items()))
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--pairs", nargs="+",
                         default=["syn_digits:digits", "digits:digits_m"])
-    parser.add_argument("--optimizer", choices=["adam", "sgd"],
-                        default="adam")
-    parser.add_argument("--warmup", type=float, default=0.5)
-    parser.add_argument("--entropy-weight", type=float, default=None,
-                        help="default: kerastl.DANN's")
-    parser.add_argument("--no-split-batchnorm", dest="paper_batchnorm",
-                        action="store_true",
-                        help="one batch of both domains through BN")
+    parser.add_argument("--all", action="store_true",
+                        help="add MMD, confusion, ADDA, the pretrained "
+                             "backbone and ADAPT's DANN")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--dump", help="a folder: save each candidate's "
+                        "features and predictions for selection studies")
     args = parser.parse_args(argv)
     start = time.time()
-    print(f"optimizer {args.optimizer}, GaninLambda(warmup={args.warmup}), "
-          f"DANN(entropy_weight="
-          f"{'default' if args.entropy_weight is None else args.entropy_weight}"
-          f", split_batchnorm={not args.paper_batchnorm}), "
-          f"{args.steps} steps of {BATCH} per domain")
-    header = (f"{'pair':<24}{'seed':>5}{'source only':>13}{'DANN':>8}"
-              f"{'+AdaBN':>8}{'target only':>13}{'gap closed':>12}"
-              f"{'(+AdaBN)':>10}{'domain acc':>12}")
-    print(header)
-    print("-" * len(header))
+    print(f"{args.steps} steps of {BATCH} per domain, Adam; "
+          f"{'all methods' if args.all else 'default rows (--all for more)'}",
+          flush=True)
     summary = {}
     for pair in args.pairs:
         src, tgt = pair.split(":")
         rows = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            r = run_pair(src, tgt, seed, args)
-            rows.append(r)
-            print(f"{src + ' -> ' + tgt:<24}{seed:>5}{r['source_only']:>13.3f}"
-                  f"{r['dann']:>8.3f}{r['adabn']:>8.3f}"
-                  f"{r['target_only']:>13.3f}{r['closed']:>12.1%}"
-                  f"{r['closed_adabn']:>10.1%}{r['domain_acc']:>12.3f}",
-                  flush=True)
+            print(f"{src} -> {tgt}, seed {seed}", flush=True)
+            row = run_pair(src, tgt, seed, args,
+                           log=lambda m: print(m, flush=True))
+            row["seed"] = seed
+            rows.append(row)
         summary[pair] = rows
-    print("\nmean +- std over seeds")
-    for pair, rows in summary.items():
-        def ms(key):
-            v = np.array([r[key] for r in rows])
-            return f"{v.mean():.3f} +- {v.std():.3f}"
-        print(f"{pair:<24} source only {ms('source_only')}, DANN {ms('dann')}"
-              f" (+AdaBN {ms('adabn')}), target only {ms('target_only')}, "
-              f"gap closed {ms('closed')} (+AdaBN {ms('closed_adabn')})")
+    print(report(summary))
     print(f"\n{time.time() - start:.0f} s in all")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
 
 

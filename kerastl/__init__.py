@@ -74,6 +74,7 @@ _API = {
     "confusion_loss": "kerastl.adaptation",
     "coral_loss": "kerastl.adaptation",
     "deep_embedded_validation": "kerastl.adaptation",
+    "ensemble_validation": "kerastl.adaptation",
     "mmd_loss": "kerastl.adaptation",
     "select_model": "kerastl.adaptation",
     "domain_dataset": "kerastl.adaptation",

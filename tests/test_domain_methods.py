@@ -279,10 +279,11 @@ def test_dev_picks_the_model_that_is_right_where_the_target_is():
     far = Rule(lambda x: x[:, 0] <= 1)
     identity = {"near": lambda x: x, "far": lambda x: x}
     choice = kerastl.select_model({"near": near, "far": far}, (xs, ys), xt,
-                                  features=identity)
+                                  method="dev", features=identity)
     e = choice.estimates
     assert e["far"].source_loss < e["near"].source_loss
     assert choice.best == "near" and e["near"].risk < e["far"].risk
+    assert choice.ranking() == ["near", "far"]
     assert "<- chosen" in choice.table().splitlines()[1]
     # No shift: the estimate is the plain source loss, nearly.
     same = kerastl.deep_embedded_validation(
@@ -297,12 +298,45 @@ def test_select_model_finds_the_features_of_kerastl_and_keras_models():
     encoder, head = source_model()
     plain = keras.Sequential([encoder, head])
     adda = kerastl.ADDA(encoder, head, discriminator_hidden=(4,))
-    choice = kerastl.select_model(
-        {"dann": dann, "keras": plain, "adda": adda.classifier}, (xs, ys),
-        xt)
+    candidates = {"dann": dann, "keras": plain, "adda": adda.classifier}
+    choice = kerastl.select_model(candidates, (xs, ys), xt, method="dev")
     assert set(choice.estimates) == {"dann", "keras", "adda"}
     assert all(np.isfinite(e.risk) for e in choice.estimates.values())
+    # The default, EnsV, needs no source data.
+    ensv = kerastl.select_model(candidates, target=xt)
+    assert ensv.method == "ensemble" and ensv.best in candidates
+    assert all(0 <= e.agreement <= 1 for e in ensv.estimates.values())
     with pytest.raises(kerastl.KerastlError, match="source_val"):
-        kerastl.select_model({"dann": dann}, xs, xt)
+        kerastl.select_model({"dann": dann}, xs, xt, method="dev")
     with pytest.raises(kerastl.KerastlError, match="dict"):
         kerastl.select_model([dann], (xs, ys), xt)
+    with pytest.raises(kerastl.KerastlError, match="method='ensv'; expected one of 'ensemble'"):
+        kerastl.select_model(candidates, (xs, ys), xt, method="ensv")
+    with pytest.raises(kerastl.KerastlError, match="target="):
+        kerastl.select_model(candidates, (xs, ys))
+
+
+def test_ensemble_validation_scores_agreement_with_the_averaged_vote():
+    """Three candidates on 4 target samples whose ensemble vote is known:
+    the one that matches it everywhere wins; a lone dissenter scores its
+    agreement exactly; mismatched shapes are refused."""
+    def onehot(labels, p=0.8):
+        out = np.full((len(labels), 3), (1 - p) / 2)
+        out[np.arange(len(labels)), labels] = p
+        return out
+    predictions = {"a": onehot([0, 1, 2, 0]), "b": onehot([0, 1, 2, 1]),
+                   "c": onehot([1, 1, 2, 0])}
+    # Votes: [0, 1, 2, 0] (two of three agree on every sample).
+    e = kerastl.ensemble_validation(predictions)
+    assert e["a"].agreement == 1.0
+    assert e["b"].agreement == 0.75 and e["c"].agreement == 0.75
+    assert max(e, key=lambda k: e[k].score) == "a"
+    # Ties in agreement are broken by the probability given to the vote.
+    tied = kerastl.ensemble_validation(
+        {"sure": onehot([0, 1], 0.9), "unsure": onehot([0, 1], 0.5)})
+    assert tied["sure"].score > tied["unsure"].score
+    with pytest.raises(kerastl.KerastlError, match="same target images"):
+        kerastl.ensemble_validation({"a": onehot([0, 1]),
+                                     "b": onehot([0, 1, 2])})
+    with pytest.raises(kerastl.KerastlError, match="probabilities"):
+        kerastl.ensemble_validation({"a": np.zeros(4)})

@@ -14,7 +14,8 @@ model must do well on the target.
 * :mod:`~kerastl.adaptation.adda` — :class:`ADDA` (stage 2 of ADDA in
   ``fit``).
 * :mod:`~kerastl.adaptation.selection` — label-free model selection:
-  :func:`deep_embedded_validation`, :func:`select_model`.
+  :func:`deep_embedded_validation`, :func:`ensemble_validation`,
+  :func:`select_model`.
 * :mod:`~kerastl.adaptation.data` — :func:`domain_dataset`.
 * :mod:`~kerastl.adaptation.adabn` — :func:`adapt_batch_norm` (AdaBN).
 * :mod:`~kerastl.adaptation.borrowing` — borrowing similar source data:
@@ -32,16 +33,18 @@ from kerastl.adaptation.data import domain_dataset
 from kerastl.adaptation.losses import (confusion_loss, coral_loss,
                                        information_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
-from kerastl.adaptation.selection import (DEVEstimate, ModelSelection,
+from kerastl.adaptation.selection import (DEVEstimate, EnsembleEstimate,
+                                          ModelSelection,
                                           deep_embedded_validation,
-                                          select_model)
+                                          ensemble_validation, select_model)
 from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
                                           ganin_lambda)
 
-__all__ = ["ADDA", "DANN", "DEVEstimate", "GaninLambda",
+__all__ = ["ADDA", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "GaninLearningRate", "GradientReversal", "JointFineTuning",
            "ModelSelection", "SourceSelection", "adapt_batch_norm",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
+           "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",
            "information_loss", "joint_fine_tune", "mmd_loss",
            "select_model", "select_source_samples"]
