@@ -16,8 +16,11 @@ Baselines (no target data at all, or only its BatchNorm statistics):
   label path of ``kerastl.DANN``: the paper's conv layers as the feature
   extractor, kerastl's bottleneck Dense 256 + BN + ReLU, softmax);
   ``+ AdaBN``: the same with ``kerastl.adapt_batch_norm`` on the target.
+* ``--all`` adds ``source only, pretrained backbone`` (+ AdaBN): the
+  pretrained kerastl backbone below, trained on the source labels the way
+  its DANN row is (first block frozen, 0.1x the rate on the rest).
 
-The best baseline is the best of those rows, seed by seed.
+The best baseline is the best of the source-only rows, seed by seed.
 
 Adaptation (source labels + unlabelled target images):
 
@@ -25,7 +28,8 @@ Adaptation (source labels + unlabelled target images):
   that network, ``GaninLambda(warmup=0.5)``; ``+ AdaBN`` after it.
 * ``--all`` adds: DANN with ``alignment="mmd"`` (DAN) and
   ``"confusion"`` (Tzeng et al. 2015), ADDA (stage 1 is the source-only
-  model above; Adam 2e-4, beta_1 0.5), DANN on the pretrained kerastl
+  model above; Adam 2e-4, beta_1 0.5), DANN started from the weights of
+  that source-only model (+ AdaBN), DANN on the pretrained kerastl
   backbone (``kerastl.pretrained``'s CNN pretrained on 4,000 syn_digits:
   its first block frozen, 0.1x the rate on its other blocks through
   ``LayerwiseOptimizer``), and, if ``adapt`` (ADAPT) is installed, ADAPT's
@@ -41,7 +45,7 @@ accuracy next to the best candidate's.
 
     python benchmarks/domain_adaptation.py [--seeds 3] [--first-seed 0]
         [--steps 1500] [--pairs syn_digits:digits digits:digits_m] [--all]
-        [--json FILE]
+        [--json FILE] [--dump FOLDER]
 """
 
 import argparse
