@@ -123,8 +123,8 @@ class DANN(keras.Model):
     That is kerastl's recipe (``benchmarks/domain_adaptation.py``; chosen
     without target labels, by the mean :func:`ensemble_validation`
     agreement over both digit pairs, where it ties with
-    ``alignment="mmd"``). On syn_digits -> digits it adds 22 points over
-    the best source-only baseline; on digits -> digits_m it does not beat
+    ``alignment="mmd"``). On syn_digits -> digits it adds about 20 points
+    over the best source-only baseline; on digits -> digits_m it does not beat
     source-only + AdaBN on the pretrained backbone (ADDA does): always
     compare with that baseline. The paper's recipe is
     ``DANN(..., entropy_weight=0, split_batchnorm=False)`` with
