@@ -192,8 +192,7 @@ def adapt_peer(source, target_images, test, steps):
               batch_size=BATCH, verbose=0,
               callbacks=[UpdateLambda(lambda_max=1.0)])
     seconds = (time.time() - start) / epochs
-    probs = model.predict(test[0], verbose=0)
-    return float(np.mean(np.argmax(probs, axis=-1) == test[1])), seconds
+    return accuracy(model, test), seconds
 
 
 # -- one pair, one seed -------------------------------------------------------------
@@ -231,7 +230,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                          .replace(")", "") + ".npz"),
             fs=embed(xs_).astype("float16"), ft=embed(xt_).astype("float16"),
             ps=model.predict(xs_, verbose=0, batch_size=256),
-            pt=model.predict(xt_, verbose=0, batch_size=256),
+            pt=target_probs[name][:2000],
             ys=source_val[1], acc=acc[name], name=name)
 
     def step(name, fn):
