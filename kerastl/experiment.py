@@ -21,7 +21,10 @@ import json
 import numbers
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 
 import keras
@@ -386,17 +389,21 @@ def _train(e, files, classes, start, optimizer, backbone, model, verbose):
         epochs_done = keras.callbacks.History()
         callbacks.append(epochs_done)
         try:
-            history = fine_tune(
-                model, train, val, strategy=e["strategy"],
-                freeze_up_to=e["freeze_up_to"], epochs=e["epochs"],
-                head_epochs=0, optimizer=optimizer,
-                multipliers=None if e["layer_decay"] is None
-                else LayerDecay(e["layer_decay"]),
-                bn=e["bn"], patience=e["early_stopping"],
-                boundary_cache=BOUNDARY_CACHE[e["boundary_cache"]],
-                mixed_precision=PRECISION[e["mixed_precision"]],
-                jit_compile=BOUNDARY_CACHE[e["jit"]],
-                callbacks=callbacks, verbose=verbose).fine_tune
+            # Ctrl-C stops at the next step boundary, never inside a
+            # checkpoint write or a TensorFlow call (see _stop_between_steps).
+            with _stop_between_steps() as stopper:
+                history = fine_tune(
+                    model, train, val, strategy=e["strategy"],
+                    freeze_up_to=e["freeze_up_to"], epochs=e["epochs"],
+                    head_epochs=0, optimizer=optimizer,
+                    multipliers=None if e["layer_decay"] is None
+                    else LayerDecay(e["layer_decay"]),
+                    bn=e["bn"], patience=e["early_stopping"],
+                    boundary_cache=BOUNDARY_CACHE[e["boundary_cache"]],
+                    mixed_precision=PRECISION[e["mixed_precision"]],
+                    jit_compile=BOUNDARY_CACHE[e["jit"]],
+                    callbacks=[stopper] + callbacks,
+                    verbose=verbose).fine_tune
         except KeyboardInterrupt as stop:
             # Ctrl-C: keep what is complete (the best checkpoint so far)
             # and say so in the output; --resume continues the run.
@@ -408,6 +415,57 @@ def _train(e, files, classes, start, optimizer, backbone, model, verbose):
     if interrupted is not None:
         raise interrupted
     return metrics
+
+
+class _StopBetweenSteps(keras.callbacks.Callback):
+    """Raises a pending Ctrl-C at the end of a training or validation step."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+
+    def _check(self, *args, **kwargs):
+        if self.requested:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = _check
+    on_train_batch_begin = on_test_batch_begin = _check
+
+
+@contextlib.contextmanager
+def _stop_between_steps():
+    """Turns the first Ctrl-C into a stop at the next step boundary.
+
+    A ``KeyboardInterrupt`` raised wherever Python happens to be can land in
+    the middle of a checkpoint being written (leaving a truncated
+    ``best.keras``) or of TensorFlow's own bookkeeping, and a process torn
+    down from there has been seen to abort with heap corruption instead of
+    exiting 130. So the first Ctrl-C only sets a flag that the yielded
+    callback turns into ``KeyboardInterrupt`` between steps; a second Ctrl-C
+    stops at once, as before. Outside the main thread (where signal handlers
+    cannot be set) this does nothing.
+    """
+    stopper = _StopBetweenSteps()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopper
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # e.g. started in the background
+        yield stopper
+        return
+
+    def request(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stopper.requested = True
+        print("kerastl: stopping after the current step (press Ctrl-C "
+              "again to stop now).", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, request)
+    try:
+        # (A Ctrl-C after the last step lets the finished run be saved.)
+        yield stopper
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 INTERRUPTED = "INTERRUPTED.json"

@@ -305,6 +305,26 @@ def test_ctrl_c_keeps_the_best_checkpoint_and_resumes(tmp_path):
     assert not (out / "INTERRUPTED.json").exists()
 
 
+def test_first_ctrl_c_waits_for_the_step_boundary_and_second_stops_now():
+    """Ctrl-C during training only asks for a stop; the callback raises it
+    between steps (never inside a checkpoint write); a second Ctrl-C
+    interrupts at once; the previous handler is restored after."""
+    import signal
+
+    from kerastl.experiment import _stop_between_steps
+
+    before = signal.getsignal(signal.SIGINT)
+    with _stop_between_steps() as stopper:
+        stopper.on_train_batch_end(0, logs={})  # nothing pending: no-op
+        os.kill(os.getpid(), signal.SIGINT)     # first Ctrl-C: no exception
+        assert stopper.requested
+        with pytest.raises(KeyboardInterrupt):
+            stopper.on_train_batch_end(1, logs={})
+        with pytest.raises(KeyboardInterrupt):  # second Ctrl-C: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_plots_number_epochs_as_the_log_and_keep_numbers_readable(
         tmp_path, monkeypatch):
     """Curves start at epoch 1 (Keras logs "Epoch 1/N"); a confusion-matrix
