@@ -16,6 +16,10 @@ Baselines (no target data at all, or only its BatchNorm statistics):
   label path of ``kerastl.DANN``: the paper's conv layers as the feature
   extractor, kerastl's bottleneck Dense 256 + BN + ReLU, softmax);
   ``+ AdaBN``: the same with ``kerastl.adapt_batch_norm`` on the target.
+* ``source only, inverted copies`` (+ AdaBN): the recommended network on
+  the source labels with every source image also given inverted
+  (``255 - x``, :func:`inverted_copies`): the augmentation a user adds on
+  seeing that many target digits are darker than their background.
 * ``--all`` adds ``source only, pretrained backbone`` (+ AdaBN): the
   pretrained kerastl backbone below, trained on the source labels the way
   its DANN row is (first block frozen, 0.1x the rate on the rest).
@@ -24,16 +28,19 @@ The best baseline is the best of the source-only rows, seed by seed.
 
 Adaptation (source labels + unlabelled target images):
 
-* ``DANN``: the recommended recipe, ``kerastl.DANN`` with its defaults on
-  that network, ``GaninLambda(warmup=0.5)``; ``+ AdaBN`` after it.
+* ``DANN``: ``kerastl.DANN`` with its defaults on that network,
+  ``GaninLambda(warmup=0.5)``; ``+ AdaBN`` after it. ``DANN, inverted
+  copies`` (+ AdaBN): the same on the augmented source, kerastl's
+  recommended recipe.
 * ``--all`` adds: DANN with ``alignment="mmd"`` (DAN) and
   ``"confusion"`` (Tzeng et al. 2015), ADDA (stage 1 is the source-only
   model above; Adam 2e-4, beta_1 0.5), DANN started from the weights of
   that source-only model (+ AdaBN), DANN on the pretrained kerastl
   backbone (``kerastl.pretrained``'s CNN pretrained on 4,000 syn_digits:
   its first block frozen, 0.1x the rate on its other blocks through
-  ``LayerwiseOptimizer``), and, if ``adapt`` (ADAPT) is installed, ADAPT's
-  DANN with the same network, data and steps.
+  ``LayerwiseOptimizer``), MMD and confusion on the augmented source, and,
+  if ``adapt`` (ADAPT) is installed, ADAPT's DANN with the same network,
+  data and steps (on the plain and on the augmented source).
 * ``target only``: the oracle, the recommended network on target labels.
 
 Label-free selection among every source-only and adapted model of the run
@@ -109,6 +116,16 @@ def hold_out(data, seed, fraction=0.2):
     n_val = int(round(fraction * len(x)))
     val, train = order[:n_val], order[n_val:]
     return (x[train], y[train]), (x[val], y[val])
+
+
+def inverted_copies(data):
+    """Source augmentation: every image plus its inverse (255 - x), same
+    label. digits_m draws each digit as ``|photo - digit|``, so about 40% of
+    its digits are darker than their background; the source's are all
+    lighter. Looking at unlabelled target images shows that; no label is
+    needed to decide to augment for it."""
+    x, y = data
+    return np.concatenate([x, 255.0 - x]), np.concatenate([y, y])
 
 
 def epochs_for(steps, n):
@@ -264,10 +281,19 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         kerastl.adapt_batch_norm(net, xt)
         candidate("source only + AdaBN", net)
 
-    def adapted(name, adabn=True, **options):
+    inverted = inverted_copies(source)
+
+    def source_only_inverted():
+        net = recommended(domain_weight=0)
+        fit_labels(net.classifier, inverted, args.steps)
+        candidate("source only, inverted copies", net)
+        kerastl.adapt_batch_norm(net, xt)
+        candidate("source only, inverted copies + AdaBN", net)
+
+    def adapted(name, adabn=True, data=source, **options):
         def run():
             net = recommended(**options)
-            seconds[name + " /epoch"], _ = fit_domains(net, source, xt,
+            seconds[name + " /epoch"], _ = fit_domains(net, data, xt,
                                                        args.steps)
             candidate(name, net)
             if adabn:
@@ -309,12 +335,14 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         kerastl.adapt_batch_norm(model, xt)
         candidate("DANN, pretrained backbone + AdaBN", model)
 
-    def peer():
-        result = adapt_peer(source, xt, test, args.steps)
-        if result is None:
-            log("  ADAPT DANN: skipped (pip install adapt to compare)")
-            return
-        acc["ADAPT DANN"], seconds["ADAPT DANN /epoch"] = result
+    def peer(name="ADAPT DANN", data=source):
+        def run():
+            result = adapt_peer(data, xt, test, args.steps)
+            if result is None:
+                log(f"  {name}: skipped (pip install adapt to compare)")
+                return
+            acc[name], seconds[name + " /epoch"] = result
+        return run
 
     def target_only():
         net = recommended(domain_weight=0)
@@ -324,6 +352,9 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
     step("source only (paper net)", source_only_paper)
     step("source only", source_only)
     step("DANN", adapted("DANN"))
+    step("source only, inverted copies", source_only_inverted)
+    step("DANN, inverted copies", adapted("DANN, inverted copies",
+                                          data=inverted))
     if args.all:
         step("MMD", adapted("MMD", alignment="mmd"))
         step("confusion", adapted("confusion", alignment="confusion"))
@@ -331,7 +362,14 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         step("DANN from source only", from_source)
         step("source only, pretrained backbone", pretrained_source_only)
         step("DANN, pretrained backbone", pretrained)
-        step("ADAPT DANN", peer)
+        step("MMD, inverted copies", adapted(
+            "MMD, inverted copies", data=inverted, alignment="mmd"))
+        step("confusion, inverted copies", adapted(
+            "confusion, inverted copies", data=inverted,
+            alignment="confusion"))
+        step("ADAPT DANN", peer())
+        step("ADAPT DANN, inverted copies", peer(
+            "ADAPT DANN, inverted copies", inverted))
     step("target only", target_only)
     baselines = [k for k in acc if k.startswith("source only")]
     best_baseline = max(acc[b] for b in baselines)
