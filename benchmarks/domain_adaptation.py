@@ -265,30 +265,28 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
 
     models = {}
 
-    def source_only():
-        net = recommended(domain_weight=0)
-        fit_labels(net.classifier, source, args.steps)
-        candidate("source only", net)
-        models["source only"] = net.classifier.get_weights()
-        # ADDA's stage 1: this source model, copied before AdaBN moves it.
-        inputs = keras.Input((32, 32, 3))
-        encoder = keras.Model(inputs, net.features(inputs), name="encoder")
-        copy = keras.models.clone_model(encoder)
-        copy.set_weights(encoder.get_weights())
-        features = keras.Input((net.bottleneck,))
-        models["ADDA stage 1"] = (copy, keras.Model(
-            features, net._labels(features), name="head"))
-        kerastl.adapt_batch_norm(net, xt)
-        candidate("source only + AdaBN", net)
-
     inverted = inverted_copies(source)
 
-    def source_only_inverted():
-        net = recommended(domain_weight=0)
-        fit_labels(net.classifier, inverted, args.steps)
-        candidate("source only, inverted copies", net)
-        kerastl.adapt_batch_norm(net, xt)
-        candidate("source only, inverted copies + AdaBN", net)
+    def source_only(name="source only", data=source):
+        def run():
+            net = recommended(domain_weight=0)
+            fit_labels(net.classifier, data, args.steps)
+            candidate(name, net)
+            if data is source:  # what ADDA and DANN from source only start at
+                models["source only"] = net.classifier.get_weights()
+                # ADDA's stage 1: this source model, copied before AdaBN
+                # moves it.
+                inputs = keras.Input((32, 32, 3))
+                encoder = keras.Model(inputs, net.features(inputs),
+                                      name="encoder")
+                copy = keras.models.clone_model(encoder)
+                copy.set_weights(encoder.get_weights())
+                features = keras.Input((net.bottleneck,))
+                models["ADDA stage 1"] = (copy, keras.Model(
+                    features, net._labels(features), name="head"))
+            kerastl.adapt_batch_norm(net, xt)
+            candidate(name + " + AdaBN", net)
+        return run
 
     def adapted(name, adabn=True, data=source, **options):
         def run():
@@ -350,9 +348,10 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         acc["target only"] = accuracy(net, test)
 
     step("source only (paper net)", source_only_paper)
-    step("source only", source_only)
+    step("source only", source_only())
     step("DANN", adapted("DANN"))
-    step("source only, inverted copies", source_only_inverted)
+    step("source only, inverted copies",
+         source_only("source only, inverted copies", inverted))
     step("DANN, inverted copies", adapted("DANN, inverted copies",
                                           data=inverted))
     if args.all:
