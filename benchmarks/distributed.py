@@ -47,7 +47,7 @@ x = rng.uniform(0, 255, (STEPS * BATCH, SIZE, SIZE, 3)).astype("float32")
 y = rng.integers(0, 10, STEPS * BATCH)
 ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
 if multi:
-    kerastl.prepare_distributed_fit(model, ds)
+    kerastl.distribute.prepare_distributed_fit(model, ds)
 times = []
 class T(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):

@@ -15,7 +15,7 @@ Baselines (no target data at all, or only its BatchNorm statistics):
 * ``source only``: kerastl's recommended network on the source labels (the
   label path of ``kerastl.DANN``: the paper's conv layers as the feature
   extractor, kerastl's bottleneck Dense 256 + BN + ReLU, softmax);
-  ``+ AdaBN``: the same with ``kerastl.adapt_batch_norm`` on the target.
+  ``+ AdaBN``: the same with ``kerastl.adaptation.adapt_batch_norm`` on the target.
 * ``source only, inverted copies`` (+ AdaBN): the recommended network on
   the source labels with every source image also given inverted
   (``255 - x``, :func:`inverted_copies`): the augmentation a user adds on
@@ -44,9 +44,9 @@ Adaptation (source labels + unlabelled target images):
 * ``target only``: the oracle, the recommended network on target labels.
 
 Label-free selection among every source-only and adapted model of the run
-(ADAPT's and the oracle excluded): ``kerastl.ensemble_validation`` (EnsV,
+(ADAPT's and the oracle excluded): ``kerastl.adaptation.ensemble_validation`` (EnsV,
 ``select_model``'s default; the unlabelled target images only) and
-``kerastl.deep_embedded_validation`` (DEV; also the held-out source
+``kerastl.adaptation.deep_embedded_validation`` (DEV; also the held-out source
 validation data). The table shows the candidate each picked and its
 accuracy next to the best candidate's.
 
@@ -152,9 +152,9 @@ def fit_domains(model, source, target_images, steps, optimizer=None,
     model.compile(optimizer or keras.optimizers.Adam(1e-3),
                   metrics=["accuracy"])
     epochs = epochs_for(steps, len(source[0]))
-    callbacks = [kerastl.GaninLambda(warmup=0.5)] if ramp else []
+    callbacks = [kerastl.adaptation.GaninLambda(warmup=0.5)] if ramp else []
     start = time.time()
-    history = model.fit(kerastl.domain_dataset(source, target_images,
+    history = model.fit(kerastl.adaptation.domain_dataset(source, target_images,
                                                batch_size=BATCH),
                         epochs=epochs, verbose=0, callbacks=callbacks)
     return (time.time() - start) / epochs, history.history
@@ -229,7 +229,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         needs (before any AdaBN that follows changes it)."""
         acc[name] = accuracy(model, test)
         target_probs[name] = model.predict(xt, verbose=0, batch_size=256)
-        candidates[name] = kerastl.deep_embedded_validation(
+        candidates[name] = kerastl.adaptation.deep_embedded_validation(
             model, source_val, xt, seed=seed)
         if args.dump:
             dump(name, model)
@@ -283,8 +283,8 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                 copy.set_weights(encoder.get_weights())
                 features = keras.Input((net.bottleneck,))
                 models["ADDA stage 1"] = (copy, keras.Model(
-                    features, net._labels(features), name="head"))
-            kerastl.adapt_batch_norm(net, xt)
+                    features, net.labels(features), name="head"))
+            kerastl.adaptation.adapt_batch_norm(net, xt)
             candidate(name + " + AdaBN", net)
         return run
 
@@ -295,13 +295,13 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                                                        args.steps)
             candidate(name, net)
             if adabn:
-                kerastl.adapt_batch_norm(net, xt)
+                kerastl.adaptation.adapt_batch_norm(net, xt)
                 candidate(name + " + AdaBN", net)
         return run
 
     def adda():
         encoder, head = models["ADDA stage 1"]
-        model = kerastl.ADDA(encoder, head)
+        model = kerastl.adaptation.ADDA(encoder, head)
         fit_domains(model, source, xt, args.steps,
                     optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
                     ramp=False)
@@ -314,7 +314,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         seconds["DANN from source only /epoch"], _ = fit_domains(
             net, source, xt, args.steps)
         candidate("DANN from source only", net)
-        kerastl.adapt_batch_norm(net, xt)
+        kerastl.adaptation.adapt_batch_norm(net, xt)
         candidate("DANN from source only + AdaBN", net)
 
     def pretrained_source_only():
@@ -323,14 +323,14 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         model.fit(*source, batch_size=BATCH,
                   epochs=epochs_for(args.steps, len(source[0])), verbose=0)
         candidate("source only, pretrained backbone", model)
-        kerastl.adapt_batch_norm(model, xt)
+        kerastl.adaptation.adapt_batch_norm(model, xt)
         candidate("source only, pretrained backbone + AdaBN", model)
 
     def pretrained():
         model, optimizer = pretrained_dann()
         fit_domains(model, source, xt, args.steps, optimizer=optimizer)
         candidate("DANN, pretrained backbone", model)
-        kerastl.adapt_batch_norm(model, xt)
+        kerastl.adaptation.adapt_batch_norm(model, xt)
         candidate("DANN, pretrained backbone + AdaBN", model)
 
     def peer(name="ADAPT DANN", data=source):
@@ -372,7 +372,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
     step("target only", target_only)
     baselines = [k for k in acc if k.startswith("source only")]
     best_baseline = max(acc[b] for b in baselines)
-    ensv = kerastl.ensemble_validation(target_probs)
+    ensv = kerastl.adaptation.ensemble_validation(target_probs)
     chosen = max(ensv, key=lambda k: ensv[k].score)
     dev_chosen = min(candidates, key=lambda k: candidates[k].risk)
     best = max(candidates, key=lambda k: acc[k])

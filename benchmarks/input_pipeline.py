@@ -6,7 +6,7 @@ classes), then iterates it as training batches of 96x96 images:
 * reference: ``keras.utils.image_dataset_from_directory(...)`` followed by
   ``.cache().prefetch(tf.data.AUTOTUNE)`` (the TensorFlow tutorials'
   recipe; its cache freezes the first epoch's order);
-* kerastl: :func:`kerastl.experiment.image_folder_datasets` (what
+* kerastl: :func:`kerastl.image_folders.image_folder_datasets` (what
   ``kerastl finetune`` reads with: decoded once into memory when they fit,
   the batches replayed in a new order every epoch, prefetched).
 
@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kerastl.experiment import image_folder_datasets  # noqa: E402
+from kerastl.image_folders import image_folder_datasets  # noqa: E402
 
 SIZE = (96, 96)
 BATCH = 32

@@ -94,14 +94,22 @@ def rows_transfer(results):
     return rows
 
 
-def rows_depth(sweep):
-    best = sweep.best()
+def rows_depth(result):
+    best = result["sweep"].best()
     sizes = sorted(best)
     depths = [best[s] for s in sizes]
     trend = all(a >= b for a, b in zip(depths, depths[1:]))
+    speed = result["speed"]
     return [_row("best frozen depth by labels/class "
                  + "/".join(map(str, sizes)), "/".join(map(str, depths)),
-                 None, None, "does not grow with data", trend, "blocks")]
+                 None, None, "does not grow with data", trend, "blocks"),
+            _row(f"transfer_depth_sweep ({speed['size']}/class): boundary "
+                 f"cache vs end to end (accuracies differ by at most "
+                 f"{speed['max_accuracy_difference']:.3f})",
+                 speed["cached_s"], speed["end_to_end_s"], speed["speedup"],
+                 "speed-up >= 1.5, same accuracies",
+                 speed["speedup"] >= 1.5 and
+                 speed["max_accuracy_difference"] <= 0.01, "s")]
 
 
 def rows_domain(summary):

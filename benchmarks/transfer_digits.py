@@ -22,16 +22,16 @@ import numpy as np  # noqa: E402
 
 import kerastl  # noqa: E402
 from kerastl import datasets  # noqa: E402
+from kerastl.sampling import few_shot  # noqa: E402
 
 
 # The demo's network and source pretraining (``kerastl demo`` runs the same).
 from kerastl.pretrained import pretrain, small_cnn  # noqa: E402,F401
 
 
-def few_shot(x, y, per_class, seed):
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), per_class,
-                                     replace=False) for c in range(10)])
+def labelled(x, y, per_class, seed):
+    """``per_class`` images of every class (kerastl's one sampler)."""
+    idx = few_shot(y, per_class, seed)
     return x[idx], y[idx]
 
 
@@ -65,7 +65,7 @@ def main(argv=None):
     for k in args.per_class:
         scores = {v: [] for v in variants}
         for seed in range(args.seeds):
-            train = few_shot(xtr, ytr, k, seed)
+            train = labelled(xtr, ytr, k, seed)
             for v in variants:
                 keras.utils.set_random_seed(seed)
                 if v == "scratch":
@@ -75,7 +75,7 @@ def main(argv=None):
                     net = small_cnn()
                     net.set_weights(weights)
                     if v.startswith("AdaBN"):
-                        kerastl.adapt_batch_norm(net, train[0])
+                        kerastl.adaptation.adapt_batch_norm(net, train[0])
                     model = kerastl.build_classifier(
                         net, 10, freeze=v.startswith("frozen"))
                 scores[v].append(accuracy(model, train, test))

@@ -1,45 +1,61 @@
 """kerastl: transfer learning with Keras 3, easy, correct and fast.
 
 Everything a user builds is a plain ``keras.Model``; this module is the
-public API. The layout, from the centre outwards; imports point inwards
-(``tests/test_architecture.py`` fails on an import cycle):
+public API (:data:`__all__`: the names below, and the namespaces
+``kerastl.adaptation``, ``kerastl.analysis``, ``kerastl.datasets``,
+``kerastl.errors`` and ``kerastl.pretrained``).
 
-Core (what a block map is and what acts on it)
-    errors            the KerastlError family
+The modules in layers, from the centre outwards; a module imports only
+modules of its own layer or of layers above it in this list
+(``tests/test_architecture.py`` checks it, and that this list and the
+README's "Project layout" say the same):
+
+<!-- layout:start -->
+Foundation (no Keras model code; nothing of kerastl but each other)
+    errors            KerastlError and its family
+    spec              the vocabulary read without Keras: block rules,
+                      strategies, BatchNorm modes, export inputs
+    schema            the experiment's keys, each declared once
     _keras_private    the few private Keras attributes kerastl touches
-    _yaml, atomic     bounded YAML reading; folders written whole or not
-                      at all, never over a user's files
+    _yaml             bounded YAML reading
+    atomic            folders written whole or not at all
+    network           offline checks for downloads
+    sampling          few_shot: examples per class
+    batch_order       array batches in an order drawn from (seed, epoch)
+    rendering         digits drawn from matplotlib's fonts
+Block map (what a block is)
     blocks            BlockRule, BlockMap, block_map (every model)
-    freezing          freeze / unfreeze / GradualUnfreezing: the one place
-                      that sets ``trainable`` (BatchNorm policy included)
+What acts on blocks
+    distribute        device strategies; exact losses and BN across replicas
+    freezing          the one resolver and applier of what trains (BatchNorm
+                      policy included), GradualUnfreezing
     layerwise         LayerwiseOptimizer, LayerDecay, LRSpread
-    distribute        strategies; exact losses and BN across replicas
-    heads             the one head builder (classifier, DANN, probes),
-                      pooling of feature maps and token sequences
-
+    heads             the one head builder, pooling of maps and tokens
+    boundary          the frozen blocks run once (boundary cache)
 Model sources
-    preprocessing     ImagePreprocessing (carries the block rules)
-    hub               HubLayer, TF Hub handles, trusted paths
-    zoo/              the YAML zoo (config.py), Keras Applications
-                      (keras_apps.py) and KerasHub presets (kerashub.py)
+    preprocessing     ImagePreprocessing: the [0, 255] input contract
+    tfhub             HubLayer: TF Hub SavedModels as Keras 3 layers
+    zoo               the YAML zoo, Keras Applications, KerasHub presets
     backbone          load_backbone, Backbone
-
+Training
+    plan              TrainingPlan: how a model is fine-tuned, one value
+    training          fine_tune: the one driver
+    advice            recommend_strategy
 Methods
-    features/         extract.py (feature_model, extract_features),
-                      cache.py (FeatureCache), probes.py (LinearProbe)
-    adaptation/       reversal.py (GradientReversal), schedules.py,
-                      losses.py (CORAL, information), dann.py (DANN),
-                      data.py (domain_dataset), adabn.py, borrowing.py
+    features          extract_features, FeatureCache, LinearProbe
+    adaptation        GradientReversal, DANN, ADDA, AdaBN, selection,
+                      borrowing source data
     analysis          linear CKA, transfer-depth sweeps
     export            SavedModel export and inference models
     saving            load_model: a .keras file with kerastl's classes
-
 Application
-    recipes           recommend_strategy and fine_tune, the one driver
-    pretrained        the small offline-pretrained CNN of the demos
-    datasets          offline digit domains and few-shot sampling
-    experiment, demo  ``kerastl finetune`` / ``kerastl demo``
-    cli               the ``kerastl`` command (started by kerastl_cli.py)
+    image_folders     image folders as checked data and tf.data pipelines
+    datasets          offline digit domains
+    pretrained        the small CNN pretrained offline (demos, tutorials)
+    experiment        kerastl finetune: a run and its outputs
+    demo              kerastl demo
+    cli               the kerastl command (started by kerastl_cli.py)
+<!-- layout:end -->
 """
 
 __version__ = "0.1.0"
@@ -52,80 +68,50 @@ import sys as _sys
 # before ``keras.models.load_model`` meets one). Only the ``kerastl``
 # command's launcher (kerastl_cli.py) asks for a lazy package, so that
 # ``--help``, ``--version`` and ``zoo list`` answer without importing Keras
-# and TensorFlow; its other commands call ``_import_api()`` first.
+# and TensorFlow; the first public name used then imports all of it.
 _API = {
+    # Models and where they come from.
     "Backbone": "kerastl.backbone",
     "load_backbone": "kerastl.backbone",
-    "BlockMap": "kerastl.blocks",
-    "block_map": "kerastl.blocks",
-    "GradualUnfreezing": "kerastl.freezing",
-    "freeze": "kerastl.freezing",
-    "trainable_blocks": "kerastl.freezing",
-    "trainable_summary": "kerastl.freezing",
-    "unfreeze": "kerastl.freezing",
-    "datasets": "kerastl.datasets",
-    "hub": "kerastl.hub",
-    "ADDA": "kerastl.adaptation",
-    "DANN": "kerastl.adaptation",
-    "GaninLambda": "kerastl.adaptation",
-    "GaninLearningRate": "kerastl.adaptation",
-    "GradientReversal": "kerastl.adaptation",
-    "adapt_batch_norm": "kerastl.adaptation",
-    "confusion_loss": "kerastl.adaptation",
-    "coral_loss": "kerastl.adaptation",
-    "deep_embedded_validation": "kerastl.adaptation",
-    "ensemble_validation": "kerastl.adaptation",
-    "mmd_loss": "kerastl.adaptation",
-    "select_model": "kerastl.adaptation",
-    "domain_dataset": "kerastl.adaptation",
-    "hard_examples": "kerastl.adaptation",
-    "information_loss": "kerastl.adaptation",
-    "joint_fine_tune": "kerastl.adaptation",
-    "select_source_samples": "kerastl.adaptation",
-    "HubLayer": "kerastl.hub",
-    "resolve_handle": "kerastl.hub",
-    "trust_hub_path": "kerastl.hub",
-    "FeatureCache": "kerastl.features",
-    "LinearProbe": "kerastl.features",
-    "extract_features": "kerastl.features",
-    "feature_model": "kerastl.features",
-    "CKAResult": "kerastl.analysis",
-    "DepthSweep": "kerastl.analysis",
-    "cka_by_block": "kerastl.analysis",
-    "linear_cka": "kerastl.analysis",
-    "transfer_depth_sweep": "kerastl.analysis",
-    "build_classifier": "kerastl.heads",
-    "replace_classifier": "kerastl.heads",
-    "TokenPooling": "kerastl.heads",
-    "prepare_distributed_fit": "kerastl.distribute",
-    "LayerDecay": "kerastl.layerwise",
-    "LayerwiseOptimizer": "kerastl.layerwise",
-    "LRSpread": "kerastl.layerwise",
-    "describe_learning_rates": "kerastl.layerwise",
-    "layer_decay": "kerastl.layerwise",
-    "lr_spread": "kerastl.layerwise",
-    "STRATEGIES": "kerastl.recipes",
-    "FineTuneHistory": "kerastl.recipes",
-    "Strategy": "kerastl.recipes",
-    "early_stopping": "kerastl.recipes",
-    "fine_tune": "kerastl.recipes",
-    "frozen_blocks": "kerastl.recipes",
-    "recommend_strategy": "kerastl.recipes",
-    "ExportError": "kerastl.export",
-    "export_savedmodel": "kerastl.export",
-    "inference_model": "kerastl.export",
-    "BlockError": "kerastl.errors",
-    "ConfigError": "kerastl.errors",
-    "InputShapeError": "kerastl.errors",
-    "KerastlError": "kerastl.errors",
-    "UnknownModelError": "kerastl.errors",
-    "WeightsError": "kerastl.errors",
-    "ImagePreprocessing": "kerastl.preprocessing",
-    "load_model": "kerastl.saving",
-    "get_config": "kerastl.zoo",
     "list_configs": "kerastl.zoo",
     "zoo_entry": "kerastl.zoo",
+    "load_model": "kerastl.saving",
+    "HubLayer": "kerastl.tfhub",
+    "trust_hub_path": "kerastl.tfhub",
+    # The block map and what trains.
+    "BlockMap": "kerastl.blocks",
+    "block_map": "kerastl.blocks",
+    "freeze": "kerastl.freezing",
+    "unfreeze": "kerastl.freezing",
+    "trainable_summary": "kerastl.freezing",
+    "GradualUnfreezing": "kerastl.freezing",
+    "build_classifier": "kerastl.heads",
+    "replace_classifier": "kerastl.heads",
+    "LayerwiseOptimizer": "kerastl.layerwise",
+    "LayerDecay": "kerastl.layerwise",
+    "LRSpread": "kerastl.layerwise",
+    "describe_learning_rates": "kerastl.layerwise",
+    # Training.
+    "TrainingPlan": "kerastl.plan",
+    "fine_tune": "kerastl.training",
+    "recommend_strategy": "kerastl.advice",
+    # Off-the-shelf features.
+    "extract_features": "kerastl.features",
+    "feature_model": "kerastl.features",
+    "FeatureCache": "kerastl.features",
+    "LinearProbe": "kerastl.features",
+    # Domain adaptation: its two central pieces (the rest is in
+    # kerastl.adaptation).
+    "GradientReversal": "kerastl.adaptation",
+    "DANN": "kerastl.adaptation",
+    # Serving.
+    "export_savedmodel": "kerastl.export",
+    "inference_model": "kerastl.export",
+    # Errors (the whole family is in kerastl.errors).
+    "KerastlError": "kerastl.errors",
 }
+# Namespaces: modules a user reaches as ``kerastl.<name>.<function>``.
+_NAMESPACES = ("adaptation", "analysis", "datasets", "errors", "pretrained")
 
 
 def _import_api():
@@ -133,23 +119,23 @@ def _import_api():
     namespace = globals()
     for name, module in _API.items():
         if name not in namespace:
-            value = _importlib.import_module(module)
-            namespace[name] = (value if module == f"kerastl.{name}"
-                               else getattr(value, name))
+            namespace[name] = getattr(_importlib.import_module(module), name)
+    for name in _NAMESPACES:
+        namespace[name] = _importlib.import_module(f"kerastl.{name}")
 
 
 def __getattr__(name):  # only reached in the launcher's lazy mode
-    if name in _API:
+    if name in _API or name in _NAMESPACES:
         _import_api()
         return globals()[name]
     raise AttributeError(f"module 'kerastl' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_API) | set(_NAMESPACES))
 
 
 if not getattr(_sys.modules.get("kerastl_cli"), "LAZY_PACKAGE", False):
     _import_api()
 
-__all__ = [name for name in _API]
+__all__ = list(_API) + list(_NAMESPACES)

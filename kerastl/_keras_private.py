@@ -165,6 +165,19 @@ __all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
 
 
 
+def keras_hub_builtin_presets():
+    """KerasHub's table of its own presets, name -> Kaggle handle
+    (``keras_hub.src.utils.preset_utils.BUILTIN_PRESETS``, checked against
+    keras-hub 0.32; ``{}`` where a version moved it): KerasHub has no
+    public list that maps a preset to its handle."""
+    try:
+        from keras_hub.src.utils import preset_utils
+        return {name: meta.get("kaggle_handle", "") for name, meta in
+                preset_utils.BUILTIN_PRESETS.items()}
+    except Exception:
+        return {}
+
+
 def run_graph_with(model, inputs, operation_fn):
     """``model``'s functional graph applied to ``inputs`` (its inputs'
     structure), each operation replaced by ``operation_fn(operation)``:

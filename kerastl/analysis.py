@@ -18,11 +18,13 @@ import numpy as np
 
 from kerastl import _keras_private as _private
 from kerastl.blocks import block_map
-from kerastl.datasets import few_shot
 from kerastl.errors import KerastlError
 from kerastl.features.extract import extract_features
 from kerastl.freezing import keras_model_of, restored_trainability
 from kerastl.heads import build_classifier
+from kerastl.plan import TrainingPlan
+from kerastl.sampling import few_shot
+from kerastl.training import fine_tune
 
 
 def _pyplot():
@@ -185,12 +187,6 @@ def cka_by_block(model_a, model_b, data, blocks=None, blocks_b=None,
 
 # -- transfer depth ------------------------------------------------------------------
 
-def stratified_subset(x, y, per_class, seed=0):
-    """``per_class`` examples of every class, drawn with ``seed``."""
-    idx = few_shot(y, per_class, seed)
-    return x[idx], np.asarray(y)[idx]
-
-
 class DepthSweep(list):
     """Rows of :func:`transfer_depth_sweep`: one dict per run.
 
@@ -262,13 +258,16 @@ class DepthSweep(list):
 def transfer_depth_sweep(backbone, train, validation, depths=None,
                          train_sizes=None, seeds=(0,), epochs=20,
                          batch_size=32, optimizer=None, bn="frozen",
-                         dropout=0.0, verbose=0, pooling="avg"):
+                         dropout=0.0, verbose=0, pooling="avg",
+                         boundary_cache="auto"):
     """Fine-tune once per number of frozen blocks; record target accuracy.
 
     Every run starts from the backbone's weights as given, puts a new head
     on it (:func:`kerastl.build_classifier`), freezes the first ``d``
     blocks (``d = 0``: full fine-tuning; ``d = len(blocks)``: feature
-    extraction) and trains for ``epochs``.
+    extraction) and trains for ``epochs`` with :func:`kerastl.fine_tune`
+    (so the frozen blocks run once per run, not once per epoch: the
+    boundary cache).
 
     Args:
         backbone: a :class:`~kerastl.Backbone` or a ``keras.Model`` with a
@@ -289,6 +288,8 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
         dropout: head dropout.
         pooling: the head's pooling (see :func:`kerastl.build_classifier`;
             ``"cls"`` for a transformer's class token).
+        boundary_cache: as :attr:`kerastl.TrainingPlan.boundary_cache`
+            (``False``: every epoch runs the whole model).
 
     Returns:
         A :class:`DepthSweep`: ``print()`` it, ``.best()``, ``.plot()``.
@@ -314,18 +315,24 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
         with restored_trainability(_private.all_sublayers(model)):
             for size in sizes:
                 for seed in seeds:
-                    subset = (x, y) if size is None else stratified_subset(
-                        x, y, size, seed)
+                    if size is None:
+                        subset = (x, y)
+                    else:
+                        idx = few_shot(y, size, seed)
+                        subset = (x[idx], y[idx])
                     for d in depths:
                         model.set_weights(initial)
                         clf = build_classifier(
-                            backbone, num_classes, dropout=dropout, freeze=d,
-                            bn=bn, seed=seed, pooling=pooling)
-                        clf.compile(optimizer(),
-                                    "sparse_categorical_crossentropy",
-                                    metrics=["accuracy"])
-                        _seeded_fit(clf, subset, batch_size, epochs, seed,
-                                    verbose)
+                            backbone, num_classes, dropout=dropout,
+                            freeze=None, seed=seed, pooling=pooling)
+                        plan = TrainingPlan(
+                            strategy="partial", freeze_up_to=d, bn=bn,
+                            head_epochs=0, epochs=epochs,
+                            optimizer=optimizer(), patience=None,
+                            batch_size=batch_size, seed=seed,
+                            boundary_cache=boundary_cache,
+                            check_features=False)
+                        fine_tune(clf, subset, None, plan, verbose=verbose)
                         acc = clf.evaluate(*validation, verbose=0,
                                            return_dict=True)["accuracy"]
                         rows.append(dict(
@@ -338,13 +345,3 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
     finally:
         model.set_weights(initial)
     return rows
-
-
-def _seeded_fit(model, data, batch_size, epochs, seed, verbose):
-    """``fit`` with batch order drawn from ``seed``, not the global RNG."""
-    x, y = data
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        model.fit(x[order], y[order], batch_size=batch_size, epochs=1,
-                  shuffle=False, verbose=verbose)

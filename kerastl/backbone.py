@@ -8,8 +8,7 @@ from kerastl import _keras_private as _private
 from kerastl import blocks as _blocks
 from kerastl.errors import (BlockError, KerastlError,
                             UnknownModelError)
-from kerastl.features import extract
-from kerastl.hub import HubLayer
+from kerastl.tfhub import HubLayer
 from kerastl.preprocessing import (ImagePreprocessing, check_input_shape,
                                    check_mode)
 from kerastl.zoo.config import ZooConfig, list_configs, zoo_entry
@@ -105,15 +104,6 @@ class Backbone:
                 f"{', '.join(endpoints)}.")
         return self.model.get_layer(endpoints[endpoint])
 
-    def feature_model(self, endpoints):
-        """A model from the images to the named endpoints' outputs (a dict).
-
-        The outputs are not pooled; see :func:`kerastl.feature_model` for
-        pooled features (this is ``feature_model(self, endpoints,
-        pooling=None)``).
-        """
-        return extract.feature_model(self, endpoints, pooling=None)
-
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
@@ -154,7 +144,7 @@ def load_backbone(name, weights="imagenet", input_shape=None):
             ``"hub:<zoo name or handle>"``: a TF Hub image feature-vector
             model (``"hub:mobilenet_v2_100_224"``, a tfhub.dev / Kaggle URL,
             a Kaggle handle or a local SavedModel folder; see
-            :func:`kerastl.hub.resolve_handle`). Hub zoo entries bring a
+            :func:`kerastl.tfhub.resolve_handle`). Hub zoo entries bring a
             variable-path block map; a bare handle is one block, ``hub``.
             ``"kerashub:<zoo name, preset or handle>"``: a KerasHub preset's
             vision backbone (``"kerashub:dinov2_small"``, a ``kaggle://`` or

@@ -498,6 +498,20 @@ class BlockMap:
         """A dict from layer name to block name."""
         return dict(self._assignment)
 
+    def parents(self, layer_name):
+        """The names of the layers that ``layer_name`` takes input from."""
+        return list(self._parents.get(layer_name, []))
+
+    def outer_layer(self, layer_name):
+        """The layer of the top-level model that holds ``layer_name``: the
+        layer itself, or the nested model it sits in."""
+        layer = next((l for l in self._layers if l.name == layer_name), None)
+        return self._outer.get(layer_name, layer)
+
+    def variable_blocks(self):
+        """``{id(variable): block}`` for every weight of the model."""
+        return dict(self._var_block)
+
     def validate(self):
         """Checks the invariants; returns a list of problems (empty if fine).
 
@@ -557,13 +571,9 @@ def register_rule_provider(provider):
         _RULE_PROVIDERS.append(provider)
 
 
-def _signature(model):
-    return tuple(id(l) for l, _ in layer_graph(model))
-
-
-def _rules_in(model):
+def _rules_in(model, graph=None):
     """The block rules carried by a layer of ``model``, or ``()``."""
-    graph = layer_graph(model)
+    graph = layer_graph(model) if graph is None else graph
     for layer, _ in graph:
         rules = getattr(layer, "block_rules", None)
         if rules:
@@ -595,7 +605,7 @@ def block_map(model):
 
     Returns:
         A :class:`BlockMap`. The result is cached per model and recomputed if
-        the model's layers change.
+        the model's layers or the block rules they carry change.
     """
     keras_model = getattr(model, "model", model)
     if not isinstance(keras_model, keras.Model):
@@ -612,11 +622,14 @@ def block_map(model):
             f"order, so it has no block map (freezing, layer-wise rates and "
             f"feature endpoints need one). Build it with the functional API "
             f"(keras.Model(inputs, outputs)) or keras.Sequential.")
-    signature = _signature(keras_model)
+    graph = layer_graph(keras_model)
+    rules = _rules_in(keras_model, graph)
+    # The key: the layers and the rules (a layer given new rules, as the
+    # KerasHub loader does while it tries candidate entries, gets a new map).
+    signature = (tuple(id(l) for l, _ in graph), rules)
     cached = _CACHE.get(keras_model)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    rules = _rules_in(keras_model)
     if rules and all(rule.variables for rule in rules):
         result = variable_block_map(keras_model, rules)
     elif rules:
@@ -672,10 +685,10 @@ def composite_block_map(model, parts):
                 add(layer, sub.names[0], [p.name for p in previous])
             carry = []
             for layer in sub.layers():
-                own = sub._parents.get(layer.name) or [p.name for p in previous]
+                own = sub.parents(layer.name) or [p.name for p in previous]
                 add(layer, sub.block_of(layer.name), own)
-                outer[layer.name] = sub._outer.get(layer.name, layer)
-            variable_blocks.update(sub._var_block)
+                outer[layer.name] = sub.outer_layer(layer.name)
+            variable_blocks.update(sub.variable_blocks())
             unmatched.extend(sub.unmatched_variables)
             previous = [sub.layers()[-1]]
             continue

@@ -33,7 +33,7 @@ What makes it invalid (each is a :class:`BoundaryCacheError` naming the fix):
   ``tf.data.Dataset`` of ``(x, y[, weights])`` batches, or activations
   larger than ``max_bytes`` (default 2 GiB). Under ``"auto"`` a
   ``tf.data`` training pipeline is replayed only when kerastl made it
-  (:func:`kerastl.experiment.image_folder_datasets`, what ``kerastl
+  (:func:`kerastl.image_folders.image_folder_datasets`, what ``kerastl
   finetune`` reads with): another pipeline may augment, and replaying it
   would freeze the first epoch's draw. ``boundary_cache=True`` replays any.
 
@@ -48,8 +48,9 @@ import numpy as np
 import keras
 
 from kerastl import _keras_private as _private
+from kerastl.batch_order import SeededBatches
 from kerastl.blocks import block_map
-from kerastl.errors import KerastlError
+from kerastl.errors import BoundaryCacheError
 from kerastl.freezing import GradualUnfreezing
 
 MAX_BYTES = 2 * 1024 ** 3
@@ -57,10 +58,6 @@ MAX_BYTES = 2 * 1024 ** 3
 # CPUs, inference in larger batches is much faster (MobileNetV2 at 96x96:
 # 1.7 s for 1,000 images in batches of 128, 2.6 s in batches of 32).
 PREDICT_BATCH = 128
-
-
-class BoundaryCacheError(KerastlError):
-    """The boundary cache cannot be used here (the message says why)."""
 
 
 def _random_state(layer):
@@ -334,14 +331,17 @@ for _name in ("on_train_end", "on_epoch_begin", "on_epoch_end",
 
 
 def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
-               loss, metrics=(), epochs=1, batch_size=None, callbacks=(),
-               verbose=0, max_bytes=MAX_BYTES, required=False,
-               jit_compile="auto"):
+               loss, metrics=(), weighted_metrics=None, sample_weight=None,
+               epochs=1, batch_size=None, callbacks=(), verbose=0,
+               max_bytes=MAX_BYTES, required=False, jit_compile="auto",
+               seed=None):
     """``model.fit`` with its first ``depth`` (frozen) blocks run once.
 
     Compiles ``model`` and its suffix with the same optimizer, computes the
     boundary activations of the training (and validation) data, and trains
-    the suffix on them.
+    the suffix on them. ``seed``: the batch order of each epoch is drawn
+    from ``(seed, epoch)`` (see :class:`kerastl.batch_order.SeededBatches`),
+    as ``fine_tune`` orders array input end to end; None: Keras shuffles.
 
     Returns:
         ``(history, reason)``: the Keras ``History`` and ``None``; or
@@ -361,8 +361,10 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                   f"{names[depth - 1]} once over the data; training "
                   f"{', '.join(names[depth:])} on their output.", flush=True)
         try:
-            train = _activations(prefix, x if y is None else (x, y),
-                                 batch_size, max_bytes, required)
+            data = x if y is None else (x, y) if sample_weight is None \
+                else (x, y, sample_weight)
+            train = _activations(prefix, data, batch_size, max_bytes,
+                                 required)
             val = None
             if validation_data is not None:
                 # Validation is never augmented: replaying it is exact.
@@ -372,22 +374,34 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
         except _NotReplayable as e:
             reason = str(e)
         else:
-            model.compile(optimizer=optimizer, loss=loss,
-                          metrics=list(metrics), jit_compile=jit_compile)
+            listed = [None if m is None or isinstance(m, dict) else list(m)
+                      for m in (metrics, weighted_metrics)]
+            model.compile(optimizer=optimizer, loss=loss, metrics=listed[0],
+                          weighted_metrics=listed[1],
+                          jit_compile=jit_compile)
             suffix.dtype_policy = model.dtype_policy  # loss scaling alike
             suffix.compile(optimizer=model.optimizer, loss=loss,
-                           metrics=list(metrics), jit_compile=jit_compile)
+                           metrics=listed[0], weighted_metrics=listed[1],
+                           jit_compile=jit_compile)
             acts, ty, tw, size = train
             # History and the progress bar record the suffix's logs (the
             # same numbers); Keras adds its own only when none is given.
             own = (keras.callbacks.History, keras.callbacks.ProgbarLogger)
             wrapped = [c if isinstance(c, own) else
                        _OnFullModel(c, model, suffix) for c in callbacks]
-            result = suffix.fit(
-                acts, ty, sample_weight=tw, validation_data=val,
-                epochs=epochs, batch_size=size, shuffle=True,
-                callbacks=wrapped + [_Guard(model, depth, model.optimizer)],
-                verbose=verbose)
+            wrapped.append(_Guard(model, depth, model.optimizer))
+            if seed is None:
+                result = suffix.fit(
+                    acts, ty, sample_weight=tw, validation_data=val,
+                    epochs=epochs, batch_size=size, shuffle=True,
+                    callbacks=wrapped, verbose=verbose)
+            else:
+                batches = SeededBatches(
+                    (acts, ty) if tw is None else (acts, ty, tw), size, seed)
+                result = suffix.fit(
+                    batches, validation_data=val, epochs=epochs,
+                    callbacks=wrapped + [batches.callback()],
+                    verbose=verbose)
             result.set_model(model)  # history.model: the whole model
     if reason is not None and required:
         raise BoundaryCacheError(f"Boundary cache: {reason}.")

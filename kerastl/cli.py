@@ -38,7 +38,13 @@ def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _import_api_quietly():
+def _load_api(kerastl):
+    """Imports kerastl's whole API: under the launcher the package is lazy,
+    and its first public name imports all of it (a no-op otherwise)."""
+    return kerastl.Backbone
+
+
+def import_api_quietly():
     """Import kerastl's API (Keras, TensorFlow) without their start-up lines.
 
     TensorFlow 2.21 writes its loading messages (oneDNN, CUDA drivers) from
@@ -53,7 +59,7 @@ def _import_api_quietly():
 
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3" or \
             "tensorflow" in sys.modules:
-        kerastl._import_api()
+        _load_api(kerastl)
         return
     sys.stderr.flush()
     log = None
@@ -63,12 +69,12 @@ def _import_api_quietly():
     except OSError:  # no writable temp folder, or stderr closed: just import
         if log is not None:
             log.close()
-        kerastl._import_api()
+        _load_api(kerastl)
         return
     with log:
         os.dup2(log.fileno(), 2)
         try:
-            kerastl._import_api()
+            _load_api(kerastl)
         except BaseException:
             os.dup2(saved, 2)
             log.seek(0)
@@ -177,7 +183,7 @@ def cmd_zoo_show(args):
         return _show_hub(config)
     if config.is_kerashub:
         return _show_kerashub(config)
-    _import_api_quietly()  # a Keras Applications entry is built
+    import_api_quietly()  # a Keras Applications entry is built
     from kerastl import load_backbone
 
     backbone = load_backbone(args.name, weights=None,
@@ -199,89 +205,18 @@ def cmd_zoo_show(args):
     return 0
 
 
-# Every experiment key but overwrite/resume (store_true flags): the type of
-# its flag (a tuple: the choices) and its help.
-FINETUNE_FLAGS = [
-    ("model", str, "zoo name, hub:<name or handle>, kerashub:<preset or "
-                   "folder>, or a .keras file"),
-    ("data", str, "image folder, one subfolder per class"),
-    ("output", str, "output folder: new, empty, or an earlier kerastl run "
-                    "with --overwrite"),
-    ("weights", str, "imagenet, none (random), or a weights file"),
-    ("image_size", int, "input height and width; none: the model's own"),
-    ("validation_split", float, "share of the images held out"),
-    ("seed", int, "random seed of the split and the training"),
-    ("batch_size", int, "images per step"),
-    ("strategy", ("features", "partial", "full"),
-     "what trains: the head only, the later blocks too, or everything"),
-    ("freeze_up_to", str, "partial: the last frozen block (a name or a "
-                          "count); none: the first half"),
-    ("bn", ("frozen", "train"), "BatchNorm of trainable blocks"),
-    ("dropout", float, "dropout before the new head"),
-    ("optimizer", str, "a Keras optimizer name: adam, adamw, sgd, ..."),
-    ("learning_rate", float, "learning rate"),
-    ("layer_decay", float, "per-block rate decay, e.g. 0.7; none: one rate"),
-    ("epochs", int, "training epochs"),
-    ("early_stopping", int, "patience in epochs; none: train every epoch"),
-    ("export_input", ("float", "uint8", "bytes"),
-     "what the SavedModel's serve signature takes"),
-    ("boundary_cache", ("auto", "on", "off"),
-     "run the frozen blocks once and train the rest on their output: "
-     "auto (whenever valid), on (required), off"),
-    ("mixed_precision", ("none", "float16", "bfloat16"),
-     "half-precision compute: float16 on GPUs, bfloat16 on TPUs and recent "
-     "CPUs (slower on other CPUs)"),
-    ("jit", ("auto", "on", "off"), "XLA compilation of the train step"),
-    ("distribute", ("none", "mirrored", "multi-worker"),
-     "every GPU of this machine, or several machines (each with its "
-     "TF_CONFIG; see the README)"),
-]
-NULL = object()  # "none"/"null" given on the command line
-
-
-def _nullable(kind):
-    def parse(text):
-        if text.lower() in ("none", "null"):
-            return NULL
-        if kind is str:
-            return text
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
-                " (or none)") from None
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _show_default(key):
-    from kerastl.spec import EXPERIMENT_DEFAULTS
-
-    value = EXPERIMENT_DEFAULTS[key]
-    return "required" if value is None and key in ("model", "data") else \
-        "none" if value is None else value
-
-
 def cmd_finetune(args):
-    from kerastl.experiment import (load_experiment, resolve_experiment,
-                                    run_experiment)
+    from kerastl import schema
 
-    config = load_experiment(args.config) if args.config else {}
-    flags = {key: getattr(args, key) for key, _, _ in FINETUNE_FLAGS}
-    if isinstance(flags["freeze_up_to"], str) and \
-            flags["freeze_up_to"].isdigit():
-        flags["freeze_up_to"] = int(flags["freeze_up_to"])
-    if flags["mixed_precision"] == "none":
-        flags["mixed_precision"] = NULL
-    nulls = [k for k, v in flags.items() if v is NULL]
-    overrides = {k: v for k, v in flags.items() if v is not NULL}
-    config = dict(config, **{k: None for k in nulls})
-    experiment = resolve_experiment(
-        config, overwrite=True if args.overwrite else None,
-        resume=True if args.resume else None, **overrides)
-    if experiment["weights"] in ("none", "None", "null", "random"):
-        experiment["weights"] = None
+    config = schema.load(args.config) if args.config else {}
+    # Only the flags given (argparse leaves the others out): they override
+    # the config file, which overrides the defaults.
+    given = {k.name: k.from_text(getattr(args, k.name)) if k.choices else
+             getattr(args, k.name) for k in schema.KEYS
+             if hasattr(args, k.name)}
+    experiment = schema.resolve(config, given)
+    from kerastl.experiment import run_experiment
+
     try:
         metrics = run_experiment(experiment, verbose=0 if args.quiet else 2)
     except KeyboardInterrupt:
@@ -290,11 +225,44 @@ def cmd_finetune(args):
               "same command with --resume to continue.", file=sys.stderr)
         return 130
     v = metrics["validation"]
+    epochs = metrics["epochs_run"]
     print(f"{experiment['model']} ({experiment['strategy']}): validation "
           f"accuracy {v['accuracy']:.3f}, loss {v['loss']:.3f} after "
-          f"{metrics['epochs_run']} epochs ({metrics['seconds']:.0f} s). "
-          f"Outputs in {experiment['output']}")
+          f"{epochs} epoch{'s' if epochs != 1 else ''} "
+          f"({metrics['seconds']:.0f} s). Outputs in {experiment['output']}")
     return 0
+
+
+def _add_experiment_flags(parser):
+    """One flag per key of :data:`kerastl.schema.KEYS`, with its help,
+    choices and default; a flag left out is not set (the config file or the
+    default decides)."""
+    from kerastl import schema
+
+    for key in schema.KEYS:
+        if key.is_switch:
+            parser.add_argument(key.flag, dest=key.name, action="store_true",
+                                default=argparse.SUPPRESS, help=key.help)
+            continue
+        default = "required" if key.required else \
+            "none" if key.default is None else key.default
+        # A choice stays the word given (from_text() reads it later).
+        extra = {"choices": key.cli_choices()} if key.choices else \
+            {"type": _text_parser(key)}
+        parser.add_argument(key.flag, dest=key.name,
+                            default=argparse.SUPPRESS,
+                            help=f"{key.help} (default: {default})", **extra)
+
+
+def _text_parser(key):
+    """``key.from_text`` with argparse's error (the flag names itself)."""
+    def parse(text):
+        try:
+            return key.from_text(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = key.name
+    return parse
 
 
 def cmd_demo(args):
@@ -365,20 +333,7 @@ def build_parser():
                     "metrics.json, checkpoints/ and plots into --output. "
                     "'none' (or 'null') sets a key to null.")
     p.add_argument("--config", help="experiment YAML file", default=None)
-    for key, kind, help_text in FINETUNE_FLAGS:
-        flag = "--" + key.replace("_", "-")
-        extra = {"choices": kind} if isinstance(kind, tuple) else {
-            "type": _nullable(kind)}
-        p.add_argument(flag, dest=key, default=None,
-                       help=f"{help_text} (default: "
-                            f"{_show_default(key)})", **extra)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier kerastl run in the output folder "
-                        "(at the end); kerastl never replaces a folder it "
-                        "did not write")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same output "
-                        "folder from its last completed epoch")
+    _add_experiment_flags(p)
     p.add_argument("--quiet", action="store_true",
                    help="no per-epoch progress lines")
     p.add_argument("--verbose", action="store_true",
@@ -415,7 +370,7 @@ def main(argv=None):
     from kerastl.errors import KerastlError
 
     if getattr(args, "needs_keras", True):
-        _import_api_quietly()  # also registers kerastl's classes with Keras
+        import_api_quietly()  # also registers kerastl's classes with Keras
 
     try:
         return args.func(args)

@@ -24,27 +24,17 @@ Needs scikit-learn (digits and photos), matplotlib (fonts) and Pillow
 "kerastl[data]"``.
 """
 
-import os
-
 import numpy as np
 
 from kerastl.errors import KerastlError
+from kerastl.rendering import DigitRenderer, require
+from kerastl.sampling import few_shot
 
 __all__ = ["digits", "digits_m", "syn_digits", "DOMAINS", "load", "few_shot"]
 
 SPLITS = ("train", "test", None)
 TEST_FRACTION = 0.25
 _SPLIT_SEED = 1234  # fixed: the split never depends on the caller's seed
-
-
-def _require(module, extra):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise KerastlError(
-            f"kerastl.datasets needs {extra} for this dataset: "
-            f"pip install {extra} (or pip install \"kerastl[data]\")"
-        ) from None
 
 
 def _check(split, size):
@@ -83,7 +73,7 @@ def _split_index(n, split):
 
 def _resize(images, size):
     """Bicubic resize of a stack of 2-D float images (PIL, mode "F")."""
-    _require("PIL", "pillow")
+    require("PIL", "pillow")
     from PIL import Image
     out = np.empty((len(images), size, size), "float32")
     for i, img in enumerate(images):
@@ -92,9 +82,9 @@ def _resize(images, size):
     return out
 
 
-def _digit_masks(split, size):
+def digit_masks(split, size):
     """scikit-learn's digits as grey masks in [0, 1], and their labels."""
-    _require("sklearn", "scikit-learn")
+    require("sklearn", "scikit-learn")
     from sklearn.datasets import load_digits
     d = load_digits()
     idx = _split_index(len(d.target), split)
@@ -112,13 +102,14 @@ def digits(split=None, size=32, dtype="float32"):
         ``(x, y)``: ``x`` of shape ``(n, size, size, 3)`` in [0, 255].
     """
     _check(split, size)
-    masks, y = _digit_masks(split, size)
+    masks, y = digit_masks(split, size)
     x = np.repeat(masks[..., None] * 255.0, 3, axis=-1)
     return _finish(x, y, dtype)
 
 
-def _photos():
-    _require("sklearn", "scikit-learn")
+def photos():
+    """scikit-learn's bundled sample photos, float32 RGB in [0, 255]."""
+    require("sklearn", "scikit-learn")
     from sklearn.datasets import load_sample_images
     return [np.asarray(img, "float32") for img in load_sample_images().images]
 
@@ -135,13 +126,13 @@ def digits_m(split=None, size=32, seed=0, dtype="float32"):
         ``(x, y)``: ``x`` of shape ``(n, size, size, 3)`` in [0, 255].
     """
     _check(split, size)
-    masks, y = _digit_masks(split, size)
-    photos = _photos()
+    masks, y = digit_masks(split, size)
+    pictures = photos()
     rng = np.random.default_rng([seed, 0 if split is None else
                                  SPLITS.index(split) + 1])
     x = np.empty(masks.shape + (3,), "float32")
     for i, mask in enumerate(masks):
-        photo = photos[rng.integers(len(photos))]
+        photo = pictures[rng.integers(len(pictures))]
         r = rng.integers(0, photo.shape[0] - size + 1)
         c = rng.integers(0, photo.shape[1] - size + 1)
         patch = photo[r:r + size, c:c + size]
@@ -150,79 +141,6 @@ def digits_m(split=None, size=32, seed=0, dtype="float32"):
 
 
 # -- syn_digits ---------------------------------------------------------------
-
-# matplotlib's fonts with ordinary digit glyphs (the STIX size variants and
-# the TeX math fonts draw symbols instead).
-_FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
-    "DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf",
-    "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf",
-    "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
-    "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
-    "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf",
-    "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf",
-)
-
-
-def font_paths():
-    """Paths of the matplotlib fonts :func:`syn_digits` renders with."""
-    matplotlib = _require("matplotlib", "matplotlib")
-    folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-    paths = [os.path.join(folder, f) for f in _FONTS
-             if os.path.exists(os.path.join(folder, f))]
-    if not paths:
-        raise KerastlError(f"No fonts found in {folder}: matplotlib's "
-                           f"bundled fonts are missing.")
-    return paths
-
-
-class _Renderer:
-    """Draws one digit on a canvas with PIL; caches fonts per size."""
-
-    CANVAS = 96
-
-    def __init__(self):
-        from PIL import Image, ImageDraw, ImageFilter, ImageFont
-        self.Image, self.ImageDraw = Image, ImageDraw
-        self.ImageFilter, self.ImageFont = ImageFilter, ImageFont
-        self.paths = font_paths()
-        self._fonts = {}
-
-    def font(self, path, px):
-        key = (path, px)
-        if key not in self._fonts:
-            self._fonts[key] = self.ImageFont.truetype(path, px)
-        return self._fonts[key]
-
-    def mask(self, digit, rng, size):
-        Image, c = self.Image, self.CANVAS
-        img = Image.new("L", (c, c), 0)
-        font = self.font(self.paths[rng.integers(len(self.paths))],
-                         int(rng.integers(36, 60)))
-        self.ImageDraw.Draw(img).text(
-            (c // 2, c // 2), str(digit), fill=255, font=font, anchor="mm",
-            stroke_width=int(rng.integers(0, 3)), stroke_fill=255)
-        img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
-        box = img.getbbox()
-        if box is None:  # nothing drawn: cannot happen with these fonts
-            raise KerastlError(f"Font rendered digit {digit} empty.")
-        glyph = img.crop(box)
-        gw, gh = glyph.size
-        h = rng.uniform(0.6, 1.0) * size
-        w = min(float(size), h * gw / gh * rng.uniform(0.8, 1.3))
-        w, h = max(2, int(round(w))), max(2, int(round(h)))
-        glyph = glyph.resize((w, h), Image.BILINEAR)
-        out = Image.new("L", (size, size), 0)
-        left = (size - w) // 2 + int(rng.integers(-2, 3))
-        top = (size - h) // 2 + int(rng.integers(-2, 3))
-        out.paste(glyph, (min(max(left, 0), size - w),
-                          min(max(top, 0), size - h)))
-        blur = rng.uniform(0.0, 1.0)
-        if blur > 0.3:
-            out = out.filter(self.ImageFilter.GaussianBlur(blur))
-        return np.asarray(out, "float32") / 255.0
-
 
 def _colours(rng):
     """Background and foreground RGB with a visible contrast."""
@@ -247,8 +165,8 @@ def syn_digits(n=10000, split="train", size=32, seed=0, dtype="float32"):
     _check(split, size)
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise KerastlError(f"n={n!r}: expected a positive number of samples.")
-    _require("PIL", "matplotlib")
-    renderer = _Renderer()
+    require("PIL", "matplotlib")
+    renderer = DigitRenderer()
     rng = np.random.default_rng([seed, 0 if split is None else
                                  SPLITS.index(split) + 1, 7])
     y = rng.permutation(np.arange(n) % 10)
@@ -272,36 +190,3 @@ def load(name, split=None, **kwargs):
             f"Unknown dataset {name!r}; the offline domains are "
             f"{', '.join(DOMAINS)}.")
     return DOMAINS[name](split=split, **kwargs)
-
-
-def few_shot(y, per_class, seed=0, exclude=None):
-    """Indices of ``per_class`` random samples of every class, sorted.
-
-    Args:
-        y: the labels.
-        per_class: samples to draw from each class.
-        seed: the draw's seed (``numpy.random.default_rng``).
-        exclude: indices that may not be drawn (e.g. a training subset when
-            drawing validation samples).
-
-    Raises:
-        KerastlError: a class has fewer than ``per_class`` samples to draw.
-    """
-    y = np.asarray(y)
-    if isinstance(per_class, bool) or not isinstance(
-            per_class, (int, np.integer)) or per_class < 1:
-        raise KerastlError(f"per_class={per_class!r}: expected an int >= 1.")
-    rng = np.random.default_rng(seed)
-    allowed = np.ones(len(y), bool)
-    if exclude is not None:
-        allowed[np.asarray(exclude, dtype=int)] = False
-    idx = []
-    for c in np.unique(y):
-        members = np.flatnonzero((y == c) & allowed)
-        if len(members) < per_class:
-            raise KerastlError(
-                f"Class {c!r} has {len(members)} samples to draw from; "
-                f"{per_class} per class were asked for. Ask for fewer per "
-                f"class.")
-        idx.append(rng.choice(members, per_class, replace=False))
-    return np.sort(np.concatenate(idx))

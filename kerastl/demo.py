@@ -26,8 +26,10 @@ from kerastl.errors import KerastlError
 from kerastl.export import export_savedmodel
 from kerastl.freezing import trainable_summary
 from kerastl.heads import build_classifier
+from kerastl.plan import TrainingPlan
 from kerastl.pretrained import pretrained_backbone, small_cnn
-from kerastl.recipes import fine_tune
+from kerastl.sampling import few_shot
+from kerastl.training import fine_tune
 
 # The scikit-learn digits training split has at least 126 images of each
 # class; 20 per class are kept for validation.
@@ -35,7 +37,7 @@ MAX_PER_CLASS = 100
 
 # The demo's rows: a label and the fine_tune strategy behind it ("from
 # scratch" is "full" on freshly initialised weights, BatchNorm training).
-STRATEGIES = {"feature extraction": "features",
+ROWS = {"feature extraction": "features",
               "partial fine-tuning": "partial",
               "full fine-tuning": "full",
               "from scratch": "full"}
@@ -81,27 +83,28 @@ def run_demo(output="kerastl_demo", per_class=10, epochs=40,
     weights = backbone.get_weights()
     xtr, ytr = datasets.digits("train")
     xte, yte = datasets.digits("test")
-    train_idx = datasets.few_shot(ytr, per_class, seed)
-    val_idx = datasets.few_shot(ytr, 20, seed + 1, exclude=train_idx)
+    train_idx = few_shot(ytr, per_class, seed)
+    val_idx = few_shot(ytr, 20, seed + 1, exclude=train_idx)
     train = (xtr[train_idx], ytr[train_idx])
     val = (xtr[val_idx], ytr[val_idx])
     say(f"2/3 target: scikit-learn digits, {per_class} labelled images per "
         f"class ({len(train_idx)}), {len(val_idx)} for validation, "
         f"{len(yte)} for test")
     rows, models, curves = [], {}, {}
-    for label, strategy in STRATEGIES.items():
+    for label, strategy in ROWS.items():
         keras.utils.set_random_seed(seed)  # the demo's seed (--seed)
         t0 = time.time()
         net = small_cnn()
         scratch = label == "from scratch"
         if not scratch:
             net.set_weights(weights)
-        bn = "train" if scratch else "frozen"
-        model = build_classifier(net, 10, bn=bn)
-        history = fine_tune(
-            model, train, val, strategy=strategy, epochs=epochs,
-            head_epochs=0, optimizer=keras.optimizers.Adam(1e-3), bn=bn,
-            patience=None, batch_size=10).fine_tune
+        model = build_classifier(net, 10, freeze=None)  # the plan decides
+        plan = TrainingPlan(
+            strategy=strategy, bn="train" if scratch else "frozen",
+            head_epochs=0, epochs=epochs,
+            optimizer=keras.optimizers.Adam(1e-3), patience=None,
+            batch_size=10)
+        history = fine_tune(model, train, val, plan).fine_tune
         summary = trainable_summary(model)
         rows.append(dict(
             strategy=label,

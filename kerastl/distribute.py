@@ -1,7 +1,9 @@
 """More than one device: strategies, and what stays exact across replicas.
 
 :func:`strategy` makes the ``tf.distribute`` strategy the CLI's
-``--distribute`` names; :func:`prepare_distributed_fit` works around Keras
+``--distribute`` names (a *device* strategy: where training runs, not what
+trains); :func:`strategy_scope` is the scope optimizers for a model must be
+made in; :func:`prepare_distributed_fit` works around Keras
 3's failure to start ``fit`` under ``MultiWorkerMirroredStrategy``. The
 rest is what kerastl's own losses need to stay exact under
 ``tf.distribute``:
@@ -18,6 +20,7 @@ function here returns its input.
 TensorFlow is imported only on the TensorFlow backend.
 """
 
+import contextlib
 import json
 import os
 
@@ -27,8 +30,7 @@ from keras import ops
 from kerastl import _keras_private as _private
 from kerastl._keras_private import all_sublayers
 from kerastl.errors import KerastlError
-
-STRATEGIES = ("none", "mirrored", "multi-worker")
+from kerastl.spec import DEVICE_STRATEGIES
 
 
 def _strategy():
@@ -80,6 +82,15 @@ def synchronize_batch_norm(model):
             layer.synchronized = True
 
 
+def strategy_scope(model):
+    """The scope of ``model``'s ``tf.distribute`` strategy (a no-op on one
+    device and on other backends): optimizers built for it must have their
+    variables mirrored like the model's."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else \
+        contextlib.nullcontext()
+
+
 def strategy(name):
     """The ``tf.distribute`` strategy for ``name`` (TensorFlow backend).
 
@@ -95,9 +106,9 @@ def strategy(name):
     """
     if name in (None, "none"):
         return None
-    if name not in STRATEGIES:
+    if name not in DEVICE_STRATEGIES:
         raise KerastlError(f"distribute={name!r}: expected one of "
-                           f"{', '.join(STRATEGIES)}.")
+                           f"{', '.join(DEVICE_STRATEGIES)}.")
     if keras.backend.backend() != "tensorflow":
         raise KerastlError(
             f"distribute={name!r} uses tf.distribute: the TensorFlow backend."
@@ -156,8 +167,12 @@ def is_chief(strategy):
 def is_multi_worker(model):
     """Whether ``model`` trains under a strategy spanning several workers."""
     strategy = getattr(model, "distribute_strategy", None)
-    extended = getattr(strategy, "extended", None)
-    return bool(getattr(extended, "_num_workers", 1) > 1)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:  # one machine
+        return False
+    spec = resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in spec.jobs
+               if job in ("chief", "worker")) > 1
 
 
 def is_distributed(model):

@@ -31,3 +31,11 @@ class InputShapeError(KerastlError, ValueError):
 
 class BlockError(KerastlError, ValueError):
     """A block name or block map that does not fit the model."""
+
+
+class ExportError(KerastlError):
+    """The export could not be written or does not match the Keras model."""
+
+
+class BoundaryCacheError(KerastlError):
+    """The boundary cache cannot be used here (the message says why)."""

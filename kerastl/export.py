@@ -31,13 +31,8 @@ from kerastl.adaptation.dann import DANN
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.atomic import atomic_folder, check_destination
 from kerastl.blocks import layer_graph
-from kerastl.errors import KerastlError
-
-INPUT_MODES = ("float", "uint8", "bytes")
-
-
-class ExportError(KerastlError):
-    """The export could not be written or does not match the Keras model."""
+from kerastl.errors import ExportError, KerastlError
+from kerastl.spec import INPUT_MODES
 
 
 def inference_model(model):

@@ -15,22 +15,30 @@ guide recommends. ``bn="train"`` trains BN like any other layer (batch
 statistics, moving averages updated): use it with large batches and a target
 domain far from the source.
 
+Every way of saying what trains (a strategy, a number of blocks, a block
+name, True/False/None) is turned into one value, a :class:`Trainable`, by
+one function, :func:`resolve_trainable`, and applied by one function,
+:func:`apply_trainable`. :func:`freeze`, ``build_classifier(freeze=...)``
+and :class:`kerastl.TrainingPlan` all go through them.
+
 Changing ``trainable`` after ``compile`` does not reach a compiled model's
 training step, and a built optimizer refuses variables it has not seen.
 :func:`freeze` and :func:`unfreeze` therefore recompile a compiled model
 themselves, with the same loss and metrics and a fresh optimizer of the same
-configuration (optionally a new learning rate).
+configuration (:func:`fresh_optimizer`; optionally a new learning rate).
 """
 
 import contextlib
+import dataclasses
+import math
 
 import keras
 
 from kerastl import _keras_private as _private
 from kerastl.blocks import block_map, variable_size
+from kerastl.distribute import strategy_scope
 from kerastl.errors import BlockError, KerastlError
-
-BN_MODES = ("frozen", "train")
+from kerastl.spec import BN_MODES, FINE_TUNING_STRATEGIES
 
 
 def _is_batch_norm(layer):
@@ -52,15 +60,148 @@ def keras_model_of(backbone):
     return model
 
 
-def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
-                           recompile=True, learning_rate=None):
-    """Makes exactly ``trainable_blocks`` trainable; every other block frozen.
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """What trains in a model: its blocks, and which of them train.
 
-    The primitive behind :func:`freeze` and :func:`unfreeze`.
+    The one value that every way of saying "what trains" resolves to
+    (:func:`resolve_trainable`), and what :func:`apply_trainable` applies.
+
+    Attributes:
+        blocks: every block of the model, input to output.
+        trainable: the blocks that train, input to output.
+    """
+
+    blocks: tuple
+    trainable: tuple
+
+    @property
+    def frozen(self):
+        """The frozen blocks, input to output."""
+        return tuple(b for b in self.blocks if b not in self.trainable)
+
+    @property
+    def depth(self):
+        """How many leading blocks are frozen: where the frozen part of
+        the model ends (the boundary cache cuts there)."""
+        n = 0
+        while n < len(self.blocks) and self.blocks[n] not in self.trainable:
+            n += 1
+        return n
+
+    def check(self, bm, model_name):
+        """Raises unless this was resolved for a model with block map
+        ``bm``."""
+        if tuple(self.blocks) != tuple(bm.names):
+            raise BlockError(
+                f"This plan was resolved for blocks {list(self.blocks)}; "
+                f"{model_name!r} has {bm.names}. Resolve it for this model "
+                "(TrainingPlan.resolve(model)).")
+
+    @classmethod
+    def of(cls, bm, trainable):
+        """The value for a block map and the block names (or indices) that
+        train."""
+        wanted = {bm.resolve(b) for b in trainable}
+        return cls(tuple(bm.names), tuple(b for b in bm.names if b in wanted))
+
+    def __str__(self):
+        frozen = self.frozen
+        return (f"frozen: {', '.join(frozen) or '-'}; trainable: "
+                f"{', '.join(self.trainable) or '-'}")
+
+
+def _count(bm, value, name, model):
+    """How many leading blocks ``value`` (a count or a block name) freezes."""
+    names = bm.names
+    if isinstance(value, bool):
+        pass  # True/False are handled by the caller; here they are wrong
+    elif isinstance(value, int):
+        if not 0 <= value <= len(names):
+            raise BlockError(
+                f"{name}={value}: the model has {len(names)} blocks "
+                f"({', '.join(names)}); freeze between 0 and {len(names)}.")
+        return value
+    elif isinstance(value, str):
+        if value not in bm:
+            raise BlockError(
+                f"{name}={value!r} is neither a strategy "
+                f"({', '.join(FINE_TUNING_STRATEGIES)}) nor a block of "
+                f"{model.name!r}; blocks: {', '.join(names)}.")
+        return bm.index(value) + 1
+    raise KerastlError(
+        f"{name}={value!r}: expected a strategy "
+        f"({', '.join(FINE_TUNING_STRATEGIES)}), a block name or a number of "
+        f"leading blocks (0 to {len(names)}).")
+
+
+def resolve_trainable(model, what="features", up_to=None, name="up_to"):
+    """What trains, from any of the ways of saying it: the one resolver.
+
+    Args:
+        model: a ``keras.Model`` with a block map, or a Backbone.
+        what: one of
+
+            * a strategy: ``"features"`` (every block but the new heads
+              frozen), ``"partial"`` (the first half of those blocks
+              frozen, rounded up, or up to ``up_to``) or ``"full"``
+              (nothing frozen);
+            * ``True`` or ``None`` (``"features"``), ``False``
+              (``"full"``);
+            * a number of leading blocks to freeze, from 0 to the number
+              of blocks (heads included: the range of every count in
+              kerastl);
+            * a block name: that block and every block before it frozen.
+        up_to: with ``"partial"`` only: the last frozen block (a name or
+            a count, as above).
+        name: the argument's name in error messages (``freeze_up_to``,
+            ``freeze``, ...).
+
+    Returns:
+        A :class:`Trainable`.
+
+    Raises:
+        BlockError: a block name the model does not have, or a count out
+            of range (the message lists the blocks).
+        KerastlError: ``up_to`` with a strategy other than ``"partial"``,
+            or a value of another type.
+    """
+    keras_model = keras_model_of(model)
+    bm = block_map(keras_model)
+    base = len(bm.base_blocks)
+    if what is None or what is True:
+        what = "features"
+    elif what is False:
+        what = "full"
+    if isinstance(what, str) and what in FINE_TUNING_STRATEGIES:
+        if up_to is not None and what != "partial":
+            raise KerastlError(
+                f"freeze_up_to applies to strategy 'partial', not {what!r}.")
+        if what == "features":
+            n = base
+        elif what == "full":
+            n = 0
+        elif up_to is None:
+            n = math.ceil(base / 2)
+        else:
+            n = _count(bm, up_to, "freeze_up_to", keras_model)
+    else:
+        if up_to is not None:
+            raise KerastlError(
+                f"freeze_up_to applies to strategy 'partial', not {what!r}.")
+        n = _count(bm, what, name, keras_model)
+    return Trainable(tuple(bm.names), tuple(bm.names[n:]))
+
+
+def apply_trainable(model, trainable, bn="frozen", recompile=True,
+                    learning_rate=None):
+    """Makes exactly the ``trainable`` blocks trainable; every other block
+    frozen: the one place that sets ``trainable`` by block.
 
     Args:
         model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
-        trainable_blocks: block names (or indices) to train.
+        trainable: a :class:`Trainable` (from :func:`resolve_trainable`),
+            or the block names (or indices) to train.
         bn: ``"frozen"`` or ``"train"``: BatchNormalization layers in the
             trainable blocks of the pretrained network (BN in frozen blocks
             is always frozen; BN in new heads always trains).
@@ -74,7 +215,11 @@ def apply_trainable_blocks(model, trainable_blocks, bn="frozen",
     _check_bn(bn)
     keras_model = keras_model_of(model)
     bm = block_map(keras_model)
-    wanted = {bm.resolve(b) for b in trainable_blocks}
+    if isinstance(trainable, Trainable):
+        trainable.check(bm, keras_model.name)
+        wanted = set(trainable.trainable)
+    else:
+        wanted = set(Trainable.of(bm, trainable).trainable)
     # Keras propagates `trainable` down to sublayers, so open the model (and
     # with it every nested model) first, then set each leaf.
     keras_model.trainable = True
@@ -185,13 +330,24 @@ def _set_split_layer(layer, bm, wanted, bn):
 _STATELESS = keras.backend.backend() == "jax"
 
 
-def strategy_scope(model):
-    """The scope of ``model``'s ``tf.distribute`` strategy (a no-op on one
-    device and on other backends): optimizers built for it must have their
-    variables mirrored like the model's."""
-    strategy = getattr(model, "distribute_strategy", None)
-    return strategy.scope() if strategy is not None else \
-        contextlib.nullcontext()
+def fresh_optimizer(model, optimizer=None, variables=None,
+                    learning_rate=None):
+    """A new optimizer of the same class and configuration as ``optimizer``
+    (default: the model's), made in the model's distribution scope (so its
+    variables are mirrored like the model's), optionally with another
+    learning rate and built over ``variables``.
+
+    What every recompile after a change of ``trainable`` needs: a built
+    optimizer refuses variables it has not seen.
+    """
+    optimizer = model.optimizer if optimizer is None else optimizer
+    with strategy_scope(model):
+        fresh = optimizer.__class__.from_config(optimizer.get_config())
+        if learning_rate is not None:
+            fresh.learning_rate = learning_rate
+        if variables is not None:
+            fresh.build(list(variables))
+    return fresh
 
 
 def _recompile(model, learning_rate=None):
@@ -207,12 +363,8 @@ def _recompile(model, learning_rate=None):
         raise KerastlError(
             "The model is compiled but kerastl cannot recompile it; call "
             "model.compile(...) again after changing what is trainable.")
-    optimizer = model.optimizer
+    kwargs["optimizer"] = fresh_optimizer(model, learning_rate=learning_rate)
     with strategy_scope(model):
-        fresh = optimizer.__class__.from_config(optimizer.get_config())
-        if learning_rate is not None:
-            fresh.learning_rate = learning_rate
-        kwargs["optimizer"] = fresh
         model.compile(**kwargs)
     return True
 
@@ -233,29 +385,18 @@ def trainable_blocks(model):
     return out
 
 
-def _resolve_depth(bm, up_to):
-    """Number of leading blocks that ``up_to`` names."""
-    if up_to is None:  # the whole backbone: every block but the new heads
-        return len(bm.base_blocks)
-    if isinstance(up_to, int) and not isinstance(up_to, bool):
-        if not 0 <= up_to <= len(bm):
-            raise BlockError(
-                f"up_to={up_to}: the model has {len(bm)} blocks "
-                f"({', '.join(bm.names)}); freeze between 0 and {len(bm)}.")
-        return up_to
-    return bm.index(up_to) + 1
-
-
 def freeze(model, up_to=None, bn="frozen", recompile=True,
            learning_rate=None):
     """Freezes the first blocks and trains the rest.
 
     Args:
         model: a ``keras.Model`` or :class:`~kerastl.Backbone`.
-        up_to: the last block to freeze (a name: ``"stage3"``), or how many
-            leading blocks to freeze (an int). ``None`` freezes every block
-            but the new heads (a classifier's ``head``; a DANN's
-            ``bottleneck``, ``label_head`` and ``domain_head``).
+        up_to: the last block to freeze (a name: ``"stage3"``), how many
+            leading blocks to freeze (an int, 0 to the number of blocks), or
+            a strategy (``"features"``, ``"partial"``, ``"full"``; see
+            :func:`resolve_trainable`). ``None`` freezes every block but the
+            new heads (a classifier's ``head``; a DANN's ``bottleneck``,
+            ``label_head`` and ``domain_head``).
         bn: BatchNormalization in the blocks left trainable: ``"frozen"``
             (default: inference mode, nothing in BN moves) or ``"train"``.
         recompile: recompile a compiled model so the change reaches ``fit``.
@@ -269,11 +410,10 @@ def freeze(model, up_to=None, bn="frozen", recompile=True,
         kerastl.freeze(model, up_to="stage3")
         # -> ['stem', 'stage1', 'stage2', 'stage3']
     """
-    bm = block_map(keras_model_of(model))
-    n = _resolve_depth(bm, up_to)
-    apply_trainable_blocks(model, bm.names[n:], bn=bn, recompile=recompile,
-                           learning_rate=learning_rate)
-    return bm.names[:n]
+    trainable = resolve_trainable(model, up_to)
+    apply_trainable(model, trainable, bn=bn, recompile=recompile,
+                    learning_rate=learning_rate)
+    return list(trainable.frozen)
 
 
 def unfreeze(model, from_block=0, bn="frozen", recompile=True,
@@ -293,9 +433,9 @@ def unfreeze(model, from_block=0, bn="frozen", recompile=True,
     bm = block_map(keras_model_of(model))
     start = bm.index(from_block)
     wanted = set(trainable_blocks(model)) | set(bm.names[start:])
-    return apply_trainable_blocks(model, [b for b in bm.names if b in wanted],
-                                  bn=bn, recompile=recompile,
-                                  learning_rate=learning_rate)
+    return apply_trainable(model, [b for b in bm.names if b in wanted],
+                           bn=bn, recompile=recompile,
+                           learning_rate=learning_rate)
 
 
 class TrainableSummary(list):
@@ -397,8 +537,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
         if bm.head_blocks:
             n -= 1
         blocks = base[len(base) - n:] if n > 0 else []
-        return apply_trainable_blocks(self.model, blocks + bm.head_blocks,
-                                      bn=self.bn, recompile=False)
+        return apply_trainable(self.model, blocks + bm.head_blocks,
+                               bn=self.bn, recompile=False)
 
     def set_model(self, model):
         # fit() calls set_model on every callback before any
@@ -425,11 +565,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
         built = _private.optimizer_variables(optimizer)
         if built is None or [id(v) for v in built] != \
                 [id(v) for v in every_variable]:
-            with strategy_scope(self.model):
-                fresh = optimizer.__class__.from_config(
-                    optimizer.get_config())
-                fresh.build(every_variable)
-            self.model.optimizer = fresh
+            self.model.optimizer = fresh_optimizer(self.model,
+                                                   variables=every_variable)
 
     def _rebuild_optimizer(self):
         """JAX: the optimizer over exactly the trainable variables.
@@ -443,8 +580,8 @@ class GradualUnfreezing(keras.callbacks.Callback):
         TensorFlow (where they sat untouched in the bigger optimizer).
         """
         old = self.model.optimizer
-        fresh = old.__class__.from_config(old.get_config())
-        fresh.build(list(self.model.trainable_variables))
+        fresh = fresh_optimizer(self.model,
+                                variables=self.model.trainable_variables)
         state = {v.path: v for v in old.variables} if old.built else {}
         for v in fresh.variables:
             if v.path in state and tuple(state[v.path].shape) == \

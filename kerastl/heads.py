@@ -3,6 +3,7 @@
 import numbers
 
 import keras
+from keras import ops
 
 from kerastl import freezing
 from kerastl.blocks import layer_graph
@@ -123,17 +124,6 @@ def pool(tensor, pooling, name, model=None):
     return keras.layers.Flatten(name=name)(tensor)
 
 
-def apply_freeze(model, freeze, bn, recompile=True):
-    """``freeze=`` of the head builders: True (the whole backbone), False
-    (nothing) or a block name / number of leading blocks."""
-    if freeze is True:
-        freezing.freeze(model, bn=bn, recompile=recompile)
-    elif freeze is False:
-        freezing.freeze(model, up_to=0, bn=bn, recompile=recompile)
-    else:
-        freezing.freeze(model, up_to=freeze, bn=bn, recompile=recompile)
-
-
 def _seeded(seed, i):
     """Initializer/dropout seed ``i`` of a head built with ``seed``."""
     return None if seed is None else int(seed) * 1000 + i
@@ -176,10 +166,39 @@ def output_layer(units, activation="softmax", name="head_predictions",
             _seeded(seed, 999)), **kwargs)
 
 
+def build_mlp(layers, d):
+    """Builds the layers of :func:`mlp` on ``d`` inputs; returns the width
+    of their output."""
+    for layer in layers:
+        if isinstance(layer, (keras.layers.Dense,
+                              keras.layers.BatchNormalization)):
+            layer.build((None, d))
+        if isinstance(layer, keras.layers.Dense):
+            d = layer.units
+    return d
+
+
 def apply(layers, x):
     """``x`` through ``layers`` in order."""
     for layer in layers:
         x = layer(x)
+    return x
+
+
+def apply_frozen(layers, x, training=False):
+    """``x`` through ``layers`` with their variables as constants: the
+    gradient flows to ``x`` but not to the layers, and BatchNorm moving
+    statistics are left as they are (a discriminator's fixed copy, as DANN's
+    confusion loss and ADDA's encoder step need)."""
+    for layer in layers:
+        if not layer.weights:
+            x = layer(x, training=training)
+            continue
+        trainable = [ops.stop_gradient(ops.convert_to_tensor(v))
+                     for v in layer.trainable_variables]
+        fixed = [ops.convert_to_tensor(v)
+                 for v in layer.non_trainable_variables]
+        x, _ = layer.stateless_call(trainable, fixed, x, training=training)
     return x
 
 
@@ -211,8 +230,13 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
         hidden_units: sizes of hidden ReLU layers in the head.
         activation: ``"softmax"`` (single label), ``"sigmoid"`` (multi-label)
             or ``None`` (logits).
-        freeze: ``True`` freezes the whole backbone (feature extraction),
-            ``False`` trains everything, a block name or int freezes up to it.
+        freeze: what is frozen, in any form
+            :func:`kerastl.freezing.resolve_trainable` takes: ``True``
+            (default: the whole backbone, feature extraction), ``False``
+            (nothing), a strategy, a block name or a number of leading
+            blocks; ``None`` leaves every layer's ``trainable`` as it is
+            (for a :class:`kerastl.TrainingPlan` that :func:`kerastl.fine_tune`
+            applies).
         bn: BatchNormalization mode of trainable backbone blocks
             (see :func:`kerastl.freeze`).
         name: the model's name.
@@ -244,7 +268,10 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
                     seed)
     classifier = keras.Model(model.input, outputs,
                              name=name or f"{model.name}_classifier")
-    apply_freeze(classifier, freeze, bn)
+    if freeze is not None:
+        freezing.apply_trainable(
+            classifier, freezing.resolve_trainable(classifier, freeze,
+                                                   name="freeze"), bn)
     return classifier
 
 

@@ -25,7 +25,6 @@ no gradient is computed for it).
 import math
 import numbers
 import re
-import warnings
 
 import keras
 from keras import ops
@@ -37,7 +36,6 @@ from kerastl.freezing import (freeze_weights, keras_model_of,
                               trainable_summary)
 
 __all__ = ["LayerwiseOptimizer", "LayerDecay", "LRSpread",
-           "layer_decay", "lr_spread",
            "describe_learning_rates", "resolve_multipliers"]
 
 
@@ -54,14 +52,22 @@ def _check_multiplier(value, what):
     return value
 
 
-class _BlockRule:
-    """Base of the rules that give one multiplier per block."""
+class MultiplierRule:
+    """Base of the rules that give one learning-rate multiplier per block
+    (not to be confused with :class:`kerastl.spec.BlockRule`, which says
+    which layers a block owns)."""
 
     def per_block(self, names):
         raise NotImplementedError
 
+    def __eq__(self, other):
+        return type(self) is type(other) and vars(self) == vars(other)
 
-class LayerDecay(_BlockRule):
+    def __hash__(self):
+        return hash((type(self).__name__, repr(self)))
+
+
+class LayerDecay(MultiplierRule):
     """Geometric layer decay, as in BEiT and timm: ``decay ** depth``.
 
     The last block (the head of a classifier) gets ``top``, the block below
@@ -113,7 +119,7 @@ class LayerDecay(_BlockRule):
         return f"LayerDecay({self.decay}, top={self.top}{shared})"
 
 
-class LRSpread(_BlockRule):
+class LRSpread(MultiplierRule):
     """Multipliers spread geometrically from ``lo`` (first block) to ``hi``.
 
     fastai's ``slice(lo, hi)``: the first block gets ``lo``, the last ``hi``,
@@ -143,21 +149,6 @@ class LRSpread(_BlockRule):
 
     def __repr__(self):
         return f"LRSpread({self.lo}, {self.hi})"
-
-
-def _deprecated_alias(cls, old):
-    def alias(*args, **kwargs):
-        warnings.warn(f"kerastl.{old} is deprecated; use kerastl."
-                      f"{cls.__name__} (the same arguments).",
-                      DeprecationWarning, stacklevel=2)
-        return cls(*args, **kwargs)
-    alias.__name__ = alias.__qualname__ = old
-    alias.__doc__ = f"Deprecated alias of :class:`{cls.__name__}`."
-    return alias
-
-
-layer_decay = _deprecated_alias(LayerDecay, "layer_decay")
-lr_spread = _deprecated_alias(LRSpread, "lr_spread")
 
 
 def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
@@ -191,7 +182,7 @@ def resolve_multipliers(model, multipliers, default=1.0, by="layer"):
     default = _check_multiplier(default, "default")
     per_block = {b: default for b in bm.names}
     layer_rules = []
-    if isinstance(multipliers, _BlockRule):
+    if isinstance(multipliers, MultiplierRule):
         per_block.update(multipliers.per_block(bm.names))
     elif isinstance(multipliers, dict):
         layer_names = [l.name for l in bm.weighted_layers()]
@@ -371,16 +362,15 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         wrapped on the inner instance, and the lookups happen while the step
         is traced: the compiled step only has one extra multiply per variable.
         """
-        owner = self
         # The multiplier of the weight-decay group being applied. Under a
         # MirroredStrategy every replica thread runs the same groups in the
         # same order and writes the same values here, and TensorFlow's
         # weight decay reads the rate inside a merge_call that waits for all
         # replicas, so a shared value (written, never deleted) is safe.
-        owner._decay_multiplier = 1.0
+        self._decay_multiplier = 1.0
 
         def multiplier_of(variable):
-            return owner._multipliers[_private.variable_index(inner, variable)]
+            return self._multipliers[_private.variable_index(inner, variable)]
 
         def wrap_update_step(update_step):
             def update_step_fn(gradient, variable, learning_rate):
@@ -392,7 +382,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
         def wrap_current_rate(current_rate):
             def current_rate_fn():
-                m = owner._decay_multiplier
+                m = self._decay_multiplier
                 return current_rate() if m == 1.0 else ops.multiply(
                     current_rate(), m)
             return current_rate_fn
@@ -403,10 +393,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 ms = [multiplier_of(v) for v in variables]
                 try:
                     for m, group in _group(variables, ms).items():
-                        owner._decay_multiplier = m
+                        self._decay_multiplier = m
                         apply_weight_decay(group)
                 finally:
-                    owner._decay_multiplier = 1.0
+                    self._decay_multiplier = 1.0
             return apply_weight_decay_fn
 
         _private.hook_optimizer(inner, wrap_update_step, wrap_weight_decay,

@@ -66,7 +66,7 @@ class ImagePreprocessing(keras.layers.Layer):
         min_size: the smallest height and width the model takes. Images
             with known smaller sides, other than 3 channels, or of a
             non-numeric dtype are refused with an
-            :class:`~kerastl.InputShapeError` that says how to fix them
+            :class:`~kerastl.errors.InputShapeError` that says how to fix them
             (Keras itself checks fixed input shapes first).
         scale, offset: ``x * scale + offset`` after ``mode`` (a number or
             one per channel): a KerasHub preset's image converter

@@ -11,7 +11,7 @@ call.
 import keras
 
 # The modules that register kerastl's serialisable classes with Keras.
-from kerastl import layerwise, preprocessing, hub  # noqa: F401
+from kerastl import layerwise, preprocessing, tfhub  # noqa: F401
 from kerastl.adaptation import dann, reversal  # noqa: F401
 
 

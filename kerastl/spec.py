@@ -1,7 +1,8 @@
 """The vocabulary kerastl's files and commands share, importable without Keras.
 
-Block rules, preprocessing modes, Hub handle syntax and the experiment keys
-are what a zoo YAML file or an experiment file is written in. They live here,
+Block rules, preprocessing modes, Hub handle syntax and the words an
+experiment is written in (strategies, BatchNorm modes, export inputs, device
+strategies) are what a zoo YAML file or an experiment file holds. They live here,
 apart from the code that acts on models, so that reading the zoo and the
 command line's ``--help``, ``--version`` and ``zoo list`` never import Keras
 or TensorFlow (which take seconds and print start-up logs).
@@ -18,35 +19,23 @@ PREPROCESSING_MODES = ("caffe", "tf", "torch", "unit", "builtin")
 # A Kaggle model handle: owner/model/framework/variation[/version].
 KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
 
-# Every key of an experiment (kerastl finetune), with its default
-# (None: required for model and data).
-EXPERIMENT_DEFAULTS = {
-    "model": None,            # zoo name, "hub:<name or handle>" or a .keras file
-    "data": None,             # image folder with one subfolder per class
-    "output": "kerastl_run",  # the output folder
-    "weights": "imagenet",    # "imagenet", null (random) or a weights file
-    "image_size": None,       # input height = width (default: the model's)
-    "validation_split": 0.2,
-    "seed": 0,
-    "batch_size": 32,
-    "strategy": "partial",    # features | partial | full
-    "freeze_up_to": None,     # partial: last frozen block (default: the
-                              # first half of the backbone's blocks)
-    "bn": "frozen",
-    "dropout": 0.2,
-    "optimizer": "adam",
-    "learning_rate": 1e-3,
-    "layer_decay": None,      # e.g. 0.7: layer-wise rates (LayerwiseOptimizer)
-    "epochs": 10,
-    "early_stopping": 3,      # patience in epochs, or null
-    "export_input": "float",  # float | uint8 | bytes
-    "boundary_cache": "auto",  # auto | on | off: frozen blocks run once
-    "mixed_precision": None,  # null | float16 | bfloat16
-    "jit": "auto",            # auto | on | off: XLA compilation
-    "distribute": "none",     # none | mirrored | multi-worker (TF_CONFIG)
-    "overwrite": False,
-    "resume": False,          # continue an interrupted run (--resume)
-}
+# What trains after the head phase (``fine_tune(strategy=...)``, the
+# experiment's ``strategy`` key, ``recommend_strategy``): the whole backbone
+# frozen, its first half frozen, or nothing frozen.
+FINE_TUNING_STRATEGIES = ("features", "partial", "full")
+
+# BatchNormalization in the blocks that train (see kerastl.freezing).
+BN_MODES = ("frozen", "train")
+
+# What an exported SavedModel's serve signature takes (see kerastl.export).
+INPUT_MODES = ("float", "uint8", "bytes")
+
+# Where training runs: one device, every GPU of this machine, or several
+# machines (``--distribute``; see kerastl.distribute).
+DEVICE_STRATEGIES = ("none", "mirrored", "multi-worker")
+
+# Keras dtype policies fine_tune's ``mixed_precision`` takes.
+PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,15 @@ import kerastl  # noqa: E402
 M_LOW = 0.1  # the multiplier of the lower block in most layer-wise tests
 
 
+@pytest.fixture(autouse=True)
+def nothing_trusted():
+    """No TF Hub folder or handle is trusted when a test starts or after it
+    ends (kerastl.trust_hub_path is process-wide)."""
+    kerastl.tfhub.clear_trusted()
+    yield
+    kerastl.tfhub.clear_trusted()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -103,7 +103,7 @@ def classifier_job():
         model.compile(opt, "sparse_categorical_crossentropy")
     x, y = _data(GLOBAL_BATCH * STEPS_PER_EPOCH, seed=1)
     if MODE == "multi_worker":
-        kerastl.prepare_distributed_fit(model, _batches((x, y)))
+        kerastl.distribute.prepare_distributed_fit(model, _batches((x, y)))
     model.fit(_batches((x, y)), epochs=EPOCHS, verbose=0,
               callbacks=[kerastl.GradualUnfreezing(every=1)])
     return model
@@ -127,15 +127,15 @@ def dann_job():
     half = GLOBAL_BATCH // 2
     xs, ys = _data(half * STEPS_PER_EPOCH, seed=2)
     xt, _ = _data(half * STEPS_PER_EPOCH, seed=3, bright=0.5)
-    data = kerastl.domain_dataset((xs, ys), xt, batch_size=half,
+    data = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=half,
                                   shuffle=False)
     if MODE == "multi_worker":
-        kerastl.prepare_distributed_fit(dann, data)
+        kerastl.distribute.prepare_distributed_fit(dann, data)
     dann.fit(data, epochs=EPOCHS, verbose=0, callbacks=
              # scale 0.3: at full reversal strength the adversarial game
              # amplifies float rounding (1e-7) into 1e-3 differences within
              # a few steps on any two runs that sum in another order.
-             [kerastl.GaninLambda(scale=0.3, warmup=0.25)])
+             [kerastl.adaptation.GaninLambda(scale=0.3, warmup=0.25)])
     return dann
 
 

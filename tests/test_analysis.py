@@ -19,31 +19,31 @@ def reference():
 
 def test_linear_cka_matches_the_reference_notebook(reference):
     x, y = reference
-    assert kerastl.linear_cka(x, y) == pytest.approx(0.55761, abs=5e-6)
-    assert kerastl.linear_cka(x, y, debiased=True) == pytest.approx(
+    assert kerastl.analysis.linear_cka(x, y) == pytest.approx(0.55761, abs=5e-6)
+    assert kerastl.analysis.linear_cka(x, y, debiased=True) == pytest.approx(
         0.51346, abs=5e-6)
 
 
 @pytest.mark.parametrize("debiased", [False, True])
 def test_linear_cka_invariances(reference, debiased):
     x, y = reference
-    assert kerastl.linear_cka(x, x, debiased) == pytest.approx(1.0)
-    base = kerastl.linear_cka(x, y, debiased)
+    assert kerastl.analysis.linear_cka(x, x, debiased) == pytest.approx(1.0)
+    base = kerastl.analysis.linear_cka(x, y, debiased)
     q = ortho_group.rvs(10, random_state=0)
-    assert kerastl.linear_cka(x @ q, y, debiased) == pytest.approx(base)
-    assert kerastl.linear_cka(7.5 * x, y, debiased) == pytest.approx(base)
-    assert kerastl.linear_cka(x + 3.0, y, debiased) == pytest.approx(base)
+    assert kerastl.analysis.linear_cka(x @ q, y, debiased) == pytest.approx(base)
+    assert kerastl.analysis.linear_cka(7.5 * x, y, debiased) == pytest.approx(base)
+    assert kerastl.analysis.linear_cka(x + 3.0, y, debiased) == pytest.approx(base)
     # Not invariant to arbitrary invertible linear maps: a real test.
     a = np.diag(np.arange(1, 11) ** 2.0)
-    assert kerastl.linear_cka(x @ a, y, debiased) != pytest.approx(base,
+    assert kerastl.analysis.linear_cka(x @ a, y, debiased) != pytest.approx(base,
                                                                    abs=1e-3)
 
 
 def test_linear_cka_errors():
     with pytest.raises(KerastlError, match="same examples"):
-        kerastl.linear_cka(np.ones((5, 2)), np.ones((6, 2)))
+        kerastl.analysis.linear_cka(np.ones((5, 2)), np.ones((6, 2)))
     with pytest.raises(KerastlError, match="at least 4"):
-        kerastl.linear_cka(np.ones((3, 2)), np.ones((3, 2)), debiased=True)
+        kerastl.analysis.linear_cka(np.ones((3, 2)), np.ones((3, 2)), debiased=True)
 
 
 def cnn(seed):
@@ -61,18 +61,18 @@ def cnn(seed):
 def test_cka_by_block(tmp_path):
     x = np.random.default_rng(0).uniform(0, 255, (64, 16, 16, 3))
     a = cnn(0)
-    same = kerastl.cka_by_block(a, a, x)
+    same = kerastl.analysis.cka_by_block(a, a, x)
     blocks = kerastl.block_map(a).names
     assert same.blocks_a == blocks and same.matrix.shape == (len(blocks),) * 2
     np.testing.assert_allclose(np.diag(same.matrix), 1.0, rtol=1e-6)
     # The same architecture with other weights: below 1 somewhere, and the
     # identical copy (a clone with a's weights) gives 1 on the diagonal.
-    other = kerastl.cka_by_block(a, cnn(1), x)
+    other = kerastl.analysis.cka_by_block(a, cnn(1), x)
     assert min(other.diagonal().values()) < 0.99
     clone = cnn(1)
     clone.set_weights(a.get_weights())
     np.testing.assert_allclose(
-        list(kerastl.cka_by_block(a, clone, x).diagonal().values()), 1.0,
+        list(kerastl.analysis.cka_by_block(a, clone, x).diagonal().values()), 1.0,
         rtol=1e-6)
     assert blocks[0] in str(other)
     pytest.importorskip("matplotlib")
@@ -94,7 +94,7 @@ def test_transfer_depth_sweep_restores_the_backbone(tmp_path):
     before = [w.copy() for w in backbone.get_weights()]
     train = separable_images(8, 0)
     val = separable_images(10, 1)
-    sweep = kerastl.transfer_depth_sweep(
+    sweep = kerastl.analysis.transfer_depth_sweep(
         backbone, train, val, depths=[0, 3], train_sizes=[2, 8],
         epochs=15, batch_size=8, optimizer=lambda: keras.optimizers.Adam(1e-2))
     assert len(sweep) == 4
@@ -115,9 +115,9 @@ def test_transfer_depth_sweep_restores_the_backbone(tmp_path):
 
 def test_sweep_errors():
     with pytest.raises(KerastlError, match="depths go from"):
-        kerastl.transfer_depth_sweep(cnn(0), separable_images(2, 0),
+        kerastl.analysis.transfer_depth_sweep(cnn(0), separable_images(2, 0),
                                      separable_images(2, 1), depths=[9])
     with pytest.raises(KerastlError, match="per class"):
-        kerastl.transfer_depth_sweep(cnn(0), separable_images(2, 0),
+        kerastl.analysis.transfer_depth_sweep(cnn(0), separable_images(2, 0),
                                      separable_images(2, 1), depths=[0],
                                      train_sizes=[5])

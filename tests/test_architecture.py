@@ -1,8 +1,10 @@
-"""The package's shape: imports point inwards, block maps travel with
-models, renamed APIs keep working one release with a warning."""
+"""The package's shape: layers declared once and imports that respect them,
+private access in one module, block maps that travel with models, a small
+public API."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -127,18 +129,262 @@ def test_function_local_imports_are_only_lazy_optional_packages():
     assert not bad, "\n".join(bad)
 
 
-def test_private_keras_access_lives_in_one_module():
-    # `._functional`, `._inbound_nodes` ... : only _keras_private reads them.
-    pattern = ("._inbound_nodes", "._nodes_by_depth", "._operations",
-               "._compile_config", "._compile_loss", "._tracker",
-               "._trainable_variables", "._get_variable_index")
-    hits = []
+# -- the layers, declared once --------------------------------------------------
+
+# The package's modules in layers, from the centre outwards: a module may
+# import modules of its own layer and of the layers before it, never of a
+# later one. The package docstring and the README's "Project layout" show
+# this list (rendered by render_layout(); `python tests/test_architecture.py`
+# prints it); the tests below fail when a module imports a later layer, when
+# a module is missing here, or when either document says something else.
+LAYERS = [
+    ("Foundation", "no Keras model code; nothing of kerastl but each other", [
+        ("errors", "KerastlError and its family"),
+        ("spec", "the vocabulary read without Keras: block rules, "
+                 "strategies, BatchNorm modes, export inputs"),
+        ("schema", "the experiment's keys, each declared once"),
+        ("_keras_private", "the few private Keras attributes kerastl "
+                           "touches"),
+        ("_yaml", "bounded YAML reading"),
+        ("atomic", "folders written whole or not at all"),
+        ("network", "offline checks for downloads"),
+        ("sampling", "few_shot: examples per class"),
+        ("batch_order", "array batches in an order drawn from (seed, epoch)"),
+        ("rendering", "digits drawn from matplotlib's fonts"),
+    ]),
+    ("Block map", "what a block is", [
+        ("blocks", "BlockRule, BlockMap, block_map (every model)"),
+    ]),
+    ("What acts on blocks", None, [
+        ("distribute", "device strategies; exact losses and BN across "
+                       "replicas"),
+        ("freezing", "the one resolver and applier of what trains "
+                     "(BatchNorm policy included), GradualUnfreezing"),
+        ("layerwise", "LayerwiseOptimizer, LayerDecay, LRSpread"),
+        ("heads", "the one head builder, pooling of maps and tokens"),
+        ("boundary", "the frozen blocks run once (boundary cache)"),
+    ]),
+    ("Model sources", None, [
+        ("preprocessing", "ImagePreprocessing: the [0, 255] input contract"),
+        ("tfhub", "HubLayer: TF Hub SavedModels as Keras 3 layers"),
+        ("zoo", "the YAML zoo, Keras Applications, KerasHub presets"),
+        ("backbone", "load_backbone, Backbone"),
+    ]),
+    ("Training", None, [
+        ("plan", "TrainingPlan: how a model is fine-tuned, one value"),
+        ("training", "fine_tune: the one driver"),
+        ("advice", "recommend_strategy"),
+    ]),
+    ("Methods", None, [
+        ("features", "extract_features, FeatureCache, LinearProbe"),
+        ("adaptation", "GradientReversal, DANN, ADDA, AdaBN, selection, "
+                       "borrowing source data"),
+        ("analysis", "linear CKA, transfer-depth sweeps"),
+        ("export", "SavedModel export and inference models"),
+        ("saving", "load_model: a .keras file with kerastl's classes"),
+    ]),
+    ("Application", None, [
+        ("image_folders", "image folders as checked data and tf.data "
+                          "pipelines"),
+        ("datasets", "offline digit domains"),
+        ("pretrained", "the small CNN pretrained offline (demos, "
+                       "tutorials)"),
+        ("experiment", "kerastl finetune: a run and its outputs"),
+        ("demo", "kerastl demo"),
+        ("cli", "the kerastl command (started by kerastl_cli.py)"),
+    ]),
+]
+
+
+def render_layout(layers=LAYERS):
+    """The layers as the package docstring and the README show them."""
+    lines = []
+    for title, note, modules in layers:
+        lines.append(f"{title} ({note})" if note else title)
+        for name, text in modules:
+            words, line = text.split(), f"    {name:<18}"
+            for word in words:
+                if len(line) + len(word) > 76 and line.strip() != name:
+                    lines.append(line.rstrip())
+                    line = " " * 22
+                line += word + " "
+            lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def unit_of(module):
+    """The layer unit of a module: ``kerastl.zoo.kerashub`` -> ``zoo``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def layer_violations(graph, layers=LAYERS):
+    """Imports of a later layer, and modules no layer declares."""
+    rank = {name: i for i, (_, _, modules) in enumerate(layers)
+            for name, _ in modules}
+    problems = []
+    for module, edges in sorted(graph.items()):
+        unit = unit_of(module)
+        if unit is None:
+            continue  # kerastl/__init__: the public API imports everything
+        if unit not in rank:
+            problems.append(f"{module} is in no layer: add it to LAYERS")
+            continue
+        for target, line, _ in edges:
+            other = unit_of(target)
+            if other is None or other == unit:
+                continue
+            if other not in rank:
+                problems.append(f"{module}:{line} imports {target}, which "
+                                "is in no layer")
+            elif rank[other] > rank[unit]:
+                problems.append(
+                    f"{module}:{line} imports {target}: layer "
+                    f"{layers[rank[other]][0]!r} is after "
+                    f"{layers[rank[unit]][0]!r}")
+    return problems
+
+
+def test_no_module_imports_a_later_layer():
+    graph = package_imports()
+    assert not layer_violations(graph), "\n".join(layer_violations(graph))
+    declared = {n for _, _, modules in LAYERS for n, _ in modules}
+    present = {unit_of(m) for m in graph} - {None}
+    assert declared == present, (declared - present, present - declared)
+
+
+def test_the_layer_check_fails_on_a_planted_violation():
+    planted = {"kerastl.blocks": [("kerastl.training", 12, True)],
+               "kerastl.features.extract": [("kerastl.freezing", 3, True)],
+               "kerastl.newmodule": [("kerastl.errors", 1, True)]}
+    problems = layer_violations(planted)
+    assert len(problems) == 2, problems
+    assert "kerastl.blocks:12 imports kerastl.training" in problems[0]
+    assert "kerastl.newmodule is in no layer" in problems[1]
+
+
+def _between_markers(text, where):
+    found = re.search(r"<!-- layout:start -->\n(.*?)\n<!-- layout:end -->",
+                      text, re.S)
+    assert found, f"{where} lost its layout markers"
+    return found.group(1)
+
+
+def test_docstring_and_readme_show_the_declared_layers():
+    expected = render_layout()
+    assert _between_markers(kerastl.__doc__, "kerastl/__init__.py") == \
+        expected, "paste `python tests/test_architecture.py` into the docstring"
+    readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md")).read()
+    section = readme[readme.index("## Project layout"):]
+    assert _between_markers(section, "README's Project layout") == \
+        expected, "paste `python tests/test_architecture.py` into the README"
+
+
+# -- private access: one module, checked on the syntax tree -------------------
+
+# The one module allowed to read private Keras (and KerasHub, TensorFlow)
+# attributes; everything else goes through its named accessors.
+PRIVATE_OK = {"_keras_private.py"}
+
+
+def private_accesses(source, path="<source>"):
+    """``(line, what)`` for every private access in ``source``:
+
+    * ``x._name`` on anything but ``self``, ``cls`` or ``super()``;
+    * ``getattr``/``hasattr``/``setattr``/``delattr`` (also
+      ``monkeypatch.setattr``) with a ``"_name"`` string;
+    * an import of ``<package>.src`` (Keras's, KerasHub's internals);
+    * ``from kerastl.<module> import _name`` (another module's private
+      name; private *modules* such as ``kerastl._yaml`` are the package's
+      own and may be imported).
+    """
+    found = []
+
+    def private(name):
+        return name.startswith("_") and not (name.startswith("__") and
+                                             name.endswith("__"))
+
+    for node in ast.walk(ast.parse(source, path)):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if isinstance(owner, ast.Call) and isinstance(
+                    owner.func, ast.Name) and owner.func.id == "super":
+                continue
+            found.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else \
+                func.attr if isinstance(func, ast.Attribute) else None
+            if name in ("getattr", "hasattr", "setattr", "delattr") and \
+                    len(node.args) >= 2 and isinstance(
+                        node.args[1], ast.Constant) and isinstance(
+                        node.args[1].value, str) and \
+                    private(node.args[1].value):
+                found.append((node.lineno,
+                              f"{name}(..., {node.args[1].value!r})"))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [node.module or ""] if isinstance(
+                node, ast.ImportFrom) else [a.name for a in node.names]
+            for module in modules:
+                if "src" in module.split(".")[1:]:
+                    found.append((node.lineno, f"import {module}"))
+            if isinstance(node, ast.ImportFrom) and (
+                    node.module or "").startswith("kerastl"):
+                modules_here = package_modules()
+                for alias in node.names:
+                    if private(alias.name) and \
+                            f"{node.module}.{alias.name}" not in modules_here:
+                        found.append((node.lineno, f"from {node.module} "
+                                                   f"import {alias.name}"))
+    return found
+
+
+def package_modules():
+    names = set()
     for root, _, files in os.walk(PACKAGE):
         for f in files:
-            if f.endswith(".py") and f != "_keras_private.py":
-                text = open(os.path.join(root, f)).read()
-                hits += [f"{f}: {p}" for p in pattern if p in text]
-    assert not hits, hits
+            if f.endswith(".py"):
+                names.add(module_name(os.path.join(root, f)))
+    return names
+
+
+def test_private_access_lives_in_one_module():
+    root = os.path.dirname(PACKAGE)
+    hits = []
+    for folder in ("kerastl", "tests", "benchmarks"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for f in sorted(files):
+                if not f.endswith(".py") or f in PRIVATE_OK:
+                    continue
+                path = os.path.join(dirpath, f)
+                hits += [f"{os.path.relpath(path, root)}:{line}: {what}"
+                         for line, what in private_accesses(
+                             open(path).read(), path)]
+    assert not hits, "\n".join(hits)
+
+
+def test_the_private_access_check_fails_on_planted_violations():
+    planted = textwrap.dedent("""
+        import keras.src.backend
+        from keras_hub.src.utils import preset_utils
+        from kerastl.features.cache import _as_cache
+        from kerastl import _yaml
+        model._layers
+        getattr(model, "_compile_config")
+        monkeypatch.setattr(hub, "_TRUSTED", [])
+        self._fine
+        cls._fine
+        super()._fine()
+        model.__class__
+        """)
+    what = [w for _, w in private_accesses(planted)]
+    assert what == ["import keras.src.backend",
+                    "import keras_hub.src.utils",
+                    "from kerastl.features.cache import _as_cache",
+                    "._layers", "getattr(..., '_compile_config')",
+                    "setattr(..., '_TRUSTED')"], what
 
 
 # -- a block map travels with the model ---------------------------------------
@@ -179,7 +425,7 @@ def test_keras_file_from_a_user_zoo_entry_loads_without_the_entry(
         try:
             kerastl.zoo_entry("my_tiny_net")
             raise SystemExit("the entry should be unknown here")
-        except kerastl.UnknownModelError:
+        except kerastl.errors.UnknownModelError:
             pass
         model = keras.models.load_model({str(path)!r})
         bm = kerastl.block_map(model)
@@ -193,20 +439,17 @@ def test_keras_file_from_a_user_zoo_entry_loads_without_the_entry(
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
 
 
-# -- renamed public names ------------------------------------------------------
+# -- the public API -------------------------------------------------------------
 
-def test_get_config_is_a_deprecated_alias_of_zoo_entry():
-    with pytest.warns(DeprecationWarning, match="zoo_entry"):
-        entry = kerastl.get_config("resnet50")
-    assert entry == kerastl.zoo_entry("resnet50")
-
-
-def test_lowercase_multiplier_rules_are_deprecated_aliases():
-    with pytest.warns(DeprecationWarning, match="LayerDecay"):
-        rule = kerastl.layer_decay(0.5)
-    assert isinstance(rule, kerastl.LayerDecay) and rule.decay == 0.5
-    with pytest.warns(DeprecationWarning, match="LRSpread"):
-        assert isinstance(kerastl.lr_spread(0.1), kerastl.LRSpread)
+def test_removed_aliases_are_gone_and_their_replacements_work():
+    # 0.1.0 ships without the aliases kept "one release" (README, "Changed
+    # in this release").
+    for old in ("get_config", "layer_decay", "lr_spread", "frozen_blocks",
+                "STRATEGIES", "hub"):
+        assert not hasattr(kerastl, old), old
+    assert kerastl.zoo_entry("resnet50").name == "resnet50"
+    assert isinstance(kerastl.LayerDecay(0.5), kerastl.LayerDecay)
+    assert isinstance(kerastl.LRSpread(0.1), kerastl.LRSpread)
 
 
 def test_linear_probe_keeps_the_scikit_learn_estimator_contract():
@@ -233,10 +476,10 @@ def test_depth_sweep_leaves_the_global_random_state_alone():
     np.random.seed(123)
     expected = np.random.random()
     np.random.seed(123)
-    first = kerastl.transfer_depth_sweep(backbone, data, data, epochs=1,
+    first = kerastl.analysis.transfer_depth_sweep(backbone, data, data, epochs=1,
                                          seeds=(3,))
     assert np.random.random() == expected
-    second = kerastl.transfer_depth_sweep(backbone, data, data, epochs=1,
+    second = kerastl.analysis.transfer_depth_sweep(backbone, data, data, epochs=1,
                                           seeds=(3,))
     assert [r["accuracy"] for r in first] == [r["accuracy"] for r in second]
 
@@ -260,3 +503,7 @@ def test_load_model_needs_no_import_to_remember(tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert ours.stdout.strip().splitlines()[-1] == "head"
+
+
+if __name__ == "__main__":  # the layout block for the docstring and README
+    print(render_layout())

@@ -72,12 +72,12 @@ def test_gradient_reversal_and_dann_on_jax():
         dann = kerastl.DANN(t.small_cnn(), 2, domain_hidden=(16,))
         dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
         h = dann.fit({"source": xs, "target": xt}, ys, batch_size=16,
-                     epochs=2, callbacks=[kerastl.GaninLambda()], verbose=0)
+                     epochs=2, callbacks=[kerastl.adaptation.GaninLambda()], verbose=0)
         for key in ("class_loss", "domain_loss", "domain_accuracy",
                     "entropy_loss"):
             assert np.all(np.isfinite(h.history[key])), key
         assert float(dann.reversal.lambda_.numpy()) > 0.9
-        assert kerastl.adapt_batch_norm(dann, xt) == 2
+        assert kerastl.adaptation.adapt_batch_norm(dann, xt) == 2
         assert dann.predict(xt[:4], verbose=0).shape == (4, 2)
         print("BACKEND OK")
     """)

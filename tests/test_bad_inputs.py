@@ -37,50 +37,50 @@ LABELS = np.arange(10) % 2
 CASES = [
     # -- backbones and the zoo
     ("load_backbone unknown name", lambda t: kerastl.load_backbone(
-        "resnet5O", weights=None), kerastl.UnknownModelError, "resnet5O"),
+        "resnet5O", weights=None), kerastl.errors.UnknownModelError, "resnet5O"),
     ("load_backbone input_shape float", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=(32.5, 32, 3)),
-     kerastl.InputShapeError, "input_shape.*32.5"),
+     kerastl.errors.InputShapeError, "input_shape.*32.5"),
     ("load_backbone input_shape string", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape="32x32"),
-     kerastl.InputShapeError, "input_shape='32x32'"),
+     kerastl.errors.InputShapeError, "input_shape='32x32'"),
     ("load_backbone input_shape string dim", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=("32", 32, 3)),
-     kerastl.InputShapeError, "input_shape.*'32'"),
+     kerastl.errors.InputShapeError, "input_shape.*'32'"),
     ("load_backbone input_shape grey", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=(32, 32, 1)),
-     kerastl.InputShapeError, "input_shape.*RGB"),
+     kerastl.errors.InputShapeError, "input_shape.*RGB"),
     ("load_backbone input_shape too small", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=(8, 8, 3)),
-     kerastl.InputShapeError, "input_shape.*too small"),
+     kerastl.errors.InputShapeError, "input_shape.*too small"),
     ("predict with too-small images", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=(None, None, 3)
     ).model.predict(np.zeros((1, 8, 8, 3), "float32"), verbose=0),
-     kerastl.InputShapeError, "at least 32x32 pixels; got 8x8.*Resizing"),
+     kerastl.errors.InputShapeError, "at least 32x32 pixels; got 8x8.*Resizing"),
     ("call with too-small images", lambda t: kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=(None, None, 3)
     ).model(np.zeros((1, 16, 40, 3), "float32")),
-     kerastl.InputShapeError, "got 16x40"),
+     kerastl.errors.InputShapeError, "got 16x40"),
     ("load_backbone missing .keras", lambda t: kerastl.load_backbone(
         str(t / "nope.keras")), kerastl.KerastlError, "nope.keras"),
     ("zoo_entry unknown", lambda t: kerastl.zoo_entry("vgg99"),
-     kerastl.UnknownModelError, "vgg99"),
+     kerastl.errors.UnknownModelError, "vgg99"),
     ("list_configs bad source", lambda t: kerastl.list_configs("torch"),
-     kerastl.ConfigError, "source='torch'"),
+     kerastl.errors.ConfigError, "source='torch'"),
     # -- block maps and freezing
     ("freeze unknown block", lambda t: kerastl.freeze(clf(), up_to="c9"),
-     kerastl.BlockError, "c9"),
+     kerastl.errors.BlockError, "c9"),
     ("freeze depth out of range", lambda t: kerastl.freeze(clf(), up_to=7),
-     kerastl.BlockError, "7"),
+     kerastl.errors.BlockError, "7"),
     ("freeze bad bn", lambda t: kerastl.freeze(clf(), bn="sometimes"),
      kerastl.KerastlError, "bn='sometimes'"),
     ("unfreeze unknown block", lambda t: kerastl.unfreeze(
-        clf(), from_block="zzz"), kerastl.BlockError, "zzz"),
+        clf(), from_block="zzz"), kerastl.errors.BlockError, "zzz"),
     ("GradualUnfreezing every 0", lambda t: kerastl.GradualUnfreezing(
         every=0), kerastl.KerastlError, "every"),
     ("block_map of a subclassed model", lambda t: kerastl.block_map(
         type("Mine", (keras.Model,), {"call": lambda s, x: x})()),
-     kerastl.BlockError, "subclassed"),
+     kerastl.errors.BlockError, "subclassed"),
     # -- heads and recipes
     ("build_classifier num_classes 0", lambda t: kerastl.build_classifier(
         conv(), 0), kerastl.KerastlError, "num_classes=0"),
@@ -119,7 +119,7 @@ CASES = [
      kerastl.KerastlError, "optimizer=0.1"),
     # -- layer-wise rates
     ("LayerwiseOptimizer unknown block", lambda t: kerastl.LayerwiseOptimizer(
-        "adam", {"c9": 0.1}, clf()), kerastl.BlockError, "c9"),
+        "adam", {"c9": 0.1}, clf()), kerastl.errors.BlockError, "c9"),
     ("LayerwiseOptimizer negative", lambda t: kerastl.LayerwiseOptimizer(
         "adam", {"c1": -1.0}, clf()), kerastl.KerastlError, "-1.0"),
     ("LayerwiseOptimizer nan", lambda t: kerastl.LayerwiseOptimizer(
@@ -133,41 +133,41 @@ CASES = [
     ("LRSpread reversed", lambda t: kerastl.LRSpread(1.0, 0.1),
      kerastl.KerastlError, r"LRSpread\(1.0, 0.1\)"),
     # -- domain adaptation
-    ("GaninLambda warmup 1", lambda t: kerastl.GaninLambda(warmup=1.0),
+    ("GaninLambda warmup 1", lambda t: kerastl.adaptation.GaninLambda(warmup=1.0),
      kerastl.KerastlError, "warmup=1.0"),
-    ("GaninLambda gamma nan", lambda t: kerastl.GaninLambda(gamma=NAN),
+    ("GaninLambda gamma nan", lambda t: kerastl.adaptation.GaninLambda(gamma=NAN),
      kerastl.KerastlError, "gamma=nan"),
-    ("GaninLambda gamma 0", lambda t: kerastl.GaninLambda(gamma=0),
+    ("GaninLambda gamma 0", lambda t: kerastl.adaptation.GaninLambda(gamma=0),
      kerastl.KerastlError, "gamma=0"),
-    ("GaninLearningRate mu0 negative", lambda t: kerastl.GaninLearningRate(
+    ("GaninLearningRate mu0 negative", lambda t: kerastl.adaptation.GaninLearningRate(
         mu0=-0.1), kerastl.KerastlError, "mu0=-0.1"),
-    ("GaninLambda total_steps 0", lambda t: kerastl.GaninLambda(
+    ("GaninLambda total_steps 0", lambda t: kerastl.adaptation.GaninLambda(
         total_steps=0), kerastl.KerastlError, "total_steps=0"),
-    ("domain_dataset batch_size 0", lambda t: kerastl.domain_dataset(
+    ("domain_dataset batch_size 0", lambda t: kerastl.adaptation.domain_dataset(
         (IMAGES, np.zeros(4)), IMAGES, batch_size=0),
      kerastl.KerastlError, "batch_size=0"),
-    ("domain_dataset source not a pair", lambda t: kerastl.domain_dataset(
+    ("domain_dataset source not a pair", lambda t: kerastl.adaptation.domain_dataset(
         IMAGES, IMAGES, batch_size=2), kerastl.KerastlError, "source"),
-    ("domain_dataset labelled target", lambda t: kerastl.domain_dataset(
+    ("domain_dataset labelled target", lambda t: kerastl.adaptation.domain_dataset(
         (IMAGES, np.zeros(4)), (IMAGES, np.zeros(4)), batch_size=2),
      kerastl.KerastlError, "target is unlabelled"),
-    ("domain_dataset length mismatch", lambda t: kerastl.domain_dataset(
+    ("domain_dataset length mismatch", lambda t: kerastl.adaptation.domain_dataset(
         (IMAGES, np.zeros(3)), IMAGES, batch_size=2),
      kerastl.KerastlError, "Source x has 4 samples but y has 3"),
-    ("domain_dataset empty target", lambda t: kerastl.domain_dataset(
+    ("domain_dataset empty target", lambda t: kerastl.adaptation.domain_dataset(
         (IMAGES, np.zeros(4)), IMAGES[:0], batch_size=2),
      kerastl.KerastlError, "target has 0 samples"),
-    ("domain_dataset small source", lambda t: kerastl.domain_dataset(
+    ("domain_dataset small source", lambda t: kerastl.adaptation.domain_dataset(
         (IMAGES, np.zeros(4)), IMAGES, batch_size=8),
      kerastl.KerastlError, "source has 4 samples.*batch_size=8"),
-    ("adapt_batch_norm empty", lambda t: kerastl.adapt_batch_norm(
+    ("adapt_batch_norm empty", lambda t: kerastl.adaptation.adapt_batch_norm(
         keras.Sequential([keras.Input((8, 8, 3)),
                           keras.layers.BatchNormalization()]), IMAGES[:0]),
      kerastl.KerastlError, "target images"),
-    ("information_loss logits", lambda t: kerastl.information_loss(
+    ("information_loss logits", lambda t: kerastl.adaptation.information_loss(
         np.array([[3.0, -1.0]], "float32")), kerastl.KerastlError,
      "from_logits"),
-    ("joint_fine_tune empty source", lambda t: kerastl.joint_fine_tune(
+    ("joint_fine_tune empty source", lambda t: kerastl.adaptation.joint_fine_tune(
         conv(), (IMAGES, np.zeros(4)), (IMAGES[:0], np.zeros(0))),
      kerastl.KerastlError, "source"),
     # -- features
@@ -208,7 +208,7 @@ CASES = [
     ("LinearProbe set_params", lambda t: kerastl.LinearProbe().set_params(
         depth=3), kerastl.KerastlError, "depth"),
     # -- analysis
-    ("transfer_depth_sweep depth", lambda t: kerastl.transfer_depth_sweep(
+    ("transfer_depth_sweep depth", lambda t: kerastl.analysis.transfer_depth_sweep(
         conv(), (IMAGES, np.zeros(4)), (IMAGES, np.zeros(4)), depths=[5]),
      kerastl.KerastlError, "depth 5"),
     ("stratified few_shot too many", lambda t: datasets.few_shot(
@@ -226,18 +226,18 @@ CASES = [
      kerastl.KerastlError, "mnist"),
     # -- export (writes nothing)
     ("export input mode", lambda t: kerastl.export_savedmodel(
-        clf(), t / "e", input="jpeg"), kerastl.ExportError, "input='jpeg'"),
+        clf(), t / "e", input="jpeg"), kerastl.errors.ExportError, "input='jpeg'"),
     ("export not a model", lambda t: kerastl.export_savedmodel(
-        "model", t / "e"), kerastl.ExportError, "keras.Model"),
+        "model", t / "e"), kerastl.errors.ExportError, "keras.Model"),
     ("export onto a file", lambda t: (t / "f").write_text("x") and
-     kerastl.export_savedmodel(clf(), t / "f"), kerastl.ExportError,
+     kerastl.export_savedmodel(clf(), t / "f"), kerastl.errors.ExportError,
      "not a folder"),
     ("export into cwd", lambda t: kerastl.export_savedmodel(clf(), "."),
-     kerastl.ExportError, "working directory"),
+     kerastl.errors.ExportError, "working directory"),
     # -- hub
     ("HubLayer missing folder", lambda t: kerastl.HubLayer(
         str(t / "no_model")), kerastl.KerastlError, "no_model"),
-    ("resolve_handle not a handle", lambda t: kerastl.resolve_handle(
+    ("resolve_handle not a handle", lambda t: kerastl.tfhub.resolve_handle(
         "just-a-name"), kerastl.KerastlError, "just-a-name"),
 ]
 

@@ -82,11 +82,11 @@ def test_lookups(backbone):
 
 
 def test_unknown_block_lists_the_blocks(backbone):
-    with pytest.raises(kerastl.BlockError) as e:
+    with pytest.raises(kerastl.errors.BlockError) as e:
         backbone.block_map.resolve("stage9")
     msg = str(e.value)
     assert "stem, stage1, stage2, stage3, stage4, top" in msg
-    with pytest.raises(kerastl.BlockError, match="out of range"):
+    with pytest.raises(kerastl.errors.BlockError, match="out of range"):
         backbone.block_map.resolve(6)
 
 
@@ -149,7 +149,7 @@ def test_structural_fallback_splits_at_resolution_changes():
 
 
 def test_block_map_rejects_non_models():
-    with pytest.raises(kerastl.BlockError, match="keras.Model"):
+    with pytest.raises(kerastl.errors.BlockError, match="keras.Model"):
         kerastl.block_map("resnet50")
 
 
@@ -191,7 +191,7 @@ def test_a_repeated_rule_travels_in_the_config():
                                  "first": 1}
     again = BlockRule.from_config(rule.get_config())
     assert again == rule and again.number("pre_stack12_conv") == 12
-    with pytest.raises(kerastl.BlockError, match="repeated rule"):
+    with pytest.raises(kerastl.errors.BlockError, match="repeated rule"):
         BlockRule("layer{i}", until="norm")
-    with pytest.raises(kerastl.BlockError, match="each contain"):
+    with pytest.raises(kerastl.errors.BlockError, match="each contain"):
         BlockRule("layer{i}", layers=["^blk_{i}$", "^extra$"])

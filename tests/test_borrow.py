@@ -23,7 +23,7 @@ def test_selects_the_true_nearest_neighbours(metric):
     rng = np.random.default_rng(0)
     source = rng.normal(size=(500, 16)).astype("float32")
     target = rng.normal(size=(37, 16)).astype("float32")
-    sel = kerastl.select_source_samples(source, target, k=5, metric=metric,
+    sel = kerastl.adaptation.select_source_samples(source, target, k=5, metric=metric,
                                         chunk_size=10)
     np.testing.assert_array_equal(sel.neighbours,
                                   brute_force(source, target, 5, metric))
@@ -38,7 +38,7 @@ def test_constructed_example_picks_the_planted_neighbours():
     planted = np.concatenate([target + 0.01, target - 0.01])
     far = rng.normal(size=(200, 8)) * 10 + 100
     source = np.concatenate([far, planted])
-    sel = kerastl.select_source_samples(source, target, k=2, metric="l2")
+    sel = kerastl.adaptation.select_source_samples(source, target, k=2, metric="l2")
     expected = np.concatenate([200 + np.arange(8)])
     np.testing.assert_array_equal(sel.indices, expected)
     for t in range(4):
@@ -52,22 +52,22 @@ def test_hard_targets_get_more_neighbours():
     probs = np.full((6, 3), 0.05)
     probs[np.arange(6), [0, 1, 2, 0, 1, 2]] = 0.9
     labels = np.array([0, 1, 2, 0, 1, 0])  # the last one is misclassified
-    hard = kerastl.hard_examples(probs, labels, entropy_quantile=None)
+    hard = kerastl.adaptation.hard_examples(probs, labels, entropy_quantile=None)
     np.testing.assert_array_equal(hard, [False] * 5 + [True])
-    sel = kerastl.select_source_samples(source, target, k=3, hard=hard)
+    sel = kerastl.adaptation.select_source_samples(source, target, k=3, hard=hard)
     np.testing.assert_array_equal(sel.k, [3, 3, 3, 3, 3, 6])
     assert (sel.neighbours[:5, 3:] == -1).all()
     assert (sel.neighbours[5] >= 0).all()
-    sel = kerastl.select_source_samples(source, target, k=3, hard=[0],
+    sel = kerastl.adaptation.select_source_samples(source, target, k=3, hard=[0],
                                         k_hard=4)
     np.testing.assert_array_equal(sel.k, [4, 3, 3, 3, 3, 3])
 
 
 def test_selection_errors():
     with pytest.raises(KerastlError, match="same layer"):
-        kerastl.select_source_samples(np.ones((5, 3)), np.ones((2, 4)))
+        kerastl.adaptation.select_source_samples(np.ones((5, 3)), np.ones((2, 4)))
     with pytest.raises(KerastlError, match="metric"):
-        kerastl.select_source_samples(np.ones((5, 3)), np.ones((2, 3)),
+        kerastl.adaptation.select_source_samples(np.ones((5, 3)), np.ones((2, 3)),
                                       metric="manhattan")
 
 
@@ -89,7 +89,7 @@ def test_joint_fine_tune_trains_both_heads():
             for name in ("target", "source"):
                 initial[name] = self.model.get_layer(name).kernel.numpy()
 
-    joint = kerastl.joint_fine_tune(backbone, target, source, epochs=2,
+    joint = kerastl.adaptation.joint_fine_tune(backbone, target, source, epochs=2,
                                     batch_size=8,
                                     validation_data=target,
                                     callbacks=[Snapshot()])
@@ -120,13 +120,13 @@ def test_joint_fine_tuning_model_has_a_real_block_map():
     y = np.arange(8) % 2
     before = {v.path: v.numpy().copy()
               for v in kerastl.block_map(backbone).variables("stem")}
-    joint = kerastl.joint_fine_tune(backbone, (x, y), (x, y), epochs=1,
+    joint = kerastl.adaptation.joint_fine_tune(backbone, (x, y), (x, y), epochs=1,
                                     batch_size=4, freeze="stage1")
     bm = kerastl.block_map(joint.model)
     assert bm.names == backbone.blocks + ["head"]
     assert [l.name for l in bm.weighted_layers("head")] == ["target",
                                                             "source"]
-    assert kerastl.trainable_blocks(joint.model) == backbone.blocks[2:] + [
+    assert kerastl.freezing.trainable_blocks(joint.model) == backbone.blocks[2:] + [
         "head"]
     for v in bm.variables("stem"):  # frozen through fit, to the bit
         np.testing.assert_array_equal(v.numpy(), before[v.path])

@@ -221,7 +221,7 @@ def test_auto_replays_only_pipelines_kerastl_made(tmp_path):
     """A user's tf.data pipeline may augment: "auto" trains it end to end;
     image_folder_datasets (what kerastl finetune reads with) is replayed."""
     from conftest import write_folder
-    from kerastl.experiment import image_folder_datasets
+    from kerastl.image_folders import image_folder_datasets
 
     x, y = data()
     theirs = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)

@@ -126,12 +126,12 @@ def test_a_command_that_builds_a_model_prints_no_tensorflow_logs():
 
 def test_quiet_import_is_a_no_op_once_tensorflow_is_loaded():
     """Only the first import of TensorFlow is silenced, never later output."""
-    from kerastl.cli import _import_api_quietly
+    from kerastl.cli import import_api_quietly
 
     # In this process TensorFlow is imported already: a no-op import that
     # must not touch file descriptor 2.
     before = os.fstat(2)
-    _import_api_quietly()
+    import_api_quietly()
     assert os.fstat(2) == before
 
 

@@ -262,7 +262,8 @@ def test_every_experiment_key_has_a_flag(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--help"])
     help_text = capsys.readouterr().out
-    for key in experiment.DEFAULTS:
+    from kerastl import schema
+    for key in schema.defaults():
         assert "--" + key.replace("_", "-") in help_text, key
     assert "(default: partial)" in help_text
     code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
@@ -311,10 +312,10 @@ def test_first_ctrl_c_waits_for_the_step_boundary_and_second_stops_now():
     interrupts at once; the previous handler is restored after."""
     import signal
 
-    from kerastl.experiment import _stop_between_steps
+    from kerastl.experiment import stop_between_steps
 
     before = signal.getsignal(signal.SIGINT)
-    with _stop_between_steps() as stopper:
+    with stop_between_steps() as stopper:
         stopper.on_train_batch_end(0, logs={})  # nothing pending: no-op
         os.kill(os.getpid(), signal.SIGINT)     # first Ctrl-C: no exception
         assert stopper.requested
@@ -344,7 +345,7 @@ def test_plots_number_epochs_as_the_log_and_keep_numbers_readable(
                            "val_accuracy": [0.3, 0.6, 0.7]},
                "confusion_matrix": [[9, 1], [0, 10]],
                "classes": ["cats", "dogs"]}
-    assert experiment._plots(str(tmp_path), metrics) == [
+    assert experiment.plots(str(tmp_path), metrics) == [
         "training_curves.png", "confusion_matrix.png"]
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     curves, confusion = figures

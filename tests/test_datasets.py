@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import kerastl
-from kerastl import datasets
+from kerastl import datasets, rendering
 
 
 def test_digits_shapes_range_and_split():
@@ -35,8 +35,8 @@ def test_digits_m_recipe():
     # 255 - patch, where it is black the output is the patch itself, so the
     # two regions of one image sum to 255 only through the photo: check the
     # recipe on a reconstruction with the same random stream.
-    photos = datasets._photos()
-    masks, _ = datasets._digit_masks("test", 32)
+    photos = datasets.photos()
+    masks, _ = datasets.digit_masks("test", 32)
     rng = np.random.default_rng([0, 2])
     photo = photos[rng.integers(len(photos))]
     r = rng.integers(0, photo.shape[0] - 31)
@@ -63,7 +63,7 @@ def test_syn_digits_is_seeded_balanced_and_varied():
     # Colour and background vary from image to image.
     means = x.mean(axis=(1, 2))
     assert means.std(axis=0).min() > 15
-    assert len(datasets.font_paths()) >= 15
+    assert len(rendering.font_paths()) >= 15
 
 
 def test_load_and_bad_input():

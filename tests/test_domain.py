@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import kerastl
+from kerastl import _keras_private as _private
 from kerastl.adaptation.schedules import ganin_lambda
 from conftest import small_cnn, step_with_references, toy_domains
 
@@ -93,7 +94,7 @@ def test_ganin_lambda_values():
 def fit_one_epoch(dann):
     """One epoch of batch-16 training on :func:`toy_domains`; the logs."""
     xs, ys, xt, _ = toy_domains()
-    return dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+    return dann.fit(kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16),
                     epochs=1, verbose=0).history
 
 
@@ -102,8 +103,8 @@ def test_schedules_update_every_batch():
     keras.utils.set_random_seed(0)
     dann = kerastl.DANN(small_cnn(), 2)
     dann.compile(keras.optimizers.SGD(0.01, momentum=0.9))
-    lam, lr = kerastl.GaninLambda(), kerastl.GaninLearningRate()
-    ds = kerastl.domain_dataset((xs, ys), xt, batch_size=16)  # 4 steps
+    lam, lr = kerastl.adaptation.GaninLambda(), kerastl.adaptation.GaninLearningRate()
+    ds = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16)  # 4 steps
     history = dann.fit(ds, epochs=2, callbacks=[lam, lr], verbose=0)
     total = 8
     expected = [ganin_lambda(s / total) for s in range(total)]
@@ -115,12 +116,12 @@ def test_schedules_update_every_batch():
         lr.history[-1])
     assert history.history["grl_lambda"][-1] == pytest.approx(expected[-1])
     # A dataset of unknown length and no total_steps: a clear error.
-    cb = kerastl.GaninLambda()
+    cb = kerastl.adaptation.GaninLambda()
     cb.set_model(dann)
     cb.set_params({"epochs": 3, "steps": None})
     with pytest.raises(kerastl.KerastlError, match="length of training"):
         cb.on_train_batch_begin(0)
-    cb = kerastl.GaninLambda(total_steps=10)
+    cb = kerastl.adaptation.GaninLambda(total_steps=10)
     cb.set_model(dann)
     cb.set_params({"epochs": 3, "steps": None})
     cb.on_train_batch_begin(0)
@@ -128,12 +129,12 @@ def test_schedules_update_every_batch():
 
 def test_ganin_lambda_warmup():
     """lambda = 0 for the warm-up fraction, then the paper's ramp."""
-    cb = kerastl.GaninLambda(warmup=0.5, total_steps=100)
+    cb = kerastl.adaptation.GaninLambda(warmup=0.5, total_steps=100)
     assert [cb.value(p) for p in (0.0, 0.25, 0.5)] == [0.0, 0.0, 0.0]
     assert cb.value(0.55) == pytest.approx(ganin_lambda(0.1))
     assert cb.value(1.0) == pytest.approx(ganin_lambda(1.0))
     with pytest.raises(kerastl.KerastlError, match="warmup"):
-        kerastl.GaninLambda(warmup=1.0)
+        kerastl.adaptation.GaninLambda(warmup=1.0)
 
 
 # -- DANN -------------------------------------------------------------------------
@@ -145,8 +146,8 @@ def test_dann_trains_reports_and_predicts_on_the_label_path():
     dann = kerastl.DANN(features, 2, domain_hidden=(16,))
     dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
     before = {v.path: v.numpy().copy() for v in features.trainable_weights}
-    ds = kerastl.domain_dataset((xs, ys), xt, batch_size=16)
-    history = dann.fit(ds, epochs=2, callbacks=[kerastl.GaninLambda()],
+    ds = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16)
+    history = dann.fit(ds, epochs=2, callbacks=[kerastl.adaptation.GaninLambda()],
                        verbose=0)
     logs = history.history
     for key in ("loss", "class_loss", "domain_loss", "domain_accuracy",
@@ -181,7 +182,7 @@ def test_reversal_makes_domains_indistinguishable():
                             lambda_=lam, bottleneck=None, batchnorm=False,
                             entropy_weight=0, split_batchnorm=False)
         dann.compile(keras.optimizers.Adam(1e-3))
-        ds = kerastl.domain_dataset((xs, ys), xt, batch_size=32)
+        ds = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=32)
         h = dann.fit(ds, epochs=15, verbose=0)
         return h.history["domain_accuracy"][-1]
 
@@ -208,7 +209,7 @@ def test_semi_supervised_labels_join_the_class_loss():
     keras.utils.set_random_seed(0)
     dann = kerastl.DANN(small_cnn(), 2)
     dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
-    ds = kerastl.domain_dataset((xs, ys), xt, batch_size=16,
+    ds = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16,
                                 target_labeled=(xt[:8], yt[:8]))
     x, y = next(iter(ds))
     assert set(x) == {"source", "target", "labeled"}
@@ -220,11 +221,11 @@ def test_semi_supervised_labels_join_the_class_loss():
 def test_coral_alignment():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 6)).astype("float32")
-    assert float(kerastl.coral_loss(a, a)) == pytest.approx(0.0, abs=1e-7)
+    assert float(kerastl.adaptation.coral_loss(a, a)) == pytest.approx(0.0, abs=1e-7)
     b = 3.0 * a  # covariance x9
     ca = np.cov(a, rowvar=False)
     expected = np.sum((ca - 9 * ca) ** 2) / (4 * 36)
-    assert float(kerastl.coral_loss(a, b)) == pytest.approx(expected,
+    assert float(kerastl.adaptation.coral_loss(a, b)) == pytest.approx(expected,
                                                             rel=1e-4)
     dann = kerastl.DANN(small_cnn(), 2, alignment="coral")
     dann.compile(keras.optimizers.Adam(1e-3))
@@ -236,19 +237,19 @@ def test_coral_alignment():
 def test_information_loss():
     k = 4
     uniform = np.full((8, k), 1.0 / k, "float32")
-    assert float(kerastl.information_loss(uniform)) == pytest.approx(
+    assert float(kerastl.adaptation.information_loss(uniform)) == pytest.approx(
         0.0, abs=1e-5)
     balanced = np.eye(k, dtype="float32")  # confident, every class used
-    assert float(kerastl.information_loss(balanced)) == pytest.approx(
+    assert float(kerastl.adaptation.information_loss(balanced)) == pytest.approx(
         -np.log(k), abs=1e-4)
     collapsed = np.tile(np.eye(k, dtype="float32")[:1], (8, 1))
-    assert float(kerastl.information_loss(collapsed)) == pytest.approx(
+    assert float(kerastl.adaptation.information_loss(collapsed)) == pytest.approx(
         0.0, abs=1e-4)
     p = np.random.default_rng(0).dirichlet(np.ones(k), 16).astype("float32")
     mean = p.mean(axis=0)
     expected = (-np.mean(np.sum(p * np.log(p), axis=1))
                 + np.sum(mean * np.log(mean)))
-    assert float(kerastl.information_loss(p)) == pytest.approx(expected,
+    assert float(kerastl.adaptation.information_loss(p)) == pytest.approx(expected,
                                                               rel=1e-4)
 
 
@@ -323,7 +324,7 @@ def test_dann_save_load_and_export(tmp_path):
     # The label path exports to a SavedModel without the domain parts.
     classifier = dann.classifier
     assert not any(isinstance(l, kerastl.GradientReversal)
-                   for l in classifier._flatten_layers())
+                   for l in _private.all_sublayers(classifier))
     classifier.export(str(tmp_path / "exported"), verbose=False)
     reloaded = tf.saved_model.load(str(tmp_path / "exported"))
     np.testing.assert_allclose(reloaded.serve(tf.constant(xt[:6])).numpy(),
@@ -344,9 +345,9 @@ def test_dann_bad_input():
         kerastl.DANN(small_cnn(), 2, entropy_weight=float("nan"))
     xs, ys, xt, _ = toy_domains(8)
     with pytest.raises(kerastl.KerastlError, match="unlabelled"):
-        kerastl.domain_dataset((xs, ys), (xt, ys))
+        kerastl.adaptation.domain_dataset((xs, ys), (xt, ys))
     with pytest.raises(kerastl.KerastlError, match="samples"):
-        kerastl.domain_dataset((xs, ys[:3]), xt)
+        kerastl.adaptation.domain_dataset((xs, ys[:3]), xt)
 
 
 # -- AdaBN ------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_adapt_batch_norm_sets_target_statistics_only():
     _, _, xt, _ = toy_domains(n=96)
     others = {v.path: v.numpy().copy() for v in model.weights
               if "moving" not in v.path}
-    assert kerastl.adapt_batch_norm(model, xt, batch_size=32) == 1
+    assert kerastl.adaptation.adapt_batch_norm(model, xt, batch_size=32) == 1
     # The moving mean is the mean of the three batch means, i.e. the mean
     # of the target activations entering BN.
     upto = keras.Model(model.input, bn.input)
@@ -386,7 +387,7 @@ def test_adapt_batch_norm_on_dann_adapts_the_bottleneck_too():
               if "moving" not in v.path}
     domain_bn = [v.numpy().copy() for v in dann.domain_layers[1].weights]
     # The feature extractor's BN and the bottleneck's.
-    assert kerastl.adapt_batch_norm(dann, xt, batch_size=48) == 2
+    assert kerastl.adaptation.adapt_batch_norm(dann, xt, batch_size=48) == 2
     # One batch: every moving statistic is that batch's, so the inference
     # forward pass repeats the adaptation pass, and the bottleneck BN holds
     # the mean and variance of its Dense layer's outputs on the target.
@@ -454,7 +455,7 @@ def test_freeze_dann_keeps_frozen_blocks_bit_identical_through_fit():
     assert dann.get_layer("bottleneck_0_bn").trainable
     # freeze(dann) with no block freezes the backbone, trains the heads.
     kerastl.freeze(dann)
-    assert kerastl.trainable_blocks(dann) == ["bottleneck", "label_head",
+    assert kerastl.freezing.trainable_blocks(dann) == ["bottleneck", "label_head",
                                               "domain_head"]
 
 
@@ -491,7 +492,7 @@ def test_gradual_unfreezing_on_dann_trains_the_heads_first():
     dann.compile(keras.optimizers.Adam(1e-3))
     callback = kerastl.GradualUnfreezing(every=1, start_blocks=1)
     xs, ys, xt, _ = toy_domains()
-    dann.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=32), epochs=2,
+    dann.fit(kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=32), epochs=2,
              callbacks=[callback], verbose=0)
     assert callback.history[0] == ["bottleneck", "label_head", "domain_head"]
     assert callback.history[1] == ["top", "bottleneck", "label_head",
@@ -507,7 +508,7 @@ def test_unknown_subclassed_model_has_no_silent_block_map():
         def call(self, x):
             return self.dense(x)
 
-    with pytest.raises(kerastl.BlockError, match="subclassed model"):
+    with pytest.raises(kerastl.errors.BlockError, match="subclassed model"):
         kerastl.block_map(Opaque())
-    with pytest.raises(kerastl.BlockError, match="functional API"):
+    with pytest.raises(kerastl.errors.BlockError, match="functional API"):
         kerastl.freeze(Opaque())

@@ -44,38 +44,38 @@ def trainable(layers):
 def test_mmd_is_zero_for_identical_samples_and_grows_with_a_mean_shift():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(64, 5)).astype("float32")
-    assert float(kerastl.mmd_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kerastl.adaptation.mmd_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
     b = rng.normal(size=(64, 5)).astype("float32")
-    values = [float(kerastl.mmd_loss(a, b + shift))
+    values = [float(kerastl.adaptation.mmd_loss(a, b + shift))
               for shift in (0.0, 0.5, 1.0, 2.0, 4.0)]
     assert all(x < y for x, y in zip(values, values[1:])), values
     # Same distribution, different samples: small next to a real shift.
     assert values[0] < 0.25 * values[2]
     # Symmetric, and a hand computation for one kernel.
-    assert float(kerastl.mmd_loss(b, a)) == pytest.approx(
-        float(kerastl.mmd_loss(a, b)), rel=1e-5)
+    assert float(kerastl.adaptation.mmd_loss(b, a)) == pytest.approx(
+        float(kerastl.adaptation.mmd_loss(a, b)), rel=1e-5)
     x, y = np.array([[0.0], [1.0]], "float32"), np.array([[3.0]], "float32")
     d2 = np.array([[0, 1, 9], [1, 0, 4], [9, 4, 0]], "float64")
     k = np.exp(-d2 / d2.mean())
     expected = k[:2, :2].mean() + k[2:, 2:].mean() - 2 * k[:2, 2:].mean()
-    assert float(kerastl.mmd_loss(x, y, bandwidths=(1.0,))) == \
+    assert float(kerastl.adaptation.mmd_loss(x, y, bandwidths=(1.0,))) == \
         pytest.approx(expected, rel=1e-5)
     with pytest.raises(kerastl.KerastlError, match="bandwidths"):
-        kerastl.mmd_loss(a, b, bandwidths=(0.0,))
+        kerastl.adaptation.mmd_loss(a, b, bandwidths=(0.0,))
 
 
 def test_confusion_loss_is_minimal_at_uniform_domain_predictions():
     p = tf.Variable(np.full((6, 1), 0.5, "float32"))
     with tf.GradientTape() as tape:
-        loss = kerastl.confusion_loss(p)
+        loss = kerastl.adaptation.confusion_loss(p)
     assert float(loss) == pytest.approx(np.log(2.0), rel=1e-6)
     np.testing.assert_allclose(tape.gradient(loss, p).numpy(), 0.0,
                                atol=1e-7)
     for q in (0.01, 0.2, 0.7, 0.99):
-        assert float(kerastl.confusion_loss(np.full((6, 1), q))) > np.log(2)
+        assert float(kerastl.adaptation.confusion_loss(np.full((6, 1), q))) > np.log(2)
     # Confident in either direction costs the same.
-    assert float(kerastl.confusion_loss([[0.2]])) == pytest.approx(
-        float(kerastl.confusion_loss([[0.8]])), rel=1e-6)
+    assert float(kerastl.adaptation.confusion_loss([[0.2]])) == pytest.approx(
+        float(kerastl.adaptation.confusion_loss([[0.8]])), rel=1e-6)
 
 
 # -- DANN(alignment="confusion" | "mmd") ---------------------------------------------
@@ -99,7 +99,7 @@ def test_confusion_splits_the_gradients_between_the_two_players():
     def class_and_confusion(p):
         class_loss = tf.reduce_mean(
             keras.losses.sparse_categorical_crossentropy(y, p["label"][:n]))
-        return class_loss + 0.7 * kerastl.confusion_loss(p["confusion"])
+        return class_loss + 0.7 * kerastl.adaptation.confusion_loss(p["confusion"])
 
     assert_same_gradients(gradients(model, x, y, head),
                           gradients(model, x, y, head, domain_bce))
@@ -108,7 +108,7 @@ def test_confusion_splits_the_gradients_between_the_two_players():
                                     class_and_confusion))
     # And it is a real force on the features.
     confusion = gradients(model, x, y, features,
-                          lambda p: kerastl.confusion_loss(p["confusion"]))
+                          lambda p: kerastl.adaptation.confusion_loss(p["confusion"]))
     assert max(float(tf.reduce_max(tf.abs(g))) for g in confusion) > 0
 
 
@@ -119,14 +119,14 @@ def test_mmd_alignment_is_the_features_mmd_times_the_ramped_strength():
     n = x["source"].shape[0]
     f = y_pred["features"]
     assert model.domain_head is None and model.reversal is None
-    assert float(model._alignment_loss(y_pred, n)) == 0.0  # lambda_ = 0
+    assert float(model.alignment_loss(y_pred, n)) == 0.0  # lambda_ = 0
     model.alignment_strength.assign(0.6)
-    assert float(model._alignment_loss(y_pred, n)) == pytest.approx(
-        0.6 * float(kerastl.mmd_loss(f[:n], f[n:])), rel=1e-5)
+    assert float(model.alignment_loss(y_pred, n)) == pytest.approx(
+        0.6 * float(kerastl.adaptation.mmd_loss(f[:n], f[n:])), rel=1e-5)
     # GaninLambda ramps it like the reversal.
     model.compile(keras.optimizers.Adam(1e-3))
-    ramp = kerastl.GaninLambda()
-    model.fit(kerastl.domain_dataset(toy_domains(32)[:2], toy_domains(32)[2],
+    ramp = kerastl.adaptation.GaninLambda()
+    model.fit(kerastl.adaptation.domain_dataset(toy_domains(32)[:2], toy_domains(32)[2],
                                      batch_size=8),
               epochs=1, verbose=0, callbacks=[ramp])
     assert float(model.alignment_strength) == pytest.approx(
@@ -138,9 +138,9 @@ def test_new_alignments_train_save_and_export(alignment, tmp_path):
     xs, ys, xt, yt = toy_domains(48)
     model = kerastl.DANN(small_cnn(), 2, alignment=alignment)
     model.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
-    history = model.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=16),
+    history = model.fit(kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16),
                         epochs=2, verbose=0,
-                        callbacks=[kerastl.GaninLambda()])
+                        callbacks=[kerastl.adaptation.GaninLambda()])
     assert np.all(np.isfinite(history.history["domain_loss"]))
     assert ("domain_accuracy" in history.history) == (
         alignment == "confusion")
@@ -182,7 +182,7 @@ def test_adda_gradients_fixed_parts_and_round_trip(tmp_path):
     stage1 = keras.Sequential([encoder, head])
     stage1.compile("adam", "sparse_categorical_crossentropy")
     stage1.fit(xs, ys, epochs=1, verbose=0)
-    adda = kerastl.ADDA(encoder, head, discriminator_hidden=(16,))
+    adda = kerastl.adaptation.ADDA(encoder, head, discriminator_hidden=(16,))
     # Starts as the source model.
     np.testing.assert_array_equal(adda.predict(xt, verbose=0),
                                   stage1.predict(xt, verbose=0))
@@ -211,7 +211,7 @@ def test_adda_gradients_fixed_parts_and_round_trip(tmp_path):
     target_before = [v.numpy().copy() for v in target]
     adda.compile(keras.optimizers.Adam(1e-3, beta_1=0.5),
                  metrics=["accuracy"])
-    history = adda.fit(kerastl.domain_dataset((xs, ys), xt, batch_size=8),
+    history = adda.fit(kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=8),
                        epochs=2, verbose=0)
     assert {"domain_loss", "mapping_loss", "domain_accuracy"} <= set(
         history.history)
@@ -236,7 +236,7 @@ def test_adda_gradients_fixed_parts_and_round_trip(tmp_path):
 def test_adda_refuses_what_it_cannot_clone():
     _, head = source_model()
     with pytest.raises(kerastl.KerastlError, match="encoder"):
-        kerastl.ADDA("encoder.keras", head)
+        kerastl.adaptation.ADDA("encoder.keras", head)
 
 
 # -- label-free model selection -----------------------------------------------------
@@ -278,7 +278,7 @@ def test_dev_picks_the_model_that_is_right_where_the_target_is():
     near = Rule(lambda x: x[:, 0] > 1)
     far = Rule(lambda x: x[:, 0] <= 1)
     identity = {"near": lambda x: x, "far": lambda x: x}
-    choice = kerastl.select_model({"near": near, "far": far}, (xs, ys), xt,
+    choice = kerastl.adaptation.select_model({"near": near, "far": far}, (xs, ys), xt,
                                   method="dev", features=identity)
     e = choice.estimates
     assert e["far"].source_loss < e["near"].source_loss
@@ -286,7 +286,7 @@ def test_dev_picks_the_model_that_is_right_where_the_target_is():
     assert choice.ranking() == ["near", "far"]
     assert "<- chosen" in choice.table().splitlines()[1]
     # No shift: the estimate is the plain source loss, nearly.
-    same = kerastl.deep_embedded_validation(
+    same = kerastl.adaptation.deep_embedded_validation(
         near, (xs, ys), rng.normal(size=(1000, 2)), features=lambda x: x)
     assert same.risk == pytest.approx(same.source_loss, rel=0.05)
     assert same.ess > 0.9 * same.n
@@ -297,23 +297,23 @@ def test_select_model_finds_the_features_of_kerastl_and_keras_models():
     dann = kerastl.DANN(small_cnn(), 2)
     encoder, head = source_model()
     plain = keras.Sequential([encoder, head])
-    adda = kerastl.ADDA(encoder, head, discriminator_hidden=(4,))
+    adda = kerastl.adaptation.ADDA(encoder, head, discriminator_hidden=(4,))
     candidates = {"dann": dann, "keras": plain, "adda": adda.classifier}
-    choice = kerastl.select_model(candidates, (xs, ys), xt, method="dev")
+    choice = kerastl.adaptation.select_model(candidates, (xs, ys), xt, method="dev")
     assert set(choice.estimates) == {"dann", "keras", "adda"}
     assert all(np.isfinite(e.risk) for e in choice.estimates.values())
     # The default, EnsV, needs no source data.
-    ensv = kerastl.select_model(candidates, target=xt)
+    ensv = kerastl.adaptation.select_model(candidates, target=xt)
     assert ensv.method == "ensemble" and ensv.best in candidates
     assert all(0 <= e.agreement <= 1 for e in ensv.estimates.values())
     with pytest.raises(kerastl.KerastlError, match="source_val"):
-        kerastl.select_model({"dann": dann}, xs, xt, method="dev")
+        kerastl.adaptation.select_model({"dann": dann}, xs, xt, method="dev")
     with pytest.raises(kerastl.KerastlError, match="dict"):
-        kerastl.select_model([dann], (xs, ys), xt)
+        kerastl.adaptation.select_model([dann], (xs, ys), xt)
     with pytest.raises(kerastl.KerastlError, match="method='ensv'; expected one of 'ensemble'"):
-        kerastl.select_model(candidates, (xs, ys), xt, method="ensv")
+        kerastl.adaptation.select_model(candidates, (xs, ys), xt, method="ensv")
     with pytest.raises(kerastl.KerastlError, match="target="):
-        kerastl.select_model(candidates, (xs, ys))
+        kerastl.adaptation.select_model(candidates, (xs, ys))
 
 
 def test_ensemble_validation_scores_agreement_with_the_averaged_vote():
@@ -327,16 +327,16 @@ def test_ensemble_validation_scores_agreement_with_the_averaged_vote():
     predictions = {"a": onehot([0, 1, 2, 0]), "b": onehot([0, 1, 2, 1]),
                    "c": onehot([1, 1, 2, 0])}
     # Votes: [0, 1, 2, 0] (two of three agree on every sample).
-    e = kerastl.ensemble_validation(predictions)
+    e = kerastl.adaptation.ensemble_validation(predictions)
     assert e["a"].agreement == 1.0
     assert e["b"].agreement == 0.75 and e["c"].agreement == 0.75
     assert max(e, key=lambda k: e[k].score) == "a"
     # Ties in agreement are broken by the probability given to the vote.
-    tied = kerastl.ensemble_validation(
+    tied = kerastl.adaptation.ensemble_validation(
         {"sure": onehot([0, 1], 0.9), "unsure": onehot([0, 1], 0.5)})
     assert tied["sure"].score > tied["unsure"].score
     with pytest.raises(kerastl.KerastlError, match="same target images"):
-        kerastl.ensemble_validation({"a": onehot([0, 1]),
+        kerastl.adaptation.ensemble_validation({"a": onehot([0, 1]),
                                      "b": onehot([0, 1, 2])})
     with pytest.raises(kerastl.KerastlError, match="probabilities"):
-        kerastl.ensemble_validation({"a": np.zeros(4)})
+        kerastl.adaptation.ensemble_validation({"a": np.zeros(4)})

@@ -20,7 +20,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def classifier(size=16):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((size, size, 3))
-    x = kerastl.ImagePreprocessing("tf")(inputs)
+    x = kerastl.preprocessing.ImagePreprocessing("tf")(inputs)
     x = keras.layers.Conv2D(4, 3, activation="relu")(x)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)

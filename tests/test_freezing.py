@@ -107,7 +107,7 @@ def test_freezing_after_compile_recompiles_itself():
 def test_unfreeze_with_a_new_learning_rate():
     model = classifier()
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
-    assert kerastl.trainable_blocks(model) == ["head"]
+    assert kerastl.freezing.trainable_blocks(model) == ["head"]
     trainable = kerastl.unfreeze(model, from_block=-3, learning_rate=1e-5)
     assert trainable == ["stage4", "top", "head"]
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-5)
@@ -116,11 +116,11 @@ def test_unfreeze_with_a_new_learning_rate():
 
 def test_freeze_by_count_and_the_whole_backbone():
     model = classifier(freeze=2)
-    assert kerastl.trainable_blocks(model) == ["stage2", "stage3", "stage4",
+    assert kerastl.freezing.trainable_blocks(model) == ["stage2", "stage3", "stage4",
                                                "top", "head"]
     assert kerastl.freeze(model) == ["stem", "stage1", "stage2", "stage3",
                                      "stage4", "top"]
-    assert kerastl.trainable_blocks(model) == ["head"]
+    assert kerastl.freezing.trainable_blocks(model) == ["head"]
 
 
 def test_trainable_summary():
@@ -167,10 +167,10 @@ def test_gradual_unfreezing_inside_one_fit():
 
 def test_unknown_block_lists_the_blocks():
     model = classifier()
-    with pytest.raises(kerastl.BlockError) as e:
+    with pytest.raises(kerastl.errors.BlockError) as e:
         kerastl.freeze(model, up_to="stage7")
     assert "stem, stage1, stage2, stage3, stage4, top, head" in str(e.value)
-    with pytest.raises(kerastl.BlockError, match="between 0 and 7"):
+    with pytest.raises(kerastl.errors.BlockError, match="between 0 and 7"):
         kerastl.freeze(model, up_to=9)
     with pytest.raises(kerastl.KerastlError, match="bn="):
         kerastl.freeze(model, bn="sometimes")

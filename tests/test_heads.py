@@ -20,7 +20,7 @@ def test_build_classifier_is_a_plain_model(backbone):
     assert kerastl.block_map(model).names[-1] == "head"
     assert [l.name for l in kerastl.block_map(model).weighted_layers("head")] == [
         "head_dense_0", "head_predictions"]
-    assert kerastl.trainable_blocks(model) == ["head"]
+    assert kerastl.freezing.trainable_blocks(model) == ["head"]
     out = model.predict(np.zeros((2, 32, 32, 3)), verbose=0)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
 
@@ -76,7 +76,7 @@ def test_recommend_strategy_follows_the_table(n, sim, name):
     s = kerastl.recommend_strategy(n, sim)
     assert s.name == name and s.reasoning
     assert str(n) in s.reasoning
-    assert s.name in kerastl.STRATEGIES  # what fine_tune(strategy=) takes
+    assert s.name in kerastl.spec.FINE_TUNING_STRATEGIES  # what fine_tune(strategy=) takes
 
 
 def test_recommend_strategy_names_blocks(backbone):
@@ -109,7 +109,7 @@ def test_fine_tune_runs_both_phases_with_early_stopping():
     h1, h2 = kerastl.fine_tune(model, (xs, ys), (xs, ys), strategy="partial",
                                freeze_up_to="block1", head_epochs=2, epochs=2)
     assert len(h1.history["loss"]) == 2 and "val_loss" in h2.history
-    assert kerastl.trainable_blocks(model) == ["block2", "head"]
+    assert kerastl.freezing.trainable_blocks(model) == ["block2", "head"]
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-5)
     for v, b in zip(block1, before):  # never unfrozen
         np.testing.assert_array_equal(v.numpy(), b)
@@ -122,7 +122,7 @@ def test_fine_tune_trains_with_the_users_optimizer():
                                head_epochs=0, epochs=1, optimizer=opt)
     assert result.head is None and len(result.fine_tune.history["loss"]) == 1
     assert model.optimizer is opt and int(opt.iterations) == 1
-    assert kerastl.trainable_blocks(model) == ["block1", "block2", "head"]
+    assert kerastl.freezing.trainable_blocks(model) == ["block1", "block2", "head"]
 
 
 @pytest.mark.parametrize("strategy, frozen", [
@@ -130,24 +130,23 @@ def test_fine_tune_trains_with_the_users_optimizer():
 def test_one_strategy_vocabulary(backbone, strategy, frozen):
     # resnet50: stem, conv2..conv5. "partial" freezes the first half,
     # rounded up; the CLI and the demo use the same function.
-    assert kerastl.frozen_blocks(backbone, strategy) == frozen
-    assert kerastl.frozen_blocks(backbone, "partial", "conv2") == 2
+    resolve = kerastl.freezing.resolve_trainable
+    assert resolve(backbone, strategy).depth == frozen
+    assert resolve(backbone, "partial", "conv2").depth == 2
     with pytest.raises(kerastl.KerastlError, match="features, partial, full"):
-        kerastl.frozen_blocks(backbone, "partial_fine_tuning")
+        resolve(backbone, "partial_fine_tuning")
     with pytest.raises(kerastl.KerastlError, match="conv9.*stem, conv2"):
-        kerastl.frozen_blocks(backbone, "partial", "conv9")
+        resolve(backbone, "partial", "conv9")
 
 
-def test_fine_tune_old_arguments_still_work_with_a_warning():
+def test_fine_tune_refuses_unknown_and_removed_arguments():
+    # The pre-0.2 arguments were removed with 0.1.0 (README, "Changed in
+    # this release"); what replaces them is named in the error.
     model = two_block_classifier()
-    with pytest.warns(DeprecationWarning, match="unfreeze_from"):
-        kerastl.fine_tune(model, toy_data(), toy_data(), unfreeze_from=-2,
-                          head_epochs=1, fine_tune_epochs=1,
-                          fine_tune_learning_rate=1e-4)
-    assert kerastl.trainable_blocks(model) == ["block2", "head"]
-    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
-    with pytest.raises(TypeError, match="unfreeze_form"):
-        kerastl.fine_tune(model, toy_data(), unfreeze_form=1)
+    for old in ("unfreeze_from", "fine_tune_epochs", "head_learning_rate",
+                "fine_tune_learning_rate", "unfreeze_form"):
+        with pytest.raises(TypeError, match=f"{old}.*freeze_up_to"):
+            kerastl.fine_tune(model, toy_data(), **{old: 1})
 
 
 def test_a_run_that_cannot_learn_stops_before_training():
@@ -179,7 +178,7 @@ def test_no_false_alarm_on_a_pretrained_backbone():
 
 
 def test_accuracy_at_chance_is_a_warning():
-    from kerastl.recipes import warn_at_chance
+    from kerastl.training import warn_at_chance
     model = two_block_classifier()  # 2 classes
     history = keras.callbacks.History()
     history.history = {"val_accuracy": [0.5, 0.41]}

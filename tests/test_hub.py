@@ -17,7 +17,7 @@ import tensorflow as tf
 
 import kerastl
 from kerastl.errors import KerastlError
-from kerastl.hub import HubLayer
+from kerastl.tfhub import HubLayer
 
 
 KINDS = ["keras_export", "reusable"]
@@ -115,7 +115,7 @@ def test_partial_freezing_by_variable_path(saved_models, kind, frozen,
 def test_training_reaches_the_savedmodel(saved_models):
     model, layer = make(saved_models["reusable"], "functional",
                         trainable=True)
-    assert layer._takes_training
+    assert layer.takes_training
     x, y = data((3,))
     mean = layer.hub_variables["block1/moving_mean:0"]
     np.testing.assert_array_equal(mean.numpy(), 0.0)
@@ -154,8 +154,7 @@ def test_keras_file_round_trip_and_safe_mode(saved_models, kind, tmp_path,
     assert {v.hub_name for v in reloaded.trainable_weights} == \
         {v.hub_name for v in layer.trainable_weights}
     # A trusted folder loads in safe mode too.
-    monkeypatch.setattr(kerastl.hub, "_TRUSTED_PATHS", [])
-    kerastl.hub.trust_hub_path(saved_models[kind][0])
+    kerastl.tfhub.trust_hub_path(saved_models[kind][0])
     keras.models.load_model(path)
 
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import kerastl
 from kerastl.errors import BlockError, ConfigError
-from kerastl.hub import HubLayer
+from kerastl.tfhub import HubLayer
 from kerastl.zoo.config import parse_config
 
 STRIDE_BLOCK = {2: "stem", 4: "stage1", 8: "stage2", 16: "stage3",
@@ -294,7 +294,6 @@ def test_keras_file_round_trip_keeps_the_blocks(cached_hub, tmp_path,
     # No host is trusted by default; the user trusts this handle.
     with pytest.raises(kerastl.KerastlError, match="safe mode"):
         keras.models.load_model(path)
-    monkeypatch.setattr(kerastl.hub, "_TRUSTED_HANDLES", [])
     kerastl.trust_hub_path(kerastl.zoo_entry("hub_mobilenet_v2_100_224")
                            .handle)
     loaded = keras.models.load_model(path)

@@ -287,12 +287,12 @@ def test_transformer_features_per_block(presets, tmp_path):
     for b in expected:
         np.testing.assert_array_equal(first[b], again[b])
     # (The embed block's class token is the same for every image: "avg".)
-    cka = kerastl.cka_by_block(backbone, backbone, x, pooling="avg")
+    cka = kerastl.analysis.cka_by_block(backbone, backbone, x, pooling="avg")
     cka = cka.diagonal()
     assert set(cka) == set(expected)
     assert all(v == pytest.approx(1.0, abs=1e-4) for v in cka.values())
     y = np.arange(6) % 2
-    sweep = kerastl.transfer_depth_sweep(backbone, (x, y), (x, y),
+    sweep = kerastl.analysis.transfer_depth_sweep(backbone, (x, y), (x, y),
                                          depths=[0, 3, len(expected)],
                                          epochs=1, pooling="cls")
     assert [r["frozen_up_to"] for r in sweep] == ["-", "layer1", "top"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import kerastl
+from kerastl import _keras_private as _private
 
 from conftest import (M_LOW, fit_data, one_step_deltas, step_with_references,
                       two_block_model)
@@ -347,7 +348,7 @@ def test_zero_multiplier_freezes_the_block(mobilenet):
     y = rng.integers(0, 3, 8)
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     # No gradient computed, no zero-size update: not in the optimizer at all.
-    opt_ids = {id(v) for v in opt.inner_optimizer._trainable_variables}
+    opt_ids = {id(v) for v in _private.optimizer_variables(opt)}
     for b in ("stem", "stage1"):
         for v in bm.variables(b):
             assert id(v) not in opt_ids
@@ -381,7 +382,9 @@ def test_gradual_unfreezing_keeps_the_multipliers():
     assert cb.history == {0: ["top"], 1: ["low", "top"]}
     assert isinstance(model.optimizer, kerastl.LayerwiseOptimizer)
     assert model.optimizer.multipliers == opt.multipliers
-    assert model.optimizer._multipliers == [M_LOW, M_LOW, 1.0, 1.0]
+    assert [model.optimizer.multiplier(v) for v in
+            _private.optimizer_variables(model.optimizer)] == \
+        [M_LOW, M_LOW, 1.0, 1.0]
 
 
 def test_fine_tune_phase_two_uses_the_multipliers(mobilenet):
@@ -404,9 +407,9 @@ def test_fine_tune_phase_two_uses_the_multipliers(mobilenet):
 
 def test_unknown_block_lists_the_blocks():
     model = two_block_model()
-    with pytest.raises(kerastl.BlockError, match="low, top"):
+    with pytest.raises(kerastl.errors.BlockError, match="low, top"):
         kerastl.LayerwiseOptimizer("adam", {"stage9": 0.1}, model)
-    with pytest.raises(kerastl.BlockError, match="out of range"):
+    with pytest.raises(kerastl.errors.BlockError, match="out of range"):
         kerastl.LayerwiseOptimizer("adam", {5: 0.1}, model)
 
 

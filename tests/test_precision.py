@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kerastl
-from kerastl.recipes import set_precision
+from kerastl.training import set_precision
 
 
 def classifier(seed=0):

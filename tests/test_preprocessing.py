@@ -55,5 +55,5 @@ def test_get_config_round_trip():
 
 
 def test_unknown_mode():
-    with pytest.raises(kerastl.ConfigError, match="caffe, tf, torch, unit, builtin"):
+    with pytest.raises(kerastl.errors.ConfigError, match="caffe, tf, torch, unit, builtin"):
         ImagePreprocessing("bgr")

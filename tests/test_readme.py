@@ -89,10 +89,10 @@ def kerashub_preset(ns, tmp_path):
     keras_hub = pytest.importorskip("keras_hub")
     from kerastl.zoo import kerashub
 
-    handle = kerashub._builtin_presets()["dinov2_small"]
+    handle = kerashub.builtin_presets()["dinov2_small"]
     cache = tmp_path / "kagglehub"
     os.environ["KAGGLEHUB_CACHE"] = str(cache)  # restored by monkeypatch
-    folder = kerashub._kaggle_cache(handle)
+    folder = kerashub.kaggle_cache(handle)
     keras_hub.models.DINOV2Backbone(
         patch_size=8, num_layers=2, hidden_dim=16, num_heads=2,
         intermediate_dim=32, image_shape=(32, 32, 3),

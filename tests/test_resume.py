@@ -98,22 +98,22 @@ def test_classifier_training_resumes_exactly(tmp_path, layerwise, order,
     resumed = run(make, fit, tmp_path / "b", True, order)
     assert int(resumed.optimizer.iterations) == \
         int(straight.optimizer.iterations) == EPOCHS * 4
-    assert kerastl.trainable_blocks(resumed) == \
-        kerastl.trainable_blocks(straight)
+    assert kerastl.freezing.trainable_blocks(resumed) == \
+        kerastl.freezing.trainable_blocks(straight)
     assert max_difference(straight, resumed) == 0.0
 
 
 @pytest.mark.parametrize("schedule", [None, "lambda", "learning rate"])
 def test_dann_schedules_resume_exactly(tmp_path, schedule):
     xs, ys, xt, _ = toy_domains(32)
-    data = kerastl.domain_dataset((xs, ys), xt, batch_size=8, shuffle=False)
+    data = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=8, shuffle=False)
 
     def make():
         return dann_model(schedule)
 
     def fit(model, before, after):
-        callback = {None: [], "lambda": [kerastl.GaninLambda()],
-                    "learning rate": [kerastl.GaninLearningRate()]}[schedule]
+        callback = {None: [], "lambda": [kerastl.adaptation.GaninLambda()],
+                    "learning rate": [kerastl.adaptation.GaninLearningRate()]}[schedule]
         model.fit(data, epochs=EPOCHS, verbose=0,
                   callbacks=before + callback + after)
 

@@ -320,8 +320,7 @@ def keras_file_with_handle(tmp_path, handle):
 ])
 def test_safe_mode_refuses_untrusted_savedmodels_and_runs_nothing(
         tmp_path, monkeypatch, handle):
-    monkeypatch.setattr(kerastl.hub, "_TRUSTED_PATHS", [])
-    monkeypatch.setattr(kerastl.hub, "_TRUSTED_HANDLES", [])
+    kerastl.tfhub.clear_trusted()
     monkeypatch.delenv("KERASTL_TRUSTED_HUB_PATHS", raising=False)
     monkeypatch.delenv("KERASTL_TRUSTED_HUB_HANDLES", raising=False)
     target = tmp_path / "pwned.txt"
@@ -333,7 +332,7 @@ def test_safe_mode_refuses_untrusted_savedmodels_and_runs_nothing(
     resolved = []
     # Wherever the handle would resolve (the TF Hub cache, a Kaggle
     # download), the attacker's SavedModel is waiting.
-    monkeypatch.setattr(kerastl.hub, "resolve_handle",
+    monkeypatch.setattr(kerastl.tfhub, "resolve_handle",
                         lambda h, **k: resolved.append(h) or str(planted))
     with pytest.raises(kerastl.KerastlError, match="trust_hub_path"):
         keras.models.load_model(path)
@@ -379,7 +378,7 @@ def test_an_alias_bomb_is_refused_fast_and_small(tmp_path, where):
     path.write_text(BOMB if where == "experiment" else
                     "name: bomb\nsource: keras.applications\n" + BOMB)
     assert len(BOMB) < 700
-    load = ("kerastl.experiment.load_experiment" if where == "experiment"
+    load = ("kerastl.schema.load" if where == "experiment"
             else "kerastl.zoo.config.load_config_file")
     out, cpu, grown_kb = run_bounded(f"""
         try:
@@ -396,10 +395,9 @@ def test_error_messages_never_print_a_huge_value(tmp_path):
     from kerastl import _yaml
     value = [[["x" * 1000] * 1000] * 1000]
     assert len(_yaml.short(value)) < 200
-    from kerastl import experiment
-    with pytest.raises(kerastl.ConfigError) as e:
-        experiment.resolve_experiment(
-            {"model": value, "data": "d"})
+    from kerastl import schema
+    with pytest.raises(kerastl.errors.ConfigError) as e:
+        schema.resolve({"model": value, "data": "d"})
     assert len(str(e.value)) < 400
 
 
@@ -427,7 +425,7 @@ def test_a_user_entry_with_a_taken_name_is_an_error(tmp_path, monkeypatch):
     assert kerastl.zoo_entry("mobilenet_v2_035").name == "mobilenet_v2_035"
     # Taking the packaged name is an error naming both files.
     (tmp_path / "mine.yaml").write_text(entry.format(name="mobilenet_v2"))
-    with pytest.raises(kerastl.ConfigError,
+    with pytest.raises(kerastl.errors.ConfigError,
                        match="mine.yaml.*already taken.*mobilenet_v2"):
         kerastl.zoo_entry("mobilenet_v2")
 
@@ -438,10 +436,10 @@ def test_dann_data_that_would_train_zero_steps_is_refused():
     xs = np.zeros((8, 8, 8, 3), "float32")
     ys = np.zeros(8, "int64")
     with pytest.raises(kerastl.KerastlError, match="target has 0 samples"):
-        kerastl.domain_dataset((xs, ys), xs[:0], batch_size=4)
+        kerastl.adaptation.domain_dataset((xs, ys), xs[:0], batch_size=4)
     with pytest.raises(kerastl.KerastlError,
                        match="source has 8 samples, fewer than batch_size=16"):
-        kerastl.domain_dataset((xs, ys), xs, batch_size=16)
+        kerastl.adaptation.domain_dataset((xs, ys), xs, batch_size=16)
 
 
 def test_nan_features_are_refused_by_the_probe_and_extraction():
@@ -475,9 +473,9 @@ def test_a_layerwise_optimizer_for_another_model_is_refused():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: kerastl.GaninLambda(gamma=float("nan")), "gamma=nan"),
-    (lambda: kerastl.GaninLambda(scale=-1.0), "scale=-1.0"),
-    (lambda: kerastl.GaninLearningRate(mu0=float("inf")), "mu0=inf"),
+    (lambda: kerastl.adaptation.GaninLambda(gamma=float("nan")), "gamma=nan"),
+    (lambda: kerastl.adaptation.GaninLambda(scale=-1.0), "scale=-1.0"),
+    (lambda: kerastl.adaptation.GaninLearningRate(mu0=float("inf")), "mu0=inf"),
     (lambda: kerastl.recommend_strategy(float("nan"), "high"),
      "n_labelled_per_class=nan"),
     (lambda: kerastl.recommend_strategy(10, True), "similarity=True"),
@@ -499,11 +497,11 @@ def tiny_backbone():
 def test_information_loss_refuses_logits_and_takes_them_when_told():
     logits = np.array([[2.0, -1.0, 0.5], [0.1, 3.0, -2.0]], "float32")
     with pytest.raises(kerastl.KerastlError, match="from_logits=True"):
-        kerastl.information_loss(logits)
+        kerastl.adaptation.information_loss(logits)
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     np.testing.assert_allclose(
-        float(kerastl.information_loss(logits, from_logits=True)),
-        float(kerastl.information_loss(probs)), rtol=1e-5)
+        float(kerastl.adaptation.information_loss(logits, from_logits=True)),
+        float(kerastl.adaptation.information_loss(probs)), rtol=1e-5)
 
 
 def test_adapt_batch_norm_refuses_an_empty_target():
@@ -511,11 +509,11 @@ def test_adapt_batch_norm_refuses_an_empty_target():
     x = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 3)(inputs))
     model = keras.Model(inputs, x)
     with pytest.raises(kerastl.KerastlError, match="n >= 1"):
-        kerastl.adapt_batch_norm(model, np.zeros((0, 8, 8, 3), "float32"))
+        kerastl.adaptation.adapt_batch_norm(model, np.zeros((0, 8, 8, 3), "float32"))
     empty = tf.data.Dataset.from_tensor_slices(
         np.zeros((0, 8, 8, 3), "float32")).batch(4)
     with pytest.raises(kerastl.KerastlError, match="empty target"):
-        kerastl.adapt_batch_norm(model, empty)
+        kerastl.adaptation.adapt_batch_norm(model, empty)
 
 
 def test_build_classifier_takes_numpy_integers():

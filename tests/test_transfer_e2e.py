@@ -19,7 +19,7 @@ from kerastl import datasets
 
 # The same experiment as benchmarks/transfer_digits.py, from the same code.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from transfer_digits import few_shot, pretrain, small_cnn  # noqa: E402
+from transfer_digits import labelled, pretrain, small_cnn  # noqa: E402
 from transfer_digits import accuracy as target_accuracy  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def test_transfer_beats_scratch_on_a_small_target_set():
     test = datasets.digits("test")
     transfer, scratch = [], []
     for seed in (0, 1):
-        train = few_shot(xtr, ytr, 2, seed)
+        train = labelled(xtr, ytr, 2, seed)
         keras.utils.set_random_seed(seed)
         pretrained = small_cnn()
         pretrained.set_weights(weights)

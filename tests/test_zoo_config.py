@@ -44,20 +44,20 @@ def test_good_config_parses(tmp_path):
 
 def test_bad_yaml_names_the_file(tmp_path):
     path = write(tmp_path, "name: [unclosed\n")
-    with pytest.raises(kerastl.ConfigError, match="not valid YAML") as e:
+    with pytest.raises(kerastl.errors.ConfigError, match="not valid YAML") as e:
         zc.load_config_file(path)
     assert str(path) in str(e.value)
 
 
 def test_yaml_tags_are_not_executed(tmp_path):
     path = write(tmp_path, "name: !!python/object/apply:os.system ['true']\n")
-    with pytest.raises(kerastl.ConfigError, match="not valid YAML"):
+    with pytest.raises(kerastl.errors.ConfigError, match="not valid YAML"):
         zc.load_config_file(path)
 
 
 def test_constructor_outside_the_allow_list_is_refused(tmp_path):
     path = write(tmp_path, GOOD.replace("MobileNetV2", "os.system"))
-    with pytest.raises(kerastl.ConfigError) as e:
+    with pytest.raises(kerastl.errors.ConfigError) as e:
         zc.load_config_file(path)
     msg = str(e.value)
     assert str(path) in msg and "'constructor'" in msg
@@ -66,7 +66,7 @@ def test_constructor_outside_the_allow_list_is_refused(tmp_path):
 
 def test_reserved_constructor_args_are_refused(tmp_path):
     path = write(tmp_path, GOOD + "constructor_args: {weights: evil.h5}\n")
-    with pytest.raises(kerastl.ConfigError, match="constructor_args.weights"):
+    with pytest.raises(kerastl.errors.ConfigError, match="constructor_args.weights"):
         zc.load_config_file(path)
 
 
@@ -80,14 +80,14 @@ def test_reserved_constructor_args_are_refused(tmp_path):
 ])
 def test_schema_errors_name_the_key(tmp_path, bad, key):
     path = write(tmp_path, bad)
-    with pytest.raises(kerastl.ConfigError) as e:
+    with pytest.raises(kerastl.errors.ConfigError) as e:
         zc.load_config_file(path)
     assert f"key '{key}'" in str(e.value)
     assert str(path) in str(e.value)
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
-    with pytest.raises(kerastl.ConfigError, match="did you mean 'blocks'"):
+    with pytest.raises(kerastl.errors.ConfigError, match="did you mean 'blocks'"):
         zc.load_config_file(write(tmp_path, GOOD + "blokcs: []\n"))
 
 
@@ -98,7 +98,7 @@ def test_names_are_case_insensitive(name):
 
 
 def test_unknown_name_lists_the_closest_names():
-    with pytest.raises(kerastl.UnknownModelError) as e:
+    with pytest.raises(kerastl.errors.UnknownModelError) as e:
         kerastl.zoo_entry("resnet5O")
     msg = str(e.value)
     assert "Unknown model 'resnet5O'" in msg
@@ -111,14 +111,14 @@ def test_user_config_folder_is_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("KERASTL_ZOO_PATH", str(tmp_path))
     assert kerastl.zoo_entry("TinyTest").name == "tiny_test"
     monkeypatch.delenv("KERASTL_ZOO_PATH")
-    with pytest.raises(kerastl.UnknownModelError):
+    with pytest.raises(kerastl.errors.UnknownModelError):
         kerastl.zoo_entry("tiny_test")
 
 
 def test_broken_user_config_fails_loudly(tmp_path, monkeypatch):
     write(tmp_path, GOOD.replace("MobileNetV2", "Evil"), "evil.yaml")
     monkeypatch.setenv("KERASTL_ZOO_PATH", str(tmp_path))
-    with pytest.raises(kerastl.ConfigError, match="evil.yaml"):
+    with pytest.raises(kerastl.errors.ConfigError, match="evil.yaml"):
         kerastl.zoo_entry("resnet50")
 
 
@@ -129,11 +129,11 @@ def test_repeated_blocks_are_checked(tmp_path):
     assert cfg.blocks[1].repeated and cfg.blocks[1].first == 1
     no_i = GOOD.replace("- {name: rest, until: out_relu}",
                         "- {name: 'stage{i}', layers: ['^block_']}")
-    with pytest.raises(kerastl.ConfigError, match=r"each\s+contain"):
+    with pytest.raises(kerastl.errors.ConfigError, match=r"each\s+contain"):
         zc.load_config_file(write(tmp_path, no_i, "b.yaml"))
     stray = GOOD.replace("- {name: rest, until: out_relu}",
                          "- {name: rest, first: 2, until: out_relu}")
-    with pytest.raises(kerastl.ConfigError, match="first number"):
+    with pytest.raises(kerastl.errors.ConfigError, match="first number"):
         zc.load_config_file(write(tmp_path, stray, "c.yaml"))
 
 

@@ -14,7 +14,6 @@ from keras import ops
 from kerastl import _keras_private as _private
 from kerastl import distribute as _distribute
 from kerastl import heads
-from kerastl.adaptation.dann import _build_mlp, _call_frozen
 from kerastl.errors import KerastlError
 
 
@@ -58,10 +57,10 @@ class ADDA(keras.Model):
         source = keras.Sequential([encoder, head])       # stage 1
         source.compile("adam", "sparse_categorical_crossentropy")
         source.fit(xs, ys, epochs=10)
-        adda = kerastl.ADDA(encoder, head)                # stage 2
+        adda = kerastl.adaptation.ADDA(encoder, head)                # stage 2
         adda.compile(keras.optimizers.Adam(2e-4, beta_1=0.5),
                      metrics=["accuracy"])
-        adda.fit(kerastl.domain_dataset((xs, ys), xt), epochs=10)
+        adda.fit(kerastl.adaptation.domain_dataset((xs, ys), xt), epochs=10)
         adda.classifier.export("exported/")
 
     Args:
@@ -109,7 +108,7 @@ class ADDA(keras.Model):
             raise KerastlError(
                 f"The encoder returns shape {shape}; ADDA needs "
                 f"(batch, h, w, c) or (batch, features).")
-        d = _build_mlp(self.discriminator_layers, shape[-1])
+        d = heads.build_mlp(self.discriminator_layers, shape[-1])
         self.discriminator.build((None, d))
         self.built = True
 
@@ -150,7 +149,7 @@ class ADDA(keras.Model):
                              training)
         both = ops.concatenate([f_s, ops.stop_gradient(f_t)], axis=0)
         return {"domain": self._discriminate(both, training),
-                "mapping": _call_frozen(
+                "mapping": heads.apply_frozen(
                     self.discriminator_layers + [self.discriminator], f_t,
                     training)}
 

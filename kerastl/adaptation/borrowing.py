@@ -9,8 +9,8 @@ entropy) get more neighbours.
 
     low = kerastl.extract_features(backbone, x_src, layers="stage1")
     low_t = kerastl.extract_features(backbone, x_tgt, layers="stage1")
-    sel = kerastl.select_source_samples(low, low_t, k=10)
-    joint = kerastl.joint_fine_tune(backbone, (x_tgt, y_tgt),
+    sel = kerastl.adaptation.select_source_samples(low, low_t, k=10)
+    joint = kerastl.adaptation.joint_fine_tune(backbone, (x_tgt, y_tgt),
                                     (x_src[sel.indices], y_src[sel.indices]))
     joint.target_model.evaluate(x_test, y_test)
 """
@@ -23,6 +23,8 @@ import numpy as np
 from kerastl import heads
 from kerastl.errors import KerastlError
 from kerastl.features.extract import flat_features
+from kerastl.plan import TrainingPlan
+from kerastl.training import fine_tune
 
 METRICS = ("cosine", "l2")
 
@@ -189,7 +191,9 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
     Each batch mixes target and source samples; a sample's loss counts on
     its own task's head only (the other head's loss gets weight 0). The
     target samples are repeated so that both tasks weigh alike per epoch
-    (Ge & Yu trained on the union with per-task losses).
+    (Ge & Yu trained on the union with per-task losses). Trains through
+    :func:`kerastl.fine_tune` (one phase, the batch order drawn from
+    ``seed``).
 
     Args:
         backbone: a :class:`~kerastl.Backbone` or ``keras.Model`` with a
@@ -198,8 +202,8 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
         source: ``(x, y)`` selected source images and their labels (their
             own label space).
         source_weight: the source loss weight relative to the target's.
-        freeze: as ``build_classifier``: ``False`` trains everything, a
-            block name or int freezes up to it.
+        freeze: ``False`` (default) trains everything, ``True`` only the
+            heads, a block name or int freezes up to it.
         validation_data: ``(x, y)`` target data; reported as
             ``val_target_accuracy``.
         callbacks: Keras callbacks for ``fit``.
@@ -227,7 +231,6 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
     out_s = heads.output_layer(n_s, "softmax", "source")(pool)
     joint = keras.Model(model.input, {"target": out_t, "source": out_s},
                         name=f"{model.name}_joint")
-    heads.apply_freeze(joint, freeze, bn, recompile=False)
     repeat = max(1, int(round(len(xs) / len(xt))))
     xt_r, yt_r = np.concatenate([xt] * repeat), np.concatenate([yt] * repeat)
     x = np.concatenate([xt_r, xs]).astype("float32")
@@ -236,15 +239,6 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
          "source": np.concatenate([np.zeros(len(xt_r), ys.dtype), ys])}
     w = {"target": is_t.astype("float32"),
          "source": ((1 - is_t) * source_weight).astype("float32")}
-    perm = np.random.default_rng(seed).permutation(len(x))
-    x = x[perm]
-    y = {k: v[perm] for k, v in y.items()}
-    w = {k: v[perm] for k, v in w.items()}
-    joint.compile(optimizer or keras.optimizers.Adam(1e-3),
-                  loss={"target": "sparse_categorical_crossentropy",
-                        "source": "sparse_categorical_crossentropy"},
-                  weighted_metrics={"target": ["accuracy"],
-                                    "source": ["accuracy"]})
     val = None
     if validation_data is not None:
         vx, vy = validation_data
@@ -253,9 +247,22 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
                {"target": vy, "source": np.zeros_like(vy)},
                {"target": np.ones(len(vy), "float32"),
                 "source": np.zeros(len(vy), "float32")})
-    history = joint.fit(x, y, sample_weight=w, batch_size=batch_size,
-                        epochs=epochs, validation_data=val,
-                        callbacks=callbacks, verbose=verbose)
+    if freeze is True or freeze is False:
+        strategy, up_to = ("features" if freeze else "full"), None
+    else:
+        strategy, up_to = "partial", freeze
+    plan = TrainingPlan(
+        strategy=strategy, freeze_up_to=up_to, bn=bn, head_epochs=0,
+        epochs=epochs, optimizer=optimizer or keras.optimizers.Adam(1e-3),
+        patience=None, batch_size=batch_size, seed=seed,
+        check_features=False)
+    history = fine_tune(
+        joint, (x, y, w), val, plan,
+        loss={"target": "sparse_categorical_crossentropy",
+              "source": "sparse_categorical_crossentropy"},
+        metrics=None, weighted_metrics={"target": ["accuracy"],
+                                        "source": ["accuracy"]},
+        callbacks=callbacks or (), verbose=verbose).fine_tune
     target_model = keras.Model(model.input, out_t,
                                name=f"{model.name}_target")
     source_model = keras.Model(model.input, out_s,

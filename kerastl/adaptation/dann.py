@@ -116,9 +116,9 @@ class DANN(keras.Model):
 
         dann = kerastl.DANN(backbone, num_classes=10)
         dann.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
-        dann.fit(kerastl.domain_dataset((xs, ys), xt), epochs=20,
-                 callbacks=[kerastl.GaninLambda(warmup=0.5)])
-        kerastl.adapt_batch_norm(dann, xt)  # AdaBN on the target
+        dann.fit(kerastl.adaptation.domain_dataset((xs, ys), xt), epochs=20,
+                 callbacks=[kerastl.adaptation.GaninLambda(warmup=0.5)])
+        kerastl.adaptation.adapt_batch_norm(dann, xt)  # AdaBN on the target
 
     That is kerastl's recipe (``benchmarks/domain_adaptation.py``; chosen
     without target labels, by the mean :func:`ensemble_validation`
@@ -213,9 +213,9 @@ class DANN(keras.Model):
             raise KerastlError(
                 f"The feature extractor returns shape {shape}; DANN needs "
                 f"(batch, h, w, c) or (batch, features).")
-        d = _build_mlp(self.bottleneck_layers, shape[-1])
+        d = heads.build_mlp(self.bottleneck_layers, shape[-1])
         self.label_head.build((None, d))
-        d = _build_mlp(self.domain_layers, d)
+        d = heads.build_mlp(self.domain_layers, d)
         if self.domain_head is not None:
             self.domain_head.build((None, d))
         self.built = True
@@ -269,7 +269,8 @@ class DANN(keras.Model):
             f = layer(f, training=training)
         return f
 
-    def _labels(self, f, training=False):
+    def labels(self, f, training=False):
+        """The label head on features ``f`` (what :meth:`features` gives)."""
         return self.label_head(self.label_dropout(f, training=training))
 
     def _domain(self, f, training=False):
@@ -282,12 +283,12 @@ class DANN(keras.Model):
         """The domain head on ``f`` with its variables held fixed: the
         gradient reaches ``f`` only (the feature side of the confusion
         loss)."""
-        return _call_frozen(self.domain_layers + [self.domain_head], f,
+        return heads.apply_frozen(self.domain_layers + [self.domain_head], f,
                             training)
 
     def call(self, inputs, training=False):
         if not isinstance(inputs, dict):  # the label path
-            return self._labels(self.features(inputs, training), training)
+            return self.labels(self.features(inputs, training), training)
         target = inputs["target"]
         if "labeled" in inputs:  # labelled target samples: the target side
             target = ops.concatenate([target, inputs["labeled"]], axis=0)
@@ -297,7 +298,7 @@ class DANN(keras.Model):
         else:
             f = self.features(
                 ops.concatenate([inputs["source"], target], axis=0), training)
-        out = {"label": self._labels(f, training), "features": f}
+        out = {"label": self.labels(f, training), "features": f}
         if self._aligns and self.alignment == "adversarial":
             out["domain"] = self._domain(f, training)
         elif self._aligns and self.alignment == "confusion":
@@ -336,7 +337,7 @@ class DANN(keras.Model):
         self.class_loss_tracker.update_state(class_loss)
         total = class_loss
         if self._aligns:
-            domain_loss = self._alignment_loss(y_pred, n_s)
+            domain_loss = self.alignment_loss(y_pred, n_s)
             self.domain_loss_tracker.update_state(domain_loss)
             total = total + self.domain_weight * domain_loss
             if self.entropy_weight:
@@ -360,8 +361,10 @@ class DANN(keras.Model):
             return ops.convert_to_tensor(self.alignment_strength)
         return 1.0
 
-    def _alignment_loss(self, y_pred, n_s):
-        """The domain loss (adversarial, with its accuracy) or CORAL."""
+    def alignment_loss(self, y_pred, n_s):
+        """The alignment term of the loss on a batch whose first ``n_s``
+        rows are source: the domain loss (adversarial, with its accuracy;
+        plus the confusion term), MMD or CORAL."""
         f = y_pred["features"]
         if self.alignment == "coral":
             return coral_loss(f[:n_s], f[n_s:])
@@ -397,7 +400,7 @@ class DANN(keras.Model):
         """
         inputs = keras.Input(self.feature_extractor.input_shape[1:],
                              name="image")
-        outputs = self._labels(self.features(inputs))
+        outputs = self.labels(self.features(inputs))
         return keras.Model(inputs, outputs, name=f"{self.name}_classifier")
 
     def get_config(self):
@@ -423,30 +426,3 @@ class DANN(keras.Model):
         config["feature_extractor"] = keras.saving.deserialize_keras_object(
             config["feature_extractor"], custom_objects=custom_objects)
         return cls(**config)
-
-
-def _call_frozen(layers, x, training=False):
-    """Runs ``layers`` on ``x`` with their variables as constants: the
-    gradient flows to ``x`` but not to the layers, and BatchNorm moving
-    statistics are left as they are."""
-    for layer in layers:
-        if not layer.weights:
-            x = layer(x, training=training)
-            continue
-        trainable = [ops.stop_gradient(ops.convert_to_tensor(v))
-                     for v in layer.trainable_variables]
-        fixed = [ops.convert_to_tensor(v)
-                 for v in layer.non_trainable_variables]
-        x, _ = layer.stateless_call(trainable, fixed, x, training=training)
-    return x
-
-
-def _build_mlp(layers, d):
-    """Builds the layers of :func:`kerastl.heads.mlp` on ``d`` inputs; returns the width."""
-    for layer in layers:
-        if isinstance(layer, (keras.layers.Dense,
-                              keras.layers.BatchNormalization)):
-            layer.build((None, d))
-        if isinstance(layer, keras.layers.Dense):
-            d = layer.units
-    return d

@@ -20,32 +20,6 @@ def ganin_lambda(p, gamma=10.0):
     return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
 
 
-def _progress(callback):
-    """Training progress p in [0, 1] from fit's epochs and steps."""
-    total = callback.total_steps
-    if total is None:
-        params = callback.params or {}
-        steps, epochs = params.get("steps"), params.get("epochs")
-        if not steps or not epochs:
-            raise KerastlError(
-                f"{type(callback).__name__} needs the length of training: "
-                f"pass total_steps=, or give fit a dataset of known length "
-                f"or steps_per_epoch=.")
-        total = steps * epochs
-    return min(1.0, callback._step / max(1, total))
-
-
-def _step(callback, batch):
-    """The training step of ``batch``: counted from fit's epoch index, so a
-    run resumed by ``keras.callbacks.BackupAndRestore`` (which restarts at
-    the saved epoch) continues the schedule where it stopped."""
-    steps = (callback.params or {}).get("steps")
-    if steps and callback._epoch is not None:
-        return callback._epoch * steps + batch
-    return callback._step
-
-
-
 def _real(x):
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and \
         math.isfinite(x)
@@ -78,9 +52,33 @@ class _PerBatch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
+    def _progress(self):
+        """Training progress p in [0, 1] from fit's epochs and steps."""
+        total = self.total_steps
+        if total is None:
+            params = self.params or {}
+            steps, epochs = params.get("steps"), params.get("epochs")
+            if not steps or not epochs:
+                raise KerastlError(
+                    f"{type(self).__name__} needs the length of training: "
+                    f"pass total_steps=, or give fit a dataset of known "
+                    f"length or steps_per_epoch=.")
+            total = steps * epochs
+        return min(1.0, self._step / max(1, total))
+
+    def _step_of(self, batch):
+        """The training step of ``batch``: counted from fit's epoch index,
+        so a run resumed by ``keras.callbacks.BackupAndRestore`` (which
+        restarts at the saved epoch) continues the schedule where it
+        stopped."""
+        steps = (self.params or {}).get("steps")
+        if steps and self._epoch is not None:
+            return self._epoch * steps + batch
+        return self._step
+
     def on_train_batch_begin(self, batch, logs=None):
-        self._step = _step(self, batch)
-        value = self.value(_progress(self))
+        self._step = self._step_of(batch)
+        value = self.value(self._progress())
         # JAX: fit keeps the variables' values in its own state between
         # steps; a callback's assign reaches the next step only after the
         # state is written back (jax_state_sync, which makes fit re-read

@@ -169,7 +169,9 @@ class FeatureCache:
                 os.fsync(f.fileno())
 
 
-def _as_cache(cache):
+def as_cache(cache):
+    """``cache=`` of the extraction functions as a :class:`FeatureCache`:
+    None, a cache, or a folder path."""
     if cache is None or isinstance(cache, FeatureCache):
         return cache
     if isinstance(cache, (str, os.PathLike)):

@@ -16,7 +16,7 @@ import numpy as np
 
 from kerastl.blocks import block_map
 from kerastl.errors import KerastlError
-from kerastl.features.cache import _as_cache, hash_array, model_fingerprint
+from kerastl.features.cache import as_cache, hash_array, model_fingerprint
 from kerastl.freezing import keras_model_of
 from kerastl.heads import POOLINGS as HEAD_POOLINGS
 from kerastl.heads import pool, prefix_tokens
@@ -349,7 +349,7 @@ def extract_features(backbone, data, layers=None, pooling="avg",
         image_size = None if None in image_size else image_size
     index, count = _check_shard(shard, cache)
     prepared = _as_data(data, batch_size, image_size, data_key)
-    cache = _as_cache(cache)
+    cache = as_cache(cache)
     key = parts = None
     if cache is not None:
         parts = {

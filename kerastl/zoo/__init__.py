@@ -11,8 +11,8 @@ list`` stays instant.
 """
 
 from kerastl.zoo.config import (KERAS_APPLICATIONS, ZooConfig, config_dirs,
-                                get_config, list_configs, load_config_file,
-                                parse_config, zoo_entry)
+                                list_configs, load_config_file, parse_config,
+                                zoo_entry)
 
-__all__ = ["KERAS_APPLICATIONS", "ZooConfig", "config_dirs", "get_config",
-           "list_configs", "load_config_file", "parse_config", "zoo_entry"]
+__all__ = ["KERAS_APPLICATIONS", "ZooConfig", "config_dirs", "list_configs",
+           "load_config_file", "parse_config", "zoo_entry"]

@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import os
 import re
-import warnings
 from pathlib import Path
 
 from kerastl import _yaml
@@ -450,15 +449,6 @@ def list_configs(source=None):
     configs, _ = _registry()
     return [configs[n] for n in sorted(configs)
             if source is None or configs[n].source == source]
-
-
-def get_config(name):
-    """Deprecated alias of :func:`zoo_entry` (every Keras object has a
-    ``get_config()`` method with another meaning)."""
-    warnings.warn("kerastl.get_config(name) is deprecated; use "
-                  "kerastl.zoo_entry(name).", DeprecationWarning,
-                  stacklevel=2)
-    return zoo_entry(name)
 
 
 def zoo_entry(name):

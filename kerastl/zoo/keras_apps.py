@@ -1,6 +1,5 @@
 """Building Keras Applications backbones from zoo configs."""
 
-import contextlib
 import os
 import re
 import socket
@@ -8,6 +7,7 @@ import socket
 import keras
 
 from kerastl.errors import InputShapeError, WeightsError
+from kerastl.network import socket_timeout
 from kerastl.zoo.config import KERAS_APPLICATIONS
 
 # How long one attempt to download pretrained weights may wait on the network.
@@ -19,16 +19,6 @@ def constructor(config):
     if config.constructor not in KERAS_APPLICATIONS:  # parse_config checks too
         raise WeightsError(f"{config.constructor!r} is not allow-listed.")
     return getattr(keras.applications, config.constructor)
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds):
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def _offline_message(config, error):
@@ -60,7 +50,7 @@ def build_application(config, input_tensor, input_shape, weights):
     kwargs = dict(config.constructor_args)
     try:
         if weights == "imagenet":
-            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            with socket_timeout(DOWNLOAD_TIMEOUT_S):
                 model = ctor(include_top=False, weights="imagenet",
                              input_tensor=input_tensor,
                              input_shape=input_shape, **kwargs)

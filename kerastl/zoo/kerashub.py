@@ -35,7 +35,7 @@ import keras
 from kerastl import _keras_private as _private
 from kerastl import blocks as _blocks
 from kerastl.errors import KerastlError, UnknownModelError, WeightsError
-from kerastl.hub import _reachable
+from kerastl.network import reachable, socket_timeout
 from kerastl.preprocessing import ImagePreprocessing, check_input_shape
 from kerastl.spec import rules_from_config
 from kerastl.zoo.config import list_configs, zoo_entry
@@ -96,14 +96,10 @@ def _entry_for(spec):
     return None
 
 
-def _builtin_presets():
-    """KerasHub's own preset table: name -> kaggle handle."""
-    try:
-        from keras_hub.src.utils import preset_utils
-        return {name: meta.get("kaggle_handle", "") for name, meta in
-                preset_utils.BUILTIN_PRESETS.items()}
-    except Exception:  # a private table: absent in another keras-hub version
-        return {}
+def builtin_presets():
+    """KerasHub's own preset table: name -> kaggle handle ({} where this
+    keras-hub version does not have it where kerastl looks)."""
+    return _private.keras_hub_builtin_presets()
 
 
 def resolve(spec):
@@ -134,7 +130,7 @@ def resolve(spec):
     if config is not None:
         return config.preset, config
     import_keras_hub()  # the install hint before "unknown preset"
-    presets = _builtin_presets()
+    presets = builtin_presets()
     if spec in presets:
         return spec, None
     names = [c.name for c in _entries()] + sorted(presets)
@@ -147,7 +143,7 @@ def resolve(spec):
         f"local preset folder.")
 
 
-def _kaggle_cache(handle):
+def kaggle_cache(handle):
     """Where kagglehub keeps ``kaggle://owner/model/framework/variation/v``."""
     root = os.environ.get("KAGGLEHUB_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "kagglehub")
@@ -159,10 +155,10 @@ def _check_reachable(preset, timeout):
     """Fails fast, with what to do, when a remote preset cannot be fetched."""
     if os.path.isdir(preset):
         return
-    handle = _builtin_presets().get(preset, preset)
+    handle = builtin_presets().get(preset, preset)
     if handle.startswith("kaggle://"):
         parts = handle[len("kaggle://"):].split("/")
-        if len(parts) == 5 and os.path.isdir(_kaggle_cache(handle)):
+        if len(parts) == 5 and os.path.isdir(kaggle_cache(handle)):
             return  # cached with its version: no download
         url = KAGGLE_URL
     elif handle.startswith("hf://"):
@@ -173,7 +169,7 @@ def _check_reachable(preset, timeout):
     else:
         return  # gs:// and others: KerasHub's own errors
     try:
-        _reachable(url, timeout, advice="")
+        reachable(url, timeout)
     except KerastlError as e:
         raise WeightsError(_offline_message(preset, handle, e)) from None
 
@@ -385,8 +381,8 @@ def _set_rules(model, entry):
     layer (where the block map reads them, and where they travel in
     ``.keras``)."""
     layer = model.get_layer("kerastl_preprocessing")
+    # (block_map() is keyed on the rules too: the map follows the new ones.)
     layer.block_rules = rules_from_config(entry.blocks) if entry else ()
-    _blocks._CACHE.pop(model, None)  # the map follows the new rules
 
 
 def load(spec, weights="imagenet", input_shape=None):
@@ -406,19 +402,16 @@ def load(spec, weights="imagenet", input_shape=None):
         raise KerastlError(f"weights={weights!r}: expected 'imagenet' (the "
                            "preset's weights), None or a weights file.")
     _check_reachable(preset, PRESET_TIMEOUT_S)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(PRESET_TIMEOUT_S * 3)
     try:
-        source = keras_hub.models.Backbone.from_preset(
-            preset, load_weights=weights in ("imagenet", "preset"))
-        converter = _converter(keras_hub, preset)
+        with socket_timeout(PRESET_TIMEOUT_S * 3):
+            source = keras_hub.models.Backbone.from_preset(
+                preset, load_weights=weights in ("imagenet", "preset"))
+            converter = _converter(keras_hub, preset)
     except (OSError, socket.timeout) as e:
         raise WeightsError(_offline_message(preset, preset, e)) from None
     except ValueError as e:
         raise KerastlError(
             f"KerasHub could not load the preset {preset!r}: {e}") from None
-    finally:
-        socket.setdefaulttimeout(previous)
     vision = _vision_tower(source)
     architecture = type(vision).__name__
     name = config.name if config is not None else os.path.basename(

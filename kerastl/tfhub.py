@@ -16,16 +16,19 @@ import hashlib
 import inspect
 import os
 import re
-import socket
-import threading
-import urllib.parse
 
 import keras
 
 from kerastl import _keras_private as _private
 from kerastl.errors import KerastlError
 from kerastl.freezing import set_variables_trainable
+from kerastl.network import is_timeout, reachable, socket_timeout
 from kerastl.spec import KAGGLE_HANDLE, BlockRule
+
+# What an offline TF Hub download error tells the user to do.
+OFFLINE_ADVICE = ("Offline? Download the model where there is internet and "
+                  "set TFHUB_CACHE_DIR to that cache, or pass the local "
+                  "SavedModel folder as the handle.")
 
 # What the user trusted with trust_hub_path(): folders (everything under
 # them) and handles (exactly). See is_trusted().
@@ -62,37 +65,6 @@ def _hub_cache_path(handle):
     return os.path.join(cache, hashlib.sha1(handle.encode("utf8")).hexdigest())
 
 
-def _reachable(url, timeout, advice=None):
-    """Connects to the URL's host within ``timeout`` seconds, or raises
-    (``advice``: what the error tells the user to do; default: TF Hub's)."""
-    parts = urllib.parse.urlparse(url)
-    host = parts.hostname
-    port = parts.port or (80 if parts.scheme == "http" else 443)
-    if parts.scheme == "gs":
-        host, port = "storage.googleapis.com", 443
-    result = {}
-
-    def connect():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result["ok"] = True
-        except OSError as e:
-            result["error"] = e
-
-    # DNS lookups ignore socket timeouts; a daemon thread bounds them too.
-    worker = threading.Thread(target=connect, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if not result.get("ok"):
-        why = result.get("error") or f"no answer within {timeout:g} s"
-        raise KerastlError(
-            f"Cannot reach {host} to download {url!r} ({why}). " + (
-                advice if advice is not None else
-                "Offline? Download the model where there is internet and "
-                "set TFHUB_CACHE_DIR to that cache, or pass the local "
-                "SavedModel folder as the handle."))
-
-
 def resolve_handle(handle, timeout=15.0):
     """The local SavedModel folder for a TF Hub handle.
 
@@ -120,7 +92,7 @@ def resolve_handle(handle, timeout=15.0):
                 f"{handle!r} looks like a Kaggle model handle; downloading it "
                 "needs kagglehub: pip install kagglehub. (Or pass its "
                 "https://www.kaggle.com/models/... URL.)") from None
-        _reachable("https://www.kaggle.com", timeout)
+        reachable("https://www.kaggle.com", timeout, OFFLINE_ADVICE)
         try:
             return _check_saved_model(kagglehub.model_download(handle), handle)
         except KerastlError:
@@ -141,20 +113,17 @@ def resolve_handle(handle, timeout=15.0):
     cached = _hub_cache_path(handle)
     if os.path.isfile(os.path.join(cached, "saved_model.pb")):
         return cached
-    _reachable(handle, timeout)
+    reachable(handle, timeout, OFFLINE_ADVICE)
     # tensorflow_hub opens URLs without a timeout: a server that accepts and
     # then stalls would hang forever. A default socket timeout bounds every
     # connect and read (a download that keeps receiving data is not cut).
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
     try:
-        return _check_saved_model(hub.resolve(handle), handle)
+        with socket_timeout(timeout):
+            return _check_saved_model(hub.resolve(handle), handle)
     except KerastlError:
         raise
     except Exception as e:
-        stalled = isinstance(e, (socket.timeout, TimeoutError)) or isinstance(
-            getattr(e, "reason", None), (socket.timeout, TimeoutError))
-        if stalled:
+        if is_timeout(e):
             raise KerastlError(
                 f"Cannot reach {handle!r}: the server did not answer within "
                 f"{timeout:g} s. Offline? Set TFHUB_CACHE_DIR to a cache that "
@@ -162,8 +131,6 @@ def resolve_handle(handle, timeout=15.0):
                 from None
         raise KerastlError(f"tensorflow_hub could not resolve {handle!r}: "
                            f"{e}") from None
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 # -- trust ---------------------------------------------------------------------------
@@ -189,6 +156,13 @@ def trust_hub_path(path_or_handle):
         _TRUSTED_HANDLES.append(value)
     else:
         _TRUSTED_PATHS.append(os.path.realpath(value))
+
+
+def clear_trusted():
+    """Forgets every folder and handle trusted with :func:`trust_hub_path`
+    in this process (``KERASTL_TRUSTED_HUB_PATHS`` still counts)."""
+    del _TRUSTED_PATHS[:]
+    del _TRUSTED_HANDLES[:]
 
 
 def is_trusted(handle):
@@ -280,7 +254,7 @@ class HubLayer(keras.layers.Layer):
         self.block_rules = _block_rules(blocks)
         path = resolve_handle(self.handle, timeout=load_timeout)
         self._obj = tf.saved_model.load(path, tags=tags)
-        self._fn, self._takes_training = self._callable()
+        self._fn, self.takes_training = self._callable()
         # Under the layer's name, as add_weight does: variable paths read
         # "hub/stem_conv_kernel" and two HubLayers cannot collide.
         with keras.name_scope(self.name, caller=self):
@@ -376,7 +350,7 @@ class HubLayer(keras.layers.Layer):
             args = ()
         else:
             args = (inputs,)
-        if self._takes_training:
+        if self.takes_training:
             kwargs["training"] = bool(training and self.trainable and
                                       self.batchnorm_training)
         result = self._fn(*args, **kwargs)

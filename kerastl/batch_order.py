@@ -1,0 +1,62 @@
+"""Array data in batches whose order depends on a seed and the epoch alone.
+
+``model.fit(x, y, shuffle=True)`` draws each epoch's order from the global
+random state: two runs agree only if every seed in the process was set, and
+a run resumed by ``BackupAndRestore`` in a new process draws other orders
+than the run it continues. :class:`SeededBatches` draws the order of epoch
+``e`` from ``(seed, e)``: the same in every process, whatever else drew
+random numbers, and the same after a resume. What
+``TrainingPlan(seed=...)`` gives array input, with or without the boundary
+cache.
+"""
+
+import math
+
+import keras
+import numpy as np
+
+
+class SeededBatches(keras.utils.PyDataset):
+    """``(x, y[, sample_weight])`` arrays (or dicts/lists of them) served in
+    batches, in an order drawn from ``(seed, epoch)``.
+
+    Pass :meth:`callback` to ``fit`` with it: it tells the batches which
+    epoch is starting (``fit``'s own index, so a resumed run continues with
+    the right order).
+    """
+
+    def __init__(self, arrays, batch_size, seed):
+        super().__init__()
+        self.arrays = tuple(arrays)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.size = len(keras.tree.flatten(self.arrays[0])[0])
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        """Draws the order of ``epoch``."""
+        self.epoch = int(epoch)
+        self.order = np.random.default_rng(
+            [self.seed, self.epoch]).permutation(self.size)
+
+    def __len__(self):
+        return math.ceil(self.size / self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size:
+                          (index + 1) * self.batch_size]
+        return tuple(keras.tree.map_structure(lambda a: a[rows], part)
+                     for part in self.arrays)
+
+    def callback(self):
+        """The callback that keeps the order in step with ``fit``'s epochs."""
+        return _EpochOrder(self)
+
+
+class _EpochOrder(keras.callbacks.Callback):
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)

@@ -1,0 +1,104 @@
+"""Image folders (one subfolder per class) as checked data and as fast
+``tf.data`` pipelines: what ``kerastl finetune`` reads, usable on its own.
+"""
+
+import os
+
+import keras
+
+from kerastl.errors import KerastlError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def scan_image_folder(folder):
+    """Checks an image folder; returns ``{class name: [file paths]}``.
+
+    Raises :class:`KerastlError` naming the problem: a missing folder, fewer
+    than two class subfolders, an empty class folder, or a file that does
+    not decode as an image.
+    """
+    import tensorflow as tf  # lazy: only when images are checked
+
+    if not os.path.isdir(folder):
+        raise KerastlError(f"Image folder {folder!r} does not exist.")
+    classes = sorted(d for d in os.listdir(folder)
+                     if os.path.isdir(os.path.join(folder, d))
+                     and not d.startswith("."))
+    if len(classes) < 2:
+        raise KerastlError(
+            f"Image folder {folder!r} has {len(classes)} class subfolder(s); "
+            "expected one subfolder of images per class, at least two.")
+    files = {}
+    for c in classes:
+        d = os.path.join(folder, c)
+        files[c] = sorted(os.path.join(d, f) for f in os.listdir(d)
+                          if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files[c]:
+            raise KerastlError(
+                f"Class folder {d!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    for c in classes:
+        for path in files[c]:
+            try:
+                tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                   expand_animations=False)
+            except (tf.errors.InvalidArgumentError, ValueError):
+                raise KerastlError(
+                    f"{path!r} is not a readable image; remove or replace "
+                    "it.") from None
+    return files
+
+
+# Decoded images are kept in memory when all of them take at most this.
+CACHE_IMAGES_BYTES = 2 * 1024 ** 3
+
+
+def image_folder_datasets(folder, image_size, batch_size=32,
+                          validation_split=0.2, seed=0,
+                          cache_bytes=CACHE_IMAGES_BYTES, verbose=0):
+    """Training and validation ``tf.data`` pipelines for an image folder.
+
+    The split, decoding and resizing are Keras's
+    (``keras.utils.image_dataset_from_directory``: the same files in the
+    same split for a seed, decoded in parallel, shuffled in a buffer before
+    batching). When the decoded images fit in ``cache_bytes`` (float32,
+    default 2 GiB) the first epoch's batches are kept in memory and later
+    epochs replay them in a new order each epoch (the order of the batches
+    is reshuffled, not their contents: replaying costs nothing per image);
+    otherwise images are decoded every epoch, as Keras does. Both pipelines
+    prefetch.
+
+    Returns:
+        ``(train, validation)`` datasets of ``(images, int labels)``
+        batches, each with Keras's ``file_paths`` and ``class_names``.
+    """
+    import tensorflow as tf  # lazy, as scan_image_folder
+
+    common = dict(validation_split=validation_split, subset="both",
+                  seed=seed, image_size=image_size, label_mode="int",
+                  shuffle=True, verbose=False)
+    train, val = keras.utils.image_dataset_from_directory(
+        folder, batch_size=batch_size, **common)
+    paths = (train.file_paths, val.file_paths)
+    names = train.class_names
+    n = len(paths[0]) + len(paths[1])
+    size = n * image_size[0] * image_size[1] * 3 * 4
+    if size <= cache_bytes:
+        if verbose:
+            print(f"kerastl: keeping the {n} decoded images in memory "
+                  f"({size / 2 ** 20:.1f} MiB).", flush=True)
+        batches = -(-len(paths[0]) // batch_size)
+        train = train.cache().shuffle(batches, seed=seed,
+                                      reshuffle_each_iteration=True)
+        val = val.cache()
+        train, val = (d.prefetch(tf.data.AUTOTUNE) for d in (train, val))
+    elif verbose:
+        print(f"kerastl: {n} decoded images would take "
+              f"{size / 2 ** 30:.1f} GiB; decoding them every epoch.",
+              flush=True)
+    for d, p in zip((train, val), paths):
+        d.file_paths, d.class_names = p, names
+        # Nothing random after decoding: fine_tune's boundary cache may
+        # replay these (it does not replay other pipelines by default).
+        d.kerastl_replayable = True
+    return train, val

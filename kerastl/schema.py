@@ -1,0 +1,267 @@
+"""The experiment's schema: every key of ``kerastl finetune``, declared once.
+
+An experiment is a set of keys, written in a YAML file (``--config``), as
+command-line flags, or as a dict. Each key is one :class:`Key` in
+:data:`KEYS`: its default, the YAML types it takes, the values it allows,
+its help text and so its flag (``freeze_up_to`` is ``--freeze-up-to``).
+The defaults (:func:`defaults`), the checks (:func:`resolve`) and the
+command line's flags (``kerastl finetune --help``) are all derived from
+:data:`KEYS`, so a new key is one new entry there. How the keys become a
+:class:`kerastl.plan.TrainingPlan` is :meth:`~kerastl.plan.TrainingPlan.from_experiment`.
+
+Importable without Keras or TensorFlow: the command line reads and checks an
+experiment before it imports them.
+"""
+
+import dataclasses
+import difflib
+import numbers
+import os
+
+from kerastl import _yaml
+from kerastl.errors import ConfigError
+from kerastl.spec import (BN_MODES, DEVICE_STRATEGIES, FINE_TUNING_STRATEGIES,
+                          INPUT_MODES)
+
+NoneType = type(None)
+# Words that stand for null on the command line (YAML has its own null).
+NULL_WORDS = ("none", "null")
+# The values of a three-way switch (YAML also reads on/off as true/false).
+SWITCH = ("auto", "on", "off", True, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One experiment key.
+
+    Attributes:
+        name: the key (the flag is ``--`` + the name with ``-`` for ``_``).
+        default: its value when neither the config nor a flag sets it.
+        types: the YAML types it takes (``str``, ``int``, ``numbers.Real``,
+            ``bool``, ``NoneType``).
+        help: what it means, for ``--help``.
+        choices: the values it allows (None: any value of ``types``).
+        check: ``check(value) -> bool`` for values of the right type.
+        expected: what ``check`` wants, for its error message.
+        required: the experiment cannot run without it.
+        aliases: other spellings of values (``{"random": None}``), read
+            in YAML and on the command line alike.
+    """
+
+    name: str
+    default: object
+    types: tuple
+    help: str
+    choices: tuple = None
+    check: object = None
+    expected: str = None
+    required: bool = False
+    aliases: tuple = ()
+
+    @property
+    def flag(self):
+        """The command-line flag: ``--freeze-up-to`` for ``freeze_up_to``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def is_switch(self):
+        """A flag without a value (``--overwrite``): a bool key."""
+        return self.types == (bool,)
+
+    def cli_choices(self):
+        """The choices as the command line spells them, or None."""
+        if self.choices is None:
+            return None
+        return [("none" if c is None else c) for c in self.choices
+                if not isinstance(c, bool)]
+
+    def from_text(self, text):
+        """A command-line string as the value it stands for.
+
+        Raises:
+            ValueError: the text is none of the key's types.
+        """
+        if text.lower() in NULL_WORDS and NoneType in self.types:
+            return None
+        for kind in self.types:
+            if kind is int:
+                try:
+                    return int(text)
+                except ValueError:
+                    continue
+            if kind is numbers.Real:
+                try:
+                    return float(text)
+                except ValueError:
+                    continue
+            if kind is str:
+                return text
+        raise ValueError(f"{text!r} is not {describe(self.types)}")
+
+    def canonical(self, value):
+        """``value`` with an alias replaced by what it stands for."""
+        for alias, meaning in self.aliases:
+            if isinstance(value, str) and value == alias:
+                return meaning
+        return value
+
+    def refuse(self, value, expected):
+        raise ConfigError(f"Experiment key {self.name!r} is "
+                          f"{_yaml.short(value)} ({self.flag}): expected "
+                          f"{expected}.")
+
+    def validate(self, value):
+        """Checks ``value`` (after :meth:`canonical`); raises
+        :class:`ConfigError` naming the key, its flag and what it takes."""
+        if value is None and self.required:
+            raise ConfigError(f"The experiment needs {self.name!r} (in the "
+                              f"config or as {self.flag}).")
+        bad_bool = isinstance(value, bool) and bool not in self.types and \
+            not (self.choices and value in self.choices)
+        if bad_bool or not isinstance(value, self.types):
+            self.refuse(value, describe(self.types))
+        if self.choices is not None and not any(
+                value is c or (type(value) is type(c) and value == c)
+                for c in self.choices):
+            self.refuse(value, "one of " + ", ".join(self.cli_choices()))
+        if self.check is not None and value is not None and \
+                not self.check(value):
+            self.refuse(value, self.expected)
+
+
+def describe(types):
+    """``(int, NoneType)`` as "an integer or null"."""
+    names = {str: "a string", int: "an integer", numbers.Real: "a number",
+             bool: "true or false", NoneType: "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _positive(value):
+    return value >= 1
+
+
+KEYS = (
+    Key("model", None, (str, NoneType),
+        "zoo name, hub:<name or handle>, kerashub:<preset or folder>, or a "
+        ".keras file", required=True),
+    Key("data", None, (str, NoneType),
+        "image folder, one subfolder per class", required=True),
+    Key("output", "kerastl_run", (str,),
+        "output folder: new, empty, or an earlier kerastl run with "
+        "--overwrite"),
+    Key("weights", "imagenet", (str, NoneType),
+        "imagenet, none (random), or a weights file",
+        aliases=(("none", None), ("None", None), ("null", None),
+                 ("random", None))),
+    Key("image_size", None, (int, NoneType),
+        "input height and width; none: the model's own",
+        check=lambda v: v >= 8, expected="at least 8 pixels"),
+    Key("validation_split", 0.2, (numbers.Real,),
+        "share of the images held out", check=lambda v: 0 < v < 1,
+        expected="a fraction between 0 and 1 (exclusive)"),
+    Key("seed", 0, (int,), "random seed of the split and the training"),
+    Key("batch_size", 32, (int,), "images per step", check=_positive,
+        expected="a positive integer"),
+    Key("strategy", "partial", (str,),
+        "what trains: the head only, the later blocks too, or everything",
+        choices=FINE_TUNING_STRATEGIES),
+    Key("freeze_up_to", None, (int, str, NoneType),
+        "partial: the last frozen block (a name or a count); none: the "
+        "first half"),
+    Key("bn", "frozen", (str,), "BatchNorm of trainable blocks",
+        choices=BN_MODES),
+    Key("dropout", 0.2, (numbers.Real,), "dropout before the new head",
+        check=lambda v: 0 <= v < 1, expected="a rate in [0, 1)"),
+    Key("optimizer", "adam", (str,),
+        "a Keras optimizer name: adam, adamw, sgd, ..."),
+    Key("learning_rate", 1e-3, (numbers.Real,), "learning rate",
+        check=lambda v: v > 0, expected="a positive number"),
+    Key("layer_decay", None, (numbers.Real, NoneType),
+        "per-block rate decay, e.g. 0.7; none: one rate",
+        check=lambda v: 0 < v <= 1, expected="a number in (0, 1]"),
+    Key("epochs", 10, (int,), "training epochs", check=_positive,
+        expected="a positive integer"),
+    Key("early_stopping", 3, (int, NoneType),
+        "patience in epochs; none: train every epoch", check=_positive,
+        expected="a patience of at least 1 epoch"),
+    Key("export_input", "float", (str,),
+        "what the SavedModel's serve signature takes", choices=INPUT_MODES),
+    Key("boundary_cache", "auto", (str, bool),
+        "run the frozen blocks once and train the rest on their output: "
+        "auto (whenever valid), on (required), off", choices=SWITCH),
+    Key("mixed_precision", None, (str, NoneType),
+        "half-precision compute: float16 on GPUs, bfloat16 on TPUs and "
+        "recent CPUs (slower on other CPUs)",
+        choices=(None, "float16", "bfloat16")),
+    Key("jit", "auto", (str, bool), "XLA compilation of the train step",
+        choices=SWITCH),
+    Key("distribute", "none", (str,),
+        "every GPU of this machine, or several machines (each with its "
+        "TF_CONFIG; see the README)", choices=DEVICE_STRATEGIES),
+    Key("overwrite", False, (bool,),
+        "replace an earlier kerastl run in the output folder (at the end); "
+        "kerastl never replaces a folder it did not write"),
+    Key("resume", False, (bool,),
+        "continue an interrupted run of the same output folder from its "
+        "last completed epoch"),
+)
+
+
+def keys():
+    """``{name: Key}`` of :data:`KEYS`, read at each call (so that a key
+    added to :data:`KEYS` is everywhere at once)."""
+    return {k.name: k for k in KEYS}
+
+
+def defaults():
+    """Every key with its default."""
+    return {k.name: k.default for k in KEYS}
+
+
+def flags():
+    """``{flag: key name}`` of every key."""
+    return {k.flag: k.name for k in KEYS}
+
+
+def load(path):
+    """Reads an experiment YAML file into a dict (not yet checked)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Experiment config {path!r} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        data = _yaml.load(f, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of experiment keys, "
+                          f"got {type(data).__name__}.")
+    return data
+
+
+def resolve(*layers):
+    """The complete, checked experiment: the defaults, then each of
+    ``layers`` (dicts: a config file's keys, then the flags given) in order.
+
+    Raises:
+        ConfigError: an unknown key (with the nearest key and its flag), a
+            value of the wrong type or out of range (naming key and flag),
+            or keys that contradict each other.
+    """
+    table = keys()
+    merged = defaults()
+    for layer in layers:
+        for name, value in layer.items():
+            if name not in table:
+                close = difflib.get_close_matches(str(name), list(table), n=1)
+                hint = (f" (did you mean {close[0]!r}, "
+                        f"{table[close[0]].flag}?)" if close else "")
+                raise ConfigError(
+                    f"Unknown experiment key {_yaml.short(name)}{hint}; "
+                    f"keys: {', '.join(table)}.")
+            merged[name] = table[name].canonical(value)
+    for name, key in table.items():
+        key.validate(merged[name])
+    if merged["strategy"] != "partial" and merged["freeze_up_to"] is not None:
+        raise ConfigError(
+            f"freeze_up_to (--freeze-up-to) applies to strategy 'partial', "
+            f"not {merged['strategy']!r}.")
+    return merged

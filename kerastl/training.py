@@ -1,0 +1,291 @@
+"""kerastl's one fine-tuning driver: :func:`fine_tune` runs a
+:class:`~kerastl.TrainingPlan` on a model.
+
+The command line (``kerastl finetune``, ``kerastl demo``), the experiment
+YAML, :func:`kerastl.analysis.transfer_depth_sweep` and
+:func:`kerastl.adaptation.joint_fine_tune` all train through it, so the
+boundary cache, precision, early stopping and the checks before and after
+training are the same everywhere.
+"""
+
+import collections
+import warnings
+
+import keras
+import numpy as np
+
+from kerastl import boundary, distribute, freezing
+from kerastl import _keras_private as _private
+from kerastl.batch_order import SeededBatches
+from kerastl.blocks import block_map, layer_graph
+from kerastl.distribute import strategy_scope
+from kerastl.errors import KerastlError
+from kerastl.layerwise import LayerwiseOptimizer
+from kerastl.plan import TrainingPlan
+
+FineTuneHistory = collections.namedtuple("FineTuneHistory",
+                                         ["head", "fine_tune"])
+FineTuneHistory.__doc__ = """What :func:`fine_tune` returns: the head
+phase's ``History`` (None when ``head_epochs=0``) and the main phase's."""
+
+
+def early_stopping(patience=3, monitor="val_loss"):
+    """Stop when the validation loss starts to increase; keep the best
+    weights."""
+    return keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
+                                         restore_best_weights=True)
+
+
+def _split(train):
+    """``(x, y, sample_weight)`` of ``fit`` input: an ``(x, y[, w])`` tuple
+    of arrays, or a dataset (``y`` and ``w`` None)."""
+    if isinstance(train, tuple):
+        if len(train) not in (2, 3):
+            raise KerastlError(
+                f"train is a tuple of {len(train)} items: expected (x, y) "
+                "or (x, y, sample_weight), or a tf.data.Dataset.")
+        return train[0], train[1], train[2] if len(train) == 3 else None
+    return train, None, None
+
+
+def fine_tune(model, train, validation=None, plan=None, *,
+              loss="sparse_categorical_crossentropy", metrics=("accuracy",),
+              weighted_metrics=None, callbacks=(), verbose=0, **settings):
+    """Fine-tunes a classifier built on a backbone: kerastl's one driver.
+
+    1. Head phase (``head_epochs > 0``): every backbone block frozen, the
+       new head trains with the plan's ``head_optimizer``.
+    2. Main phase: what the plan's ``strategy`` (and ``freeze_up_to``)
+       says trains, with its ``optimizer`` (and layer-wise
+       ``multipliers``), for ``epochs``.
+
+    With ``validation``, each phase stops early when the validation loss
+    starts to increase and keeps the best weights (``patience=None``: no
+    early stopping). Where the frozen blocks can be run once (see
+    :mod:`kerastl.boundary`), they are: each returned ``History`` has
+    ``boundary_cache``, ``"used"`` or the reason it was not.
+
+    Args:
+        model: a ``keras.Model`` with a block map whose last block is the
+            head (e.g. from :func:`kerastl.build_classifier`).
+        train: a ``tf.data.Dataset`` (or other ``fit`` input) of ``(x, y)``
+            batches, or an ``(x, y)`` or ``(x, y, sample_weight)`` tuple of
+            arrays.
+        validation: anything ``fit`` takes as ``validation_data``.
+        plan: a :class:`~kerastl.TrainingPlan`; default: one made of
+            ``settings``. (``fine_tune(model, train, plan)`` works too:
+            a plan in the ``validation`` place is taken as the plan.)
+        loss, metrics, weighted_metrics: for ``model.compile``.
+        callbacks: more Keras callbacks, for both phases.
+        verbose: ``fit``'s progress output.
+        **settings: :class:`~kerastl.TrainingPlan` fields (``strategy``,
+            ``freeze_up_to``, ``epochs``, ``optimizer``, ...): the plan
+            with these changed.
+
+    Returns:
+        A :class:`FineTuneHistory` ``(head, fine_tune)`` of Keras
+        ``History`` objects; it unpacks as a pair.
+
+    Example::
+
+        kerastl.fine_tune(model, train, val, strategy="partial",
+                          freeze_up_to="stage3", head_epochs=5, epochs=10,
+                          multipliers=kerastl.LayerDecay(0.7))
+    """
+    if isinstance(validation, TrainingPlan) and plan is None:
+        validation, plan = None, validation
+    unknown = sorted(set(settings) - set(TrainingPlan.fields()))
+    if unknown:
+        raise TypeError(
+            f"fine_tune() got unexpected keyword argument(s) "
+            f"{', '.join(unknown)}; it takes the data, plan=, loss=, "
+            f"metrics=, weighted_metrics=, callbacks=, verbose= and the "
+            f"TrainingPlan fields {', '.join(TrainingPlan.fields())}.")
+    if plan is None:
+        plan = TrainingPlan(**settings)
+    elif not isinstance(plan, TrainingPlan):
+        raise KerastlError(f"plan={plan!r}: expected a kerastl.TrainingPlan.")
+    elif settings:
+        plan = plan.replace(**settings)
+    if plan.trainable is None:  # nobody resolved it for this model yet
+        plan = plan.resolve(model)
+    bm = block_map(model)
+    plan.trainable.check(bm, model.name)
+    if not plan.trainable.trainable:
+        raise KerastlError(
+            f"Nothing would train: the plan freezes every block of "
+            f"{model.name!r} ({', '.join(bm.names)}). Freeze fewer blocks.")
+    depth = plan.trainable.depth
+    # Arguments first, then the data: a typo fails before any computation.
+    head_optimizer, optimizer = plan.optimizers(model)
+    set_precision(model, plan.mixed_precision)
+    x, y, w = _split(train)
+    base = len(bm.base_blocks)
+    if plan.check_features:
+        check_frozen_features(model, max(depth, base) if plan.head_epochs
+                              else depth, x)
+
+    def phase(optimizer, n_epochs, frozen):
+        # Early stopping watches the validation loss: none without one.
+        stop = plan.patience is not None and validation is not None
+        cbs = ([early_stopping(plan.patience)] if stop else []) + \
+            list(callbacks)
+        reason = "boundary_cache=False"
+        if distribute.is_distributed(model):
+            reason = "distributed training (the frozen part runs each step)"
+        elif plan.boundary_cache is not False:
+            history, reason = boundary.cached_fit(
+                model, frozen, x, y, validation, sample_weight=w,
+                optimizer=optimizer, loss=loss, metrics=metrics,
+                weighted_metrics=weighted_metrics, epochs=n_epochs,
+                batch_size=plan.batch_size, callbacks=cbs, verbose=verbose,
+                required=plan.boundary_cache is True,
+                jit_compile=plan.jit_compile, seed=plan.seed)
+            if history is not None:
+                history.boundary_cache = "used"
+                return history
+        with strategy_scope(model):  # several devices: mirrored state
+            model.compile(optimizer=optimizer, loss=loss,
+                          metrics=_listed(metrics),
+                          weighted_metrics=_listed(weighted_metrics),
+                          jit_compile=plan.jit_compile)
+        if distribute.is_multi_worker(model):
+            distribute.prepare_distributed_fit(
+                model, (x, y) if y is not None else x)
+        if y is not None and plan.seed is not None:
+            batches = SeededBatches((x, y) if w is None else (x, y, w),
+                                    plan.batch_size or 32, plan.seed)
+            history = model.fit(batches, validation_data=validation,
+                                epochs=n_epochs,
+                                callbacks=cbs + [batches.callback()],
+                                verbose=verbose)
+        else:
+            # A dataset (no separate y) is shuffled by its own pipeline;
+            # Keras warns when asked to shuffle one.
+            history = model.fit(x, y, sample_weight=w,
+                                validation_data=validation, epochs=n_epochs,
+                                batch_size=plan.batch_size, callbacks=cbs,
+                                shuffle=y is not None, verbose=verbose)
+        history.boundary_cache = reason
+        return history
+
+    h1 = None
+    if plan.head_epochs:
+        freezing.apply_trainable(
+            model, freezing.Trainable.of(bm, bm.names[base:]), bn=plan.bn,
+            recompile=False)
+        h1 = phase(head_optimizer, plan.head_epochs, base)
+    freezing.apply_trainable(model, plan.trainable, bn=plan.bn,
+                             recompile=False)
+    if plan.multipliers is not None:
+        with strategy_scope(model):
+            optimizer = LayerwiseOptimizer(optimizer, plan.multipliers, model)
+    h2 = phase(optimizer, plan.epochs, depth)
+    if plan.check_features:
+        warn_at_chance(model, h2, frozen=depth)
+    return FineTuneHistory(h1, h2)
+
+
+def _listed(metrics):
+    """``compile``'s metrics: None, a dict as it is, anything else a list."""
+    if metrics is None or isinstance(metrics, dict):
+        return metrics
+    return list(metrics)
+
+
+def _sample_images(x, n=64):
+    """Up to ``n`` training images from arrays or a dataset, or None."""
+    import tensorflow as tf  # lazy: only for datasets
+
+    if isinstance(x, tf.data.Dataset):
+        batches = []
+        for element in x.take(4):
+            batches.append(np.asarray(element[0] if isinstance(
+                element, (tuple, list)) else element))
+            if sum(len(b) for b in batches) >= n:
+                break
+        return np.concatenate(batches)[:n] if batches else None
+    try:
+        a = np.asarray(x[:n])
+    except (TypeError, IndexError, KeyError):
+        return None
+    return a if a.dtype.kind in "fiu" and a.ndim >= 2 else None
+
+
+def check_frozen_features(model, depth, x):
+    """Stops a run whose ``depth`` frozen leading blocks give features
+    nothing can learn from: NaN/infinite, or (near-)constant across the
+    training images (a frozen backbone with random weights gives ~1e-12).
+
+    Raises:
+        KerastlError: naming the last frozen block, the measured spread and
+            the fix.
+    """
+    bm = block_map(model)
+    if depth < 1 or not bm.has_output(bm.base_blocks[depth - 1]):
+        return
+    images = _sample_images(x)
+    if images is None or len(images) < 2:
+        return
+    last = bm.base_blocks[depth - 1]
+    try:
+        probe = keras.Model(model.inputs, bm.output_layer(last).output)
+    except (AttributeError, ValueError):  # no symbolic graph to cut
+        return
+    features = np.asarray(probe.predict(images, verbose=0), "float64")
+    features = features.reshape(len(features), -1)
+    fix = ("Load pretrained weights (weights='imagenet'; CLI: --weights "
+           "imagenet) or train the blocks (strategy='full'; CLI: --strategy "
+           "full).")
+    if not np.isfinite(features).all():
+        raise KerastlError(
+            f"The frozen blocks up to {last!r} give NaN or infinite features "
+            f"on the training images: nothing can be learnt from them. "
+            f"Check the images and the weights. {fix}")
+    spread = float(features.std(axis=0).max())
+    if spread < 1e-7:
+        raise KerastlError(
+            f"The frozen blocks up to {last!r} give the same features for "
+            f"every training image (largest spread across images "
+            f"{spread:.1e}): a frozen backbone with random weights, or "
+            f"constant images. The new head cannot learn from them. {fix}")
+
+
+def set_precision(model, policy):
+    """Makes ``model`` compute in ``policy`` (see
+    :attr:`TrainingPlan.mixed_precision`), except the layers that produce
+    its outputs, which stay float32 (softmax and loss are unstable in half
+    precision). ``None`` or ``"float32"`` leaves the model as it is."""
+    if policy in (None, "float32"):
+        return
+    outputs = {id(_private.producing_operation(t)) for t in model.outputs}
+    for layer, _ in layer_graph(model):
+        if id(layer) not in outputs and not isinstance(
+                layer, keras.layers.InputLayer):
+            layer.dtype_policy = policy
+    model.dtype_policy = policy  # compile adds loss scaling for float16
+
+
+def warn_at_chance(model, history, frozen=None):
+    """Warns when the best validation accuracy is at or below chance.
+
+    ``frozen``: how many blocks were frozen (the advice differs when
+    everything already trained)."""
+    acc = history.history.get("val_accuracy")
+    try:
+        output = model.output
+    except (AttributeError, ValueError):  # a model without a symbolic graph
+        return
+    classes = output.shape[-1] if not isinstance(
+        output, (dict, list, tuple)) else None
+    if not acc or not classes or classes < 2:
+        return
+    chance = 1.0 / classes
+    if max(acc) <= chance + 1e-9:
+        warnings.warn(
+            f"kerastl: validation accuracy never rose above chance "
+            f"({max(acc):.3f} with {classes} classes): the model did not "
+            "learn. Check the labels, use pretrained weights, or "
+            + ("train more epochs or another learning rate."
+               if frozen == 0 else "train more blocks (strategy='full')."),
+            RuntimeWarning, stacklevel=3)
