@@ -2,16 +2,18 @@
 devices, each in a fresh process (device setup must precede TensorFlow's
 start, and Keras picks its backend once per process).
 
-    python distributed_jobs.py JOB MODE OUT.npz
+    python distributed_jobs.py JOB[,JOB...] MODE OUT_FOLDER
 
 JOB: ``classifier`` (a kerastl classifier with LayerwiseOptimizer and
 GradualUnfreezing) or ``dann`` (a DANN with per-domain BatchNorm, the
-information loss and GaninLambda). MODE: ``single``, ``mirrored`` (two
-logical CPUs), ``multi_worker`` (TF_CONFIG set by the caller; worker 0
-writes OUT) or ``jax_data_parallel`` (keras.distribution.DataParallel over
-two host devices). Every mode sees the same global batches in the same
-order and starts from the same weights; OUT holds every weight after
-training.
+information loss and GaninLambda); several jobs run one after the other in
+the one process (one TensorFlow start for all of them), always in the order
+given, so that their layers get the same names in every mode. MODE:
+``single``, ``mirrored`` (two logical CPUs), ``multi_worker`` (TF_CONFIG
+set by the caller; worker 0 writes) or ``jax_data_parallel``
+(keras.distribution.DataParallel over two host devices). Every mode sees
+the same global batches in the same order and starts from the same weights;
+``OUT_FOLDER/JOB.npz`` holds every weight of JOB after training.
 """
 
 import os
@@ -158,14 +160,16 @@ class _nullcontext:
 
 
 def main():
-    job, out = sys.argv[1], sys.argv[3]
-    model = {"classifier": classifier_job, "dann": dann_job}[job]()
+    jobs, out = sys.argv[1].split(","), sys.argv[3]
     task = os.environ.get("TF_CONFIG")
-    if MODE == "multi_worker" and '"index": 0' not in (task or ""):
-        return  # only worker 0 reports
-    import keras
-    np.savez(out, **{v.path: keras.ops.convert_to_numpy(v)
-                     for v in model.weights})
+    for job in jobs:
+        model = {"classifier": classifier_job, "dann": dann_job}[job]()
+        if MODE == "multi_worker" and '"index": 0' not in (task or ""):
+            continue  # only worker 0 reports
+        import keras
+        np.savez(os.path.join(out, f"{job}.npz"),
+                 **{v.path: keras.ops.convert_to_numpy(v)
+                    for v in model.weights})
     print("JOB OK")
 
 

@@ -27,6 +27,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 JOBS = os.path.join(TESTS, "distributed_jobs.py")
 
 
+JOBS_RUN = "classifier,dann"  # every process runs both jobs, in this order
+
+
 def _run(job, mode, out, env=None, timeout=600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
                **(env or {}))
@@ -57,25 +60,43 @@ def _assert_same(reference, other):
                                    atol=1e-5, err_msg=k)
 
 
+def _both_jobs(root, mode, env=None, workers=1):
+    """``{job: weights}`` of both jobs run in ``workers`` processes."""
+    root.mkdir(parents=True, exist_ok=True)
+    procs = [_run(JOBS_RUN, mode, root, env=e)
+             for e in (env if isinstance(env, list) else [env] * workers)]
+    for proc in procs:
+        _finish(proc)
+    return {job: _weights(root / f"{job}.npz") for job in
+            JOBS_RUN.split(",")}
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """job -> the single-device weights (TensorFlow and JAX)."""
+    """(job, mode) -> the single-device weights (TensorFlow and JAX): one
+    process per backend, the two running at the same time."""
     root = tmp_path_factory.mktemp("single")
+    procs = {}
+    for mode in ("single", "jax_single"):
+        (root / mode).mkdir()
+        procs[mode] = _run(JOBS_RUN, mode, root / mode)
     out = {}
-    for job in ("classifier", "dann"):
-        for mode in ("single", "jax_single"):
-            path = root / f"{job}_{mode}.npz"
-            _finish(_run(job, mode, path))
-            out[job, mode] = _weights(path)
+    for mode, proc in procs.items():
+        _finish(proc)
+        for job in JOBS_RUN.split(","):
+            out[job, mode] = _weights(root / mode / f"{job}.npz")
     return out
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    return _both_jobs(tmp_path_factory.mktemp("mirrored"), "mirrored")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("job", ["classifier", "dann"])
-def test_mirrored_strategy_on_two_logical_cpus(single, job, tmp_path):
-    path = tmp_path / "w.npz"
-    _finish(_run(job, "mirrored", path))
-    _assert_same(single[job, "single"], _weights(path))
+def test_mirrored_strategy_on_two_logical_cpus(single, mirrored, job):
+    _assert_same(single[job, "single"], mirrored[job])
 
 
 def _free_port():
@@ -84,27 +105,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("job", ["classifier", "dann"])
-def test_multi_worker_mirrored_strategy_with_two_workers(single, job,
-                                                         tmp_path):
+@pytest.fixture(scope="module")
+def multi_worker(tmp_path_factory):
     workers = [f"localhost:{_free_port()}" for _ in range(2)]
-    path = tmp_path / "w.npz"
-    procs = [_run(job, "multi_worker", path, env={"TF_CONFIG": json.dumps(
-        {"cluster": {"worker": workers},
-         "task": {"type": "worker", "index": i}})}) for i in range(2)]
-    for proc in procs:
-        _finish(proc)
-    _assert_same(single[job, "single"], _weights(path))
+    return _both_jobs(tmp_path_factory.mktemp("multi_worker"), "multi_worker",
+                      env=[{"TF_CONFIG": json.dumps(
+                          {"cluster": {"worker": workers},
+                           "task": {"type": "worker", "index": i}})}
+                           for i in range(2)])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("job", ["classifier", "dann"])
-def test_jax_data_parallel_on_two_host_devices(single, job, tmp_path):
+def test_multi_worker_mirrored_strategy_with_two_workers(single,
+                                                         multi_worker, job):
+    _assert_same(single[job, "single"], multi_worker[job])
+
+
+@pytest.fixture(scope="module")
+def jax_data_parallel(tmp_path_factory):
     pytest.importorskip("jax")
-    path = tmp_path / "w.npz"
-    _finish(_run(job, "jax_data_parallel", path))
-    _assert_same(single[job, "jax_single"], _weights(path))
+    return _both_jobs(tmp_path_factory.mktemp("jax_dp"), "jax_data_parallel")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["classifier", "dann"])
+def test_jax_data_parallel_on_two_host_devices(single, jax_data_parallel,
+                                               job):
+    _assert_same(single[job, "jax_single"], jax_data_parallel[job])
     # And the JAX run is the TensorFlow run.
     _assert_same(single[job, "single"], single[job, "jax_single"])
 
@@ -113,9 +141,10 @@ def test_jax_data_parallel_on_two_host_devices(single, job, tmp_path):
 def test_finetune_on_two_workers_from_the_command_line(tmp_path):
     """kerastl finetune --distribute multi-worker, the same command on two
     workers (TF_CONFIG differs): both train, the first writes the run."""
-    from conftest import write_folder
+    from conftest import small_cnn, write_folder
 
     images = write_folder(tmp_path / "images", per_class=12, size=32)
+    small_cnn().save(tmp_path / "net.keras")  # the CLI's path, a small model
     out = tmp_path / "run"
     workers = [f"localhost:{_free_port()}" for _ in range(2)]
     procs = []
@@ -125,7 +154,7 @@ def test_finetune_on_two_workers_from_the_command_line(tmp_path):
              "task": {"type": "worker", "index": i}}))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "kerastl_cli", "finetune", "--model",
-             "mobilenet_v2", "--weights", "none", "--image-size", "32",
+             str(tmp_path / "net.keras"),
              "--data", str(images), "--output", str(out), "--epochs", "1",
              "--strategy", "full", "--batch-size", "8", "--quiet",
              "--distribute", "multi-worker"], env=env, cwd=str(tmp_path),

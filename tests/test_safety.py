@@ -128,16 +128,20 @@ WRITERS = {
     "finetune run": """
         import keras, numpy as np
         from kerastl import cli
-        images = os.path.join(os.path.dirname(os.path.dirname(DEST)), "img")
+        root = os.path.dirname(os.path.dirname(DEST))
+        images, net = os.path.join(root, "img"), os.path.join(root, "n.keras")
         rng = np.random.default_rng(0)
         for c in ("a", "b"):
             os.makedirs(os.path.join(images, c), exist_ok=True)
             for j in range(4):
                 keras.utils.save_img(os.path.join(images, c, f"{j}.png"),
-                                     rng.integers(0, 255, (32, 32, 3)),
+                                     rng.integers(0, 255, (16, 16, 3)),
                                      scale=False)
-        assert cli.main(["finetune", "--model", "mobilenet_v2", "--weights",
-                         "none", "--image-size", "32", "--data", images,
+        if not os.path.exists(net):  # a small user model: the run is the point
+            inputs = keras.Input((16, 16, 3))
+            x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
+            keras.Model(inputs, keras.layers.Conv2D(4, 3)(x)).save(net)
+        assert cli.main(["finetune", "--model", net, "--data", images,
                          "--output", DEST, "--epochs", "1", "--quiet",
                          "--overwrite"]) == 0
     """,
@@ -151,9 +155,13 @@ WRITERS = {
                                  cache=cache, verbose=0)
     """,
 }
+# kerastl_cli's lazy package: `from kerastl import atomic` does not import
+# Keras (the writers that need it import it themselves).
 PAUSE = """
     import os, sys, time
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import kerastl_cli
+    kerastl_cli.LAZY_PACKAGE = True
     from kerastl import atomic
     DEST = sys.argv[1]
 
@@ -170,6 +178,8 @@ PAUSE = """
 ONCE = """
     import os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import kerastl_cli
+    kerastl_cli.LAZY_PACKAGE = True
     from kerastl import atomic
     DEST = sys.argv[1]
 """
