@@ -14,8 +14,10 @@ DATA = ["scikit-learn>=1.3"] + PLOTS
 KERASHUB = ["keras-hub>=0.32"]
 # jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
 # nbclient, nbformat, ipykernel: CI executes the tutorial notebooks.
-TEST = ["pytest>=7", "jax>=0.4.30", "nbclient>=0.8", "nbformat>=5",
-        "ipykernel>=6"] + DATA + KERASHUB
+# pytest-xdist: the suite runs on two workers (pytest.ini), half the time on
+# CI's two cores.
+TEST = ["pytest>=7", "pytest-xdist>=3.5", "jax>=0.4.30", "nbclient>=0.8",
+        "nbformat>=5", "ipykernel>=6"] + DATA + KERASHUB
 
 setup(
     name="kerastl",

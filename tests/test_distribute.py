@@ -23,11 +23,18 @@ import sys
 import numpy as np
 import pytest
 
+# One worker runs this module (pytest-xdist): its module fixtures are
+# computed once.
+pytestmark = pytest.mark.xdist_group("distribute")
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 JOBS = os.path.join(TESTS, "distributed_jobs.py")
 
 
-JOBS_RUN = "classifier,dann"  # every process runs both jobs, in this order
+# Without collectives (one device, JAX's DataParallel) one process runs both
+# jobs, in this order; tf.distribute's collectives need a process per job
+# (a second model in the same process mismatches the collective instances).
+JOBS_RUN = "classifier,dann"
 
 
 def _run(job, mode, out, env=None, timeout=600):
@@ -60,13 +67,9 @@ def _assert_same(reference, other):
                                    atol=1e-5, err_msg=k)
 
 
-def _both_jobs(root, mode, env=None, workers=1):
-    """``{job: weights}`` of both jobs run in ``workers`` processes."""
-    root.mkdir(parents=True, exist_ok=True)
-    procs = [_run(JOBS_RUN, mode, root, env=e)
-             for e in (env if isinstance(env, list) else [env] * workers)]
-    for proc in procs:
-        _finish(proc)
+def _both_jobs(root, mode):
+    """``{job: weights}`` of both jobs, run in one process."""
+    _finish(_run(JOBS_RUN, mode, root))
     return {job: _weights(root / f"{job}.npz") for job in
             JOBS_RUN.split(",")}
 
@@ -88,15 +91,11 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
-    return _both_jobs(tmp_path_factory.mktemp("mirrored"), "mirrored")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("job", ["classifier", "dann"])
-def test_mirrored_strategy_on_two_logical_cpus(single, mirrored, job):
-    _assert_same(single[job, "single"], mirrored[job])
+def test_mirrored_strategy_on_two_logical_cpus(single, job, tmp_path):
+    _finish(_run(job, "mirrored", tmp_path))
+    _assert_same(single[job, "single"], _weights(tmp_path / f"{job}.npz"))
 
 
 def _free_port():
@@ -105,21 +104,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def multi_worker(tmp_path_factory):
-    workers = [f"localhost:{_free_port()}" for _ in range(2)]
-    return _both_jobs(tmp_path_factory.mktemp("multi_worker"), "multi_worker",
-                      env=[{"TF_CONFIG": json.dumps(
-                          {"cluster": {"worker": workers},
-                           "task": {"type": "worker", "index": i}})}
-                           for i in range(2)])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("job", ["classifier", "dann"])
-def test_multi_worker_mirrored_strategy_with_two_workers(single,
-                                                         multi_worker, job):
-    _assert_same(single[job, "single"], multi_worker[job])
+def test_multi_worker_mirrored_strategy_with_two_workers(single, job,
+                                                         tmp_path):
+    workers = [f"localhost:{_free_port()}" for _ in range(2)]
+    procs = [_run(job, "multi_worker", tmp_path, env={"TF_CONFIG": json.dumps(
+        {"cluster": {"worker": workers},
+         "task": {"type": "worker", "index": i}})}) for i in range(2)]
+    for proc in procs:
+        _finish(proc)
+    _assert_same(single[job, "single"], _weights(tmp_path / f"{job}.npz"))
 
 
 @pytest.fixture(scope="module")

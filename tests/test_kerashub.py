@@ -20,6 +20,10 @@ from kerastl.zoo import kerashub
 
 from conftest import step_with_references
 
+# One worker runs this module (pytest-xdist): its module fixtures are
+# computed once.
+pytestmark = pytest.mark.xdist_group("kerashub")
+
 SIZE = 32
 TORCH_SCALE = [1 / (255 * 0.229), 1 / (255 * 0.224), 1 / (255 * 0.225)]
 TORCH_OFFSET = [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]

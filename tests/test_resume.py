@@ -137,11 +137,12 @@ def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
 
     from kerastl import cli, experiment
 
-    images = write_folder(tmp_path / "images", per_class=6)
+    images = write_folder(tmp_path / "images", per_class=6, size=32)
+    small_cnn().save(tmp_path / "net.keras")  # the run is the point
     out = tmp_path / "run"
-    argv = ["finetune", "--model", "mobilenet_v2", "--weights", "none",
-            "--image-size", "32", "--data", str(images), "--output",
-            str(out), "--epochs", "4", "--batch-size", "4"]
+    argv = ["finetune", "--model", str(tmp_path / "net.keras"), "--data",
+            str(images), "--output", str(out), "--epochs", "4",
+            "--batch-size", "4"]
     real = experiment.fine_tune
 
     def interrupted(*args, **kwargs):

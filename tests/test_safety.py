@@ -366,7 +366,9 @@ def run_bounded(code):
     script = textwrap.dedent("""
         import resource, sys, time
         start = time.process_time()
-        import kerastl._yaml, kerastl.experiment, kerastl.zoo.config
+        import kerastl_cli
+        kerastl_cli.LAZY_PACKAGE = True  # the readers need no Keras
+        import kerastl._yaml, kerastl.schema, kerastl.zoo.config
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.process_time()
     """) + textwrap.dedent(code) + textwrap.dedent("""

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs this module (pytest-xdist): its module fixtures are
+# computed once.
+pytestmark = pytest.mark.xdist_group("tutorials")
+
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
