@@ -64,11 +64,16 @@ def cache_dir():
 def pretrained_backbone(samples=4000, epochs=10, seed=0, verbose=0):
     """The small CNN pretrained on ``syn_digits``, from the cache or now.
 
+    The same weights in every process for the same arguments: the initial
+    weights and the training follow ``seed`` (Keras's global random state
+    is seeded with it).
+
     Returns:
         ``(backbone, seconds, cached)``: the ``keras.Model``, the seconds it
         took, and whether the weights came from the cache.
     """
     start = time.time()
+    keras.utils.set_random_seed(seed)  # the initial weights follow seed too
     backbone = small_cnn()
     name = (f"demo_small_cnn_syn{samples}_e{epochs}_s{seed}_"
             f"keras{keras.__version__}.weights.h5")

@@ -24,6 +24,17 @@ def nothing_trusted():
     kerastl.tfhub.clear_trusted()
 
 
+@pytest.fixture(scope="session")
+def pretrained_cache(tmp_path_factory):
+    """One KERASTL_CACHE_DIR for the session (in this worker): the offline
+    pretrained CNN (kerastl.pretrained) is trained once and shared by the
+    tests and notebooks that ask for this fixture."""
+    folder = tmp_path_factory.mktemp("kerastl_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERASTL_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -23,8 +23,8 @@ import sys
 import numpy as np
 import pytest
 
-# One worker runs this module (pytest-xdist): its module fixtures are
-# computed once.
+# One worker runs this module (pytest-xdist), and its costly fixtures are
+# session-scoped: computed once, however the worker interleaves modules.
 pytestmark = pytest.mark.xdist_group("distribute")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -74,7 +74,7 @@ def _both_jobs(root, mode):
             JOBS_RUN.split(",")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single(tmp_path_factory):
     """(job, mode) -> the single-device weights (TensorFlow and JAX): one
     process per backend, the two running at the same time."""
@@ -117,7 +117,7 @@ def test_multi_worker_mirrored_strategy_with_two_workers(single, job,
     _assert_same(single[job, "single"], _weights(tmp_path / f"{job}.npz"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def jax_data_parallel(tmp_path_factory):
     pytest.importorskip("jax")
     return _both_jobs(tmp_path_factory.mktemp("jax_dp"), "jax_data_parallel")

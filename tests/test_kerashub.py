@@ -20,8 +20,8 @@ from kerastl.zoo import kerashub
 
 from conftest import step_with_references
 
-# One worker runs this module (pytest-xdist): its module fixtures are
-# computed once.
+# One worker runs this module (pytest-xdist), and its costly fixtures are
+# session-scoped: computed once, however the worker interleaves modules.
 pytestmark = pytest.mark.xdist_group("kerashub")
 
 SIZE = 32
@@ -130,7 +130,7 @@ FAMILIES = ["resnet", "resnet_v2", "efficientnet", "mobilenet_v3",
             "densenet", "vit", "dinov2", "siglip", "clip"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def presets(tmp_path_factory):
     """family -> (preset folder, expected blocks); each saved once."""
     root = tmp_path_factory.mktemp("kerashub_presets")

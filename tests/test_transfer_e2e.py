@@ -19,15 +19,20 @@ from kerastl import datasets
 
 # The same experiment as benchmarks/transfer_digits.py, from the same code.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from transfer_digits import labelled, pretrain, small_cnn  # noqa: E402
+from transfer_digits import labelled, small_cnn  # noqa: E402
+from kerastl.pretrained import pretrained_backbone  # noqa: E402
 from transfer_digits import accuracy as target_accuracy  # noqa: E402
+
+# With the tutorials on one pytest-xdist worker: one pretrained CNN for both.
+pytestmark = pytest.mark.xdist_group("tutorials")
 
 
 @pytest.mark.slow
-def test_transfer_beats_scratch_on_a_small_target_set():
-    keras.utils.set_random_seed(0)
-    backbone = small_cnn()
-    pretrain(backbone, samples=4000, epochs=10, seed=0)
+def test_transfer_beats_scratch_on_a_small_target_set(pretrained_cache):
+    # benchmarks/transfer_digits.py's source network: small_cnn() seeded with
+    # 0 and pretrained on 4,000 syn_digits for 10 epochs, which is what
+    # pretrained_backbone() gives (and caches: the tutorials use it too).
+    backbone, _, _ = pretrained_backbone(samples=4000, epochs=10, seed=0)
     weights = backbone.get_weights()
 
     xtr, ytr = datasets.digits("train")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-# One worker runs this module (pytest-xdist): its module fixtures are
-# computed once.
+# One worker runs this module (pytest-xdist), and its costly fixtures are
+# session-scoped: computed once, however the worker interleaves modules.
 pytestmark = pytest.mark.xdist_group("tutorials")
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
@@ -29,11 +29,11 @@ def test_five_tutorials_each_with_a_colab_badge():
         assert f"tutorials/{path.name})" in first
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One KERASTL_CACHE_DIR for every notebook: the offline pretrained CNN
-    is trained once."""
-    return tmp_path_factory.mktemp("kerastl_cache")
+@pytest.fixture(scope="session")
+def cache(pretrained_cache):
+    """One KERASTL_CACHE_DIR for every notebook (and the end-to-end test,
+    in the same xdist group): the offline pretrained CNN is trained once."""
+    return pretrained_cache
 
 
 def run_notebook(book, monkeypatch, tmp_path, cache):
