@@ -31,6 +31,7 @@ configuration (:func:`fresh_optimizer`; optionally a new learning rate).
 import contextlib
 import dataclasses
 import math
+import numbers
 
 import keras
 
@@ -116,12 +117,12 @@ def _count(bm, value, name, model):
     names = bm.names
     if isinstance(value, bool):
         pass  # True/False are handled by the caller; here they are wrong
-    elif isinstance(value, int):
+    elif isinstance(value, numbers.Integral):
         if not 0 <= value <= len(names):
             raise BlockError(
                 f"{name}={value}: the model has {len(names)} blocks "
                 f"({', '.join(names)}); freeze between 0 and {len(names)}.")
-        return value
+        return int(value)
     elif isinstance(value, str):
         if value not in bm:
             raise BlockError(
