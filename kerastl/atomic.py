@@ -7,23 +7,39 @@ one.
 
 Replacing is guarded (:func:`check_destination`): kerastl writes a
 ``.kerastl`` marker file into every folder it produces and replaces only a
-folder that carries it, and only when asked (``overwrite=True``). The
-working directory, its parents, the home folder and a filesystem root are
-never replaced. Leftovers of a killed write (a temporary folder, or the old
-copy of a replacement interrupted between its two renames) are cleaned up,
-or put back, by the next write to the same destination.
+folder that carries it (a regular file, not a link, whose content kerastl
+wrote and checks), and only when asked (``overwrite=True``). The working
+directory, its parents, the home folder, a filesystem root and a symbolic
+link are never replaced.
+
+A writer killed midway leaves a temporary folder (``.<name>.tmp-<pid>-<8
+characters>``), or the old copy of a replacement interrupted between its two
+renames (``.<name>.old-<pid>-<8 characters>``). Each holds a
+``.kerastl-partial`` file from the moment kerastl creates it; the next write
+to the same destination removes such temporary folders and puts such an old
+copy back. A folder with another name, without that file, or behind a link
+is never touched.
 """
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 
 from kerastl.errors import KerastlError
 
 #: The file that marks a folder as written by kerastl.
 MARKER = ".kerastl"
+#: The file in every temporary and old folder kerastl makes while writing.
+PARTIAL = ".kerastl-partial"
+# A kerastl marker is a small JSON object; anything else is not one.
+_MARKER_BYTES = 4096
+# What tempfile.mkdtemp appends: 8 of these characters.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-"
+                       r"[a-z0-9_]{8}$")
 
 
 def _umask():
@@ -32,9 +48,39 @@ def _umask():
     return mask
 
 
+def read_marker(path):
+    """The content of a kerastl marker file at ``path`` (a dict), or None
+    when there is none there: no file, a link, a folder, something too
+    large, not JSON, or JSON that kerastl did not write."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > _MARKER_BYTES:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or content.get("written_by") != \
+            "kerastl":
+        return None
+    return content
+
+
+def write_marker(path, **content):
+    """Writes a kerastl marker file (what :func:`read_marker` accepts)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(written_by="kerastl", **content), f)
+
+
 def written_by_kerastl(path):
-    """Whether ``path`` is a folder that kerastl wrote (has the marker)."""
-    return os.path.isfile(os.path.join(path, MARKER))
+    """Whether ``path`` is a folder (not a link) that kerastl wrote: its
+    ``.kerastl`` marker is a regular file with kerastl's content."""
+    path = os.fspath(path)
+    return os.path.isdir(path) and not os.path.islink(path) and \
+        read_marker(os.path.join(path, MARKER)) is not None
 
 
 def _protected(path):
@@ -76,6 +122,11 @@ def check_destination(path, what="output", overwrite=False,
             f"The {what} {shown!r} is {reason}; kerastl never writes over "
             f"it. Name a new folder inside it instead, e.g. "
             f"{os.path.join(shown, 'kerastl_output')!r}.")
+    if os.path.islink(full):
+        raise KerastlError(
+            f"The {what} {shown!r} is a symbolic link (to "
+            f"{os.readlink(full)!r}); kerastl writes only real folders. "
+            "Name the folder itself, or a new one.")
     if not os.path.exists(full):
         return
     if not os.path.isdir(full):
@@ -86,7 +137,7 @@ def check_destination(path, what="output", overwrite=False,
     if not written_by_kerastl(full):
         raise KerastlError(
             f"The {what} {shown!r} exists, is not empty and was not written "
-            f"by kerastl (it has no {MARKER} marker): kerastl does not "
+            f"by kerastl (it has no valid {MARKER} marker): kerastl does not "
             "replace folders it did not write. Choose a new folder, or move "
             "its files away first.")
     if not overwrite:
@@ -106,7 +157,9 @@ def _pid_alive(pid):
 
 
 def _leftovers(path):
-    """``[(kind, folder)]`` left beside ``path`` by writers that died."""
+    """``[(kind, folder)]`` left beside ``path`` by kerastl writers that
+    died: only folders named as kerastl names them, not links, holding
+    kerastl's ``.kerastl-partial`` file of that kind."""
     parent, name = os.path.split(path)
     out = []
     try:
@@ -114,16 +167,28 @@ def _leftovers(path):
     except OSError:
         return out
     for entry in entries:
-        for kind in ("tmp", "old"):
-            prefix = f".{name}.{kind}-"
-            if not entry.startswith(prefix):
-                continue
-            pid = entry[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and \
-                    _pid_alive(int(pid)):
-                continue  # another process is writing right now
-            out.append((kind, os.path.join(parent, entry)))
+        found = _LEFTOVER.match(entry)
+        if not found or found.group("name") != name:
+            continue
+        folder = os.path.join(parent, entry)
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        marker = read_marker(os.path.join(folder, PARTIAL))
+        if marker is None or marker.get("kind") != found.group("kind"):
+            continue  # not kerastl's: never touched
+        pid = int(found.group("pid"))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue  # another process is writing right now
+        out.append((found.group("kind"), folder))
     return out
+
+
+def _drop_partial(folder):
+    """Removes kerastl's ``.kerastl-partial`` file from ``folder``."""
+    try:
+        os.remove(os.path.join(folder, PARTIAL))
+    except FileNotFoundError:
+        pass
 
 
 def recover(path):
@@ -131,24 +196,38 @@ def recover(path):
 
     An old copy whose replacement was interrupted between the two renames
     goes back to ``path`` if ``path`` is missing; temporary folders of dead
-    writers are removed.
+    writers are removed. Only kerastl's own leftovers (see the module's
+    docstring) are touched.
     """
     path = os.path.abspath(os.fspath(path))
     leftovers = _leftovers(path)
     olds = sorted((f for k, f in leftovers if k == "old"),
                   key=os.path.getmtime)
-    if olds and not os.path.exists(path):
-        os.rename(olds.pop(), path)
+    if olds and not os.path.lexists(path):
+        restored = olds.pop()
+        os.rename(restored, path)
+        _drop_partial(path)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        # Killed right after a rename: the folder is complete, only the
+        # marker of its writing is left in it.
+        marker = read_marker(os.path.join(path, PARTIAL))
+        pid = marker.get("pid") if marker is not None else None
+        if isinstance(pid, int) and (pid == os.getpid() or
+                                     not _pid_alive(pid)):
+            _drop_partial(path)
     for kind, folder in leftovers:
         if kind == "tmp" or folder in olds:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _mkdtemp(path, kind):
+def temporary_folder(path, kind):
+    """A new folder beside ``path`` named and marked as kerastl's ``kind``
+    (``"tmp"`` or ``"old"``) leftover, honouring the umask."""
     parent, name = os.path.split(path)
     folder = tempfile.mkdtemp(prefix=f".{name}.{kind}-{os.getpid()}-",
                               dir=parent)
     os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes it 0700
+    write_marker(os.path.join(folder, PARTIAL), kind=kind, pid=os.getpid())
     return folder
 
 
@@ -170,34 +249,36 @@ def atomic_folder(path, what="output", overwrite=False,
     recover(path)
     if checked:
         check_destination(path, what, overwrite, overwrite_hint)
-    tmp = _mkdtemp(path, "tmp")
+    tmp = temporary_folder(path, "tmp")
     try:
         yield tmp
         if checked:
-            with open(os.path.join(tmp, MARKER), "w") as f:
-                json.dump({"written_by": "kerastl", "what": what}, f)
+            write_marker(os.path.join(tmp, MARKER), what=what, format=1)
         replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _drop_partial(path)
 
 
 def replace_folder(tmp, path):
     """Renames ``tmp`` to ``path``; an old ``path`` goes only after that.
 
-    A kill between the two renames leaves the old copy beside ``path``;
-    :func:`recover` (run by the next :func:`atomic_folder` on ``path``)
-    puts it back.
+    The old copy is marked as kerastl's before it is moved aside, so a kill
+    between the two renames leaves it beside ``path`` where :func:`recover`
+    (run by the next :func:`atomic_folder` on ``path``) puts it back.
     """
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         os.rename(tmp, path)
         return
-    old = _mkdtemp(path, "old")
-    os.rmdir(old)
+    old = temporary_folder(path, "old")
+    shutil.rmtree(old)  # only its name is needed
+    write_marker(os.path.join(path, PARTIAL), kind="old", pid=os.getpid())
     os.rename(path, old)
     try:
         os.rename(tmp, path)
     except BaseException:
         os.rename(old, path)  # put the previous content back
+        _drop_partial(path)
         raise
     shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,7 @@
 """``Backbone``: a pretrained feature extractor, its block map and its input contract."""
 
 import os
+import zipfile
 
 import keras
 
@@ -208,6 +209,10 @@ def load_backbone(name, weights="imagenet", input_shape=None):
     if _blocks.HEAD in bm.names:
         problems.insert(0, "layers match no block: " + ", ".join(
             l.name for l in bm.weighted_layers(_blocks.HEAD)))
+    names = {l.name for l, _ in _blocks.layer_graph(model)}
+    problems += [f"endpoint {e!r} names layer {layer!r}, which the model "
+                 "does not have" for e, layer in config.endpoints.items()
+                 if layer not in names]
     if problems:
         raise BlockError(
             f"The block map in {config.path} does not fit the model that "
@@ -279,14 +284,37 @@ def _hub_config(spec):
         "handle (URL, Kaggle handle or SavedModel folder).")
 
 
+def read_keras_file(path, **kwargs):
+    """``keras.models.load_model(path, **kwargs)``, with a file that is not
+    a readable ``.keras`` archive reported as such (Keras says "File not
+    found" about a file that exists but is not a zip archive)."""
+    shown = os.fspath(path)
+    if not os.path.isfile(shown):
+        raise KerastlError(f"Model file {shown!r} does not exist.")
+    if not zipfile.is_zipfile(shown):
+        raise KerastlError(
+            f"{shown!r} is not a .keras model file (a .keras file is a zip "
+            "archive written by model.save()); it may be truncated, or "
+            "another format (.h5, a SavedModel folder).")
+    try:
+        return keras.models.load_model(shown, **kwargs)
+    except KerastlError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError,
+            zipfile.BadZipFile) as e:
+        raise KerastlError(
+            f"Keras could not load {shown!r} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}). If it was saved with "
+            "kerastl layers in another version, or with custom layers, load "
+            "it where those classes are importable.") from None
+
+
 def _load_keras_file(path, weights):
     if weights not in (None, "imagenet"):
         raise KerastlError(
             "weights= applies to zoo models; a .keras file carries its own "
             "weights. Pass weights=None.")
-    if not os.path.isfile(path):
-        raise KerastlError(f"Model file {os.fspath(path)!r} does not exist.")
-    model = keras.models.load_model(path)
+    model = read_keras_file(path)
     model, removed = _without_classifier(model)
     backbone = Backbone(model, None, "builtin")
     backbone.removed_top = removed

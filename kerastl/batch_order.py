@@ -20,9 +20,10 @@ class SeededBatches(keras.utils.PyDataset):
     """``(x, y[, sample_weight])`` arrays (or dicts/lists of them) served in
     batches, in an order drawn from ``(seed, epoch)``.
 
-    Pass :meth:`callback` to ``fit`` with it: it tells the batches which
-    epoch is starting (``fit``'s own index, so a resumed run continues with
-    the right order).
+    Pass :meth:`callback` to ``fit`` with it (it tells the batches which
+    epoch is starting: ``fit``'s own index, so a resumed run continues with
+    the right order), and ``shuffle=False`` (Keras would otherwise shuffle
+    the batches again, with Python's global random state).
     """
 
     def __init__(self, arrays, batch_size, seed):

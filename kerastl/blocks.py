@@ -107,6 +107,39 @@ def layer_graph(model, with_outer=False):
     return unique
 
 
+def _one(tensors):
+    return tensors[0] if isinstance(tensors, (list, tuple)) and \
+        len(tensors) == 1 else tensors
+
+
+def _endpoints(model, which):
+    try:
+        return getattr(model, which)
+    except (AttributeError, ValueError):
+        # A Sequential model was never called as a layer: its graph's
+        # inputs and outputs are still there (``inputs``/``outputs``).
+        tensors = getattr(model, which + "s", None)
+        if not tensors:
+            raise BlockError(
+                f"{type(model).__name__} {model.name!r} has no {which} yet: "
+                "a Sequential model without an input shape. Start it with "
+                "keras.Input((height, width, 3)), or call "
+                "model.build((None, height, width, 3)) first.") from None
+        return _one(tensors)
+
+
+def model_input(model):
+    """The symbolic input of a functional or Sequential model (a list for
+    several inputs)."""
+    return _endpoints(model, "input")
+
+
+def model_output(model):
+    """The symbolic output of a functional or Sequential model (a list or
+    dict for several outputs)."""
+    return _endpoints(model, "output")
+
+
 def _graph_tables(model):
     """Leaf names in order, name->layer, name->parent names, name->outer."""
     graph = layer_graph(model, with_outer=True)

@@ -49,7 +49,7 @@ import keras
 
 from kerastl import _keras_private as _private
 from kerastl.batch_order import SeededBatches
-from kerastl.blocks import block_map
+from kerastl.blocks import block_map, model_input
 from kerastl.errors import BoundaryCacheError
 from kerastl.freezing import GradualUnfreezing
 
@@ -155,7 +155,7 @@ def split_at_block(model, depth):
             "Boundary cache: nothing after the boundary reads the frozen "
             "blocks' output.")
     try:
-        prefix = keras.Model(model.inputs, crossing if len(crossing) > 1
+        prefix = keras.Model(model_input(model), crossing if len(crossing) > 1
                              else crossing[0], name=f"{model.name}_prefix")
         suffix = keras.Model(crossing if len(crossing) > 1 else crossing[0],
                              model.outputs if len(model.outputs) > 1
@@ -178,6 +178,53 @@ def _split_or_reason(model, depth, callbacks):
         return split_at_block(model, depth), None  # checks the prefix too
     except BoundaryCacheError as e:
         return None, str(e)[len("Boundary cache: "):].rstrip(".")
+
+
+# How many examples the behaviour check runs through the prefix.
+CHECK_EXAMPLES = 4
+
+
+def _first_inputs(x, n=CHECK_EXAMPLES):
+    """The inputs of up to ``n`` training examples, or None."""
+    tf = _tf_data()
+    if tf is not None and isinstance(x, tf.data.Dataset):
+        for element in x.take(1):
+            inputs = element[0] if isinstance(element, tuple) else element
+            return keras.tree.map_structure(lambda a: a[:n], inputs)
+        return None
+    try:
+        return keras.tree.map_structure(lambda a: np.asarray(a[:n]), x)
+    except (TypeError, IndexError, KeyError):
+        return None
+
+
+def _varies(prefix, x):
+    """Why the frozen prefix is not a function of its input alone, or None.
+
+    Judged by behaviour, whatever the layers' types: the prefix runs on the
+    same few images twice in training mode (how ``fit`` runs it end to
+    end) and once in inference mode (how the one-time pass runs it); a
+    layer that draws random numbers (``tf.random``, ``keras.random``
+    without a seed, augmentation, dropout, noise) or computes otherwise in
+    training makes the three differ.
+    """
+    sample = _first_inputs(x)
+    if sample is None:
+        return None
+    runs = [prefix(sample, training=True), prefix(sample, training=True),
+            prefix(sample, training=False)]
+    flat = [[np.asarray(keras.ops.convert_to_numpy(t))
+             for t in keras.tree.flatten(r)] for r in runs]
+    same = all(np.array_equal(a, b, equal_nan=True)
+               for other in flat[1:] for a, b in zip(flat[0], other))
+    if same:
+        return None
+    return ("the frozen blocks give different outputs for the same images "
+            "from one call to the next, or in training and inference (a "
+            "layer that draws random numbers: tf.random, keras.random "
+            "without a seed, augmentation, dropout or noise); move it after "
+            "the boundary or into the input pipeline, or pass "
+            "boundary_cache=False")
 
 
 def why_not(model, depth, callbacks=()):
@@ -354,6 +401,8 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
     parts, reason = _split_or_reason(model, depth, callbacks)
     result = None
     if reason is None:
+        reason = _varies(parts[0], x)
+    if reason is None:
         prefix, suffix = parts
         if verbose:
             names = block_map(model).names
@@ -400,7 +449,7 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                     (acts, ty) if tw is None else (acts, ty, tw), size, seed)
                 result = suffix.fit(
                     batches, validation_data=val, epochs=epochs,
-                    callbacks=wrapped + [batches.callback()],
+                    shuffle=False, callbacks=wrapped + [batches.callback()],
                     verbose=verbose)
             result.set_model(model)  # history.model: the whole model
     if reason is not None and required:

@@ -215,14 +215,14 @@ def cmd_finetune(args):
              getattr(args, k.name) for k in schema.KEYS
              if hasattr(args, k.name)}
     experiment = schema.resolve(config, given)
-    from kerastl.experiment import run_experiment
+    from kerastl import experiment as runs
 
     try:
-        metrics = run_experiment(experiment, verbose=0 if args.quiet else 2)
-    except KeyboardInterrupt:
-        print(f"kerastl: interrupted: the best checkpoint so far is in "
-              f"{os.path.join(experiment['output'], 'checkpoints')}; run the "
-              "same command with --resume to continue.", file=sys.stderr)
+        metrics = runs.run_experiment(
+            experiment, verbose=0 if args.quiet else 2,
+            inputs=[args.config] if args.config else [])
+    except runs.RunInterrupted as stop:  # it says what was kept
+        print(f"kerastl: interrupted: {stop.message}", file=sys.stderr)
         return 130
     v = metrics["validation"]
     epochs = metrics["epochs_run"]

@@ -23,6 +23,8 @@ TensorFlow is imported only on the TensorFlow backend.
 import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import keras
 from keras import ops
@@ -99,7 +101,11 @@ def strategy(name):
       (its CPU if it has none);
     * ``"multi-worker"``: ``MultiWorkerMirroredStrategy``; every machine
       runs the same command with its own ``TF_CONFIG`` (the cluster's
-      ``host:port`` list and this worker's index).
+      ``host:port`` list and this worker's index). TensorFlow waits for
+      every worker to start, and cannot be interrupted meanwhile: when the
+      cluster has not started within ``KERASTL_WORKER_TIMEOUT`` seconds
+      (default 300), a watchdog prints why and ends the process (killed:
+      exit status 137).
 
     Create it before the model, and build and compile the model in
     ``strategy.scope()``.
@@ -117,18 +123,82 @@ def strategy(name):
     import tensorflow as tf
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    config = os.environ.get("TF_CONFIG")
+    jobs, task = _tf_config()
+    timeout = float(os.environ.get("KERASTL_WORKER_TIMEOUT", WORKER_TIMEOUT_S))
+    # TensorFlow blocks inside C++, holding the interpreter, until every
+    # task has started: no Python thread or signal handler runs meanwhile,
+    # and SIGTERM is ignored. A separate, tiny watchdog process ends this
+    # one (SIGKILL) with the reason when the cluster has not started in
+    # time; it is stopped as soon as the strategy exists.
+    peers = [a for v in jobs.values() for a in v]
+    message = (
+        f"kerastl: error: the cluster in TF_CONFIG did not start within "
+        f"{timeout:g} s: it lists {len(peers)} tasks ({', '.join(peers)}) "
+        f"and this is {task[0]} {task[1]}. Start the same command on every "
+        "machine with its own TF_CONFIG (or set KERASTL_WORKER_TIMEOUT, in "
+        "seconds, to wait longer).")
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout),
+         message], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
-        cluster = json.loads(config)["cluster"]["worker"] if config else None
-    except (ValueError, KeyError, TypeError):
-        cluster = None
-    if not cluster:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+pid, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(timeout)
+sys.stderr.write(message + "\\n")
+sys.stderr.flush()
+os.kill(pid, signal.SIGKILL)
+"""
+
+
+# How long a multi-worker strategy waits for the other workers to start
+# (KERASTL_WORKER_TIMEOUT overrides it, in seconds).
+WORKER_TIMEOUT_S = 300
+_TF_CONFIG_EXAMPLE = (
+    "'{\"cluster\": {\"worker\": [\"host1:port\", \"host2:port\"]}, "
+    "\"task\": {\"type\": \"worker\", \"index\": 0}}' (index 1 on the second "
+    "machine)")
+
+
+def _tf_config():
+    """``(jobs, (task type, index))`` of a checked TF_CONFIG."""
+    config = os.environ.get("TF_CONFIG")
+    if not config:
         raise KerastlError(
             "distribute='multi-worker' needs TF_CONFIG on every worker: "
-            "'{\"cluster\": {\"worker\": [\"host1:port\", \"host2:port\"]}, "
-            "\"task\": {\"type\": \"worker\", \"index\": 0}}' (index 1 on the "
-            "second machine). Set it, then run the same command on each.")
-    return tf.distribute.MultiWorkerMirroredStrategy()
+            f"{_TF_CONFIG_EXAMPLE}. Set it, then run the same command on "
+            "each.")
+    try:
+        parsed = json.loads(config)
+        jobs, task = parsed["cluster"], parsed["task"]
+        kind, index = task["type"], task["index"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise KerastlError(
+            f"TF_CONFIG is not a cluster and a task ({type(e).__name__}: "
+            f"{e}); expected {_TF_CONFIG_EXAMPLE}.") from None
+    ok = isinstance(jobs, dict) and jobs.get("worker") and all(
+        isinstance(v, list) and v and all(
+            isinstance(a, str) and ":" in a for a in v)
+        for v in jobs.values())
+    if not ok:
+        raise KerastlError(
+            f"TF_CONFIG's cluster {jobs!r} is not a list of \"host:port\" "
+            f"addresses per job, with at least one worker; expected "
+            f"{_TF_CONFIG_EXAMPLE}.")
+    if kind not in jobs or isinstance(index, bool) or not isinstance(
+            index, int) or not 0 <= index < len(jobs[kind]):
+        raise KerastlError(
+            f"TF_CONFIG's task {task!r} is not in its cluster (jobs: "
+            + ", ".join(f"{k} x{len(v)}" for k, v in jobs.items())
+            + "): the task's type must be one of the cluster's jobs and its "
+            "index below that job's count.")
+    return jobs, (kind, index)
 
 
 def prepare_distributed_fit(model, data):
@@ -155,13 +225,19 @@ def prepare_distributed_fit(model, data):
 
 
 def is_chief(strategy):
-    """Whether this process writes a run's outputs: the first worker of a
-    multi-worker run; always, otherwise."""
+    """Whether this process writes a run's outputs: the chief of a
+    multi-worker run, or its first worker when the cluster has no chief;
+    always, otherwise."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
         return True
-    return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0)
+    if resolver.task_type == "chief":
+        return True
+    # Worker 0 writes only in a cluster without a chief: with one, the
+    # chief writes (TensorFlow's convention) and worker 0 is a worker.
+    has_chief = "chief" in resolver.cluster_spec().jobs
+    return resolver.task_type == "worker" and resolver.task_id == 0 and \
+        not has_chief
 
 
 def is_multi_worker(model):

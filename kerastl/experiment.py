@@ -32,21 +32,59 @@ import keras
 import numpy as np
 from kerastl import backbone as backbone_lib
 from kerastl import distribute
-from kerastl.atomic import atomic_folder, check_destination
+from kerastl import resume
+from kerastl.atomic import (atomic_folder, check_destination, read_marker,
+                            written_by_kerastl)
 from kerastl.errors import ConfigError, KerastlError
 from kerastl.export import export_savedmodel
 from kerastl.freezing import trainable_summary
 from kerastl.heads import build_classifier
-from kerastl.image_folders import image_folder_datasets, scan_image_folder
+from kerastl.image_folders import (image_folder_arrays,
+                                   image_folder_datasets, scan_image_folder)
 from kerastl.plan import TrainingPlan
+from kerastl.resume import write_json
+from kerastl.saving import load_model
 from kerastl.training import fine_tune
 from kerastl.zoo import kerashub, zoo_entry
 
 
-def check_experiment(experiment):
-    """Checks the model and data of a resolved experiment before training."""
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C. ``message`` says what was kept and what
+    ``--resume`` will do (or that nothing was kept)."""
 
-    model = experiment["model"]
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+
+INTERRUPTED = "INTERRUPTED.json"
+
+
+def was_interrupted(output):
+    """The ``INTERRUPTED.json`` of a kerastl run stopped by Ctrl-C in
+    ``output`` (a dict: ``stage`` is ``"training"`` or ``"export"``), or
+    None: only a folder kerastl wrote, with that file as kerastl wrote it,
+    counts."""
+    if not written_by_kerastl(output):
+        return None
+    return read_marker(os.path.join(output, INTERRUPTED))
+
+
+def _inside(path, folder):
+    path, folder = (os.path.realpath(os.fspath(p)) for p in (path, folder))
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_experiment(experiment, inputs=()):
+    """Checks the model, the data and the output of a resolved experiment
+    before training; returns ``{class: [image paths]}``.
+
+    ``inputs``: more files the run reads (its ``--config``): like
+    ``--data`` and a ``--model`` file, they may not lie inside an output
+    folder that ``--overwrite`` or ``--resume`` would replace.
+    """
+    e = experiment
+    model = e["model"]
     if model.endswith(".keras"):
         if not os.path.isfile(model):
             raise KerastlError(f"Model file {model!r} does not exist.")
@@ -55,34 +93,57 @@ def check_experiment(experiment):
     elif not model.startswith("hub:") and not kerashub.is_preset_folder(
             model):
         zoo_entry(model)  # UnknownModelError names close matches
-    files = scan_image_folder(experiment["data"])
-    check_destination(experiment["output"], "output folder",
-                      experiment["overwrite"] or (
-                          experiment["resume"] and
-                          was_interrupted(experiment["output"])),
+    files = scan_image_folder(e["data"])
+    output, backup = e["output"], resume.backup_folder(e["output"])
+    if (e["overwrite"] or e["resume"]) and os.path.isdir(output):
+        named = [("--data", e["data"]),
+                 ("--model", model if model.endswith(".keras") else None)]
+        named += [("--config", path) for path in inputs]
+        for flag, path in named:
+            if path and _inside(path, output):
+                raise KerastlError(
+                    f"{flag} {path!r} is inside the output folder "
+                    f"{output!r}, which this run would replace: move it out "
+                    "first, or choose another --output.")
+    stopped = was_interrupted(output)
+    if e["resume"]:
+        _check_resume(e, stopped, backup)
+    check_destination(output, "output folder",
+                      e["overwrite"] or (e["resume"] and stopped is not None),
                       "pass --overwrite")
-    backup = backup_folder(experiment["output"])
-    if experiment["resume"] and not os.path.isdir(backup):
-        raise KerastlError(
-            f"Nothing to resume: no interrupted run of "
-            f"{experiment['output']!r} (its backup {backup!r} does not "
-            "exist). Run without --resume.")
-    if os.path.isdir(backup) and not experiment["resume"]:
-        if not experiment["overwrite"]:
+    if os.path.lexists(backup) and not e["resume"]:
+        if resume.read_run(backup) is None:
             raise KerastlError(
-                f"An interrupted run of {experiment['output']!r} can be "
-                f"continued: pass --resume (with the same config), or "
-                "--overwrite to start over.")
+                f"{backup!r} is in the way of this run's backup and was not "
+                "written by kerastl: move it away, or choose another "
+                "--output.")
+        if not e["overwrite"]:
+            raise KerastlError(
+                f"An interrupted run of {output!r} can be continued: pass "
+                f"--resume (with the same config), or --overwrite to start "
+                "over.")
         shutil.rmtree(backup)
     return files
 
 
-def backup_folder(output):
-    """Where a run's BackupAndRestore state lives while it trains: beside
-    the output folder, removed when training ends."""
-    output = os.path.abspath(os.fspath(output))
-    parent, name = os.path.split(output)
-    return os.path.join(parent, f".{name}.backup")
+def _check_resume(e, stopped, backup):
+    """Refuses a --resume that cannot do what it says."""
+    run = resume.read_run(backup)
+    at_export = (stopped or {}).get("stage") == "export"
+    if run is None or not (resume.has_backup(backup) or at_export):
+        raise KerastlError(
+            f"Nothing to resume: no interrupted run of {e['output']!r} that "
+            f"completed an epoch (its backup {backup!r} holds none). Run "
+            "without --resume (with --overwrite if the folder holds an "
+            "earlier run).")
+    changed = resume.changed_keys(run["experiment"], e)
+    if changed:
+        raise ConfigError(
+            "--resume with another config: " + "; ".join(
+                f"{k} was {run['experiment'].get(k)!r}, now {e.get(k)!r}"
+                for k in changed) + ". A resumed run continues the same "
+            "training: pass the same values (or start over with "
+            "--overwrite instead of --resume).")
 
 
 def build_model(experiment, num_classes):
@@ -114,19 +175,14 @@ def build_model(experiment, num_classes):
     return backbone, model, plan
 
 
-def _datasets(experiment, image_size, verbose=0):
-    e = experiment
-    return image_folder_datasets(
-        e["data"], image_size, batch_size=e["batch_size"],
-        validation_split=e["validation_split"], seed=e["seed"],
-        verbose=verbose)
-
-
-def run_experiment(experiment, verbose=1):
+def run_experiment(experiment, verbose=1, inputs=()):
     """Runs a resolved, checked experiment; returns the metrics dict.
 
     Everything is written into a temporary folder beside
     ``experiment["output"]``, renamed into place at the end.
+
+    Raises:
+        RunInterrupted: Ctrl-C; its ``message`` says what was kept.
     """
     e = experiment
     if e["distribute"] == "multi-worker" and e["resume"]:
@@ -136,7 +192,7 @@ def run_experiment(experiment, verbose=1):
             "--resume (with --overwrite).")
     # A multi-worker strategy must exist before TensorFlow runs any op.
     strategy = distribute.strategy(e["distribute"])
-    files = check_experiment(e)
+    files = check_experiment(e, inputs)
     start = time.time()
     keras.utils.set_random_seed(e["seed"])  # the run's seed (CLI: --seed)
     classes = sorted(files)
@@ -151,51 +207,110 @@ def run_experiment(experiment, verbose=1):
             contextlib.nullcontext():
         backbone, model, plan = build_model(e, len(classes))
     try:
-        return _train(e, files, classes, start, plan, backbone, model,
-                      verbose)
+        return _train(e, classes, start, plan, backbone, model, verbose,
+                      one_device=strategy is None)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _train(e, files, classes, start, plan, backbone, model, verbose):
+def _data(e, size, verbose, one_device):
+    """``(train, validation, class names)``: arrays when the decoded images
+    fit in memory on one device (each epoch's order then follows the seed
+    and the epoch alone: resume is exact), else Keras's pipelines."""
+    args = dict(validation_split=e["validation_split"], seed=e["seed"],
+                verbose=verbose)
+    if one_device:
+        arrays = image_folder_arrays(e["data"], size, **args)
+        if arrays is not None:
+            return arrays.train, arrays.validation, arrays.class_names
+    train, val = image_folder_datasets(e["data"], size,
+                                       batch_size=e["batch_size"], **args)
+    return train, val, train.class_names
+
+
+def _train(e, classes, start, plan, backbone, model, verbose, one_device):
     """run_experiment's training, saving and reporting."""
     size = tuple(backbone.input_shape[:2])
-    train, val = _datasets(e, size, verbose)
-    if list(train.class_names) != classes:
+    train, val, names = _data(e, size, verbose, one_device)
+    if list(names) != classes:
         raise KerastlError("The image folder changed while it was read.")
-    interrupted = None
-    replace = e["overwrite"] or (e["resume"] and was_interrupted(e["output"]))
-    with atomic_folder(e["output"], "output folder", replace,
+    output, backup = e["output"], resume.backup_folder(e["output"])
+    stopped = was_interrupted(output) if e["resume"] else None
+    run = resume.read_run(backup) if e["resume"] else None
+    before = run["epochs"] if run else []
+    if isinstance(train, tuple):  # each epoch's order follows (seed, epoch)
+        plan = plan.replace(seed=e["seed"], batch_size=e["batch_size"],
+                            trainable=plan.trainable)
+    replace = e["overwrite"] or stopped is not None
+    with atomic_folder(output, "output folder", replace,
                        "pass --overwrite") as tmp:
-        callbacks = [keras.callbacks.ModelCheckpoint(
-            os.path.join(tmp, "checkpoints", "best.keras"),
-            monitor="val_loss", save_best_only=True)]
         os.makedirs(os.path.join(tmp, "checkpoints"))
-        # An interrupted run continues from its last epoch (--resume).
-        callbacks.append(keras.callbacks.BackupAndRestore(
-            backup_folder(e["output"])))
-        epochs_done = keras.callbacks.History()
-        callbacks.append(epochs_done)
-        try:
-            # Ctrl-C stops at the next step boundary, never inside a
-            # checkpoint write or a TensorFlow call (see stop_between_steps).
-            with stop_between_steps() as stopper:
-                history = fine_tune(
-                    model, train, val, plan,
-                    callbacks=[stopper] + callbacks,
-                    verbose=verbose).fine_tune
-        except KeyboardInterrupt as stop:
-            # Ctrl-C: keep what is complete (the best checkpoint so far)
-            # and say so in the output; --resume continues the run.
-            interrupted = stop
-            _write_interrupted(tmp, e, epochs_done)
-        if interrupted is None:
-            metrics = _finish(tmp, e, model, train, val, classes, history,
-                              start)
-    if interrupted is not None:
-        raise interrupted
-    return metrics
+        # The best checkpoint lives with the backup while the run trains
+        # (a resume finds it there); the output gets a copy.
+        best = os.path.join(backup, resume.BEST)
+        log = resume.EpochLog(os.path.join(backup, resume.RUN_FILE),
+                              _json_ready(e), before)
+        history = None
+        if (stopped or {}).get("stage") == "export":
+            # Training had finished: the model it left is the one kept.
+            model = load_model(os.path.join(output, "model.keras"))
+            outcome = None
+        else:
+            outcome = _fit(e, model, train, val, plan, log, best, backup,
+                           before, tmp, verbose)
+            if not isinstance(outcome, RunInterrupted):
+                history, outcome = outcome, None
+        if outcome is None:
+            outcome = _finish(tmp, e, model, train, val, classes, history,
+                              log, start)
+        if os.path.isfile(best):
+            shutil.copy2(best, os.path.join(tmp, "checkpoints", "best.keras"))
+    if isinstance(outcome, RunInterrupted):
+        raise outcome
+    shutil.rmtree(backup, ignore_errors=True)  # the run is complete
+    return outcome
+
+
+def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
+         verbose):
+    """Trains; returns the History, or a RunInterrupted after Ctrl-C (with
+    ``INTERRUPTED.json`` written into ``tmp`` when anything was kept)."""
+    callbacks = [
+        resume.RunBackup(backup), log,
+        resume.AtomicCheckpoint(best, best=min(
+            (b["val_loss"] for b in before if "val_loss" in b),
+            default=float("inf")))]
+    if e["early_stopping"] is not None:
+        callbacks.append(resume.ResumableEarlyStopping(
+            e["early_stopping"], before, best))
+    try:
+        # Ctrl-C stops at the next step boundary, never inside a
+        # checkpoint write or a TensorFlow call.
+        with stop_between_steps() as stopper:
+            return fine_tune(
+                model, train, val,
+                plan.replace(patience=None, trainable=plan.trainable),
+                callbacks=[stopper] + callbacks, verbose=verbose).fine_tune
+    except KeyboardInterrupt:
+        done = len(log.epochs)
+        if not done:
+            shutil.rmtree(backup, ignore_errors=True)
+            raise RunInterrupted(
+                "stopped before the first epoch ended: nothing was kept. "
+                "Run the command again.") from None
+        _write_interrupted(tmp, "training", done, e["epochs"])
+        kept = os.path.join(e["output"], "checkpoints", "best.keras")
+        return RunInterrupted(
+            f"stopped after epoch {done} of {e['epochs']}: "
+            + (f"the best checkpoint so far is in {kept};"
+               if os.path.isfile(best) else "no checkpoint was written yet;")
+            + f" run the same command with --resume to continue from epoch "
+            f"{done + 1}.")
+
+
+def _json_ready(experiment):
+    return json.loads(json.dumps(experiment, default=str))
 
 
 class StopBetweenSteps(keras.callbacks.Callback):
@@ -249,57 +364,77 @@ def stop_between_steps():
         signal.signal(signal.SIGINT, previous)
 
 
-INTERRUPTED = "INTERRUPTED.json"
+def _write_interrupted(folder, stage, done, epochs):
+    write_json(os.path.join(folder, INTERRUPTED), {
+        "stage": stage, "epochs_completed": done, "epochs": epochs,
+        "resume": "run the same kerastl finetune command with --resume"})
 
 
-def was_interrupted(output):
-    """Whether ``output`` holds a kerastl run stopped by Ctrl-C."""
-    return os.path.isfile(os.path.join(output, INTERRUPTED))
+def _finish(tmp, e, model, train, val, classes, history, log, start):
+    """Evaluates, saves, exports and writes metrics and plots into tmp.
 
-
-def _write_interrupted(folder, e, epochs_done):
-    done = len(getattr(epochs_done, "epoch", []) or [])
-    with open(os.path.join(folder, INTERRUPTED), "w") as f:
-        json.dump({"interrupted": True, "epochs_completed": done,
-                   "epochs": e["epochs"],
-                   "resume": "run the same kerastl finetune command with "
-                             "--resume"}, f, indent=2)
-
-
-def _finish(tmp, e, model, train, val, classes, history, start):
-    """Evaluates, saves, exports and writes metrics and plots into tmp."""
+    Returns the metrics dict, or a :class:`RunInterrupted` when Ctrl-C
+    stopped the export: the trained model is saved first (a Ctrl-C waits
+    for that save), so what comes after can be redone by ``--resume``.
+    """
     train_time = time.time() - start
-    # One pass over the validation images for labels and predictions.
-    y_true, y_pred = [], []
-    for x, y in val:
-        y_true.append(y.numpy())
-        # (Under a multi-worker strategy every worker predicts the batch
-        # it was given and the results are gathered: this worker's first.)
-        y_pred.append(model.predict_on_batch(x)[:len(y)].argmax(-1))
-    y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
+    with stop_between_steps() as stopper:
+        if not os.path.exists(os.path.join(tmp, "model.keras")):
+            resume.save_model_atomically(model,
+                                         os.path.join(tmp, "model.keras"))
+        try:
+            if stopper.requested:
+                raise KeyboardInterrupt
+            metrics = _report(tmp, e, model, train, val, classes, history,
+                              log, train_time)
+            export_savedmodel(model, os.path.join(tmp, "savedmodel"),
+                              input=e["export_input"])
+        except KeyboardInterrupt:
+            _write_interrupted(tmp, "export", len(log.epochs), e["epochs"])
+            return RunInterrupted(
+                f"training finished: the trained model is in "
+                f"{os.path.join(e['output'], 'model.keras')}; the export "
+                "was stopped: run the same command with --resume to finish "
+                "it (training is not repeated).")
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def _report(tmp, e, model, train, val, classes, history, log, train_time):
+    """The metrics (and plots) of a trained model."""
+    if isinstance(val, tuple):
+        xv, y_true = val
+        y_pred = model.predict(xv, verbose=0, batch_size=128).argmax(-1)
+        loss, accuracy = model.evaluate(xv, y_true, verbose=0,
+                                        batch_size=128)
+        counts = len(train[1]), len(y_true)
+    else:  # a pipeline: one pass for labels and predictions
+        y_true, y_pred = [], []
+        for x, y in val:
+            y_true.append(y.numpy())
+            # (Under a multi-worker strategy every worker predicts the
+            # batch it was given and the results are gathered: this
+            # worker's first.)
+            y_pred.append(model.predict_on_batch(x)[:len(y)].argmax(-1))
+        y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
+        loss, accuracy = model.evaluate(val, verbose=0)
+        counts = len(train.file_paths), len(val.file_paths)
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(confusion, (y_true, y_pred), 1)
-    loss, accuracy = model.evaluate(val, verbose=0)
-    model.save(os.path.join(tmp, "model.keras"))
-    export_savedmodel(model, os.path.join(tmp, "savedmodel"),
-                      input=e["export_input"])
     metrics = {
         "experiment": e, "classes": classes,
-        "train_images": len(train.file_paths),
-        "validation_images": len(val.file_paths),
+        "train_images": counts[0], "validation_images": counts[1],
         "validation": {"loss": float(loss), "accuracy": float(accuracy)},
-        "epochs_run": len(history.history["loss"]),
+        "epochs_run": len(log.epochs),
         # "used", or why the frozen blocks ran in every epoch instead.
         "boundary_cache": getattr(history, "boundary_cache", None),
-        "history": {k: [float(v) for v in vs]
-                    for k, vs in history.history.items()},
+        "history": log.history(),
         "confusion_matrix": confusion.tolist(),
         "trainable_summary": list(trainable_summary(model)),
         "seconds": round(train_time, 1),
     }
     metrics["plots"] = plots(tmp, metrics)
-    with open(os.path.join(tmp, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
     return metrics
 
 

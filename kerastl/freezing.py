@@ -512,8 +512,17 @@ class GradualUnfreezing(keras.callbacks.Callback):
                  verbose=0):
         super().__init__()
         _check_bn(bn)
-        if every < 1 or start_blocks < 1:
-            raise KerastlError("every and start_blocks must be at least 1.")
+        for name, value, none in (("every", every, False),
+                                  ("start_blocks", start_blocks, False),
+                                  ("max_blocks", max_blocks, True)):
+            if (value is None and none) or (
+                    isinstance(value, numbers.Integral) and
+                    not isinstance(value, bool) and value >= 1):
+                continue
+            raise KerastlError(
+                f"GradualUnfreezing({name}={value!r}): expected a whole "
+                f"number of {'epochs' if name == 'every' else 'blocks'}, at "
+                "least 1" + (" (or None: every block)." if none else "."))
         self.every = every
         self.start_blocks = start_blocks
         self.bn = bn

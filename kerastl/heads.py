@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from kerastl import freezing
-from kerastl.blocks import layer_graph
+from kerastl.blocks import layer_graph, model_input, model_output
 from kerastl.errors import KerastlError
 
 POOLINGS = ("avg", "max", "flatten", "cls", "cls_avg")
@@ -255,7 +255,7 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
     """
     num_classes = _check_num_classes(num_classes, activation)
     model = freezing.keras_model_of(backbone)
-    features = model.output
+    features = model_output(model)
     if len(features.shape) not in (2, 3, 4):
         raise KerastlError(
             f"build_classifier needs a backbone with a spatial output "
@@ -266,7 +266,7 @@ def build_classifier(backbone, num_classes, pooling="avg", dropout=0.2,
     pooled = pool(features, pooling, "head_pool", model)
     outputs = _head(pooled, num_classes, dropout, hidden_units, activation,
                     seed)
-    classifier = keras.Model(model.input, outputs,
+    classifier = keras.Model(model_input(model), outputs,
                              name=name or f"{model.name}_classifier")
     if freeze is not None:
         freezing.apply_trainable(
@@ -295,5 +295,5 @@ def replace_classifier(model, num_classes, dropout=0.0, hidden_units=(),
             "backbone without classifier use build_classifier().")
     features = dense[-1].input
     outputs = _head(features, num_classes, dropout, hidden_units, activation)
-    return keras.Model(model.input, outputs,
+    return keras.Model(model_input(model), outputs,
                        name=name or f"{model.name}_retargeted")

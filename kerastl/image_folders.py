@@ -102,3 +102,61 @@ def image_folder_datasets(folder, image_size, batch_size=32,
         # replay these (it does not replay other pipelines by default).
         d.kerastl_replayable = True
     return train, val
+
+
+class ImageArrays:
+    """An image folder decoded into memory: what :func:`image_folder_arrays`
+    returns.
+
+    Attributes:
+        train, validation: ``(images, int labels)`` NumPy arrays (float32
+            RGB in [0, 255]).
+        class_names: the class subfolders, in label order.
+    """
+
+    def __init__(self, train, validation, class_names):
+        self.train = train
+        self.validation = validation
+        self.class_names = list(class_names)
+
+
+def image_folder_arrays(folder, image_size, validation_split=0.2, seed=0,
+                        max_bytes=CACHE_IMAGES_BYTES, verbose=0):
+    """An image folder decoded once into NumPy arrays, or None when they
+    would take more than ``max_bytes``.
+
+    The same split as :func:`image_folder_datasets` (Keras's
+    ``image_dataset_from_directory`` with the same seed). Arrays are what
+    makes a run exactly resumable: the order of every epoch can then be
+    drawn from the seed and the epoch (``TrainingPlan(seed=...)``), in any
+    process.
+
+    Returns:
+        An :class:`ImageArrays`, or None.
+    """
+    import numpy as np
+
+    train, val = image_folder_datasets(folder, image_size, batch_size=256,
+                                       validation_split=validation_split,
+                                       seed=seed, cache_bytes=0)
+    n = len(train.file_paths) + len(val.file_paths)
+    size = n * image_size[0] * image_size[1] * 3 * 4
+    if size > max_bytes:
+        if verbose:
+            print(f"kerastl: {n} decoded images would take "
+                  f"{size / 2 ** 30:.1f} GiB; decoding them every epoch.",
+                  flush=True)
+        return None
+    if verbose:
+        print(f"kerastl: keeping the {n} decoded images in memory "
+              f"({size / 2 ** 20:.1f} MiB).", flush=True)
+
+    def arrays(ds):
+        xs, ys = [], []
+        for x, y in ds.as_numpy_iterator():
+            xs.append(x)
+            ys.append(y)
+        return (np.concatenate(xs).astype("float32", copy=False),
+                np.concatenate(ys).astype("int64", copy=False))
+
+    return ImageArrays(arrays(train), arrays(val), train.class_names)

@@ -424,12 +424,17 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     def build(self, var_list):
         var_list = list(var_list)
-        if var_list and self._table and not any(
-                self._known(v.path) for v in var_list):
+        unknown = [v.path for v in var_list if not self._known(v.path)] \
+            if self._table else []
+        if unknown:
+            # Every variable must be in the table: a model that merely
+            # shares some layer names (two kerastl classifiers share their
+            # head's) would otherwise train the rest at 1.0 without a word.
             raise KerastlError(
-                "This LayerwiseOptimizer was made for another model: none of "
-                f"the variables it is asked to train ({var_list[0].path}, "
-                "...) is in its multiplier table. Make one per model: "
+                f"This LayerwiseOptimizer was made for another model: "
+                f"{len(unknown)} of the {len(var_list)} variables it is "
+                f"asked to train are not in its multiplier table (e.g. "
+                f"{', '.join(unknown[:3])}). Make one per model: "
                 "LayerwiseOptimizer(optimizer, multipliers, model) with the "
                 "model you compile it into.")
         self._multipliers = [self.multiplier(v) for v in var_list]

@@ -8,11 +8,10 @@ process that ran ``import kerastl``, and :func:`load_model` is that in one
 call.
 """
 
-import keras
-
 # The modules that register kerastl's serialisable classes with Keras.
 from kerastl import layerwise, preprocessing, tfhub  # noqa: F401
 from kerastl.adaptation import dann, reversal  # noqa: F401
+from kerastl.backbone import read_keras_file
 
 
 def load_model(path, compile=True, safe_mode=True):
@@ -25,5 +24,4 @@ def load_model(path, compile=True, safe_mode=True):
         safe_mode: Keras's safe mode; a ``HubLayer`` then loads only a
             handle trusted with :func:`kerastl.trust_hub_path`.
     """
-    return keras.models.load_model(path, compile=compile,
-                                   safe_mode=safe_mode)
+    return read_keras_file(path, compile=compile, safe_mode=safe_mode)

@@ -150,12 +150,34 @@ def trust_hub_path(path_or_handle):
     chooses its handles, and a URL's download lands in a cache that any
     program of the user's can write. ``keras.models.load_model(...,
     safe_mode=False)`` loads any handle. See SECURITY.md.
+
+    Raises:
+        KerastlError: an empty or relative path (it would trust whatever
+            the working directory holds at each load); pass an absolute
+            folder.
     """
     value = os.fspath(path_or_handle)
     if _is_url(value) or _is_kaggle_handle(value):
         _TRUSTED_HANDLES.append(value)
     else:
-        _TRUSTED_PATHS.append(os.path.realpath(value))
+        _TRUSTED_PATHS.append(os.path.realpath(_absolute(
+            value, "trust_hub_path")))
+
+
+def _absolute(path, where):
+    """``path`` if it is a non-empty absolute folder path; else the error
+    that says what to pass."""
+    if not isinstance(path, str) or not path.strip():
+        raise KerastlError(
+            f"{where}: an empty path would trust the working directory and "
+            "everything under it; pass the absolute path of the SavedModel "
+            "folder (or of a folder of them).")
+    if not os.path.isabs(path):
+        raise KerastlError(
+            f"{where}: {path!r} is a relative path; it would be trusted "
+            "wherever the working directory is at each load. Pass an "
+            f"absolute path, e.g. {os.path.abspath(path)!r}.")
+    return path
 
 
 def clear_trusted():
@@ -174,8 +196,10 @@ def is_trusted(handle):
         return handle in handles
     path = os.path.realpath(handle[len("file://"):] if handle.startswith(
         "file://") else handle)
-    roots = _TRUSTED_PATHS + [os.path.realpath(p) for p in os.environ.get(
-        "KERASTL_TRUSTED_HUB_PATHS", "").split(os.pathsep) if p]
+    roots = _TRUSTED_PATHS + [
+        os.path.realpath(_absolute(p, "KERASTL_TRUSTED_HUB_PATHS"))
+        for p in os.environ.get("KERASTL_TRUSTED_HUB_PATHS", "").split(
+            os.pathsep) if p]
     return os.path.isdir(path) and any(
         os.path.commonpath([path, r]) == r for r in roots)
 

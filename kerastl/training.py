@@ -17,7 +17,7 @@ import numpy as np
 from kerastl import boundary, distribute, freezing
 from kerastl import _keras_private as _private
 from kerastl.batch_order import SeededBatches
-from kerastl.blocks import block_map, layer_graph
+from kerastl.blocks import block_map, layer_graph, model_input, model_output
 from kerastl.distribute import strategy_scope
 from kerastl.errors import KerastlError
 from kerastl.layerwise import LayerwiseOptimizer
@@ -120,6 +120,9 @@ def fine_tune(model, train, validation=None, plan=None, *,
     head_optimizer, optimizer = plan.optimizers(model)
     set_precision(model, plan.mixed_precision)
     x, y, w = _split(train)
+    _check_arrays(model, x, y, loss, "train")
+    if isinstance(validation, tuple) and len(validation) in (2, 3):
+        _check_arrays(model, validation[0], validation[1], loss, "validation")
     base = len(bm.base_blocks)
     if plan.check_features:
         check_frozen_features(model, max(depth, base) if plan.head_epochs
@@ -155,8 +158,10 @@ def fine_tune(model, train, validation=None, plan=None, *,
         if y is not None and plan.seed is not None:
             batches = SeededBatches((x, y) if w is None else (x, y, w),
                                     plan.batch_size or 32, plan.seed)
+            # (shuffle=False: the batches come in their seeded order; Keras
+            # would shuffle them again with Python's global random state.)
             history = model.fit(batches, validation_data=validation,
-                                epochs=n_epochs,
+                                epochs=n_epochs, shuffle=False,
                                 callbacks=cbs + [batches.callback()],
                                 verbose=verbose)
         else:
@@ -184,6 +189,42 @@ def fine_tune(model, train, validation=None, plan=None, *,
     if plan.check_features:
         warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
+
+
+def _check_arrays(model, x, y, loss, what):
+    """Refuses array data that ``fit`` would only fail on deep inside
+    TensorFlow: images of another shape than the model takes, as many
+    labels as images, sparse labels outside the model's classes."""
+    if not isinstance(x, np.ndarray) or y is None or isinstance(
+            y, (dict, list, tuple)):
+        return
+    try:
+        expected = tuple(model_input(model).shape[1:])
+    except (AttributeError, TypeError, KerastlError):
+        return
+    got = x.shape[1:]
+    if len(got) != len(expected) or any(
+            e is not None and e != g for e, g in zip(expected, got)):
+        shown = tuple("any" if e is None else e for e in expected)
+        raise KerastlError(
+            f"The {what} images have shape {got} each; {model.name!r} takes "
+            f"{shown}. Resize them (keras.layers.Resizing, or load_backbone("
+            f"..., input_shape=...)) to what the model takes.")
+    y = np.asarray(y)
+    if len(y) != len(x):
+        raise KerastlError(f"The {what} data has {len(x)} images but "
+                           f"{len(y)} labels: pass one label per image.")
+    sparse = loss in ("sparse_categorical_crossentropy",
+                      keras.losses.sparse_categorical_crossentropy)
+    if sparse and y.size and y.dtype.kind in "iu":
+        out = model_output(model)
+        classes = out.shape[-1] if hasattr(out, "shape") else None
+        if classes and (y.min() < 0 or y.max() >= classes):
+            raise KerastlError(
+                f"The {what} labels go from {y.min()} to {y.max()}, but "
+                f"{model.name!r} has {classes} outputs (classes 0 to "
+                f"{classes - 1}): build the classifier with num_classes="
+                f"{int(y.max()) + 1}, or map the labels to 0..{classes - 1}.")
 
 
 def _listed(metrics):

@@ -189,6 +189,8 @@ LAYERS = [
         ("datasets", "offline digit domains"),
         ("pretrained", "the small CNN pretrained offline (demos, "
                        "tutorials)"),
+        ("resume", "what a run keeps to resume exactly: backup, epoch log, "
+                   "best checkpoint, early stopping"),
         ("experiment", "kerastl finetune: a run and its outputs"),
         ("demo", "kerastl demo"),
         ("cli", "the kerastl command (started by kerastl_cli.py)"),

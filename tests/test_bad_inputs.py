@@ -29,6 +29,44 @@ def bb():
                                  input_shape=(32, 32, 3))
 
 
+def user_entry(t, extra):
+    """A user zoo entry (MobileNetV2 at 32x32) with ``extra`` YAML lines,
+    loaded from its own folder (KERASTL_ZOO_PATH for this call only)."""
+    folder = t.parent / "zoo"  # beside the work folder, which stays empty
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(
+        "name: mine\nsource: keras.applications\nconstructor: MobileNetV2\n"
+        "input: {default_size: 32, min_size: 32}\npreprocessing: tf\n"
+        "blocks:\n  - {name: stem, layers: ['^Conv1', '^bn_Conv1', "
+        "'^expanded_conv_']}\n  - {name: rest, until: out_relu}\n" + extra)
+    previous = os.environ.get("KERASTL_ZOO_PATH")
+    os.environ["KERASTL_ZOO_PATH"] = str(folder)
+    try:
+        return kerastl.load_backbone("mine", weights=None)
+    finally:
+        if previous is None:
+            del os.environ["KERASTL_ZOO_PATH"]
+        else:
+            os.environ["KERASTL_ZOO_PATH"] = previous
+
+
+def with_tf_config(config, make):
+    previous = os.environ.get("TF_CONFIG")
+    os.environ["TF_CONFIG"] = config
+    try:
+        return make()
+    finally:
+        if previous is None:
+            del os.environ["TF_CONFIG"]
+        else:
+            os.environ["TF_CONFIG"] = previous
+
+
+def garbage(t, name="g.keras"):
+    (t.parent / name).write_bytes(b"not a zip archive at all")
+    return str(t.parent / name)
+
+
 IMAGES = np.zeros((4, 8, 8, 3), "float32")
 FEATURES = np.random.default_rng(0).normal(size=(10, 3)).astype("float32")
 LABELS = np.arange(10) % 2
@@ -67,6 +105,33 @@ CASES = [
      kerastl.errors.UnknownModelError, "vgg99"),
     ("list_configs bad source", lambda t: kerastl.list_configs("torch"),
      kerastl.errors.ConfigError, "source='torch'"),
+    ("zoo entry reference.top1 not a number", lambda t: kerastl.zoo
+     .parse_config({"name": "x", "source": "keras.applications",
+                    "constructor": "MobileNetV2", "preprocessing": "tf",
+                    "input": {"default_size": 32, "min_size": 32},
+                    "blocks": [{"name": "a", "until": "out_relu"}],
+                    "reference": {"top1": "high"}}, "x.yaml"),
+     kerastl.errors.ConfigError, "reference.top1.*accuracy in"),
+    ("zoo entry reference.params negative", lambda t: kerastl.zoo
+     .parse_config({"name": "x", "source": "keras.applications",
+                    "constructor": "MobileNetV2", "preprocessing": "tf",
+                    "input": {"default_size": 32, "min_size": 32},
+                    "blocks": [{"name": "a", "until": "out_relu"}],
+                    "reference": {"params": -3}}, "x.yaml"),
+     kerastl.errors.ConfigError, "reference.params.*>= 0"),
+    ("zoo entry constructor_args wrong value", lambda t: user_entry(
+        t, "constructor_args: {alpha: big}\n"), kerastl.KerastlError,
+     "rejected the zoo entry 'mine'.*constructor_args"),
+    ("zoo entry endpoint to a missing layer", lambda t: user_entry(
+        t, "endpoints: {stride8: no_such_layer}\n"),
+     kerastl.errors.BlockError, "endpoint 'stride8' names layer "
+     "'no_such_layer'"),
+    ("load_backbone garbage .keras", lambda t: kerastl.load_backbone(
+        garbage(t)), kerastl.KerastlError, "not a .keras model file"),
+    ("load_model garbage .keras", lambda t: kerastl.load_model(
+        garbage(t)), kerastl.KerastlError, "not a .keras model file"),
+    ("load_model missing file", lambda t: kerastl.load_model(
+        str(t / "none.keras")), kerastl.KerastlError, "does not exist"),
     # -- block maps and freezing
     ("freeze unknown block", lambda t: kerastl.freeze(clf(), up_to="c9"),
      kerastl.errors.BlockError, "c9"),
@@ -81,6 +146,10 @@ CASES = [
     ("block_map of a subclassed model", lambda t: kerastl.block_map(
         type("Mine", (keras.Model,), {"call": lambda s, x: x})()),
      kerastl.errors.BlockError, "subclassed"),
+    ("GradualUnfreezing every 1.5", lambda t: kerastl.GradualUnfreezing(
+        every=1.5), kerastl.KerastlError, r"every=1.5.*whole number"),
+    ("GradualUnfreezing max_blocks 0", lambda t: kerastl.GradualUnfreezing(
+        max_blocks=0), kerastl.KerastlError, "max_blocks=0"),
     # -- heads and recipes
     ("build_classifier num_classes 0", lambda t: kerastl.build_classifier(
         conv(), 0), kerastl.KerastlError, "num_classes=0"),
@@ -117,6 +186,21 @@ CASES = [
     ("fine_tune optimizer type", lambda t: kerastl.fine_tune(
         clf(), (IMAGES, np.zeros(4)), optimizer=0.1, head_epochs=0),
      kerastl.KerastlError, "optimizer=0.1"),
+    ("fine_tune images of another shape", lambda t: kerastl.fine_tune(
+        clf(), (np.zeros((4, 16, 16, 3)), np.zeros(4)), head_epochs=0,
+        strategy="full"), kerastl.KerastlError,
+     r"images have shape \(16, 16, 3\).*takes \(8, 8, 3\)"),
+    ("fine_tune labels beyond the classes", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.array([0, 1, 2, 7])), head_epochs=0,
+        strategy="full"), kerastl.KerastlError,
+     "labels go from 0 to 7.*2 outputs.*num_classes=8"),
+    ("fine_tune fewer labels than images", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.zeros(3)), head_epochs=0, strategy="full"),
+     kerastl.KerastlError, "4 images but 3 labels"),
+    ("fine_tune validation labels", lambda t: kerastl.fine_tune(
+        clf(), (IMAGES, np.zeros(4)), (IMAGES, np.full(4, 5)),
+        head_epochs=0, strategy="full"), kerastl.KerastlError,
+     "validation labels go from 5 to 5"),
     # -- layer-wise rates
     ("LayerwiseOptimizer unknown block", lambda t: kerastl.LayerwiseOptimizer(
         "adam", {"c9": 0.1}, clf()), kerastl.errors.BlockError, "c9"),
@@ -207,6 +291,12 @@ CASES = [
         FEATURES), kerastl.KerastlError, "not fitted"),
     ("LinearProbe set_params", lambda t: kerastl.LinearProbe().set_params(
         depth=3), kerastl.KerastlError, "depth"),
+    ("LinearProbe epochs ten", lambda t: kerastl.LinearProbe(
+        epochs="ten"), kerastl.KerastlError, "epochs='ten'.*whole number"),
+    ("LinearProbe learning_rate negative", lambda t: kerastl.LinearProbe(
+        learning_rate=-1), kerastl.KerastlError, "learning_rate=-1"),
+    ("LinearProbe set_params batch_size 0", lambda t: kerastl.LinearProbe()
+     .set_params(batch_size=0), kerastl.KerastlError, "batch_size=0"),
     # -- analysis
     ("transfer_depth_sweep depth", lambda t: kerastl.analysis.transfer_depth_sweep(
         conv(), (IMAGES, np.zeros(4)), (IMAGES, np.zeros(4)), depths=[5]),
@@ -234,6 +324,20 @@ CASES = [
      "not a folder"),
     ("export into cwd", lambda t: kerastl.export_savedmodel(clf(), "."),
      kerastl.errors.ExportError, "working directory"),
+    # -- devices
+    ("TF_CONFIG not JSON", lambda t: with_tf_config(
+        "{cluster", lambda: kerastl.distribute.strategy("multi-worker")),
+     kerastl.KerastlError, "TF_CONFIG is not a cluster and a task"),
+    ("TF_CONFIG task outside the cluster", lambda t: with_tf_config(
+        '{"cluster": {"worker": ["localhost:1", "localhost:2"]}, '
+        '"task": {"type": "worker", "index": 3}}',
+        lambda: kerastl.distribute.strategy("multi-worker")),
+     kerastl.KerastlError, "task .* is not in its cluster"),
+    ("TF_CONFIG addresses", lambda t: with_tf_config(
+        '{"cluster": {"worker": ["localhost"]}, '
+        '"task": {"type": "worker", "index": 0}}',
+        lambda: kerastl.distribute.strategy("multi-worker")),
+     kerastl.KerastlError, "host:port"),
     # -- hub
     ("HubLayer missing folder", lambda t: kerastl.HubLayer(
         str(t / "no_model")), kerastl.KerastlError, "no_model"),

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import kerastl
-from conftest import write_folder
+from conftest import small_cnn, write_folder
 from kerastl import cli
 
 
@@ -242,7 +242,7 @@ def test_every_experiment_key_has_a_flag(monkeypatch, capsys, tmp_path):
     from kerastl import experiment
     seen = {}
 
-    def fake_run(e, verbose):
+    def fake_run(e, verbose, inputs=()):
         seen.update(e, verbose=verbose)
         raise kerastl.KerastlError("stop here")
 
@@ -276,12 +276,12 @@ def test_ctrl_c_keeps_the_best_checkpoint_and_resumes(tmp_path):
     import signal
     import subprocess
     import sys
-    images = write_folder(tmp_path / "images", per_class=8)
+    images = write_folder(tmp_path / "images", per_class=8, size=32)
+    small_cnn().save(tmp_path / "net.keras")  # the signal is the point
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "kerastl.cli", "finetune", "--model",
-            "mobilenet_v2", "--weights", "none", "--image-size", "32",
-            "--data", str(images), "--output", str(out),
-            "--batch-size", "4", "--early-stopping", "none"]
+            str(tmp_path / "net.keras"), "--data", str(images), "--output",
+            str(out), "--batch-size", "4", "--early-stopping", "none"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(argv + ["--epochs", "30"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -298,7 +298,7 @@ def test_ctrl_c_keeps_the_best_checkpoint_and_resumes(tmp_path):
     assert (out / "checkpoints" / "best.keras").is_file()
     marker = json.loads((out / "INTERRUPTED.json").read_text())
     assert marker["epochs_completed"] >= 2
-    resumed = subprocess.run(argv + ["--epochs", "4", "--resume"],
+    resumed = subprocess.run(argv + ["--epochs", "30", "--resume"],
                              capture_output=True, text=True, env=env,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -267,3 +267,26 @@ def test_two_workers_extract_into_one_cache(tmp_path):
     np.testing.assert_allclose(
         f, kerastl.extract_features(model, x, verbose=0), rtol=1e-6,
         atol=1e-6)
+
+
+def test_a_cluster_whose_peer_never_starts_ends_with_a_message(tmp_path):
+    """TensorFlow waits for every worker of TF_CONFIG and cannot be
+    interrupted there: the watchdog ends the process with the reason."""
+    import time
+
+    workers = [f"localhost:{_free_port()}" for _ in range(2)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               KERASTL_WORKER_TIMEOUT="3", TF_CONFIG=json.dumps(
+                   {"cluster": {"worker": workers},
+                    "task": {"type": "worker", "index": 0}}))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", "from kerastl import distribute; "
+         "distribute.strategy('multi-worker'); print('started')"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL
+    assert "started" not in proc.stdout
+    assert "did not start within 3 s" in proc.stderr
+    assert workers[1] in proc.stderr and "KERASTL_WORKER_TIMEOUT" in \
+        proc.stderr
+    assert time.monotonic() - start < 60

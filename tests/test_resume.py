@@ -161,8 +161,9 @@ def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
     assert "--resume" in capsys.readouterr().err
     assert cli.main(argv + ["--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    # Epochs 3 and 4 ran; 1 and 2 came from the backup.
-    assert len(metrics["history"]["loss"]) == EPOCHS - STOP_AFTER
+    # Epochs 3 and 4 ran; 1 and 2 came from the backup, and the history
+    # holds all four (the backup's epoch log).
+    assert len(metrics["history"]["loss"]) == EPOCHS == metrics["epochs_run"]
     assert not os.path.exists(backup)
     assert cli.main(argv + ["--resume", "--overwrite"]) == 2
     assert "Nothing to resume" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong: where kerastl writes, what it
 pairs, what it loads."""
 
+import json
 import os
 import signal
 import subprocess
@@ -96,15 +97,32 @@ def test_outputs_honour_the_umask(tmp_path):
 
 # -- 8. killed writers: no leftovers, never a missing destination ---------------
 
+def dead_writer_leftovers(dest, pid=999999999):
+    """What a writer killed between the two renames of a replacement
+    leaves: its temporary folder and the old copy, made and marked as
+    kerastl makes them, under the pid of a process that no longer runs."""
+    import shutil
+    tmp = atomic.temporary_folder(str(dest), "tmp")
+    old = atomic.temporary_folder(str(dest), "old")
+    shutil.rmtree(old)  # replace_folder's first rename, as it does it
+    os.rename(dest, old)
+    out = []
+    for folder, kind in ((tmp, "tmp"), (old, "old")):
+        dead = folder.replace(f"-{os.getpid()}-", f"-{pid}-")
+        os.rename(folder, dead)
+        atomic.write_marker(os.path.join(dead, atomic.PARTIAL), kind=kind,
+                            pid=pid)
+        out.append(dead)
+    return out
+
+
 def test_a_replacement_killed_between_its_renames_is_put_back(tmp_path):
     dest = tmp_path / "out"
     with atomic.atomic_folder(dest) as tmp:
         open(os.path.join(tmp, "v1"), "w").close()
-    # Simulate a kill after `rename(path, old)`, before `rename(tmp, path)`.
-    old = tmp_path / ".out.old-999999999-x"
-    os.rename(dest, old)
-    (tmp_path / ".out.tmp-999999999-y").mkdir()  # its half-written folder
+    dead_writer_leftovers(dest)
     assert not dest.exists()
+    assert len(os.listdir(tmp_path)) == 2
     atomic.recover(dest)
     assert sorted(os.listdir(dest)) == [".kerastl", "v1"]
     assert os.listdir(tmp_path) == ["out"]
@@ -167,8 +185,11 @@ PAUSE = """
 
     def paused(tmp, path):
         if sys.argv[2] == "between renames" and os.path.exists(path):
-            old = atomic._mkdtemp(path, "old")   # replace_folder's first
-            os.rmdir(old)                        # rename ...
+            import shutil                        # replace_folder's first
+            old = atomic.temporary_folder(path, "old")   # rename ...
+            shutil.rmtree(old)
+            atomic.write_marker(os.path.join(path, atomic.PARTIAL),
+                                kind="old", pid=os.getpid())
             os.rename(path, old)
         print("paused", flush=True)
         time.sleep(600)                          # ... and killed here
@@ -576,3 +597,273 @@ def test_cache_clear_deletes_only_entries(tmp_path):
     assert len(cache.entries()) == 1
     cache.clear()
     assert cache.entries() == [] and (tmp_path / "mine.txt").exists()
+
+
+# -- round two --------------------------------------------------------------------
+# 4. only what kerastl wrote is ever replaced, cleaned up or renamed
+
+def user_folder(path, marker=None):
+    """A user's folder with files (and, optionally, a planted marker)."""
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    (path / "sub" / "data.csv").write_text("1,2\n")
+    if marker == "empty":
+        (path / atomic.MARKER).write_text("")
+    elif marker == "symlink":
+        real = path.parent / "real_marker"
+        real.write_text('{"written_by": "kerastl"}')
+        os.symlink(real, path / atomic.MARKER)
+    elif marker == "not json":
+        (path / atomic.MARKER).write_text("kerastl")
+    return path
+
+
+@pytest.mark.parametrize("marker", ["empty", "symlink", "not json"])
+def test_a_planted_marker_does_not_make_a_folder_kerastls(tmp_path, marker):
+    folder = user_folder(tmp_path / "mine", marker)
+    before = snapshot(folder)
+    assert not atomic.written_by_kerastl(folder)
+    with pytest.raises(ExportError, match="not written by kerastl"):
+        export_savedmodel(tiny_classifier(), folder, overwrite=True)
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("name", [".model.tmp-backup", ".model.old-2024",
+                                  ".model.tmp-123-abcdefgh",
+                                  ".model.old-123-abcdefgh"])
+def test_folders_named_like_leftovers_are_not_touched(tmp_path, name):
+    """Only folders kerastl made (its name pattern and its
+    .kerastl-partial file inside) count as leftovers."""
+    user = user_folder(tmp_path / name)
+    before = snapshot(user)
+    export_savedmodel(tiny_classifier(), tmp_path / "model")
+    export_savedmodel(tiny_classifier(), tmp_path / "model", overwrite=True)
+    assert snapshot(user) == before
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "model"])
+
+
+def test_an_export_through_a_symlink_is_refused_and_leaves_nothing(tmp_path):
+    export_savedmodel(tiny_classifier(), tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with pytest.raises(ExportError, match="symbolic link"):
+        export_savedmodel(tiny_classifier(), tmp_path / "link",
+                          overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+    assert atomic.written_by_kerastl(tmp_path / "real")
+
+
+def test_cache_clear_deletes_only_the_entries_kerastl_wrote(tmp_path):
+    cache = kerastl.FeatureCache(tmp_path)
+    kerastl.extract_features(mean_red(), np.zeros((2, 8, 8, 3), "float32"),
+                             cache=cache, verbose=0)
+    # A user's folder that holds a meta.json, even under a key-like name.
+    for name in ("results", "0123456789abcdef0123456789abcdef"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text('{"experiment": 1}')
+        (tmp_path / name / "table.csv").write_text("1,2\n")
+    before = {n: snapshot(tmp_path / n) for n in
+              ("results", "0123456789abcdef0123456789abcdef")}
+    assert len(cache.entries()) == 1
+    cache.clear()
+    assert cache.entries() == []
+    for name, files in before.items():
+        assert snapshot(tmp_path / name) == files
+
+
+def test_resume_onto_a_folder_with_stray_run_files_deletes_nothing(
+        tmp_path, capsys):
+    from conftest import write_folder
+    from kerastl import cli
+
+    data = write_folder(tmp_path / "images", per_class=3, size=16)
+    out = user_folder(tmp_path / "run", "empty")
+    (out / "INTERRUPTED.json").write_text('{"interrupted": true}')
+    (tmp_path / ".run.backup").mkdir()
+    before = snapshot(out)
+    code = cli.main(["finetune", "--model", "mobilenet_v2", "--data",
+                     str(data), "--output", str(out), "--resume"])
+    assert code == 2
+    assert "Nothing to resume" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert os.listdir(tmp_path / ".run.backup") == []
+
+
+# 6. trusting a TF Hub path takes an absolute one
+
+@pytest.mark.parametrize("path", ["", "  ", "models/m", "."])
+def test_trust_refuses_empty_and_relative_paths(path, monkeypatch):
+    with pytest.raises(kerastl.KerastlError, match="absolute path"):
+        kerastl.trust_hub_path(path)
+    monkeypatch.setenv("KERASTL_TRUSTED_HUB_PATHS", "models/m")
+    with pytest.raises(kerastl.KerastlError,
+                       match="KERASTL_TRUSTED_HUB_PATHS: 'models/m' is a "
+                             "relative path"):
+        kerastl.tfhub.is_trusted("/some/where")
+
+
+# 7. the boundary cache judges "random" by behaviour
+
+class DrawsWithTensorFlow(keras.layers.Layer):
+    """Noise from tf.random: no SeedGenerator for a type check to see."""
+
+    def call(self, x, training=False):
+        return x + tf.random.uniform(tf.shape(x)) if training else x
+
+
+class DrawsWithKerasRandom(keras.layers.Layer):
+    """Noise from keras.random without a seed generator."""
+
+    def call(self, x):
+        return x + keras.random.normal(keras.ops.shape(x))
+
+
+@pytest.mark.parametrize("layer", [DrawsWithTensorFlow, DrawsWithKerasRandom])
+def test_the_boundary_cache_refuses_a_prefix_that_behaves_randomly(layer):
+    inputs = keras.Input((8, 8, 3))
+    x = layer()(inputs)
+    x = keras.layers.Conv2D(2, 3, name="c1")(x)
+    x = keras.layers.Conv2D(2, 3, strides=2, name="c2")(x)
+    model = kerastl.build_classifier(keras.Model(inputs, x), 2, freeze=None)
+    data = (np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 3))
+            .astype("float32"), np.arange(8) % 2)
+    history = kerastl.fine_tune(model, data, freeze_up_to=1, head_epochs=0,
+                                epochs=1, check_features=False).fine_tune
+    assert "different outputs for the same images" in history.boundary_cache
+    with pytest.raises(kerastl.errors.BoundaryCacheError,
+                       match="different outputs"):
+        kerastl.fine_tune(model, data, freeze_up_to=1, head_epochs=0,
+                          epochs=1, boundary_cache=True,
+                          check_features=False)
+
+
+# 8. sharding refuses data that reshuffles on every pass
+
+def test_sharding_refuses_a_reshuffling_dataset(tmp_path):
+    x, y = labelled_images()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=1) \
+        .batch(8)
+    with pytest.raises(kerastl.KerastlError, match="another order on every "
+                                                   "pass.*Shard before"):
+        kerastl.extract_features(mean_red(), data, cache=tmp_path / "c",
+                                 shard=(0, 2), verbose=0)
+    once = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+        32, seed=1, reshuffle_each_iteration=False).batch(8)
+    kerastl.extract_features(mean_red(), once, cache=tmp_path / "c",
+                             shard=(0, 2), verbose=0)
+
+
+# 9. no more silent results
+
+def test_with_a_chief_only_the_chief_writes(monkeypatch):
+    import json
+    import types
+
+    from kerastl import distribute
+
+    cluster = {"chief": ["localhost:1"], "worker": ["localhost:2",
+                                                    "localhost:3"]}
+    for task, writes in ((("chief", 0), True), (("worker", 0), False),
+                         (("worker", 1), False)):
+        monkeypatch.setenv("TF_CONFIG", json.dumps(
+            {"cluster": cluster, "task": {"type": task[0],
+                                          "index": task[1]}}))
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        strategy = types.SimpleNamespace(cluster_resolver=resolver)
+        assert distribute.is_chief(strategy) is writes, task
+    # Without a chief, worker 0 writes.
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": cluster["worker"]},
+         "task": {"type": "worker", "index": 0}}))
+    strategy = types.SimpleNamespace(
+        cluster_resolver=tf.distribute.cluster_resolver
+        .TFConfigClusterResolver())
+    assert distribute.is_chief(strategy)
+
+
+def test_a_layerwise_optimizer_for_a_model_sharing_only_the_head_is_refused():
+    """Two kerastl classifiers share their head's layer names: the table
+    must cover every variable, not just one."""
+    def classifier(width):
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(width, 3)(inputs)
+        return kerastl.build_classifier(keras.Model(inputs, x), 2,
+                                        freeze=False)
+    a, b = classifier(2), classifier(3)
+    opt = kerastl.LayerwiseOptimizer(keras.optimizers.SGD(0.1),
+                                     kerastl.LayerDecay(0.5), a)
+    b.compile(opt, "sparse_categorical_crossentropy")
+    with pytest.raises(kerastl.KerastlError,
+                       match=r"made for another model: \d+ of the \d+"):
+        b.fit(np.ones((4, 8, 8, 3)), np.zeros(4), verbose=0)
+
+
+def test_dann_refuses_nan_images():
+    x = np.zeros((8, 8, 8, 3), "float32")
+    bad = x.copy()
+    bad[3, 0, 0, 0] = np.nan
+    with pytest.raises(kerastl.KerastlError,
+                       match="target images hold NaN.*image 3"):
+        kerastl.adaptation.domain_dataset((x, np.zeros(8)), bad,
+                                          batch_size=4)
+    with pytest.raises(kerastl.KerastlError, match="source images hold NaN"):
+        kerastl.adaptation.domain_dataset((bad, np.zeros(8)), x,
+                                          batch_size=4)
+
+
+def test_select_model_refuses_logits_nan_and_a_pair_and_reports_ties():
+    import warnings
+
+    def net(scale, softmax=True):
+        inputs = keras.Input((4,))
+        x = keras.layers.Dense(3, kernel_initializer=keras.initializers
+                               .Constant(scale))(inputs)
+        if softmax:
+            x = keras.layers.Softmax()(x)
+        return keras.Model(inputs, x)
+    xt = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    trio = {"a": net(0.1), "b": net(0.2), "c": net(0.3)}
+    with pytest.raises(kerastl.KerastlError, match="logits"):
+        kerastl.adaptation.select_model(dict(trio, c=net(0.3, False)),
+                                        target=xt)
+    nan = xt.copy()
+    nan[2, 1] = np.nan
+    with pytest.raises(kerastl.KerastlError, match="NaN.*image 2"):
+        kerastl.adaptation.select_model(trio, target=nan)
+    with pytest.raises(kerastl.KerastlError, match="2 candidate"):
+        kerastl.adaptation.select_model({"a": trio["a"], "b": trio["b"]},
+                                        target=xt)
+    same = {"x": net(0.1), "y": net(0.1), "z": net(0.1)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = kerastl.adaptation.select_model(same, target=xt)
+    assert choice.best == "x"
+    assert any("score exactly the same" in str(w.message) for w in caught)
+
+
+def test_a_cache_file_rewritten_with_the_same_shape_is_not_served(tmp_path):
+    cache = kerastl.FeatureCache(tmp_path / "cache")
+    x, _ = labelled_images()
+    model = mean_red()
+    first = kerastl.extract_features(model, x, cache=cache, verbose=0)
+    (entry,) = cache.entries()
+    meta = json.loads((tmp_path / "cache" / entry / "meta.json").read_text())
+    file = tmp_path / "cache" / entry / meta["arrays"]["features/output"][
+        "file"]
+    np.save(file, np.full_like(first, 7.0))  # same shape, same size
+    with pytest.warns(UserWarning, match="changed after it was written"):
+        again = kerastl.extract_features(model, x, cache=cache, verbose=0)
+    np.testing.assert_array_equal(again, first)
+
+
+# 10. extraction works on Sequential models again
+
+def test_extract_features_of_a_sequential_model():
+    model = keras.Sequential([keras.Input((8, 8, 3)),
+                              keras.layers.Conv2D(2, 3),
+                              keras.layers.GlobalAveragePooling2D()])
+    x = np.ones((4, 8, 8, 3), "float32")
+    np.testing.assert_allclose(kerastl.extract_features(model, x, verbose=0),
+                               model.predict(x, verbose=0), rtol=1e-6)
+    unbuilt = keras.Sequential([keras.layers.Conv2D(2, 3)])
+    with pytest.raises(kerastl.KerastlError, match="keras.Input"):
+        kerastl.extract_features(unbuilt, x, verbose=0)

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from kerastl import heads
+from kerastl.blocks import model_input, model_output
 from kerastl.errors import KerastlError
 from kerastl.features.extract import flat_features
 from kerastl.plan import TrainingPlan
@@ -212,7 +213,8 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
         A :class:`JointFineTuning`.
     """
     model = getattr(backbone, "model", backbone)
-    if not isinstance(model, keras.Model) or len(model.output.shape) != 4:
+    if not isinstance(model, keras.Model) or \
+            len(getattr(model_output(model), "shape", ())) != 4:
         raise KerastlError("joint_fine_tune needs a kerastl.Backbone or a "
                            "keras.Model with a spatial output.")
     (xt, yt), (xs, ys) = target, source
@@ -224,12 +226,13 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
         raise KerastlError("No source samples to borrow: select some with "
                            "select_source_samples().")
     n_t, n_s = int(yt.max()) + 1, int(ys.max()) + 1
-    pool = heads.pooling_layer(pooling, "joint_pool")(model.output)
+    pool = heads.pooling_layer(pooling, "joint_pool")(model_output(model))
     if dropout:
         pool = keras.layers.Dropout(dropout, name="joint_dropout")(pool)
     out_t = heads.output_layer(n_t, "softmax", "target")(pool)
     out_s = heads.output_layer(n_s, "softmax", "source")(pool)
-    joint = keras.Model(model.input, {"target": out_t, "source": out_s},
+    joint = keras.Model(model_input(model),
+                        {"target": out_t, "source": out_s},
                         name=f"{model.name}_joint")
     repeat = max(1, int(round(len(xs) / len(xt))))
     xt_r, yt_r = np.concatenate([xt] * repeat), np.concatenate([yt] * repeat)
@@ -263,8 +266,8 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
         metrics=None, weighted_metrics={"target": ["accuracy"],
                                         "source": ["accuracy"]},
         callbacks=callbacks or (), verbose=verbose).fine_tune
-    target_model = keras.Model(model.input, out_t,
+    target_model = keras.Model(model_input(model), out_t,
                                name=f"{model.name}_target")
-    source_model = keras.Model(model.input, out_s,
+    source_model = keras.Model(model_input(model), out_s,
                                name=f"{model.name}_source")
     return JointFineTuning(joint, target_model, source_model, history)

@@ -5,7 +5,21 @@ import numpy as np
 from kerastl.errors import KerastlError
 
 
-def _as_dataset(data, labelled):
+def _finite(x, what):
+    """``x`` as float32, refusing NaN and infinite values (one would turn
+    every weight to NaN within a step, without an error)."""
+    x = np.asarray(x, "float32")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))[0])
+        raise KerastlError(
+            f"The {what} images hold NaN or infinite values ({int(bad.sum())}"
+            f" values, the first in image {first}); training on them gives "
+            "NaN weights. Fix or drop those images.")
+    return x
+
+
+def _as_dataset(data, labelled, what):
     import tensorflow as tf
     if isinstance(data, tf.data.Dataset):
         return data.unbatch() if _is_batched(data) else data
@@ -19,11 +33,11 @@ def _as_dataset(data, labelled):
             raise KerastlError(f"Source x has {len(x)} samples but y has "
                                f"{len(y)}.")
         return tf.data.Dataset.from_tensor_slices(
-            (np.asarray(x, "float32"), np.asarray(y, "int64")))
+            (_finite(x, what), np.asarray(y, "int64")))
     if isinstance(data, tuple):
         raise KerastlError(
             "The target is unlabelled: pass its images only, not (x, y).")
-    return tf.data.Dataset.from_tensor_slices(np.asarray(data, "float32"))
+    return tf.data.Dataset.from_tensor_slices(_finite(data, what))
 
 
 def _is_batched(ds):
@@ -53,8 +67,8 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
             batch_size, (int, np.integer)) or batch_size < 1:
         raise KerastlError(f"batch_size={batch_size!r}: expected an int "
                            ">= 1.")
-    src = _as_dataset(source, labelled=True)
-    tgt = _as_dataset(target, labelled=False)
+    src = _as_dataset(source, labelled=True, what="source")
+    tgt = _as_dataset(target, labelled=False, what="target")
     for name, data, labelled in (("source", source, True),
                                  ("target", target, False)):
         n = _known_size(data, labelled)
@@ -72,7 +86,8 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
     tgt = tgt.repeat().batch(batch_size, drop_remainder=True)
     parts = [src, tgt]
     if target_labeled is not None:
-        lab = _as_dataset(target_labeled, labelled=True)
+        lab = _as_dataset(target_labeled, labelled=True,
+                          what="labelled target")
         lab = lab.shuffle(10000, seed=seed + 2).repeat().batch(
             min(batch_size, max(1, _count(target_labeled))),
             drop_remainder=True)

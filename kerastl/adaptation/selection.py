@@ -19,8 +19,9 @@ proxy that is, as a rule, at least as accurate as the typical candidate
   the inverted digits it came within 2 points of the best on none of six
   seeds; with the models trained on inverted copies added to the pool, on
   all six.
-* With fewer than three candidates the more confident one wins every
-  disagreement (a warning is logged).
+* With fewer than three candidates the more confident one would win every
+  disagreement: :func:`select_model` refuses it. Exact ties are reported
+  (a warning names the tied candidates) and broken by name.
 * It says which candidate is best *in the pool*; if all are poor it
   cannot tell.
 
@@ -51,6 +52,7 @@ the effective sample size it reports):
 
 import dataclasses
 import logging
+import warnings
 
 import keras
 import numpy as np
@@ -156,6 +158,13 @@ def _images(data, what):
         raise KerastlError(
             f"{what}: expected an array of at least 4 samples; got shape "
             f"{x.shape}.")
+    if x.dtype.kind in "fc" and not np.isfinite(x).all():
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        raise KerastlError(
+            f"{what}: {int(bad.sum())} images hold NaN or infinite values "
+            f"(the first is image {int(np.flatnonzero(bad)[0])}); every "
+            "candidate's prediction on them would be NaN. Fix or drop "
+            "them.")
     return x
 
 
@@ -325,6 +334,19 @@ def ensemble_validation(predictions):
                 f"ensemble_validation: candidate {name!r} gave outputs of "
                 f"shape {p.shape}; expected (samples, classes) "
                 f"probabilities.")
+        if not np.isfinite(p).all():
+            raise KerastlError(
+                f"ensemble_validation: candidate {name!r} gave NaN or "
+                f"infinite outputs on {int((~np.isfinite(p)).any(1).sum())}"
+                " target images: check the images and the model.")
+        if p.min() < -1e-6 or p.max() > 1 + 1e-6 or \
+                np.abs(p.sum(axis=1) - 1).max() > 1e-3:
+            raise KerastlError(
+                f"ensemble_validation: candidate {name!r} gives outputs "
+                f"that are not class probabilities (each row in [0, 1], "
+                f"summing to 1; its rows sum to {p.sum(1).min():.3g} .. "
+                f"{p.sum(1).max():.3g}): logits? End the model with a "
+                "softmax, or pass keras.ops.softmax of its outputs.")
         probs[name] = p
     shapes = {p.shape for p in probs.values()}
     if len(shapes) > 1:
@@ -380,11 +402,12 @@ def select_model(candidates, source_val=None, target=None,
             "select_model: pass the unlabelled target images (target=).")
     if method == "ensemble":
         if len(candidates) < 3:
-            logger.warning(
-                "select_model: an ensemble of %d candidates; with fewer "
-                "than 3 the more confident one wins every disagreement. "
-                "Add candidates (other lambdas, epochs, methods) or use "
-                "method='dev'.", len(candidates))
+            raise KerastlError(
+                f"select_model: {len(candidates)} candidate(s): the ensemble "
+                "of fewer than 3 is the more confident one, which then "
+                "wins every disagreement (a tie, not a choice). Add "
+                "candidates (other lambdas, epochs, methods, the "
+                "source-only model) or use method='dev'.")
         xt = _images(target, "target")
         if len(xt) > max_samples:
             rng = np.random.default_rng(seed)
@@ -406,5 +429,12 @@ def select_model(candidates, source_val=None, target=None,
                     "unreliable (the domains are far apart in its "
                     "features).", name, e.ess, e.n)
             estimates[name] = e
-    best = max(estimates, key=lambda k: estimates[k].score)
-    return ModelSelection(best=best, estimates=estimates, method=method)
+    top = max(e.score for e in estimates.values())
+    tied = sorted(k for k, e in estimates.items() if e.score == top)
+    if len(tied) > 1:
+        warnings.warn(
+            f"kerastl: select_model: {', '.join(map(repr, tied))} score "
+            f"exactly the same ({method}); returning the first by name, "
+            f"{tied[0]!r}. Nothing in the target images tells them apart.",
+            RuntimeWarning, stacklevel=2)
+    return ModelSelection(best=tied[0], estimates=estimates, method=method)

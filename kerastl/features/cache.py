@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -12,7 +13,38 @@ import numpy as np
 from kerastl.atomic import atomic_folder
 from kerastl.errors import KerastlError
 
-FORMAT_VERSION = 1
+# 2: meta.json says who wrote it and holds a checksum of every file.
+FORMAT_VERSION = 2
+# An entry's folder name: its key, 16 bytes in hex.
+_ENTRY = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _file_digest(path):
+    """The blake2b digest of a file's bytes (read in 1 MiB pieces)."""
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _entry_meta(folder):
+    """An entry's meta.json if kerastl wrote it (this format, or the
+    earlier one without a signature), else None."""
+    path = os.path.join(folder, "meta.json")
+    if os.path.islink(folder) or os.path.islink(path) or \
+            not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    ours = meta.get("written_by") == "kerastl" or (
+        meta.get("format") == 1 and set(meta) == {"arrays", "key", "format"})
+    return meta if ours else None
 
 
 def hash_array(h, a):
@@ -84,15 +116,18 @@ class FeatureCache:
         return os.path.join(self.directory, key)
 
     def entries(self):
-        """Names of the complete entries on disk."""
+        """Names of the complete entries on disk: folders named by a key
+        whose ``meta.json`` kerastl wrote."""
         if not os.path.isdir(self.directory):
             return []
         return sorted(e for e in os.listdir(self.directory)
-                      if not e.startswith(".") and os.path.isfile(
-                          os.path.join(self.directory, e, "meta.json")))
+                      if _ENTRY.match(e) and _entry_meta(self.path(e))
+                      is not None)
 
     def clear(self):
-        """Deletes every entry (and nothing else in the folder)."""
+        """Deletes every entry kerastl wrote, and nothing else in the
+        folder (another file or folder there, even one holding a
+        ``meta.json``, stays)."""
         for entry in self.entries():
             shutil.rmtree(self.path(entry), ignore_errors=True)
 
@@ -114,6 +149,8 @@ class FeatureCache:
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
+            if meta.get("written_by") != "kerastl":
+                raise ValueError("its meta.json was not written by kerastl")
             if parts is not None and meta["key"] != self._normal(parts):
                 raise ValueError("its key parts are not the request's")
             arrays = {}
@@ -128,6 +165,9 @@ class FeatureCache:
                     raise ValueError(f"{info['file']} has "
                                      f"{os.path.getsize(file)} bytes, "
                                      f"expected {info['bytes']}")
+                if _file_digest(file) != info["blake2b"]:
+                    raise ValueError(f"{info['file']} was changed after "
+                                     "it was written (checksum)")
                 a = np.load(file, mmap_mode="r" if self.mmap else None,
                             allow_pickle=False)
                 if list(a.shape) != info["shape"] or a.dtype.str != \
@@ -152,7 +192,7 @@ class FeatureCache:
         with atomic_folder(self.path(key), "feature-cache entry",
                            checked=False) as tmp:
             meta = {"arrays": {}, "key": self._normal(parts),
-                    "format": FORMAT_VERSION}
+                    "format": FORMAT_VERSION, "written_by": "kerastl"}
             for i, (name, a) in enumerate(arrays.items()):
                 file = f"{i}.npy"
                 full = os.path.join(tmp, file)
@@ -162,7 +202,8 @@ class FeatureCache:
                     os.fsync(f.fileno())
                 meta["arrays"][name] = {
                     "file": file, "bytes": os.path.getsize(full),
-                    "shape": list(a.shape), "dtype": a.dtype.str}
+                    "shape": list(a.shape), "dtype": a.dtype.str,
+                    "blake2b": _file_digest(full)}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1, default=repr)
                 f.flush()

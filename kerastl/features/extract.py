@@ -14,7 +14,7 @@ import weakref
 import keras
 import numpy as np
 
-from kerastl.blocks import block_map
+from kerastl.blocks import block_map, model_input, model_output
 from kerastl.errors import KerastlError
 from kerastl.features.cache import as_cache, hash_array, model_fingerprint
 from kerastl.freezing import keras_model_of
@@ -95,12 +95,14 @@ def feature_model(backbone, layers=None, pooling="avg"):
 
 def _build_feature_model(backbone, model, names, pooling):
     if names is None:
-        outputs = {"output": _pool(model.output, pooling, "output", model)}
+        outputs = {"output": _pool(model_output(model), pooling, "output",
+                                   model)}
     else:
         outputs = {n: _pool(_endpoint_tensor(backbone, model, n), pooling, n,
                             model)
                    for n in names}
-    return keras.Model(model.input, outputs, name=f"{model.name}_features")
+    return keras.Model(model_input(model), outputs,
+                       name=f"{model.name}_features")
 
 
 # -- which data ---------------------------------------------------------------
@@ -112,8 +114,12 @@ class _Data:
     (a callable returning the labels or None), ``fingerprint`` (a callable).
     """
 
-    def __init__(self, images, labels, fingerprint, paired=None):
+    def __init__(self, images, labels, fingerprint, paired=None,
+                 stable=None):
         self.images = images
+        # A callable that raises unless two passes give the same elements
+        # in the same order (datasets); sharding needs that.
+        self.stable = stable
         self._labels = labels
         self._fingerprint = fingerprint
         # A dataset may yield its elements in another order on each pass
@@ -130,6 +136,9 @@ class _Data:
         the key of a shard is the whole data's plus the shard)."""
         import tensorflow as tf
 
+        if self.stable is not None:
+            self.stable()
+
         def part(ds):
             if ds is None:
                 return None
@@ -141,7 +150,7 @@ class _Data:
             return None if full is None else full[index::count]
 
         return _Data(part(self.images), labels, self.fingerprint,
-                     part(self.paired))
+                     part(self.paired), self.stable)
 
     def fingerprint(self):
         if callable(self._fingerprint):
@@ -273,12 +282,26 @@ def _dataset_data(ds, batch_size, data_key):
     def fingerprint():
         return f"key:{data_key}" if data_key is not None else scan()
 
+    def stable():
+        passes = [[np.asarray(b) for b in images.take(2).as_numpy_iterator()]
+                  for _ in range(2)]
+        if len(passes[0]) != len(passes[1]) or not all(
+                np.array_equal(a, b) for a, b in zip(*passes)):
+            raise KerastlError(
+                "shard=(index, count) of a dataset that yields its elements "
+                "in another order on every pass (shuffle() reshuffles each "
+                "iteration by default, and so does "
+                "image_dataset_from_directory): each worker would draw its "
+                "part from another order, so parts would overlap and miss "
+                "elements. Shard before shuffling, or shuffle once "
+                "(reshuffle_each_iteration=False, or shuffle=False).")
+
     paired = None
     if has_labels:
         paired = ds.map(lambda x, y, *r: ({"images": x, "labels": y},))
         paired = paired.prefetch(tf.data.AUTOTUNE)
     return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint,
-                 paired)
+                 paired, stable)
 
 
 # -- extraction ---------------------------------------------------------------
@@ -345,7 +368,7 @@ def extract_features(backbone, data, layers=None, pooling="avg",
     names = list(fmodel.output.keys()) if isinstance(fmodel.output, dict) \
         else ["output"]
     if image_size is None:
-        image_size = tuple(model.input.shape[1:3])
+        image_size = tuple(model_input(model).shape[1:3])
         image_size = None if None in image_size else image_size
     index, count = _check_shard(shard, cache)
     prepared = _as_data(data, batch_size, image_size, data_key)
@@ -356,7 +379,7 @@ def extract_features(backbone, data, layers=None, pooling="avg",
             "model": model_fingerprint(model),
             "layers": names, "pooling": pooling, "dtype": dtype,
             "preprocessing": getattr(backbone, "preprocessing", None),
-            "input_shape": list(model.input.shape[1:]),
+            "input_shape": list(model_input(model).shape[1:]),
             "image_size": list(image_size) if image_size else None,
             "data": prepared.fingerprint(), "labels": bool(return_labels),
         }

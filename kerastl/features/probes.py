@@ -1,11 +1,35 @@
 """``LinearProbe``: a linear classifier on fixed features."""
 
+import math
+import numbers
+
 import keras
 import numpy as np
 
 from kerastl import heads
 from kerastl.errors import KerastlError
 from kerastl.features.extract import check_finite, flat_features
+
+
+# What each numeric parameter of a LinearProbe takes: (integer?, lowest,
+# lowest allowed?).
+_CHECKS = {"l2": (False, 0, True), "C": (False, 0, False),
+           "epochs": (True, 1, True), "batch_size": (True, 1, True),
+           "learning_rate": (False, 0, False)}
+
+
+def _check_params(**params):
+    for name, value in params.items():
+        integer, low, inclusive = _CHECKS[name]
+        kinds = numbers.Integral if integer else numbers.Real
+        ok = isinstance(value, kinds) and not isinstance(value, bool) and \
+            math.isfinite(value) and (value >= low if inclusive
+                                      else value > low)
+        if not ok:
+            raise KerastlError(
+                f"LinearProbe({name}={value!r}): expected "
+                f"{'a whole number' if integer else 'a finite number'} "
+                f"{'>=' if inclusive else '>'} {low}.")
 
 
 class LinearProbe:
@@ -38,6 +62,8 @@ class LinearProbe:
                  batch_size=128, learning_rate=1e-2, verbose=0):
         if kind not in self.KINDS:
             raise KerastlError(f"kind={kind!r}: expected 'softmax' or 'svm'.")
+        _check_params(l2=l2, C=C, epochs=epochs, batch_size=batch_size,
+                      learning_rate=learning_rate)
         # Stored as given: the scikit-learn estimator contract
         # (``sklearn.base.clone`` checks that get_params returns them).
         self.kind = kind
@@ -68,6 +94,8 @@ class LinearProbe:
         if params.get("kind", self.kind) not in self.KINDS:
             raise KerastlError(f"kind={params['kind']!r}: expected 'softmax' "
                                "or 'svm'.")
+        _check_params(**{k: v for k, v in params.items()
+                         if k in _CHECKS})
         for p, v in params.items():
             setattr(self, p, v)
         return self

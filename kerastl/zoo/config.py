@@ -120,6 +120,10 @@ def _fail(path, key, message):
     raise ConfigError(f"{path}: key '{key}': {message}")
 
 
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _expect(path, key, value, types, what):
     if not isinstance(value, types) or isinstance(value, bool) and bool not in (
             types if isinstance(types, tuple) else (types,)):
@@ -216,10 +220,19 @@ def parse_config(data, path="<config>"):
 def _parse_extras(data, path):
     reference = data.get("reference") or {}
     _expect(path, "reference", reference, dict, "a mapping")
-    for k in reference:
+    for k, v in reference.items():
         if k not in _REFERENCE_KEYS:
             _fail(path, f"reference.{k}", "unknown key; expected "
                                           f"{', '.join(sorted(_REFERENCE_KEYS))}")
+        if k == "source":
+            _expect(path, f"reference.{k}", v, str, "a string")
+        elif k in ("top1", "top5"):
+            if not _number(v) or not 0 <= v <= 1:
+                _fail(path, f"reference.{k}", f"expected an accuracy in "
+                                              f"[0, 1], got {_yaml.short(v)}")
+        elif not _number(v) or v < 0:
+            _fail(path, f"reference.{k}", f"expected a number >= 0, got "
+                                          f"{_yaml.short(v)}")
 
     aliases = data.get("aliases") or []
     _expect(path, "aliases", aliases, list, "a list of strings")

@@ -6,7 +6,7 @@ import socket
 
 import keras
 
-from kerastl.errors import InputShapeError, WeightsError
+from kerastl.errors import InputShapeError, KerastlError, WeightsError
 from kerastl.network import socket_timeout
 from kerastl.zoo.config import KERAS_APPLICATIONS
 
@@ -58,7 +58,16 @@ def build_application(config, input_tensor, input_shape, weights):
             model = ctor(include_top=False, weights=None,
                          input_tensor=input_tensor, input_shape=input_shape,
                          **kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
+        if config.constructor_args:
+            raise KerastlError(
+                f"keras.applications.{config.constructor} rejected the zoo "
+                f"entry {config.name!r} ({config.path}): input_shape="
+                f"{input_shape}, weights={weights!r}, constructor_args "
+                f"{dict(config.constructor_args)}: "
+                f"{' '.join(str(e).split())[:300]}. Check its "
+                "constructor_args against the Keras Applications "
+                "documentation.") from None
         raise InputShapeError(
             f"keras.applications.{config.constructor} rejected input_shape="
             f"{input_shape} with weights={weights!r}: {e}") from None

@@ -1,0 +1,240 @@
+"""What a ``kerastl finetune`` run keeps so that it can stop at any instant
+and resume exactly.
+
+While a run trains, its *backup folder* (beside the output folder, see
+:func:`backup_folder`) holds everything a resumed run needs, each file
+written whole or not at all:
+
+* ``latest.weights.h5`` and ``training_metadata.json`` (with their previous
+  copies): Keras's :class:`~keras.callbacks.BackupAndRestore` state, the
+  weights, the optimizer and the epoch reached (:class:`RunBackup`);
+* ``random_state.npz``: the states of the layers' random generators
+  (dropout draws the same masks after a resume);
+* ``run.json``: the resolved experiment it was started with (a resume with
+  another config is refused, naming the keys that differ) and every
+  completed epoch's logs (:class:`EpochLog`), so the history, the curves
+  and early stopping's state (:class:`ResumableEarlyStopping`) continue
+  across the interruption;
+* ``best.keras``: the best checkpoint so far (:class:`AtomicCheckpoint`),
+  written to a temporary file and renamed: an interrupt never leaves a
+  partial one. The published output gets a copy.
+"""
+
+import math
+import os
+
+import keras
+import numpy as np
+
+from kerastl.atomic import read_marker, write_marker
+from kerastl.errors import KerastlError
+
+RUN_FILE = "run.json"
+# The best checkpoint so far (copied into the output when it is published).
+BEST = "best.keras"
+# Experiment keys a resumed run may change: they cannot change what it
+# trains (every other key can, and a resume with another value is refused).
+RESUME_MAY_CHANGE = ("output", "overwrite", "resume", "export_input")
+
+
+def backup_folder(output):
+    """Where a run's resumable state lives while it trains: beside the
+    output folder, removed once the finished run is published."""
+    output = os.path.abspath(os.fspath(output))
+    parent, name = os.path.split(output)
+    return os.path.join(parent, f".{name}.backup")
+
+
+def write_json(path, content):
+    """Writes ``content`` (with kerastl's signature) to ``path`` whole or
+    not at all: a temporary file, then a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write_marker(tmp, **content)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_run(backup):
+    """The ``run.json`` of a backup folder (a dict), or None if there is
+    none or it is not kerastl's."""
+    return read_marker(os.path.join(backup, RUN_FILE)) if backup else None
+
+
+def has_backup(backup):
+    """Whether ``backup`` holds a resumable run: kerastl's ``run.json``
+    and at least one completed epoch's weights."""
+    run = read_run(backup)
+    return bool(run and run.get("epochs") and os.path.isfile(
+        os.path.join(backup, "latest.weights.h5")))
+
+
+def changed_keys(started, now):
+    """The keys whose values differ between the experiment a run was
+    started with and the one resuming it (those that can change what it
+    trains)."""
+    return sorted(k for k in set(started) | set(now)
+                  if k not in RESUME_MAY_CHANGE
+                  and started.get(k) != now.get(k))
+
+
+class RunBackup(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore for a kerastl run: the previous copy kept
+    too (a kill during a save leaves one that loads), the backup kept when
+    training ends (the run removes it once its outputs are published), the
+    random generators' states kept with the weights (so dropout draws the
+    same masks after a resume), and a damaged backup reported in the run's
+    terms."""
+
+    RANDOM_STATE = "random_state.npz"
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, double_checkpoint=True,
+                         delete_checkpoint=False)
+        self.folder = backup_dir
+
+    def _random_variables(self):
+        """The model's variables that are not weights: the states of its
+        layers' seed generators (dropout, noise, augmentation)."""
+        weights = {id(v) for v in self.model.weights}
+        return [v for v in self.model.variables if id(v) not in weights]
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+            path = os.path.join(self.folder, self.RANDOM_STATE)
+            if os.path.isfile(path):
+                # By position, in the model's order (names of generators
+                # can differ between processes).
+                with np.load(path, allow_pickle=False) as saved:
+                    states = [saved[str(i)] for i in range(len(saved.files))]
+                variables = self._random_variables()
+                if len(states) == len(variables):
+                    for v, state in zip(variables, states):
+                        v.assign(state)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise KerastlError(
+                f"The backup of the interrupted run in {self.folder!r} "
+                f"cannot be read ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]}); it cannot be resumed. "
+                "Start over with --overwrite instead of --resume.") from None
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        path = os.path.join(self.folder, self.RANDOM_STATE)
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        try:
+            np.savez(tmp, **{str(i): keras.ops.convert_to_numpy(v)
+                             for i, v in enumerate(self._random_variables())})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Writes ``run.json`` (the experiment, and every completed epoch's
+    logs) into the backup folder at each epoch's end.
+
+    Args:
+        path: the ``run.json`` file.
+        experiment: the resolved experiment (JSON-able).
+        epochs: the logs of the epochs completed before a resume.
+    """
+
+    def __init__(self, path, experiment, epochs=()):
+        super().__init__()
+        self.path = path
+        self.experiment = dict(experiment)
+        self.epochs = [dict(e) for e in epochs]
+
+    def write(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json(self.path, {"experiment": self.experiment,
+                               "epochs": self.epochs})
+
+    def on_train_begin(self, logs=None):
+        self.write()
+
+    def on_epoch_end(self, epoch, logs=None):
+        del self.epochs[epoch:]  # a backup behind its log: redo the epoch
+        self.epochs.append({k: float(v) for k, v in (logs or {}).items()
+                            if isinstance(v, (int, float))
+                            or hasattr(v, "__float__")})
+        self.write()
+
+    def history(self):
+        """``{metric: [value per epoch]}`` over every logged epoch."""
+        keys = list(dict.fromkeys(k for e in self.epochs for k in e))
+        return {k: [e.get(k, math.nan) for e in self.epochs] for k in keys}
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """The best model so far (lowest ``monitor``), saved to a temporary
+    file beside ``path`` and renamed into place: an interrupt leaves the
+    previous best or the new one, never part of one.
+
+    Args:
+        path: the ``.keras`` file.
+        best: the best value seen before a resume.
+    """
+
+    def __init__(self, path, monitor="val_loss", best=math.inf):
+        super().__init__()
+        self.path, self.monitor, self.best = path, monitor, best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not float(value) < self.best:
+            return
+        self.best = float(value)
+        save_model_atomically(self.model, self.path)
+
+
+def save_model_atomically(model, path):
+    """``model.save(path)`` through a temporary file and a rename."""
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's early stopping on ``val_loss`` (best weights restored) whose
+    state continues across a resume: the best value, its epoch and the
+    patience count come from the logs of the epochs before, the best
+    weights from the best checkpoint (the same criterion).
+
+    Args:
+        patience: epochs without improvement before stopping.
+        epochs: the logs of the epochs completed before a resume.
+        checkpoint: the best checkpoint's path (read only on a resume).
+    """
+
+    def __init__(self, patience, epochs=(), checkpoint=None):
+        super().__init__(monitor="val_loss", patience=patience,
+                         restore_best_weights=True)
+        self.previous = [e.get("val_loss") for e in epochs]
+        self.checkpoint = checkpoint
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        best, best_epoch, wait = None, 0, 0
+        for epoch, value in enumerate(self.previous):
+            if value is None:
+                continue
+            wait += 1  # as EarlyStopping.on_epoch_end counts
+            if best is None or value < best:
+                best, best_epoch, wait = value, epoch, 0
+        if best is None:
+            return
+        self.best, self.best_epoch, self.wait = best, best_epoch, wait
+        if self.checkpoint and os.path.isfile(self.checkpoint):
+            self.best_weights = keras.models.load_model(
+                self.checkpoint, compile=False).get_weights()
