@@ -304,6 +304,11 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
             raise KerastlError(f"depth {d}: the backbone has {len(names)} "
                                f"blocks ({', '.join(names)}); depths go from "
                                f"0 to {len(names)}.")
+    for name, data in (("train", train), ("validation", validation)):
+        if not isinstance(data, tuple) or len(data) != 2:
+            raise KerastlError(
+                f"transfer_depth_sweep: {name} must be an (images, labels) "
+                f"tuple of arrays; got {type(data).__name__}.")
     x, y = train
     y = np.asarray(y)
     num_classes = int(max(np.max(y), np.max(validation[1]))) + 1

@@ -202,7 +202,31 @@ def apply_frozen(layers, x, training=False):
     return x
 
 
+def _check_head(dropout, hidden_units, activation):
+    """Refuses head arguments Keras would reject deep inside (or, for a
+    string of hidden units, take one character at a time)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+            or not 0 <= dropout < 1:
+        raise KerastlError(f"dropout={dropout!r}: expected a rate in [0, 1) "
+                           "(0: no dropout).")
+    if isinstance(hidden_units, (str, bytes)) or not all(
+            isinstance(u, numbers.Integral) and not isinstance(u, bool)
+            and u >= 1 for u in (hidden_units or ())):
+        raise KerastlError(
+            f"hidden_units={hidden_units!r}: expected a sequence of layer "
+            "widths, e.g. (256,) or (512, 128); () for none.")
+    if activation is not None:
+        try:
+            keras.activations.get(activation)
+        except (ValueError, TypeError):
+            raise KerastlError(
+                f"activation={activation!r}: expected 'softmax' (single "
+                "label), 'sigmoid' (multi-label), None (logits) or another "
+                "Keras activation name.") from None
+
+
 def _head(x, num_classes, dropout, hidden_units, activation, seed=None):
+    _check_head(dropout, hidden_units, activation)
     x = apply(mlp(hidden_units, "head_dense", dropout=dropout, seed=seed), x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout",

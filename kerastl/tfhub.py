@@ -156,6 +156,10 @@ def trust_hub_path(path_or_handle):
             the working directory holds at each load); pass an absolute
             folder.
     """
+    if not isinstance(path_or_handle, (str, os.PathLike)):
+        raise KerastlError(
+            f"trust_hub_path({path_or_handle!r}): expected an absolute "
+            "folder path, a URL or a Kaggle handle.")
     value = os.fspath(path_or_handle)
     if _is_url(value) or _is_kaggle_handle(value):
         _TRUSTED_HANDLES.append(value)
@@ -269,6 +273,10 @@ class HubLayer(keras.layers.Layer):
         import tensorflow as tf
 
         super().__init__(trainable=trainable, **kwargs)
+        if not isinstance(handle, (str, os.PathLike)):
+            raise KerastlError(
+                f"HubLayer({handle!r}): expected a handle: a SavedModel "
+                "folder, an https:// or gs:// URL, or a Kaggle handle.")
         self.handle = os.fspath(handle)
         self.signature = signature
         self.output_key = output_key

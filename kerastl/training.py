@@ -39,6 +39,10 @@ def early_stopping(patience=3, monitor="val_loss"):
 def _split(train):
     """``(x, y, sample_weight)`` of ``fit`` input: an ``(x, y[, w])`` tuple
     of arrays, or a dataset (``y`` and ``w`` None)."""
+    if isinstance(train, list):
+        raise KerastlError(
+            "train is a list: pass the arrays as an (x, y) tuple (a list is "
+            "what Keras takes for a model with several inputs).")
     if isinstance(train, tuple):
         if len(train) not in (2, 3):
             raise KerastlError(

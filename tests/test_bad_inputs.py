@@ -150,6 +150,17 @@ CASES = [
         every=1.5), kerastl.KerastlError, r"every=1.5.*whole number"),
     ("GradualUnfreezing max_blocks 0", lambda t: kerastl.GradualUnfreezing(
         max_blocks=0), kerastl.KerastlError, "max_blocks=0"),
+    ("build_classifier dropout 2", lambda t: kerastl.build_classifier(
+        conv(), 2, dropout=2.0), kerastl.KerastlError, r"dropout=2.0.*\[0, 1\)"),
+    ("build_classifier hidden_units string", lambda t: kerastl
+     .build_classifier(conv(), 2, hidden_units="64"), kerastl.KerastlError,
+     "hidden_units='64'.*sequence of layer widths"),
+    ("build_classifier unknown activation", lambda t: kerastl
+     .build_classifier(conv(), 2, activation="relu6x"), kerastl.KerastlError,
+     "activation='relu6x'"),
+    ("fine_tune train as a list", lambda t: kerastl.fine_tune(
+        clf(), [IMAGES, np.zeros(4)]), kerastl.KerastlError,
+     r"train is a list.*\(x, y\) tuple"),
     # -- heads and recipes
     ("build_classifier num_classes 0", lambda t: kerastl.build_classifier(
         conv(), 0), kerastl.KerastlError, "num_classes=0"),
@@ -254,6 +265,19 @@ CASES = [
     ("joint_fine_tune empty source", lambda t: kerastl.adaptation.joint_fine_tune(
         conv(), (IMAGES, np.zeros(4)), (IMAGES[:0], np.zeros(0))),
      kerastl.KerastlError, "source"),
+    ("GradientReversal lambda string", lambda t: kerastl.GradientReversal(
+        "a"), kerastl.KerastlError, "lambda_='a'"),
+    ("select_model candidates not models", lambda t: kerastl.adaptation
+     .select_model({"a": 1, "b": 2, "c": 3}, target=IMAGES),
+     kerastl.KerastlError, "candidate 'a' is a int, not a Keras model"),
+    ("mmd_loss feature widths differ", lambda t: kerastl.adaptation
+     .mmd_loss(np.zeros((4, 2)), np.zeros((4, 3))), kerastl.KerastlError,
+     r"mmd_loss.*same d; got \(4, 2\) and \(4, 3\)"),
+    ("coral_loss 1-D", lambda t: kerastl.adaptation.coral_loss(
+        np.zeros(4), np.zeros(4)), kerastl.KerastlError, "coral_loss"),
+    ("joint_fine_tune target without labels", lambda t: kerastl.adaptation
+     .joint_fine_tune(conv(), IMAGES, (IMAGES, np.zeros(4))),
+     kerastl.KerastlError, r"target must be an \(images, labels\) tuple"),
     # -- features
     ("extract_features dtype", lambda t: kerastl.extract_features(
         conv(), IMAGES, dtype="int8"), kerastl.KerastlError, "dtype='int8'"),
@@ -297,6 +321,10 @@ CASES = [
         learning_rate=-1), kerastl.KerastlError, "learning_rate=-1"),
     ("LinearProbe set_params batch_size 0", lambda t: kerastl.LinearProbe()
      .set_params(batch_size=0), kerastl.KerastlError, "batch_size=0"),
+    ("extract_features layers int", lambda t: kerastl.extract_features(
+        conv(), IMAGES, layers=3), kerastl.KerastlError, "layers=3"),
+    ("FeatureCache int", lambda t: kerastl.FeatureCache(5),
+     kerastl.KerastlError, r"FeatureCache\(5\).*folder path"),
     # -- analysis
     ("transfer_depth_sweep depth", lambda t: kerastl.analysis.transfer_depth_sweep(
         conv(), (IMAGES, np.zeros(4)), (IMAGES, np.zeros(4)), depths=[5]),
@@ -305,6 +333,9 @@ CASES = [
         LABELS, 6), kerastl.KerastlError, "6 per class"),
     ("few_shot per_class 0", lambda t: datasets.few_shot(LABELS, 0),
      kerastl.KerastlError, "per_class=0"),
+    ("transfer_depth_sweep images without labels", lambda t: kerastl
+     .analysis.transfer_depth_sweep(conv(), IMAGES, (IMAGES, np.zeros(4))),
+     kerastl.KerastlError, r"train must be an \(images, labels\) tuple"),
     # -- datasets
     ("digits dtype", lambda t: datasets.digits(dtype="int8"),
      kerastl.KerastlError, "dtype='int8'"),
@@ -324,6 +355,10 @@ CASES = [
      "not a folder"),
     ("export into cwd", lambda t: kerastl.export_savedmodel(clf(), "."),
      kerastl.errors.ExportError, "working directory"),
+    ("HubLayer int", lambda t: kerastl.HubLayer(5), kerastl.KerastlError,
+     r"HubLayer\(5\): expected a handle"),
+    ("trust_hub_path int", lambda t: kerastl.trust_hub_path(5),
+     kerastl.KerastlError, r"trust_hub_path\(5\)"),
     # -- devices
     ("TF_CONFIG not JSON", lambda t: with_tf_config(
         "{cluster", lambda: kerastl.distribute.strategy("multi-worker")),

@@ -217,6 +217,11 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
             len(getattr(model_output(model), "shape", ())) != 4:
         raise KerastlError("joint_fine_tune needs a kerastl.Backbone or a "
                            "keras.Model with a spatial output.")
+    for name, data in (("target", target), ("source", source)):
+        if not isinstance(data, tuple) or len(data) != 2:
+            raise KerastlError(
+                f"joint_fine_tune: {name} must be an (images, labels) tuple "
+                f"of arrays; got {type(data).__name__}.")
     (xt, yt), (xs, ys) = target, source
     xt, yt, xs, ys = (np.asarray(a) for a in (xt, yt, xs, ys))
     if len(xt) != len(yt) or len(xs) != len(ys):

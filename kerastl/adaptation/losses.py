@@ -32,12 +32,26 @@ def _check_probabilities(x):
             "from_logits=True, or the softmax output.")
 
 
+def _features(source, target, what):
+    """Refuses features that are not two ``(n, d)`` batches of the same
+    ``d`` (static shapes; traced shapes pass)."""
+    shapes = [tuple(getattr(f, "shape", np.shape(f))) for f in (source,
+                                                                  target)]
+    if any(len(s) != 2 for s in shapes) or (
+            None not in (shapes[0][1], shapes[1][1])
+            and shapes[0][1] != shapes[1][1]):
+        raise KerastlError(
+            f"{what}: expected source and target features of shapes (n, d) "
+            f"and (m, d) with the same d; got {shapes[0]} and {shapes[1]}.")
+
+
 def coral_loss(source, target):
     """Deep CORAL (Sun & Saenko, 2016): distance of feature covariances.
 
     ``||C_s - C_t||_F^2 / (4 d^2)`` for ``(n, d)`` source and target
     features.
     """
+    _features(source, target, "coral_loss")
     def cov(f):
         f = ops.cast(f, "float32")
         n = ops.cast(ops.shape(f)[0], "float32")
@@ -71,6 +85,7 @@ def mmd_loss(source, target, bandwidths=MMD_BANDWIDTHS):
             f"mmd_loss: bandwidths={bandwidths!r}; expected positive "
             f"multipliers of the mean squared distance, e.g. "
             f"{MMD_BANDWIDTHS}.")
+    _features(source, target, "mmd_loss")
     s = ops.cast(source, "float32")
     t = ops.cast(target, "float32")
     n = ops.shape(s)[0]

@@ -7,6 +7,7 @@ indistinguishable. Backend-agnostic (``keras.ops.custom_gradient``).
 """
 
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -37,6 +38,11 @@ class GradientReversal(keras.layers.Layer):
 
     def __init__(self, lambda_=1.0, **kwargs):
         super().__init__(**kwargs)
+        if isinstance(lambda_, bool) or not isinstance(lambda_,
+                                                       numbers.Real):
+            raise KerastlError(
+                f"GradientReversal(lambda_={lambda_!r}): expected a finite "
+                f"number >= 0.")
         lambda_ = float(lambda_)
         if not math.isfinite(lambda_) or lambda_ < 0:
             raise KerastlError(

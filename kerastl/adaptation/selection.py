@@ -397,6 +397,12 @@ def select_model(candidates, source_val=None, target=None,
         raise KerastlError(
             f"select_model: method={method!r}; expected one of "
             f"{', '.join(map(repr, METHODS))}.")
+    for name, model in candidates.items():
+        if not isinstance(model, keras.Model):
+            raise KerastlError(
+                f"select_model: candidate {name!r} is a "
+                f"{type(model).__name__}, not a Keras model; pass "
+                "{name: model}.")
     if target is None:
         raise KerastlError(
             "select_model: pass the unlabelled target images (target=).")

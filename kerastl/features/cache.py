@@ -95,6 +95,9 @@ class FeatureCache:
     """
 
     def __init__(self, directory, mmap=False):
+        if not isinstance(directory, (str, os.PathLike)):
+            raise KerastlError(f"FeatureCache({directory!r}): expected a "
+                               "folder path.")
         self.directory = os.path.abspath(os.path.expanduser(
             os.fspath(directory)))
         self.mmap = bool(mmap)

@@ -32,6 +32,10 @@ def _layer_names(layers):
         return None
     if isinstance(layers, str):
         return [layers]
+    if not isinstance(layers, (list, tuple)):
+        raise KerastlError(
+            f"layers={layers!r}: expected a block/endpoint/layer name or a "
+            "non-empty list of them.")
     layers = list(layers)
     if not layers or not all(isinstance(l, str) for l in layers):
         raise KerastlError(
