@@ -5,6 +5,7 @@
 import os
 
 import keras
+import numpy as np
 
 from kerastl.errors import KerastlError
 
@@ -134,8 +135,6 @@ def image_folder_arrays(folder, image_size, validation_split=0.2, seed=0,
     Returns:
         An :class:`ImageArrays`, or None.
     """
-    import numpy as np
-
     train, val = image_folder_datasets(folder, image_size, batch_size=256,
                                        validation_split=validation_split,
                                        seed=seed, cache_bytes=0)

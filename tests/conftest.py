@@ -15,6 +15,20 @@ import kerastl  # noqa: E402
 M_LOW = 0.1  # the multiplier of the lower block in most layer-wise tests
 
 
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_reaches_the_tests():
+    """pytest-xdist workers ignore SIGINT (the controller handles Ctrl-C),
+    and an ignored SIGINT is inherited by every process they start; the
+    interrupt tests need Ctrl-C to behave as in a terminal."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def nothing_trusted():
     """No TF Hub folder or handle is trusted when a test starts or after it

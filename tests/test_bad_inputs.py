@@ -269,7 +269,7 @@ CASES = [
         "a"), kerastl.KerastlError, "lambda_='a'"),
     ("select_model candidates not models", lambda t: kerastl.adaptation
      .select_model({"a": 1, "b": 2, "c": 3}, target=IMAGES),
-     kerastl.KerastlError, "candidate 'a' is a int, not a Keras model"),
+     kerastl.KerastlError, "candidate 'a' is a int, not a model"),
     ("mmd_loss feature widths differ", lambda t: kerastl.adaptation
      .mmd_loss(np.zeros((4, 2)), np.zeros((4, 3))), kerastl.KerastlError,
      r"mmd_loss.*same d; got \(4, 2\) and \(4, 3\)"),

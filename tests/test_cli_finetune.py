@@ -11,6 +11,7 @@ import tensorflow as tf
 import kerastl
 from conftest import small_cnn, write_folder
 from kerastl import cli
+from kerastl.atomic import MARKER, write_marker
 
 
 def run(capsys, *argv):
@@ -130,7 +131,7 @@ def test_a_non_empty_output_folder_is_refused(images, tmp_path, capsys):
     assert code != 0 and "was not written by kerastl" in err
     assert os.listdir(out) == ["keep.txt"]
     # An earlier kerastl run asks for --overwrite.
-    (out / ".kerastl").write_text("{}")
+    write_marker(str(out / MARKER))  # a verified marker, as kerastl writes it
     code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
                        "--data", str(images), "--output", str(out))
     assert code != 0 and "pass --overwrite" in err

@@ -135,7 +135,7 @@ def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
                                                       monkeypatch):
     import json
 
-    from kerastl import cli, experiment
+    from kerastl import cli, experiment, resume
 
     images = write_folder(tmp_path / "images", per_class=6, size=32)
     small_cnn().save(tmp_path / "net.keras")  # the run is the point
@@ -154,7 +154,7 @@ def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
         cli.main(argv)
     monkeypatch.setattr(experiment, "fine_tune", real)
     assert not out.exists()
-    backup = experiment.backup_folder(out)
+    backup = resume.backup_folder(out)
     assert os.path.isdir(backup)
     # Without --resume the interrupted run is not thrown away silently.
     assert cli.main(argv) == 2

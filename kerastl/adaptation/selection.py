@@ -398,11 +398,11 @@ def select_model(candidates, source_val=None, target=None,
             f"select_model: method={method!r}; expected one of "
             f"{', '.join(map(repr, METHODS))}.")
     for name, model in candidates.items():
-        if not isinstance(model, keras.Model):
+        if not callable(getattr(model, "predict", None)):
             raise KerastlError(
                 f"select_model: candidate {name!r} is a "
-                f"{type(model).__name__}, not a Keras model; pass "
-                "{name: model}.")
+                f"{type(model).__name__}, not a model (it has no predict "
+                "method); pass {name: model}.")
     if target is None:
         raise KerastlError(
             "select_model: pass the unlabelled target images (target=).")
