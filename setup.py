@@ -12,12 +12,18 @@ PLOTS = ["matplotlib>=3.7"]
 DATA = ["scikit-learn>=1.3"] + PLOTS
 # KerasHub presets as a zoo source (load_backbone("kerashub:...")).
 KERASHUB = ["keras-hub>=0.32"]
+# kerastl.export(format="onnx"): Keras's ONNX export converts with tf2onnx
+# (it brings onnx); onnxruntime runs the written file to check it.
+ONNX = ["tf2onnx>=1.16", "onnxruntime>=1.17"]
+# The LiteRT interpreter as its own package (TensorFlow's tf.lite.Interpreter
+# is deprecated in its favour); kerastl falls back to TensorFlow's without it.
+LITERT = ["ai-edge-litert>=1.2"]
 # jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
 # nbclient, nbformat, ipykernel: CI executes the tutorial notebooks.
 # pytest-xdist: the suite runs on two workers (pytest.ini), half the time on
 # CI's two cores.
 TEST = ["pytest>=7", "pytest-xdist>=3.5", "jax>=0.4.30", "nbclient>=0.8",
-        "nbformat>=5", "ipykernel>=6"] + DATA + KERASHUB
+        "nbformat>=5", "ipykernel>=6"] + DATA + KERASHUB + ONNX
 
 setup(
     name="kerastl",
@@ -48,7 +54,9 @@ setup(
         "plots": PLOTS,
         "data": DATA,
         "kerashub": KERASHUB,
-        "all": TEST,
+        "onnx": ONNX,
+        "litert": LITERT,
+        "all": TEST + LITERT,
     },
     entry_points={"console_scripts": ["kerastl=kerastl_cli:main"]},
     license="Apache-2.0",

@@ -132,6 +132,14 @@ def rows_domain(summary):
 
 
 # name: (module, quick arguments, full arguments, rows)
+def rows_deploy(result):
+    keras_ms = result["keras_ms"]
+    return [_row(f"MobileNetV2 96x96 {r['format']} file ({r['mb']:.2f} MB): "
+                 "one image vs the Keras model's tf.function", r["ms"],
+                 keras_ms, keras_ms / r["ms"], "reported", True, "ms/image")
+            for r in result["rows"] if r["mb"] is not None]
+
+
 BENCHMARKS = {
     "boundary_cache": ("boundary_cache", ["--images", "1000"], [],
                        rows_boundary),
@@ -154,6 +162,7 @@ BENCHMARKS = {
     "domain_adaptation": ("domain_adaptation",
                           ["--seeds", "1", "--pairs", "syn_digits:digits"],
                           [], rows_domain),
+    "deploy": ("deploy", ["--repeats", "30"], [], rows_deploy),
 }
 
 

@@ -46,7 +46,8 @@ Methods
     adaptation        GradientReversal, DANN, ADDA, AdaBN, selection,
                       borrowing source data
     analysis          linear CKA, transfer-depth sweeps
-    export            SavedModel export and inference models
+    serving           export: SavedModel, LiteRT and ONNX files, each run by
+                      its runtime before it is kept; inference models
     saving            load_model: a .keras file with kerastl's classes
 Application
     image_folders     image folders as checked data and tf.data pipelines
@@ -107,8 +108,10 @@ _API = {
     "GradientReversal": "kerastl.adaptation",
     "DANN": "kerastl.adaptation",
     # Serving.
-    "export_savedmodel": "kerastl.export",
-    "inference_model": "kerastl.export",
+    "export": "kerastl.serving",
+    "ExportReport": "kerastl.serving",
+    "export_savedmodel": "kerastl.serving",
+    "inference_model": "kerastl.serving",
     # Errors (the whole family is in kerastl.errors).
     "KerastlError": "kerastl.errors",
 }

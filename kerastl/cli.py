@@ -230,6 +230,70 @@ def cmd_finetune(args):
           f"accuracy {v['accuracy']:.3f}, loss {v['loss']:.3f} after "
           f"{epochs} epoch{'s' if epochs != 1 else ''} "
           f"({metrics['seconds']:.0f} s). Outputs in {experiment['output']}")
+    if metrics.get("exports"):
+        from kerastl.serving import ExportReport
+
+        for report in metrics["exports"].values():
+            print("  " + ExportReport(**report).summary())
+    return 0
+
+
+def cmd_export(args):
+    """kerastl export MODEL.keras --format F [--quantize Q] [--data D]."""
+    from kerastl.errors import ExportError
+    from kerastl.saving import load_model
+    from kerastl.serving import export
+
+    if args.quantize and args.format != "litert":
+        raise ExportError(f"--quantize {args.quantize} is for --format "
+                          "litert.")
+    if args.quantize == "int8" and not args.data:
+        raise ExportError(
+            "--quantize int8 calibrates on your images: pass --data FOLDER "
+            "(the training image folder, one subfolder per class).")
+    if args.input == "bytes" and args.format != "savedmodel":
+        raise ExportError("--input bytes is for --format savedmodel; LiteRT "
+                          "and ONNX files take pixels: --input float or "
+                          "uint8.")
+    model = load_model(args.model)
+    output = args.output or "%s_%s" % (
+        os.path.splitext(os.path.basename(args.model.rstrip("/")))[0],
+        args.format)
+    check = representative = labels = None
+    if args.data:
+        from kerastl.experiment import (CHECK_IMAGES, REPRESENTATIVE_IMAGES,
+                                        sample_images)
+        from kerastl.image_folders import (image_folder_arrays,
+                                           image_folder_datasets)
+
+        size = tuple(model.inputs[0].shape[1:3])
+        if None in size:
+            raise ExportError("The model's input size is not fixed: "
+                              "kerastl export needs a model with one.")
+        split = dict(validation_split=args.validation_split, seed=args.seed)
+        arrays = image_folder_arrays(args.data, size, **split)
+        if arrays is not None:
+            train, val, names = (arrays.train, arrays.validation,
+                                 arrays.class_names)
+        else:  # too large to decode at once: read what is needed
+            train, val = image_folder_datasets(args.data, size,
+                                               batch_size=64, **split)
+            names = train.class_names
+        classes = model.outputs[0].shape[-1]
+        if len(names) != classes:
+            raise ExportError(
+                f"--data {args.data} has {len(names)} classes and the model "
+                f"{classes}: pass the folder it was trained on.")
+        labels = list(names)
+        check = sample_images(val, CHECK_IMAGES)
+        if args.quantize == "int8":
+            representative = sample_images(train, REPRESENTATIVE_IMAGES)[0]
+    report = export(model, output, format=args.format, input=args.input,
+                    quantize=args.quantize,
+                    representative_data=representative,
+                    validation_data=check, labels=labels,
+                    verify=not args.no_check, overwrite=args.overwrite)
+    print(report.summary())
     return 0
 
 
@@ -329,8 +393,9 @@ def build_parser():
         description="Fine-tune a zoo model or your own .keras model on an "
                     "image folder (one subfolder per class). Every key of "
                     "the experiment YAML (--config) has a flag; flags "
-                    "override the file. Writes model.keras, savedmodel/, "
-                    "metrics.json, checkpoints/ and plots into --output. "
+                    "override the file. Writes model.keras, metrics.json, "
+                    "checkpoints/, plots and one folder per --export format "
+                    "(savedmodel/, litert/, onnx/) into --output. "
                     "'none' (or 'null') sets a key to null.")
     p.add_argument("--config", help="experiment YAML file", default=None)
     _add_experiment_flags(p)
@@ -339,6 +404,45 @@ def build_parser():
     p.add_argument("--verbose", action="store_true",
                    help=argparse.SUPPRESS)  # progress is the default now
     p.set_defaults(func=cmd_finetune)
+
+    from kerastl.spec import EXPORT_FORMATS, INPUT_MODES, QUANTIZATIONS
+
+    p = sub.add_parser(
+        "export", help="export a trained .keras model as a SavedModel, "
+                       "LiteRT or ONNX file, checked by running it",
+        description="Export a model trained earlier (a .keras file) for "
+                    "serving. The written file is run by its own runtime "
+                    "(LiteRT interpreter, onnxruntime, a SavedModel reload) "
+                    "and compared with the Keras model before it is kept; "
+                    "with --data, on that folder's validation split (the "
+                    "same split as kerastl finetune with the same "
+                    "--validation-split and --seed), with accuracies, and "
+                    "class names go to labels.txt.")
+    p.add_argument("model", help="the .keras file")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="savedmodel",
+                   help="savedmodel (TF Serving), litert (.tflite: phones, "
+                        "edge) or onnx (onnxruntime) (default: savedmodel)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="LiteRT only: dynamic (int8 weights), float16, or "
+                        "int8 (weights and activations; needs --data)")
+    p.add_argument("--input", choices=INPUT_MODES, default="float",
+                   help="what the file takes: float or uint8 pixels in "
+                        "[0, 255], or encoded image bytes (savedmodel only) "
+                        "(default: float)")
+    p.add_argument("--data", default=None,
+                   help="the image folder the model was trained on: int8 "
+                        "calibration, the check images and labels.txt")
+    p.add_argument("--validation-split", type=float, default=0.2,
+                   help="the split of --data checked on (default: 0.2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of that split (default: 0)")
+    p.add_argument("--output", default=None,
+                   help="the export folder (default: <model>_<format>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier kerastl export in --output")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not run the written file (not recommended)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "demo", help="the main job offline: pretrain, transfer three ways, "

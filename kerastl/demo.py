@@ -23,7 +23,7 @@ import keras
 from kerastl import datasets
 from kerastl.atomic import atomic_folder, check_destination
 from kerastl.errors import KerastlError
-from kerastl.export import export_savedmodel
+from kerastl.serving import export_savedmodel
 from kerastl.freezing import trainable_summary
 from kerastl.heads import build_classifier
 from kerastl.plan import TrainingPlan

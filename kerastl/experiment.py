@@ -33,10 +33,11 @@ import numpy as np
 from kerastl import backbone as backbone_lib
 from kerastl import distribute
 from kerastl import resume
+from kerastl import schema
 from kerastl.atomic import (atomic_folder, check_destination, read_marker,
                             written_by_kerastl)
 from kerastl.errors import ConfigError, KerastlError
-from kerastl.export import export_savedmodel
+from kerastl.serving import export
 from kerastl.freezing import trainable_summary
 from kerastl.heads import build_classifier
 from kerastl.image_folders import (image_folder_arrays,
@@ -387,8 +388,7 @@ def _finish(tmp, e, model, train, val, classes, history, log, start):
                 raise KeyboardInterrupt
             metrics = _report(tmp, e, model, train, val, classes, history,
                               log, train_time)
-            export_savedmodel(model, os.path.join(tmp, "savedmodel"),
-                              input=e["export_input"])
+            metrics["exports"] = _export(tmp, e, model, train, val, classes)
         except KeyboardInterrupt:
             _write_interrupted(tmp, "export", len(log.epochs), e["epochs"])
             return RunInterrupted(
@@ -399,6 +399,54 @@ def _finish(tmp, e, model, train, val, classes, history, log, start):
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
+
+
+# How many training images calibrate an int8 LiteRT file, and how many
+# validation images each exported file is checked on.
+REPRESENTATIVE_IMAGES, CHECK_IMAGES = 200, 512
+
+
+def sample_images(data, n, seed=0):
+    """Up to ``n`` images (and their labels) of arrays or a pipeline."""
+    if isinstance(data, tuple):
+        x, y = data
+        if len(x) > n:
+            pick = np.sort(np.random.default_rng(seed).choice(len(x), n,
+                                                              replace=False))
+            x, y = x[pick], y[pick]
+        return np.asarray(x, "float32"), np.asarray(y)
+    xs, ys, count = [], [], 0
+    for x, y in data:
+        xs.append(np.asarray(x))
+        ys.append(np.asarray(y))
+        count += len(xs[-1])
+        if count >= n:
+            break
+    return (np.concatenate(xs)[:n].astype("float32"),
+            np.concatenate(ys)[:n])
+
+
+def _export(tmp, e, model, train, val, classes):
+    """Writes each format of ``export`` into ``tmp/<format>``, each checked
+    by running it on the validation images; returns the reports."""
+    reports = {}
+    formats = schema.export_formats(e)
+    if not formats:
+        return reports
+    check = sample_images(val, CHECK_IMAGES)
+    representative = sample_images(train, REPRESENTATIVE_IMAGES)[0] \
+        if e["quantize"] == "int8" else None
+    for format in formats:
+        report = export(
+            model, os.path.join(tmp, format), format=format,
+            input=e["export_input"],
+            quantize=e["quantize"] if format == "litert" else None,
+            representative_data=representative if format == "litert"
+            else None, validation_data=check, labels=classes)
+        report.path = os.path.join(e["output"], format)
+        report.file = report.file.replace(tmp, e["output"], 1)
+        reports[format] = report.to_dict()
+    return reports
 
 
 def _report(tmp, e, model, train, val, classes, history, log, train_time):

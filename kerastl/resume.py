@@ -34,7 +34,8 @@ RUN_FILE = "run.json"
 BEST = "best.keras"
 # Experiment keys a resumed run may change: they cannot change what it
 # trains (every other key can, and a resume with another value is refused).
-RESUME_MAY_CHANGE = ("output", "overwrite", "resume", "export_input")
+RESUME_MAY_CHANGE = ("output", "overwrite", "resume", "export", "export_input",
+                     "quantize")
 
 
 def backup_folder(output):

@@ -20,8 +20,8 @@ import os
 
 from kerastl import _yaml
 from kerastl.errors import ConfigError
-from kerastl.spec import (BN_MODES, DEVICE_STRATEGIES, FINE_TUNING_STRATEGIES,
-                          INPUT_MODES)
+from kerastl.spec import (BN_MODES, DEVICE_STRATEGIES, EXPORT_FORMATS,
+                          FINE_TUNING_STRATEGIES, INPUT_MODES, QUANTIZATIONS)
 
 NoneType = type(None)
 # Words that stand for null on the command line (YAML has its own null).
@@ -140,6 +140,22 @@ def _positive(value):
     return value >= 1
 
 
+def _formats(value):
+    """``"savedmodel,litert"`` as a tuple of formats, or None if a name is
+    not a format (or one repeats)."""
+    names = tuple(n.strip() for n in value.split(","))
+    if not names or any(n not in EXPORT_FORMATS for n in names) or \
+            len(set(names)) != len(names):
+        return None
+    return names
+
+
+def export_formats(experiment):
+    """The formats an experiment exports (an empty tuple for none)."""
+    value = experiment.get("export")
+    return () if value is None else _formats(value)
+
+
 KEYS = (
     Key("model", None, (str, NoneType),
         "zoo name, hub:<name or handle>, kerashub:<preset or folder>, or a "
@@ -184,8 +200,19 @@ KEYS = (
     Key("early_stopping", 3, (int, NoneType),
         "patience in epochs; none: train every epoch", check=_positive,
         expected="a patience of at least 1 epoch"),
+    Key("export", "savedmodel", (str, NoneType),
+        "the files written for serving, comma-separated: "
+        f"{', '.join(EXPORT_FORMATS)} (each run by its runtime before it "
+        "is kept); none: no export", check=lambda v: _formats(v) is not None,
+        expected=f"formats among {', '.join(EXPORT_FORMATS)}, "
+                 "comma-separated", aliases=(("none", None),)),
     Key("export_input", "float", (str,),
-        "what the SavedModel's serve signature takes", choices=INPUT_MODES),
+        "what the exported files take: float or uint8 pixels, or encoded "
+        "image bytes (savedmodel only)", choices=INPUT_MODES),
+    Key("quantize", None, (str, NoneType),
+        "the LiteRT file's quantization (int8 calibrates on up to 200 "
+        "training images and reports its agreement with the float model)",
+        choices=(None,) + QUANTIZATIONS),
     Key("boundary_cache", "auto", (str, bool),
         "run the frozen blocks once and train the rest on their output: "
         "auto (whenever valid), on (required), off", choices=SWITCH),
@@ -260,6 +287,17 @@ def resolve(*layers):
             merged[name] = table[name].canonical(value)
     for name, key in table.items():
         key.validate(merged[name])
+    formats = export_formats(merged)
+    if merged["quantize"] is not None and "litert" not in formats:
+        raise ConfigError(
+            f"quantize (--quantize {merged['quantize']}) applies to the "
+            "LiteRT file: add litert to export (--export "
+            f"{','.join(formats + ('litert',))}).")
+    if merged["export_input"] == "bytes" and set(formats) - {"savedmodel"}:
+        raise ConfigError(
+            "export_input bytes (--export-input bytes) is for the SavedModel "
+            "only; LiteRT and ONNX files take pixels: use --export-input "
+            "float or uint8.")
     if merged["strategy"] != "partial" and merged["freeze_up_to"] is not None:
         raise ConfigError(
             f"freeze_up_to (--freeze-up-to) applies to strategy 'partial', "

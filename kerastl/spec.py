@@ -27,8 +27,12 @@ FINE_TUNING_STRATEGIES = ("features", "partial", "full")
 # BatchNormalization in the blocks that train (see kerastl.freezing).
 BN_MODES = ("frozen", "train")
 
-# What an exported SavedModel's serve signature takes (see kerastl.export).
+# What an exported SavedModel's serve signature takes (see kerastl.serving).
 INPUT_MODES = ("float", "uint8", "bytes")
+
+# The files kerastl.export writes, and the LiteRT quantizations it makes.
+EXPORT_FORMATS = ("savedmodel", "litert", "onnx")
+QUANTIZATIONS = ("dynamic", "float16", "int8")
 
 # Where training runs: one device, every GPU of this machine, or several
 # machines (``--distribute``; see kerastl.distribute).

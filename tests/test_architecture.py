@@ -21,7 +21,8 @@ PACKAGE = os.path.dirname(os.path.abspath(kerastl.__file__))
 # and the optional packages off ``import kerastl``'s path or out of the CLI's
 # start-up.
 LAZY_OK = {"tensorflow", "tensorflow_hub", "matplotlib", "sklearn", "PIL",
-           "kagglehub", "keras_hub", "jax", "torch", "yaml"}
+           "kagglehub", "keras_hub", "jax", "torch", "yaml", "onnxruntime",
+           "ai_edge_litert"}
 # The CLI imports its commands lazily so that `kerastl --help` is instant.
 LAZY_MODULES = {"kerastl.cli"}
 # _keras_private imports Keras internals that pull TensorFlow in lazily.
@@ -180,7 +181,8 @@ LAYERS = [
         ("adaptation", "GradientReversal, DANN, ADDA, AdaBN, selection, "
                        "borrowing source data"),
         ("analysis", "linear CKA, transfer-depth sweeps"),
-        ("export", "SavedModel export and inference models"),
+        ("serving", "export: SavedModel, LiteRT and ONNX files, each run "
+                    "by its runtime before it is kept; inference models"),
         ("saving", "load_model: a .keras file with kerastl's classes"),
     ]),
     ("Application", None, [

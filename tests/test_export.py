@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import kerastl
-from kerastl.export import ExportError, export_savedmodel, inference_model
+from kerastl.serving import ExportError, export_savedmodel, inference_model
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -96,7 +96,7 @@ def test_a_crash_midway_leaves_the_earlier_export_intact(model, tmp_path,
 
 
 def test_a_failed_check_writes_nothing(model, tmp_path, monkeypatch):
-    import kerastl.export as export
+    import kerastl.serving as export
 
     def wrong(e, g, **kwargs):
         return False

@@ -203,7 +203,7 @@ def test_ctrl_c_during_the_export_keeps_the_finished_run(
     def interrupted_export(*args, **kwargs):
         raise KeyboardInterrupt  # the second Ctrl-C: at once
 
-    monkeypatch.setattr(experiment, "export_savedmodel", interrupted_export)
+    monkeypatch.setattr(experiment, "export", interrupted_export)
     code, err = run(capsys, *argv(inputs, out))
     monkeypatch.undo()
     assert code == 130 and "the export was stopped" in err
@@ -255,7 +255,7 @@ def test_a_run_killed_after_training_resumes_to_the_same_model(
     def killed(*args, **kwargs):
         raise SystemExit("killed")
 
-    monkeypatch.setattr(experiment, "export_savedmodel", killed)
+    monkeypatch.setattr(experiment, "export", killed)
     with pytest.raises(SystemExit):
         cli.main(argv(inputs, out))
     monkeypatch.undo()

@@ -10,6 +10,8 @@ import sys
 import time
 
 import keras
+import os
+
 import numpy as np
 import pytest
 
@@ -394,4 +396,46 @@ def test_finetune_a_kerashub_preset_from_the_command_line(presets, tmp_path,
     assert metrics["validation"]["accuracy"] >= 0.75, metrics["validation"]
     tuned = kerastl.load_model(str(out / "model.keras"))
     assert kerastl.block_map(tuned).names == presets["vit"][1] + ["head"]
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("format", ["litert", "onnx"])
+def test_a_vit_classifier_exports_to_litert_and_onnx(presets, format,
+                                                     tmp_path):
+    """A KerasHub ViT classifier: the LiteRT file, run by its runtime
+    (inside kerastl.export, then here on other images), matches Keras
+    within 1e-4. ONNX has no Erfc (the exact GELU of the transformer
+    blocks): the export is refused naming the op and the layer, and
+    nothing is written."""
+    folder, _ = presets["vit"]
+    model = kerastl.build_classifier(kerastl.load_backbone(folder), 3,
+                                     dropout=0.0, seed=0)
+    x = _images(4, seed=3)
+    if format == "onnx":
+        with pytest.raises(kerastl.errors.ExportError,
+                           match="op Erfc in layer 'transformer_block"):
+            kerastl.export(model, tmp_path / "vit", format=format)
+        assert os.listdir(tmp_path) == []
+        return
+    report = kerastl.export(model, tmp_path / "vit", format=format,
+                            validation_data=x)
+    assert report.checked_on == 4 and report.max_difference <= 1e-4
+    expected = model.predict(x, verbose=0)
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(report.file)
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    else:
+        from kerastl.serving import litert_interpreter
+
+        interpreter = litert_interpreter(report.file)
+        inp = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(inp["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        got = interpreter.get_tensor(
+            interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     keras.backend.clear_session()

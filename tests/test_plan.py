@@ -66,7 +66,7 @@ def test_the_choice_lists_are_the_librarys_constants(capsys):
     assert keys["export_input"].choices is spec.INPUT_MODES
     assert keys["distribute"].choices is spec.DEVICE_STRATEGIES
     assert freezing.BN_MODES is spec.BN_MODES
-    assert kerastl.export.INPUT_MODES is spec.INPUT_MODES
+    assert kerastl.serving.INPUT_MODES is spec.INPUT_MODES
     # The same words in --help as in the schema.
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--help"])

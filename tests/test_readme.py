@@ -78,6 +78,17 @@ def digits_model(ns, tmp_path):
     keras.utils.save_img(str(tmp_path / "seven.png"), image[0], scale=False)
 
 
+def digits_deploy(ns, tmp_path):
+    """A digits classifier and its data, as the Deploy section assumes."""
+    digits_model(ns, tmp_path)
+    (x, y), (xv, yv) = digits(40, 32), digits(20, 32)
+    ns.update(x_train=x, x_val=xv, y_val=yv,
+              class_names=[str(d) for d in range(10)])
+    model = ns["model"]
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=3, verbose=0)
+
+
 def mobilenet_backbone(ns, tmp_path):
     ns["backbone"] = kerastl.load_backbone(
         "mobilenet_v2", weights=None, input_shape=(32, 32, 3))
@@ -110,7 +121,8 @@ def kerashub_preset(ns, tmp_path):
 
 
 SETUPS = {f.__name__: f for f in (efficientnet_classifier, photo_folder,
-                                  digits_model, mobilenet_backbone,
+                                  digits_model, digits_deploy,
+                                  mobilenet_backbone,
                                   kerashub_preset)}
 
 

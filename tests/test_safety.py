@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import kerastl
 from kerastl import atomic
-from kerastl.export import ExportError, export_savedmodel
+from kerastl.serving import ExportError, export_savedmodel
 
 
 def tiny_classifier():
