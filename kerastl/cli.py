@@ -205,7 +205,8 @@ def cmd_zoo_show(args):
     return 0
 
 
-def cmd_finetune(args):
+def _experiment(args):
+    """The resolved experiment of ``kerastl finetune``'s arguments."""
     from kerastl import schema
 
     config = schema.load(args.config) if args.config else {}
@@ -214,7 +215,32 @@ def cmd_finetune(args):
     given = {k.name: k.from_text(getattr(args, k.name)) if k.choices else
              getattr(args, k.name) for k in schema.KEYS
              if hasattr(args, k.name)}
-    experiment = schema.resolve(config, given)
+    return schema.resolve(config, given)
+
+
+def check_finetune_early(args):
+    """What ``kerastl finetune`` can check before Keras and TensorFlow are
+    imported (seconds): the config and flags, a zoo name or a .keras file,
+    and the image folder's layout (its images are decoded later)."""
+    from kerastl.image_folders import scan_image_folder
+
+    e = _experiment(args)
+    model = e["model"]
+    if model.endswith(".keras"):
+        if not os.path.isfile(model):
+            from kerastl.errors import KerastlError
+
+            raise KerastlError(f"Model file {model!r} does not exist.")
+    elif not model.startswith(("hub:", "kerashub:")) and \
+            not os.path.isdir(model):
+        from kerastl.zoo import zoo_entry
+
+        zoo_entry(model)  # UnknownModelError names close matches
+    scan_image_folder(e["data"], decode=False)
+
+
+def cmd_finetune(args):
+    experiment = _experiment(args)
     from kerastl import experiment as runs
 
     try:
@@ -222,6 +248,10 @@ def cmd_finetune(args):
             experiment, verbose=0 if args.quiet else 2,
             inputs=[args.config] if args.config else [])
     except runs.RunInterrupted as stop:  # it says what was kept
+        if stop.failed:
+            print(f"kerastl: error: {_cli_terms(stop.message)}",
+                  file=sys.stderr)
+            return 2
         print(f"kerastl: interrupted: {stop.message}", file=sys.stderr)
         return 130
     v = metrics["validation"]
@@ -266,6 +296,13 @@ def cmd_export(args):
         from kerastl.image_folders import (image_folder_arrays,
                                            image_folder_datasets)
 
+        from kerastl.image_folders import scan_image_folder
+
+        if not 0 < args.validation_split < 1:
+            raise ExportError(
+                f"--validation-split {args.validation_split}: expected a "
+                "fraction between 0 and 1 (exclusive).")
+        scan_image_folder(args.data)  # every bad file named, in one error
         size = tuple(model.inputs[0].shape[1:3])
         if None in size:
             raise ExportError("The model's input size is not fixed: "
@@ -286,6 +323,10 @@ def cmd_export(args):
                 f"{classes}: pass the folder it was trained on.")
         labels = list(names)
         check = sample_images(val, CHECK_IMAGES)
+        if not len(check[0]):
+            raise ExportError(
+                f"--data {args.data}: the validation split holds no images; "
+                "raise --validation-split or add images.")
         if args.quantize == "int8":
             representative = sample_images(train, REPRESENTATIVE_IMAGES)[0]
     report = export(model, output, format=args.format, input=args.input,
@@ -354,6 +395,8 @@ def _cli_terms(message):
     message = re.sub(r"weights=None", "--weights none", message)
     message = re.sub(r"weights='([^']*)'", r"--weights \1", message)
     message = re.sub(r"strategy='(\w+)'", r"--strategy \1", message)
+    message = message.replace("pass overwrite=True", "pass --overwrite")
+    message = re.sub(r"(quantize|format)='(\w+)'", r"--\1 \2", message)
     return message
 
 
@@ -473,10 +516,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from kerastl.errors import KerastlError
 
-    if getattr(args, "needs_keras", True):
-        import_api_quietly()  # also registers kerastl's classes with Keras
-
     try:
+        if args.func is cmd_finetune:  # the quick checks come first
+            check_finetune_early(args)
+        if getattr(args, "needs_keras", True):
+            import_api_quietly()  # also registers kerastl's classes
         return args.func(args)
     except KeyboardInterrupt:
         print("kerastl: interrupted.", file=sys.stderr)

@@ -36,8 +36,8 @@ from kerastl import resume
 from kerastl import schema
 from kerastl.atomic import (atomic_folder, check_destination, read_marker,
                             written_by_kerastl)
-from kerastl.errors import ConfigError, KerastlError
-from kerastl.serving import export
+from kerastl.errors import ConfigError, ExportError, KerastlError
+from kerastl.serving import export, missing_onnx_package
 from kerastl.freezing import trainable_summary
 from kerastl.heads import build_classifier
 from kerastl.image_folders import (image_folder_arrays,
@@ -50,12 +50,14 @@ from kerastl.zoo import kerashub, zoo_entry
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C. ``message`` says what was kept and what
-    ``--resume`` will do (or that nothing was kept)."""
+    """A run stopped by Ctrl-C (or, ``failed``, by an export that failed
+    after training). ``message`` says what was kept and what ``--resume``
+    will do (or that nothing was kept)."""
 
-    def __init__(self, message):
+    def __init__(self, message, failed=False):
         super().__init__(message)
         self.message = message
+        self.failed = failed
 
 
 INTERRUPTED = "INTERRUPTED.json"
@@ -94,6 +96,10 @@ def check_experiment(experiment, inputs=()):
     elif not model.startswith("hub:") and not kerashub.is_preset_folder(
             model):
         zoo_entry(model)  # UnknownModelError names close matches
+    if "onnx" in schema.export_formats(e):
+        missing = missing_onnx_package()
+        if missing:  # said before training, not after
+            raise KerastlError(f"--export onnx: {missing}.")
     files = scan_image_folder(e["data"])
     output, backup = e["output"], resume.backup_folder(e["output"])
     if (e["overwrite"] or e["resume"]) and os.path.isdir(output):
@@ -388,7 +394,8 @@ def _finish(tmp, e, model, train, val, classes, history, log, start):
                 raise KeyboardInterrupt
             metrics = _report(tmp, e, model, train, val, classes, history,
                               log, train_time)
-            metrics["exports"] = _export(tmp, e, model, train, val, classes)
+            metrics["exports"] = _export(tmp, e, model, train, val, classes,
+                                         stopper)
         except KeyboardInterrupt:
             _write_interrupted(tmp, "export", len(log.epochs), e["epochs"])
             return RunInterrupted(
@@ -396,6 +403,14 @@ def _finish(tmp, e, model, train, val, classes, history, log, start):
                 f"{os.path.join(e['output'], 'model.keras')}; the export "
                 "was stopped: run the same command with --resume to finish "
                 "it (training is not repeated).")
+        except ExportError as error:  # the trained model is kept
+            _write_interrupted(tmp, "export", len(log.epochs), e["epochs"])
+            return RunInterrupted(
+                f"training finished: the trained model is in "
+                f"{os.path.join(e['output'], 'model.keras')}; the export "
+                f"failed: {error} Run the same command with --resume once "
+                "that is fixed, or with another --export, to finish it "
+                "(training is not repeated).", failed=True)
     with open(os.path.join(tmp, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
@@ -415,18 +430,21 @@ def sample_images(data, n, seed=0):
                                                               replace=False))
             x, y = x[pick], y[pick]
         return np.asarray(x, "float32"), np.asarray(y)
-    xs, ys, count = [], [], 0
+    xs, ys, count = [np.zeros((0, 1, 1, 3), "float32")], \
+        [np.zeros((0,), "int64")], 0
     for x, y in data:
         xs.append(np.asarray(x))
         ys.append(np.asarray(y))
         count += len(xs[-1])
         if count >= n:
             break
+    if count:
+        xs, ys = xs[1:], ys[1:]
     return (np.concatenate(xs)[:n].astype("float32"),
             np.concatenate(ys)[:n])
 
 
-def _export(tmp, e, model, train, val, classes):
+def _export(tmp, e, model, train, val, classes, stopper=None):
     """Writes each format of ``export`` into ``tmp/<format>``, each checked
     by running it on the validation images; returns the reports."""
     reports = {}
@@ -436,15 +454,18 @@ def _export(tmp, e, model, train, val, classes):
     check = sample_images(val, CHECK_IMAGES)
     representative = sample_images(train, REPRESENTATIVE_IMAGES)[0] \
         if e["quantize"] == "int8" else None
+    output = os.path.abspath(e["output"])
     for format in formats:
+        if stopper is not None and stopper.requested:  # Ctrl-C: stop here
+            raise KeyboardInterrupt
         report = export(
             model, os.path.join(tmp, format), format=format,
             input=e["export_input"],
             quantize=e["quantize"] if format == "litert" else None,
             representative_data=representative if format == "litert"
             else None, validation_data=check, labels=classes)
-        report.path = os.path.join(e["output"], format)
-        report.file = report.file.replace(tmp, e["output"], 1)
+        report.path = os.path.join(output, format)
+        report.file = report.file.replace(tmp, output, 1)
         reports[format] = report.to_dict()
     return reports
 

@@ -4,7 +4,6 @@
 
 import os
 
-import keras
 import numpy as np
 
 from kerastl.errors import KerastlError
@@ -12,15 +11,15 @@ from kerastl.errors import KerastlError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
-def scan_image_folder(folder):
+def scan_image_folder(folder, decode=True):
     """Checks an image folder; returns ``{class name: [file paths]}``.
 
     Raises :class:`KerastlError` naming the problem: a missing folder, fewer
-    than two class subfolders, an empty class folder, or a file that does
-    not decode as an image.
+    than two class subfolders, an empty class folder, or (``decode``) files
+    that do not decode as images (all of them, in one error). With
+    ``decode=False`` it needs neither Keras nor TensorFlow: the command line
+    runs it before importing them, so a wrong folder is reported at once.
     """
-    import tensorflow as tf  # lazy: only when images are checked
-
     if not os.path.isdir(folder):
         raise KerastlError(f"Image folder {folder!r} does not exist.")
     classes = sorted(d for d in os.listdir(folder)
@@ -38,16 +37,30 @@ def scan_image_folder(folder):
         if not files[c]:
             raise KerastlError(
                 f"Class folder {d!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    if not decode:
+        return files
+    import tensorflow as tf  # lazy: only when images are decoded
+
+    unreadable = []
     for c in classes:
         for path in files[c]:
             try:
                 tf.io.decode_image(tf.io.read_file(path), channels=3,
                                    expand_animations=False)
             except (tf.errors.InvalidArgumentError, ValueError):
-                raise KerastlError(
-                    f"{path!r} is not a readable image; remove or replace "
-                    "it.") from None
+                unreadable.append(path)
+    if unreadable:  # every one of them, in one error
+        shown = ", ".join(repr(p) for p in unreadable[:UNREADABLE_SHOWN])
+        more = len(unreadable) - UNREADABLE_SHOWN
+        shown += f" and {more} more" if more > 0 else ""
+        raise KerastlError(
+            f"{len(unreadable)} file(s) in {folder!r} are not readable "
+            f"images: {shown}; remove or replace them.")
     return files
+
+
+# How many unreadable files an error names (the rest are counted).
+UNREADABLE_SHOWN = 10
 
 
 # Decoded images are kept in memory when all of them take at most this.
@@ -73,6 +86,7 @@ def image_folder_datasets(folder, image_size, batch_size=32,
         ``(train, validation)`` datasets of ``(images, int labels)``
         batches, each with Keras's ``file_paths`` and ``class_names``.
     """
+    import keras  # lazy: the command line checks folders before Keras
     import tensorflow as tf  # lazy, as scan_image_folder
 
     common = dict(validation_split=validation_split, subset="both",

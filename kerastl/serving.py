@@ -22,6 +22,7 @@ whatever was at ``path`` before untouched.
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import importlib.util
 import json
@@ -99,7 +100,7 @@ def _image_size(model, image_size):
     if shape is None or len(shape) != 4 or None in shape[1:3]:
         raise ExportError(
             f"The model's input shape {shape} has no fixed height and width; "
-            "pass image_size=(height, width) for input='bytes'.")
+            "pass image_size=(height, width).")
     return shape[1], shape[2]
 
 
@@ -243,7 +244,8 @@ def export_savedmodel(model, path, input="float", image_size=None,
             archive = keras.export.ExportArchive()
             archive.track(model)
             archive.add_endpoint("serve", serve, input_signature=[spec])
-            archive.write_out(tmp, verbose=False)
+            with _quiet_converter():  # ("INFO:tensorflow:Assets written")
+                archive.write_out(tmp, verbose=False)
             if verify:
                 if probe is None:
                     probe = _probe_images(_image_size(model, image_size))
@@ -359,19 +361,29 @@ def _check_export_args(format, input, quantize, labels):
         raise ExportError(
             "labels: expected a list of class names (non-empty strings "
             "without line breaks), one per output class.")
-    if format == "onnx":
-        for package in ("tf2onnx", "onnxruntime"):
-            if importlib.util.find_spec(package) is None:
-                raise ExportError(f"format='onnx': {_install_hint(package)}.")
+    if format == "onnx" and missing_onnx_package():
+        raise ExportError(f"format='onnx': {missing_onnx_package()}.")
+
+
+def missing_onnx_package():
+    """What the ONNX export lacks (with its install command), or None."""
+    for package in ("tf2onnx", "onnxruntime"):
+        if importlib.util.find_spec(package) is None:
+            return _install_hint(package)
+    return None
 
 
 def _images_and_labels(data, what):
     """``data`` (images, or ``(images, labels)``) as float32 images in
     [0, 255] and int labels (or None)."""
     labels = None
-    if isinstance(data, tuple) and len(data) == 2:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and \
+            np.ndim(data[0]) == 4:
         data, labels = data
-    images = np.asarray(data)
+    try:
+        images = np.asarray(data)
+    except ValueError:
+        images = np.zeros((0,))
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
         raise ExportError(
             f"{what}: expected images of shape (N, height, width, 3) in "
@@ -403,8 +415,8 @@ def _fixed_size(model, image_size):
     if image_size is None:
         raise ExportError(
             f"The model's input shape {shape} has no fixed height and width; "
-            "pass image_size=(height, width): LiteRT and ONNX files take one "
-            "image size.")
+            "pass image_size=(height, width): LiteRT and ONNX files (and "
+            "input='bytes') take one image size.")
     return _image_size(model, image_size)
 
 
@@ -434,6 +446,13 @@ def _litert_kwargs(quantize, input_mode, representative, pixel_dtype):
     if quantize == "float16":
         kwargs["target_spec"]["supported_types"] = [tf.float16]
     if quantize == "int8":
+        # The input's quantization comes from the calibration range: one
+        # pixel at 0 and one at 255 make it scale 1, zero point 0 (a uint8
+        # input then takes raw pixels as they are).
+        representative = np.array(representative, dtype="float32")
+        representative[0, 0, 0, :] = 0.0
+        representative[0, 0, -1, :] = 255.0
+
         def dataset():
             for image in representative:
                 yield [image[None].astype(pixel_dtype)]
@@ -489,6 +508,14 @@ def _write_litert(model, file, input_mode, size, quantize, representative):
                 "runtimes do not have). Export it as format='savedmodel' or "
                 "'onnx', or replace that layer.") from None
         raise
+    if quantize == "int8" and input_mode == "uint8":
+        scale, zero = litert_interpreter(file).get_input_details()[0][
+            "quantization"]
+        if abs(scale - 1.0) > 1e-3 or zero != 0:
+            raise ExportError(
+                f"The int8 file's uint8 input is quantized with scale "
+                f"{scale:.4g} and zero point {zero}, not raw pixels (1, 0); "
+                "nothing was kept. Pass representative_data in [0, 255].")
 
 
 def _write_onnx(model, file, input_mode, size):
@@ -545,7 +572,7 @@ def _quiet_native_output():
         sys.stdout.flush()
         sys.stderr.flush()
         saved = [os.dup(1), os.dup(2)]
-    except (OSError, ValueError):  # no real file descriptors: leave them
+    except (OSError, ValueError, AttributeError):  # no real descriptors
         yield
         return
     null = os.open(os.devnull, os.O_WRONLY)
@@ -554,10 +581,20 @@ def _quiet_native_output():
         os.dup2(null, 2)
         yield
     finally:
+        _flush_c_streams()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for fd in saved + [null]:
             os.close(fd)
+
+
+def _flush_c_streams():
+    """fflush(NULL): C-level buffered output goes where it was meant to
+    before the file descriptors are put back."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 @contextlib.contextmanager
@@ -565,7 +602,8 @@ def _quiet_converter():
     """The converters' own chatter (tf2onnx's logging, NumPy's
     FutureWarning from Keras's tf2onnx patch, the LiteRT converter's C++
     lines) kept off the user's screen."""
-    loggers = [logging.getLogger(n) for n in ("tf2onnx", "absl")]
+    loggers = [logging.getLogger(n) for n in ("tf2onnx", "absl",
+                                              "tensorflow")]
     levels = [l.level for l in loggers]
     for l in loggers:
         l.setLevel(logging.ERROR)
@@ -847,7 +885,8 @@ def export(model, path, format="savedmodel", input="float", quantize=None,
                 archive = keras.export.ExportArchive()
                 archive.track(model)
                 archive.add_endpoint("serve", serve, input_signature=[spec])
-                archive.write_out(tmp, verbose=False)
+                with _quiet_converter():  # ("INFO:tensorflow:Assets written")
+                    archive.write_out(tmp, verbose=False)
             elif format == "litert":
                 _write_litert(model, file, input, size, quantize,
                               representative)

@@ -26,7 +26,9 @@ LAZY_OK = {"tensorflow", "tensorflow_hub", "matplotlib", "sklearn", "PIL",
 # The CLI imports its commands lazily so that `kerastl --help` is instant.
 LAZY_MODULES = {"kerastl.cli"}
 # _keras_private imports Keras internals that pull TensorFlow in lazily.
-LAZY_OK_IN = {"kerastl._keras_private": {"keras"}}
+LAZY_OK_IN = {"kerastl._keras_private": {"keras"},
+              # The CLI checks an image folder before importing Keras.
+              "kerastl.image_folders": {"keras"}}
 
 
 def module_name(path):

@@ -168,3 +168,41 @@ def test_readme_zoo_table_is_in_sync_with_the_configs():
     assert block, "the README lost its zoo-table markers"
     assert block.group(1) == cli.zoo_markdown_table(), (
         "README zoo table is stale: paste `kerastl zoo list --markdown`")
+
+
+@pytest.mark.parametrize("case", [
+    ["--model", "mobilenet_v9", "--data", "DATA"],
+    ["--model", "mobilenet_v2", "--data", "MISSING"],
+    ["--model", "mobilenet_v2", "--data", "DATA/cats"],
+    ["--model", "mobilenet_v2", "--data", "DATA", "--epochs", "-1"],
+    ["--model", "missing.keras", "--data", "DATA"],
+], ids=["model typo", "missing folder", "one class", "epochs -1",
+        "missing .keras"])
+def test_finetune_refuses_bad_arguments_before_importing_tensorflow(
+        case, tmp_path):
+    """A typo, a missing or one-class folder, a bad flag: one line, in well
+    under a second (TensorFlow's import alone takes 5-10 s)."""
+    from conftest import write_folder
+
+    data = write_folder(tmp_path / "data", per_class=2, size=8)
+    argv = ["finetune"] + [a.replace("DATA", str(data)).replace(
+        "MISSING", str(tmp_path / "none")) for a in case] + [
+        "--output", str(tmp_path / "out")]
+    code = textwrap.dedent(f"""
+        import sys, time, kerastl_cli
+        start = time.perf_counter()
+        status = kerastl_cli.main({argv!r})
+        seconds = time.perf_counter() - start
+        heavy = sorted(m for m in ("keras", "tensorflow") if m in sys.modules)
+        print("RESULT", status, heavy, round(seconds, 2))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120, env=_clean_env())
+    status, heavy, seconds = proc.stdout.split("RESULT ")[-1].rsplit(" ", 1)[
+        0].split(" ", 1) + [float(proc.stdout.split()[-1])]
+    print(f"\n{case}: refused in {seconds:.2f} s: {proc.stderr.strip()}")
+    assert status == "2" and heavy == "[]", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("kerastl: error: ") and \
+        proc.stderr.count("\n") == 1
+    assert seconds < 2.0
+    assert not (tmp_path / "out").exists()

@@ -71,7 +71,7 @@ def empty_class(root):
 @pytest.mark.parametrize("case,expected", [
     ("missing folder", "does not exist"),
     ("empty class", "holds no images"),
-    ("corrupt image", "not a readable image"),
+    ("corrupt image", "are not readable images"),
     ("one class", "at least two"),
     ("unknown model", "Unknown model 'mobilenet_v9'"),
     ("unknown key", "Unknown experiment key 'epoch'"),
@@ -248,8 +248,10 @@ def test_every_experiment_key_has_a_flag(monkeypatch, capsys, tmp_path):
         raise kerastl.KerastlError("stop here")
 
     monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    # (A real folder: its layout is checked before TensorFlow is imported.)
+    d = str(write_folder(tmp_path / "d", per_class=2, size=8))
     code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
-                       "--data", "d", "--bn", "train", "--dropout", "0.3",
+                       "--data", d, "--bn", "train", "--dropout", "0.3",
                        "--optimizer", "sgd", "--early-stopping", "none",
                        "--weights", "null", "--layer-decay", "none",
                        "--freeze-up-to", "2", "--image-size", "64")
@@ -268,7 +270,7 @@ def test_every_experiment_key_has_a_flag(monkeypatch, capsys, tmp_path):
         assert "--" + key.replace("_", "-") in help_text, key
     assert "(default: partial)" in help_text
     code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
-                       "--data", "d", "--quiet")
+                       "--data", d, "--quiet")
     assert seen["verbose"] == 0
 
 
@@ -361,3 +363,23 @@ def test_plots_number_epochs_as_the_log_and_keep_numbers_readable(
     assert width >= 4 and height >= 4
     monkeypatch.undo()
     plt.close("all")
+
+
+def test_every_unreadable_image_is_named_in_one_error(tmp_path):
+    """Two bad files: both named at once (not one per run); beyond ten,
+    the rest are counted."""
+    from kerastl.image_folders import scan_image_folder
+
+    root = write_folder(tmp_path / "images", per_class=2, size=8)
+    bad = [root / "cats" / f"bad{i:02d}.png" for i in range(12)]
+    for path in bad[:2]:
+        path.write_bytes(b"not an image")
+    with pytest.raises(kerastl.KerastlError) as error:
+        scan_image_folder(str(root))
+    message = str(error.value)
+    assert message.startswith("2 file(s)") and all(
+        str(p) in message for p in bad[:2])
+    for path in bad[2:]:
+        path.write_bytes(b"not an image")
+    with pytest.raises(kerastl.KerastlError, match="12 file.*and 2 more"):
+        scan_image_folder(str(root))

@@ -274,7 +274,7 @@ def folder(tmp_path_factory):
     return root
 
 
-def test_finetune_exports_every_format_and_each_file_runs(folder, capsys):
+def test_finetune_exports_every_format_and_each_file_runs(folder, capfd):
     """The CLI's acceptance: --export savedmodel,litert,onnx --quantize
     int8; each file checked here again with its own runtime."""
     out = folder / "run"
@@ -283,7 +283,7 @@ def test_finetune_exports_every_format_and_each_file_runs(folder, capsys):
                      "--epochs", "2", "--batch-size", "4", "--quiet",
                      "--export", "savedmodel,litert,onnx",
                      "--quantize", "int8"])
-    printed = capsys.readouterr()
+    printed = capfd.readouterr()  # (the file descriptors: C++ output too)
     assert code == 0, printed.err
     for line in ("savedmodel:", "litert (int8):", "onnx:"):
         assert line in printed.out
@@ -345,3 +345,55 @@ def test_finetune_flags_are_checked_before_training(folder, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err, err
     assert not (folder / "never").exists()
+
+
+def test_a_failed_export_after_training_keeps_the_trained_model(
+        folder, capsys, monkeypatch):
+    """An export that fails after training (a refused op, a failed check)
+    keeps model.keras and says how to finish: --resume with another
+    --export exports without training again."""
+    from kerastl import experiment
+
+    real = experiment.export
+
+    def failing(model, path, format="savedmodel", **kwargs):
+        if format == "litert":
+            raise ExportError("The LiteRT format cannot take 'net': "
+                              "tf.Odd in layer 'odd' has no LiteRT builtin "
+                              "kernel.")
+        return real(model, path, format=format, **kwargs)
+
+    out = folder / "failed"
+    argv = ["finetune", "--model", str(folder / "net.keras"), "--data",
+            str(folder / "images"), "--output", str(out), "--epochs", "1",
+            "--batch-size", "4", "--quiet"]
+    monkeypatch.setattr(experiment, "export", failing)
+    code = cli.main(argv + ["--export", "savedmodel,litert"])
+    monkeypatch.undo()
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if not line.startswith("kerastl: warning:")]  # (1 epoch)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("kerastl: error: training finished")
+    assert "tf.Odd" in err[0] and "--resume" in err[0]
+    assert (out / "model.keras").is_file() and (out / "INTERRUPTED.json") \
+        .is_file()
+    code = cli.main(argv + ["--export", "savedmodel", "--resume"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "savedmodel" / "saved_model.pb").is_file()
+    assert not (out / "litert").exists()
+    assert not (out / "INTERRUPTED.json").exists()
+
+
+def test_uint8_int8_input_takes_raw_pixels_whatever_the_calibration_range(
+        tmp_path):
+    """Calibration images darker than 255 still give an input of scale 1
+    and zero point 0 (kerastl pins the range to the pixels' own)."""
+    model = kerastl.build_classifier(small_cnn(SIZE), 2, seed=0)
+    dark = images(16) * (200 / 255)
+    report = kerastl.export(model, tmp_path / "q", format="litert",
+                            input="uint8", quantize="int8",
+                            representative_data=dark)
+    interpreter = litert_interpreter(report.file)
+    scale, zero = interpreter.get_input_details()[0]["quantization"]
+    assert abs(scale - 1.0) < 1e-3 and zero == 0
+    assert dark.max() <= 200  # the user's images are not changed

@@ -188,7 +188,9 @@ class DANN(keras.Model):
             self.alignment_strength = self.add_weight(
                 shape=(), name="alignment_strength", trainable=False,
                 initializer=keras.initializers.Constant(float(lambda_)))
-        if alignment in ("adversarial", "confusion"):
+        # (No domain head where nothing trains it: with domain_weight=0 it
+        # would get no gradient, and Keras warns at every step.)
+        if alignment in ("adversarial", "confusion") and self.domain_weight:
             self.domain_layers = heads.mlp(self.domain_hidden,
                                            "domain_hidden", self.batchnorm,
                                            self.dropout_rate)
@@ -219,6 +221,33 @@ class DANN(keras.Model):
         if self.domain_head is not None:
             self.domain_head.build((None, d))
         self.built = True
+
+    def fit(self, *args, **kwargs):
+        """``keras.Model.fit``; a ``tf.data`` input (what
+        :func:`~kerastl.adaptation.domain_dataset` gives) is not reshuffled
+        by Keras anyway, so ``shuffle`` defaults to False for it (instead of
+        Keras's warning that ``shuffle=True`` is ignored)."""
+        x = args[0] if args else kwargs.get("x")
+        if "shuffle" not in kwargs and len(args) <= 8 and \
+                type(x).__module__.startswith("tensorflow") and \
+                hasattr(x, "element_spec"):
+            kwargs["shuffle"] = False
+        return super().fit(*args, **kwargs)
+
+    def test_step(self, data):
+        """Evaluation on labelled images (what ``evaluate(x, y)`` does)
+        reports the label path's loss and metrics only: the training
+        terms (``class_loss``, ``domain_*``, ``entropy_loss``) are not
+        computed there, and would read 0."""
+        logs = super().test_step(data)
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        if isinstance(x, dict):
+            return logs
+        training_only = {t.name for t in (
+            self.class_loss_tracker, self.domain_loss_tracker,
+            self.domain_accuracy, self.entropy_loss_tracker)
+            if t is not None}
+        return {k: v for k, v in logs.items() if k not in training_only}
 
     def make_train_function(self, force=False):
         # Per-domain batch statistics over the global batch under
