@@ -165,9 +165,12 @@ def test_a_run_that_cannot_learn_stops_before_training():
 
 def test_no_false_alarm_on_a_pretrained_backbone():
     from kerastl.pretrained import pretrain, small_cnn
+    # Seeded: unseeded, the outcome depended on what ran before in the
+    # process (one CI run in several ended at chance, 0.085).
+    keras.utils.set_random_seed(0)
     backbone = small_cnn()
-    pretrain(backbone, samples=300, epochs=1)
-    model = kerastl.build_classifier(backbone, 10)
+    pretrain(backbone, samples=300, epochs=1, seed=0)
+    model = kerastl.build_classifier(backbone, 10, seed=0)
     x, y = kerastl.datasets.digits("train")
     import warnings
     with warnings.catch_warnings():
