@@ -223,19 +223,10 @@ def check_finetune_early(args):
     imported (seconds): the config and flags, a zoo name or a .keras file,
     and the image folder's layout (its images are decoded later)."""
     from kerastl.image_folders import scan_image_folder
+    from kerastl.zoo.config import check_model_reference
 
     e = _experiment(args)
-    model = e["model"]
-    if model.endswith(".keras"):
-        if not os.path.isfile(model):
-            from kerastl.errors import KerastlError
-
-            raise KerastlError(f"Model file {model!r} does not exist.")
-    elif not model.startswith(("hub:", "kerashub:")) and \
-            not os.path.isdir(model):
-        from kerastl.zoo import zoo_entry
-
-        zoo_entry(model)  # UnknownModelError names close matches
+    check_model_reference(e["model"])  # (folders are checked when loaded)
     scan_image_folder(e["data"], decode=False)
 
 
@@ -294,9 +285,8 @@ def cmd_export(args):
         from kerastl.experiment import (CHECK_IMAGES, REPRESENTATIVE_IMAGES,
                                         sample_images)
         from kerastl.image_folders import (image_folder_arrays,
-                                           image_folder_datasets)
-
-        from kerastl.image_folders import scan_image_folder
+                                           image_folder_datasets,
+                                           scan_image_folder)
 
         if not 0 < args.validation_split < 1:
             raise ExportError(

@@ -46,7 +46,8 @@ from kerastl.plan import TrainingPlan
 from kerastl.resume import write_json
 from kerastl.saving import load_model
 from kerastl.training import fine_tune
-from kerastl.zoo import kerashub, zoo_entry
+from kerastl.zoo import kerashub
+from kerastl.zoo.config import check_model_reference
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -88,14 +89,10 @@ def check_experiment(experiment, inputs=()):
     """
     e = experiment
     model = e["model"]
-    if model.endswith(".keras"):
-        if not os.path.isfile(model):
-            raise KerastlError(f"Model file {model!r} does not exist.")
-    elif model.startswith(kerashub.PREFIX):
+    if model.startswith(kerashub.PREFIX):
         kerashub.resolve(model)  # the install hint, or close preset names
-    elif not model.startswith("hub:") and not kerashub.is_preset_folder(
-            model):
-        zoo_entry(model)  # UnknownModelError names close matches
+    # (A folder passes only as a KerasHub preset.)
+    check_model_reference(model, kerashub.is_preset_folder)
     if "onnx" in schema.export_formats(e):
         missing = missing_onnx_package()
         if missing:  # said before training, not after
@@ -430,16 +427,15 @@ def sample_images(data, n, seed=0):
                                                               replace=False))
             x, y = x[pick], y[pick]
         return np.asarray(x, "float32"), np.asarray(y)
-    xs, ys, count = [np.zeros((0, 1, 1, 3), "float32")], \
-        [np.zeros((0,), "int64")], 0
+    xs, ys, count = [], [], 0
     for x, y in data:
         xs.append(np.asarray(x))
         ys.append(np.asarray(y))
         count += len(xs[-1])
         if count >= n:
             break
-    if count:
-        xs, ys = xs[1:], ys[1:]
+    if not xs:  # an empty pipeline (e.g. an empty validation split)
+        return np.zeros((0, 1, 1, 3), "float32"), np.zeros((0,), "int64")
     return (np.concatenate(xs)[:n].astype("float32"),
             np.concatenate(ys)[:n])
 

@@ -138,6 +138,27 @@ def _serve_fn(model, input_mode, size):
     return serve, spec
 
 
+def _destination(path, overwrite):
+    """``path`` as an absolute path, once :func:`check_destination` allows
+    an export there (its refusal as an :class:`ExportError`)."""
+    try:
+        check_destination(path, "export folder", overwrite)
+    except KerastlError as e:
+        raise ExportError(str(e)) from None
+    return os.path.abspath(os.fspath(path))
+
+
+def _write_savedmodel(model, folder, input_mode, size):
+    """The SavedModel with its ``serve`` signature, written into
+    ``folder``."""
+    serve, spec = _serve_fn(model, input_mode, size)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=[spec])
+    with _quiet_converter():  # ("INFO:tensorflow:Assets written")
+        archive.write_out(folder, verbose=False)
+
+
 def _probe_images(size, n=4, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, size[0], size[1], 3)).astype("uint8")
@@ -231,21 +252,12 @@ def export_savedmodel(model, path, input="float", image_size=None,
     if input not in INPUT_MODES:
         raise ExportError(f"input={input!r}: expected one of "
                           f"{', '.join(INPUT_MODES)}.")
-    try:
-        check_destination(path, "export folder", overwrite)
-    except KerastlError as e:
-        raise ExportError(str(e)) from None
-    path = os.path.abspath(os.fspath(path))
+    path = _destination(path, overwrite)
     model = inference_model(model)
     size = _image_size(model, image_size) if input == "bytes" else None
     try:
         with atomic_folder(path, "export folder", overwrite) as tmp:
-            serve, spec = _serve_fn(model, input, size)
-            archive = keras.export.ExportArchive()
-            archive.track(model)
-            archive.add_endpoint("serve", serve, input_signature=[spec])
-            with _quiet_converter():  # ("INFO:tensorflow:Assets written")
-                archive.write_out(tmp, verbose=False)
+            _write_savedmodel(model, tmp, input, size)
             if verify:
                 if probe is None:
                     probe = _probe_images(_image_size(model, image_size))
@@ -838,11 +850,7 @@ def export(model, path, format="savedmodel", input="float", quantize=None,
             "kerastl.export uses TensorFlow's converters and needs the "
             "TensorFlow backend (KERAS_BACKEND=tensorflow).")
     _check_export_args(format, input, quantize, labels)
-    try:
-        check_destination(path, "export folder", overwrite)
-    except KerastlError as e:
-        raise ExportError(str(e)) from None
-    path = os.path.abspath(os.fspath(path))
+    path = _destination(path, overwrite)
     model = inference_model(model)
     size = _fixed_size(model, image_size) if format != "savedmodel" or \
         input == "bytes" else None
@@ -881,12 +889,7 @@ def export(model, path, format="savedmodel", input="float", quantize=None,
             name = _FILES[format]
             file = tmp if name is None else os.path.join(tmp, name)
             if format == "savedmodel":
-                serve, spec = _serve_fn(model, input, size)
-                archive = keras.export.ExportArchive()
-                archive.track(model)
-                archive.add_endpoint("serve", serve, input_signature=[spec])
-                with _quiet_converter():  # ("INFO:tensorflow:Assets written")
-                    archive.write_out(tmp, verbose=False)
+                _write_savedmodel(model, tmp, input, size)
             elif format == "litert":
                 _write_litert(model, file, input, size, quantize,
                               representative)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kerastl import _yaml
 
-from kerastl.errors import ConfigError, UnknownModelError
+from kerastl.errors import ConfigError, KerastlError, UnknownModelError
 from kerastl.spec import KAGGLE_HANDLE, BlockRule
 from kerastl.spec import PREPROCESSING_MODES as MODES
 
@@ -462,6 +462,28 @@ def list_configs(source=None):
     configs, _ = _registry()
     return [configs[n] for n in sorted(configs)
             if source is None or configs[n].source == source]
+
+
+# How a KerasHub preset is named where a zoo name could stand.
+KERASHUB_PREFIX = "kerashub:"
+
+
+def check_model_reference(model, is_model_folder=os.path.isdir):
+    """Checks a model reference as far as it can without Keras: a
+    ``.keras`` file exists, a zoo name is known (close names suggested).
+    ``hub:`` and ``kerashub:`` references and folders that
+    ``is_model_folder`` accepts pass: they are checked when loaded.
+
+    Raises:
+        KerastlError: a missing ``.keras`` file.
+        UnknownModelError: an unknown zoo name.
+    """
+    if model.endswith(".keras"):
+        if not os.path.isfile(model):
+            raise KerastlError(f"Model file {model!r} does not exist.")
+    elif not model.startswith(("hub:", KERASHUB_PREFIX)) and \
+            not is_model_folder(model):
+        zoo_entry(model)
 
 
 def zoo_entry(name):

@@ -38,14 +38,14 @@ from kerastl.errors import KerastlError, UnknownModelError, WeightsError
 from kerastl.network import reachable, socket_timeout
 from kerastl.preprocessing import ImagePreprocessing, check_input_shape
 from kerastl.spec import rules_from_config
-from kerastl.zoo.config import list_configs, zoo_entry
+from kerastl.zoo.config import KERASHUB_PREFIX, list_configs, zoo_entry
 from kerastl.zoo.keras_apps import load_weights_file
 
 INSTALL_HINT = 'pip install "kerastl[kerashub]"  (or: pip install keras-hub)'
 # How long kerastl waits for kaggle.com / huggingface.co before saying that
 # a remote preset cannot be fetched.
 PRESET_TIMEOUT_S = 10
-PREFIX = "kerashub:"
+PREFIX = KERASHUB_PREFIX
 # The hosts a remote preset comes from (checked before KerasHub downloads).
 KAGGLE_URL = "https://www.kaggle.com"
 HF_URL = "https://huggingface.co"
