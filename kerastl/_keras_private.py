@@ -8,6 +8,8 @@ suite exercises every one of them, so a Keras release that moves one fails
 there first). Nothing else in kerastl reads a private Keras attribute.
 """
 
+import contextlib
+
 import keras
 
 CHECKED_AGAINST = "3.15.1"
@@ -147,6 +149,34 @@ def in_safe_mode():
     return serialization_lib.in_safe_mode()
 
 
+@contextlib.contextmanager
+def before_compile_from_config(fn):
+    """Within the block, ``fn(model)`` runs each time ``load_model``
+    compiles a model from its saved compile config, before the optimizer is
+    built on ``model.trainable_variables`` and its saved slots are loaded.
+
+    ``keras.models.load_model`` deserialises a model, compiles it (building
+    the optimizer on the trainable variables of that moment) and only then
+    loads weights and optimizer slots; the one moment between the model
+    existing and its optimizer being built is the public method
+    ``Trainer.compile_from_config``, which is wrapped here for the duration
+    of the block only (then restored).
+    """
+    from keras.src.trainers.trainer import Trainer
+
+    original = Trainer.__dict__["compile_from_config"]
+
+    def compile_from_config(self, config):
+        fn(self)
+        return original(self, config)
+
+    Trainer.compile_from_config = compile_from_config
+    try:
+        yield
+    finally:
+        Trainer.compile_from_config = original
+
+
 def move_initial_epoch(source, target):
     """Moves the epoch ``BackupAndRestore`` set on ``source`` (the model its
     callback sees) to ``target`` (the model whose ``fit`` runs): Keras reads
@@ -161,7 +191,8 @@ __all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
            "producing_operation", "all_sublayers", "compile_config",
            "compiled_loss", "additional_loss", "variable_index",
            "hook_optimizer", "adopt_tf_variable", "optimizer_variables",
-           "variables_used_by", "in_safe_mode", "move_initial_epoch"]
+           "variables_used_by", "in_safe_mode", "move_initial_epoch",
+           "before_compile_from_config"]
 
 
 

@@ -297,7 +297,10 @@ def read_keras_file(path, **kwargs):
             "archive written by model.save()); it may be truncated, or "
             "another format (.h5, a SavedModel folder).")
     try:
-        return keras.models.load_model(shown, **kwargs)
+        with _private.before_compile_from_config(restore_trainable):
+            model = keras.models.load_model(shown, **kwargs)
+        restore_trainable(model)  # compile=False, or no compile config saved
+        return model
     except KerastlError:
         raise
     except (ValueError, OSError, KeyError, TypeError,
@@ -307,6 +310,28 @@ def read_keras_file(path, **kwargs):
             f"{' '.join(str(e).split())[:300]}). If it was saved with "
             "kerastl layers in another version, or with custom layers, load "
             "it where those classes are importable.") from None
+
+
+def restore_trainable(model):
+    """Gives a loaded model back the trainable flags it was saved with.
+
+    Keras rebuilds a layer saved with ``trainable=False`` with that flag,
+    but the sublayers such a layer creates in its constructor (KerasHub's
+    transformer blocks, attention layers, embeddings) come back trainable,
+    and so do their variables; a flag set on one variable is not saved at
+    all. The loaded model would then train frozen blocks, and its optimizer
+    would be built for more variables than the saved one (Keras skips the
+    saved optimizer state with a warning). Setting each frozen layer's flag
+    again reaches its sublayers; kerastl's own variable-level rules are
+    applied again. Runs before the optimizer is built.
+    """
+    for layer in _private.all_sublayers(model):
+        if not layer.trainable:
+            # Through True: on the TensorFlow backend, assigning the value an
+            # attribute already has is skipped before Keras's setter runs.
+            layer.trainable = True
+            layer.trainable = False
+    kerashub.freeze_unused_variables(model)
 
 
 def _load_keras_file(path, weights):

@@ -344,7 +344,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             # trainability (so BatchNorm in inference mode, as freeze()).
             freeze_weights(keras_model, [
                 v for v in keras_model.weights if table.get(v.path) == 0])
-        self._table = table
+        self._table = {_stable_path(p): m for p, m in table.items()}
         self._multipliers = []  # aligned with the inner optimizer's variables
         self._hook(optimizer)
 
@@ -404,7 +404,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     def multiplier(self, variable):
         """The multiplier of one variable (by its path)."""
-        path = variable if isinstance(variable, str) else variable.path
+        path = _stable_path(
+            variable if isinstance(variable, str) else variable.path)
         if path in self._table:
             return self._table[path]
         # After load_model, variables of nested models lose their outer
@@ -419,6 +420,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         return found.pop() if found else self.default
 
     def _known(self, path):
+        path = _stable_path(path)
         return path in self._table or any(
             p.endswith("/" + path) for p in self._table)
 
@@ -507,6 +509,18 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         inner = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _stable_path(path):
+    """A variable path that is the same in every process: a variable created
+    without a name is called ``variable_<n>``, ``n`` counting every unnamed
+    variable made so far (SigLIP's pooling probe is one), so the number
+    changes when the model is loaded again. Unnamed variables of one layer
+    share its block, hence its multiplier."""
+    return _AUTO_NAMED.sub("/variable", path)
+
+
+_AUTO_NAMED = re.compile(r"/variable_\d+$")
 
 
 class LearningRateTable(list):

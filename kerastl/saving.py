@@ -6,6 +6,10 @@ A kerastl model saved to ``.keras`` holds kerastl layers
 exist once ``kerastl`` is imported: ``keras.models.load_model`` works in any
 process that ran ``import kerastl``, and :func:`load_model` is that in one
 call.
+
+Use :func:`load_model` for a model with frozen KerasHub blocks: Keras
+alone brings the sublayers of a frozen KerasHub layer back trainable (see
+:func:`kerastl.backbone.restore_trainable`), and the optimizer state with them is skipped.
 """
 
 # The modules that register kerastl's serialisable classes with Keras.

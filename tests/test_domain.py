@@ -8,7 +8,8 @@ import tensorflow as tf
 import kerastl
 from kerastl import _keras_private as _private
 from kerastl.adaptation.schedules import ganin_lambda
-from conftest import small_cnn, step_with_references, toy_domains
+from conftest import (save_load_and_resume, small_cnn,
+                      step_with_references, toy_domains)
 
 
 # -- GradientReversal -----------------------------------------------------------
@@ -350,6 +351,12 @@ def test_dann_save_load_and_export(tmp_path):
     np.testing.assert_allclose(reloaded.serve(tf.constant(xt[:6])).numpy(),
                                dann.predict(xt[:6], verbose=0), rtol=1e-5,
                                atol=1e-6)
+    # kerastl.load_model: the optimizer's state comes back, training resumes.
+    xs, ys, _, _ = toy_domains()
+    save_load_and_resume(
+        loaded, str(tmp_path / "again.keras"),
+        kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16,
+                                          shuffle=False))
 
 
 def test_dann_bad_input():

@@ -6,6 +6,8 @@ import pytest
 
 import kerastl
 
+from conftest import save_load_and_resume
+
 
 def data(n=32, size=32, classes=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -95,6 +97,23 @@ def test_frozen_blocks_are_bit_identical_after_fit(bn):
         stats = [l.moving_mean for l in bns] + [l.moving_variance for l in bns]
         assert len(moved(before, model, stats)) == len(stats)
         assert len(moved(before, model, [l.gamma for l in bns])) == len(bns)
+
+
+def test_a_frozen_keras_applications_classifier_resumes_after_load(
+        tmp_path):
+    """Frozen blocks, layer-wise AdamW rates and the optimizer's state come
+    back from .keras; one more epoch gives the same weights."""
+    model = classifier(freeze="stage2")
+    model.compile(kerastl.LayerwiseOptimizer(keras.optimizers.AdamW(1e-3),
+                                             kerastl.LayerDecay(0.7), model),
+                  "sparse_categorical_crossentropy")
+    x, y = data(n=16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    loaded = save_load_and_resume(model, str(tmp_path / "m.keras"), x, y,
+                                  batch_size=8)
+    assert loaded.optimizer.multipliers == model.optimizer.multipliers
+    assert kerastl.trainable_summary(loaded) == \
+        kerastl.trainable_summary(model)
 
 
 def test_freezing_after_compile_recompiles_itself():

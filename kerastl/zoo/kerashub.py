@@ -329,6 +329,16 @@ def _rebuild(vision, x):
     return outputs, pairs
 
 
+def freeze_unused_variables(model):
+    """Marks the variables no fine-tuning gradient reaches as not trainable:
+    DINOv2's mask token serves masked-image pretraining only (Keras would
+    warn on every fit). A variable's own flag is not saved in ``.keras``,
+    so :func:`kerastl.load_model` calls this again."""
+    for v in model.weights:
+        if v.path.endswith("/mask_token"):
+            v.trainable = False
+
+
 def _converter(keras_hub, preset):
     """The preset's ImageConverter; a preset without one is refused (the
     model would get raw [0, 255] pixels instead of its normalisation)."""
@@ -444,11 +454,7 @@ def load(spec, weights="imagenet", input_shape=None):
     for new, old in pairs:
         new.set_weights(old.get_weights())
     model = keras.Model(inputs, outputs, name=vision.name)
-    for v in model.weights:
-        # DINOv2's mask token serves masked-image pretraining only: no
-        # gradient reaches it in fine-tuning (Keras would warn every fit).
-        if v.path.endswith("/mask_token"):
-            v.trainable = False
+    freeze_unused_variables(model)
     if isinstance(weights, (str, os.PathLike)) and weights not in (
             "imagenet", "preset"):
         load_weights_file(model, weights, name)
