@@ -177,6 +177,36 @@ def before_compile_from_config(fn):
         Trainer.compile_from_config = original
 
 
+class _RetracingFilter:
+    """Drops TensorFlow's "triggered tf.function retracing" warning about
+    Keras's own step functions (``one_step_on_data_distributed``, the
+    private name of the function each ``fit``/``evaluate``/``predict``
+    builds per model): TensorFlow counts traces by that function's code, so
+    predicting once with each of five models (a boundary prefix, a feature
+    model, the trained classifier...) looks like a retracing loop."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message
+                    and "one_step_on_data" in message)
+
+
+@contextlib.contextmanager
+def quiet_retracing():
+    """Within the block, TensorFlow's retracing warning about Keras's step
+    functions is not logged (see :class:`_RetracingFilter`); every other
+    message is."""
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    flt = _RetracingFilter()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
 def move_initial_epoch(source, target):
     """Moves the epoch ``BackupAndRestore`` set on ``source`` (the model its
     callback sees) to ``target`` (the model whose ``fit`` runs): Keras reads
@@ -192,7 +222,7 @@ __all__ = ["CHECKED_AGAINST", "functional_graph", "nodes_by_depth",
            "compiled_loss", "additional_loss", "variable_index",
            "hook_optimizer", "adopt_tf_variable", "optimizer_variables",
            "variables_used_by", "in_safe_mode", "move_initial_epoch",
-           "before_compile_from_config"]
+           "before_compile_from_config", "quiet_retracing"]
 
 
 

@@ -255,6 +255,7 @@ class DepthSweep(list):
         return fig
 
 
+@_private.quiet_retracing()
 def transfer_depth_sweep(backbone, train, validation, depths=None,
                          train_sizes=None, seeds=(0,), epochs=20,
                          batch_size=32, optimizer=None, bn="frozen",

@@ -30,6 +30,7 @@ import time
 
 import keras
 import numpy as np
+from kerastl import _keras_private as _private
 from kerastl import backbone as backbone_lib
 from kerastl import distribute
 from kerastl import resume
@@ -179,6 +180,7 @@ def build_model(experiment, num_classes):
     return backbone, model, plan
 
 
+@_private.quiet_retracing()
 def run_experiment(experiment, verbose=1, inputs=()):
     """Runs a resolved, checked experiment; returns the metrics dict.
 

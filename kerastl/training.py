@@ -52,6 +52,7 @@ def _split(train):
     return train, None, None
 
 
+@_private.quiet_retracing()
 def fine_tune(model, train, validation=None, plan=None, *,
               loss="sparse_categorical_crossentropy", metrics=("accuracy",),
               weighted_metrics=None, callbacks=(), verbose=0, **settings):

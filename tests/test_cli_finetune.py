@@ -1,6 +1,7 @@
 """kerastl finetune / demo: outputs, and one-line errors that write nothing."""
 
 import json
+import logging
 import os
 
 import keras
@@ -12,6 +13,23 @@ import kerastl
 from conftest import small_cnn, write_folder
 from kerastl import cli
 from kerastl.atomic import MARKER, write_marker
+
+
+@pytest.fixture
+def tf_log():
+    """What TensorFlow's logger passes on during the test: a function of
+    the level that returns the records at or above it."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("tensorflow")
+    handler = Keep()
+    logger.addHandler(handler)
+    yield lambda level: [r for r in records if r.levelno >= level]
+    logger.removeHandler(handler)
 
 
 def run(capsys, *argv):
@@ -210,7 +228,8 @@ def plain_classifier(kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["kerastl demo model", "functional",
                                     "sequential"])
-def test_finetune_a_users_keras_classifier(tmp_path, capsys, source):
+def test_finetune_a_users_keras_classifier(tmp_path, capsys, source,
+                                           tf_log):
     if source == "kerastl demo model":
         from kerastl.pretrained import pretrain, small_cnn
         backbone = small_cnn()
@@ -229,6 +248,9 @@ def test_finetune_a_users_keras_classifier(tmp_path, capsys, source):
                             "--epochs", "15", "--batch-size", "8",
                             "--learning-rate", "0.01")
     assert code == 0, err
+    # Nothing in TensorFlow's log: its "tf.function retracing" warning came
+    # after the run's predictions with several models.
+    assert not [r.getMessage()[:80] for r in tf_log(logging.WARNING)]
     metrics = json.loads((out / "metrics.json").read_text())
     # Two classes: chance is 0.5; the colours make it easy.
     assert metrics["validation"]["accuracy"] >= 0.75, metrics["validation"]

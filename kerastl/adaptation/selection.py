@@ -365,6 +365,7 @@ def ensemble_validation(predictions):
 METHODS = ("ensemble", "dev")
 
 
+@_private.quiet_retracing()
 def select_model(candidates, source_val=None, target=None,
                  method="ensemble", features=None, max_samples=2000,
                  seed=0, **kwargs):

@@ -14,6 +14,7 @@ import weakref
 import keras
 import numpy as np
 
+from kerastl import _keras_private as _private
 from kerastl.blocks import block_map, model_input, model_output
 from kerastl.errors import KerastlError
 from kerastl.features.cache import as_cache, hash_array, model_fingerprint
@@ -310,6 +311,7 @@ def _dataset_data(ds, batch_size, data_key):
 
 # -- extraction ---------------------------------------------------------------
 
+@_private.quiet_retracing()
 def extract_features(backbone, data, layers=None, pooling="avg",
                      batch_size=64, cache=None, dtype="float32",
                      as_dict=False, return_labels=False, image_size=None,
