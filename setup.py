@@ -41,7 +41,7 @@ setup(
     # The zoo configs live at the repository root (zoo_configs/) and are
     # installed inside the package as kerastl/zoo_configs.
     package_dir={"kerastl.zoo_configs": "zoo_configs"},
-    package_data={"kerastl.zoo_configs": ["*.yaml"]},
+    package_data={"kerastl.zoo_configs": ["*.yaml", "*.json"]},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.5",

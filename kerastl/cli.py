@@ -8,6 +8,7 @@ need it.
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -183,19 +184,50 @@ def cmd_zoo_show(args):
         return _show_hub(config)
     if config.is_kerashub:
         return _show_kerashub(config)
+    stored = None if args.input_size else stored_block_table(config)
+    if stored is not None:  # a packaged entry at its own size: no build
+        return _print_block_table(config, tuple(stored["input_shape"]),
+                                  stored["rows"])
     import_api_quietly()  # a Keras Applications entry is built
     from kerastl import load_backbone
 
     backbone = load_backbone(args.name, weights=None,
                              input_shape=args.input_size)
-    c = backbone.config
+    return _print_block_table(backbone.config, backbone.input_shape,
+                              backbone.block_table())
+
+
+# The block tables of the packaged Keras Applications entries at their
+# default input size, next to their YAML files: `kerastl zoo show` prints
+# them without importing TensorFlow. Written by `python
+# tests/test_zoo_all.py`; that test checks them against the built models.
+BLOCK_TABLES = "block_tables.json"
+
+
+def stored_block_table(config):
+    """``{"input_shape", "rows"}`` for a packaged Keras Applications entry
+    (from :data:`BLOCK_TABLES` beside its YAML file), or None (a user's
+    entry, or a table that does not describe this entry's blocks)."""
+    path = os.path.join(os.path.dirname(config.path or "."), BLOCK_TABLES)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f).get(config.name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not stored or [r["block"] for r in stored["rows"]] != list(
+            config.block_names):
+        return None
+    return stored
+
+
+def _print_block_table(c, input_shape, table):
     print(f"{c.name}: keras.applications.{c.constructor}, input "
-          f"{backbone.input_shape}, preprocessing '{c.preprocessing}' "
+          f"{tuple(input_shape)}, preprocessing '{c.preprocessing}' "
           "(inside the model: feed RGB in [0, 255])")
     rows = [[r["block"], r["layers"], r["weighted_layers"],
-             f"{r['params']:,}", r["output_layer"], r["output_shape"]]
-            for r in backbone.block_table()]
-    total = sum(r["params"] for r in backbone.block_table())
+             f"{r['params']:,}", r["output_layer"],
+             str(tuple(r["output_shape"]))] for r in table]
+    total = sum(r["params"] for r in table)
     print(_format_table(["block", "layers", "weighted", "params",
                          "output layer", "output shape"], rows))
     print(f"total params (without classifier): {total:,}")
@@ -413,9 +445,10 @@ def build_parser():
     p.add_argument("--markdown", action="store_true",
                    help="print the README's Markdown table")
     p.set_defaults(func=cmd_zoo_list, needs_keras=False)
-    p = zoo_sub.add_parser("show", help="one model's block table (builds it "
-                                        "with random weights; nothing is "
-                                        "downloaded)")
+    p = zoo_sub.add_parser("show", help="one model's block table (stored "
+                                        "for the packaged models; with "
+                                        "--input-size, built with random "
+                                        "weights; nothing is downloaded)")
     p.add_argument("name", help="model name, e.g. mobilenet_v2 or ResNet50")
     p.add_argument("--input-size", type=int, default=None,
                    help="input height and width (default: the model's own)")

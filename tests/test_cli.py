@@ -206,3 +206,24 @@ def test_finetune_refuses_bad_arguments_before_importing_tensorflow(
         proc.stderr.count("\n") == 1
     assert seconds < 2.0
     assert not (tmp_path / "out").exists()
+
+
+def test_zoo_show_prints_a_packaged_model_without_tensorflow():
+    """`kerastl zoo show mobilenet_v2` reads the stored table: no
+    TensorFlow import, well under a second; the same table as building."""
+    code = textwrap.dedent("""
+        import sys, time, kerastl_cli
+        start = time.perf_counter()
+        status = kerastl_cli.main(["zoo", "show", "mobilenet_v2"])
+        seconds = time.perf_counter() - start
+        heavy = sorted(m for m in ("keras", "tensorflow") if m in sys.modules)
+        print("RESULT", status, heavy, round(seconds, 2))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120, env=_clean_env())
+    result = proc.stdout.split("RESULT ")[-1].split()
+    print(f"\nzoo show mobilenet_v2: {result[-1]} s")
+    assert result[:2] == ["0", "[]"], proc.stdout + proc.stderr
+    assert float(result[-1]) < 2.0
+    assert "stage4" in proc.stdout and "block_16_project_BN" in proc.stdout
+    assert "(7, 7, 1280)" in proc.stdout  # top's output at 224x224

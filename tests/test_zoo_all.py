@@ -1,10 +1,14 @@
 """Every one of the 40 Keras Applications builds with a correct block map."""
 
+import json
+import os
+import sys
+
 import keras
 import pytest
 
 import kerastl
-from kerastl import blocks
+from kerastl import blocks, cli
 
 NAMES = [c.name for c in kerastl.list_configs("keras.applications")]
 
@@ -18,6 +22,15 @@ def test_block_map_of_every_application(name):
                                      input_shape=(size, size, 3))
     bm = backbone.block_map
     assert bm.names == config.block_names  # block count and order
+
+    # `kerastl zoo show` prints a stored table (at the default input size):
+    # all but the spatial size of the outputs is the same at any size.
+    stored = cli.stored_block_table(config)
+    assert stored is not None, "run `python tests/test_zoo_all.py`"
+    assert stored["input_shape"][:2] == [config.default_size] * 2
+    assert [_size_free(r) for r in stored["rows"]] == \
+        [_size_free(r) for r in backbone.block_table()], \
+        "stale block table: run `python tests/test_zoo_all.py`"
     assert blocks.HEAD not in bm.names
     assert bm.validate() == []  # non-empty blocks, depth order
 
@@ -41,3 +54,47 @@ def test_block_map_of_every_application(name):
         layer = backbone.endpoint_layer(endpoint)
         assert len(layer.output.shape) == 4, endpoint
     keras.backend.clear_session()
+
+
+def _size_free(row):
+    """A block-table row without the outputs' spatial size."""
+    return (row["block"], row["layers"], row["weighted_layers"],
+            row["params"], row["output_layer"], row["output_shape"][-1])
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50",
+                                  "efficientnet_b0"])
+def test_the_stored_block_table_is_the_built_one(name, capsys):
+    """For three models, the whole stored table (spatial sizes too) is
+    what building the model at its default size gives."""
+    backbone = kerastl.load_backbone(name, weights=None)
+    stored = cli.stored_block_table(backbone.config)
+    assert tuple(stored["input_shape"]) == backbone.input_shape
+    assert stored["rows"] == _table(backbone)
+    keras.backend.clear_session()
+
+
+def _table(backbone):
+    return [dict(r, output_shape=list(r["output_shape"]))
+            for r in backbone.block_table()]
+
+
+def write_block_tables():
+    """Builds every Keras Applications entry at its default size and writes
+    the tables `kerastl zoo show` prints (zoo_configs/block_tables.json)."""
+    tables = {}
+    for i, name in enumerate(NAMES):
+        print(f"[{i + 1}/{len(NAMES)}] {name}", file=sys.stderr)
+        backbone = kerastl.load_backbone(name, weights=None)
+        tables[name] = {"input_shape": list(backbone.input_shape),
+                        "rows": _table(backbone)}
+        keras.backend.clear_session()
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                        "zoo_configs", cli.BLOCK_TABLES)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(tables, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    write_block_tables()
