@@ -6,12 +6,18 @@
 * :func:`transfer_depth_sweep`: fine-tune once per number of frozen leading
   blocks and record target accuracy, for several target-set sizes (Gerace et
   al., 2023: the best depth depends on the amount of target data).
+* :func:`rank_backbones`: score candidate backbones (and, optionally, each
+  of their blocks) for a target task from their features, without
+  fine-tuning (LogME, regularised H-score, LEEP, NCE, or a cross-validated
+  linear probe; :mod:`kerastl.features.transferability`).
 
 Plots need matplotlib (``pip install kerastl[plots]``); the functions that
 compute return plain data without it.
 """
 
 import dataclasses
+import os
+import time
 
 import keras
 import numpy as np
@@ -19,7 +25,7 @@ import numpy as np
 from kerastl import _keras_private as _private
 from kerastl.blocks import block_map
 from kerastl.errors import KerastlError
-from kerastl.features.extract import extract_features
+from kerastl.features.extract import extract_features, flat_features
 from kerastl.freezing import keras_model_of, restored_trainability
 from kerastl.heads import build_classifier
 from kerastl.plan import TrainingPlan
@@ -351,3 +357,250 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
     finally:
         model.set_weights(initial)
     return rows
+
+
+# -- ranking backbones ---------------------------------------------------------------
+
+RANKING_METHODS = ("logme", "h_score", "leep", "nce", "linear_probe")
+
+
+class BackboneRanking(list):
+    """Rows of :func:`rank_backbones`, best first; ``print()`` shows a
+    table. Each row: ``model``, ``block`` (None: the model's feature
+    output), ``scores`` (method -> score), ``score`` (the first method's),
+    ``seconds`` (loading, features and scoring of that model) and
+    ``skipped`` (why a model was not scored, else None)."""
+
+    def __init__(self, rows, methods):
+        scored = sorted((r for r in rows if r["skipped"] is None),
+                        key=lambda r: -r["score"])
+        super().__init__(scored + [r for r in rows if r["skipped"]])
+        self.methods = list(methods)
+
+    @property
+    def best(self):
+        """The first row (the recommended model, and block), or None."""
+        return self[0] if self and self[0]["skipped"] is None else None
+
+    def to_dict(self):
+        return {"methods": self.methods, "rows": [dict(r) for r in self],
+                "best": None if self.best is None else {
+                    "model": self.best["model"], "block": self.best["block"]}}
+
+    def __str__(self):
+        head = ["model", "block"] + self.methods + ["seconds"]
+        lines = []
+        for r in self:
+            if r["skipped"]:
+                continue
+            lines.append([r["model"], r["block"] or "-"] + [
+                f"{r['scores'][m]:.4f}" for m in self.methods] + [
+                f"{r['seconds']:.1f}"])
+        widths = [max(len(str(x)) for x in col)
+                  for col in zip(head, *lines)] if lines else \
+            [len(h) for h in head]
+        out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)),
+               "  ".join("-" * w for w in widths)]
+        out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths))
+                for line in lines]
+        out += [f"skipped {r['model']}: {r['skipped']}" for r in self
+                if r["skipped"]]
+        if self.best is not None:
+            where = f", block {self.best['block']}" if self.best["block"] \
+                else ""
+            out.append(f"recommended: {self.best['model']}{where} (by "
+                       f"{self.methods[0]})")
+        return "\n".join(out)
+
+
+def _candidate_name(candidate):
+    if isinstance(candidate, (str, os.PathLike)):
+        return os.fspath(candidate)
+    return getattr(candidate, "name", None) or type(candidate).__name__
+
+
+def _load_candidate(candidate, weights, input_shape):
+    """``(keras model, its feature layer or None)``."""
+    from kerastl.backbone import Backbone, load_backbone
+
+    if isinstance(candidate, (str, os.PathLike)):
+        candidate = load_backbone(os.fspath(candidate), weights=weights,
+                                  input_shape=input_shape)
+    model = keras_model_of(candidate) if isinstance(
+        candidate, (Backbone, keras.Model)) else None
+    if model is None:
+        raise KerastlError(
+            f"Cannot rank {candidate!r}: expected a zoo name, a .keras file, "
+            "a Hub/KerasHub handle, a kerastl Backbone or a keras.Model.")
+    bm = block_map(model)
+    # A classifier is ranked on the features before its head.
+    feature_block = bm.base_blocks[-1] if bm.head_blocks and \
+        bm.base_blocks and bm.has_output(bm.base_blocks[-1]) else None
+    return model, feature_block
+
+
+def _cv_probe_accuracy(features, labels, folds=5, seed=0):
+    """Mean accuracy of a :class:`~kerastl.LinearProbe` over stratified
+    folds: the slower, often as good baseline of the estimators."""
+    from kerastl.features import LinearProbe
+
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), int)
+    for c in np.unique(labels):  # each class spread over the folds
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold_of[idx] = np.arange(len(idx)) % folds
+    scores = []
+    for k in range(folds):
+        test = fold_of == k
+        if not test.any() or len(np.unique(labels[~test])) < 2:
+            continue
+        probe = LinearProbe(epochs=60).fit(features[~test], labels[~test])
+        scores.append(probe.score(features[test], labels[test]))
+    return float(np.mean(scores))
+
+
+def _score(method, features, probabilities, labels):
+    from kerastl.features import transferability
+
+    if method == "linear_probe":
+        return _cv_probe_accuracy(features, labels)
+    fn, takes = transferability.ESTIMATORS[method]
+    if takes == "source":
+        return fn(probabilities, labels)
+    return fn(features, labels)
+
+
+@_private.quiet_retracing()
+def rank_backbones(candidates, data, method="logme", blocks=False,
+                   weights="imagenet", input_shape=None, pooling="avg",
+                   cache=None, max_samples=None, seed=0, verbose=1,
+                   batch_size=64):
+    """Ranks pretrained backbones for a target task without fine-tuning them.
+
+    Each candidate's features of the target images (through
+    :func:`extract_features`, so ``cache=`` makes a second ranking on the
+    same data a cache read) are scored by a transferability estimator
+    (:mod:`kerastl.features.transferability`); higher is better. With
+    ``blocks=True`` every block with an output is scored too, so one call
+    also suggests where to cut (the transfer depth).
+
+    Args:
+        candidates: zoo names, ``.keras`` files, Hub/KerasHub handles,
+            Backbones or Keras models (a list, or ``{name: candidate}``).
+            A candidate that cannot be loaded (weights not downloadable
+            offline, a missing file) is skipped with the reason.
+        data: labelled target data: an image folder, ``(images, labels)``
+            arrays, or a dataset of ``(images, labels)``.
+        method: ``"logme"`` (default), ``"h_score"`` (regularised),
+            ``"leep"`` and ``"nce"`` (these two need the source classifier:
+            pass classifier models whose output is a softmax), and
+            ``"linear_probe"`` (cross-validated accuracy of a linear probe:
+            slower, the baseline the estimators are judged against); or a
+            list of them (the first one orders the rows).
+        blocks: also score every block's output.
+        weights: for zoo names: ``"imagenet"`` (pretrained) or None.
+        input_shape: for zoo names: the input size (default: the model's).
+        pooling: how feature maps become vectors (see
+            :func:`extract_features`).
+        cache: a :class:`~kerastl.FeatureCache` or a folder.
+        max_samples: score on at most this many images (a seeded, class
+            stratified subset) for speed.
+        verbose: 1 prints one line per model as it is scored.
+
+    Returns:
+        A :class:`BackboneRanking`: rows best first, ``.best``, ``print()``.
+
+    Example::
+
+        ranking = kerastl.analysis.rank_backbones(
+            ["mobilenet_v2", "efficientnet_b0", "resnet50"], "photos/")
+        print(ranking)
+    """
+    methods = [method] if isinstance(method, str) else list(method)
+    unknown = [m for m in methods if m not in RANKING_METHODS]
+    if unknown or not methods:
+        raise KerastlError(f"method={method!r}: expected one or more of "
+                           f"{', '.join(RANKING_METHODS)}.")
+    if isinstance(candidates, dict):
+        named = list(candidates.items())
+    else:
+        if isinstance(candidates, (str, os.PathLike, keras.Model)):
+            candidates = [candidates]
+        named = [(_candidate_name(c), c) for c in candidates]
+    if not named:
+        raise KerastlError("rank_backbones: no candidates given.")
+    needs_source = [m for m in methods if m in ("leep", "nce")]
+    rows = []
+    for i, (name, candidate) in enumerate(named):
+        start = time.perf_counter()
+        try:
+            model, feature_block = _load_candidate(candidate, weights,
+                                                   input_shape)
+            if needs_source and feature_block is None:
+                raise KerastlError(
+                    f"{', '.join(needs_source)} need the source classifier's "
+                    f"predictions, and {name} has no classification head "
+                    "(zoo backbones are loaded without theirs). Pass the "
+                    "classifier model itself, or use method='logme'.")
+        except KerastlError as e:
+            rows.append(dict(model=name, block=None, scores={}, score=None,
+                             seconds=time.perf_counter() - start,
+                             skipped=str(e).splitlines()[0]))
+            if verbose:
+                print(f"[{i + 1}/{len(named)}] {name}: skipped: "
+                      f"{rows[-1]['skipped']}", flush=True)
+            continue
+        bm = block_map(model)
+        cut = [feature_block] if feature_block else [None]
+        if blocks:
+            cut = [b for b in bm.base_blocks if bm.has_output(b)]
+        layers = [b for b in cut if b is not None] or None
+        outputs = extract_features(
+            model, data, layers=layers, pooling=pooling, cache=cache,
+            as_dict=True, return_labels=True, batch_size=batch_size,
+            verbose=0)
+        features, labels = outputs
+        if labels is None:
+            raise KerastlError("rank_backbones needs labelled data: an image "
+                               "folder with class subfolders, (images, "
+                               "labels) or a dataset of (images, labels).")
+        keep = _subset(labels, max_samples, seed)
+        probabilities = None
+        if needs_source:
+            probabilities = extract_features(
+                model, data, layers=None, pooling=None, cache=cache,
+                batch_size=batch_size, verbose=0)[keep]
+        for block in cut:
+            f = features[block] if block is not None else next(
+                iter(features.values()))
+            f = flat_features(np.asarray(f)[keep])
+            scores = {m: _score(m, f, probabilities, labels[keep])
+                      for m in methods}
+            rows.append(dict(model=name, block=block if blocks else None,
+                             scores=scores, score=scores[methods[0]],
+                             seconds=0.0, skipped=None))
+        seconds = time.perf_counter() - start
+        for r in rows[-len(cut):]:
+            r["seconds"] = seconds
+        if verbose:
+            best = max(rows[-len(cut):], key=lambda r: r["score"])
+            where = f" (block {best['block']})" if blocks else ""
+            print(f"[{i + 1}/{len(named)}] {name}: {methods[0]} "
+                  f"{best['score']:.4f}{where}, {seconds:.1f} s", flush=True)
+    return BackboneRanking(rows, methods)
+
+
+def _subset(labels, max_samples, seed):
+    """Indices of at most ``max_samples`` examples, classes in proportion
+    (all of them when None)."""
+    labels = np.asarray(labels).reshape(-1)
+    if max_samples is None or max_samples >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    by_class = {c: order[labels[order] == c] for c in np.unique(labels)}
+    share = max_samples / len(labels)
+    keep = np.concatenate([idx[:max(1, int(round(len(idx) * share)))]
+                           for idx in by_class.values()])
+    return np.sort(keep)
