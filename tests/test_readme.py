@@ -1,4 +1,4 @@
-"""The README's Python examples run as written.
+"""The Python examples of the README and of docs/ run as written.
 
 A block preceded by ``<!-- readme-test: SETUP -->`` is executed unchanged,
 after SETUP (below) has made what the README leaves to the reader: a model,
@@ -20,6 +20,12 @@ import tensorflow as tf
 import kerastl
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+# The pages whose examples run here: the README and the guide in docs/.
+PAGES = [README] + sorted(
+    os.path.join(folder, name)
+    for folder, _, names in os.walk(os.path.join(os.path.dirname(README),
+                                                 "docs"))
+    for name in names if name.endswith(".md"))
 
 COVERED_BY = {
     'backbone = kerastl.load_backbone("mobilenet_v2")':
@@ -35,10 +41,10 @@ COVERED_BY = {
 
 
 def blocks():
-    text = open(README).read()
     pattern = re.compile(
         r"(?:<!-- readme-test: (\w+) -->\n)?```python\n(.*?)```", re.S)
-    return [(m.group(1), m.group(2)) for m in pattern.finditer(text)]
+    return [(m.group(1), m.group(2)) for page in PAGES
+            for m in pattern.finditer(open(page).read())]
 
 
 def digits(n, size):
