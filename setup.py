@@ -22,8 +22,11 @@ LITERT = ["ai-edge-litert>=1.2"]
 # nbclient, nbformat, ipykernel: CI executes the tutorial notebooks.
 # pytest-xdist: the suite runs on two workers (pytest.ini), half the time on
 # CI's two cores.
+# pyflakes: the documentation's examples that need downloads are checked for
+# undefined names (tests/test_readme.py).
 TEST = ["pytest>=7", "pytest-xdist>=3.5", "jax>=0.4.30", "nbclient>=0.8",
-        "nbformat>=5", "ipykernel>=6"] + DATA + KERASHUB + ONNX
+        "nbformat>=5", "ipykernel>=6", "pyflakes>=3.2"] + DATA + KERASHUB + \
+    ONNX
 
 setup(
     name="kerastl",
