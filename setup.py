@@ -18,12 +18,23 @@ ONNX = ["tf2onnx>=1.16", "onnxruntime>=1.17"]
 # The LiteRT interpreter as its own package (TensorFlow's tf.lite.Interpreter
 # is deprecated in its favour); kerastl falls back to TensorFlow's without it.
 LITERT = ["ai-edge-litert>=1.2"]
+# The documentation site (mkdocs.yml): MkDocs with the Material theme, the API
+# reference from the docstrings (mkdocstrings-python) and the tutorials as
+# pages (mkdocs-jupyter). Lower bounds: the oldest versions tests/test_docs.py
+# passed with (pymdown-extensions 13.1, griffe 2.4); older mkdocstrings break
+# on pymdown-extensions 13, older mkdocs-jupyter on the generated home page.
+DOCS = ["mkdocs>=1.6.1", "mkdocs-material>=9.8", "mkdocstrings>=1.0.7",
+        "mkdocstrings-python>=2.0", "mkdocs-jupyter>=0.26.2"]
 # jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
 # nbclient, nbformat, ipykernel: CI executes the tutorial notebooks.
 # pytest-xdist: the suite runs on two workers (pytest.ini), half the time on
 # CI's two cores.
+# pyflakes: the documentation's examples that need downloads are checked for
+# undefined names (tests/test_readme.py); DOCS: tests/test_docs.py builds
+# the site.
 TEST = ["pytest>=7", "pytest-xdist>=3.5", "jax>=0.4.30", "nbclient>=0.8",
-        "nbformat>=5", "ipykernel>=6"] + DATA + KERASHUB + ONNX
+        "nbformat>=5", "ipykernel>=6", "pyflakes>=3.2"] + DATA + KERASHUB + \
+    ONNX + DOCS
 
 setup(
     name="kerastl",
@@ -51,6 +62,7 @@ setup(
     ],
     extras_require={
         "test": TEST,
+        "docs": DOCS,
         "plots": PLOTS,
         "data": DATA,
         "kerashub": KERASHUB,

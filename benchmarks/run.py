@@ -3,7 +3,7 @@
     python benchmarks/run.py [--full] [--only NAME ...] [--json results.json]
     python benchmarks/run.py --only NAME ... --update   # replace their rows
     python benchmarks/run.py --compare old.json new.json
-    python benchmarks/run.py --markdown results.json   # the README's table
+    python benchmarks/run.py --markdown results.json   # docs/benchmarks.md
 
 Quick mode (the default, about 10 minutes on 2 CPU cores) runs each
 benchmark with fewer images, seeds or steps; ``--full`` with its own
@@ -11,7 +11,8 @@ defaults. Prints one table (benchmark, kerastl figure, reference figure,
 ratio, target, met) and writes it as JSON (default
 ``benchmarks/results.json``) with the machine, the Keras backend and the git
 commit, so that ``--compare`` can show two commits side by side. The
-README's "Measured" figures come from here.
+documentation's measured figures (docs/benchmarks.md and the guide pages)
+come from here.
 
 Each benchmark is also a script of its own (``python benchmarks/<name>.py
 --help``) that prints more detail.

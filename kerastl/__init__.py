@@ -8,7 +8,7 @@ public API (:data:`__all__`: the names below, and the namespaces
 The modules in layers, from the centre outwards; a module imports only
 modules of its own layer or of layers above it in this list
 (``tests/test_architecture.py`` checks it, and that this list and the
-README's "Project layout" say the same):
+documentation's "Project layout" page, docs/layout.md, say the same):
 
 <!-- layout:start -->
 Foundation (no Keras model code; nothing of kerastl but each other)

@@ -117,7 +117,7 @@ def _origin(c, markdown=False):
 
 
 def zoo_markdown_table():
-    """The zoo as a Markdown table (the README's, kept in sync by a test)."""
+    """The zoo as a Markdown table (docs/zoo.md's, kept in sync by a test)."""
     from kerastl.zoo import list_configs
 
     lines = ["| name | source | params | top-1 | input | min | preprocessing "
@@ -443,7 +443,7 @@ def build_parser():
     p = zoo_sub.add_parser("list", help="all models: params, input size, "
                                         "block count")
     p.add_argument("--markdown", action="store_true",
-                   help="print the README's Markdown table")
+                   help="print the Markdown table of docs/zoo.md")
     p.set_defaults(func=cmd_zoo_list, needs_keras=False)
     p = zoo_sub.add_parser("show", help="one model's block table (stored "
                                         "for the packaged models; with "

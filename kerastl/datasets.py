@@ -181,6 +181,8 @@ def syn_digits(n=10000, split="train", size=32, seed=0, dtype="float32"):
 
 
 DOMAINS = {"digits": digits, "digits_m": digits_m, "syn_digits": syn_digits}
+"""The offline domains by name: ``digits``, ``digits_m``, ``syn_digits``
+(each a function of ``split``, ``size``, ...; :func:`load` calls one)."""
 
 
 def load(name, split=None, **kwargs):

@@ -118,8 +118,8 @@ def strategy(name):
     if keras.backend.backend() != "tensorflow":
         raise KerastlError(
             f"distribute={name!r} uses tf.distribute: the TensorFlow backend."
-            " On JAX, set keras.distribution.DataParallel() instead (see the "
-            "README, More than one device).")
+            " On JAX, set keras.distribution.DataParallel() instead (see "
+            "docs/devices.md, More than one device).")
     import tensorflow as tf
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()

@@ -224,7 +224,7 @@ KEYS = (
         choices=SWITCH),
     Key("distribute", "none", (str,),
         "every GPU of this machine, or several machines (each with its "
-        "TF_CONFIG; see the README)", choices=DEVICE_STRATEGIES),
+        "TF_CONFIG; see docs/devices.md)", choices=DEVICE_STRATEGIES),
     Key("overwrite", False, (bool,),
         "replace an earlier kerastl run in the output folder (at the end); "
         "kerastl never replaces a folder it did not write"),

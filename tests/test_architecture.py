@@ -136,7 +136,7 @@ def test_function_local_imports_are_only_lazy_optional_packages():
 
 # The package's modules in layers, from the centre outwards: a module may
 # import modules of its own layer and of the layers before it, never of a
-# later one. The package docstring and the README's "Project layout" show
+# later one. The package docstring and docs/layout.md ("Project layout") show
 # this list (rendered by render_layout(); `python tests/test_architecture.py`
 # prints it); the tests below fail when a module imports a later layer, when
 # a module is missing here, or when either document says something else.
@@ -203,7 +203,7 @@ LAYERS = [
 
 
 def render_layout(layers=LAYERS):
-    """The layers as the package docstring and the README show them."""
+    """The layers as the package docstring and docs/layout.md show them."""
     lines = []
     for title, note, modules in layers:
         lines.append(f"{title} ({note})" if note else title)
@@ -276,14 +276,14 @@ def _between_markers(text, where):
     return found.group(1)
 
 
-def test_docstring_and_readme_show_the_declared_layers():
+def test_docstring_and_docs_show_the_declared_layers():
     expected = render_layout()
     assert _between_markers(kerastl.__doc__, "kerastl/__init__.py") == \
         expected, "paste `python tests/test_architecture.py` into the docstring"
-    readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md")).read()
-    section = readme[readme.index("## Project layout"):]
-    assert _between_markers(section, "README's Project layout") == \
-        expected, "paste `python tests/test_architecture.py` into the README"
+    page = open(os.path.join(os.path.dirname(PACKAGE), "docs",
+                             "layout.md")).read()
+    assert _between_markers(page, "docs/layout.md") == expected, \
+        "paste `python tests/test_architecture.py` into docs/layout.md"
 
 
 # -- private access: one module, checked on the syntax tree -------------------
@@ -436,8 +436,8 @@ def test_keras_file_from_a_user_zoo_entry_loads_without_the_entry(
 # -- the public API -------------------------------------------------------------
 
 def test_removed_aliases_are_gone_and_their_replacements_work():
-    # 0.1.0 ships without the aliases kept "one release" (README, "Changed
-    # in this release").
+    # 0.1.0 ships without the aliases kept "one release" (docs/changelog.md,
+    # "Changed in this release").
     for old in ("get_config", "layer_decay", "lr_spread", "frozen_blocks",
                 "STRATEGIES", "hub"):
         assert not hasattr(kerastl, old), old
@@ -499,5 +499,5 @@ def test_load_model_needs_no_import_to_remember(tmp_path):
     assert ours.stdout.strip().splitlines()[-1] == "head"
 
 
-if __name__ == "__main__":  # the layout block for the docstring and README
+if __name__ == "__main__":  # the layout block for the docstring and docs
     print(render_layout())

@@ -158,16 +158,17 @@ def test_missing_subcommand_exits_nonzero():
     assert e.value.code != 0
 
 
-def test_readme_zoo_table_is_in_sync_with_the_configs():
+def test_docs_zoo_table_is_in_sync_with_the_configs():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    page = Path(__file__).resolve().parents[1] / "docs" / "zoo.md"
     block = re.search(r"<!-- zoo-table:start -->\n(.*?)\n<!-- zoo-table:end -->",
-                      readme, re.S)
-    assert block, "the README lost its zoo-table markers"
+                      page.read_text(), re.S)
+    assert block, "docs/zoo.md lost its zoo-table markers"
     assert block.group(1) == cli.zoo_markdown_table(), (
-        "README zoo table is stale: paste `kerastl zoo list --markdown`")
+        "docs/zoo.md's zoo table is stale: paste `kerastl zoo list "
+        "--markdown`")
 
 
 @pytest.mark.parametrize("case", [

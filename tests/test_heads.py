@@ -140,8 +140,8 @@ def test_one_strategy_vocabulary(backbone, strategy, frozen):
 
 
 def test_fine_tune_refuses_unknown_and_removed_arguments():
-    # The pre-0.2 arguments were removed with 0.1.0 (README, "Changed in
-    # this release"); what replaces them is named in the error.
+    # The pre-0.2 arguments were removed with 0.1.0 (docs/changelog.md,
+    # "Changed in this release"); what replaces them is named in the error.
     model = two_block_classifier()
     for old in ("unfreeze_from", "fine_tune_epochs", "head_learning_rate",
                 "fine_tune_learning_rate", "unfreeze_form"):

@@ -1,44 +1,89 @@
-"""The README's Python examples run as written.
+"""The Python examples of the README and of the documentation (docs/) are
+complete: each is run here as written, or checked here name by name.
 
-A block preceded by ``<!-- readme-test: SETUP -->`` is executed unchanged,
-after SETUP (below) has made what the README leaves to the reader: a model,
-``train``/``val`` data, a folder of photos. Blocks that need downloads
-(ImageNet weights, TF Hub handles) are
-run by a tutorial instead, offline with the bundled data; ``COVERED_BY``
-names which, and a new unmarked block fails this test until it is either
-marked or listed.
+Every ```python block carries a marker on the line before it (a block
+without one fails this test):
+
+* ``<!-- readme-test: SETUP -->``: executed unchanged, after SETUP (below)
+  has made what the page leaves to the reader: a model, ``train``/``val``
+  data, a folder of photos.
+* ``<!-- readme-test: static -->`` or ``<!-- readme-test: static:SETUP -->``:
+  a block that needs downloads (ImageNet weights, TF Hub handles), so it
+  cannot run here. It is compiled and checked with pyflakes: every name it
+  uses must be defined by the block itself, be one that every block gets
+  (``BASE``: keras, kerastl, tf, np) or one that SETUP provides.
+
+``PROVIDES`` declares the names each setup makes; an executed block checks
+the declaration against what the setup really made. Every block, executed
+or static, gets the pyflakes check.
 """
 
+import ast
 import os
 import re
+from pathlib import Path
 
 import keras
 import numpy as np
+import pyflakes.checker
+import pyflakes.messages
 import pytest
 import tensorflow as tf
 
 import kerastl
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+ROOT = Path(__file__).resolve().parents[1]
+# The pages whose examples are checked: the README and every page of the
+# documentation site.
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
 
-COVERED_BY = {
-    'backbone = kerastl.load_backbone("mobilenet_v2")':
-        "tutorials/01_feature_extraction.ipynb",
-    'backbone = kerastl.load_backbone("efficientnet_b0", input_shape':
-        "tutorials/02_fine_tuning.ipynb",
-    "layer = kerastl.HubLayer(": "tutorials/03_tf_hub.ipynb",
-    'backbone = kerastl.load_backbone("hub:mobilenet_v2_100_224")':
-        "tutorials/03_tf_hub.ipynb",
-    "strategy = tf.distribute.MirroredStrategy()":
-        "tests/distributed_jobs.py",  # the same calls, on two devices
+# The names every block gets without importing them.
+BASE = {"keras": keras, "kerastl": kerastl, "tf": tf, "np": np}
+
+# What each setup makes for the blocks that name it.
+PROVIDES = {
+    "efficientnet_classifier": {"model", "train", "val"},
+    "photo_folder": {"backbone", "x_test", "y_test"},  # and photos/
+    "digits_model": {"model"},  # and seven.png
+    "digits_deploy": {"model", "x_train", "x_val", "y_val", "class_names"},
+    "exported_files": {"images_uint8", "images_float32"},  # and export/
+    "quick": set(),
+    "mobilenet_backbone": {"backbone"},
+    "kerashub_preset": {"x_train", "y_train", "x_val", "y_val"},
 }
+
+MARKED = re.compile(r"(?:<!-- readme-test: ([\w:]+) -->\n)?```python\n(.*?)```",
+                    re.S)
 
 
 def blocks():
-    text = open(README).read()
-    pattern = re.compile(
-        r"(?:<!-- readme-test: (\w+) -->\n)?```python\n(.*?)```", re.S)
-    return [(m.group(1), m.group(2)) for m in pattern.finditer(text)]
+    """``(where, marker, code)`` of every Python block, page by page."""
+    found = []
+    for page in PAGES:
+        name = page.relative_to(ROOT).as_posix()
+        for i, m in enumerate(MARKED.finditer(page.read_text())):
+            found.append((f"{name}#{i}", m.group(1), m.group(2)))
+    return found
+
+
+def setup_of(marker):
+    """``(setup name or None, static?)`` of a marker."""
+    static, _, setup = marker.partition(":")
+    if static == "static":
+        return (setup or None), True
+    return marker, False
+
+
+def undefined_names(code, where, provided):
+    """pyflakes' undefined-name messages for ``code``, given the names
+    ``provided`` to it."""
+    tree = ast.parse(code, filename=where)  # a syntax error fails here
+    checker = pyflakes.checker.Checker(tree, filename=where,
+                                       builtins=set(provided))
+    undefined = (pyflakes.messages.UndefinedName,
+                 pyflakes.messages.UndefinedLocal,
+                 pyflakes.messages.UndefinedExport)
+    return [str(m) for m in checker.messages if isinstance(m, undefined)]
 
 
 def digits(n, size):
@@ -87,6 +132,21 @@ def digits_deploy(ns, tmp_path):
     model.fit(x, y, epochs=3, verbose=0)
 
 
+def exported_files(ns, tmp_path):
+    """The files the Deploy section calls: the digits model as an int8
+    LiteRT file with uint8 input and as an ONNX file, and images for them."""
+    pytest.importorskip("ai_edge_litert")  # kerastl[litert]; not in [test]
+    pytest.importorskip("onnxruntime")
+    digits_deploy(ns, tmp_path)
+    model, x = ns["model"], ns["x_train"]
+    kerastl.export(model, "export/digits-int8", format="litert",
+                   input="uint8", quantize="int8", representative_data=x)
+    kerastl.export(model, "export/digits-onnx", format="onnx")
+    ns.clear()
+    ns.update(BASE, images_uint8=x[:4].astype("uint8"),
+              images_float32=x[:4].astype("float32"))
+
+
 def quick(ns, tmp_path):
     """Nothing to make: the block is complete (the test sets its documented
     small-size switch, KERASTL_QUICK=1)."""
@@ -124,35 +184,54 @@ def kerashub_preset(ns, tmp_path):
 
 
 SETUPS = {f.__name__: f for f in (efficientnet_classifier, photo_folder,
-                                  digits_model, digits_deploy, quick,
-                                  mobilenet_backbone,
+                                  digits_model, digits_deploy, exported_files,
+                                  quick, mobilenet_backbone,
                                   kerashub_preset)}
 
 
-def test_every_python_block_is_run_here_or_by_a_tutorial():
-    for setup, code in blocks():
-        if setup is None:
-            first = [line for line in code.strip().splitlines()
-                     if line and not line.startswith("import ")][0]
-            covered = [t for k, t in COVERED_BY.items() if first.startswith(k)]
-            assert covered, f"README block not run anywhere: {first!r}"
-            assert os.path.exists(os.path.join(
-                os.path.dirname(README), covered[0]))
-        else:
-            assert setup in SETUPS, setup
+def test_every_python_block_is_marked():
+    found = blocks()
+    assert len(found) >= 17, [w for w, _, _ in found]
+    unmarked = [where for where, marker, _ in found if marker is None]
+    assert not unmarked, (
+        "Python blocks without a <!-- readme-test: ... --> marker (run it "
+        "with a setup, or mark it static[:SETUP]): " + ", ".join(unmarked))
+    assert set(SETUPS) == set(PROVIDES)
+    for where, marker, _ in found:
+        setup, static = setup_of(marker)
+        assert setup is None and static or setup in SETUPS, (where, marker)
+
+
+@pytest.mark.parametrize("where, marker, code", blocks(),
+                         ids=[w for w, _, _ in blocks()])
+def test_every_python_block_uses_only_defined_names(where, marker, code):
+    setup, _ = setup_of(marker or "static")
+    provided = set(BASE) | PROVIDES.get(setup, set())
+    undefined = undefined_names(code, where, provided)
+    assert not undefined, f"{where} ({marker}): " + "; ".join(undefined)
+
+
+def test_the_name_check_finds_an_undefined_name():
+    code = "import keras\nmodel = build(keras.Input((4,)))\nmodel.fit(train)\n"
+    assert len(undefined_names(code, "planted", set(BASE))) == 2
+    assert not undefined_names(code, "planted", {"build", "train"})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", [i for i, (s, _) in enumerate(blocks())
-                                   if s is not None])
-def test_readme_block_runs_as_written(index, tmp_path, monkeypatch):
-    setup, code = blocks()[index]
+@pytest.mark.parametrize("where, marker, code",
+                         [b for b in blocks()
+                          if b[1] and not setup_of(b[1])[1]],
+                         ids=[b[0] for b in blocks()
+                              if b[1] and not setup_of(b[1])[1]])
+def test_block_runs_as_written(where, marker, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # the FeatureCache example
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
-    # The README's documented small-size switch (for the DANN example).
+    # The documented small-size switch (for the DANN example).
     monkeypatch.setenv("KERASTL_QUICK", "1")
     keras.utils.set_random_seed(0)
-    ns = {"keras": keras, "kerastl": kerastl, "tf": tf, "np": np}
-    SETUPS[setup](ns, tmp_path)
-    exec(compile(code, f"README.md block {index}", "exec"), ns)
+    ns = dict(BASE)
+    SETUPS[marker](ns, tmp_path)
+    assert set(ns) - set(BASE) == PROVIDES[marker], \
+        "PROVIDES does not say what this setup makes"
+    exec(compile(code, where, "exec"), ns)
