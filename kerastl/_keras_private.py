@@ -9,6 +9,7 @@ there first). Nothing else in kerastl reads a private Keras attribute.
 """
 
 import contextlib
+import logging
 
 import keras
 
@@ -196,8 +197,6 @@ def quiet_retracing():
     """Within the block, TensorFlow's retracing warning about Keras's step
     functions is not logged (see :class:`_RetracingFilter`); every other
     message is."""
-    import logging
-
     logger = logging.getLogger("tensorflow")
     flt = _RetracingFilter()
     logger.addFilter(flt)

@@ -23,9 +23,12 @@ import keras
 import numpy as np
 
 from kerastl import _keras_private as _private
+from kerastl.backbone import Backbone, load_backbone
 from kerastl.blocks import block_map
 from kerastl.errors import KerastlError
+from kerastl.features import transferability
 from kerastl.features.extract import extract_features, flat_features
+from kerastl.features.probes import LinearProbe
 from kerastl.freezing import keras_model_of, restored_trainability
 from kerastl.heads import build_classifier
 from kerastl.plan import TrainingPlan
@@ -361,7 +364,7 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
 
 # -- ranking backbones ---------------------------------------------------------------
 
-RANKING_METHODS = ("logme", "h_score", "leep", "nce", "linear_probe")
+_METHODS = ("logme", "h_score", "leep", "nce", "linear_probe")
 
 
 class BackboneRanking(list):
@@ -383,6 +386,7 @@ class BackboneRanking(list):
         return self[0] if self and self[0]["skipped"] is None else None
 
     def to_dict(self):
+        """The ranking as plain data (what ``kerastl rank --json`` prints)."""
         return {"methods": self.methods, "rows": [dict(r) for r in self],
                 "best": None if self.best is None else {
                     "model": self.best["model"], "block": self.best["block"]}}
@@ -421,8 +425,6 @@ def _candidate_name(candidate):
 
 def _load_candidate(candidate, weights, input_shape):
     """``(keras model, its feature layer or None)``."""
-    from kerastl.backbone import Backbone, load_backbone
-
     if isinstance(candidate, (str, os.PathLike)):
         candidate = load_backbone(os.fspath(candidate), weights=weights,
                                   input_shape=input_shape)
@@ -442,8 +444,6 @@ def _load_candidate(candidate, weights, input_shape):
 def _cv_probe_accuracy(features, labels, folds=5, seed=0):
     """Mean accuracy of a :class:`~kerastl.LinearProbe` over stratified
     folds: the slower, often as good baseline of the estimators."""
-    from kerastl.features import LinearProbe
-
     labels = np.asarray(labels).reshape(-1)
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(labels), int)
@@ -461,8 +461,6 @@ def _cv_probe_accuracy(features, labels, folds=5, seed=0):
 
 
 def _score(method, features, probabilities, labels):
-    from kerastl.features import transferability
-
     if method == "linear_probe":
         return _cv_probe_accuracy(features, labels)
     fn, takes = transferability.ESTIMATORS[method]
@@ -518,10 +516,10 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         print(ranking)
     """
     methods = [method] if isinstance(method, str) else list(method)
-    unknown = [m for m in methods if m not in RANKING_METHODS]
+    unknown = [m for m in methods if m not in _METHODS]
     if unknown or not methods:
         raise KerastlError(f"method={method!r}: expected one or more of "
-                           f"{', '.join(RANKING_METHODS)}.")
+                           f"{', '.join(_METHODS)}.")
     if isinstance(candidates, dict):
         named = list(candidates.items())
     else:
@@ -543,10 +541,10 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
                     f"predictions, and {name} has no classification head "
                     "(zoo backbones are loaded without theirs). Pass the "
                     "classifier model itself, or use method='logme'.")
-        except KerastlError as e:
+        except (KerastlError, OSError) as e:
             rows.append(dict(model=name, block=None, scores={}, score=None,
                              seconds=time.perf_counter() - start,
-                             skipped=str(e).splitlines()[0]))
+                             skipped=" ".join(str(e).split())))
             if verbose:
                 print(f"[{i + 1}/{len(named)}] {name}: skipped: "
                       f"{rows[-1]['skipped']}", flush=True)

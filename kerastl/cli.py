@@ -291,6 +291,51 @@ def cmd_finetune(args):
     return 0
 
 
+def rank_candidates(args):
+    """The zoo names (or files) ``kerastl rank`` scores: ``--models`` as
+    given, or every zoo entry whose name contains ``--family``."""
+    from kerastl.errors import KerastlError
+    from kerastl.zoo import list_configs
+
+    if bool(args.models) == bool(args.family):
+        raise KerastlError("Say which models to rank: --models a,b,c or "
+                           "--family NAME (e.g. --family mobilenet).")
+    if args.models:
+        return [m.strip() for m in args.models.split(",") if m.strip()]
+    family = args.family.lower()
+    names = [c.name for c in list_configs() if family in c.name.lower()]
+    if not names:
+        raise KerastlError(f"--family {args.family}: no zoo name contains "
+                           "it; see `kerastl zoo list`.")
+    return names
+
+
+def cmd_rank(args):
+    """kerastl rank --data FOLDER (--models a,b | --family F) [--blocks]."""
+    import contextlib
+
+    from kerastl.analysis import rank_backbones
+
+    names = rank_candidates(args)
+    cache = None if args.no_cache else os.path.expanduser(args.cache)
+    size = (args.input_size, args.input_size, 3) if args.input_size else None
+    # With --json, stdout is the JSON only: progress goes to stderr.
+    out = contextlib.redirect_stdout(sys.stderr) if args.json else \
+        contextlib.nullcontext()
+    with out:
+        ranking = rank_backbones(
+            names, args.data, method=args.method.split(","),
+            blocks=args.blocks,
+            weights=None if args.weights == "none" else "imagenet",
+            input_shape=size, cache=cache, max_samples=args.max_samples,
+            verbose=1)
+    if args.json:
+        print(json.dumps(ranking.to_dict(), indent=1))
+    else:
+        print(ranking)
+    return 0 if ranking.best is not None else 1
+
+
 def cmd_export(args):
     """kerastl export MODEL.keras --format F [--quantize Q] [--data D]."""
     from kerastl.errors import ExportError
@@ -509,6 +554,45 @@ def build_parser():
     p.add_argument("--no-check", action="store_true",
                    help="do not run the written file (not recommended)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "rank", help="rank backbones for your images without fine-tuning "
+                     "(LogME, H-score, a linear probe)",
+        description="Score each model's features of your labelled images "
+                    "with a transferability estimator (higher is better) "
+                    "and print the models best first. Models that cannot "
+                    "be loaded (weights not downloadable offline) are "
+                    "skipped with the reason.")
+    p.add_argument("--data", required=True,
+                   help="image folder, one subfolder per class")
+    p.add_argument("--models", default=None,
+                   help="comma-separated zoo names or .keras files")
+    p.add_argument("--family", default=None,
+                   help="every zoo model whose name contains this "
+                        "(e.g. mobilenet, efficientnet)")
+    p.add_argument("--blocks", action="store_true",
+                   help="also score every block (where to cut)")
+    p.add_argument("--method", default="logme",
+                   help="logme (default), h_score, linear_probe, or several "
+                        "separated by commas (the first orders the table)")
+    p.add_argument("--weights", choices=("imagenet", "none"),
+                   default="imagenet",
+                   help="pretrained weights (default) or none (random, for "
+                        "trying the command offline)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="input height and width (default: each model's)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="score on at most this many images (class "
+                        "proportions kept)")
+    p.add_argument("--cache", default="~/.cache/kerastl/features",
+                   help="feature cache folder: a second ranking of the same "
+                        "models on the same data reads it "
+                        "(default: ~/.cache/kerastl/features)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the feature cache")
+    p.add_argument("--json", action="store_true",
+                   help="print the ranking as JSON")
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser(
         "demo", help="the main job offline: pretrain, transfer three ways, "

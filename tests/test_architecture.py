@@ -179,10 +179,12 @@ LAYERS = [
         ("advice", "recommend_strategy"),
     ]),
     ("Methods", None, [
-        ("features", "extract_features, FeatureCache, LinearProbe"),
+        ("features", "extract_features, FeatureCache, LinearProbe, "
+                     "transferability estimators"),
         ("adaptation", "GradientReversal, DANN, ADDA, AdaBN, selection, "
                        "borrowing source data"),
-        ("analysis", "linear CKA, transfer-depth sweeps"),
+        ("analysis", "linear CKA, transfer-depth sweeps, ranking "
+                     "backbones"),
         ("serving", "export: SavedModel, LiteRT and ONNX files, each run "
                     "by its runtime before it is kept; inference models"),
         ("saving", "load_model: a .keras file with kerastl's classes"),

@@ -111,7 +111,8 @@ def logme(features, labels, max_iterations=100, tolerance=1e-8,
             m_sq = float(np.sum(beta ** 2 * sigma * z_sq / denom ** 2))
             res_sq = rest + float(np.sum(z_sq * (alpha / denom) ** 2))
             new_alpha = gamma / max(m_sq, 1e-300)
-            new_beta = (n - gamma) / max(res_sq, 1e-300)
+            # (n - gamma reaches 0 when t is interpolated exactly: n <= d.)
+            new_beta = max(n - gamma, 1e-12) / max(res_sq, 1e-300)
             ratio, new_ratio = alpha / beta, new_alpha / new_beta
             alpha, beta = new_alpha, new_beta
             if abs(new_ratio - ratio) <= tolerance * ratio:
@@ -237,10 +238,11 @@ def h_score(features, labels, shrinkage="ledoit_wolf"):
     return float(np.trace(np.linalg.solve(cov, (1 - a) * between)))
 
 
-# name -> (function, what it takes: "features" or "source")
 ESTIMATORS = {
     "logme": (logme, "features"),
     "h_score": (h_score, "features"),
     "leep": (leep, "source"),
     "nce": (nce, "source"),
 }
+"""``{name: (function, what it takes)}``: ``"features"`` (features of the
+target images) or ``"source"`` (the source classifier's probabilities)."""

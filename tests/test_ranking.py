@@ -1,0 +1,222 @@
+"""Ranking backbones without fine-tuning: the transferability estimators
+against their formulas computed naively, and rank_backbones / kerastl rank."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import kerastl
+from kerastl import cli
+from kerastl.analysis import rank_backbones
+from kerastl.features import transferability as T
+
+from conftest import small_cnn, write_folder
+
+
+def problem(n=60, d=12, classes=3, seed=0, signal=1.5):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    y[:classes] = np.arange(classes)  # every class present
+    f = rng.normal(size=(n, d))
+    f[:, :classes] += signal * np.eye(classes)[y]
+    return f, y
+
+
+def source_predictions(y, source_classes=5, seed=0):
+    """Softmax rows of a source classifier loosely tied to the labels."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(y), source_classes))
+    logits[np.arange(len(y)), y % source_classes] += 2.0
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True)
+
+
+# -- each estimator against its formula ---------------------------------------
+
+@pytest.mark.parametrize("shape", [(60, 12), (20, 50)], ids=["n>d", "n<d"])
+def test_logme_is_the_log_evidence_at_a_fixed_point(shape):
+    f, y = problem(*shape, signal=4.0)
+    score, details = T.logme(f, y, return_details=True)
+    n = len(f)
+    naive = []
+    for k in range(3):
+        t = (y == k).astype(float)
+        alpha, beta = details["alpha"][k], details["beta"][k]
+        # The marginal of t = F w + e: N(0, I / beta + F F' / alpha).
+        cov = np.eye(n) / beta + f @ f.T / alpha
+        _, logdet = np.linalg.slogdet(cov)
+        naive.append(-0.5 * (n * np.log(2 * np.pi) + logdet
+                             + t @ np.linalg.solve(cov, t)) / n)
+        if n < f.shape[1]:
+            continue  # t can be interpolated: beta grows without bound
+        # ... and (alpha, beta) is MacKay's fixed point of that evidence.
+        a = alpha * np.eye(f.shape[1]) + beta * f.T @ f
+        m = beta * np.linalg.solve(a, f.T @ t)
+        gamma = f.shape[1] - alpha * np.trace(np.linalg.inv(a))
+        np.testing.assert_allclose(alpha, gamma / (m @ m), rtol=1e-5)
+        np.testing.assert_allclose(
+            beta, (n - gamma) / np.sum((t - f @ m) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(details["evidence"], naive, rtol=1e-6)
+    np.testing.assert_allclose(score, np.mean(naive), rtol=1e-6)
+
+
+def test_h_score_against_its_formula_and_ledoit_wolf_against_sklearn():
+    from sklearn.covariance import ledoit_wolf
+
+    f, y = problem()
+    n = len(f)
+    centred = f - f.mean(0)
+    cov = centred.T @ centred / n
+    class_mean = np.stack([centred[y == y[i]].mean(0) for i in range(n)])
+    between = class_mean.T @ class_mean / n
+    np.testing.assert_allclose(
+        T.h_score(f, y, shrinkage=None),
+        np.trace(np.linalg.pinv(cov) @ between), rtol=1e-6)
+    shrunk, a = ledoit_wolf(f)
+    ours_a, ours_cov = T.ledoit_wolf_shrinkage(f)
+    np.testing.assert_allclose(ours_a, a, rtol=1e-6)
+    np.testing.assert_allclose(ours_cov, shrunk, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        T.h_score(f, y), np.trace(np.linalg.inv(shrunk) @ ((1 - a) * between)),
+        rtol=1e-6)
+
+
+def test_leep_and_nce_against_their_formulas():
+    _, y = problem()
+    theta = source_predictions(y)
+    n, classes, source = len(y), 3, theta.shape[1]
+    joint = np.array([[sum(theta[i, z] for i in range(n) if y[i] == c) / n
+                       for z in range(source)] for c in range(classes)])
+    leep = np.mean([np.log(sum(joint[y[i], z] / joint[:, z].sum()
+                               * theta[i, z] for z in range(source)))
+                    for i in range(n)])
+    np.testing.assert_allclose(T.leep(theta, y), leep, rtol=1e-6)
+    z = theta.argmax(1)
+    hard = np.array([[np.sum((y == c) & (z == s)) / n for s in range(source)]
+                     for c in range(classes)])
+    nce = sum(hard[c, s] * np.log(hard[c, s] / hard[:, s].sum())
+              for c in range(classes) for s in range(source) if hard[c, s])
+    np.testing.assert_allclose(T.nce(theta, y), nce, rtol=1e-6)
+
+
+def test_every_estimator_ignores_the_order_of_samples():
+    f, y = problem()
+    theta = source_predictions(y)
+    order = np.random.default_rng(1).permutation(len(y))
+    for name, (fn, takes) in T.ESTIMATORS.items():
+        x = theta if takes == "source" else f
+        np.testing.assert_allclose(fn(x[order], y[order]), fn(x, y),
+                                   rtol=1e-9, err_msg=name)
+
+
+def test_labels_of_any_values_give_the_same_score():
+    f, y = problem()
+    names = np.array(["cat", "dog", "emu"])[y]
+    assert T.logme(f, names) == pytest.approx(T.logme(f, y), rel=1e-12)
+
+
+def test_a_single_class_or_too_few_samples_is_a_clear_error():
+    f, y = problem()
+    for name, (fn, takes) in T.ESTIMATORS.items():
+        x = source_predictions(y) if takes == "source" else f
+        with pytest.raises(kerastl.KerastlError, match="at least two classes"):
+            fn(x, np.zeros(len(y)))
+        with pytest.raises(kerastl.KerastlError,
+                           match="more samples than classes"):
+            fn(x[:3], np.arange(3))
+    with pytest.raises(kerastl.KerastlError, match="softmax"):
+        T.leep(f, y)  # features are not probabilities
+
+
+# -- rank_backbones ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = kerastl.datasets.digits("train")
+    import tensorflow as tf
+
+    return tf.image.resize(x[:240], (32, 32)).numpy(), y[:240]
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return kerastl.pretrained.small_cnn()
+
+
+def test_a_pretrained_backbone_ranks_above_random_ones(digits, pretrained,
+                                                       tmp_path):
+    keras.utils.set_random_seed(0)
+    cache = kerastl.FeatureCache(str(tmp_path / "cache"))
+    candidates = {"pretrained": pretrained, "random": small_cnn(width=8),
+                  "missing": str(tmp_path / "missing.keras")}
+    ranking = rank_backbones(candidates, digits,
+                             method=["logme", "h_score", "linear_probe"],
+                             cache=cache, verbose=0)
+    assert ranking.best["model"] == "pretrained"
+    scored = {r["model"]: r["scores"] for r in ranking if not r["skipped"]}
+    # Every method agrees here, the probe's accuracy included.
+    for method in ("logme", "h_score", "linear_probe"):
+        assert scored["pretrained"][method] > scored["random"][method], method
+    assert scored["pretrained"]["linear_probe"] > 0.8
+    skipped = [r for r in ranking if r["skipped"]]
+    assert [r["model"] for r in skipped] == ["missing"]
+    assert "does not exist" in skipped[0]["skipped"]
+    assert "recommended: pretrained" in str(ranking)
+    # A second ranking on the same data reads the features from the cache.
+    hits = cache.hits
+    again = rank_backbones({"pretrained": pretrained}, digits, cache=cache,
+                           verbose=0)
+    assert cache.hits == hits + 1
+    assert again[0]["score"] == pytest.approx(scored["pretrained"]["logme"])
+
+
+def test_blocks_are_ranked_and_leep_needs_the_source_classifier(
+        digits, pretrained):
+    ranking = rank_backbones([pretrained], digits, blocks=True, verbose=0)
+    assert sorted(r["block"] for r in ranking) == sorted(
+        kerastl.block_map(pretrained).base_blocks)
+    assert len({r["score"] for r in ranking}) == len(ranking)
+    skipped = rank_backbones([pretrained], digits, method="leep",
+                             verbose=0)[0]["skipped"]
+    assert "source classifier" in skipped
+    # A classifier with a softmax head: LEEP and NCE from its predictions,
+    # LogME from the features before its head.
+    classifier = kerastl.build_classifier(pretrained, 10, freeze=None)
+    row = rank_backbones([classifier], digits, method=["leep", "nce",
+                                                       "logme"],
+                         verbose=0)[0]
+    assert row["skipped"] is None
+    assert row["scores"]["leep"] <= 0 and row["scores"]["nce"] <= 0
+    assert row["scores"]["logme"] == pytest.approx(
+        rank_backbones([pretrained], digits, verbose=0)[0]["score"])
+
+
+def test_bad_method_is_a_clear_error(digits, pretrained):
+    with pytest.raises(kerastl.KerastlError, match="logme"):
+        rank_backbones([pretrained], digits, method="logm")
+
+
+# -- kerastl rank ---------------------------------------------------------------------
+
+def test_rank_command_skips_what_cannot_load_and_prints_json(
+        tmp_path, capsys, pretrained):
+    images = write_folder(tmp_path / "images", per_class=12, size=32)
+    pretrained.save(tmp_path / "mine.keras")
+    code = cli.main(["rank", "--data", str(images), "--models",
+                     f"{tmp_path / 'mine.keras'},mobilenet_v9", "--json",
+                     "--cache", str(tmp_path / "cache")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)  # stdout is the JSON only
+    assert result["best"]["model"].endswith("mine.keras")
+    skipped = [r for r in result["rows"] if r["skipped"]]
+    assert skipped[0]["model"] == "mobilenet_v9"
+    assert "Unknown model 'mobilenet_v9'" in skipped[0]["skipped"]
+    assert "[2/2] mobilenet_v9: skipped: Unknown model" in err
+    assert "Traceback" not in err
+    # Neither --models nor --family: one line naming both.
+    code = cli.main(["rank", "--data", str(images)])
+    assert code == 2
+    assert "--models a,b,c or --family NAME" in capsys.readouterr().err
