@@ -502,8 +502,9 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         pooling: how feature maps become vectors (see
             :func:`extract_features`).
         cache: a :class:`~kerastl.FeatureCache` or a folder.
-        max_samples: score on at most this many images (a seeded, class
-            stratified subset) for speed.
+        max_samples: score on at most this many images (a seeded subset,
+            classes in proportion): the estimators' time shrinks; every
+            image's features are still extracted (and cached).
         verbose: 1 prints one line per model as it is scored.
 
     Returns:
@@ -569,18 +570,18 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
             probabilities = extract_features(
                 model, data, layers=None, pooling=None, cache=cache,
                 batch_size=batch_size, verbose=0)[keep]
+        scored = []
         for block in cut:
             f = features[block] if block is not None else next(
                 iter(features.values()))
             f = flat_features(np.asarray(f)[keep])
-            scores = {m: _score(m, f, probabilities, labels[keep])
-                      for m in methods}
-            rows.append(dict(model=name, block=block if blocks else None,
-                             scores=scores, score=scores[methods[0]],
-                             seconds=0.0, skipped=None))
+            scored.append((block, {m: _score(m, f, probabilities,
+                                             labels[keep]) for m in methods}))
         seconds = time.perf_counter() - start
-        for r in rows[-len(cut):]:
-            r["seconds"] = seconds
+        rows += [dict(model=name, block=block if blocks else None,
+                      scores=scores, score=scores[methods[0]],
+                      seconds=seconds, skipped=None)
+                 for block, scores in scored]
         if verbose:
             best = max(rows[-len(cut):], key=lambda r: r["score"])
             where = f" (block {best['block']})" if blocks else ""

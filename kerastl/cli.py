@@ -583,7 +583,7 @@ def build_parser():
                    help="input height and width (default: each model's)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="score on at most this many images (class "
-                        "proportions kept)")
+                        "proportions kept; features of all are extracted)")
     p.add_argument("--cache", default="~/.cache/kerastl/features",
                    help="feature cache folder: a second ranking of the same "
                         "models on the same data reads it "

@@ -110,9 +110,10 @@ def logme(features, labels, max_iterations=100, tolerance=1e-8,
             gamma = float(np.sum(beta * sigma / denom))
             m_sq = float(np.sum(beta ** 2 * sigma * z_sq / denom ** 2))
             res_sq = rest + float(np.sum(z_sq * (alpha / denom) ** 2))
+            if n - gamma <= 1e-9 * n or res_sq <= 0:
+                break  # t interpolated exactly (n <= d): beta has no maximum
             new_alpha = gamma / max(m_sq, 1e-300)
-            # (n - gamma reaches 0 when t is interpolated exactly: n <= d.)
-            new_beta = max(n - gamma, 1e-12) / max(res_sq, 1e-300)
+            new_beta = (n - gamma) / res_sq
             ratio, new_ratio = alpha / beta, new_alpha / new_beta
             alpha, beta = new_alpha, new_beta
             if abs(new_ratio - ratio) <= tolerance * ratio:
