@@ -57,6 +57,18 @@ def all_sublayers(layer):
     return list(layer._flatten_layers())
 
 
+def lora_base_weight(layer):
+    """The weight that Keras's ``enable_lora`` froze in ``layer`` (the
+    kernel of Dense, EinsumDense and convolutions, ``_kernel``; the table of
+    Embedding, ``_embeddings``): its public ``kernel`` of a LoRA layer is
+    the merged value, not the variable. None for a layer without LoRA."""
+    if not getattr(layer, "lora_enabled", False):
+        return None
+    kernel = getattr(layer, "_kernel", None)
+    return kernel if kernel is not None else getattr(layer, "_embeddings",
+                                                     None)
+
+
 # -- compiling ---------------------------------------------------------------------
 
 def compile_config(model):

@@ -7,6 +7,7 @@ import keras
 
 from kerastl import _keras_private as _private
 from kerastl import blocks as _blocks
+from kerastl import peft
 from kerastl.errors import (BlockError, KerastlError,
                             UnknownModelError)
 from kerastl.tfhub import HubLayer
@@ -297,9 +298,21 @@ def read_keras_file(path, **kwargs):
             "archive written by model.save()); it may be truncated, or "
             "another format (.h5, a SavedModel folder).")
     try:
-        with _private.before_compile_from_config(restore_trainable):
+        state = peft.read_state(shown)  # what kerastl.save_model added
+        done = []
+
+        def restore(model):
+            restore_trainable(model)
+            if state is not None:
+                peft.restore_structure(model, state, shown)
+            done.append(model)
+
+        with _private.before_compile_from_config(restore):
             model = keras.models.load_model(shown, **kwargs)
-        restore_trainable(model)  # compile=False, or no compile config saved
+        if not done:  # compile=False, or no compile config saved
+            restore(model)
+        if state is not None:
+            peft.restore_values(model, state)
         return model
     except KerastlError:
         raise

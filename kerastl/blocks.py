@@ -657,9 +657,11 @@ def block_map(model):
             f"(keras.Model(inputs, outputs)) or keras.Sequential.")
     graph = layer_graph(keras_model)
     rules = _rules_in(keras_model, graph)
-    # The key: the layers and the rules (a layer given new rules, as the
-    # KerasHub loader does while it tries candidate entries, gets a new map).
-    signature = (tuple(id(l) for l, _ in graph), rules)
+    # The key: the layers, their number of weights and the rules (a layer
+    # given new rules, as the KerasHub loader does while it tries candidate
+    # entries, or new weights, as enable_lora adds, gets a new map).
+    signature = (tuple(id(l) for l, _ in graph), len(keras_model.weights),
+                 rules)
     cached = _CACHE.get(keras_model)
     if cached is not None and cached[0] == signature:
         return cached[1]

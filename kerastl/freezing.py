@@ -39,7 +39,8 @@ from kerastl import _keras_private as _private
 from kerastl.blocks import block_map, variable_size
 from kerastl.distribute import strategy_scope
 from kerastl.errors import BlockError, KerastlError
-from kerastl.spec import BN_MODES, FINE_TUNING_STRATEGIES
+from kerastl.spec import (BN_MODES, CUT_STRATEGIES, FINE_TUNING_STRATEGIES,
+                          PEFT_STRATEGIES)
 
 
 def _is_batch_norm(layer):
@@ -71,10 +72,18 @@ class Trainable:
     Attributes:
         blocks: every block of the model, input to output.
         trainable: the blocks that train, input to output.
+        mode: what trains in the trainable blocks of the pretrained
+            network: ``"full"`` (every weight), ``"lora"`` (only the LoRA
+            factors that :func:`kerastl.lora` added beside frozen kernels),
+            ``"bias"`` (only the ``bias`` of each layer) or ``"norm"``
+            (only the normalisation layers: scale, offset and, for
+            BatchNormalization, batch statistics). New heads always train
+            whole.
     """
 
     blocks: tuple
     trainable: tuple
+    mode: str = "full"
 
     @property
     def frozen(self):
@@ -100,15 +109,17 @@ class Trainable:
                 "(TrainingPlan.resolve(model)).")
 
     @classmethod
-    def of(cls, bm, trainable):
+    def of(cls, bm, trainable, mode="full"):
         """The value for a block map and the block names (or indices) that
         train."""
         wanted = {bm.resolve(b) for b in trainable}
-        return cls(tuple(bm.names), tuple(b for b in bm.names if b in wanted))
+        return cls(tuple(bm.names), tuple(b for b in bm.names if b in wanted),
+                   mode)
 
     def __str__(self):
         frozen = self.frozen
-        return (f"frozen: {', '.join(frozen) or '-'}; trainable: "
+        tuned = "" if self.mode == "full" else f" ({self.mode} only)"
+        return (f"frozen: {', '.join(frozen) or '-'}; trainable{tuned}: "
                 f"{', '.join(self.trainable) or '-'}")
 
 
@@ -145,16 +156,19 @@ def resolve_trainable(model, what="features", up_to=None, name="up_to"):
 
             * a strategy: ``"features"`` (every block but the new heads
               frozen), ``"partial"`` (the first half of those blocks
-              frozen, rounded up, or up to ``up_to``) or ``"full"``
-              (nothing frozen);
+              frozen, rounded up, or up to ``up_to``), ``"full"``
+              (nothing frozen), or ``"lora"``, ``"bias"``, ``"norm"``
+              (in every block after ``up_to``, or in all of them, only the
+              LoRA factors, the biases or the normalisation layers train;
+              see :attr:`Trainable.mode`);
             * ``True`` or ``None`` (``"features"``), ``False``
               (``"full"``);
             * a number of leading blocks to freeze, from 0 to the number
               of blocks (heads included: the range of every count in
               kerastl);
             * a block name: that block and every block before it frozen.
-        up_to: with ``"partial"`` only: the last frozen block (a name or
-            a count, as above).
+        up_to: with ``"partial"``, ``"lora"``, ``"bias"`` or ``"norm"``:
+            the last frozen block (a name or a count, as above).
         name: the argument's name in error messages (``freeze_up_to``,
             ``freeze``, ...).
 
@@ -164,8 +178,8 @@ def resolve_trainable(model, what="features", up_to=None, name="up_to"):
     Raises:
         BlockError: a block name the model does not have, or a count out
             of range (the message lists the blocks).
-        KerastlError: ``up_to`` with a strategy other than ``"partial"``,
-            or a value of another type.
+        KerastlError: ``up_to`` with ``"features"`` or ``"full"``, or a
+            value of another type.
     """
     keras_model = keras_model_of(model)
     bm = block_map(keras_model)
@@ -174,24 +188,29 @@ def resolve_trainable(model, what="features", up_to=None, name="up_to"):
         what = "features"
     elif what is False:
         what = "full"
+    mode = "full"
     if isinstance(what, str) and what in FINE_TUNING_STRATEGIES:
-        if up_to is not None and what != "partial":
+        if up_to is not None and what not in CUT_STRATEGIES:
             raise KerastlError(
-                f"freeze_up_to applies to strategy 'partial', not {what!r}.")
+                f"freeze_up_to applies to the strategies "
+                f"{', '.join(CUT_STRATEGIES)}, not {what!r}.")
+        if what in PEFT_STRATEGIES:
+            mode = what
         if what == "features":
             n = base
         elif what == "full":
             n = 0
-        elif up_to is None:
-            n = math.ceil(base / 2)
-        else:
+        elif up_to is not None:
             n = _count(bm, up_to, "freeze_up_to", keras_model)
+        else:  # partial: the first half; lora, bias, norm: every block
+            n = math.ceil(base / 2) if what == "partial" else 0
     else:
         if up_to is not None:
             raise KerastlError(
-                f"freeze_up_to applies to strategy 'partial', not {what!r}.")
+                f"freeze_up_to applies to the strategies "
+                f"{', '.join(CUT_STRATEGIES)}, not {what!r}.")
         n = _count(bm, what, name, keras_model)
-    return Trainable(tuple(bm.names), tuple(bm.names[n:]))
+    return Trainable(tuple(bm.names), tuple(bm.names[n:]), mode)
 
 
 def apply_trainable(model, trainable, bn="frozen", recompile=True,
@@ -238,9 +257,73 @@ def apply_trainable(model, trainable, bn="frozen", recompile=True,
         layer.trainable = train
         if hasattr(layer, "batchnorm_training"):  # a whole HubLayer
             layer.batchnorm_training = bn == "train"
+    mode = trainable.mode if isinstance(trainable, Trainable) else "full"
+    _select_weights(keras_model, bm, wanted - set(bm.head_blocks), mode)
     if recompile:
         _recompile(keras_model, learning_rate)
     return [b for b in bm.names if b in wanted]
+
+
+_NORM_LAYERS = tuple(getattr(keras.layers, n) for n in (
+    "BatchNormalization", "LayerNormalization", "GroupNormalization",
+    "RMSNormalization") if hasattr(keras.layers, n))
+
+
+def tuned_weights(layer, mode):
+    """The weights of a leaf layer that train under ``mode`` (see
+    :attr:`Trainable.mode`): ``"lora"``, its LoRA factors; ``"bias"``, its
+    ``bias``; ``"norm"``, every weight of a normalisation layer."""
+    if mode == "lora":
+        return [layer.lora_kernel_a, layer.lora_kernel_b] \
+            if getattr(layer, "lora_enabled", False) else []
+    if mode == "bias":
+        bias = getattr(layer, "bias", None)
+        return [bias] if isinstance(bias, keras.Variable) else []
+    if mode == "norm":
+        return list(layer.weights) if isinstance(layer, _NORM_LAYERS) else []
+    raise KerastlError(f"mode={mode!r}: expected 'full', "
+                       f"{', '.join(PEFT_STRATEGIES)}.")
+
+
+def leaf_layers(model):
+    """The layers of ``model`` that own weights and hold no layer that
+    does (Dense, Conv2D, LayerNormalization...), nested ones included."""
+    out = []
+    for layer in _private.all_sublayers(keras_model_of(model)):
+        if layer.weights and not any(
+                sub.weights for sub in _private.all_sublayers(layer)[1:]):
+            out.append(layer)
+    return out
+
+
+def _select_weights(model, bm, blocks, mode):
+    """After the block flags are set: in ``blocks`` (of the pretrained
+    network), only the weights ``mode`` names train; everywhere, a kernel
+    that Keras's ``enable_lora`` froze stays frozen (its LoRA factors are
+    what trains beside it)."""
+    for layer in leaf_layers(model):
+        base = _private.lora_base_weight(layer)
+        if mode != "full" and bm.block_of(layer.weights[0]) in blocks:
+            if bm.is_split(layer):
+                raise KerastlError(
+                    f"strategy {mode!r} selects weights inside Keras layers; "
+                    f"{layer.name!r} is a TF Hub SavedModel whose variables "
+                    "have no layers. Use strategy 'partial' or 'full' for "
+                    "it, or a Keras Applications / KerasHub backbone.")
+            tuned = {id(v) for v in tuned_weights(layer, mode)}
+            # Keras's setter sets every variable the layer created trainable
+            # (not BatchNorm's statistics); through False, because the
+            # TensorFlow backend skips assigning the value a flag has.
+            layer.trainable = False
+            layer.trainable = True
+            candidates = list(layer.trainable_weights)
+            if not any(id(v) in tuned for v in candidates):
+                layer.trainable = False
+                continue
+            for v in candidates:
+                v.trainable = id(v) in tuned
+        elif base is not None and base.trainable:
+            base.trainable = False
 
 
 def freeze_weights(model, variables):

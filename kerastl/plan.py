@@ -30,7 +30,8 @@ from kerastl import freezing
 from kerastl.distribute import strategy_scope
 from kerastl.errors import ConfigError, KerastlError
 from kerastl.layerwise import LayerDecay, MultiplierRule
-from kerastl.spec import BN_MODES, FINE_TUNING_STRATEGIES, PRECISIONS
+from kerastl.spec import (BN_MODES, CUT_STRATEGIES, FINE_TUNING_STRATEGIES,
+                          PRECISIONS)
 
 # The experiment's words for fine_tune's values.
 _SWITCH = {"auto": "auto", "on": True, "off": False, True: True,
@@ -88,10 +89,22 @@ class TrainingPlan:
     Attributes:
         strategy: what trains in the main phase: ``"features"`` (only the
             head), ``"partial"`` (default: the first half of the
-            backbone's blocks frozen, or up to ``freeze_up_to``) or
-            ``"full"`` (everything).
-        freeze_up_to: ``"partial"``: the last frozen block (a name) or the
-            number of frozen leading blocks.
+            backbone's blocks frozen, or up to ``freeze_up_to``),
+            ``"full"`` (everything), or parameter-efficient tuning of the
+            blocks after ``freeze_up_to`` (all of them by default):
+            ``"lora"`` (LoRA factors beside frozen kernels, see
+            :func:`kerastl.lora`), ``"bias"`` (biases only) or ``"norm"``
+            (normalisation layers only).
+        freeze_up_to: ``"partial"``, ``"lora"``, ``"bias"``, ``"norm"``:
+            the last frozen block (a name) or the number of frozen leading
+            blocks.
+        lora_rank: ``"lora"``: the rank of the factors; None: the rank
+            of the model's LoRA layers if it has some, else 8.
+        lora_alpha: ``"lora"``: the update is scaled by
+            ``lora_alpha / lora_rank``; None: by 1.
+        lora_targets: ``"lora"``: which layers of a block get factors
+            (``"auto"``, ``"all"``, ``"attention"``; see
+            :func:`kerastl.peft.lora_targets`).
         bn: BatchNormalization of trainable pretrained blocks: ``"frozen"``
             (default, inference mode) or ``"train"`` (see
             :func:`kerastl.freeze`).
@@ -135,6 +148,9 @@ class TrainingPlan:
 
     strategy: str = "partial"
     freeze_up_to: object = None
+    lora_rank: object = None
+    lora_alpha: object = None
+    lora_targets: str = "auto"
     bn: str = "frozen"
     multipliers: object = None
     head_epochs: int = 10
@@ -156,15 +172,24 @@ class TrainingPlan:
                 f"strategy={self.strategy!r}: expected one of "
                 f"{', '.join(FINE_TUNING_STRATEGIES)}.")
         if self.freeze_up_to is not None:
-            if self.strategy != "partial":
+            if self.strategy not in CUT_STRATEGIES:
                 raise KerastlError(
-                    f"freeze_up_to applies to strategy 'partial', not "
-                    f"{self.strategy!r}.")
+                    f"freeze_up_to applies to the strategies "
+                    f"{', '.join(CUT_STRATEGIES)}, not {self.strategy!r}.")
             if isinstance(self.freeze_up_to, bool) or not isinstance(
                     self.freeze_up_to, (str, numbers.Integral)):
                 raise KerastlError(
                     f"freeze_up_to={self.freeze_up_to!r}: expected a block "
                     "name or a number of leading blocks.")
+        _count(self.lora_rank, "lora_rank", 1, none=True)
+        if self.lora_alpha is not None and (
+                isinstance(self.lora_alpha, bool) or not isinstance(
+                    self.lora_alpha, numbers.Real) or self.lora_alpha <= 0):
+            raise KerastlError(f"lora_alpha={self.lora_alpha!r}: expected a "
+                               "positive number or None.")
+        if self.lora_targets not in ("auto", "all", "attention"):
+            raise KerastlError(f"lora_targets={self.lora_targets!r}: "
+                               "expected 'auto', 'all' or 'attention'.")
         if self.bn not in BN_MODES:
             raise KerastlError(f"bn={self.bn!r}: expected 'frozen' or "
                                "'train'.")
@@ -269,7 +294,7 @@ class TrainingPlan:
                 "Keras optimizer name such as adam, adamw, sgd.") from None
         return cls(
             strategy=e["strategy"], freeze_up_to=e["freeze_up_to"],
-            bn=e["bn"], head_epochs=0, epochs=e["epochs"],
+            lora_rank=e["lora_rank"], bn=e["bn"], head_epochs=0, epochs=e["epochs"],
             optimizer=optimizer,
             multipliers=None if e["layer_decay"] is None
             else LayerDecay(e["layer_decay"]),

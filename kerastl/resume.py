@@ -28,6 +28,7 @@ import numpy as np
 
 from kerastl.atomic import read_marker, write_marker
 from kerastl.errors import KerastlError
+from kerastl.saving import load_model, save_model
 
 RUN_FILE = "run.json"
 # The best checkpoint so far (copied into the output when it is published).
@@ -195,15 +196,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 def save_model_atomically(model, path):
-    """``model.save(path)`` through a temporary file and a rename."""
-    folder, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """:func:`kerastl.save_model`: written through a temporary file and a
+    rename, with what Keras's file loses (LoRA factors, trainable flags)."""
+    save_model(model, path)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -237,5 +232,5 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             return
         self.best, self.best_epoch, self.wait = best, best_epoch, wait
         if self.checkpoint and os.path.isfile(self.checkpoint):
-            self.best_weights = keras.models.load_model(
+            self.best_weights = load_model(
                 self.checkpoint, compile=False).get_weights()

@@ -21,7 +21,8 @@ import os
 from kerastl import _yaml
 from kerastl.errors import ConfigError
 from kerastl.spec import (BN_MODES, DEVICE_STRATEGIES, EXPORT_FORMATS,
-                          FINE_TUNING_STRATEGIES, INPUT_MODES, QUANTIZATIONS)
+                          CUT_STRATEGIES, FINE_TUNING_STRATEGIES, INPUT_MODES,
+                          QUANTIZATIONS)
 
 NoneType = type(None)
 # Words that stand for null on the command line (YAML has its own null).
@@ -179,11 +180,14 @@ KEYS = (
     Key("batch_size", 32, (int,), "images per step", check=_positive,
         expected="a positive integer"),
     Key("strategy", "partial", (str,),
-        "what trains: the head only, the later blocks too, or everything",
+        "what trains: the head only, the later blocks too, everything, or "
+        "in the blocks only LoRA factors, biases or norm layers",
         choices=FINE_TUNING_STRATEGIES),
     Key("freeze_up_to", None, (int, str, NoneType),
-        "partial: the last frozen block (a name or a count); none: the "
-        "first half"),
+        "partial, lora, bias, norm: the last frozen block (a name or a "
+        "count); none: the first half (partial), no block (the others)"),
+    Key("lora_rank", 8, (int,), "lora: the rank of the LoRA factors",
+        check=_positive, expected="a positive integer"),
     Key("bn", "frozen", (str,), "BatchNorm of trainable blocks",
         choices=BN_MODES),
     Key("dropout", 0.2, (numbers.Real,), "dropout before the new head",
@@ -298,8 +302,9 @@ def resolve(*layers):
             "export_input bytes (--export-input bytes) is for the SavedModel "
             "only; LiteRT and ONNX files take pixels: use --export-input "
             "float or uint8.")
-    if merged["strategy"] != "partial" and merged["freeze_up_to"] is not None:
+    if merged["strategy"] not in CUT_STRATEGIES and \
+            merged["freeze_up_to"] is not None:
         raise ConfigError(
-            f"freeze_up_to (--freeze-up-to) applies to strategy 'partial', "
-            f"not {merged['strategy']!r}.")
+            f"freeze_up_to (--freeze-up-to) applies to the strategies "
+            f"{', '.join(CUT_STRATEGIES)}, not {merged['strategy']!r}.")
     return merged

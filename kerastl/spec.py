@@ -21,8 +21,15 @@ KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+/[\w.-]+(/\d+)?$")
 
 # What trains after the head phase (``fine_tune(strategy=...)``, the
 # experiment's ``strategy`` key, ``recommend_strategy``): the whole backbone
-# frozen, its first half frozen, or nothing frozen.
-FINE_TUNING_STRATEGIES = ("features", "partial", "full")
+# frozen, its first half frozen, nothing frozen; or, in the backbone's
+# blocks, only LoRA factors beside frozen kernels, only biases, only the
+# normalisation layers (parameter-efficient tuning, kerastl.peft).
+FINE_TUNING_STRATEGIES = ("features", "partial", "full", "lora", "bias",
+                          "norm")
+# The strategies that train a selection of each tuned block's weights.
+PEFT_STRATEGIES = ("lora", "bias", "norm")
+# The strategies ``freeze_up_to`` applies to (the blocks before it frozen).
+CUT_STRATEGIES = ("partial",) + PEFT_STRATEGIES
 
 # BatchNormalization in the blocks that train (see kerastl.freezing).
 BN_MODES = ("frozen", "train")

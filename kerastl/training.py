@@ -14,7 +14,7 @@ import warnings
 import keras
 import numpy as np
 
-from kerastl import boundary, distribute, freezing
+from kerastl import boundary, distribute, freezing, peft
 from kerastl import _keras_private as _private
 from kerastl.batch_order import SeededBatches
 from kerastl.blocks import block_map, layer_graph, model_input, model_output
@@ -185,6 +185,11 @@ def fine_tune(model, train, validation=None, plan=None, *,
             model, freezing.Trainable.of(bm, bm.names[base:]), bn=plan.bn,
             recompile=False)
         h1 = phase(head_optimizer, plan.head_epochs, base)
+    if plan.trainable.mode == "lora":
+        peft.enable_lora(model, plan.lora_rank, plan.lora_alpha,
+                         [b for b in plan.trainable.trainable
+                          if b not in bm.head_blocks] or "all",
+                         plan.lora_targets)
     freezing.apply_trainable(model, plan.trainable, bn=plan.bn,
                              recompile=False)
     if plan.multipliers is not None:

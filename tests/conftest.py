@@ -181,17 +181,18 @@ def step_with_references(optimizer, variables, references, rng):
         ref_opt.apply([keras.ops.convert_to_tensor(g)], [ref_var])
 
 
-def save_load_and_resume(model, path, x, y=None, batch_size=4):
+def save_load_and_resume(model, path, x, y=None, batch_size=4, save=None):
     """Saves ``model`` to ``path`` (``x`` and ``y`` arrays, or ``x`` a
     dataset), loads it with :func:`kerastl.load_model`
     and checks that training resumes where it stopped: the same trainable
     variables, the optimizer's state loaded (no "Skipping variable loading"
     warning, same iteration count, same slots), and one more epoch on both
-    models ending at the same weights. Returns the loaded model."""
+    models ending at the same weights. ``save(model, path)``: default
+    ``model.save``. Returns the loaded model."""
     import re
     import warnings
 
-    model.save(path)
+    (save or keras.Model.save)(model, path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = kerastl.load_model(path)
