@@ -29,6 +29,8 @@ What acts on blocks
     distribute        device strategies; exact losses and BN across replicas
     freezing          the one resolver and applier of what trains (BatchNorm
                       policy included), GradualUnfreezing
+    peft              LoRA (Keras's enable_lora), bias-only and norm-only
+                      tuning by block; merge_lora; what .keras files lose
     layerwise         LayerwiseOptimizer, LayerDecay, LRSpread
     heads             the one head builder, pooling of maps and tokens
     boundary          the frozen blocks run once (boundary cache)
@@ -49,7 +51,8 @@ Methods
     analysis          linear CKA, transfer-depth sweeps, ranking backbones
     serving           export: SavedModel, LiteRT and ONNX files, each run by
                       its runtime before it is kept; inference models
-    saving            load_model: a .keras file with kerastl's classes
+    saving            save_model, load_model: a .keras file with kerastl's
+                      classes, LoRA factors and trainable flags
 Application
     image_folders     image folders as checked data and tf.data pipelines
     datasets          offline digit domains
@@ -80,6 +83,7 @@ _API = {
     "list_configs": "kerastl.zoo",
     "zoo_entry": "kerastl.zoo",
     "load_model": "kerastl.saving",
+    "save_model": "kerastl.saving",
     "HubLayer": "kerastl.tfhub",
     "trust_hub_path": "kerastl.tfhub",
     # The block map and what trains.
@@ -89,6 +93,10 @@ _API = {
     "unfreeze": "kerastl.freezing",
     "trainable_summary": "kerastl.freezing",
     "GradualUnfreezing": "kerastl.freezing",
+    "lora": "kerastl.peft",
+    "tune_biases": "kerastl.peft",
+    "tune_norms": "kerastl.peft",
+    "merge_lora": "kerastl.peft",
     "build_classifier": "kerastl.heads",
     "replace_classifier": "kerastl.heads",
     "LayerwiseOptimizer": "kerastl.layerwise",

@@ -42,6 +42,7 @@ from kerastl.atomic import atomic_folder, check_destination
 from kerastl.blocks import layer_graph
 from kerastl.errors import ExportError, KerastlError
 from kerastl.spec import EXPORT_FORMATS, INPUT_MODES, QUANTIZATIONS
+from kerastl.peft import merge_lora
 
 
 def inference_model(model):
@@ -49,8 +50,14 @@ def inference_model(model):
 
     A :class:`~kerastl.DANN` gives its label path; a functional model loses
     every output that depends on a :class:`~kerastl.GradientReversal` layer;
-    anything else is returned as is.
+    LoRA updates are merged into their kernels (:func:`kerastl.merge_lora`:
+    no LoRA variable or operation is served); anything else is returned
+    as is.
     """
+    return merge_lora(_without_training_parts(model))
+
+
+def _without_training_parts(model):
     if isinstance(model, DANN):
         return model.classifier
     backbone_model = getattr(model, "model", None)
