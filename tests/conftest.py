@@ -40,12 +40,26 @@ def nothing_trusted():
 
 @pytest.fixture(scope="session")
 def pretrained_cache(tmp_path_factory):
-    """One KERASTL_CACHE_DIR for the session (in this worker): the offline
-    pretrained CNN (kerastl.pretrained) is trained once and shared by the
-    tests and notebooks that ask for this fixture."""
-    folder = tmp_path_factory.mktemp("kerastl_cache")
+    """One KERASTL_CACHE_DIR for the whole run, shared by the pytest-xdist
+    workers: the offline pretrained CNN (kerastl.pretrained) is trained
+    once, by the first worker that needs it (the others wait on a file
+    lock), and read from the cache by every test and notebook after."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / "kerastl_cache"
+    folder.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KERASTL_CACHE_DIR", str(folder))
+        with open(root / "kerastl_cache.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                kerastl.pretrained.pretrained_backbone()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        keras.backend.clear_session()
         yield folder
 
 

@@ -163,6 +163,8 @@ LAYERS = [
                        "replicas"),
         ("freezing", "the one resolver and applier of what trains "
                      "(BatchNorm policy included), GradualUnfreezing"),
+        ("peft", "LoRA (Keras's enable_lora), bias-only and norm-only "
+                 "tuning by block; merge_lora; what .keras files lose"),
         ("layerwise", "LayerwiseOptimizer, LayerDecay, LRSpread"),
         ("heads", "the one head builder, pooling of maps and tokens"),
         ("boundary", "the frozen blocks run once (boundary cache)"),
@@ -187,7 +189,8 @@ LAYERS = [
                      "backbones"),
         ("serving", "export: SavedModel, LiteRT and ONNX files, each run "
                     "by its runtime before it is kept; inference models"),
-        ("saving", "load_model: a .keras file with kerastl's classes"),
+        ("saving", "save_model, load_model: a .keras file with kerastl's "
+                   "classes, LoRA factors and trainable flags"),
     ]),
     ("Application", None, [
         ("image_folders", "image folders as checked data and tf.data "

@@ -51,7 +51,7 @@ def test_layerwise_optimizer_on_jax():
 
 
 @pytest.mark.slow
-def test_gradient_reversal_and_dann_on_jax():
+def test_gradient_reversal_dann_and_lora_on_jax():
     run_on_jax("""
         import jax, jax.numpy as jnp, numpy as np, keras, kerastl
         assert keras.backend.backend() == "jax"
@@ -79,6 +79,14 @@ def test_gradient_reversal_and_dann_on_jax():
         assert float(dann.reversal.lambda_.numpy()) > 0.9
         assert kerastl.adaptation.adapt_batch_norm(dann, xt) == 2
         assert dann.predict(xt[:4], verbose=0).shape == (4, 2)
+        # LoRA by block: only the factors move, exact layer-wise rates,
+        # an exact resume from kerastl.save_model.
+        import pathlib, tempfile
+        import test_peft as p
+        p.test_lora_trains_only_its_factors_and_the_head()
+        p.test_layerwise_multiplier_on_a_lora_block_is_exact()
+        p.test_save_model_resumes_exactly(
+            "lora", pathlib.Path(tempfile.mkdtemp()))
         print("BACKEND OK")
     """)
 

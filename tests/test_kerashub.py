@@ -130,6 +130,11 @@ def _families():
 
 FAMILIES = ["resnet", "resnet_v2", "efficientnet", "mobilenet_v3",
             "densenet", "vit", "dinov2", "siglip", "clip"]
+# The families whose resume (one more epoch after save and load, equal to
+# the original's) is checked: one CNN, and the transformers, whose
+# sublayers Keras brings back trainable (kerastl.load_model's fix). The
+# other CNNs keep layer-level flags only, as the ResNet does.
+RESUMED = ["resnet", "vit", "dinov2", "siglip", "clip"]
 
 
 @pytest.fixture(scope="session")
@@ -223,7 +228,12 @@ def test_freeze_save_and_export(presets, family, tmp_path):
     # The frozen blocks stay frozen in the reloaded model (Keras alone
     # brings a frozen KerasHub layer's sublayers back trainable), so the
     # optimizer's state loads and training resumes where it stopped.
-    loaded = save_load_and_resume(model, str(tmp_path / "model.keras"), x, y)
+    path = str(tmp_path / "model.keras")
+    if family in RESUMED:
+        loaded = save_load_and_resume(model, path, x, y)
+    else:
+        model.save(path)
+        loaded = kerastl.load_model(path)
     assert kerastl.block_map(loaded).names == expected + ["head"]
     for v, b in zip(frozen, before):
         assert np.array_equal(v.numpy(), b), v.path

@@ -54,7 +54,7 @@ def test_unknown_keys_and_wrong_types_are_refused_with_the_flag():
     with pytest.raises(ConfigError, match=r"needs 'data' \(in the config or "
                                           r"as --data\)"):
         schema.resolve({"model": "m"})
-    with pytest.raises(ConfigError, match="--freeze-up-to.*'partial'"):
+    with pytest.raises(ConfigError, match="--freeze-up-to.*strategies partial, lora"):
         schema.resolve({"model": "m", "data": "d", "strategy": "full",
                         "freeze_up_to": 2})
 

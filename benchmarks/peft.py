@@ -1,0 +1,320 @@
+"""LoRA, bias-only and norm-only tuning against head-only, partial and full
+fine-tuning (offline).
+
+Two backbones pretrained offline on digits rendered from fonts
+(``kerastl.datasets.syn_digits``): a small KerasHub ViT (``ViTBackbone``,
+32x32 images, 8x8 patches, 4 layers of width 128) and the demo's small CNN
+(``kerastl.pretrained``). Each is transferred to three targets: scikit-learn
+digits with 10 and with 50 labelled images per class, and ``digits_m`` (the
+MNIST-M recipe on them) with 50 per class, over several seeds, by eight
+methods on the same images and the same step budget:
+
+* ``head``: the new head only (every backbone block frozen);
+* ``partial``: the first half of the blocks frozen, the rest trained;
+* ``full``: everything trained (BatchNorm frozen, kerastl's default);
+* ``lora4`` / ``lora8`` / ``lora16``: ``strategy="lora"`` at that rank
+  (``lora_targets="auto"``: attention query and value in the ViT, every
+  convolution in the CNN);
+* ``bias``: biases only (BitFit); ``norm``: normalisation layers only.
+
+Every method runs kerastl's two phases (a head phase, then the method) and
+takes the better of two learning rates (AdamW), chosen on a validation set
+of target images outside the labelled ones; the test split reports it.
+Prints, per backbone and target: test accuracy (mean and spread over
+seeds), trainable parameters, optimizer-state bytes and step time, then the
+acceptance check of issue #37 (on the ViT: LoRA at the default rank at least
+as accurate as the better of head-only and partial, within 2 points of
+full, with at most 5% of full's trainable parameters and optimizer state).
+
+    python benchmarks/peft.py [--models vit cnn] [--seeds 3] [--steps 150]
+"""
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import kerastl  # noqa: E402
+from kerastl import datasets, pretrained  # noqa: E402
+from kerastl.sampling import few_shot  # noqa: E402
+
+METHODS = ["head", "partial", "full", "lora4", "lora8", "lora16", "bias",
+           "norm"]
+# The two learning rates each method chooses from (on validation).
+RATES = {"head": (1e-3, 3e-3), "partial": (1e-4, 3e-4), "full": (1e-4, 3e-4),
+         "lora": (1e-3, 3e-3), "bias": (1e-3, 3e-3), "norm": (1e-3, 3e-3)}
+TARGETS = {"digits10": ("digits", 10), "digits50": ("digits", 50),
+           "digits_m50": ("digits_m", 50)}
+DEFAULT_RANK = 8  # kerastl.lora's default
+
+
+# -- the backbones ---------------------------------------------------------
+
+def vit_preset(folder, hidden=128, layers=4):
+    """A small KerasHub ViT (random weights) saved as a local preset."""
+    import keras_hub
+
+    keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=layers,
+        num_heads=4, hidden_dim=hidden, mlp_dim=2 * hidden).save_to_preset(
+            folder)
+    keras_hub.layers.ViTImageConverter(
+        image_size=(32, 32), scale=1 / 127.5, offset=-1.0).save_to_preset(
+            folder)
+
+
+def pretrained_vit(samples=8000, epochs=8, seed=0):
+    """``(preset folder, backbone weights)``: the ViT pretrained on
+    ``syn_digits``, cached like the demo's CNN (``KERASTL_CACHE_DIR``)."""
+    cache = pretrained.cache_dir()
+    folder = os.path.join(cache, f"peft_vit_s{seed}")
+    weights = os.path.join(
+        cache, f"peft_vit_syn{samples}_e{epochs}_s{seed}_keras"
+        f"{keras.__version__}.npz")
+    if not os.path.isdir(folder):
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache)
+        keras.utils.set_random_seed(seed)
+        vit_preset(os.path.join(tmp, "vit"))
+        os.replace(os.path.join(tmp, "vit"), folder)
+        os.rmdir(tmp)
+    if os.path.isfile(weights):
+        data = np.load(weights)
+        return folder, [data[f"w{i}"] for i in range(len(data.files))]
+    keras.utils.set_random_seed(seed)
+    backbone = kerastl.load_backbone(folder)
+    source = kerastl.build_classifier(backbone, 10, freeze=False,
+                                      dropout=0.0)
+    steps = epochs * samples // 64
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps, warmup_target=1e-3, warmup_steps=steps // 10)
+    source.compile(keras.optimizers.AdamW(schedule, weight_decay=0.05),
+                   "sparse_categorical_crossentropy", metrics=["accuracy"])
+    xs, ys = datasets.syn_digits(samples, seed=seed)
+    t = time.time()
+    source.fit(xs, ys, batch_size=64, epochs=epochs, verbose=0)
+    xv, yv = datasets.syn_digits(1000, split="test", seed=seed)
+    acc = source.evaluate(xv, yv, verbose=0)[1]
+    print(f"ViT pretrained on syn_digits x{samples}, {epochs} epochs: "
+          f"{time.time() - t:.0f} s, source test accuracy {acc:.3f}",
+          flush=True)
+    arrays = backbone.model.get_weights()
+    tmp = weights + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **{f"w{i}": a for i, a in enumerate(arrays)})
+    os.replace(tmp, weights)
+    return folder, arrays
+
+
+def backbones(names):
+    """name -> a function giving a fresh pretrained kerastl Backbone."""
+    out = {}
+    if "vit" in names:
+        folder, arrays = pretrained_vit()
+
+        def vit():
+            backbone = kerastl.load_backbone(folder)
+            backbone.model.set_weights(arrays)
+            return backbone
+        out["vit"] = vit
+    if "cnn" in names:
+        cnn, _, _ = pretrained.pretrained_backbone()
+        arrays = cnn.get_weights()
+
+        def small_cnn():
+            model = pretrained.small_cnn()
+            model.set_weights(arrays)
+            return model
+        out["cnn"] = small_cnn
+    return out
+
+
+# -- the targets -----------------------------------------------------------
+
+def target(name, seed, validation=300):
+    """``(train, validation, test)`` arrays of a target at one seed."""
+    source, per_class = TARGETS[name]
+    load = getattr(datasets, source)
+    x, y = load("train")
+    labelled = few_shot(y, per_class, seed)
+    rest = np.setdiff1d(np.arange(len(y)), labelled)
+    rest = np.random.default_rng(seed).permutation(rest)[:validation]
+    return (x[labelled], y[labelled]), (x[rest], y[rest]), load("test")
+
+
+# -- one run ---------------------------------------------------------------
+
+def _size(variables):
+    return int(sum(math.prod(v.shape) for v in variables))
+
+
+def run(make_backbone, method, rate, train, steps, head_steps, seed,
+        batch=32):
+    """Trains one model; returns it with its main phase's figures."""
+    keras.utils.set_random_seed(seed)
+    model = kerastl.build_classifier(make_backbone(), 10, seed=seed)
+    n = len(train[0])
+    per_epoch = math.ceil(n / batch)
+    strategy = {"head": "features"}.get(method, method)
+    rank = None
+    if method.startswith("lora"):
+        strategy, rank = "lora", int(method[4:])
+    settings = dict(
+        strategy=strategy, lora_rank=rank, batch_size=batch, seed=seed,
+        head_epochs=max(1, round(head_steps / per_epoch)),
+        epochs=max(1, round(steps / per_epoch)), patience=None,
+        optimizer=keras.optimizers.AdamW(rate, weight_decay=0.01),
+        check_features=False)
+    timer = PhaseTimer()
+    t = time.time()
+    kerastl.fine_tune(model, train, callbacks=[timer], **settings)
+    seconds = time.time() - t
+    optimizer = model.optimizer
+    inner = getattr(optimizer, "inner", optimizer)
+    state = [v for v in inner.variables
+             if v.path.split("/")[-1] not in ("iteration", "learning_rate")]
+    main_steps = settings["epochs"] * per_epoch
+    return model, {
+        "trainable": _size(model.trainable_weights),
+        "optimizer_bytes": 4 * _size(state),
+        "seconds": seconds,
+        "main_step_ms": 1000 * timer.seconds[-1] / main_steps}
+
+
+class PhaseTimer(keras.callbacks.Callback):
+    """Seconds of each ``fit`` (fine_tune's phases), training only."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def evaluate(model, data):
+    return float(model.evaluate(*data, batch_size=256, verbose=0)[1])
+
+
+def measure(make_backbone, method, data, steps, head_steps, seed):
+    """The method at its better rate (validation); test accuracy and
+    costs of that run."""
+    train, val, test = data
+    family = "lora" if method.startswith("lora") else method
+    best = None
+    for rate in RATES[family]:
+        model, figures = run(make_backbone, method, rate, train, steps,
+                             head_steps, seed)
+        score = evaluate(model, val)
+        if best is None or score > best[0]:
+            best = (score, rate, model, figures)
+        keras.backend.clear_session()
+    score, rate, model, figures = best
+    return dict(figures, val=score, rate=rate, test=evaluate(model, test))
+
+
+# -- the report ------------------------------------------------------------
+
+def summarise(results, models, targets, methods):
+    rows = {}
+    for m in models:
+        for t in targets:
+            print(f"\n{m} -> {t}")
+            print(f"  {'method':8s} {'test acc':>15s} {'trainable':>10s} "
+                  f"{'% full':>7s} {'opt state':>10s} {'step ms':>8s}")
+            full = [r for r in results if r["model"] == m and r["target"] == t
+                    and r["method"] == "full"]
+            full_params = full[0]["trainable"] if full else None
+            for method in methods:
+                rs = [r for r in results if r["model"] == m and
+                      r["target"] == t and r["method"] == method]
+                if not rs:
+                    continue
+                acc = [r["test"] for r in rs]
+                row = {"mean": float(np.mean(acc)), "std": float(np.std(acc)),
+                       "trainable": rs[0]["trainable"],
+                       "optimizer_bytes": rs[0]["optimizer_bytes"],
+                       "step_ms": float(np.mean([r["main_step_ms"]
+                                                 for r in rs])),
+                       "seconds": float(np.mean([r["seconds"] for r in rs])),
+                       "rates": [r["rate"] for r in rs]}
+                rows[(m, t, method)] = row
+                share = 100 * row["trainable"] / full_params \
+                    if full_params else float("nan")
+                print(f"  {method:8s} {row['mean']:8.3f} ± {row['std']:.3f} "
+                      f"{row['trainable']:10,d} {share:6.1f}% "
+                      f"{row['optimizer_bytes']:10,d} {row['step_ms']:8.1f}")
+    return rows
+
+
+def acceptance(rows, targets, rank=DEFAULT_RANK):
+    """Issue #37's check on the ViT, per target."""
+    out = []
+    for t in targets:
+        get = lambda method: rows.get(("vit", t, method))  # noqa: E731
+        lora, head, partial, full = (get(f"lora{rank}"), get("head"),
+                                     get("partial"), get("full"))
+        if not all((lora, head, partial, full)):
+            continue
+        better = max(head["mean"], partial["mean"])
+        share = lora["trainable"] / full["trainable"]
+        state = lora["optimizer_bytes"] / full["optimizer_bytes"]
+        met = (lora["mean"] >= better - 1e-9 and
+               lora["mean"] >= full["mean"] - 0.02 and share <= 0.05 and
+               state <= 0.05)
+        out.append({"target": t, "lora": lora["mean"],
+                    "best_of_head_partial": better, "full": full["mean"],
+                    "param_share": share, "state_share": state, "met": met})
+        print(f"ViT {t}: lora{rank} {lora['mean']:.3f} vs max(head, partial) "
+              f"{better:.3f} and full {full['mean']:.3f}; parameters "
+              f"{100 * share:.1f}% of full, optimizer state "
+              f"{100 * state:.1f}%: {'met' if met else 'NOT met'}")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vit", "cnn"],
+                        choices=["vit", "cnn"])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS),
+                        choices=list(TARGETS))
+    parser.add_argument("--methods", nargs="+", default=METHODS,
+                        choices=METHODS)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150,
+                        help="optimizer steps of the main phase")
+    parser.add_argument("--head-steps", type=int, default=30,
+                        help="optimizer steps of the head phase")
+    args = parser.parse_args(argv)
+    start = time.time()
+    makers = backbones(args.models)
+    results = []
+    for m in args.models:
+        for t in args.targets:
+            for seed in range(args.seeds):
+                data = target(t, seed)
+                for method in args.methods:
+                    r = measure(makers[m], method, data, args.steps,
+                                args.head_steps, seed)
+                    r.update(model=m, target=t, method=method, seed=seed)
+                    results.append(r)
+                    print(f"  {m} {t} seed {seed} {method:7s} test "
+                          f"{r['test']:.3f} (val {r['val']:.3f}, rate "
+                          f"{r['rate']:g}) {r['seconds']:.0f} s", flush=True)
+    rows = summarise(results, args.models, args.targets, args.methods)
+    checks = acceptance(rows, args.targets)
+    print(f"\ntotal {time.time() - start:.0f} s")
+    return {"rows": [dict(model=k[0], target=k[1], method=k[2], **v)
+                     for k, v in rows.items()], "acceptance": checks}
+
+
+if __name__ == "__main__":
+    main()
