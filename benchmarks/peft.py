@@ -30,6 +30,7 @@ full, with at most 5% of full's trainable parameters and optimizer state).
 """
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -293,6 +294,7 @@ def main(argv=None):
                         help="optimizer steps of the main phase")
     parser.add_argument("--head-steps", type=int, default=30,
                         help="optimizer steps of the head phase")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     start = time.time()
     makers = backbones(args.models)
@@ -312,8 +314,14 @@ def main(argv=None):
     rows = summarise(results, args.models, args.targets, args.methods)
     checks = acceptance(rows, args.targets)
     print(f"\ntotal {time.time() - start:.0f} s")
-    return {"rows": [dict(model=k[0], target=k[1], method=k[2], **v)
-                     for k, v in rows.items()], "acceptance": checks}
+    out = {"rows": [dict(model=k[0], target=k[1], method=k[2], **v)
+                    for k, v in rows.items()], "acceptance": checks,
+           "runs": results, "seeds": args.seeds, "steps": args.steps,
+           "head_steps": args.head_steps}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
 
 
 if __name__ == "__main__":

@@ -69,6 +69,17 @@ def lora_base_weight(layer):
                                                      None)
 
 
+def lora_factors(layer):
+    """``(A, B)``: the LoRA factors Keras's ``enable_lora`` added to
+    ``layer`` (``lora_kernel_a``/``_b``; an Embedding's are
+    ``lora_embeddings_a``/``_b``), or ``()`` for a layer without LoRA."""
+    if not getattr(layer, "lora_enabled", False):
+        return ()
+    if hasattr(layer, "lora_kernel_a"):
+        return layer.lora_kernel_a, layer.lora_kernel_b
+    return layer.lora_embeddings_a, layer.lora_embeddings_b
+
+
 # -- compiling ---------------------------------------------------------------------
 
 def compile_config(model):

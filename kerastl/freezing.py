@@ -274,8 +274,7 @@ def tuned_weights(layer, mode):
     :attr:`Trainable.mode`): ``"lora"``, its LoRA factors; ``"bias"``, its
     ``bias``; ``"norm"``, every weight of a normalisation layer."""
     if mode == "lora":
-        return [layer.lora_kernel_a, layer.lora_kernel_b] \
-            if getattr(layer, "lora_enabled", False) else []
+        return list(_private.lora_factors(layer))
     if mode == "bias":
         bias = getattr(layer, "bias", None)
         return [bias] if isinstance(bias, keras.Variable) else []

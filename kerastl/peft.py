@@ -351,8 +351,9 @@ def model_state(model):
                        "alpha": float(layer.lora_alpha)})
         arrays[f"lora{n}_base"] = np.asarray(
             _private.lora_base_weight(layer).numpy())
-        arrays[f"lora{n}_a"] = np.asarray(layer.lora_kernel_a.numpy())
-        arrays[f"lora{n}_b"] = np.asarray(layer.lora_kernel_b.numpy())
+        a, b = _private.lora_factors(layer)
+        arrays[f"lora{n}_a"] = np.asarray(a.numpy())
+        arrays[f"lora{n}_b"] = np.asarray(b.numpy())
     trainable = {id(v) for v in keras_model.trainable_weights}
     meta = {"lora": layers,
             "weights": [[list(v.shape), id(v) in trainable]
@@ -429,6 +430,7 @@ def restore_values(model, state):
     for n, entry in enumerate(state["meta"]["lora"]):
         layer = sublayers[entry["index"]]
         _private.lora_base_weight(layer).assign(state[f"lora{n}_base"])
-        layer.lora_kernel_a.assign(state[f"lora{n}_a"])
-        layer.lora_kernel_b.assign(state[f"lora{n}_b"])
+        a, b = _private.lora_factors(layer)
+        a.assign(state[f"lora{n}_a"])
+        b.assign(state[f"lora{n}_b"])
 

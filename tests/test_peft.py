@@ -105,24 +105,30 @@ def test_lora_on_a_kerashub_vit_targets_attention_and_resumes(vit, tmp_path):
     folder, blocks = vit
     model = kerastl.build_classifier(kerastl.load_backbone(folder), 3,
                                      dropout=0.0, seed=0)
-    kerastl.lora(model, rank=2, blocks="layer0:layer2")
+    kerastl.lora(model, rank=2)
     layers = peft.lora_layers(model)
-    # Hu et al.'s (and PEFT's) choice for ViT: query and value projections.
-    assert sorted(l.name for l in layers) == sorted(["query", "value"] * 3)
-    assert {type(l).__name__ for l in layers} == {"EinsumDense"}
     bm = kerastl.block_map(model)
     assert bm.validate() == []
-    assert sorted(bm.block_of(l.lora_kernel_a) for l in layers) == \
-        sorted(["layer0", "layer1", "layer2"] * 2)
+    by_block = {}
+    for layer in layers:
+        by_block.setdefault(bm.block_of(layer.weights[0]), []).append(layer)
+    # Hu et al.'s (and PEFT's) choice for ViT: query and value projections
+    # in the transformer layers; every supported layer elsewhere (the patch
+    # convolution and the position embedding).
+    for block in ("layer0", "layer1", "layer2"):
+        assert sorted(l.name for l in by_block[block]) == ["query", "value"]
+        assert {type(l).__name__ for l in by_block[block]} == {"EinsumDense"}
+    assert sorted(type(l).__name__ for l in by_block["embed"]) == \
+        ["Conv2D", "Embedding"]
     x, y = _data(8)
     kerastl.fine_tune(model, (x, y), strategy="lora", lora_rank=2,
-                      freeze_up_to="embed", head_epochs=0, epochs=1,
-                      batch_size=4, optimizer=keras.optimizers.AdamW(1e-2),
+                      head_epochs=0, epochs=1, batch_size=4,
+                      optimizer=keras.optimizers.AdamW(1e-2),
                       check_features=False)
     reference = model.predict(x, verbose=0)
     loaded = save_load_and_resume(model, str(tmp_path / "lora.keras"), x, y,
                                   save=kerastl.save_model)
-    assert len(peft.lora_layers(loaded)) == 6
+    assert len(peft.lora_layers(loaded)) == len(layers)
     # Plain Keras: the file serves the merged model (what was saved).
     plain = keras.models.load_model(str(tmp_path / "lora.keras"),
                                     compile=False)
