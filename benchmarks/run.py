@@ -141,6 +141,16 @@ def rows_deploy(result):
             for r in result["rows"] if r["mb"] is not None]
 
 
+def rows_peft(result):
+    return [_row(f"ViT -> {r['target']}: LoRA rank 8 accuracy vs the better "
+                 f"of head-only and partial ({100 * r['param_share']:.1f}% "
+                 f"of full's parameters; full {r['full']:.3f})", r["lora"],
+                 r["best_of_head_partial"],
+                 r["lora"] / r["best_of_head_partial"],
+                 ">= 1, within 2 points of full, <= 5% of its parameters",
+                 r["met"], "accuracy") for r in result["acceptance"]]
+
+
 BENCHMARKS = {
     "boundary_cache": ("boundary_cache", ["--images", "1000"], [],
                        rows_boundary),
@@ -164,6 +174,9 @@ BENCHMARKS = {
                           ["--seeds", "1", "--pairs", "syn_digits:digits"],
                           [], rows_domain),
     "deploy": ("deploy", ["--repeats", "30"], [], rows_deploy),
+    "peft": ("peft", ["--models", "vit", "--targets", "digits10",
+                      "--seeds", "1", "--methods", "head", "partial",
+                      "full", "lora8"], [], rows_peft),
 }
 
 

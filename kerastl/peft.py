@@ -408,8 +408,10 @@ def restore_structure(model, state, path="the model file"):
     weights = model.weights
     if len(saved) != len(weights) or any(
             tuple(s) != tuple(v.shape) for (s, _), v in zip(saved, weights)):
-        raise _mismatch(path, f"{len(saved)} weights saved, {len(weights)} "
-                        "in the model")
+        if state["meta"]["lora"]:
+            raise _mismatch(path, f"{len(saved)} weights saved, "
+                            f"{len(weights)} in the model")
+        return  # no LoRA to lose: Keras's own flags stand
     wanted = {id(v): t for (_, t), v in zip(saved, weights)}
     for layer in freezing.leaf_layers(model):
         flags = [wanted[id(v)] for v in layer.weights]
