@@ -281,6 +281,48 @@ def acceptance(rows, targets, rank=DEFAULT_RANK):
     return out
 
 
+NAMES = {"head": "head only", "partial": "partial", "full": "full",
+         "lora4": "LoRA r=4", "lora8": "LoRA r=8 (default)",
+         "lora16": "LoRA r=16", "bias": "bias only", "norm": "norm only"}
+
+
+def markdown(paths):
+    """The docs' table (docs/peft.md) from the ``--json`` files."""
+    rows = [r for p in paths for r in json.load(open(p))["rows"]]
+    runs = json.load(open(paths[0]))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    lines = []
+    for m in models:
+        full = {r["target"]: r for r in rows
+                if r["model"] == m and r["method"] == "full"}
+        lines += [f"**{'KerasHub ViT' if m == 'vit' else 'small CNN'}** "
+                  f"(test accuracy, mean ± std over "
+                  f"{runs['seeds']} seeds)", "",
+                  "| method | " + " | ".join(targets) +
+                  " | trainable parameters | optimizer state | step (ms) |",
+                  "|---|" + "---:|" * (len(targets) + 3)]
+        for method in METHODS:
+            cells = [r for r in rows if r["model"] == m and
+                     r["method"] == method]
+            if not cells:
+                continue
+            by_target = {r["target"]: r for r in cells}
+            acc = " | ".join(
+                f"{by_target[t]['mean']:.3f} ± {by_target[t]['std']:.3f}"
+                if t in by_target else "-" for t in targets)
+            r = cells[0]
+            share = r["trainable"] / full[r["target"]]["trainable"] \
+                if r["target"] in full else float("nan")
+            step = np.mean([c["step_ms"] for c in cells])
+            lines.append(
+                f"| {NAMES[method]} | {acc} | {r['trainable']:,} "
+                f"({100 * share:.1f}%) | {r['optimizer_bytes'] / 1024:,.0f} "
+                f"KiB | {step:.0f} |")
+        lines.append("")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit", "cnn"],
@@ -295,7 +337,11 @@ def main(argv=None):
     parser.add_argument("--head-steps", type=int, default=30,
                         help="optimizer steps of the head phase")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--markdown", nargs="+", metavar="JSON",
+                        help="print the docs' table from --json files")
     args = parser.parse_args(argv)
+    if args.markdown:
+        return markdown(args.markdown)
     start = time.time()
     makers = backbones(args.models)
     results = []

@@ -34,6 +34,7 @@ every export of kerastl merges first.
 
 import io
 import json
+import numbers
 import os
 import tempfile
 import zipfile
@@ -58,11 +59,12 @@ STATE_MEMBER = "kerastl_peft_state.npz"
 
 
 def _check_rank(rank, alpha):
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or \
+            rank < 1:
         raise KerastlError(f"rank={rank!r}: expected a positive integer "
                            "(LoRA's rank; 4 to 16 is usual).")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(
-            alpha, (int, float)) or alpha <= 0):
+            alpha, numbers.Real) or alpha <= 0):
         raise KerastlError(f"alpha={alpha!r}: expected a positive number or "
                            "None (alpha = rank: the update scaled by 1).")
 
@@ -85,9 +87,14 @@ def select_blocks(model, blocks="all"):
     if isinstance(blocks, str) and blocks == "all":
         chosen = list(base)
     elif isinstance(blocks, str) and ":" in blocks:
-        first, _, last = blocks.partition(":")
-        i = base.index(bm.resolve(first)) if first else 0
-        j = base.index(bm.resolve(last)) if last else len(base) - 1
+        ends = [bm.resolve(end) if end else None
+                for end in blocks.partition(":")[::2]]
+        if any(end is not None and end not in base for end in ends):
+            raise BlockError(
+                f"blocks={blocks!r}: a new head trains whole; a range goes "
+                f"over the pretrained blocks {', '.join(base)}.")
+        i = base.index(ends[0]) if ends[0] else 0
+        j = base.index(ends[1]) if ends[1] else len(base) - 1
         chosen = base[i:j + 1]
     elif isinstance(blocks, (str, int)) and not isinstance(blocks, bool):
         chosen = [bm.resolve(blocks)]
@@ -223,6 +230,7 @@ def enable_lora(model, rank=None, alpha=None, blocks="all", targets="auto"):
         ranks = {l.lora_rank for l in lora_layers(keras_model)}
         rank = ranks.pop() if len(ranks) == 1 else 8
     _check_rank(rank, alpha)
+    rank = int(rank)
     chosen = select_blocks(keras_model, blocks)
     layers = lora_targets(keras_model, chosen, targets)
     if not layers:
