@@ -48,8 +48,9 @@ from kerastl.sampling import few_shot  # noqa: E402
 METHODS = ["head", "partial", "full", "lora4", "lora8", "lora16", "bias",
            "norm"]
 # The two learning rates each method chooses from (on validation).
-RATES = {"head": (1e-3, 3e-3), "partial": (1e-4, 3e-4), "full": (1e-4, 3e-4),
-         "lora": (1e-3, 3e-3), "bias": (1e-3, 3e-3), "norm": (1e-3, 3e-3)}
+RATES = {"head": (1e-3, 3e-3, 1e-2), "partial": (1e-4, 3e-4, 1e-3),
+         "full": (1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2),
+         "bias": (1e-3, 3e-3, 1e-2), "norm": (1e-3, 3e-3, 1e-2)}
 TARGETS = {"digits10": ("digits", 10), "digits50": ("digits", 50),
            "digits_m50": ("digits_m", 50)}
 DEFAULT_RANK = 8  # kerastl.lora's default
@@ -205,21 +206,27 @@ def evaluate(model, data):
     return float(model.evaluate(*data, batch_size=256, verbose=0)[1])
 
 
-def measure(make_backbone, method, data, steps, head_steps, seed):
-    """The method at its better rate (validation); test accuracy and
-    costs of that run."""
+def measure(make_backbone, method, data, steps, head_steps, seed,
+            previous=None):
+    """The method at its best rate on validation: that run's test accuracy
+    and costs. ``previous``: this method's record from an earlier run of
+    the benchmark (``--resume``): only the rates it did not try run."""
     train, val, test = data
     family = "lora" if method.startswith("lora") else method
-    best = None
+    best = previous
+    tried = list(previous["tried"]) if previous else []
     for rate in RATES[family]:
+        if rate in tried:
+            continue
         model, figures = run(make_backbone, method, rate, train, steps,
                              head_steps, seed)
-        score = evaluate(model, val)
-        if best is None or score > best[0]:
-            best = (score, rate, model, figures)
+        record = dict(figures, val=evaluate(model, val), rate=rate,
+                      test=evaluate(model, test))
+        if best is None or record["val"] > best["val"]:
+            best = record
+        tried.append(rate)
         keras.backend.clear_session()
-    score, rate, model, figures = best
-    return dict(figures, val=score, rate=rate, test=evaluate(model, test))
+    return dict(best, tried=tried)
 
 
 # -- the report ------------------------------------------------------------
@@ -337,6 +344,9 @@ def main(argv=None):
     parser.add_argument("--head-steps", type=int, default=30,
                         help="optimizer steps of the head phase")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--resume", metavar="JSON",
+                        help="an earlier --json: run only the rates its "
+                             "runs did not try")
     parser.add_argument("--markdown", nargs="+", metavar="JSON",
                         help="print the docs' table from --json files")
     args = parser.parse_args(argv)
@@ -344,14 +354,20 @@ def main(argv=None):
         return markdown(args.markdown)
     start = time.time()
     makers = backbones(args.models)
-    results = []
+    results, earlier = [], {}
+    if args.resume:
+        for r in json.load(open(args.resume))["runs"]:
+            family = "lora" if r["method"].startswith("lora") else r["method"]
+            r.setdefault("tried", list(RATES[family][:2]))  # the first grid
+            earlier[(r["model"], r["target"], r["seed"], r["method"])] = r
     for m in args.models:
         for t in args.targets:
             for seed in range(args.seeds):
                 data = target(t, seed)
                 for method in args.methods:
                     r = measure(makers[m], method, data, args.steps,
-                                args.head_steps, seed)
+                                args.head_steps, seed,
+                                earlier.get((m, t, seed, method)))
                     r.update(model=m, target=t, method=method, seed=seed)
                     results.append(r)
                     print(f"  {m} {t} seed {seed} {method:7s} test "
