@@ -300,6 +300,7 @@ def _select_weights(model, bm, blocks, mode):
     network), only the weights ``mode`` names train; everywhere, a kernel
     that Keras's ``enable_lora`` froze stays frozen (its LoRA factors are
     what trains beside it)."""
+    tuned_ids = set()
     for layer in leaf_layers(model):
         base = _private.lora_base_weight(layer)
         if mode != "full" and bm.block_of(layer.weights[0]) in blocks:
@@ -321,8 +322,15 @@ def _select_weights(model, bm, blocks, mode):
                 continue
             for v in candidates:
                 v.trainable = id(v) in tuned
+            tuned_ids |= tuned
         elif base is not None and base.trainable:
             base.trainable = False
+    if mode != "full":
+        # Weights a layer owns beside its sublayers (a ViT's class token, a
+        # DINOv2 mask token): not what the mode names either.
+        for v in model.trainable_weights:
+            if id(v) not in tuned_ids and bm.block_of(v) in blocks:
+                v.trainable = False
 
 
 def freeze_weights(model, variables):

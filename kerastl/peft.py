@@ -431,6 +431,9 @@ def restore_structure(model, state, path="the model file"):
         layer.trainable = True
         for v in layer.trainable_weights:
             v.trainable = wanted[id(v)]
+    for v in model.trainable_weights:  # a container's own (a class token)
+        if not wanted[id(v)]:
+            v.trainable = False
 
 
 def restore_values(model, state):

@@ -120,6 +120,10 @@ def test_lora_on_a_kerashub_vit_targets_attention_and_resumes(vit, tmp_path):
         assert {type(l).__name__ for l in by_block[block]} == {"EinsumDense"}
     assert sorted(type(l).__name__ for l in by_block["embed"]) == \
         ["Conv2D", "Embedding"]
+    # Only the factors and the head train: not the class token either.
+    trained = [v.path for v in model.trainable_weights]
+    assert all("lora_" in p or p.startswith("head_") for p in trained), \
+        trained
     x, y = _data(8)
     kerastl.fine_tune(model, (x, y), strategy="lora", lora_rank=2,
                       head_epochs=0, epochs=1, batch_size=4,
