@@ -38,6 +38,7 @@ from kerastl import schema
 from kerastl.atomic import (atomic_folder, check_destination, read_marker,
                             written_by_kerastl)
 from kerastl.errors import ConfigError, ExportError, KerastlError
+from kerastl.saving import save_model
 from kerastl.serving import export, missing_onnx_package
 from kerastl.freezing import trainable_summary
 from kerastl.heads import build_classifier
@@ -386,8 +387,7 @@ def _finish(tmp, e, model, train, val, classes, history, log, start):
     train_time = time.time() - start
     with stop_between_steps() as stopper:
         if not os.path.exists(os.path.join(tmp, "model.keras")):
-            resume.save_model_atomically(model,
-                                         os.path.join(tmp, "model.keras"))
+            save_model(model, os.path.join(tmp, "model.keras"))
         try:
             if stopper.requested:
                 raise KeyboardInterrupt

@@ -295,6 +295,23 @@ def leaf_layers(model):
     return out
 
 
+def train_only(layer, weights):
+    """Makes exactly those weights of a leaf ``layer`` whose ``id`` is in
+    ``weights`` trainable (of the weights it can train: not BatchNorm's
+    statistics), and freezes the layer whole if there are none."""
+    # Keras's setter sets every variable the layer created trainable;
+    # through False, because the TensorFlow backend skips assigning the
+    # value a flag already has.
+    layer.trainable = False
+    layer.trainable = True
+    candidates = list(layer.trainable_weights)
+    if not any(id(v) in weights for v in candidates):
+        layer.trainable = False
+        return
+    for v in candidates:
+        v.trainable = id(v) in weights
+
+
 def _select_weights(model, bm, blocks, mode):
     """After the block flags are set: in ``blocks`` (of the pretrained
     network), only the weights ``mode`` names train; everywhere, a kernel
@@ -311,17 +328,7 @@ def _select_weights(model, bm, blocks, mode):
                     "have no layers. Use strategy 'partial' or 'full' for "
                     "it, or a Keras Applications / KerasHub backbone.")
             tuned = {id(v) for v in tuned_weights(layer, mode)}
-            # Keras's setter sets every variable the layer created trainable
-            # (not BatchNorm's statistics); through False, because the
-            # TensorFlow backend skips assigning the value a flag has.
-            layer.trainable = False
-            layer.trainable = True
-            candidates = list(layer.trainable_weights)
-            if not any(id(v) in tuned for v in candidates):
-                layer.trainable = False
-                continue
-            for v in candidates:
-                v.trainable = id(v) in tuned
+            train_only(layer, tuned)
             tuned_ids |= tuned
         elif base is not None and base.trainable:
             base.trainable = False

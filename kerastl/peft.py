@@ -212,11 +212,7 @@ def lora(model, rank=None, alpha=None, blocks="all", targets="auto",
     """
     keras_model = freezing.keras_model_of(model)
     chosen = enable_lora(keras_model, rank, alpha, blocks, targets)
-    bm = block_map(keras_model)  # a new map: the layers gained weights
-    freezing.apply_trainable(
-        keras_model, freezing.Trainable.of(bm, chosen + bm.head_blocks,
-                                           "lora"),
-        bn=bn, recompile=recompile)
+    _train(keras_model, chosen, "lora", bn, recompile)
     return [l.name for l in lora_layers(keras_model)]
 
 
@@ -254,13 +250,19 @@ def enable_lora(model, rank=None, alpha=None, blocks="all", targets="auto"):
     return chosen
 
 
-def _tune(model, blocks, mode, bn, recompile):
-    keras_model = freezing.keras_model_of(model)
-    chosen = select_blocks(keras_model, blocks)
-    bm = block_map(keras_model)
+def _train(keras_model, chosen, mode, bn, recompile):
+    """``mode`` in the ``chosen`` blocks, the heads whole, the rest
+    frozen: through the one applier."""
+    bm = block_map(keras_model)  # new after enable_lora: more weights
     freezing.apply_trainable(
         keras_model, freezing.Trainable.of(bm, chosen + bm.head_blocks, mode),
         bn=bn, recompile=recompile)
+
+
+def _tune(model, blocks, mode, bn, recompile):
+    keras_model = freezing.keras_model_of(model)
+    _train(keras_model, select_blocks(keras_model, blocks), mode, bn,
+           recompile)
     return [v.path for v in keras_model.trainable_variables]
 
 
@@ -420,19 +422,11 @@ def restore_structure(model, state, path="the model file"):
             raise _mismatch(path, f"{len(saved)} weights saved, "
                             f"{len(weights)} in the model")
         return  # no LoRA to lose: Keras's own flags stand
-    wanted = {id(v): t for (_, t), v in zip(saved, weights)}
+    wanted = {id(v) for (_, t), v in zip(saved, weights) if t}
     for layer in freezing.leaf_layers(model):
-        flags = [wanted[id(v)] for v in layer.weights]
-        if not any(flags):
-            if layer.trainable:
-                layer.trainable = False
-            continue
-        layer.trainable = False  # through False: see apply_trainable
-        layer.trainable = True
-        for v in layer.trainable_weights:
-            v.trainable = wanted[id(v)]
+        freezing.train_only(layer, wanted)
     for v in model.trainable_weights:  # a container's own (a class token)
-        if not wanted[id(v)]:
+        if id(v) not in wanted:
             v.trainable = False
 
 

@@ -192,13 +192,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         if value is None or not float(value) < self.best:
             return
         self.best = float(value)
-        save_model_atomically(self.model, self.path)
-
-
-def save_model_atomically(model, path):
-    """:func:`kerastl.save_model`: written through a temporary file and a
-    rename, with what Keras's file loses (LoRA factors, trainable flags)."""
-    save_model(model, path)
+        save_model(self.model, self.path)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
