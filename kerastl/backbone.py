@@ -1,9 +1,11 @@
 """``Backbone``: a pretrained feature extractor, its block map and its input contract."""
 
 import os
+import weakref
 import zipfile
 
 import keras
+import numpy as np
 
 from kerastl import _keras_private as _private
 from kerastl import blocks as _blocks
@@ -180,6 +182,46 @@ def load_backbone(name, weights="imagenet", input_shape=None):
     """
     if isinstance(name, (str, os.PathLike)) and str(name).endswith(".keras"):
         return _load_keras_file(name, weights)
+    backbone = _load_source(name, weights, input_shape)
+    if weights is None:  # (a Hub model refuses it: it has its own weights)
+        _mark_random(backbone)
+    return backbone
+
+
+# Layers a zoo backbone loaded with weights=None initialised at random, with
+# a fingerprint of those weights: until something loads or trains other
+# weights into them, freezing them trains nothing (fine_tune refuses it).
+_RANDOM_INIT = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(layer):
+    return tuple(float(np.sum(np.abs(w))) for w in layer.get_weights())
+
+
+def _mark_random(backbone):
+    for layer, _ in _blocks.layer_graph(backbone.model):
+        if any(len(w.shape) >= 2 for w in getattr(layer, "weights", ())):
+            _RANDOM_INIT[layer] = (backbone.name, _fingerprint(layer))
+
+
+def random_weights(layers):
+    """The name of the backbone whose random initial weights (``load_backbone
+    (..., weights=None)``) some of ``layers`` (or of lists of layers) still
+    hold, or None: those layers learnt nothing yet, and frozen they never
+    will. Weights loaded or trained into them since clear it."""
+    for layer in layers:
+        if isinstance(layer, (list, tuple)) or hasattr(layer, "__next__"):
+            name = random_weights(layer)
+            if name is not None:
+                return name
+            continue
+        entry = _RANDOM_INIT.get(layer)
+        if entry is not None and _fingerprint(layer) == entry[1]:
+            return entry[0]
+    return None
+
+
+def _load_source(name, weights, input_shape):
     if isinstance(name, str) and name.startswith("hub:"):
         return _load_hub(name[len("hub:"):], weights, input_shape)
     if isinstance(name, str) and name.startswith(kerashub.PREFIX) or \

@@ -459,6 +459,10 @@ def _cli_terms(message):
     """The library's advice in command-line terms."""
     message = re.sub(r"input_shape=\((\d+), \d+, 3\)", r"--image-size \1",
                      message)
+    message = re.sub(r"kerastl\.load_backbone\('([^']*)', weights='([^']*)'\)",
+                     r"--model \1 --weights \2", message)
+    message = re.sub(r"kerastl\.load_backbone\('([^']*)'\)", r"--model \1",
+                     message)
     message = re.sub(r"weights=None", "--weights none", message)
     message = re.sub(r"weights='([^']*)'", r"--weights \1", message)
     message = re.sub(r"strategy='(\w+)'", r"--strategy \1", message)

@@ -112,7 +112,9 @@ class TrainingPlan:
             phase (a dict by block, :class:`~kerastl.LayerDecay` or
             :class:`~kerastl.LRSpread`; see
             :class:`~kerastl.LayerwiseOptimizer`), or None: one rate.
-        head_epochs: epochs of the head phase (0: none).
+        head_epochs: epochs of the head phase (0: none). Skipped for a
+            backbone with random weights (``weights=None``): nothing
+            pretrained to protect from a new head's first gradients.
         epochs: epochs of the main phase.
         head_optimizer: the head phase's optimizer: a Keras optimizer
             (used as given), a name or a config dict; default

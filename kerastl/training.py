@@ -14,6 +14,7 @@ import warnings
 import keras
 import numpy as np
 
+from kerastl import backbone as backbone_lib
 from kerastl import boundary, distribute, freezing, peft
 from kerastl import _keras_private as _private
 from kerastl.batch_order import SeededBatches
@@ -129,8 +130,13 @@ def fine_tune(model, train, validation=None, plan=None, *,
     if isinstance(validation, tuple) and len(validation) in (2, 3):
         _check_arrays(model, validation[0], validation[1], loss, "validation")
     base = len(bm.base_blocks)
+    head_epochs = plan.head_epochs
+    if head_epochs and backbone_lib.random_weights(
+            bm.weighted_layers(b) for b in bm.base_blocks):
+        head_epochs = 0  # a random backbone: nothing to protect from a new head
     if plan.check_features:
-        check_frozen_features(model, max(depth, base) if plan.head_epochs
+        check_random_frozen(model, plan)
+        check_frozen_features(model, max(depth, base) if head_epochs
                               else depth, x)
 
     def phase(optimizer, n_epochs, frozen):
@@ -180,11 +186,11 @@ def fine_tune(model, train, validation=None, plan=None, *,
         return history
 
     h1 = None
-    if plan.head_epochs:
+    if head_epochs:
         freezing.apply_trainable(
             model, freezing.Trainable.of(bm, bm.names[base:]), bn=plan.bn,
             recompile=False)
-        h1 = phase(head_optimizer, plan.head_epochs, base)
+        h1 = phase(head_optimizer, head_epochs, base)
     if plan.trainable.mode == "lora":
         peft.enable_lora(model, plan.lora_rank, plan.lora_alpha,
                          [b for b in plan.trainable.trainable
@@ -261,6 +267,43 @@ def _sample_images(x, n=64):
     except (TypeError, IndexError, KeyError):
         return None
     return a if a.dtype.kind in "fiu" and a.ndim >= 2 else None
+
+
+def check_random_frozen(model, plan):
+    """Refuses a plan that freezes weights still at the random initial
+    values of ``load_backbone(..., weights=None)``: frozen, they give
+    features no head can learn from, and the run would end near chance
+    (the measured spread of such features is not small enough for
+    :func:`check_frozen_features` to catch on every architecture).
+
+    Raises:
+        KerastlError: naming the backbone, what the plan freezes and the
+            ways out (the full strategy, or learnt weights).
+    """
+    bm = block_map(model)
+    t = plan.trainable
+    base = list(bm.base_blocks)
+    if t.mode == "full":
+        frozen = [b for b in base if b not in t.trainable]
+        count = (f"all {len(base)} of its blocks" if frozen == base else
+                 f"{len(frozen)} of its {len(base)} blocks")
+        more = ", ..." if len(frozen) > 3 else ""
+        what = f"{count} ({', '.join(frozen[:3])}{more})"
+    else:
+        frozen = base
+        what = f"the kernels of every block ({t.mode} trains beside them)"
+    name = backbone_lib.random_weights(bm.weighted_layers(b) for b in frozen)
+    if name is None:
+        return
+    raise KerastlError(
+        f"{name!r} has random weights (weights=None) and strategy="
+        f"{plan.strategy!r} freezes {what}: frozen random weights give "
+        f"features nothing can learn from, so the run would end near "
+        f"chance. Train every block from its random start: strategy='full'. "
+        f"Or start from learnt weights: weights='imagenet' (downloaded), "
+        f"weights='/path/to/weights.h5' (a local file), or a model file of "
+        f"your own: kerastl.load_backbone('my_model.keras') (for example "
+        f"the model.keras that `kerastl demo` writes).")
 
 
 def check_frozen_features(model, depth, x):

@@ -76,6 +76,33 @@ def images(rng):
 
 # -- models and data shared by several test modules ----------------------
 
+_STAND_INS = {}
+
+
+def stand_in_weights(name, input_shape=(32, 32, 3)):
+    """A weights file for zoo model ``name``, as a user who downloaded its
+    pretrained weights passes them (``weights=PATH``, ``--weights PATH``):
+    offline, the architecture's random initial weights, written once per
+    process. ``load_backbone(name, weights=None)`` instead marks the
+    backbone random, and fine_tune refuses to freeze it."""
+    key = (name, tuple(input_shape))
+    if key not in _STAND_INS:
+        import tempfile
+        path = os.path.join(tempfile.mkdtemp(prefix="kerastl_weights_"),
+                            f"{name}.weights.h5")
+        kerastl.load_backbone(name, weights=None, input_shape=input_shape) \
+            .model.save_weights(path)
+        _STAND_INS[key] = path
+    return _STAND_INS[key]
+
+
+def stand_in_backbone(name, input_shape=(32, 32, 3)):
+    """``load_backbone(name)`` as offline tests can: from
+    :func:`stand_in_weights`."""
+    return kerastl.load_backbone(name, weights=stand_in_weights(
+        name, input_shape), input_shape=input_shape)
+
+
 def small_cnn(size=32, width=8):
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Rescaling(1 / 255.0)(inputs)

@@ -196,14 +196,14 @@ def test_bad_boundary_cache_value():
 
 
 def test_cli_records_whether_the_cache_was_used(tmp_path):
-    from conftest import write_folder
+    from conftest import stand_in_weights, write_folder
     from kerastl import cli
     import json
 
     folder = write_folder(tmp_path / "images", per_class=6, size=32)
     out = tmp_path / "run"
     assert cli.main(["finetune", "--model", "mobilenet_v2", "--weights",
-                     "none", "--data", str(folder), "--output", str(out),
+                     stand_in_weights("mobilenet_v2"), "--data", str(folder), "--output", str(out),
                      "--image-size", "32", "--epochs", "1", "--strategy",
                      "partial", "--boundary-cache", "on", "--quiet",
                      "--mixed-precision", "bfloat16", "--jit", "off"]) == 0

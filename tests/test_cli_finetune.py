@@ -45,9 +45,11 @@ def images(tmp_path_factory):
 
 @pytest.mark.slow
 def test_finetune_writes_every_output(images, tmp_path, capsys):
+    from conftest import stand_in_weights
     config = tmp_path / "experiment.yaml"
     config.write_text(
-        "model: mobilenet_v2\nweights: null\nimage_size: 32\n"
+        f"model: mobilenet_v2\nweights: {stand_in_weights('mobilenet_v2')}"
+        "\nimage_size: 32\n"
         "strategy: partial\nepochs: 2\nbatch_size: 8\nlayer_decay: 0.7\n"
         "export_input: uint8\n")
     out = tmp_path / "run"
@@ -96,6 +98,10 @@ def empty_class(root):
     ("bad value", "Experiment key 'strategy' is 'some'"),
     ("bad yaml", "not valid YAML"),
     ("missing config", "does not exist"),
+    # --weights none with a strategy that freezes: refused before training,
+    # the fix in flags (not strategy='full').
+    ("random frozen", "has random weights (--weights none) and --strategy "
+                      "partial freezes 3 of its 6 blocks"),
 ])
 def test_bad_input_is_a_one_line_error_and_writes_nothing(
         tmp_path, capsys, case, expected):
@@ -130,6 +136,10 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(
     assert code != 0
     assert err.count("\n") == 0 and err.startswith("kerastl: error: "), err
     assert expected in err, err
+    if case == "random frozen":
+        assert "Train every block from its random start: --strategy full" \
+            in err and "--model my_model.keras" in err, err
+        assert "='" not in err, err  # no Python syntax for a CLI user
     assert os.listdir(out) == []
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 

@@ -150,13 +150,37 @@ def test_fine_tune_refuses_unknown_and_removed_arguments():
 
 
 def test_a_run_that_cannot_learn_stops_before_training():
-    # A frozen MobileNetV2 with random weights: features ~1e-12.
-    backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
-                                     input_shape=(32, 32, 3))
-    model = kerastl.build_classifier(backbone, 3)
+    from conftest import stand_in_weights
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)) \
         .astype("float32")
     y = np.arange(8) % 3
+    # weights=None and a strategy that freezes: refused up front, for every
+    # freezing strategy, with the ways out; nothing trained.
+    backbone = kerastl.load_backbone("mobilenet_v2", weights=None,
+                                     input_shape=(32, 32, 3))
+    model = kerastl.build_classifier(backbone, 3)
+    before = [w.copy() for w in model.get_weights()]
+    for strategy, what in (("features", "all 6 of its blocks"),
+                           ("partial", "3 of its 6 blocks"),
+                           ("bias", "the kernels of every block")):
+        with pytest.raises(kerastl.KerastlError,
+                           match=rf"'mobilenet_v2' has random weights "
+                                 rf"\(weights=None\) and strategy="
+                                 rf"'{strategy}' freezes {what}.*"
+                                 r"strategy='full'.*weights='imagenet'"):
+            kerastl.fine_tune(model, (x, y), strategy=strategy, epochs=1)
+    assert all(np.array_equal(a, b)
+               for a, b in zip(before, model.get_weights()))
+    # Training every block is what the error proposes: it runs.
+    kerastl.fine_tune(model, (x, y), strategy="full", head_epochs=0,
+                      epochs=1, batch_size=8)
+    # The same random weights from a file are the user's own weights: no
+    # refusal, but the frozen features are constant (~1e-12), and the
+    # measured check stops the run.
+    backbone = kerastl.load_backbone(
+        "mobilenet_v2", weights=stand_in_weights("mobilenet_v2"),
+        input_shape=(32, 32, 3))
+    model = kerastl.build_classifier(backbone, 3)
     with pytest.raises(kerastl.KerastlError,
                        match="same features for every training image.*"
                              "--weights imagenet.*--strategy full"):

@@ -31,6 +31,7 @@ import pytest
 import tensorflow as tf
 
 import kerastl
+from conftest import stand_in_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pages whose examples are checked: the README and every page of the
@@ -93,8 +94,7 @@ def digits(n, size):
 
 
 def efficientnet_classifier(ns, tmp_path):
-    backbone = kerastl.load_backbone("efficientnet_b0", weights=None,
-                                     input_shape=(32, 32, 3))
+    backbone = stand_in_backbone("efficientnet_b0")
     x, y = digits(40, 32)
     ns["model"] = kerastl.build_classifier(backbone, num_classes=10)
     ns["train"] = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])) \

@@ -26,18 +26,20 @@ def _offline_message(config, error):
     fname = os.path.basename(url.group(0)) if url else None
     cache = os.path.join(
         os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
-    where = (f"\n  1. download {url.group(0)}\n     on a machine with internet "
-             f"access and copy it to {os.path.join(cache, fname)} (the Keras "
-             "cache, which Keras checks before downloading), or"
-             if url else
-             f"\n  1. put the weights file into the Keras cache {cache}, or")
+    where = (f"download {url.group(0)} on a machine with internet access "
+             f"and copy it to {os.path.join(cache, fname)} (the Keras cache, "
+             "which Keras checks before downloading), or pass"
+             if url else f"put it into the Keras cache {cache}, or pass")
     return (
         f"Could not download the ImageNet weights of {config.name!r} "
         f"({type(error).__name__}: {error}). This machine seems to be offline. "
-        f"To use pretrained weights offline:{where}\n  2. pass the file "
-        f"itself: kerastl.load_backbone({config.name!r}, weights='/path/to/"
-        f"{fname or 'weights.h5'}').\nFor random initialisation pass "
-        "weights=None.")
+        f"What still learns offline:\n  1. the weights file: {where} the "
+        f"file itself: kerastl.load_backbone({config.name!r}, weights="
+        f"'/path/to/{fname or 'weights.h5'}');\n  2. a model file of your "
+        f"own: kerastl.load_backbone('my_model.keras') (for example the "
+        f"model.keras that `kerastl demo` writes);\n  3. random weights with "
+        f"every block trained: weights=None and strategy='full' (frozen "
+        f"random blocks learn nothing).")
 
 
 def build_application(config, input_tensor, input_shape, weights):

@@ -185,7 +185,8 @@ def _offline_message(preset, handle, error):
         f"'kerashub:/path/to/my_preset') (kerastl finetune --model "
         f"kerashub:/path/to/my_preset). A kagglehub download folder works "
         f"too. For the architecture with random weights, pass such a "
-        f"folder with weights=None.")
+        f"folder with weights=None and train every block (strategy='full'; "
+        f"frozen random blocks learn nothing).")
 
 
 # -- the families -----------------------------------------------------------
