@@ -40,6 +40,8 @@ Model sources
     zoo               the YAML zoo, Keras Applications, KerasHub presets
     backbone          load_backbone, Backbone
 Training
+    augment           named augmentation policies of Keras's own layers, on
+                      the training batches only
     plan              TrainingPlan: how a model is fine-tuned, one value
     training          fine_tune: the one driver
     advice            recommend_strategy

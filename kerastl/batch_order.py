@@ -24,11 +24,15 @@ class SeededBatches(keras.utils.PyDataset):
     epoch is starting: ``fit``'s own index, so a resumed run continues with
     the right order), and ``shuffle=False`` (Keras would otherwise shuffle
     the batches again, with Python's global random state).
+
+    ``transform``: a function applied to each batch's inputs (the first
+    array), such as training-time augmentation.
     """
 
-    def __init__(self, arrays, batch_size, seed):
+    def __init__(self, arrays, batch_size, seed, transform=None):
         super().__init__()
         self.arrays = tuple(arrays)
+        self.transform = transform
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.size = len(keras.tree.flatten(self.arrays[0])[0])
@@ -46,8 +50,11 @@ class SeededBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size:
                           (index + 1) * self.batch_size]
-        return tuple(keras.tree.map_structure(lambda a: a[rows], part)
-                     for part in self.arrays)
+        batch = tuple(keras.tree.map_structure(lambda a: a[rows], part)
+                      for part in self.arrays)
+        if self.transform is not None:
+            batch = (self.transform(batch[0]),) + batch[1:]
+        return batch
 
     def callback(self):
         """The callback that keeps the order in step with ``fit``'s epochs."""

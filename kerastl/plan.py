@@ -26,6 +26,7 @@ import numbers
 
 import keras
 
+from kerastl import augment as augment_lib
 from kerastl import freezing
 from kerastl.distribute import strategy_scope
 from kerastl.errors import ConfigError, KerastlError
@@ -128,6 +129,12 @@ class TrainingPlan:
             from ``(seed, epoch)`` alone, so it does not depend on the
             global random state and a resumed run sees the same order.
             None: Keras shuffles (global random state).
+        augment: training-time augmentation of the images, in both phases
+            (validation data and the model are never augmented): None or
+            ``"none"``, ``"light"``, ``"strong"``, either with ``"+flip"``
+            for photos whose left and right mean the same, or a Keras
+            layer of your own (see :mod:`kerastl.augment`). Array data or a
+            ``tf.data.Dataset`` of ``(images, labels)`` batches.
         boundary_cache: ``"auto"`` (default): run the frozen blocks once
             and train the rest on their output where that is valid;
             ``True``: require it; ``False``: never (see
@@ -162,6 +169,7 @@ class TrainingPlan:
     patience: object = 3
     batch_size: object = None
     seed: object = None
+    augment: object = None
     boundary_cache: object = "auto"
     mixed_precision: object = None
     jit_compile: object = "auto"
@@ -210,6 +218,7 @@ class TrainingPlan:
                                                      numbers.Integral)):
             raise KerastlError(f"seed={self.seed!r}: expected an integer or "
                                "None.")
+        augment_lib.check(self.augment)
         _check_optimizer(self.optimizer, "optimizer")
         _check_optimizer(self.head_optimizer, "head_optimizer")
         if self.boundary_cache not in ("auto", True, False):
@@ -300,7 +309,7 @@ class TrainingPlan:
             optimizer=optimizer,
             multipliers=None if e["layer_decay"] is None
             else LayerDecay(e["layer_decay"]),
-            patience=e["early_stopping"],
+            patience=e["early_stopping"], augment=e["augment"],
             boundary_cache=_SWITCH[e["boundary_cache"]],
             mixed_precision=_PRECISION[e["mixed_precision"]],
             jit_compile=_SWITCH[e["jit"]])

@@ -20,9 +20,9 @@ import os
 
 from kerastl import _yaml
 from kerastl.errors import ConfigError
-from kerastl.spec import (BN_MODES, DEVICE_STRATEGIES, EXPORT_FORMATS,
-                          CUT_STRATEGIES, FINE_TUNING_STRATEGIES, INPUT_MODES,
-                          QUANTIZATIONS)
+from kerastl.spec import (AUGMENT_POLICIES, BN_MODES, DEVICE_STRATEGIES,
+                          EXPORT_FORMATS, CUT_STRATEGIES,
+                          FINE_TUNING_STRATEGIES, INPUT_MODES, QUANTIZATIONS)
 
 NoneType = type(None)
 # Words that stand for null on the command line (YAML has its own null).
@@ -201,6 +201,13 @@ KEYS = (
         check=lambda v: 0 < v <= 1, expected="a number in (0, 1]"),
     Key("epochs", 10, (int,), "training epochs", check=_positive,
         expected="a positive integer"),
+    Key("augment", "none", (str,),
+        "training-time augmentation (Keras layers; never flips unless "
+        "+flip): none, light (shift, zoom, small rotation), strong (also "
+        "brightness, contrast, erasing); +flip for photos whose left and "
+        "right mean the same",
+        choices=tuple(p + f for p in AUGMENT_POLICIES for f in
+                      (("",) if p == "none" else ("", "+flip")))),
     Key("early_stopping", 3, (int, NoneType),
         "patience in epochs; none: train every epoch", check=_positive,
         expected="a patience of at least 1 epoch"),

@@ -31,6 +31,10 @@ PEFT_STRATEGIES = ("lora", "bias", "norm")
 # The strategies ``freeze_up_to`` applies to (the blocks before it frozen).
 CUT_STRATEGIES = ("partial",) + PEFT_STRATEGIES
 
+# Training-time augmentation policies (kerastl.augment; "+flip" may follow a
+# policy: "light+flip").
+AUGMENT_POLICIES = ("none", "light", "strong")
+
 # BatchNormalization in the blocks that train (see kerastl.freezing).
 BN_MODES = ("frozen", "train")
 

@@ -14,6 +14,7 @@ import warnings
 import keras
 import numpy as np
 
+from kerastl import augment as augment_lib
 from kerastl import backbone as backbone_lib
 from kerastl import boundary, distribute, freezing, peft
 from kerastl import _keras_private as _private
@@ -139,6 +140,17 @@ def fine_tune(model, train, validation=None, plan=None, *,
         check_frozen_features(model, max(depth, base) if head_epochs
                               else depth, x)
 
+    seed = plan.seed if plan.seed is not None else \
+        int(np.random.default_rng().integers(2 ** 31))
+    aug = augment_lib.augmentation(plan.augment, seed=seed)
+    if aug is not None:
+        _check_augmentable(x, y)
+        if plan.boundary_cache is True:
+            raise KerastlError(
+                "boundary_cache=True and augment: augmented images change "
+                "every epoch, so the frozen blocks cannot run once. Pass "
+                "boundary_cache='auto' (or augment=None).")
+
     def phase(optimizer, n_epochs, frozen):
         # Early stopping watches the validation loss: none without one.
         stop = plan.patience is not None and validation is not None
@@ -147,6 +159,9 @@ def fine_tune(model, train, validation=None, plan=None, *,
         reason = "boundary_cache=False"
         if distribute.is_distributed(model):
             reason = "distributed training (the frozen part runs each step)"
+        elif aug is not None:
+            reason = ("augment (the frozen part runs on each augmented "
+                      "batch)")
         elif plan.boundary_cache is not False:
             history, reason = boundary.cached_fit(
                 model, frozen, x, y, validation, sample_weight=w,
@@ -166,9 +181,11 @@ def fine_tune(model, train, validation=None, plan=None, *,
         if distribute.is_multi_worker(model):
             distribute.prepare_distributed_fit(
                 model, (x, y) if y is not None else x)
-        if y is not None and plan.seed is not None:
-            batches = SeededBatches((x, y) if w is None else (x, y, w),
-                                    plan.batch_size or 32, plan.seed)
+        if y is not None and (plan.seed is not None or aug is not None):
+            batches = SeededBatches(
+                (x, y) if w is None else (x, y, w), plan.batch_size or 32,
+                seed, transform=None if aug is None else
+                (lambda images: augment_lib.augment_batch(aug, images)))
             # (shuffle=False: the batches come in their seeded order; Keras
             # would shuffle them again with Python's global random state.)
             history = model.fit(batches, validation_data=validation,
@@ -178,7 +195,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
         else:
             # A dataset (no separate y) is shuffled by its own pipeline;
             # Keras warns when asked to shuffle one.
-            history = model.fit(x, y, sample_weight=w,
+            data = x if aug is None else augment_lib.augment_dataset(x, aug)
+            history = model.fit(data, y, sample_weight=w,
                                 validation_data=validation, epochs=n_epochs,
                                 batch_size=plan.batch_size, callbacks=cbs,
                                 shuffle=y is not None, verbose=verbose)
@@ -205,6 +223,22 @@ def fine_tune(model, train, validation=None, plan=None, *,
     if plan.check_features:
         warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
+
+
+def _check_augmentable(x, y):
+    """``augment`` takes image arrays with labels or a ``tf.data.Dataset``
+    of ``(images, labels[, weights])`` batches."""
+    import tensorflow as tf
+
+    if y is not None and isinstance(x, np.ndarray) and x.ndim == 4 or \
+            y is None and isinstance(x, tf.data.Dataset):
+        return
+    raise KerastlError(
+        f"augment= takes image arrays (with their labels) or a "
+        f"tf.data.Dataset of (images, labels) batches, not "
+        f"{type(x).__name__}: augment the images in your own pipeline "
+        f"(keras.layers.RandAugment and others in Dataset.map), or pass "
+        f"arrays.")
 
 
 def _check_arrays(model, x, y, loss, what):

@@ -176,6 +176,8 @@ LAYERS = [
         ("backbone", "load_backbone, Backbone"),
     ]),
     ("Training", None, [
+        ("augment", "named augmentation policies of Keras's own layers, "
+                    "on the training batches only"),
         ("plan", "TrainingPlan: how a model is fine-tuned, one value"),
         ("training", "fine_tune: the one driver"),
         ("advice", "recommend_strategy"),
