@@ -3,7 +3,8 @@ fine-tuning (offline).
 
 Two backbones pretrained offline on digits rendered from fonts
 (``kerastl.datasets.syn_digits``): a small KerasHub ViT (``ViTBackbone``,
-32x32 images, 8x8 patches, 4 layers of width 128) and the demo's small CNN
+32x32 images, 8x8 patches, 4 layers of width 128, 4 heads; ``--vit-heads
+2`` gives heads of 64 dimensions as in ViT-Ti/S/B) and the demo's small CNN
 (``kerastl.pretrained``). Each is transferred to three targets: scikit-learn
 digits with 10 and with 50 labelled images per class, and ``digits_m`` (the
 MNIST-M recipe on them) with 50 per class, over several seeds, by eight
@@ -19,7 +20,8 @@ methods on the same images and the same step budget:
 
 Every method runs kerastl's two phases (a head phase, then the method) and
 takes the best of a grid of learning rates (AdamW; five per method, half
-a decade apart, ``--rates N`` for the first N), chosen on a validation set
+a decade apart; ``--rates N`` for the first N, ``--rates 1:4`` for the
+middle three), chosen on a validation set
 of 300 target images outside the labelled ones; the test split reports it.
 Prints, per backbone and target: test accuracy (mean and spread over
 seeds), trainable parameters, optimizer-state bytes and step time, then the
@@ -55,17 +57,23 @@ RATES = {"head": _HIGH, "partial": _LOW, "full": _LOW, "lora": _HIGH,
 TARGETS = {"digits10": ("digits", 10), "digits50": ("digits", 50),
            "digits_m50": ("digits_m", 50)}
 DEFAULT_RANK = 8  # kerastl.lora's default
+HEADS = 4  # the ViT's attention heads (--vit-heads)
 
 
 # -- the backbones ---------------------------------------------------------
 
-def vit_preset(folder, hidden=128, layers=4):
-    """A small KerasHub ViT (random weights) saved as a local preset."""
+def vit_preset(folder, hidden=128, layers=4, heads=None):
+    """A small KerasHub ViT (random weights) saved as a local preset.
+
+    Heads of 64 dimensions, as in ViT-Ti/S/B: Keras's ``enable_lora`` on an
+    attention projection (kernel ``width x heads x head_dim``) makes ``A``
+    ``width x heads x rank``, so its size grows with the number of heads."""
+    heads = heads or HEADS
     import keras_hub
 
     keras_hub.models.ViTBackbone(
         image_shape=(32, 32, 3), patch_size=8, num_layers=layers,
-        num_heads=4, hidden_dim=hidden, mlp_dim=2 * hidden).save_to_preset(
+        num_heads=heads, hidden_dim=hidden, mlp_dim=2 * hidden).save_to_preset(
             folder)
     keras_hub.layers.ViTImageConverter(
         image_size=(32, 32), scale=1 / 127.5, offset=-1.0).save_to_preset(
@@ -76,9 +84,10 @@ def pretrained_vit(samples=8000, epochs=8, seed=0):
     """``(preset folder, backbone weights)``: the ViT pretrained on
     ``syn_digits``, cached like the demo's CNN (``KERASTL_CACHE_DIR``)."""
     cache = pretrained.cache_dir()
-    folder = os.path.join(cache, f"peft_vit_s{seed}")
+    heads = "" if HEADS == 4 else f"_h{HEADS}"  # (4: the first cache names)
+    folder = os.path.join(cache, f"peft_vit{heads}_s{seed}")
     weights = os.path.join(
-        cache, f"peft_vit_syn{samples}_e{epochs}_s{seed}_keras"
+        cache, f"peft_vit{heads}_syn{samples}_e{epochs}_s{seed}_keras"
         f"{keras.__version__}.npz")
     if not os.path.isdir(folder):
         os.makedirs(cache, exist_ok=True)
@@ -216,7 +225,7 @@ def measure(make_backbone, method, data, steps, head_steps, seed,
     family = "lora" if method.startswith("lora") else method
     best = previous
     tried = list(previous["tried"]) if previous else []
-    for rate in RATES[family][:rates]:
+    for rate in grid(family, rates):
         if rate in tried:
             continue
         model, figures = run(make_backbone, method, rate, train, steps,
@@ -228,6 +237,17 @@ def measure(make_backbone, method, data, steps, head_steps, seed,
         tried.append(rate)
         keras.backend.clear_session()
     return dict(best, tried=tried)
+
+
+def grid(family, rates=None):
+    """The rates a method tries: all, the first N (``"3"``) or a slice
+    (``"1:4"``) of its grid."""
+    if rates is None:
+        return RATES[family]
+    if ":" in str(rates):
+        a, b = (int(x) if x else None for x in str(rates).split(":"))
+        return RATES[family][a:b]
+    return RATES[family][:int(rates)]
 
 
 # -- the report ------------------------------------------------------------
@@ -332,6 +352,7 @@ def markdown(paths):
 
 
 def main(argv=None):
+    global HEADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit", "cnn"],
                         choices=["vit", "cnn"])
@@ -344,10 +365,13 @@ def main(argv=None):
                         help="optimizer steps of the main phase")
     parser.add_argument("--head-steps", type=int, default=30,
                         help="optimizer steps of the head phase")
+    parser.add_argument("--vit-heads", type=int, default=HEADS,
+                        help="the ViT's attention heads (width 128; "
+                             "default: 4)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--rates", type=int, default=None,
-                        help="the first N rates of each method's grid "
-                             "(default: all five)")
+    parser.add_argument("--rates", default=None,
+                        help="N: the first N rates of each method's grid; "
+                             "A:B: a slice of it (default: all five)")
     parser.add_argument("--resume", metavar="JSON",
                         help="an earlier --json: run only the rates its "
                              "runs did not try")
@@ -357,6 +381,7 @@ def main(argv=None):
     if args.markdown:
         return markdown(args.markdown)
     start = time.time()
+    HEADS = args.vit_heads
     makers = backbones(args.models)
     results, earlier = [], {}
     if args.resume:
@@ -375,6 +400,10 @@ def main(argv=None):
                                 args.rates)
                     r.update(model=m, target=t, method=method, seed=seed)
                     results.append(r)
+                    if args.json:  # so far: an interrupted run --resume-s
+                        _write(args.json, {"runs": results,
+                                           "seeds": args.seeds,
+                                           "steps": args.steps})
                     print(f"  {m} {t} seed {seed} {method:7s} test "
                           f"{r['test']:.3f} (val {r['val']:.3f}, rate "
                           f"{r['rate']:g}) {r['seconds']:.0f} s", flush=True)
@@ -386,9 +415,14 @@ def main(argv=None):
            "runs": results, "seeds": args.seeds, "steps": args.steps,
            "head_steps": args.head_steps}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        _write(args.json, out)
     return out
+
+
+def _write(path, data):
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
