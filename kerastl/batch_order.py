@@ -61,6 +61,22 @@ class SeededBatches(keras.utils.PyDataset):
         return _EpochOrder(self)
 
 
+class ViewBatches(SeededBatches):
+    """:class:`SeededBatches` over several versions of the data, one per
+    epoch: epoch ``e`` serves ``views[e % len(views)]`` (each a tuple of
+    arrays like ``SeededBatches``' ``arrays``, all of one length) in the
+    order drawn from ``(seed, e)``. The boundary cache replays augmented
+    views this way (:func:`kerastl.boundary.cached_fit`)."""
+
+    def __init__(self, views, batch_size, seed):
+        self.views = [tuple(v) for v in views]
+        super().__init__(self.views[0], batch_size, seed)
+
+    def set_epoch(self, epoch):
+        self.arrays = self.views[int(epoch) % len(self.views)]
+        super().set_epoch(epoch)
+
+
 class _EpochOrder(keras.callbacks.Callback):
     def __init__(self, batches):
         super().__init__()

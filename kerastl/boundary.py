@@ -37,6 +37,15 @@ What makes it invalid (each is a :class:`BoundaryCacheError` naming the fix):
   finetune`` reads with): another pipeline may augment, and replaying it
   would freeze the first epoch's draw. ``boundary_cache=True`` replays any.
 
+Training-time augmentation (``fine_tune(augment=...)``) runs before the
+model, on the batches, so it does not make the prefix random: the cache
+then runs the prefix once per augmented *view* of the training data,
+``ceil(epochs / 4)`` views (:data:`VIEW_REUSE`; fewer when ``max_bytes``
+does not hold them), and epoch ``e`` trains on view ``e % views`` in its
+seeded order. Training after the boundary equals end-to-end training on
+those same views (the test compares losses to 1e-5); against augmenting
+every batch afresh, each view serves up to four epochs.
+
 The same batches and seed give the same training as end to end up to float
 summation order (the acceptance test compares predictions to 1e-5). A
 replayed ``tf.data`` input becomes arrays with its examples reshuffled each
@@ -48,7 +57,7 @@ import numpy as np
 import keras
 
 from kerastl import _keras_private as _private
-from kerastl.batch_order import SeededBatches
+from kerastl.batch_order import SeededBatches, ViewBatches
 from kerastl.blocks import block_map, model_input
 from kerastl.errors import BoundaryCacheError
 from kerastl.freezing import GradualUnfreezing
@@ -236,9 +245,11 @@ class _NotReplayable(Exception):
     pass
 
 
-def _activations(prefix, data, batch_size, max_bytes, replay_any):
+def _activations(prefix, data, batch_size, max_bytes, replay_any,
+                 transform=None):
     """``(activations, y, sample_weight, batch_size)`` of ``data`` through
-    ``prefix``, or :class:`_NotReplayable` with the reason."""
+    ``prefix``, or :class:`_NotReplayable` with the reason. ``transform``:
+    applied to each batch of images first (an augmentation)."""
     if isinstance(data, tuple) and len(data) in (2, 3):
         x, y = data[0], data[1]
         w = data[2] if len(data) == 3 else None
@@ -258,8 +269,10 @@ def _activations(prefix, data, batch_size, max_bytes, replay_any):
             raise _NotReplayable(
                 f"the boundary activations would take {bytes_needed / 2**30:.1f}"
                 f" GiB (limit {max_bytes / 2**30:.1f} GiB)")
-        acts = prefix.predict(x, batch_size=max(size, PREDICT_BATCH),
-                              verbose=0)
+        chunk = max(size, PREDICT_BATCH)
+        if transform is not None:
+            x = augmented_images(transform, x, chunk)
+        acts = prefix.predict(x, batch_size=chunk, verbose=0)
         return acts, np.asarray(y), w, size
     tf = _tf_data()
     if tf is None or not isinstance(data, tf.data.Dataset):
@@ -277,7 +290,8 @@ def _activations(prefix, data, batch_size, max_bytes, replay_any):
     for batch in data:
         if not isinstance(batch, tuple) or len(batch) not in (2, 3):
             raise _NotReplayable("dataset elements are not (x, y[, weights])")
-        a = prefix.predict_on_batch(batch[0])
+        a = prefix.predict_on_batch(
+            batch[0] if transform is None else transform(batch[0]))
         total += sum(np.asarray(v).nbytes for v in (
             a if isinstance(a, list) else [a]))
         if total > max_bytes:
@@ -300,6 +314,42 @@ def _activations(prefix, data, batch_size, max_bytes, replay_any):
         acts = np.concatenate(parts)
     return (acts, np.concatenate(ys), np.concatenate(ws) if ws else None,
             size)
+
+
+# Augmented training (fine_tune(augment=...)): the frozen prefix runs on
+# ceil(epochs / VIEW_REUSE) augmented views of the training data, each
+# replayed in up to VIEW_REUSE epochs, instead of on every image each epoch.
+VIEW_REUSE = 4
+
+
+def view_count(epochs, reuse=VIEW_REUSE):
+    """How many augmented views ``epochs`` epochs replay (at least one)."""
+    return max(1, -(-int(epochs) // int(reuse)))
+
+
+def augmented_images(transform, x, batch_size=PREDICT_BATCH):
+    """One augmented view of array images ``x``: ``transform`` (a function
+    of a batch, e.g. :func:`kerastl.augment.augment_batch` bound to a
+    layer) applied to consecutive batches of ``batch_size``. The boundary
+    cache draws its views with this, in batches of ``max(batch_size,
+    PREDICT_BATCH)``; end-to-end training on the same views gives the same
+    result (the test compares losses)."""
+    return np.concatenate([np.asarray(transform(x[i:i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
+
+
+def _views(prefix, data, batch_size, max_bytes, replay_any, transform,
+           views):
+    """The activations of up to ``views`` augmented views of ``data``
+    (as many as ``max_bytes`` holds, at least one): a list of
+    :func:`_activations` results."""
+    first = _activations(prefix, data, batch_size, max_bytes, replay_any,
+                         transform)
+    per_view = sum(np.asarray(a).nbytes for a in keras.tree.flatten(first[0]))
+    k = max(1, min(int(views), max_bytes // max(per_view, 1)))
+    return [first] + [_activations(prefix, data, batch_size, max_bytes,
+                                   replay_any, transform)
+                      for _ in range(k - 1)], per_view
 
 
 def _tf_data():
@@ -381,7 +431,7 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                loss, metrics=(), weighted_metrics=None, sample_weight=None,
                epochs=1, batch_size=None, callbacks=(), verbose=0,
                max_bytes=MAX_BYTES, required=False, jit_compile="auto",
-               seed=None):
+               seed=None, augment=None, views=None):
     """``model.fit`` with its first ``depth`` (frozen) blocks run once.
 
     Compiles ``model`` and its suffix with the same optimizer, computes the
@@ -389,6 +439,13 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
     the suffix on them. ``seed``: the batch order of each epoch is drawn
     from ``(seed, epoch)`` (see :class:`kerastl.batch_order.SeededBatches`),
     as ``fine_tune`` orders array input end to end; None: Keras shuffles.
+
+    ``augment``: a function of a batch of images (training-time
+    augmentation). The prefix then runs once per augmented view: ``views``
+    of them (default :func:`view_count` of ``epochs``; fewer when
+    ``max_bytes`` holds fewer), epoch ``e`` trains on view ``e % views``
+    (:class:`~kerastl.batch_order.ViewBatches`). The returned history's
+    ``boundary_views`` and ``boundary_bytes`` say how many and how large.
 
     Returns:
         ``(history, reason)``: the Keras ``History`` and ``None``; or
@@ -412,8 +469,21 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
         try:
             data = x if y is None else (x, y) if sample_weight is None \
                 else (x, y, sample_weight)
-            train = _activations(prefix, data, batch_size, max_bytes,
-                                 required)
+            if augment is None:
+                train = _activations(prefix, data, batch_size, max_bytes,
+                                     required)
+            else:
+                train_views, per_view = _views(
+                    prefix, data, batch_size, max_bytes, required, augment,
+                    views or view_count(epochs))
+                train = train_views[0]
+                if verbose:
+                    print(f"kerastl: boundary cache: {len(train_views)} "
+                          f"augmented views of the training data "
+                          f"({len(train_views) * per_view / 2**20:.1f} MiB),"
+                          f" each replayed in up to "
+                          f"{view_count(epochs, len(train_views))} epochs.",
+                          flush=True)
             val = None
             if validation_data is not None:
                 # Validation is never augmented: replaying it is exact.
@@ -439,7 +509,18 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
             wrapped = [c if isinstance(c, own) else
                        _OnFullModel(c, model, suffix) for c in callbacks]
             wrapped.append(_Guard(model, depth, model.optimizer))
-            if seed is None:
+            if augment is not None:
+                batches = ViewBatches(
+                    [v[:2] if v[2] is None else v[:3] for v in train_views],
+                    size, np.random.default_rng().integers(2 ** 31)
+                    if seed is None else seed)
+                result = suffix.fit(
+                    batches, validation_data=val, epochs=epochs,
+                    shuffle=False, callbacks=wrapped + [batches.callback()],
+                    verbose=verbose)
+                result.boundary_views = len(train_views)
+                result.boundary_bytes = len(train_views) * per_view
+            elif seed is None:
                 result = suffix.fit(
                     acts, ty, sample_weight=tw, validation_data=val,
                     epochs=epochs, batch_size=size, shuffle=True,

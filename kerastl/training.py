@@ -9,6 +9,7 @@ training are the same everywhere.
 """
 
 import collections
+import functools
 import warnings
 
 import keras
@@ -143,13 +144,10 @@ def fine_tune(model, train, validation=None, plan=None, *,
     seed = plan.seed if plan.seed is not None else \
         int(np.random.default_rng().integers(2 ** 31))
     aug = augment_lib.augmentation(plan.augment, seed=seed)
+    augment_fn = None  # a batch of images -> the batch augmented
     if aug is not None:
         _check_augmentable(x, y)
-        if plan.boundary_cache is True:
-            raise KerastlError(
-                "boundary_cache=True and augment: augmented images change "
-                "every epoch, so the frozen blocks cannot run once. Pass "
-                "boundary_cache='auto' (or augment=None).")
+        augment_fn = functools.partial(augment_lib.augment_batch, aug)
 
     def phase(optimizer, n_epochs, frozen):
         # Early stopping watches the validation loss: none without one.
@@ -159,9 +157,6 @@ def fine_tune(model, train, validation=None, plan=None, *,
         reason = "boundary_cache=False"
         if distribute.is_distributed(model):
             reason = "distributed training (the frozen part runs each step)"
-        elif aug is not None:
-            reason = ("augment (the frozen part runs on each augmented "
-                      "batch)")
         elif plan.boundary_cache is not False:
             history, reason = boundary.cached_fit(
                 model, frozen, x, y, validation, sample_weight=w,
@@ -169,7 +164,9 @@ def fine_tune(model, train, validation=None, plan=None, *,
                 weighted_metrics=weighted_metrics, epochs=n_epochs,
                 batch_size=plan.batch_size, callbacks=cbs, verbose=verbose,
                 required=plan.boundary_cache is True,
-                jit_compile=plan.jit_compile, seed=plan.seed)
+                jit_compile=plan.jit_compile,
+                seed=seed if aug is not None else plan.seed,
+                augment=augment_fn)
             if history is not None:
                 history.boundary_cache = "used"
                 return history
@@ -184,8 +181,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
         if y is not None and (plan.seed is not None or aug is not None):
             batches = SeededBatches(
                 (x, y) if w is None else (x, y, w), plan.batch_size or 32,
-                seed, transform=None if aug is None else
-                (lambda images: augment_lib.augment_batch(aug, images)))
+                seed, transform=augment_fn)
             # (shuffle=False: the batches come in their seeded order; Keras
             # would shuffle them again with Python's global random state.)
             history = model.fit(batches, validation_data=validation,
