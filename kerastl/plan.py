@@ -116,6 +116,9 @@ class TrainingPlan:
         head_epochs: epochs of the head phase (0: none). Skipped for a
             backbone with random weights (``weights=None``): nothing
             pretrained to protect from a new head's first gradients.
+            Such a backbone trained with ``strategy="full"`` also trains
+            its BatchNorm (``bn="train"``) with momentum at most 0.9, so
+            that the moving statistics reach the data's in a short run.
         epochs: epochs of the main phase.
         head_optimizer: the head phase's optimizer: a Keras optimizer
             (used as given), a name or a config dict; default

@@ -132,10 +132,15 @@ def fine_tune(model, train, validation=None, plan=None, *,
     if isinstance(validation, tuple) and len(validation) in (2, 3):
         _check_arrays(model, validation[0], validation[1], loss, "validation")
     base = len(bm.base_blocks)
-    head_epochs = plan.head_epochs
-    if head_epochs and backbone_lib.random_weights(
-            bm.weighted_layers(b) for b in bm.base_blocks):
-        head_epochs = 0  # a random backbone: nothing to protect from a new head
+    head_epochs, bn = plan.head_epochs, plan.bn
+    if backbone_lib.random_weights(bm.weighted_layers(b)
+                                   for b in bm.base_blocks):
+        # A random backbone: nothing to protect from a new head's first
+        # gradients, and BatchNorm statistics as random as the weights.
+        head_epochs = 0
+        if plan.trainable.mode == "full" and not plan.trainable.frozen:
+            bn = "train"
+            _track_batch_statistics(model)
     if plan.check_features:
         check_random_frozen(model, plan)
         check_frozen_features(model, max(depth, base) if head_epochs
@@ -210,7 +215,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
                          [b for b in plan.trainable.trainable
                           if b not in bm.head_blocks] or "all",
                          plan.lora_targets)
-    freezing.apply_trainable(model, plan.trainable, bn=plan.bn,
+    freezing.apply_trainable(model, plan.trainable, bn=bn,
                              recompile=False)
     if plan.multipliers is not None:
         with strategy_scope(model):
@@ -297,6 +302,20 @@ def _sample_images(x, n=64):
     except (TypeError, IndexError, KeyError):
         return None
     return a if a.dtype.kind in "fiu" and a.ndim >= 2 else None
+
+
+# BatchNorm momentum when a random backbone trains from scratch: Keras
+# Applications use 0.99 to 0.999, whose moving statistics would take
+# thousands of steps to reach the data's (until then the model in inference
+# mode, as validated and served, is at chance).
+RANDOM_BN_MOMENTUM = 0.9
+
+
+def _track_batch_statistics(model):
+    for layer, _ in layer_graph(model):
+        if isinstance(layer, keras.layers.BatchNormalization) and \
+                layer.momentum > RANDOM_BN_MOMENTUM:
+            layer.momentum = RANDOM_BN_MOMENTUM
 
 
 def check_random_frozen(model, plan):
