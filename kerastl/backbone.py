@@ -206,15 +206,10 @@ def _mark_random(backbone):
 
 def random_weights(layers):
     """The name of the backbone whose random initial weights (``load_backbone
-    (..., weights=None)``) some of ``layers`` (or of lists of layers) still
-    hold, or None: those layers learnt nothing yet, and frozen they never
-    will. Weights loaded or trained into them since clear it."""
+    (..., weights=None)``) some of ``layers`` still hold, or None: those
+    layers learnt nothing yet, and frozen they never will. Weights loaded
+    or trained into them since clear it."""
     for layer in layers:
-        if isinstance(layer, (list, tuple)) or hasattr(layer, "__next__"):
-            name = random_weights(layer)
-            if name is not None:
-                return name
-            continue
         entry = _RANDOM_INIT.get(layer)
         if entry is not None and _fingerprint(layer) == entry[1]:
             return entry[0]

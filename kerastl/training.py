@@ -133,8 +133,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
         _check_arrays(model, validation[0], validation[1], loss, "validation")
     base = len(bm.base_blocks)
     head_epochs, bn = plan.head_epochs, plan.bn
-    if backbone_lib.random_weights(bm.weighted_layers(b)
-                                   for b in bm.base_blocks):
+    if backbone_lib.random_weights(layer for b in bm.base_blocks
+                                   for layer in bm.weighted_layers(b)):
         # A random backbone: nothing to protect from a new head's first
         # gradients, and BatchNorm statistics as random as the weights.
         head_epochs = 0
@@ -341,7 +341,8 @@ def check_random_frozen(model, plan):
     else:
         frozen = base
         what = f"the kernels of every block ({t.mode} trains beside them)"
-    name = backbone_lib.random_weights(bm.weighted_layers(b) for b in frozen)
+    name = backbone_lib.random_weights(
+        layer for b in frozen for layer in bm.weighted_layers(b))
     if name is None:
         return
     raise KerastlError(
