@@ -161,6 +161,18 @@ def rows_peft(result):
                  r["met"], "accuracy") for r in result["acceptance"]]
 
 
+def rows_recipes(rows):
+    return [_row(f"default recipe vs the better of the Keras guide and a "
+                 f"fastai-style recipe, {r['task']} (grid best "
+                 f"{r['grid']:.3f}; time {r['defaults_s']:.0f} s vs guide "
+                 f"{r['guide_s']:.0f} s)", r["defaults"],
+                 max(r["guide"], r["fastai"]),
+                 r["defaults"] - max(r["guide"], r["fastai"]),
+                 "difference >= 0 (+2 points on average)",
+                 r["defaults"] >= max(r["guide"], r["fastai"]), "accuracy")
+            for r in rows]
+
+
 BENCHMARKS = {
     "boundary_cache": ("boundary_cache", ["--images", "1000"], [],
                        rows_boundary),
@@ -190,6 +202,10 @@ BENCHMARKS = {
     "peft": ("peft", ["--models", "vit", "--targets", "digits10",
                       "--seeds", "1", "--methods", "head", "partial",
                       "full", "lora8"], [], rows_peft),
+    "recipes": ("recipes", ["--tasks", "cnn_digits10", "--seeds", "1",
+                            "--recipes", "defaults", "guide", "fastai",
+                            "grid5", "grid11", "--no-save"], ["--no-save"],
+                rows_recipes),
 }
 
 

@@ -47,7 +47,7 @@ from kerastl.image_folders import (image_folder_arrays,
 from kerastl.plan import TrainingPlan
 from kerastl.resume import write_json
 from kerastl.saving import load_model
-from kerastl.training import fine_tune
+from kerastl.training import fine_tune, steps_per_epoch, watch_from
 from kerastl.zoo import kerashub
 from kerastl.zoo.config import check_model_reference
 
@@ -249,6 +249,13 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
     if isinstance(train, tuple):  # each epoch's order follows (seed, epoch)
         plan = plan.replace(seed=e["seed"], batch_size=e["batch_size"],
                             trainable=plan.trainable)
+    # The budget in epochs (--epochs, or the step budget on this data): the
+    # run's messages count them; its log keeps the experiment as given.
+    started = _json_ready(e)
+    plan = plan.replace(epochs=plan.phase_epochs(steps_per_epoch(
+        train[0] if isinstance(train, tuple) else train,
+        batch_size=e["batch_size"])), trainable=plan.trainable)
+    e = dict(e, epochs=plan.epochs)
     replace = e["overwrite"] or stopped is not None
     with atomic_folder(output, "output folder", replace,
                        "pass --overwrite") as tmp:
@@ -257,7 +264,7 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
         # (a resume finds it there); the output gets a copy.
         best = os.path.join(backup, resume.BEST)
         log = resume.EpochLog(os.path.join(backup, resume.RUN_FILE),
-                              _json_ready(e), before)
+                              started, before)
         history = None
         if (stopped or {}).get("stage") == "export":
             # Training had finished: the model it left is the one kept.
@@ -290,15 +297,21 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
             default=float("inf")))]
     if e["early_stopping"] is not None:
         callbacks.append(resume.ResumableEarlyStopping(
-            e["early_stopping"], before, best))
+            e["early_stopping"], before, best,
+            start=watch_from(plan.epochs, plan.schedule)))
     try:
         # Ctrl-C stops at the next step boundary, never inside a
         # checkpoint write or a TensorFlow call.
         with stop_between_steps() as stopper:
+            # The head phase is not checkpointed (a Ctrl-C in it keeps
+            # nothing); a resumed run is past it: its backup holds the
+            # weights it left.
             return fine_tune(
                 model, train, val,
-                plan.replace(patience=None, trainable=plan.trainable),
-                callbacks=[stopper] + callbacks, verbose=verbose).fine_tune
+                plan.replace(patience=None, trainable=plan.trainable,
+                             **({"head_epochs": 0} if before else {})),
+                callbacks=[stopper] + callbacks, head_callbacks=[stopper],
+                verbose=verbose).fine_tune
     except KeyboardInterrupt:
         done = len(log.epochs)
         if not done:

@@ -22,6 +22,7 @@ only if nobody did before.
 """
 
 import dataclasses
+import math
 import numbers
 
 import keras
@@ -32,7 +33,7 @@ from kerastl.distribute import strategy_scope
 from kerastl.errors import ConfigError, KerastlError
 from kerastl.layerwise import LayerDecay, MultiplierRule
 from kerastl.spec import (BN_MODES, CUT_STRATEGIES, FINE_TUNING_STRATEGIES,
-                          PRECISIONS)
+                          PRECISIONS, SCHEDULES, default_strategy)
 
 # The experiment's words for fine_tune's values.
 _SWITCH = {"auto": "auto", "on": True, "off": False, True: True,
@@ -58,23 +59,74 @@ def _check_optimizer(value, name):
                        "name.")
 
 
-def make_optimizer(optimizer, default_rate):
+# A phase without an explicit number of epochs trains DEFAULT_EPOCHS,
+# raised until it has min_steps optimizer steps and lowered until it has at
+# most max_steps (the head phase: a third of each).
+DEFAULT_EPOCHS = 10
+HEAD_RATE = 1e-3  # the head phase's rate (the new head only)
+WARMUP = 0.1  # share of a phase's steps that warm its rate up from 0
+# Variables that decoupled weight decay leaves alone: biases and the scale
+# and offset of normalisation layers.
+NO_DECAY = ("bias", "gamma", "beta")
+
+
+def phase_epochs(epochs, batches, min_steps, max_steps):
+    """Epochs of a phase: ``epochs`` when given; else
+    :data:`DEFAULT_EPOCHS`, raised until the phase has ``min_steps`` steps
+    of ``batches`` per epoch and lowered until it has at most
+    ``max_steps`` (``batches`` None, data of unknown length: the default).
+    """
+    if epochs is not None:
+        return epochs
+    if not batches:
+        return DEFAULT_EPOCHS
+    return int(min(max(DEFAULT_EPOCHS, math.ceil(min_steps / batches)),
+                   max(1, max_steps // batches)))
+
+
+def cosine(rate, steps, warmup=WARMUP):
+    """Keras's ``CosineDecay`` with linear warmup: 0 to ``rate`` over the
+    first ``warmup`` of ``steps``, then a half cosine to 0 at the last."""
+    warm = max(1, int(warmup * steps)) if steps > 1 else 0
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warm else rate, max(1, steps - warm),
+        warmup_target=rate if warm else None, warmup_steps=warm)
+
+
+def make_optimizer(optimizer, default_rate, steps=None, schedule="constant",
+                   weight_decay=0.0):
     """A Keras optimizer from a plan's ``optimizer`` value: an optimizer
-    (used as given), a name or a config dict (made now), or None
-    (``Adam(default_rate)``)."""
+    (used as given, its schedule its own), a name or a config dict (made
+    now), or None (``AdamW(default_rate, weight_decay)`` without decay on
+    biases and normalisation layers, or ``Adam`` when ``weight_decay`` is
+    0). With ``schedule="cosine"`` and the phase's ``steps``, the rate of an
+    optimizer made here follows :func:`cosine`."""
+    def rate(value):
+        return cosine(value, steps) if schedule == "cosine" and steps \
+            else value
     if optimizer is None:
-        return keras.optimizers.Adam(default_rate)
-    if isinstance(optimizer, (str, dict)):
-        try:
-            return keras.optimizers.get(optimizer)
-        except (ValueError, TypeError):
-            name = optimizer.get("class_name") if isinstance(
-                optimizer, dict) else optimizer
-            raise KerastlError(
-                f"Unknown optimizer {name!r}; use a Keras optimizer "
-                "(keras.optimizers.AdamW(1e-4)) or a name such as 'adam', "
-                "'adamw', 'sgd'.") from None
-    return optimizer
+        if not weight_decay:
+            return keras.optimizers.Adam(rate(default_rate))
+        made = keras.optimizers.AdamW(rate(default_rate),
+                                      weight_decay=weight_decay)
+        made.exclude_from_weight_decay(var_names=list(NO_DECAY))
+        return made
+    if not isinstance(optimizer, (str, dict)):
+        return optimizer
+    try:
+        made = keras.optimizers.get(optimizer)
+    except (ValueError, TypeError):
+        name = optimizer.get("class_name") if isinstance(
+            optimizer, dict) else optimizer
+        raise KerastlError(
+            f"Unknown optimizer {name!r}; use a Keras optimizer "
+            "(keras.optimizers.AdamW(1e-4)) or a name such as 'adam', "
+            "'adamw', 'sgd'.") from None
+    if schedule == "cosine" and steps:
+        value = float(keras.ops.convert_to_numpy(made.learning_rate))
+        made = type(made)(**dict(made.get_config(),
+                                 learning_rate=rate(value)))
+    return made
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +140,16 @@ class TrainingPlan:
     ``multipliers``, for ``epochs``.
 
     Attributes:
-        strategy: what trains in the main phase: ``"features"`` (only the
-            head), ``"partial"`` (default: the first half of the
-            backbone's blocks frozen, or up to ``freeze_up_to``),
-            ``"full"`` (everything), or parameter-efficient tuning of the
+        strategy: what trains in the main phase: ``"full"`` (everything;
+            the default, or ``"partial"`` when ``freeze_up_to`` is given),
+            ``"features"`` (only the head), ``"partial"``
+            (the first half of the backbone's blocks frozen, or up to
+            ``freeze_up_to``), or parameter-efficient tuning of the
             blocks after ``freeze_up_to`` (all of them by default):
             ``"lora"`` (LoRA factors beside frozen kernels, see
             :func:`kerastl.lora`), ``"bias"`` (biases only) or ``"norm"``
-            (normalisation layers only).
+            (normalisation layers only). ``"full"`` measured best in the
+            recipes benchmark (``benchmarks/recipes.py``).
         freeze_up_to: ``"partial"``, ``"lora"``, ``"bias"``, ``"norm"``:
             the last frozen block (a name) or the number of frozen leading
             blocks.
@@ -113,20 +167,40 @@ class TrainingPlan:
             phase (a dict by block, :class:`~kerastl.LayerDecay` or
             :class:`~kerastl.LRSpread`; see
             :class:`~kerastl.LayerwiseOptimizer`), or None: one rate.
-        head_epochs: epochs of the head phase (0: none). Skipped for a
-            backbone with random weights (``weights=None``): nothing
-            pretrained to protect from a new head's first gradients.
-            Such a backbone trained with ``strategy="full"`` also trains
-            its BatchNorm (``bn="train"``) with momentum at most 0.9, so
-            that the moving statistics reach the data's in a short run.
-        epochs: epochs of the main phase.
+        head_epochs: epochs of the head phase (0: none); None (default):
+            the step budget with a third of ``min_steps`` and
+            ``max_steps``. Skipped for a backbone with random weights
+            (``weights=None``): nothing pretrained to protect from a new
+            head's first gradients. Such a backbone trained with
+            ``strategy="full"`` also trains its BatchNorm (``bn="train"``)
+            with momentum at most 0.9, so that the moving statistics reach
+            the data's in a short run.
+        epochs: epochs of the main phase; None (default): the step budget,
+            10 epochs raised until the phase takes ``min_steps`` optimizer
+            steps (a folder of 180 images trains 300 steps, not 60) and
+            lowered until it takes at most ``max_steps`` (data of unknown
+            length: 10 epochs).
+        min_steps, max_steps: the main phase's step budget (see
+            ``epochs``); 300 and 3,000 by default.
         head_optimizer: the head phase's optimizer: a Keras optimizer
-            (used as given), a name or a config dict; default
-            ``Adam(1e-3)``.
-        optimizer: the main phase's, the same way; default ``Adam(1e-5)``.
+            (used as given), a name or a config dict; default ``Adam``
+            at a constant 1e-3.
+        optimizer: the main phase's, the same way; default ``Adam`` at
+            ``learning_rate`` (``AdamW`` with ``weight_decay``), following
+            ``schedule``. An optimizer object keeps its own rate and
+            schedule; a name or config dict gets ``schedule``.
+        learning_rate: the main phase's peak rate (default 3e-3).
+        schedule: ``"cosine"`` (default): the main phase's rate rises
+            linearly from 0 over its first 10% of steps, then falls along a
+            half cosine to 0 at its last step (Keras's ``CosineDecay`` with
+            ``warmup_steps``); ``"constant"``: one rate throughout.
+        weight_decay: decoupled weight decay (``AdamW``) of the default
+            optimizers, biases and normalisation layers excluded; 0
+            (default): ``Adam``.
         patience: early stopping's patience in epochs, watching the
             validation loss and keeping the best weights (only with
-            validation data); None: every epoch runs.
+            validation data; under the cosine schedule from the second
+            half of each phase on); None: every epoch runs.
         batch_size: for array input (default: Keras' 32).
         seed: the batch order of array input: each epoch's order is drawn
             from ``(seed, epoch)`` alone, so it does not depend on the
@@ -158,17 +232,22 @@ class TrainingPlan:
         kerastl.fine_tune(model, train, val, plan)
     """
 
-    strategy: str = "partial"
+    strategy: object = None
     freeze_up_to: object = None
     lora_rank: object = None
     lora_alpha: object = None
     lora_targets: str = "auto"
     bn: str = "frozen"
     multipliers: object = None
-    head_epochs: int = 10
-    epochs: int = 10
+    head_epochs: object = None
+    epochs: object = None
+    min_steps: int = 300
+    max_steps: int = 3000
     head_optimizer: object = None
     optimizer: object = None
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
     patience: object = 3
     batch_size: object = None
     seed: object = None
@@ -180,6 +259,9 @@ class TrainingPlan:
     trainable: object = None
 
     def __post_init__(self):
+        if self.strategy is None:
+            object.__setattr__(self, "strategy",
+                               default_strategy(self.freeze_up_to))
         if self.strategy not in FINE_TUNING_STRATEGIES:
             raise KerastlError(
                 f"strategy={self.strategy!r}: expected one of "
@@ -212,8 +294,26 @@ class TrainingPlan:
                 f"multipliers={self.multipliers!r}: expected a dict {{block: "
                 "multiplier}, kerastl.LayerDecay(...), kerastl.LRSpread(...) "
                 "or None.")
-        _count(self.head_epochs, "head_epochs", 0)
-        _count(self.epochs, "epochs", 1)
+        _count(self.head_epochs, "head_epochs", 0, none=True)
+        _count(self.epochs, "epochs", 1, none=True)
+        _count(self.min_steps, "min_steps", 0)
+        _count(self.max_steps, "max_steps", 1)
+        if self.max_steps < self.min_steps:
+            raise KerastlError(
+                f"max_steps={self.max_steps} is below min_steps="
+                f"{self.min_steps}: raise max_steps or lower min_steps.")
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(
+                    value, numbers.Real) or value < 0 or (
+                    name == "learning_rate" and value == 0):
+                raise KerastlError(
+                    f"{name}={value!r}: expected a "
+                    + ("positive number." if name == "learning_rate" else
+                       "number >= 0 (0: no weight decay)."))
+        if self.schedule not in SCHEDULES:
+            raise KerastlError(f"schedule={self.schedule!r}: expected "
+                               f"{' or '.join(map(repr, SCHEDULES))}.")
         _count(self.patience, "patience", 0, none=True)
         _count(self.batch_size, "batch_size", 1, none=True)
         if self.seed is not None and (isinstance(self.seed, bool) or
@@ -279,13 +379,31 @@ class TrainingPlan:
         return {"strategy": self.strategy, "freeze_up_to": self.freeze_up_to,
                 "bn": self.bn, "multipliers": self.multipliers}
 
-    def optimizers(self, model):
-        """``(head optimizer or None, main optimizer)``, made in the model's
-        distribution scope (mirrored state on several devices)."""
+    def phase_epochs(self, batches, head=False):
+        """The epochs of the main (or head) phase on data of ``batches``
+        steps per epoch (None: unknown): :attr:`epochs` (or
+        :attr:`head_epochs`) when set, else the step budget (see
+        :func:`phase_epochs`; the head phase gets a third of the steps)."""
+        if head:
+            return phase_epochs(self.head_epochs, batches,
+                                self.min_steps // 3, self.max_steps // 3)
+        return phase_epochs(self.epochs, batches, self.min_steps,
+                            self.max_steps)
+
+    def optimizers(self, model, head_steps=None, steps=None):
+        """``(head optimizer or None, main optimizer)`` for phases of
+        ``head_steps`` and ``steps`` optimizer steps (their schedules' length;
+        None: not known yet, no schedule), made in the model's distribution
+        scope (mirrored state on several devices)."""
         with strategy_scope(model):
-            main = make_optimizer(self.optimizer, 1e-5)
-            head = make_optimizer(self.head_optimizer, 1e-3) \
-                if self.head_epochs else None
+            main = make_optimizer(self.optimizer, self.learning_rate, steps,
+                                  self.schedule, self.weight_decay)
+            # (The head phase at one rate: what the recipes benchmark
+            # measured; a new head on frozen features needs no warmup.)
+            head = make_optimizer(self.head_optimizer, HEAD_RATE,
+                                  head_steps, "constant",
+                                  self.weight_decay) \
+                if self.head_epochs != 0 else None
         return head, main
 
     @classmethod
@@ -293,9 +411,9 @@ class TrainingPlan:
         """The plan of a checked experiment (:func:`kerastl.schema.resolve`):
         what ``kerastl finetune`` and an experiment YAML train with.
 
-        The experiment has no head phase; its ``optimizer`` and
-        ``learning_rate`` make the main phase's optimizer, ``layer_decay``
-        its multipliers, ``early_stopping`` the patience.
+        Its ``optimizer`` and ``learning_rate`` make the main phase's
+        optimizer, ``layer_decay`` its multipliers, ``early_stopping`` the
+        patience; the head phase is ``fine_tune``'s.
         """
         e = experiment
         optimizer = {"class_name": e["optimizer"],
@@ -308,8 +426,11 @@ class TrainingPlan:
                 "Keras optimizer name such as adam, adamw, sgd.") from None
         return cls(
             strategy=e["strategy"], freeze_up_to=e["freeze_up_to"],
-            lora_rank=e["lora_rank"], bn=e["bn"], head_epochs=0, epochs=e["epochs"],
-            optimizer=optimizer,
+            lora_rank=e["lora_rank"], bn=e["bn"],
+            head_epochs=e["head_epochs"],
+            epochs=e["epochs"], min_steps=e["min_steps"],
+            max_steps=e["max_steps"], optimizer=optimizer,
+            schedule=e["schedule"],
             multipliers=None if e["layer_decay"] is None
             else LayerDecay(e["layer_decay"]),
             patience=e["early_stopping"], augment=e["augment"],

@@ -205,11 +205,12 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         patience: epochs without improvement before stopping.
         epochs: the logs of the epochs completed before a resume.
         checkpoint: the best checkpoint's path (read only on a resume).
+        start: the first epoch it watches (Keras's ``start_from_epoch``).
     """
 
-    def __init__(self, patience, epochs=(), checkpoint=None):
+    def __init__(self, patience, epochs=(), checkpoint=None, start=0):
         super().__init__(monitor="val_loss", patience=patience,
-                         restore_best_weights=True)
+                         restore_best_weights=True, start_from_epoch=start)
         self.previous = [e.get("val_loss") for e in epochs]
         self.checkpoint = checkpoint
 
@@ -217,7 +218,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         super().on_train_begin(logs)
         best, best_epoch, wait = None, 0, 0
         for epoch, value in enumerate(self.previous):
-            if value is None:
+            if value is None or epoch < self.start_from_epoch:
                 continue
             wait += 1  # as EarlyStopping.on_epoch_end counts
             if best is None or value < best:

@@ -22,7 +22,8 @@ from kerastl import _yaml
 from kerastl.errors import ConfigError
 from kerastl.spec import (AUGMENT_POLICIES, BN_MODES, DEVICE_STRATEGIES,
                           EXPORT_FORMATS, CUT_STRATEGIES,
-                          FINE_TUNING_STRATEGIES, INPUT_MODES, QUANTIZATIONS)
+                          FINE_TUNING_STRATEGIES, INPUT_MODES, QUANTIZATIONS,
+                          SCHEDULES, default_strategy)
 
 NoneType = type(None)
 # Words that stand for null on the command line (YAML has its own null).
@@ -121,7 +122,8 @@ class Key:
             not (self.choices and value in self.choices)
         if bad_bool or not isinstance(value, self.types):
             self.refuse(value, describe(self.types))
-        if self.choices is not None and not any(
+        if self.choices is not None and not (
+                value is None and NoneType in self.types) and not any(
                 value is c or (type(value) is type(c) and value == c)
                 for c in self.choices):
             self.refuse(value, "one of " + ", ".join(self.cli_choices()))
@@ -179,9 +181,10 @@ KEYS = (
     Key("seed", 0, (int,), "random seed of the split and the training"),
     Key("batch_size", 32, (int,), "images per step", check=_positive,
         expected="a positive integer"),
-    Key("strategy", "partial", (str,),
+    Key("strategy", None, (str, NoneType),
         "what trains: the head only, the later blocks too, everything, or "
-        "in the blocks only LoRA factors, biases or norm layers",
+        "in the blocks only LoRA factors, biases or norm layers; none: "
+        "full, or partial when freeze_up_to is given",
         choices=FINE_TUNING_STRATEGIES),
     Key("freeze_up_to", None, (int, str, NoneType),
         "partial, lora, bias, norm: the last frozen block (a name or a "
@@ -194,12 +197,30 @@ KEYS = (
         check=lambda v: 0 <= v < 1, expected="a rate in [0, 1)"),
     Key("optimizer", "adam", (str,),
         "a Keras optimizer name: adam, adamw, sgd, ..."),
-    Key("learning_rate", 1e-3, (numbers.Real,), "learning rate",
+    Key("learning_rate", 3e-3, (numbers.Real,), "learning rate",
         check=lambda v: v > 0, expected="a positive number"),
     Key("layer_decay", None, (numbers.Real, NoneType),
         "per-block rate decay, e.g. 0.7; none: one rate",
         check=lambda v: 0 < v <= 1, expected="a number in (0, 1]"),
-    Key("epochs", 10, (int,), "training epochs", check=_positive,
+    Key("schedule", "cosine", (str,),
+        "the learning rate over training: cosine (a warmup from 0 over "
+        "the first tenth of the steps, then a cosine decay to 0 at the last "
+        "step) or constant",
+        choices=SCHEDULES),
+    Key("head_epochs", None, (int, NoneType),
+        "epochs of the head phase (the backbone frozen, the new head "
+        "trained first); none: 10, raised until it takes a third of "
+        "min_steps and lowered to at most a third of max_steps; 0: none",
+        check=lambda v: v >= 0, expected="an integer >= 0"),
+    Key("epochs", None, (int, NoneType),
+        "training epochs; none: 10, raised until training takes min_steps "
+        "steps and lowered until it takes at most max_steps",
+        check=_positive, expected="a positive integer"),
+    Key("min_steps", 300, (int,), "with epochs none: the fewest optimizer "
+        "steps (small datasets train more epochs)", check=lambda v: v >= 0,
+        expected="an integer >= 0"),
+    Key("max_steps", 3000, (int,), "with epochs none: the most optimizer "
+        "steps (large datasets train fewer epochs)", check=_positive,
         expected="a positive integer"),
     Key("augment", "none", (str,),
         "training-time augmentation (Keras layers; never flips unless "
@@ -298,6 +319,8 @@ def resolve(*layers):
             merged[name] = table[name].canonical(value)
     for name, key in table.items():
         key.validate(merged[name])
+    if merged["strategy"] is None:  # as TrainingPlan decides it
+        merged["strategy"] = default_strategy(merged["freeze_up_to"])
     formats = export_formats(merged)
     if merged["quantize"] is not None and "litert" not in formats:
         raise ConfigError(
@@ -314,4 +337,9 @@ def resolve(*layers):
         raise ConfigError(
             f"freeze_up_to (--freeze-up-to) applies to the strategies "
             f"{', '.join(CUT_STRATEGIES)}, not {merged['strategy']!r}.")
+    if merged["max_steps"] < merged["min_steps"]:
+        raise ConfigError(
+            f"max_steps {merged['max_steps']} (--max-steps) is below "
+            f"min_steps {merged['min_steps']} (--min-steps): raise "
+            "--max-steps or lower --min-steps.")
     return merged

@@ -31,9 +31,20 @@ PEFT_STRATEGIES = ("lora", "bias", "norm")
 # The strategies ``freeze_up_to`` applies to (the blocks before it frozen).
 CUT_STRATEGIES = ("partial",) + PEFT_STRATEGIES
 
+
+def default_strategy(freeze_up_to):
+    """The strategy when none is given: ``"partial"`` with a
+    ``freeze_up_to`` (where to cut says to cut), else ``"full"`` (what the
+    recipes benchmark measured best)."""
+    return "full" if freeze_up_to is None else "partial"
+
+
 # Training-time augmentation policies (kerastl.augment; "+flip" may follow a
 # policy: "light+flip").
 AUGMENT_POLICIES = ("none", "light", "strong")
+
+# The learning rate over a phase (kerastl.plan.cosine: warmup, then cosine).
+SCHEDULES = ("cosine", "constant")
 
 # BatchNormalization in the blocks that train (see kerastl.freezing).
 BN_MODES = ("frozen", "train")

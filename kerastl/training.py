@@ -10,6 +10,7 @@ training are the same everywhere.
 
 import collections
 import functools
+import math
 import warnings
 
 import keras
@@ -32,11 +33,21 @@ FineTuneHistory.__doc__ = """What :func:`fine_tune` returns: the head
 phase's ``History`` (None when ``head_epochs=0``) and the main phase's."""
 
 
-def early_stopping(patience=3, monitor="val_loss"):
+def early_stopping(patience=3, monitor="val_loss", start=0):
     """Stop when the validation loss starts to increase; keep the best
-    weights."""
+    weights. ``start``: the epochs before it watches (see
+    :func:`watch_from`)."""
     return keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
-                                         restore_best_weights=True)
+                                         restore_best_weights=True,
+                                         start_from_epoch=start)
+
+
+def watch_from(epochs, schedule):
+    """The first epoch early stopping watches in a phase of ``epochs``:
+    under the cosine schedule the second half (before it the rate is high
+    and the validation loss noisy, and a step budget of many short epochs
+    would stop on that noise), else the first."""
+    return epochs // 2 if schedule == "cosine" else 0
 
 
 def _split(train):
@@ -58,7 +69,8 @@ def _split(train):
 @_private.quiet_retracing()
 def fine_tune(model, train, validation=None, plan=None, *,
               loss="sparse_categorical_crossentropy", metrics=("accuracy",),
-              weighted_metrics=None, callbacks=(), verbose=0, **settings):
+              weighted_metrics=None, callbacks=(), head_callbacks=None,
+              verbose=0, **settings):
     """Fine-tunes a classifier built on a backbone: kerastl's one driver.
 
     1. Head phase (``head_epochs > 0``): every backbone block frozen, the
@@ -85,6 +97,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
             a plan in the ``validation`` place is taken as the plan.)
         loss, metrics, weighted_metrics: for ``model.compile``.
         callbacks: more Keras callbacks, for both phases.
+        head_callbacks: the head phase's instead, when given (``kerastl
+            finetune`` checkpoints and logs the main phase only).
         verbose: ``fit``'s progress output.
         **settings: :class:`~kerastl.TrainingPlan` fields (``strategy``,
             ``freeze_up_to``, ``epochs``, ``optimizer``, ...): the plan
@@ -107,7 +121,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
         raise TypeError(
             f"fine_tune() got unexpected keyword argument(s) "
             f"{', '.join(unknown)}; it takes the data, plan=, loss=, "
-            f"metrics=, weighted_metrics=, callbacks=, verbose= and the "
+            f"metrics=, weighted_metrics=, callbacks=, head_callbacks=, "
+            f"verbose= and the "
             f"TrainingPlan fields {', '.join(TrainingPlan.fields())}.")
     if plan is None:
         plan = TrainingPlan(**settings)
@@ -132,7 +147,10 @@ def fine_tune(model, train, validation=None, plan=None, *,
     if isinstance(validation, tuple) and len(validation) in (2, 3):
         _check_arrays(model, validation[0], validation[1], loss, "validation")
     base = len(bm.base_blocks)
-    head_epochs, bn = plan.head_epochs, plan.bn
+    batches = steps_per_epoch(x, y, plan.batch_size)
+    head_epochs, epochs = plan.phase_epochs(batches, head=True), \
+        plan.phase_epochs(batches)
+    bn = plan.bn
     if backbone_lib.random_weights(layer for b in bm.base_blocks
                                    for layer in bm.weighted_layers(b)):
         # A random backbone: nothing to protect from a new head's first
@@ -143,8 +161,16 @@ def fine_tune(model, train, validation=None, plan=None, *,
             _track_batch_statistics(model)
     if plan.check_features:
         check_random_frozen(model, plan)
-        check_frozen_features(model, max(depth, base) if head_epochs
-                              else depth, x)
+        check_frozen_features(model, depth, x)
+        if head_epochs and base > depth and frozen_features_problem(
+                model, base, x):
+            # The head phase would learn nothing from the frozen backbone;
+            # the main phase trains the blocks that make it so.
+            head_epochs = 0
+
+    if batches:  # the schedules span each phase's steps
+        head_optimizer, optimizer = plan.optimizers(
+            model, head_epochs * batches, epochs * batches)
 
     seed = plan.seed if plan.seed is not None else \
         int(np.random.default_rng().integers(2 ** 31))
@@ -154,11 +180,11 @@ def fine_tune(model, train, validation=None, plan=None, *,
         _check_augmentable(x, y)
         augment_fn = functools.partial(augment_lib.augment_batch, aug)
 
-    def phase(optimizer, n_epochs, frozen):
+    def phase(optimizer, n_epochs, frozen, callbacks):
         # Early stopping watches the validation loss: none without one.
         stop = plan.patience is not None and validation is not None
-        cbs = ([early_stopping(plan.patience)] if stop else []) + \
-            list(callbacks)
+        cbs = ([early_stopping(plan.patience, start=watch_from(
+            n_epochs, plan.schedule))] if stop else []) + list(callbacks)
         reason = "boundary_cache=False"
         if distribute.is_distributed(model):
             reason = "distributed training (the frozen part runs each step)"
@@ -209,7 +235,10 @@ def fine_tune(model, train, validation=None, plan=None, *,
         freezing.apply_trainable(
             model, freezing.Trainable.of(bm, bm.names[base:]), bn=plan.bn,
             recompile=False)
-        h1 = phase(head_optimizer, head_epochs, base)
+        _announce(verbose, f"Head phase: the new head, the backbone frozen, "
+                           f"for {head_epochs} epochs", head_epochs, batches)
+        h1 = phase(head_optimizer, head_epochs, base,
+                   callbacks if head_callbacks is None else head_callbacks)
     if plan.trainable.mode == "lora":
         peft.enable_lora(model, plan.lora_rank, plan.lora_alpha,
                          [b for b in plan.trainable.trainable
@@ -220,10 +249,39 @@ def fine_tune(model, train, validation=None, plan=None, *,
     if plan.multipliers is not None:
         with strategy_scope(model):
             optimizer = LayerwiseOptimizer(optimizer, plan.multipliers, model)
-    h2 = phase(optimizer, plan.epochs, depth)
+    _announce(verbose, f"Main phase: strategy {plan.strategy!r} for {epochs} "
+                       f"epochs", epochs, batches)
+    h2 = phase(optimizer, epochs, depth, callbacks)
     if plan.check_features:
         warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
+
+
+def _announce(verbose, what, epochs, batches):
+    """With progress output on: which phase the epochs that follow are."""
+    if verbose:
+        steps = f" ({epochs * batches} steps)" if batches else ""
+        print(f"{what}{steps}.", flush=True)
+
+
+def steps_per_epoch(x, y=None, batch_size=None):
+    """Optimizer steps per epoch of ``fit`` input: ``ceil(n / batch)`` for
+    arrays, a dataset's cardinality, or None when unknown (a generator, a
+    repeated dataset)."""
+    if y is not None or isinstance(x, np.ndarray):
+        try:
+            return max(1, math.ceil(len(x) / (batch_size or 32)))
+        except TypeError:
+            return None
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        n = int(x.cardinality())
+        return n if n > 0 else None
+    try:
+        return len(x) or None  # a keras.utils.PyDataset
+    except TypeError:
+        return None
 
 
 def _check_augmentable(x, y):
@@ -356,43 +414,56 @@ def check_random_frozen(model, plan):
         f"the model.keras that `kerastl demo` writes).")
 
 
+def frozen_features_problem(model, depth, x):
+    """Why the ``depth`` frozen leading blocks give features nothing can
+    learn from (NaN/infinite, or (near-)constant across the training
+    images: a frozen backbone with random weights gives ~1e-12), as
+    ``(last frozen block, "nan" | spread)``; None when they do not (or
+    cannot be probed)."""
+    bm = block_map(model)
+    if depth < 1 or not bm.has_output(bm.base_blocks[depth - 1]):
+        return None
+    images = _sample_images(x)
+    if images is None or len(images) < 2:
+        return None
+    last = bm.base_blocks[depth - 1]
+    try:
+        probe = keras.Model(model.inputs, bm.output_layer(last).output)
+    except (AttributeError, ValueError):  # no symbolic graph to cut
+        return None
+    features = np.asarray(probe.predict(images, verbose=0), "float64")
+    features = features.reshape(len(features), -1)
+    if not np.isfinite(features).all():
+        return last, "nan"
+    spread = float(features.std(axis=0).max())
+    return (last, spread) if spread < 1e-7 else None
+
+
 def check_frozen_features(model, depth, x):
     """Stops a run whose ``depth`` frozen leading blocks give features
-    nothing can learn from: NaN/infinite, or (near-)constant across the
-    training images (a frozen backbone with random weights gives ~1e-12).
+    nothing can learn from (see :func:`frozen_features_problem`).
 
     Raises:
         KerastlError: naming the last frozen block, the measured spread and
             the fix.
     """
-    bm = block_map(model)
-    if depth < 1 or not bm.has_output(bm.base_blocks[depth - 1]):
+    problem = frozen_features_problem(model, depth, x)
+    if problem is None:
         return
-    images = _sample_images(x)
-    if images is None or len(images) < 2:
-        return
-    last = bm.base_blocks[depth - 1]
-    try:
-        probe = keras.Model(model.inputs, bm.output_layer(last).output)
-    except (AttributeError, ValueError):  # no symbolic graph to cut
-        return
-    features = np.asarray(probe.predict(images, verbose=0), "float64")
-    features = features.reshape(len(features), -1)
+    last, spread = problem
     fix = ("Load pretrained weights (weights='imagenet'; CLI: --weights "
            "imagenet) or train the blocks (strategy='full'; CLI: --strategy "
            "full).")
-    if not np.isfinite(features).all():
+    if spread == "nan":
         raise KerastlError(
             f"The frozen blocks up to {last!r} give NaN or infinite features "
             f"on the training images: nothing can be learnt from them. "
             f"Check the images and the weights. {fix}")
-    spread = float(features.std(axis=0).max())
-    if spread < 1e-7:
-        raise KerastlError(
-            f"The frozen blocks up to {last!r} give the same features for "
-            f"every training image (largest spread across images "
-            f"{spread:.1e}): a frozen backbone with random weights, or "
-            f"constant images. The new head cannot learn from them. {fix}")
+    raise KerastlError(
+        f"The frozen blocks up to {last!r} give the same features for "
+        f"every training image (largest spread across images "
+        f"{spread:.1e}): a frozen backbone with random weights, or "
+        f"constant images. The new head cannot learn from them. {fix}")
 
 
 def set_precision(model, policy):

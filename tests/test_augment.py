@@ -115,11 +115,11 @@ def test_the_cli_and_its_export_carry_no_augmentation(tmp_path, capsys):
     code = cli.main(["finetune", "--model", str(tmp_path / "net.keras"),
                      "--data", str(images), "--output", str(out),
                      "--augment", "light", "--epochs", "1", "--quiet",
-                     "--batch-size", "4"])
+                     "--batch-size", "4", "--strategy", "partial"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["experiment"]["augment"] == "light"
-    # (partial, the default: the cache replayed an augmented view of the
+    # (partial: the cache replayed an augmented view of the
     # folder's images through the frozen block)
     assert metrics["boundary_cache"] == "used"
     model = kerastl.load_model(out / "model.keras")

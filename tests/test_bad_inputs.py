@@ -409,6 +409,8 @@ CLI_CASES = [
                                 "--data", "d"], "mobilenet_v9"),
     ("finetune epochs 0", ["finetune", "--model", "mobilenet_v2", "--data",
                            "d", "--epochs", "0"], "'epochs'"),
+    ("finetune step budget", ["finetune", "--model", "mobilenet_v2", "--data",
+                              "d", "--max-steps", "100"], "--min-steps"),
     ("finetune validation split", ["finetune", "--model", "mobilenet_v2",
                                    "--data", "d", "--validation-split", "1.5"],
      "'validation_split'"),

@@ -130,6 +130,8 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(
         config.write_text("model: [mobilenet_v2\n")
     elif case == "missing config":
         argv[2] = str(tmp_path / "nope.yaml")
+    elif case == "random frozen":  # (the default, full, trains them all)
+        argv += ["--strategy", "partial"]
     out = tmp_path / "out"
     out.mkdir()  # an existing, empty output folder must stay empty
     code, _, err = run(capsys, *argv, "--output", str(out))
@@ -289,7 +291,8 @@ def test_every_experiment_key_has_a_flag(monkeypatch, capsys, tmp_path):
     from kerastl import schema
     for key in schema.defaults():
         assert "--" + key.replace("_", "-") in help_text, key
-    assert "(default: partial)" in help_text
+    assert "none: full, or partial when freeze_up_to is given" in " ".join(
+        help_text.split())
     code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
                        "--data", d, "--quiet")
     assert seen["verbose"] == 0
@@ -309,8 +312,10 @@ def test_ctrl_c_keeps_the_best_checkpoint_and_resumes(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(argv + ["--epochs", "30"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:  # progress by default: wait for epoch 3
-        if line.startswith("Epoch 3/"):
+    main = False
+    for line in proc.stdout:  # progress by default: wait for epoch 3 of
+        main = main or line.startswith("Main phase: ")  # the main phase
+        if main and line.startswith("Epoch 3/"):
             break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -110,7 +110,13 @@ def test_fine_tune_runs_both_phases_with_early_stopping():
                                freeze_up_to="block1", head_epochs=2, epochs=2)
     assert len(h1.history["loss"]) == 2 and "val_loss" in h2.history
     assert kerastl.freezing.trainable_blocks(model) == ["block2", "head"]
-    assert float(model.optimizer.learning_rate) == pytest.approx(1e-5)
+    # The default main optimizer: Adam on the plan's cosine schedule.
+    schedule = model.optimizer.get_config()["learning_rate"]
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert schedule["class_name"] == "CosineDecay"
+    config = schedule["config"]
+    assert config["warmup_target"] == kerastl.TrainingPlan().learning_rate
+    assert config["warmup_steps"] + config["decay_steps"] == 2  # 2 epochs
     for v, b in zip(block1, before):  # never unfrozen
         np.testing.assert_array_equal(v.numpy(), b)
 

@@ -1,6 +1,7 @@
 """One training plan: the experiment schema, the plan every entry point
 builds the same way, what trains resolved once, and the batch order."""
 
+import json
 import numbers
 
 import keras
@@ -43,7 +44,7 @@ def test_unknown_keys_and_wrong_types_are_refused_with_the_flag():
                                           r"--epochs\?\)"):
         schema.resolve({"epoch": 3})
     with pytest.raises(ConfigError, match=r"'epochs' is 'ten' \(--epochs\): "
-                                          r"expected an integer\."):
+                                          r"expected an integer or null\."):
         schema.resolve({"model": "m", "data": "d", "epochs": "ten"})
     with pytest.raises(ConfigError, match=r"'batch_size' is True "
                                           r"\(--batch-size\)"):
@@ -304,3 +305,74 @@ def test_seeded_plans_train_alike_with_and_without_the_boundary_cache():
     np.testing.assert_allclose(cached.history["loss"],
                                end_to_end.history["loss"], rtol=1e-5)
     np.testing.assert_allclose(p1, p3, rtol=1e-5, atol=1e-6)
+
+
+# -- budgets in steps and the schedule -------------------------------------------
+
+def test_the_budget_is_counted_in_steps_unless_epochs_are_given():
+    plan = TrainingPlan()  # 10 epochs, at least 300 steps, at most 3,000
+    assert plan.phase_epochs(4) == 75  # 100 images: 75 epochs of 4 steps
+    assert plan.phase_epochs(50) == 10  # 1,600 images: 500 steps
+    assert plan.phase_epochs(600) == 5  # 19,200 images: capped at 3,000
+    assert plan.phase_epochs(5000) == 1
+    assert plan.phase_epochs(None) == 10  # unknown length: 10 epochs
+    assert plan.phase_epochs(4, head=True) == 25  # a third: 100 steps
+    assert TrainingPlan(epochs=3).phase_epochs(4) == 3
+    assert TrainingPlan(min_steps=0).phase_epochs(4) == 10
+    with pytest.raises(kerastl.KerastlError, match="max_steps=10 is below "
+                                                   "min_steps=300"):
+        TrainingPlan(max_steps=10)
+
+
+def test_the_schedule_gives_the_exact_rates_at_warmup_end_and_last_step(
+        tmp_path):
+    model = kerastl.build_classifier(
+        kerastl.load_backbone(str(classifier_file(tmp_path))), 2)
+    x = np.random.default_rng(0).uniform(0, 255, (100, 24, 24, 3))
+    y = np.arange(100) % 2
+    rates = {}
+
+    class Rates(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            opt = self.model.optimizer
+            rates[int(opt.iterations)] = float(opt.learning_rate)
+    kerastl.fine_tune(model, (x, y), strategy="full", head_epochs=0,
+                      min_steps=60, seed=0, callbacks=[Rates()],
+                      check_features=False)
+    steps, warm = 60, 6  # 15 epochs of 4 steps; 10% warmup
+    peak = kerastl.TrainingPlan().learning_rate
+    assert sorted(rates) == list(range(steps))
+    assert int(model.optimizer.iterations) == steps
+    assert rates[0] == 0.0
+    assert rates[warm - 1] == pytest.approx(peak * (warm - 1) / warm,
+                                            rel=1e-6)
+    assert rates[warm] == pytest.approx(peak, rel=1e-7)  # warmup's end
+    last = steps - 1
+    assert rates[last] == pytest.approx(peak * 0.5 * (1 + np.cos(
+        np.pi * (last - warm) / (steps - warm))), abs=1e-6 * peak)  # float32
+    assert float(model.optimizer.learning_rate) == pytest.approx(
+        0.0, abs=1e-12)  # where the schedule ends
+    # A constant schedule, and an optimizer given as an object: as given.
+    kerastl.fine_tune(model, (x, y), strategy="full", head_epochs=0,
+                      epochs=1, schedule="constant", check_features=False)
+    assert float(model.optimizer.learning_rate) == pytest.approx(peak)
+    kerastl.fine_tune(model, (x, y), strategy="full", head_epochs=0,
+                      epochs=1, optimizer=keras.optimizers.SGD(0.05),
+                      check_features=False)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
+
+
+def test_a_180_image_folder_trains_the_minimum_number_of_steps(tmp_path):
+    """kerastl finetune with no budget flags: 144 training images (5 steps
+    an epoch) train 60 epochs, 300 steps, not 10 epochs of 50."""
+    model_file = classifier_file(tmp_path)
+    data = write_folder(tmp_path / "images", classes=("a", "b", "c"),
+                        per_class=60, size=24)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(model_file), "--data",
+                     str(data), "--output", str(out), "--early-stopping",
+                     "none", "--export", "none", "--quiet"]) == 0
+    model = keras.saving.load_model(out / "model.keras", compile=True)
+    assert int(model.optimizer.iterations) == 300
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 60
