@@ -114,7 +114,8 @@ def test_the_cli_and_its_export_carry_no_augmentation(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(["finetune", "--model", str(tmp_path / "net.keras"),
                      "--data", str(images), "--output", str(out),
-                     "--augment", "light", "--epochs", "1", "--quiet",
+                     "--augment", "light", "--epochs", "1", "--head-epochs",
+                     "0", "--quiet",
                      "--batch-size", "4", "--strategy", "partial"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())

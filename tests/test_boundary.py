@@ -270,7 +270,8 @@ def test_cli_records_whether_the_cache_was_used(tmp_path):
     out = tmp_path / "run"
     assert cli.main(["finetune", "--model", "mobilenet_v2", "--weights",
                      stand_in_weights("mobilenet_v2"), "--data", str(folder), "--output", str(out),
-                     "--image-size", "32", "--epochs", "1", "--strategy",
+                     "--image-size", "32", "--epochs", "1", "--head-epochs",
+                     "0", "--strategy",
                      "partial", "--boundary-cache", "on", "--quiet",
                      "--mixed-precision", "bfloat16", "--jit", "off"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

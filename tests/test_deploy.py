@@ -366,6 +366,7 @@ def test_a_failed_export_after_training_keeps_the_trained_model(
     out = folder / "failed"
     argv = ["finetune", "--model", str(folder / "net.keras"), "--data",
             str(folder / "images"), "--output", str(out), "--epochs", "1",
+            "--head-epochs", "0",
             "--batch-size", "4", "--quiet"]
     monkeypatch.setattr(experiment, "export", failing)
     code = cli.main(argv + ["--export", "savedmodel,litert"])

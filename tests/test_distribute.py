@@ -151,6 +151,7 @@ def test_finetune_on_two_workers_from_the_command_line(tmp_path):
             [sys.executable, "-m", "kerastl_cli", "finetune", "--model",
              str(tmp_path / "net.keras"),
              "--data", str(images), "--output", str(out), "--epochs", "1",
+             "--head-epochs", "0",
              "--strategy", "full", "--batch-size", "8", "--quiet",
              "--distribute", "multi-worker"], env=env, cwd=str(tmp_path),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import small_cnn, write_folder
-from kerastl import cli, experiment, resume
+from kerastl import cli, experiment, resume, schema
 
 
 def run(capsys, *argv):
@@ -37,7 +37,8 @@ def inputs(tmp_path_factory):
 def argv(inputs, out, *more):
     return ["finetune", "--model", str(inputs / "net.keras"), "--data",
             str(inputs / "images"), "--output", str(out), "--epochs", "4",
-            "--batch-size", "4", "--dropout", "0.3", "--quiet", *more]
+            "--head-epochs", "0", "--batch-size", "4", "--dropout", "0.3",
+            "--quiet", *more]
 
 
 class StopAt(keras.callbacks.Callback):
@@ -94,8 +95,9 @@ def test_resume_equals_the_uninterrupted_run_with_its_whole_history(
     assert json.loads((out / "INTERRUPTED.json").read_text())[
         "epochs_completed"] == 2
     # A resume that would train otherwise is refused, naming the keys.
-    for more, named in ((["--learning-rate", "0.5"], "learning_rate was "
-                         "0.001, now 0.5"),
+    rate = schema.defaults()["learning_rate"]
+    for more, named in ((["--learning-rate", "0.5"], f"learning_rate was "
+                         f"{rate}, now 0.5"),
                         (["--image-size", "24"], "image_size was None, now "
                          "24")):
         code, err = run(capsys, *argv(inputs, out, "--resume", *more))

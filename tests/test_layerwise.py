@@ -392,7 +392,7 @@ def test_fine_tune_phase_two_uses_the_multipliers(mobilenet):
     x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 3, 8)
     kerastl.fine_tune(mobilenet, (x, y), (x, y), freeze_up_to="stage3",
-                      head_epochs=1, epochs=1,
+                      head_epochs=1, epochs=1, schedule="constant",
                       multipliers=kerastl.LayerDecay(0.5),
                       check_features=False)  # random weights, on purpose
     opt = mobilenet.optimizer
@@ -400,7 +400,8 @@ def test_fine_tune_phase_two_uses_the_multipliers(mobilenet):
     rows = {r["block"]: r for r in kerastl.describe_learning_rates(mobilenet)}
     assert rows["stage3"]["state"] == "frozen"
     assert rows["stage4"]["multiplier"] == (0.25, 0.25)  # 2 below head
-    assert rows["stage4"]["learning_rate"][1] == pytest.approx(0.25 * 1e-5)
+    assert rows["stage4"]["learning_rate"][1] == pytest.approx(
+        0.25 * kerastl.TrainingPlan().learning_rate)
 
 
 # -- bad input ----------------------------------------------------------------

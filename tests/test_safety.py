@@ -160,7 +160,8 @@ WRITERS = {
             x = keras.layers.Conv2D(4, 3, strides=2)(inputs)
             keras.Model(inputs, keras.layers.Conv2D(4, 3)(x)).save(net)
         assert cli.main(["finetune", "--model", net, "--data", images,
-                         "--output", DEST, "--epochs", "1", "--quiet",
+                         "--output", DEST, "--epochs", "1", "--head-epochs", "0",
+                         "--quiet",
                          "--overwrite"]) == 0
     """,
     "cache entry": """
