@@ -329,6 +329,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     parser.add_argument("--report", action="store_true",
                         help="only print the tables of --json")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the tables of --json as Markdown")
     parser.add_argument("--no-save", action="store_true",
                         help="keep the results in memory only")
     args = parser.parse_args(argv)
@@ -340,6 +342,8 @@ def main(argv=None):
         "recipes_candidates.json" if args.candidates else "recipes.json")
     results = json.load(open(path)) if os.path.isfile(path) and \
         not args.no_save else {}
+    if args.markdown:
+        return markdown(results, args.tasks, args.seeds, args.candidates)
     makers = {}
     if not args.report:  # seed by seed: every task has rows early
         for seed, task in ((s, t) for s in range(args.seeds)
@@ -377,8 +381,7 @@ def _grid_best(results, task, seeds):
     out = []
     for s in range(seeds):
         runs = [results.get(f"{task}/grid{i}/{s}") for i in range(len(GRID))]
-        runs = [r for r in runs if r]
-        if runs:
+        if all(runs):  # (a seed counts once its 12 runs are in)
             best = max(runs, key=lambda r: r["val"])
             out.append(dict(best, seconds=sum(r["seconds"] for r in runs)))
         else:
@@ -429,6 +432,48 @@ def report(results, tasks, seeds, candidates=False):
           f"every task); within 1.5 of the grid on {near} of {len(tasks)} "
           "(target >= 4 of 5)")
     return rows
+
+
+def markdown(results, tasks, seeds, candidates=False):
+    """The results as the Markdown tables of the documentation."""
+    if candidates:
+        names = sorted({k.split("/")[1] for k in results},
+                       key=lambda n: list(CHANGES).index(n)
+                       if n in CHANGES else 99)
+        print("| change from the starting recipe | " + " | ".join(tasks) +
+              " | mean |")
+        print("|---|" + "---:|" * (len(tasks) + 1))
+        for name in names:
+            accs = [_mean(_rows(results, t, name, seeds))[0] for t in tasks]
+            cells = ["-" if a != a else f"{a:.3f}" for a in accs]
+            mean = "-" if any(a != a for a in accs) else \
+                f"{np.mean(accs):.3f}"
+            label = "none (the starting recipe)" if name == "K" else name
+            print(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+        return None
+    print("| task | kerastl defaults | Keras guide | fastai-style | "
+          "grid best (12) | defaults - better baseline | defaults - grid "
+          "| seconds: defaults / guide / fastai / grid |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for task in tasks:
+        cells, times, accs = [], [], {}
+        for name in ("defaults", "guide", "fastai", "grid"):
+            rows = _grid_best(results, task, seeds) if name == "grid" \
+                else _rows(results, task, name, seeds)
+            acc, sd, k = _mean(rows)
+            accs[name] = acc
+            cells.append("-" if not k else
+                         f"{acc:.3f} ± {sd:.3f}" + ("" if k == seeds
+                                                     else f" (n={k})"))
+            times.append("-" if not k else f"{_mean(rows, 'seconds')[0]:.0f}")
+        if all(a != a for a in accs.values()):
+            continue  # not run yet
+        better = max(accs["guide"], accs["fastai"])
+        print(f"| {task} | " + " | ".join(cells) +
+              f" | {100 * (accs['defaults'] - better):+.1f} | "
+              f"{100 * (accs['defaults'] - accs['grid']):+.1f} | "
+              + " / ".join(times) + " |")
+    return None
 
 
 def _write(path, data):
