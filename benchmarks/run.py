@@ -204,7 +204,7 @@ BENCHMARKS = {
                       "full", "lora8"], [], rows_peft),
     "recipes": ("recipes", ["--tasks", "cnn_digits10", "--seeds", "1",
                             "--recipes", "defaults", "guide", "fastai",
-                            "grid5", "grid11", "--no-save"], ["--no-save"],
+                            "--no-save"], ["--no-save"],
                 rows_recipes),
 }
 

@@ -50,7 +50,8 @@ def test_finetune_writes_every_output(images, tmp_path, capsys):
     config.write_text(
         f"model: mobilenet_v2\nweights: {stand_in_weights('mobilenet_v2')}"
         "\nimage_size: 32\n"
-        "strategy: partial\nepochs: 2\nbatch_size: 8\nlayer_decay: 0.7\n"
+        "strategy: partial\nhead_epochs: 2\nepochs: 2\nbatch_size: 8\n"
+        "layer_decay: 0.7\n"
         "export_input: uint8\n")
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "finetune", "--config", str(config),
@@ -308,7 +309,8 @@ def test_ctrl_c_keeps_the_best_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "kerastl.cli", "finetune", "--model",
             str(tmp_path / "net.keras"), "--data", str(images), "--output",
-            str(out), "--batch-size", "4", "--early-stopping", "none"]
+            str(out), "--batch-size", "4", "--early-stopping", "none",
+            "--head-epochs", "1"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(argv + ["--epochs", "30"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)

@@ -139,7 +139,7 @@ def test_cli_yaml_and_python_build_the_same_plan_and_resolve_it_once(
     model_file = classifier_file(tmp_path)
     data = write_folder(tmp_path / "images", per_class=4)
     common = ["--model", str(model_file), "--data", str(data), "--epochs",
-              "1", "--batch-size", "4"]
+              "1", "--head-epochs", "0", "--batch-size", "4"]
     # 1. Command-line flags.
     assert cli.main(["finetune", *common, "--output", str(tmp_path / "a"),
                      "--strategy", "partial", "--freeze-up-to", "block1",
