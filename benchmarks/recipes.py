@@ -469,10 +469,11 @@ def markdown(results, tasks, seeds, candidates=False):
         if all(a != a for a in accs.values()):
             continue  # not run yet
         better = max(accs["guide"], accs["fastai"])
+        to_grid = accs["defaults"] - accs["grid"]
         print(f"| {task} | " + " | ".join(cells) +
               f" | {100 * (accs['defaults'] - better):+.1f} | "
-              f"{100 * (accs['defaults'] - accs['grid']):+.1f} | "
-              + " / ".join(times) + " |")
+              + ("-" if to_grid != to_grid else f"{100 * to_grid:+.1f}")
+              + " | " + " / ".join(times) + " |")
     return None
 
 
