@@ -66,6 +66,7 @@ import numpy as np  # noqa: E402
 
 import kerastl  # noqa: E402
 from kerastl import datasets, pretrained  # noqa: E402
+from kerastl import plan as plan_lib  # noqa: E402
 from kerastl.sampling import few_shot  # noqa: E402
 
 TASKS = ["cnn_digits10", "cnn_digits_m50", "own_cnn_3class",
@@ -98,14 +99,8 @@ def _own_cnn():
 def backbone_maker(task):
     """A function giving a fresh pretrained backbone for ``task``."""
     if task.startswith("cnn_"):
-        cnn, _, _ = pretrained.pretrained_backbone()
-        arrays = cnn.get_weights()
-
-        def make():
-            model = pretrained.small_cnn()
-            model.set_weights(arrays)
-            return model
-        return make
+        import peft
+        return peft.backbones(["cnn"])["cnn"]
     if task == "own_cnn_3class":
         path = _own_cnn()
         return lambda: kerastl.load_backbone(path)
@@ -215,12 +210,10 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
             y, y_pred, label_smoothing=self.smoothing)
 
 
-def budget(n, batch, low, high, epochs=10):
-    """Epochs of a phase: ``epochs``, raised until the phase has ``low``
-    steps and lowered until it has at most ``high``."""
-    per_epoch = math.ceil(n / batch)
-    return int(min(max(epochs, math.ceil(low / per_epoch)),
-                   max(1, high // per_epoch)))
+def budget(n, batch, low, high):
+    """Epochs of a phase on ``n`` images: kerastl's step budget
+    (:func:`kerastl.plan.phase_epochs`) with ``low`` and ``high`` steps."""
+    return plan_lib.phase_epochs(None, math.ceil(n / batch), low, high)
 
 
 CANDIDATE = dict(rate=1e-3, head_rate=1e-3, schedule="cosine", wd=0.01,
@@ -256,17 +249,8 @@ def candidate(model, train, val, seed, classes, **changes):
     per_epoch = math.ceil(n / batch)
     epochs = budget(n, batch, c["low"], c["high"])
     steps = epochs * per_epoch
-    if c["schedule"] == "cosine":
-        warm = max(1, steps // 10)
-        rate = keras.optimizers.schedules.CosineDecay(
-            0.0, steps - warm, warmup_target=c["rate"], warmup_steps=warm)
-    else:
-        rate = c["rate"]
-    optimizer = keras.optimizers.AdamW(rate, weight_decay=c["wd"]) \
-        if c["wd"] else keras.optimizers.Adam(rate)
-    if c["wd"]:
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma",
-                                                       "beta"])
+    optimizer = plan_lib.make_optimizer(None, c["rate"], steps,
+                                        c["schedule"], c["wd"])
     loss = SmoothedSparseCrossentropy(c["smoothing"], classes) \
         if c["smoothing"] else "sparse_categorical_crossentropy"
     return kerastl.fine_tune(
@@ -311,12 +295,8 @@ def one_run(make, data, seed, recipe, config=None):
 
 def default_steps(n, batch=32):
     """The main-phase steps of kerastl's defaults on ``n`` images."""
-    plan = kerastl.TrainingPlan()
-    steps = getattr(plan, "main_steps", None)
-    if callable(steps):
-        return steps(n, batch)
-    return budget(n, batch, CANDIDATE["low"], CANDIDATE["high"]) * \
-        math.ceil(n / batch)
+    per_epoch = math.ceil(n / batch)
+    return kerastl.TrainingPlan().phase_epochs(per_epoch) * per_epoch
 
 
 def main(argv=None):

@@ -101,9 +101,10 @@ def make_optimizer(optimizer, default_rate, steps=None, schedule="constant",
     biases and normalisation layers, or ``Adam`` when ``weight_decay`` is
     0). With ``schedule="cosine"`` and the phase's ``steps``, the rate of an
     optimizer made here follows :func:`cosine`."""
+    scheduled = schedule == "cosine" and bool(steps)
+
     def rate(value):
-        return cosine(value, steps) if schedule == "cosine" and steps \
-            else value
+        return cosine(value, steps) if scheduled else value
     if optimizer is None:
         if not weight_decay:
             return keras.optimizers.Adam(rate(default_rate))
@@ -122,7 +123,7 @@ def make_optimizer(optimizer, default_rate, steps=None, schedule="constant",
             f"Unknown optimizer {name!r}; use a Keras optimizer "
             "(keras.optimizers.AdamW(1e-4)) or a name such as 'adam', "
             "'adamw', 'sgd'.") from None
-    if schedule == "cosine" and steps:
+    if scheduled:
         value = float(keras.ops.convert_to_numpy(made.learning_rate))
         made = type(made)(**dict(made.get_config(),
                                  learning_rate=rate(value)))
