@@ -302,3 +302,16 @@ def build_before_distributed_fit(model, data_batch):
 
         vector_logs._kerastl_vector_logs = True
         setattr(model, name, vector_logs)
+
+
+# -- caches -------------------------------------------------------------------------
+
+def keras_home():
+    """``keras.src.backend.config.keras_home()``: the folder Keras's
+    ``get_file`` caches downloads under (``$KERAS_HOME``, else ``~/.keras``,
+    else ``/tmp/.keras``), as Keras resolved it when it was imported. Needed
+    to tell which Keras Applications weights are on disk without
+    downloading them (``kerastl rank --all-cached``)."""
+    from keras.src.backend import config
+
+    return config.keras_home()

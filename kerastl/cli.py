@@ -293,15 +293,37 @@ def cmd_finetune(args):
 
 def rank_candidates(args):
     """The zoo names (or files) ``kerastl rank`` scores: ``--models`` as
-    given, or every zoo entry whose name contains ``--family``."""
+    given, every zoo entry whose name contains ``--family``, or with
+    ``--all-cached`` every entry whose pretrained weights are already on
+    this machine (the two together: the cached ones of that family)."""
     from kerastl.errors import KerastlError
     from kerastl.zoo import list_configs
 
-    if bool(args.models) == bool(args.family):
-        raise KerastlError("Say which models to rank: --models a,b,c or "
-                           "--family NAME (e.g. --family mobilenet).")
+    chosen = [bool(args.models), bool(args.family or args.all_cached)]
+    if sum(chosen) != 1:
+        raise KerastlError("Say which models to rank: --models a,b,c, "
+                           "--family NAME (e.g. --family mobilenet) or "
+                           "--all-cached (--family and --all-cached combine)"
+                           ".")
     if args.models:
         return [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.all_cached:
+        from kerastl.zoo.offline import cached_configs, keras_cache_dirs
+
+        configs = cached_configs()
+        if args.family:
+            configs = [c for c in configs
+                       if args.family.lower() in c.name.lower()]
+        if not configs:
+            family = f" of --family {args.family}" if args.family else ""
+            raise KerastlError(
+                f"--all-cached: no zoo model{family} has its pretrained "
+                f"weights on this machine (looked in "
+                f"{', '.join(keras_cache_dirs())}, the TF Hub cache "
+                f"(TFHUB_CACHE_DIR) and the KerasHub cache "
+                f"(KAGGLEHUB_CACHE)). Load a model once while online, or "
+                f"name models with --models.")
+        return [c.name for c in configs]
     family = args.family.lower()
     names = [c.name for c in list_configs() if family in c.name.lower()]
     if not names:
@@ -311,7 +333,8 @@ def rank_candidates(args):
 
 
 def cmd_rank(args):
-    """kerastl rank --data FOLDER (--models a,b | --family F) [--blocks]."""
+    """kerastl rank --data FOLDER (--models a,b | --family F |
+    --all-cached) [--blocks]."""
     import contextlib
 
     from kerastl.analysis import rank_backbones
@@ -574,6 +597,9 @@ def build_parser():
     p.add_argument("--family", default=None,
                    help="every zoo model whose name contains this "
                         "(e.g. mobilenet, efficientnet)")
+    p.add_argument("--all-cached", action="store_true",
+                   help="every zoo model whose pretrained weights are "
+                        "already on this machine (no download)")
     p.add_argument("--blocks", action="store_true",
                    help="also score every block (where to cut)")
     p.add_argument("--method", default="logme",

@@ -219,4 +219,82 @@ def test_rank_command_skips_what_cannot_load_and_prints_json(
     # Neither --models nor --family: one line naming both.
     code = cli.main(["rank", "--data", str(images)])
     assert code == 2
-    assert "--models a,b,c or --family NAME" in capsys.readouterr().err
+    assert "--models a,b,c, --family NAME" in capsys.readouterr().err
+
+
+# -- kerastl rank --all-cached ----------------------------------------------------
+
+def _empty_caches(tmp_path, monkeypatch):
+    """Every weights cache kerastl looks in, empty, under tmp_path."""
+    from keras.src.backend import config
+
+    home = tmp_path / "keras_home"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setattr(config, "_KERAS_DIR", str(home))
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "tfhub"))
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    from kerastl.zoo import offline
+
+    monkeypatch.setattr(offline, "keras_cache_dirs",
+                        lambda: [str(home / "models")])
+    return home / "models"
+
+
+def test_all_cached_lists_the_zoo_entries_whose_weights_are_on_disk(
+        tmp_path, monkeypatch):
+    import hashlib
+
+    from kerastl.zoo import zoo_entry
+    from kerastl.zoo.offline import cached_configs
+
+    models = _empty_caches(tmp_path, monkeypatch)
+    assert cached_configs() == []
+    for name in ("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "mobilenet_1_0_224_tf_no_top.h5",
+                 "efficientnetv2-b0_notop.h5",
+                 "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+                 # with the ImageNet classifier: not what kerastl loads
+                 "resnet50_weights_tf_dim_ordering_tf_kernels.h5"):
+        (models / name).write_bytes(b"")
+    hub = zoo_entry("hub_resnet_v2_50")
+    saved = tmp_path / "tfhub" / hashlib.sha1(
+        hub.handle.encode("utf8")).hexdigest()
+    saved.mkdir(parents=True)
+    (saved / "saved_model.pb").write_bytes(b"")
+    names = [c.name for c in cached_configs()]
+    # ResNet50V2's file is not ResNet50's; MobileNet's is not MobileNetV2's.
+    assert names == ["efficientnet_v2_b0", "hub_resnet_v2_50", "mobilenet",
+                     "mobilenet_v3_small", "resnet50_v2"]
+
+
+def test_rank_all_cached_ranks_a_cached_application_offline(
+        tmp_path, monkeypatch, capsys):
+    models = _empty_caches(tmp_path, monkeypatch)
+    images = write_folder(tmp_path / "images", per_class=8, size=32)
+    args = ["rank", "--data", str(images), "--all-cached", "--no-cache",
+            "--input-size", "96"]
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "--all-cached: no zoo model has its pretrained " \
+        "weights on this machine" in err and "--models" in err
+    # The file Keras itself would download for MobileNetV2 at 96x96, in
+    # the legacy HDF5 layout Keras Applications read.
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.utils.set_random_seed(0)
+    net = keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(96, 96, 3))
+    with h5py.File(models / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels"
+                            "_1.0_96_no_top.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, net)
+    code = cli.main(args + ["--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert [r["model"] for r in result["rows"]] == ["mobilenet_v2"]
+    assert result["rows"][0]["skipped"] is None
+    assert "[1/1] mobilenet_v2: logme" in err
+    code = cli.main(args + ["--family", "resnet"])
+    assert code == 2
+    assert "no zoo model of --family resnet" in capsys.readouterr().err
