@@ -48,10 +48,20 @@ def arrays():
     return x, y
 
 
-def test_features_match_the_model_and_pooling(arrays):
+@pytest.mark.parametrize("batch_size", [16, 4], ids=["eager", "predict"])
+def test_features_match_the_model_and_pooling(arrays, batch_size,
+                                              monkeypatch):
+    """3 batches run eagerly, 10 through predict: the same features."""
+    from kerastl.features import extract
+
+    calls = []
+    original = keras.Model.predict
+    monkeypatch.setattr(keras.Model, "predict", lambda self, *a, **k: (
+        calls.append(self.name), original(self, *a, **k))[1])
     x, _ = arrays
     model = small_backbone()
-    f = kerastl.extract_features(model, x, batch_size=16, verbose=0)
+    f = kerastl.extract_features(model, x, batch_size=batch_size, verbose=0)
+    assert bool(calls) == (len(x) / batch_size > extract.EAGER_BATCHES)
     expected = model.predict(x, verbose=0).mean(axis=(1, 2))
     np.testing.assert_allclose(f, expected, rtol=1e-5, atol=1e-6)
     fmax = kerastl.extract_features(model, x, pooling="max", verbose=0)
