@@ -37,8 +37,9 @@ the best model.
 Per block (``--blocks``): the 4-block CNN's blocks ranked by LogME and the
 linear probe (``rank_backbones(blocks=True)``); the block ranked first is
 the cut (frozen up to and including it), compared with
-``transfer_depth_sweep`` (every number of frozen blocks, fine-tuned and
-scored on the test split) on each target.
+``transfer_depth_sweep`` (every number of frozen blocks, fine-tuned for
+as many steps as kerastl's default main phase and scored on the test
+split) on each target.
 
     python benchmarks/ranking.py [--targets ...] [--seeds 3] [--markdown]
 
@@ -48,6 +49,7 @@ skips the runs already there.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -223,9 +225,16 @@ def ranked(makers, data, method, blocks=False):
             "seconds": seconds}
 
 
-def depth_sweep(make, data, seed):
+def depth_sweep(make, data, seed, batch_size=32):
+    """Test accuracy per cut: ``transfer_depth_sweep`` with as many steps
+    as kerastl's default main phase takes on these images (the sweep's own
+    default, 20 epochs, leaves a head on frozen features under-trained on
+    100 images: 80 steps)."""
     train, _, test, _ = data
-    sweep = transfer_depth_sweep(make(), train, test, seeds=(seed,))
+    per_epoch = math.ceil(len(train[0]) / batch_size)
+    epochs = kerastl.TrainingPlan().phase_epochs(per_epoch)
+    sweep = transfer_depth_sweep(make(), train, test, seeds=(seed,),
+                                 epochs=epochs, batch_size=batch_size)
     keras.backend.clear_session()
     return {r["frozen_up_to"]: r["accuracy"] for r in sweep}
 
