@@ -373,22 +373,45 @@ class BackboneRanking(list):
     ``seconds`` (loading, features and scoring of that model) and
     ``skipped`` (why a model was not scored, else None)."""
 
-    def __init__(self, rows, methods):
+    def __init__(self, rows, methods, blocks=None):
         scored = sorted((r for r in rows if r["skipped"] is None),
                         key=lambda r: -r["score"])
         super().__init__(scored + [r for r in rows if r["skipped"]])
         self.methods = list(methods)
+        # model -> its scored blocks in order (rankings with blocks=True)
+        self.blocks = dict(blocks or {})
 
     @property
     def best(self):
         """The first row (the recommended model, and block), or None."""
         return self[0] if self and self[0]["skipped"] is None else None
 
+    @property
+    def freeze_up_to(self):
+        """Where to cut the recommended model for fine-tuning (rankings with
+        ``blocks=True``): its first-ranked block, but never its last one.
+        The block scores say how well a linear head does on each block's
+        features; freezing every block is that linear head (feature
+        extraction, scored by the model's own row), and fine-tuning the
+        last block beat it by 10 points and more in
+        ``benchmarks/ranking.py``. So the best block is frozen, or the one
+        before it when the best is the last. None: no per-block ranking,
+        or a model of one block (train it all)."""
+        best = self.best
+        order = self.blocks.get(best["model"]) if best else None
+        if not order or best["block"] not in order:
+            return None
+        i = order.index(best["block"])
+        if i == len(order) - 1:
+            i -= 1
+        return order[i] if i >= 0 else None
+
     def to_dict(self):
         """The ranking as plain data (what ``kerastl rank --json`` prints)."""
         return {"methods": self.methods, "rows": [dict(r) for r in self],
                 "best": None if self.best is None else {
-                    "model": self.best["model"], "block": self.best["block"]}}
+                    "model": self.best["model"], "block": self.best["block"],
+                    "freeze_up_to": self.freeze_up_to}}
 
     def __str__(self):
         head = ["model", "block"] + self.methods + ["seconds"]
@@ -413,6 +436,11 @@ class BackboneRanking(list):
                 else ""
             out.append(f"recommended: {self.best['model']}{where} (by "
                        f"{self.methods[0]})")
+            if self.freeze_up_to:
+                out.append(f"to fine-tune it: freeze up to "
+                           f"{self.freeze_up_to} (fine_tune(freeze_up_to="
+                           f"{self.freeze_up_to!r}), kerastl finetune "
+                           f"--freeze-up-to {self.freeze_up_to})")
         return "\n".join(out)
 
 
@@ -551,7 +579,9 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         verbose: 1 prints one line per model as it is scored.
 
     Returns:
-        A :class:`BackboneRanking`: rows best first, ``.best``, ``print()``.
+        A :class:`BackboneRanking`: rows best first, ``.best``, ``print()``;
+        with ``blocks=True``, ``.freeze_up_to``: where to cut the
+        recommended model for fine-tuning.
 
     Example::
 
@@ -573,7 +603,7 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
     if not named:
         raise KerastlError("rank_backbones: no candidates given.")
     needs_source = [m for m in methods if m in ("leep", "nce")]
-    rows = []
+    rows, orders = [], {}
     for i, (name, candidate) in enumerate(named):
         start = time.perf_counter()
         try:
@@ -597,6 +627,7 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         cut = [feature_block] if feature_block else [None]
         if blocks:
             cut = [b for b in bm.base_blocks if bm.has_output(b)]
+            orders[name] = list(cut)
         layers = [b for b in cut if b is not None] or None
         outputs = extract_features(
             model, data, layers=layers, pooling=pooling, cache=cache,
@@ -630,7 +661,7 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
             where = f" (block {best['block']})" if blocks else ""
             print(f"[{i + 1}/{len(named)}] {name}: {methods[0]} "
                   f"{best['score']:.4f}{where}, {seconds:.1f} s", flush=True)
-    return BackboneRanking(rows, methods)
+    return BackboneRanking(rows, methods, orders)
 
 
 def _subset(labels, max_samples, seed):

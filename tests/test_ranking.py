@@ -175,8 +175,10 @@ def test_a_pretrained_backbone_ranks_above_random_ones(digits, pretrained,
 def test_blocks_are_ranked_and_leep_needs_the_source_classifier(
         digits, pretrained):
     ranking = rank_backbones([pretrained], digits, blocks=True, verbose=0)
-    assert sorted(r["block"] for r in ranking) == sorted(
-        kerastl.block_map(pretrained).base_blocks)
+    order = kerastl.block_map(pretrained).base_blocks
+    assert sorted(r["block"] for r in ranking) == sorted(order)
+    assert ranking.blocks == {ranking[0]["model"]: list(order)}
+    assert ranking.freeze_up_to in order[:-1]
     assert len({r["score"] for r in ranking}) == len(ranking)
     skipped = rank_backbones([pretrained], digits, method="leep",
                              verbose=0)[0]["skipped"]
@@ -191,6 +193,24 @@ def test_blocks_are_ranked_and_leep_needs_the_source_classifier(
     assert row["scores"]["leep"] <= 0 and row["scores"]["nce"] <= 0
     assert row["scores"]["logme"] == pytest.approx(
         rank_backbones([pretrained], digits, verbose=0)[0]["score"])
+
+
+def test_the_cut_to_fine_tune_is_the_best_block_but_never_the_last():
+    from kerastl.analysis import BackboneRanking
+
+    def ranking(scores, order=("b1", "b2", "b3")):
+        rows = [dict(model="m", block=b, scores={"logme": v}, score=v,
+                     seconds=0.0, skipped=None) for b, v in scores.items()]
+        return BackboneRanking(rows, ["logme"], {"m": list(order)})
+
+    assert ranking({"b1": 0.1, "b2": 0.5, "b3": 0.2}).freeze_up_to == "b2"
+    # The last block first: freezing it too would leave only the head.
+    last = ranking({"b1": 0.1, "b2": 0.2, "b3": 0.9})
+    assert last.best["block"] == "b3" and last.freeze_up_to == "b2"
+    assert last.to_dict()["best"]["freeze_up_to"] == "b2"
+    assert "freeze up to b2" in str(last) and "--freeze-up-to b2" in str(last)
+    assert ranking({"b1": 0.3}, order=("b1",)).freeze_up_to is None
+    assert BackboneRanking([], ["logme"]).freeze_up_to is None
 
 
 def test_bad_method_is_a_clear_error(digits, pretrained):
@@ -242,10 +262,12 @@ def test_the_cross_validated_probe_is_linear_probes_model_in_numpy():
     ours = _softmax_probe(f, y, ft, 4, batch_size=len(f), initial=start)
     assert np.mean(ours == expected.argmax(1)) > 0.99
     assert np.mean(ours == yt) > 0.45  # it learned (chance: 0.25)
-    # Its own start and shuffled batches: as accurate as LinearProbe.
+    # Its own start and shuffled batches: not less accurate than
+    # LinearProbe's.
+    keras.utils.set_random_seed(0)
     ours = _softmax_probe(f, y, ft, 4, batch_size=64)
     theirs = kerastl.LinearProbe(epochs=60, batch_size=64).fit(f, y)
-    assert abs(np.mean(ours == yt) - theirs.score(ft, yt)) < 0.03
+    assert np.mean(ours == yt) >= theirs.score(ft, yt) - 0.03
 
 
 # -- kerastl rank --all-cached ----------------------------------------------------
