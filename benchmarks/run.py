@@ -173,6 +173,25 @@ def rows_recipes(rows):
             for r in rows]
 
 
+def rows_ranking(result):
+    rows = []
+    for target, row in result["targets"].items():
+        logme = row["methods"].get("logme")
+        probe = row["methods"].get("linear_probe")
+        if not logme or not probe:
+            continue
+        rows.append(_row(
+            f"rank {len(row['accuracy'])} backbones on {target}: LogME's "
+            f"weighted tau vs the linear probe's (top-1 regret "
+            f"{100 * logme['regret']:.1f} points; ranking "
+            f"{100 * logme['share_of_best_fine_tune']:.0f}% of fine-tuning "
+            f"the best)", logme["tau"], probe["tau"],
+            logme["tau"] - probe["tau"], "difference >= 0, regret <= 2",
+            logme["tau"] >= probe["tau"] and logme["regret"] <= 0.02,
+            "tau"))
+    return rows
+
+
 BENCHMARKS = {
     "boundary_cache": ("boundary_cache", ["--images", "1000"], [],
                        rows_boundary),
@@ -202,6 +221,10 @@ BENCHMARKS = {
     "peft": ("peft", ["--models", "vit", "--targets", "digits10",
                       "--seeds", "1", "--methods", "head", "partial",
                       "full", "lora8"], [], rows_peft),
+    "ranking": ("ranking", ["--targets", "digits10", "--seeds", "1",
+                            "--models", "cnn_syn", "cnn_wide_syn",
+                            "cnn_random", "cnn_syn_1ep", "--no-blocks",
+                            "--no-save"], ["--no-save"], rows_ranking),
     "recipes": ("recipes", ["--tasks", "cnn_digits10", "--seeds", "1",
                             "--recipes", "defaults", "guide", "fastai",
                             "--no-save"], ["--no-save"],
