@@ -470,10 +470,10 @@ def _load_candidate(candidate, weights, input_shape):
 
 def _softmax_probe(x, y, x_test, classes, epochs=60, batch_size=128,
                    learning_rate=1e-2, l2=1e-4, seed=0, initial=None):
-    """:class:`~kerastl.LinearProbe`'s softmax probe (standardised
-    features, one softmax layer, Glorot-uniform start, L2 on the weights,
-    Adam at 1e-2 with Keras's defaults, 60 epochs of shuffled batches of
-    128), trained in NumPy: the same model without a Keras model to build
+    """``LinearProbe(epochs=60)``'s softmax probe (standardised features,
+    one softmax layer, Glorot-uniform start, L2 on the weights, Adam at
+    1e-2 with Keras's defaults, 60 epochs of shuffled batches of 128; an
+    output for every class, also one missing from a fold), in NumPy: the same model without a Keras model to build
     and trace per fold, so a cross-validated probe of many candidates
     takes seconds, not minutes. Returns the predicted classes of
     ``x_test``. ``initial``: ``(kernel, bias)`` to start from."""
@@ -600,6 +600,13 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         if isinstance(candidates, (str, os.PathLike, keras.Model)):
             candidates = [candidates]
         named = [(_candidate_name(c), c) for c in candidates]
+        # Two models of the same name (Keras's default "functional") are
+        # told apart in the rows: "name", "name#2", ...
+        seen = {}
+        for i, (name, c) in enumerate(named):
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                named[i] = (f"{name}#{seen[name]}", c)
     if not named:
         raise KerastlError("rank_backbones: no candidates given.")
     needs_source = [m for m in methods if m in ("leep", "nce")]
@@ -626,8 +633,9 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         bm = block_map(model)
         cut = [feature_block] if feature_block else [None]
         if blocks:
-            cut = [b for b in bm.base_blocks if bm.has_output(b)]
-            orders[name] = list(cut)
+            # (a model without block outputs: its feature output only)
+            cut = [b for b in bm.base_blocks if bm.has_output(b)] or cut
+            orders[name] = [b for b in cut if b is not None]
         layers = [b for b in cut if b is not None] or None
         outputs = extract_features(
             model, data, layers=layers, pooling=pooling, cache=cache,

@@ -2,6 +2,7 @@
 against their formulas computed naively, and rank_backbones / kerastl rank."""
 
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -281,10 +282,9 @@ def _empty_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "_KERAS_DIR", str(home))
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "tfhub"))
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
-    from kerastl.zoo import offline
+    from kerastl.zoo.offline import keras_cache_dirs
 
-    monkeypatch.setattr(offline, "keras_cache_dirs",
-                        lambda: [str(home / "models")])
+    assert keras_cache_dirs() == [str(home / "models")]
     return home / "models"
 
 
@@ -302,16 +302,30 @@ def test_all_cached_lists_the_zoo_entries_whose_weights_are_on_disk(
                  "efficientnetv2-b0_notop.h5",
                  "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
                  # with the ImageNet classifier: not what kerastl loads
-                 "resnet50_weights_tf_dim_ordering_tf_kernels.h5"):
+                 "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+                 # other widths than the zoo's MobileNets (alpha 1.0)
+                 "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224"
+                 "_no_top.h5",
+                 "weights_mobilenet_v3_large_224_0.75_float_no_top_v2.h5"):
         (models / name).write_bytes(b"")
     hub = zoo_entry("hub_resnet_v2_50")
     saved = tmp_path / "tfhub" / hashlib.sha1(
         hub.handle.encode("utf8")).hexdigest()
     saved.mkdir(parents=True)
     (saved / "saved_model.pb").write_bytes(b"")
+    # A KerasHub preset counts once its weights arrived, not its config.
+    from kerastl.zoo import kerashub
+
+    preset = Path(kerashub.kaggle_cache(kerashub.builtin_presets()[
+        zoo_entry("kerashub_resnet_50").preset]))
+    preset.mkdir(parents=True)
+    (preset / "config.json").write_text("{}")
+    assert "kerashub_resnet_50" not in [c.name for c in cached_configs()]
+    (preset / "model.weights.h5").write_bytes(b"")
     names = [c.name for c in cached_configs()]
     # ResNet50V2's file is not ResNet50's; MobileNet's is not MobileNetV2's.
-    assert names == ["efficientnet_v2_b0", "hub_resnet_v2_50", "mobilenet",
+    assert names == ["efficientnet_v2_b0", "hub_resnet_v2_50",
+                     "kerashub_resnet_50", "mobilenet",
                      "mobilenet_v3_small", "resnet50_v2"]
 
 

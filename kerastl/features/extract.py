@@ -440,8 +440,11 @@ EAGER_BATCHES = 8
 def _predict(model, ds, verbose):
     """``model.predict(ds)``, or the same outputs computed eagerly when
     ``ds`` has at most :data:`EAGER_BATCHES` batches."""
+    import tensorflow as tf
+
     batches = int(ds.cardinality())
-    if not 0 < batches <= EAGER_BATCHES:
+    if not 0 < batches <= EAGER_BATCHES or tf.distribute.has_strategy():
+        # (under a tf.distribute strategy predict spreads the batches)
         return model.predict(ds, verbose=verbose)
     outputs = []
     for element in ds:
