@@ -269,39 +269,40 @@ def summarise(results, targets, seeds, models):
     regret and ranking time over seeds."""
     out = {}
     for t in targets:
-        runs = [[results.get(f"ft/{t}/{m}/{s}") for m in models]
-                for s in range(seeds)]
-        if any(r is None for seed in runs for r in seed):
+        # the seeds with every model fine-tuned and ranked by every method
+        done = [s for s in range(seeds)
+                if all(f"ft/{t}/{m}/{s}" in results for m in models) and
+                all(f"rank/{t}/{m}/{s}" in results for m in METHODS)]
+        if not done:
             continue
+        runs = [[results[f"ft/{t}/{m}/{s}"] for m in models] for s in done]
         acc = np.array([[r["test"] for r in seed] for seed in runs])
         ft_s = np.array([[r["seconds"] for r in seed] for seed in runs])
         row = {"accuracy": dict(zip(models, acc.mean(0).tolist())),
                "spread": dict(zip(models, (acc.max(0) - acc.min(0)).tolist())),
                "fine_tune_seconds": dict(zip(models, ft_s.mean(0).tolist())),
-               "methods": {}}
+               "seeds": len(done), "methods": {}}
         best = int(np.argmax(acc.mean(0)))
         row["best"] = models[best]
         for method in METHODS:
-            ranks = [results.get(f"rank/{t}/{method}/{s}")
-                     for s in range(seeds)]
-            if any(r is None for r in ranks):
-                continue
+            ranks = [results[f"rank/{t}/{method}/{s}"] for s in done]
             scores = np.array([[r["scores"][m] for m in models]
                                for r in ranks])
-            taus = [weighted_tau(scores[s], acc[s]) for s in range(seeds)]
-            regrets = [regret(scores[s], acc[s]) for s in range(seeds)]
+            taus = [weighted_tau(scores[i], acc[i]) for i in range(len(done))]
+            regrets = [regret(scores[i], acc[i]) for i in range(len(done))]
             seconds = float(np.mean([r["seconds"] for r in ranks]))
             best_seconds = float(ft_s[:, best].mean())
             clock = results.get(f"timing/{t}")
             if clock is not None:  # measured back to back, machine quiet
                 seconds, best_seconds = clock[method], clock["fine_tune"]
+                row["best_fine_tune_seconds"] = best_seconds
             row["methods"][method] = {
                 "tau": float(np.mean(taus)), "regret": float(np.mean(regrets)),
                 "regret_max": float(np.max(regrets)), "seconds": seconds,
                 "share_of_best_fine_tune": seconds / best_seconds,
                 "timed_quiet": clock is not None,
-                "first": [models[int(np.argmax(scores[s]))]
-                          for s in range(seeds)],
+                "first": [models[int(np.argmax(scores[i]))]
+                          for i in range(len(done))],
                 "mean_scores": dict(zip(models, scores.mean(0).tolist()))}
         out[t] = row
     return out
@@ -310,18 +311,19 @@ def summarise(results, targets, seeds, models):
 def summarise_blocks(results, targets, seeds):
     out = {}
     for t in targets:
-        sweeps = [results.get(f"sweep/{t}/{s}") for s in range(seeds)]
-        if any(s is None for s in sweeps):
+        done = [s for s in range(seeds) if f"sweep/{t}/{s}" in results and
+                all(f"blocks/{t}/{m}/{s}" in results
+                    for m in ("logme", "linear_probe"))]
+        if not done:
             continue
+        sweeps = [results[f"sweep/{t}/{s}"] for s in done]
         cuts = list(sweeps[0])
         acc = np.array([[s[c] for c in cuts] for s in sweeps])
         row = {"sweep": dict(zip(cuts, acc.mean(0).tolist())),
+               "seeds": len(done),
                "best_cut": cuts[int(np.argmax(acc.mean(0)))], "methods": {}}
         for method in ("logme", "linear_probe"):
-            ranks = [results.get(f"blocks/{t}/{method}/{s}")
-                     for s in range(seeds)]
-            if any(r is None for r in ranks):
-                continue
+            ranks = [results[f"blocks/{t}/{method}/{s}"] for s in done]
             gaps, firsts, raw_gaps, cuts_ = [], [], [], []
             for s, r in enumerate(ranks):
                 rows = [dict(model=k.split("/")[0], block=k.split("/")[1],
@@ -347,7 +349,7 @@ def report(results, targets, seeds, models):
     summary = summarise(results, targets, seeds, models)
     for t, row in summary.items():
         print(f"\n{t}: fine-tuned test accuracy (kerastl defaults, mean of "
-              f"{seeds} seeds; best {row['best']})")
+              f"{row['seeds']} seeds; best {row['best']})")
         for m in models:
             print(f"  {m:18s} {row['accuracy'][m]:.3f} "
                   f"(spread {row['spread'][m]:.3f}, "
@@ -407,7 +409,7 @@ def markdown(results, targets, seeds, models):
     summary = summarise(results, targets, seeds, models)
     short = {"logme": "LogME", "h_score": "H-score",
              "linear_probe": "linear probe"}
-    print("| target | best model (accuracy) | " + " | ".join(
+    print("| target (seeds) | best model (accuracy) | " + " | ".join(
         f"{short[m]}: tau / regret / time" for m in METHODS) + " |")
     print("|---|---|" + "---|" * len(METHODS))
     for t, row in summary.items():
@@ -417,9 +419,11 @@ def markdown(results, targets, seeds, models):
             cells.append("-" if r is None else
                          f"{r['tau']:+.2f} / {100 * r['regret']:.1f} / "
                          f"{r['seconds']:.0f} s")
-        print(f"| {t} | {row['best']} ({row['accuracy'][row['best']]:.3f};"
-              f" fine-tuning {row['fine_tune_seconds'][row['best']]:.0f} s)"
-              f" | " + " | ".join(cells) + " |")
+        tuning = row.get("best_fine_tune_seconds",
+                         row["fine_tune_seconds"][row["best"]])
+        print(f"| {t} ({row['seeds']}) | {row['best']} "
+              f"({row['accuracy'][row['best']]:.3f}; fine-tuning "
+              f"{tuning:.0f} s) | " + " | ".join(cells) + " |")
     print()
     print("| model | architecture, pretraining | " + " | ".join(summary) +
           " |")
@@ -431,7 +435,7 @@ def markdown(results, targets, seeds, models):
     blocks = summarise_blocks(results, targets, seeds)
     if blocks:
         print()
-        print(f"| target | {BLOCK_MODEL}: test accuracy frozen up to | "
+        print(f"| target (seeds) | {BLOCK_MODEL}: test accuracy frozen up to | "
               "best | LogME: first block; recommended cut | linear probe: "
               "first block; recommended cut |")
         print("|---|---|---|---|---|")
@@ -442,7 +446,7 @@ def markdown(results, targets, seeds, models):
                      f"cut {'/'.join(r['cut'])} ({-100 * r['gap']:+.1f})"
                      for r in (row["methods"].get("logme", none),
                                row["methods"].get("linear_probe", none))]
-            print(f"| {t} | {sweep} | {row['best_cut']} | " +
+            print(f"| {t} ({row['seeds']}) | {sweep} | {row['best_cut']} | " +
                   " | ".join(cells) + " |")
     return summary
 
