@@ -28,6 +28,7 @@ from kerastl.blocks import block_map, model_input
 from kerastl.errors import KerastlError
 from kerastl.features import transferability
 from kerastl.features.extract import extract_features, flat_features
+from kerastl.features.probes import softmax_probe
 from kerastl.freezing import keras_model_of, restored_trainability
 from kerastl.heads import build_classifier
 from kerastl.plan import TrainingPlan
@@ -469,46 +470,6 @@ def _load_candidate(candidate, weights, input_shape):
     return model, feature_block
 
 
-def _softmax_probe(x, y, x_test, classes, epochs=60, batch_size=128,
-                   learning_rate=1e-2, l2=1e-4, seed=0, initial=None):
-    """``LinearProbe(epochs=60)``'s softmax probe (standardised features,
-    one softmax layer, Glorot-uniform start, L2 on the weights, Adam at
-    1e-2 with Keras's defaults, 60 epochs of shuffled batches of 128; an
-    output for every class, also one missing from a fold), in NumPy: the same model without a Keras model to build
-    and trace per fold, so a cross-validated probe of many candidates
-    takes seconds, not minutes. Returns the predicted classes of
-    ``x_test``. ``initial``: ``(kernel, bias)`` to start from."""
-    rng = np.random.default_rng(seed)
-    mean, std = x.mean(0), np.sqrt(x.var(0) + 1e-6)
-    x, x_test = (x - mean) / std, (x_test - mean) / std
-    n, d = x.shape
-    limit = np.sqrt(6.0 / (d + classes))
-    params = [rng.uniform(-limit, limit, (d, classes)), np.zeros(classes)]
-    if initial is not None:
-        params = [np.array(p, "float64") for p in initial]
-    moments = [[np.zeros_like(p), np.zeros_like(p)] for p in params]
-    onehot = np.eye(classes)[y]
-    step = 0
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            logits = x[idx] @ params[0] + params[1]
-            logits -= logits.max(1, keepdims=True)
-            p = np.exp(logits)
-            p /= p.sum(1, keepdims=True)
-            delta = (p - onehot[idx]) / len(idx)
-            grads = [x[idx].T @ delta + 2 * l2 * params[0], delta.sum(0)]
-            step += 1
-            for param, grad, (m, v) in zip(params, grads, moments):
-                m += 0.1 * (grad - m)
-                v += 0.001 * (grad * grad - v)
-                rate = learning_rate * np.sqrt(1 - 0.999 ** step) / (
-                    1 - 0.9 ** step)
-                param -= rate * m / (np.sqrt(v) + 1e-7)
-    return np.argmax(x_test @ params[0] + params[1], axis=1)
-
-
 # Input pixels per extraction batch when rank_backbones chooses: 1,000
 # images of 32x32 in one eager pass took MobileNetV2 2.5 s where predict in
 # batches of 64 took 4.4 s (2 CPU cores), and a wide CNN 1.3 s for 2.6 s.
@@ -525,7 +486,7 @@ def _rank_batch_size(model, batch_size):
 
 
 def _cv_probe_accuracy(features, labels, folds=5, seed=0):
-    """Mean accuracy of a softmax probe (:func:`_softmax_probe`, as
+    """Mean accuracy of a softmax probe (:func:`~kerastl.features.probes.softmax_probe`, as
     :class:`~kerastl.LinearProbe`) over stratified folds: the slower, often
     as good baseline of the estimators."""
     labels = np.asarray(labels).reshape(-1)
@@ -541,7 +502,7 @@ def _cv_probe_accuracy(features, labels, folds=5, seed=0):
         test = fold_of == k
         if not test.any() or len(np.unique(codes[~test])) < 2:
             continue
-        predicted = _softmax_probe(features[~test], codes[~test],
+        predicted = softmax_probe(features[~test], codes[~test],
                                    features[test], len(classes), seed=seed)
         scores.append(float(np.mean(predicted == codes[test])))
     return float(np.mean(scores))

@@ -57,7 +57,7 @@ def _check_saved_model(path, handle):
     return path
 
 
-def _hub_cache_path(handle):
+def hub_cache_path(handle):
     """Where tensorflow_hub caches ``handle`` (honours TFHUB_CACHE_DIR)."""
     from tensorflow_hub import resolver
 
@@ -110,7 +110,7 @@ def resolve_handle(handle, timeout=15.0):
     except ImportError:
         raise KerastlError("Remote TF Hub handles need tensorflow-hub: pip "
                            "install tensorflow-hub.") from None
-    cached = _hub_cache_path(handle)
+    cached = hub_cache_path(handle)
     if os.path.isfile(os.path.join(cached, "saved_model.pb")):
         return cached
     reachable(handle, timeout, OFFLINE_ADVICE)

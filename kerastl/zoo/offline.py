@@ -2,10 +2,14 @@
 download: their weights are already in the local caches that Keras, TF Hub
 and KerasHub read (``kerastl rank --all-cached``)."""
 
+import glob
 import os
 import re
 import tempfile
 
+from kerastl import _keras_private
+from kerastl.tfhub import hub_cache_path
+from kerastl.zoo import kerashub
 from kerastl.zoo.config import list_configs
 
 __all__ = ["keras_cache_dirs", "cached_configs"]
@@ -15,8 +19,6 @@ def keras_cache_dirs():
     """Where Keras Applications keep downloaded weights: ``models/`` in
     Keras's home (``$KERAS_HOME``, else ``~/.keras``), or in ``/tmp/.keras``
     when that is not writable (Keras's own fallback in ``get_file``)."""
-    from kerastl import _keras_private
-
     home = os.path.expanduser(_keras_private.keras_home())
     if not os.access(home, os.W_OK):
         home = os.path.join("/tmp" if os.path.isdir("/tmp") else
@@ -85,10 +87,8 @@ def _hub_cached(config):
     handle = config.handle
     if os.path.isdir(handle):
         return True
-    from kerastl.tfhub import _hub_cache_path
-
     try:
-        path = _hub_cache_path(handle)
+        path = hub_cache_path(handle)
     except ImportError:  # no tensorflow-hub: nothing of it is cached
         return False
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
@@ -98,10 +98,6 @@ def _kerashub_cached(config):
     """A local preset folder, or a builtin preset whose versioned kagglehub
     download holds its weights (a handle without a version needs the
     network to find the latest one)."""
-    import glob
-
-    from kerastl.zoo import kerashub
-
     preset = config.preset
     if os.path.isdir(preset):
         return True
