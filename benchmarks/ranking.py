@@ -64,7 +64,6 @@ import kerastl  # noqa: E402
 from kerastl import datasets, pretrained  # noqa: E402
 from kerastl.analysis import (BackboneRanking, rank_backbones,  # noqa
                               transfer_depth_sweep)
-from kerastl.sampling import few_shot  # noqa: E402
 
 # name -> (architecture, pretraining source, samples, epochs)
 ZOO = {
@@ -192,19 +191,11 @@ def describe(name):
 
 def target(name, seed, validation=300):
     """``(train, validation, test, classes)`` of a target at one seed."""
-    domain, per_class, classes = TARGETS[name]
-    load = getattr(datasets, domain)
+    import recipes  # the same split as the recipes benchmark's tasks
 
-    def split(which):
-        x, y = load(which)
-        keep = y < classes
-        return x[keep], y[keep]
-    x, y = split("train")
-    labelled = few_shot(y, per_class, seed)
-    rest = np.setdiff1d(np.arange(len(y)), labelled)
-    rest = np.random.default_rng(seed).permutation(rest)[:validation]
-    return (x[labelled], y[labelled]), (x[rest], y[rest]), split("test"), \
-        classes
+    domain, per_class, classes = TARGETS[name]
+    return recipes.few_shot_task(domain, per_class, classes, seed,
+                                 validation=validation)
 
 
 # -- the runs ----------------------------------------------------------------

@@ -123,7 +123,15 @@ def task_data(task, seed, validation=300):
         "own_cnn_3class": ("digits_m", 60, 3, 32),
         "mobilenet_digits10": ("digits", 10, 10, 96),
         "vit_digits50": ("digits", 50, 10, 32)}[task]
-    load = getattr(datasets, source)
+    return few_shot_task(source, per_class, classes, seed, size, validation)
+
+
+def few_shot_task(domain, per_class, classes, seed, size=32,
+                  validation=300):
+    """``(train, validation, test, classes)``: ``per_class`` labelled
+    images of the first ``classes`` classes of ``domain``'s training
+    split, ``validation`` others from it, and its test split."""
+    load = getattr(datasets, domain)
 
     def split(name):
         x, y = load(name, size=size)
