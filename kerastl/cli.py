@@ -332,6 +332,20 @@ def rank_candidates(args):
     return names
 
 
+def _max_samples(value):
+    """--max-samples: auto, all, or a count of at least 2."""
+    if value in ("auto", "all"):
+        return None if value == "all" else value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected auto, all, or a number of images >= 2")
+    return count
+
+
 def cmd_rank(args):
     """kerastl rank --data FOLDER (--models a,b | --family F |
     --all-cached) [--blocks]."""
@@ -611,9 +625,10 @@ def build_parser():
                         "trying the command offline)")
     p.add_argument("--input-size", type=int, default=None,
                    help="input height and width (default: each model's)")
-    p.add_argument("--max-samples", type=int, default=None,
-                   help="score on at most this many images (class "
-                        "proportions kept; features of all are extracted)")
+    p.add_argument("--max-samples", type=_max_samples, default="auto",
+                   help="rank on at most this many of the images (class "
+                        "proportions kept); auto (default): 30 per class, "
+                        "at least 300; all: every image")
     p.add_argument("--cache", default="~/.cache/kerastl/features",
                    help="feature cache folder: a second ranking of the same "
                         "models on the same data reads it "

@@ -214,6 +214,79 @@ def test_the_cut_to_fine_tune_is_the_best_block_but_never_the_last():
     assert BackboneRanking([], ["logme"]).freeze_up_to is None
 
 
+def test_max_samples_ranks_on_a_subset_that_only_it_passes_through(
+        digits, pretrained, monkeypatch):
+    """The subset is taken before the models run (a forward pass per
+    image ranked, not per image given) and scores what ranking the same
+    images directly scores."""
+    x, y = digits
+    seen, given = [], []
+    real = kerastl.analysis.extract_features
+
+    def counting(model, data, **kwargs):
+        seen.append(len(data[0]))
+        given.append(data)
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(kerastl.analysis, "extract_features", counting)
+    ranking = rank_backbones([pretrained], (x, y), max_samples=50, seed=3,
+                             verbose=0)
+    n = seen[0]
+    assert seen == [n] and 45 <= n <= 55
+    assert ranking.samples == (n, len(y))
+    assert f"ranked on {n} of the {len(y)} labelled" in str(ranking)
+    # Classes in proportion, and images of the data with their labels.
+    xs, ys = given[0]
+    assert abs(np.bincount(ys, minlength=10) / n -
+               np.bincount(y, minlength=10) / len(y)).max() < 0.03
+    index = {x[i].tobytes(): y[i] for i in range(len(y))}
+    assert all(index[a.tobytes()] == b for a, b in zip(xs, ys))
+    direct = rank_backbones([pretrained], (xs, ys), max_samples=None,
+                            verbose=0)
+    assert ranking[0]["score"] == pytest.approx(direct[0]["score"],
+                                                rel=1e-6)
+    assert direct.samples is None
+    # "auto": 30 per class, at least 300: all 240 images here.
+    seen.clear()
+    assert rank_backbones([pretrained], (x, y), verbose=0).samples is None
+    assert seen == [len(y)]
+    with pytest.raises(kerastl.KerastlError, match="max_samples=1"):
+        rank_backbones([pretrained], (x, y), max_samples=1)
+
+
+def test_a_subset_of_a_folder_or_a_dataset_is_the_same_images(tmp_path,
+                                                              pretrained):
+    """Folders are cut by links to the chosen files (each model reads them
+    at its own size; the links go afterwards), datasets by position."""
+    import tensorflow as tf
+
+    from kerastl.features.extract import data_labels, labelled_subset
+
+    folder = write_folder(tmp_path / "images", per_class=9, size=32)
+    every, labels = kerastl.extract_features(
+        pretrained, str(folder), return_labels=True, verbose=0)
+    assert np.array_equal(data_labels(str(folder)), labels)
+    keep = [0, 4, 9, 10, 17]
+    with labelled_subset(str(folder), keep) as part:
+        features, part_labels = kerastl.extract_features(
+            pretrained, part, return_labels=True, verbose=0)
+        links = part
+    assert not Path(links).exists()
+    np.testing.assert_allclose(features, every[keep], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(part_labels, labels[keep])
+    x = np.random.default_rng(0).uniform(0, 255, (12, 32, 32, 3))
+    y = np.arange(12) % 3
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    assert np.array_equal(data_labels(ds), y)
+    with labelled_subset(ds, [1, 5, 11]) as part:
+        features, part_labels = kerastl.extract_features(
+            pretrained, part, return_labels=True, verbose=0)
+    np.testing.assert_allclose(
+        features, kerastl.extract_features(pretrained, x[[1, 5, 11]],
+                                           verbose=0), rtol=1e-5, atol=1e-6)
+    assert list(part_labels) == [1, 2, 2]
+
+
 def test_bad_method_is_a_clear_error(digits, pretrained):
     with pytest.raises(kerastl.KerastlError, match="logme"):
         rank_backbones([pretrained], digits, method="logm")
@@ -237,6 +310,18 @@ def test_rank_command_skips_what_cannot_load_and_prints_json(
     assert "Unknown model 'mobilenet_v9'" in skipped[0]["skipped"]
     assert "[2/2] mobilenet_v9: skipped: Unknown model" in err
     assert "Traceback" not in err
+    # --max-samples takes auto, all or a count; anything else is refused.
+    code = cli.main(["rank", "--data", str(images), "--models",
+                     str(tmp_path / "mine.keras"), "--max-samples", "10",
+                     "--no-cache"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "ranked on 10 of the 24 labelled images" in out
+    with pytest.raises(SystemExit):
+        cli.main(["rank", "--data", str(images), "--models", "x",
+                  "--max-samples", "1"])
+    assert "--max-samples: '1': expected auto, all, or a number of images" \
+        in capsys.readouterr().err
     # Neither --models nor --family: one line naming both.
     code = cli.main(["rank", "--data", str(images)])
     assert code == 2

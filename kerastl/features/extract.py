@@ -6,9 +6,11 @@ them for arrays, a ``tf.data.Dataset`` or an image folder in one batched,
 prefetched ``predict`` pass; :func:`feature_model` is the model it runs.
 """
 
+import contextlib
 import hashlib
 import numbers
 import os
+import tempfile
 import weakref
 
 import keras
@@ -307,6 +309,90 @@ def _dataset_data(ds, batch_size, data_key):
         paired = paired.prefetch(tf.data.AUTOTUNE)
     return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint,
                  paired, stable)
+
+
+# -- a labelled subset --------------------------------------------------------
+
+def _folder_files(directory):
+    """``(files, labels)`` of an image folder in Keras's order, without
+    decoding any image (``image_dataset_from_directory`` indexes lazily)."""
+    ds = keras.utils.image_dataset_from_directory(
+        directory, labels="inferred", label_mode="int", image_size=(8, 8),
+        batch_size=None, shuffle=False, verbose=False)
+    index = {c: i for i, c in enumerate(ds.class_names)}
+    files = list(ds.file_paths)
+    labels = np.array([index[os.path.relpath(f, directory).split(os.sep)[0]]
+                       for f in files], dtype="int64")
+    return files, labels
+
+
+def data_labels(data):
+    """The labels of labelled data, as :func:`extract_features` reads it:
+    ``(images, labels)`` arrays, an image folder (class subfolders: no
+    image is decoded) or a dataset of ``(images, labels)`` (one pass over
+    it). None for data without labels."""
+    import tensorflow as tf
+
+    if isinstance(data, (str, os.PathLike)):
+        directory = os.fspath(data)
+        if not os.path.isdir(directory):
+            raise KerastlError(f"Image folder {directory!r} does not exist.")
+        try:
+            return _folder_files(directory)[1]
+        except ValueError as e:
+            raise KerastlError(f"No images in {directory!r}: {e}") from None
+    if isinstance(data, tf.data.Dataset):
+        return _dataset_data(data, 64, None).labels()
+    if isinstance(data, tuple) and len(data) == 2:
+        return np.asarray(data[1])
+    return None
+
+
+@contextlib.contextmanager
+def labelled_subset(data, indices):
+    """Yields ``data`` cut to the examples at ``indices`` (in their order in
+    the data), the same kind of data for :func:`extract_features`:
+    arrays, a dataset (filtered by position: a dataset that reorders its
+    elements on each pass gets other examples, with their own labels), or
+    an image folder of links to the chosen files (removed on exit), so each
+    model still reads them at its own input size. ``indices=None``: the
+    data as it is."""
+    import tensorflow as tf
+
+    if indices is None:
+        yield data
+        return
+    indices = np.sort(np.asarray(indices, dtype="int64"))
+    if isinstance(data, (str, os.PathLike)):
+        directory = os.fspath(data)
+        files, _ = _folder_files(directory)
+        with tempfile.TemporaryDirectory(prefix="kerastl_subset_") as tmp:
+            for i in indices:
+                rel = os.path.relpath(files[i], directory)
+                cls = rel.split(os.sep)[0]
+                os.makedirs(os.path.join(tmp, cls), exist_ok=True)
+                # (a position prefix: files of the same name in nested
+                # folders of a class stay apart)
+                os.symlink(os.path.abspath(files[i]), os.path.join(
+                    tmp, cls, f"{i:08d}_{os.path.basename(rel)}"))
+            yield tmp
+        return
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        first = spec[0] if isinstance(spec, tuple) else spec
+        flat = data.unbatch() if first.shape.rank == 4 else data
+        count = int(indices.max()) + 1
+        mask = np.zeros(count, bool)
+        mask[indices] = True
+        mask = tf.constant(mask)
+        yield flat.take(count).enumerate().filter(
+            lambda i, element: tf.gather(mask, i)).map(
+            lambda i, element: element)
+        return
+    if isinstance(data, tuple):
+        yield tuple(np.asarray(a)[indices] for a in data)
+        return
+    yield np.asarray(data)[indices]
 
 
 # -- extraction ---------------------------------------------------------------
