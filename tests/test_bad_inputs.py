@@ -259,6 +259,19 @@ CASES = [
         keras.Sequential([keras.Input((8, 8, 3)),
                           keras.layers.BatchNormalization()]), IMAGES[:0]),
      kerastl.KerastlError, "target images"),
+    ("tent on feature maps", lambda t: kerastl.adaptation.tent(
+        keras.Sequential([keras.Input((8, 8, 3)),
+                          keras.layers.BatchNormalization()]), IMAGES),
+     kerastl.KerastlError, "class probabilities"),
+    ("tent steps", lambda t: kerastl.adaptation.tent(
+        keras.Sequential([keras.Input((8, 8, 3)),
+                          keras.layers.BatchNormalization(),
+                          keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(2, activation="softmax")]),
+        IMAGES, steps=0), kerastl.KerastlError, "steps=0: expected an int"),
+    ("rank_backbones max_samples", lambda t: kerastl.analysis.rank_backbones(
+        [conv()], (IMAGES, np.zeros(4)), max_samples="half"),
+     kerastl.KerastlError, "max_samples='half'"),
     ("information_loss logits", lambda t: kerastl.adaptation.information_loss(
         np.array([[3.0, -1.0]], "float32")), kerastl.KerastlError,
      "from_logits"),

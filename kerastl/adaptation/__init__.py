@@ -17,13 +17,14 @@ model must do well on the target.
   :func:`deep_embedded_validation`, :func:`ensemble_validation`,
   :func:`select_model`.
 * :mod:`~kerastl.adaptation.data` — :func:`domain_dataset`.
-* :mod:`~kerastl.adaptation.adabn` — :func:`adapt_batch_norm` (AdaBN).
+* :mod:`~kerastl.adaptation.adabn` — :func:`adapt_batch_norm` (AdaBN),
+  :func:`tent` (test-time entropy minimisation), :func:`mean_entropy`.
 * :mod:`~kerastl.adaptation.borrowing` — borrowing similar source data:
   :func:`select_source_samples`, :func:`hard_examples`,
   :func:`joint_fine_tune`.
 """
 
-from kerastl.adaptation.adabn import adapt_batch_norm
+from kerastl.adaptation.adabn import adapt_batch_norm, mean_entropy, tent
 from kerastl.adaptation.adda import ADDA
 from kerastl.adaptation.borrowing import (JointFineTuning, SourceSelection,
                                           hard_examples, joint_fine_tune,
@@ -46,5 +47,5 @@ __all__ = ["ADDA", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
            "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",
-           "information_loss", "joint_fine_tune", "mmd_loss",
-           "select_model", "select_source_samples"]
+           "information_loss", "joint_fine_tune", "mean_entropy",
+           "mmd_loss", "select_model", "select_source_samples", "tent"]

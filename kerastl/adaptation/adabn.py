@@ -5,8 +5,10 @@ import numpy as np
 
 from kerastl import _keras_private as _private
 from kerastl.adaptation.dann import DANN
+from kerastl.blocks import model_output
 from kerastl.errors import KerastlError
-from kerastl.freezing import keras_model_of, temporarily_trainable
+from kerastl.freezing import (keras_model_of, restored_trainability,
+                              temporarily_trainable)
 
 
 def adapt_batch_norm(model, target, batch_size=64):
@@ -72,3 +74,123 @@ def adapt_batch_norm(model, target, batch_size=64):
         raise KerastlError("adapt_batch_norm got an empty target: no batch "
                            "to take statistics from; pass target images.")
     return len(bns)
+
+
+# The normalisation layers whose scale and offset TENT adapts.
+_NORMS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+          keras.layers.GroupNormalization)
+
+
+def _prediction_entropy(y_true, y_pred):
+    """Mean Shannon entropy (nats) of the predicted class probabilities;
+    ``y_true`` is ignored: TENT has no labels."""
+    p = keras.ops.clip(y_pred, 1e-12, 1.0)
+    return -keras.ops.sum(y_pred * keras.ops.log(p), axis=-1)
+
+
+def mean_entropy(model, x, batch_size=256):
+    """The mean entropy (nats) of ``model``'s class probabilities on ``x``
+    in inference mode: what :func:`tent` lowers."""
+    p = np.asarray(keras_model_of(model).predict(x, batch_size=batch_size,
+                                                 verbose=0), "float64")
+    return float(np.mean(-np.sum(p * np.log(np.clip(p, 1e-12, 1)), -1)))
+
+
+def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
+         seed=0, verbose=0):
+    """TENT: test-time adaptation of the normalisation layers by entropy
+    minimisation (Wang et al., ICLR 2021), the step after AdaBN.
+
+    Every weight is frozen except the scale and offset of the
+    BatchNormalization, LayerNormalization and GroupNormalization layers;
+    those take Adam steps that lower the entropy of the model's own
+    predictions on unlabelled target batches, which are normalised with
+    their own statistics as in the paper (BatchNormalization in training
+    mode). Afterwards the BatchNorm moving statistics are re-estimated on
+    the target (:func:`adapt_batch_norm`), so the adapted model predicts
+    in inference mode with the target's statistics. Every other weight,
+    the head included, stays bit-identical; each layer gets back its
+    ``trainable`` flags; the model's own compiled state is not touched.
+
+    Args:
+        model: a classifier ``keras.Model`` whose output is class
+            probabilities (a softmax head, as kerastl builds).
+        target: unlabelled target images, an array ``(n, h, w, c)``.
+        steps: optimizer steps (one per batch); default: one pass over
+            ``target`` (the paper's online setting), at least 50 (passes
+            repeat a small target) and at most 1,000.
+        learning_rate: Adam's rate (the paper's, for batches of 128).
+        batch_size: target images per step (the statistics of each batch
+            normalise it: keep it at 32 or more).
+        seed: the order of the target images.
+        verbose: ``fit``'s progress display.
+
+    Returns:
+        ``{"steps", "entropy_before", "entropy_adabn", "entropy_after",
+        "layers"}``: the mean prediction entropy (nats) on ``target`` in
+        inference mode before, after AdaBN alone (TENT's start) and
+        after, and how many normalisation layers adapted.
+
+    Example::
+
+        report = kerastl.tent(classifier, target_images)
+        report["entropy_after"] < report["entropy_before"]
+    """
+    net = keras_model_of(model)
+    if net is None or isinstance(model, DANN):
+        raise KerastlError(
+            "tent takes a classifier keras.Model whose output is class "
+            "probabilities (for a DANN, adapt the classifier you export, "
+            "kerastl.inference_model(dann)).")
+    target = np.asarray(target)
+    if target.ndim != 4 or not len(target):
+        raise KerastlError(
+            f"tent needs target images (n, height, width, channels) with "
+            f"n >= 1; got shape {target.shape}.")
+    if steps is not None and (isinstance(steps, bool) or
+                              not isinstance(steps, int) or steps < 1):
+        raise KerastlError(f"steps={steps!r}: expected an int >= 1 (or None:"
+                           " one pass over the target).")
+    try:
+        out_shape = tuple(model_output(net).shape)
+    except (AttributeError, ValueError):  # (a subclassed model, not built)
+        out_shape = ()
+    if len(out_shape) != 2:
+        raise KerastlError(
+            f"tent needs a model with one output of class probabilities "
+            f"(batch, classes); {net.name!r} outputs {out_shape}.")
+    layers = _private.all_sublayers(net)
+    norms = [l for l in layers if isinstance(l, _NORMS)]
+    if not norms:
+        raise KerastlError(
+            f"{net.name!r} has no BatchNormalization, LayerNormalization or "
+            "GroupNormalization layer: TENT has nothing to adapt. Use the "
+            "model as it is, or a domain-adaptation method (kerastl.DANN).")
+    per_pass = -(-len(target) // batch_size)
+    steps = min(max(per_pass, 50), 1000) if steps is None else steps
+    order = np.random.default_rng(seed).permutation(len(target))
+    # Each step takes the next batch of a seeded order (passes repeat it).
+    chosen = np.resize(order, steps * batch_size)[:steps * batch_size]
+    if steps == per_pass and steps * batch_size > len(target):
+        chosen = order  # one pass: the last batch is the smaller one
+    before = mean_entropy(net, target)
+    # Where TENT starts, and what it is measured against: AdaBN.
+    adapt_batch_norm(net, target, batch_size=batch_size)
+    adabn = mean_entropy(net, target)
+    with restored_trainability(layers):
+        net.trainable = True
+        scale_offset = {id(v) for l in norms for v in l.trainable_weights}
+        for v in net.trainable_weights:  # (a container's own ones too)
+            if id(v) not in scale_offset:
+                v.trainable = False
+        inputs = keras.Input(tuple(target.shape[1:]))
+        wrapper = keras.Model(inputs, net(inputs), name=f"{net.name}_tent")
+        wrapper.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                        loss=_prediction_entropy)
+        x = target[chosen]
+        wrapper.fit(x, np.zeros(len(x), "float32"), batch_size=batch_size,
+                    epochs=1, shuffle=False, verbose=verbose)
+    adapt_batch_norm(net, target, batch_size=batch_size)
+    return {"steps": int(-(-len(x) // batch_size)), "entropy_before": before,
+            "entropy_adabn": adabn, "entropy_after": mean_entropy(net, target),
+            "layers": len(norms)}
