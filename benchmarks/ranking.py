@@ -22,8 +22,11 @@ Ground truth: each backbone fine-tuned on each target with kerastl's
 defaults (``kerastl.fine_tune(model, train, validation, seed=seed)``: what
 ``kerastl finetune`` does with no flags; 300 validation images outside the
 labelled ones), test accuracy, per seed. Scores: ``rank_backbones`` on the
-same labelled images, per method: LogME (the default), the regularised
-H-score and the cross-validated linear probe (the baseline). LEEP and NCE
+same labelled images, per method: LogME (the default) and the regularised
+H-score as ``rank_backbones`` runs them by default (on 30 images per
+class on average, at least 300: a subset of ``digits100`` and ``digits_m50``),
+the cross-validated linear probe (the baseline) on every image, and LogME
+on every image (``logme_all``). LEEP and NCE
 need each candidate's source classifier, which the random-weight members of
 the zoo do not have, so they are left out here.
 
@@ -84,7 +87,12 @@ WIDTHS = {"cnn": (16, 32, 64), "cnn_narrow": (8, 16, 32),
 # name -> (domain, labels per class, classes)
 TARGETS = {"digits10": ("digits", 10, 10), "digits100": ("digits", 100, 10),
            "digits_m50": ("digits_m", 50, 10), "digits_m3": ("digits_m", 60, 3)}
-METHODS = ["logme", "h_score", "linear_probe"]
+METHODS = ["logme", "h_score", "linear_probe", "logme_all"]
+# method -> (rank_backbones' method, max_samples): the estimators as
+# rank_backbones runs them by default (30 images per class on average, at
+# least 300), the linear probe (the baseline) and LogME on every image.
+RUNS = {"logme": ("logme", "auto"), "h_score": ("h_score", "auto"),
+        "linear_probe": ("linear_probe", None), "logme_all": ("logme", None)}
 DEFAULT = "logme"
 BLOCK_MODEL = "cnn_deep_syn"
 
@@ -217,9 +225,10 @@ def ranked(makers, data, method, blocks=False):
     """Scores of every model by ``method`` and the seconds it took (the
     models built beforehand: loading is not the estimator's cost)."""
     models = {name: make() for name, make in makers.items()}
+    estimator, max_samples = RUNS[method]
     start = time.perf_counter()
-    rows = rank_backbones(models, data[0], method=method, blocks=blocks,
-                          verbose=0)
+    rows = rank_backbones(models, data[0], method=estimator, blocks=blocks,
+                          max_samples=max_samples, verbose=0)
     seconds = time.perf_counter() - start
     keras.backend.clear_session()
     return {"scores": {(f"{r['model']}/{r['block']}" if blocks else
@@ -399,7 +408,8 @@ def acceptance(summary, blocks):
 def markdown(results, targets, seeds, models):
     summary = summarise(results, targets, seeds, models)
     short = {"logme": "LogME", "h_score": "H-score",
-             "linear_probe": "linear probe"}
+             "linear_probe": "linear probe (all images)",
+             "logme_all": "LogME (all images)"}
     print("| target (seeds) | best model (accuracy) | " + " | ".join(
         f"{short[m]}: tau / regret / time" for m in METHODS) + " |")
     print("|---|---|" + "---|" * len(METHODS))
@@ -445,7 +455,8 @@ def markdown(results, targets, seeds, models):
 def timing(results, args, save):
     """``timing/<target>``: seconds of ranking every model by each method
     (models built beforehand) and of fine-tuning the best model (by mean
-    accuracy in ``results``), measured back to back at seed 0."""
+    accuracy in ``results``), measured back to back at seed 0, the median
+    of three runs each."""
     makers = zoo(args.models)
     summary = summarise(results, args.targets, args.seeds, args.models)
     for t in args.targets:
@@ -453,9 +464,12 @@ def timing(results, args, save):
             continue
         data = target(t, 0)
         ranked(makers, data, DEFAULT)  # warm: the first model pays TF's
-        record = {m: ranked(makers, data, m)["seconds"] for m in METHODS}
+        # The median of three runs of each (one run can catch a pause).
+        record = {m: float(np.median([ranked(makers, data, m)["seconds"]
+                                      for _ in range(3)])) for m in METHODS}
         best = summary[t]["best"]
-        record["fine_tune"] = fine_tuned(makers[best], data, 0)["seconds"]
+        record["fine_tune"] = float(np.median(
+            [fine_tuned(makers[best], data, 0)["seconds"] for _ in range(3)]))
         record["best"] = best
         results[f"timing/{t}"] = record
         print(f"timing/{t}: {record}", flush=True)

@@ -16,6 +16,7 @@ compute return plain data without it.
 """
 
 import dataclasses
+import numbers
 import os
 import time
 
@@ -560,11 +561,12 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         pooling: how feature maps become vectors (see
             :func:`extract_features`).
         cache: a :class:`~kerastl.FeatureCache` or a folder.
-        max_samples: rank on at most this many of the labelled images (a
-            seeded subset, classes in proportion; only they go through the
-            models). ``"auto"`` (default): 30 per class, at least 300, which
-            keeps ranking ten models cheaper than one fine-tuning (see
-            below); None: every image.
+        max_samples: rank on about this many of the labelled images (a
+            seeded subset, classes in proportion, at least one image of
+            each; only they go through the models). ``"auto"`` (default):
+            30 times the number of classes, at least 300, which keeps
+            ranking ten models far cheaper than one fine-tuning (see
+            ``docs/features.md``); None: every image.
         verbose: 1 prints one line per model as it is scored.
         batch_size: images per forward pass when extracting features;
             default: about 4 million input pixels (1,024 images of 32x32,
@@ -690,10 +692,12 @@ def _ranked_indices(data, max_samples, seed):
         return None, None
     auto = isinstance(max_samples, str) and max_samples == "auto"
     if not auto and (isinstance(max_samples, bool) or
-                     not isinstance(max_samples, int) or max_samples < 2):
+                     not isinstance(max_samples, numbers.Integral) or
+                     max_samples < 2):
         raise KerastlError(
             f"max_samples={max_samples!r}: expected 'auto' (30 images per "
-            "class, at least 300), an int >= 2, or None (every image).")
+            "class on average, at least 300), an int >= 2, or None (every "
+            "image).")
     labels = data_labels(data)
     if labels is None:
         return None, None  # (rank_backbones says it needs labels)

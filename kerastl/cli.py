@@ -626,9 +626,9 @@ def build_parser():
     p.add_argument("--input-size", type=int, default=None,
                    help="input height and width (default: each model's)")
     p.add_argument("--max-samples", type=_max_samples, default="auto",
-                   help="rank on at most this many of the images (class "
-                        "proportions kept); auto (default): 30 per class, "
-                        "at least 300; all: every image")
+                   help="rank on about this many of the images (class "
+                        "proportions kept); auto (default): 30 per class "
+                        "on average, at least 300; all: every image")
     p.add_argument("--cache", default="~/.cache/kerastl/features",
                    help="feature cache folder: a second ranking of the same "
                         "models on the same data reads it "

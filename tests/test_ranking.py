@@ -285,6 +285,16 @@ def test_a_subset_of_a_folder_or_a_dataset_is_the_same_images(tmp_path,
         features, kerastl.extract_features(pretrained, x[[1, 5, 11]],
                                            verbose=0), rtol=1e-5, atol=1e-6)
     assert list(part_labels) == [1, 2, 2]
+    # A dataset that reshuffles on every pass: the subset is taken once,
+    # so every model scores the same images.
+    shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(12)
+    with labelled_subset(shuffled, [0, 1, 2, 3]) as part:
+        assert isinstance(part, tuple) and len(part[0]) == 4
+    # Images without class subfolders have no labels to rank on.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    keras.utils.save_img(str(flat / "a.png"), np.zeros((8, 8, 3)))
+    assert data_labels(str(flat)) is None
 
 
 def test_bad_method_is_a_clear_error(digits, pretrained):

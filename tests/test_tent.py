@@ -42,7 +42,10 @@ def test_tent_moves_only_scale_and_offset_and_lowers_the_entropy(
     model.set_weights(source_and_shift[0].get_weights())
     model.compile("sgd", "sparse_categorical_crossentropy")
     optimizer = model.optimizer
-    model.get_layer("head").trainable = False  # a flag that must come back
+    # Flags that must come back; a frozen BatchNorm adapts all the same.
+    model.get_layer("head").trainable = False
+    [l for l in model.layers
+     if isinstance(l, keras.layers.BatchNormalization)][0].trainable = False
     flags = {v.path: v.trainable for v in model.weights}
     before = {v.path: v.numpy().copy() for v in model.weights}
     accuracy = float(np.mean(model.predict(xt, verbose=0).argmax(-1) == yt))
@@ -86,6 +89,12 @@ def test_tent_steps_and_refusals(source_and_shift):
         tent(model, xt, steps=0)
     with pytest.raises(kerastl.KerastlError, match="n >= 1"):
         tent(model, xt[:0])
+    with pytest.raises(kerastl.KerastlError, match="batch_size=1"):
+        tent(model, xt, batch_size=1)
+    logits = keras.Model(model.input, model.get_layer("head").output)
+    logits.get_layer("head").activation = keras.activations.linear
+    with pytest.raises(kerastl.KerastlError, match="softmax"):
+        tent(logits, xt)
     plain = keras.Sequential([keras.Input((4,)),
                               keras.layers.Dense(3, activation="softmax")])
     with pytest.raises(kerastl.KerastlError, match="nothing to adapt"):

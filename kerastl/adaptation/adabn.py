@@ -1,5 +1,7 @@
 """AdaBN: re-estimate BatchNorm statistics on the target domain."""
 
+import numbers
+
 import keras
 import numpy as np
 
@@ -93,6 +95,13 @@ def mean_entropy(model, x, batch_size=256):
     in inference mode: what :func:`tent` lowers."""
     p = np.asarray(keras_model_of(model).predict(x, batch_size=batch_size,
                                                  verbose=0), "float64")
+    if p.ndim != 2 or p.min() < -1e-6 or \
+            not np.allclose(p.sum(-1), 1.0, atol=1e-3):
+        raise KerastlError(
+            "The model's outputs are not class probabilities (rows of "
+            "non-negative numbers that sum to 1): entropy needs them. End "
+            "the model with a softmax (keras.layers.Softmax() after logits; "
+            "kerastl.build_classifier's heads have one).")
     return float(np.mean(-np.sum(p * np.log(np.clip(p, 1e-12, 1)), -1)))
 
 
@@ -106,11 +115,13 @@ def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
     those take Adam steps that lower the entropy of the model's own
     predictions on unlabelled target batches, which are normalised with
     their own statistics as in the paper (BatchNormalization in training
-    mode). Afterwards the BatchNorm moving statistics are re-estimated on
-    the target (:func:`adapt_batch_norm`), so the adapted model predicts
-    in inference mode with the target's statistics. Every other weight,
-    the head included, stays bit-identical; each layer gets back its
-    ``trainable`` flags; the model's own compiled state is not touched.
+    mode, frozen ones included). Dropout is off while it adapts (the
+    paper's networks have none). Afterwards the BatchNorm moving statistics
+    are re-estimated on the target (:func:`adapt_batch_norm`), so the
+    adapted model predicts in inference mode with the target's statistics.
+    Every other weight, the head included, stays bit-identical; each layer
+    gets back its ``trainable`` flags and dropout rate; the model's own
+    compiled state is not touched.
 
     Args:
         model: a classifier ``keras.Model`` whose output is class
@@ -133,7 +144,7 @@ def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
 
     Example::
 
-        report = kerastl.tent(classifier, target_images)
+        report = kerastl.adaptation.tent(classifier, target_images)
         report["entropy_after"] < report["entropy_before"]
     """
     net = keras_model_of(model)
@@ -147,10 +158,17 @@ def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
         raise KerastlError(
             f"tent needs target images (n, height, width, channels) with "
             f"n >= 1; got shape {target.shape}.")
-    if steps is not None and (isinstance(steps, bool) or
-                              not isinstance(steps, int) or steps < 1):
-        raise KerastlError(f"steps={steps!r}: expected an int >= 1 (or None:"
-                           " one pass over the target).")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value is None and name == "steps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                or value < (2 if name == "batch_size" else 1):
+            raise KerastlError(
+                f"{name}={value!r}: expected an int >= "
+                f"{2 if name == 'batch_size' else 1}" + (
+                    " (or None: one pass over the target)." if name ==
+                    "steps" else " (each batch is normalised with its own "
+                    "statistics)."))
     try:
         out_shape = tuple(model_output(net).shape)
     except (AttributeError, ValueError):  # (a subclassed model, not built)
@@ -166,31 +184,59 @@ def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
             f"{net.name!r} has no BatchNormalization, LayerNormalization or "
             "GroupNormalization layer: TENT has nothing to adapt. Use the "
             "model as it is, or a domain-adaptation method (kerastl.DANN).")
+    steps, batch_size = None if steps is None else int(steps), int(batch_size)
     per_pass = -(-len(target) // batch_size)
     steps = min(max(per_pass, 50), 1000) if steps is None else steps
     order = np.random.default_rng(seed).permutation(len(target))
-    # Each step takes the next batch of a seeded order (passes repeat it).
-    chosen = np.resize(order, steps * batch_size)[:steps * batch_size]
-    if steps == per_pass and steps * batch_size > len(target):
-        chosen = order  # one pass: the last batch is the smaller one
-    before = mean_entropy(net, target)
+    # Each step takes the next batch of a seeded order (passes repeat it;
+    # within a pass, a last batch of fewer than 2 images is dropped).
+    batches = [order[i:i + batch_size] for i in range(0, len(order),
+                                                      batch_size)]
+    batches = [b for b in batches if len(b) > 1] or batches
+    batches = [batches[i % len(batches)] for i in range(steps)]
+    before = mean_entropy(net, target)  # (refuses logits)
     # Where TENT starts, and what it is measured against: AdaBN.
     adapt_batch_norm(net, target, batch_size=batch_size)
     adabn = mean_entropy(net, target)
-    with restored_trainability(layers):
-        net.trainable = True
-        scale_offset = {id(v) for l in norms for v in l.trainable_weights}
-        for v in net.trainable_weights:  # (a container's own ones too)
-            if id(v) not in scale_offset:
-                v.trainable = False
-        inputs = keras.Input(tuple(target.shape[1:]))
-        wrapper = keras.Model(inputs, net(inputs), name=f"{net.name}_tent")
-        wrapper.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                        loss=_prediction_entropy)
-        x = target[chosen]
-        wrapper.fit(x, np.zeros(len(x), "float32"), batch_size=batch_size,
-                    epochs=1, shuffle=False, verbose=verbose)
+    dropouts = [l for l in layers if isinstance(l, keras.layers.Dropout)]
+    rates = [l.rate for l in dropouts]
+    try:
+        with restored_trainability(layers):
+            for layer in layers:  # (frozen containers and norms too)
+                layer.trainable = True
+            scale_offset = {id(v) for l in norms for v in l.trainable_weights}
+            for v in net.trainable_weights:  # (a container's own ones too)
+                if id(v) not in scale_offset:
+                    v.trainable = False
+            for layer in dropouts:  # the paper's models have none: off
+                layer.rate = 0.0
+            inputs = keras.Input(tuple(target.shape[1:]))
+            wrapper = keras.Model(inputs, net(inputs),
+                                  name=f"{net.name}_tent")
+            wrapper.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                            loss=_prediction_entropy)
+            wrapper.fit(_TargetBatches(target, batches), epochs=1,
+                        shuffle=False, verbose=verbose)
+    finally:
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
     adapt_batch_norm(net, target, batch_size=batch_size)
-    return {"steps": int(-(-len(x) // batch_size)), "entropy_before": before,
+    return {"steps": len(batches), "entropy_before": before,
             "entropy_adabn": adabn, "entropy_after": mean_entropy(net, target),
             "layers": len(norms)}
+
+
+class _TargetBatches(keras.utils.PyDataset):
+    """``(images, zeros)`` batches of ``target`` at the given positions
+    (no copy of the target per step)."""
+
+    def __init__(self, target, batches):
+        super().__init__()
+        self.target, self.batches = target, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        x = self.target[self.batches[i]]
+        return x, np.zeros(len(x), "float32")

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import numbers
 import os
+import shutil
 import tempfile
 import weakref
 
@@ -314,8 +315,9 @@ def _dataset_data(ds, batch_size, data_key):
 # -- a labelled subset --------------------------------------------------------
 
 def _folder_files(directory):
-    """``(files, labels)`` of an image folder in Keras's order, without
-    decoding any image (``image_dataset_from_directory`` indexes lazily)."""
+    """``(files, labels, class names)`` of an image folder in Keras's
+    order, without decoding any image (``image_dataset_from_directory``
+    indexes lazily)."""
     ds = keras.utils.image_dataset_from_directory(
         directory, labels="inferred", label_mode="int", image_size=(8, 8),
         batch_size=None, shuffle=False, verbose=False)
@@ -323,7 +325,7 @@ def _folder_files(directory):
     files = list(ds.file_paths)
     labels = np.array([index[os.path.relpath(f, directory).split(os.sep)[0]]
                        for f in files], dtype="int64")
-    return files, labels
+    return files, labels, list(ds.class_names)
 
 
 def data_labels(data):
@@ -337,6 +339,9 @@ def data_labels(data):
         directory = os.fspath(data)
         if not os.path.isdir(directory):
             raise KerastlError(f"Image folder {directory!r} does not exist.")
+        if not any(os.path.isdir(os.path.join(directory, d))
+                   for d in os.listdir(directory)):
+            return None  # images without class subfolders: no labels
         try:
             return _folder_files(directory)[1]
         except ValueError as e:
@@ -351,12 +356,13 @@ def data_labels(data):
 @contextlib.contextmanager
 def labelled_subset(data, indices):
     """Yields ``data`` cut to the examples at ``indices`` (in their order in
-    the data), the same kind of data for :func:`extract_features`:
-    arrays, a dataset (filtered by position: a dataset that reorders its
-    elements on each pass gets other examples, with their own labels), or
-    an image folder of links to the chosen files (removed on exit), so each
-    model still reads them at its own input size. ``indices=None``: the
-    data as it is."""
+    the data), for :func:`extract_features`: arrays for arrays and for a
+    dataset (its elements at those positions in one pass, kept in memory:
+    every model then scores the same images, even of a dataset that
+    reshuffles on each pass), or, for an image folder, a temporary folder
+    of links to the chosen files with every class subfolder (removed on
+    exit; copies where links are not allowed), so each model still reads
+    them at its own input size. ``indices=None``: the data as it is."""
     import tensorflow as tf
 
     if indices is None:
@@ -365,16 +371,20 @@ def labelled_subset(data, indices):
     indices = np.sort(np.asarray(indices, dtype="int64"))
     if isinstance(data, (str, os.PathLike)):
         directory = os.fspath(data)
-        files, _ = _folder_files(directory)
+        files, _, classes = _folder_files(directory)
         with tempfile.TemporaryDirectory(prefix="kerastl_subset_") as tmp:
+            for cls in classes:  # every class keeps its label index
+                os.makedirs(os.path.join(tmp, cls))
             for i in indices:
                 rel = os.path.relpath(files[i], directory)
-                cls = rel.split(os.sep)[0]
-                os.makedirs(os.path.join(tmp, cls), exist_ok=True)
                 # (a position prefix: files of the same name in nested
                 # folders of a class stay apart)
-                os.symlink(os.path.abspath(files[i]), os.path.join(
-                    tmp, cls, f"{i:08d}_{os.path.basename(rel)}"))
+                link = os.path.join(tmp, rel.split(os.sep)[0],
+                                    f"{i:08d}_{os.path.basename(rel)}")
+                try:
+                    os.symlink(os.path.abspath(files[i]), link)
+                except OSError:  # (Windows without the symlink right)
+                    shutil.copyfile(files[i], link)
             yield tmp
         return
     if isinstance(data, tf.data.Dataset):
@@ -385,9 +395,15 @@ def labelled_subset(data, indices):
         mask = np.zeros(count, bool)
         mask[indices] = True
         mask = tf.constant(mask)
-        yield flat.take(count).enumerate().filter(
+        chosen = flat.take(count).enumerate().filter(
             lambda i, element: tf.gather(mask, i)).map(
             lambda i, element: element)
+        parts = list(chosen.batch(256).as_numpy_iterator())
+        if isinstance(spec, tuple):
+            yield tuple(np.concatenate([p[k] for p in parts])
+                        for k in range(len(spec)))[:2]
+        else:
+            yield np.concatenate(parts)
         return
     if isinstance(data, tuple):
         yield tuple(np.asarray(a)[indices] for a in data)
