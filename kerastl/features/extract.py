@@ -123,8 +123,11 @@ class _Data:
     """
 
     def __init__(self, images, labels, fingerprint, paired=None,
-                 stable=None):
+                 stable=None, array=None):
         self.images = images
+        # The images as one array, when they are one (small ones run
+        # through the model straight from it).
+        self.array = array
         # A callable that raises unless two passes give the same elements
         # in the same order (datasets); sharding needs that.
         self.stable = stable
@@ -200,7 +203,8 @@ def _as_data(data, batch_size, image_size, data_key):
         return h.hexdigest()
 
     images = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint)
+    return _Data(images.prefetch(tf.data.AUTOTUNE), labels, fingerprint,
+                 array=x)
 
 
 def _folder_data(directory, batch_size, image_size, data_key):
@@ -513,7 +517,8 @@ def extract_features(backbone, data, layers=None, pooling="avg",
                        prepared.paired, verbose)
         labels = np.asarray(out.pop(_LABELS))
     else:
-        out = _predict(fmodel, prepared.images, verbose)
+        out = _predict(fmodel, prepared.images, verbose,
+                       array=prepared.array, batch_size=batch_size)
         labels = prepared.labels() if return_labels else None
     if not isinstance(out, dict):
         out = {names[0]: out}
@@ -539,15 +544,19 @@ _LABELS = "__kerastl_labels__"
 EAGER_BATCHES = 8
 
 
-def _predict(model, ds, verbose):
+def _predict(model, ds, verbose, array=None, batch_size=None):
     """``model.predict(ds)``, or the same outputs computed eagerly when
-    ``ds`` has at most :data:`EAGER_BATCHES` batches."""
+    ``ds`` has at most :data:`EAGER_BATCHES` batches (sliced straight from
+    ``array`` when the images are one: no pipeline to start)."""
     import tensorflow as tf
 
     batches = int(ds.cardinality())
     if not 0 < batches <= EAGER_BATCHES or tf.distribute.has_strategy():
         # (under a tf.distribute strategy predict spreads the batches)
         return model.predict(ds, verbose=verbose)
+    if array is not None:
+        ds = (array[i:i + batch_size]
+              for i in range(0, len(array), batch_size))
     outputs = []
     for element in ds:
         if isinstance(element, tuple):  # (x,) as predict unpacks it

@@ -10,7 +10,8 @@ NumPy only, in float64.
   evidence of a Bayesian linear model of each one-hot label column on the
   features, its prior and noise precisions chosen by a fixed-point
   iteration, averaged over classes and divided by ``n``. One thin SVD of the
-  features (``O(n d min(n, d))`` time, no ``n x n x d`` array).
+  features, or the eigendecomposition of ``F F'`` when ``n < d``
+  (``O(n d min(n, d))`` time, no ``n x n x d`` array).
 * :func:`leep` — LEEP (Nguyen et al., ICML 2020): the log expected empirical
   prediction of the source classifier's soft labels through the empirical
   conditional ``P(target | source)``.
@@ -79,7 +80,8 @@ def logme(features, labels, max_iterations=100, tolerance=1e-8,
     maximised over ``alpha, beta`` by MacKay's fixed point
     (``gamma = sum beta s_i / (alpha + beta s_i)``, ``alpha = gamma / |m|^2``,
     ``beta = (n - gamma) / |t - F m|^2``, ``s_i`` the eigenvalues of
-    ``F'F``). Everything is computed in the basis of one thin SVD of ``F``.
+    ``F'F``). Everything is computed in the basis of one thin SVD of ``F``
+    (the eigenvectors of ``F F'`` when ``n < d``: the same basis, faster).
 
     Args:
         features: ``(n, d)`` features.
@@ -95,8 +97,16 @@ def logme(features, labels, max_iterations=100, tolerance=1e-8,
     f = _features(features, "logme")
     n, d = f.shape
     codes, num_classes = _labels(labels, n, "logme")
-    u, s, _ = np.linalg.svd(f, full_matrices=False)  # f = u diag(s) vh
-    sigma = s ** 2  # the non-zero part of the eigenvalues of f'f
+    if n < d:
+        # f f' = u diag(s^2) u': its eigendecomposition gives the same basis
+        # and eigenvalues as the thin SVD at a fraction of the cost (n x n,
+        # not n x d: MobileNetV2's 1,280 features of 300 images, 0.012 s
+        # against 0.1 s).
+        sigma, u = np.linalg.eigh(f @ f.T)
+        sigma = np.clip(sigma, 0.0, None)  # (rounding below 0)
+    else:
+        u, s, _ = np.linalg.svd(f, full_matrices=False)  # f = u diag(s) vh
+        sigma = s ** 2  # the non-zero part of the eigenvalues of f'f
     r = len(sigma)
     evidences, alphas, betas = [], [], []
     for k in range(num_classes):
