@@ -274,6 +274,52 @@ def test_information_loss():
                                                               rel=1e-4)
 
 
+def test_mcc_loss_on_hand_computed_inputs():
+    mcc = kerastl.adaptation.mcc_loss
+    # Confident predictions confuse no class; uniform ones, on 2 classes:
+    # C = q'q = [[.5, .5], [.5, .5]], columns sum to 1, off-diagonal 1,
+    # divided by 2 classes.
+    assert float(mcc(np.eye(2, dtype="float32"), temperature=1.0)) == \
+        pytest.approx(0.0, abs=1e-6)
+    assert float(mcc(np.full((4, 2), 0.5, "float32"))) == pytest.approx(0.5)
+    # Two samples, temperature 1: q1 = (0.8, 0.2), q2 = (0.5, 0.5).
+    q = np.array([[0.8, 0.2], [0.5, 0.5]])
+    h = -(q * np.log(q + 1e-5)).sum(1)
+    w = 1 + np.exp(-h)
+    w = 2 * w / w.sum()
+    c = np.array([[sum(w[i] * q[i, j] * q[i, k] for i in range(2))
+                   for k in range(2)] for j in range(2)])
+    c = c / c.sum(axis=1)  # each column k by the sum of row k (symmetric)
+    expected = (c[0, 1] + c[1, 0]) / 2
+    assert float(mcc(q.astype("float32"), temperature=1.0)) == \
+        pytest.approx(expected, rel=1e-5)
+    # The temperature rescales logits: from probabilities, the same.
+    p = np.random.default_rng(0).dirichlet(np.ones(5), 8).astype("float32")
+    assert float(mcc(p)) == pytest.approx(
+        float(mcc(np.log(p), from_logits=True)), rel=1e-5)
+    with pytest.raises(kerastl.KerastlError, match="mcc_loss takes class"):
+        mcc(np.log(p))
+
+
+@pytest.mark.parametrize("domain_weight", [0.0, 1.0])
+def test_mcc_joins_the_total_with_any_alignment_or_none(domain_weight):
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), lambda_=0.7,
+                        domain_weight=domain_weight, entropy_weight=0,
+                        mcc_weight=1.5)
+    dann.compile(keras.optimizers.Adam(1e-3))
+    logs = fit_one_epoch(dann)
+    expected = logs["class_loss"][0] + 1.5 * logs["mcc_loss"][0]
+    if domain_weight:
+        expected += logs["domain_loss"][0]
+    assert logs["loss"][0] == pytest.approx(expected, rel=1e-5)
+    assert 0 < logs["mcc_loss"][0] < 1
+    again = kerastl.DANN.from_config(dann.get_config())
+    assert again.mcc_weight == 1.5
+    with pytest.raises(kerastl.KerastlError, match="mcc_weight"):
+        kerastl.DANN(small_cnn(), 2, mcc_weight=-1)
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_split_batchnorm_normalises_each_domain_on_its_own(split):
     """With split_batchnorm the source features of a training step do not

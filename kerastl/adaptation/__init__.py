@@ -7,7 +7,8 @@ model must do well on the target.
 * :mod:`~kerastl.adaptation.schedules` — :class:`GaninLambda`,
   :class:`GaninLearningRate` (per-batch callbacks).
 * :mod:`~kerastl.adaptation.losses` — :func:`coral_loss`,
-  :func:`mmd_loss`, :func:`confusion_loss`, :func:`information_loss`.
+  :func:`mmd_loss`, :func:`confusion_loss`, :func:`information_loss`,
+  :func:`mcc_loss`.
 * :mod:`~kerastl.adaptation.dann` — :class:`DANN`, trained with plain
   ``fit``; its block map lists the feature extractor's blocks, then
   ``bottleneck``, ``label_head`` and ``domain_head``.
@@ -32,7 +33,7 @@ from kerastl.adaptation.borrowing import (JointFineTuning, SourceSelection,
 from kerastl.adaptation.dann import DANN
 from kerastl.adaptation.data import domain_dataset
 from kerastl.adaptation.losses import (confusion_loss, coral_loss,
-                                       information_loss, mmd_loss)
+                                       information_loss, mcc_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.adaptation.selection import (DEVEstimate, EnsembleEstimate,
                                           ModelSelection,
@@ -47,5 +48,5 @@ __all__ = ["ADDA", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
            "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",
-           "information_loss", "joint_fine_tune", "mean_entropy",
+           "information_loss", "joint_fine_tune", "mcc_loss", "mean_entropy",
            "mmd_loss", "select_model", "select_source_samples", "tent"]

@@ -19,7 +19,7 @@ from kerastl import distribute as _distribute
 from kerastl import _keras_private as _private
 from kerastl import heads
 from kerastl.adaptation.losses import (confusion_loss, coral_loss,
-                                       information_loss, mmd_loss)
+                                       information_loss, mcc_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
 
@@ -111,6 +111,11 @@ class DANN(keras.Model):
             (the paper's DANN).
         split_batchnorm: per-domain batch statistics during training (see
             above); ``False`` runs both halves as one batch (the paper).
+        mcc_weight: the weight of :func:`mcc_loss` (minimum class
+            confusion, Jin et al. 2020, whose weight is 1) on the unlabelled
+            target predictions, with any alignment or none
+            (``domain_weight=0``: source training plus MCC). 0 (default):
+            off.
 
     Example::
 
@@ -139,7 +144,7 @@ class DANN(keras.Model):
                  domain_hidden=(1024, 1024), domain_weight=1.0, lambda_=0.0,
                  alignment="adversarial", dropout=0.0, bottleneck=256,
                  batchnorm=True, entropy_weight=0.5, split_batchnorm=True,
-                 **kwargs):
+                 mcc_weight=0.0, **kwargs):
         super().__init__(**kwargs)
         feature_extractor = getattr(feature_extractor, "model",
                                     feature_extractor)
@@ -162,6 +167,11 @@ class DANN(keras.Model):
             raise KerastlError(
                 f"entropy_weight={entropy_weight!r}: expected a finite "
                 f"number >= 0 (0 turns the target entropy loss off).")
+        if not math.isfinite(float(mcc_weight)) or mcc_weight < 0:
+            raise KerastlError(
+                f"mcc_weight={mcc_weight!r}: expected a finite number >= 0 "
+                f"(0 turns the class-confusion loss off; the paper's is 1).")
+        self.mcc_weight = float(mcc_weight)
         self.feature_extractor = feature_extractor
         self.num_classes = int(num_classes)
         self.domain_hidden = tuple(int(u) for u in domain_hidden)
@@ -206,6 +216,8 @@ class DANN(keras.Model):
             if self.entropy_weight:
                 self.entropy_loss_tracker = keras.metrics.Mean(
                     name="entropy_loss")
+        self.mcc_loss_tracker = keras.metrics.Mean(name="mcc_loss") \
+            if self.mcc_weight else None
         self._build_heads()
 
     def _build_heads(self):
@@ -245,8 +257,8 @@ class DANN(keras.Model):
             return logs
         training_only = {t.name for t in (
             self.class_loss_tracker, self.domain_loss_tracker,
-            self.domain_accuracy, self.entropy_loss_tracker)
-            if t is not None}
+            self.domain_accuracy, self.entropy_loss_tracker,
+            self.mcc_loss_tracker) if t is not None}
         return {k: v for k, v in logs.items() if k not in training_only}
 
     def make_train_function(self, force=False):
@@ -373,6 +385,10 @@ class DANN(keras.Model):
                 info = information_loss(labels[n_s:n_s + n_t])
                 self.entropy_loss_tracker.update_state(info)
                 total = total + self.entropy_weight * self._ramp() * info
+        if self.mcc_weight:
+            mcc = mcc_loss(labels[n_s:n_s + n_t])
+            self.mcc_loss_tracker.update_state(mcc)
+            total = total + self.mcc_weight * mcc
         # Keras divides the losses it computes by the number of replicas
         # (their gradients are summed); this one is computed here.
         total = _distribute.scale_loss(total)
@@ -447,6 +463,7 @@ class DANN(keras.Model):
             "batchnorm": self.batchnorm,
             "entropy_weight": self.entropy_weight,
             "split_batchnorm": self.split_batchnorm,
+            "mcc_weight": self.mcc_weight,
         }
 
     @classmethod

@@ -6,6 +6,7 @@
   distance between the feature distributions in a Gaussian-kernel space.
 * :func:`confusion_loss` — the domain-confusion loss (Tzeng et al., 2015):
   cross-entropy of the domain predictions against the uniform one.
+* :func:`mcc_loss` — minimum class confusion on unlabelled predictions.
 * :func:`information_loss` — information maximisation on unlabelled
   predictions: confident and class-balanced.
 """
@@ -17,7 +18,7 @@ from kerastl import distribute as _distribute
 from kerastl.errors import KerastlError
 
 
-def _check_probabilities(x):
+def _check_probabilities(x, what="information_loss"):
     """Refuses concrete values that are not rows of probabilities
     (symbolic tensors inside a traced step are not checked)."""
     try:
@@ -27,7 +28,7 @@ def _check_probabilities(x):
     if a.size and (a.min() < -1e-6 or a.max() > 1 + 1e-6 or not np.allclose(
             a.sum(axis=-1), 1.0, atol=1e-3)):
         raise KerastlError(
-            "information_loss takes class probabilities (rows in [0, 1] "
+            f"{what} takes class probabilities (rows in [0, 1] "
             "summing to 1); these are not (logits?). Pass "
             "from_logits=True, or the softmax output.")
 
@@ -138,3 +139,36 @@ def information_loss(probs, epsilon=1e-6, from_logits=False):
     mean = _distribute.global_mean(ops.mean(p, axis=0), ops.shape(p)[0])
     marginal = -ops.sum(mean * ops.log(mean + epsilon))
     return conditional - marginal
+
+
+def mcc_loss(probs, temperature=2.5, from_logits=False):
+    """Minimum class confusion (Jin et al., ECCV 2020) on unlabelled
+    predictions, usable beside any alignment (or none).
+
+    With ``q`` the predictions rescaled by ``temperature`` (the softmax of
+    ``logits / T``; from probabilities, ``p ** (1 / T)`` renormalised, the
+    same thing), each sample weighted by ``1 + exp(-H(q_i))`` (confident
+    samples count more; weights normalised to sum to the batch size), the
+    class confusion ``C = q' W q`` is normalised by its column sums and the
+    loss is the sum of its off-diagonal entries divided by the number of
+    classes: 0 when no sample splits its probability between two classes.
+    As the authors' implementation (Transfer-Learning-Library's
+    ``MinimumClassConfusionLoss``, entropy with ``log(q + 1e-5)``).
+
+    ``from_logits=True`` takes logits. Concrete probabilities are checked
+    as :func:`information_loss` checks them.
+    """
+    if from_logits:
+        logits = ops.cast(probs, "float32")
+    else:
+        _check_probabilities(probs, "mcc_loss")
+        logits = ops.log(ops.clip(ops.cast(probs, "float32"), 1e-12, 1.0))
+    q = ops.softmax(logits / float(temperature), axis=-1)
+    entropy = -ops.sum(q * ops.log(q + 1e-5), axis=-1)
+    weight = ops.stop_gradient(1.0 + ops.exp(-entropy))
+    n = ops.cast(ops.shape(q)[0], "float32")
+    weight = n * weight / ops.sum(weight)
+    confusion = ops.matmul(ops.transpose(q * weight[:, None]), q)
+    confusion = confusion / ops.sum(confusion, axis=1)
+    classes = ops.cast(ops.shape(q)[1], "float32")
+    return (ops.sum(confusion) - ops.trace(confusion)) / classes
