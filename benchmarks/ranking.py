@@ -391,8 +391,9 @@ def acceptance(summary, blocks):
     shares = [r["share_of_best_fine_tune"] for r in d if r]
     if shares:
         lines.append(f"  ranking time / fine-tuning the best: "
-                     f"{', '.join(f'{100 * s:.0f}%' for s in shares)} "
-                     f"(need <= 15%)")
+                     f"{', '.join(f'{100 * s:.1f}%' for s in shares)} "
+                     f"(need <= 15%: {sum(s <= 0.15 for s in shares)} of "
+                     f"{len(shares)})")
     ok_blocks = sum(r["methods"].get(DEFAULT, {}).get("gap", 1) <= 0.02
                     for r in blocks.values())
     lines.append(f"  per block: the recommended cut (the first-ranked block, "
@@ -419,7 +420,7 @@ def markdown(results, targets, seeds, models):
             r = row["methods"].get(m)
             cells.append("-" if r is None else
                          f"{r['tau']:+.2f} / {100 * r['regret']:.1f} / "
-                         f"{r['seconds']:.0f} s")
+                         f"{r['seconds']:.1f} s")
         tuning = row.get("best_fine_tune_seconds",
                          row["fine_tune_seconds"][row["best"]])
         print(f"| {t} ({row['seeds']}) | {row['best']} "
