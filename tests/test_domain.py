@@ -320,6 +320,49 @@ def test_mcc_joins_the_total_with_any_alignment_or_none(domain_weight):
         kerastl.DANN(small_cnn(), 2, mcc_weight=-1)
 
 
+def test_cdan_conditions_the_domain_head_and_weights_by_entropy(tmp_path):
+    """CDAN+E: the domain head sees the outer product of features and
+    (fixed) predictions, behind the reversal; each sample's domain loss is
+    weighted by 1 + exp(-H), normalised to a mean of 1."""
+    from kerastl.adaptation.dann import MultilinearMap, cdan_weights
+
+    p = np.array([[1.0, 0.0], [0.5, 0.5]], "float32")
+    h = np.array([0.0, -np.log(0.5 + 1e-5)])
+    w = 1 + np.exp(-h)
+    np.testing.assert_allclose(cdan_weights(p), 2 * w / w.sum(), rtol=1e-5)
+    f = np.array([[1.0, 2.0, 3.0]], "float32")
+    g = np.array([[0.25, 0.75]], "float32")
+    outer = MultilinearMap()
+    outer.build([(None, 3), (None, 2)])
+    np.testing.assert_allclose(outer([f, g]), [[0.25, 0.5, 0.75,
+                                                0.75, 1.5, 2.25]])
+    wide = MultilinearMap()
+    wide.build([(None, 500), (None, 10)])  # 5,000 > 4,096: randomized
+    assert wide.output_dim == 1024 and not wide.trainable_weights
+    xs, ys, xt, _ = toy_domains(n=16)
+    keras.utils.set_random_seed(0)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,), bottleneck=16,
+                        alignment="cdan", entropy_weight=0, lambda_=1.0)
+    assert dann.domain_layers[0].kernel.shape[0] == 32  # 16 features x 2
+    assert kerastl.block_map(dann).validate() == []
+    out = dann({"source": xs, "target": xt}, training=False)
+    bce = keras.losses.binary_crossentropy(
+        np.concatenate([np.zeros((16, 1)), np.ones((16, 1))]), out["domain"])
+    expected = float(np.mean(np.asarray(cdan_weights(out["label"])) *
+                             np.asarray(bce)))
+    assert float(dann.alignment_loss(out, 16)) == pytest.approx(expected,
+                                                               rel=1e-5)
+    dann.compile(keras.optimizers.Adam(1e-3))
+    logs = fit_one_epoch(dann)
+    assert np.isfinite(logs["domain_loss"][0])
+    dann.save(tmp_path / "cdan.keras")
+    again = keras.models.load_model(tmp_path / "cdan.keras")
+    assert again.alignment == "cdan" and again.multilinear is not None
+    np.testing.assert_allclose(again.predict(xt, verbose=0),
+                               dann.predict(xt, verbose=0), rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_split_batchnorm_normalises_each_domain_on_its_own(split):
     """With split_batchnorm the source features of a training step do not

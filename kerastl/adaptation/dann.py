@@ -24,7 +24,11 @@ from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
 
 
-ALIGNMENTS = ("adversarial", "confusion", "mmd", "coral")
+ALIGNMENTS = ("adversarial", "confusion", "mmd", "coral", "cdan")
+# CDAN: the outer product of features and predictions feeds the domain
+# classifier up to this many dimensions; beyond, a randomized multilinear
+# map of _CDAN_RANDOM_DIM (Long et al. 2018, as Transfer-Learning-Library).
+_CDAN_OUTER_MAX, _CDAN_RANDOM_DIM = 4096, 1024
 # The alignments whose feature-side loss is scaled by a ramped strength
 # (GaninLambda sets it): the reversal's lambda, or ``alignment_strength``.
 _RAMPED = ("confusion", "mmd")
@@ -83,6 +87,13 @@ class DANN(keras.Model):
     * ``"mmd"``: multi-kernel MMD between the source and target features
       (:func:`mmd_loss`, Long et al., 2015, DAN); no domain head.
     * ``"coral"``: :func:`coral_loss` on the features; no domain head.
+    * ``"cdan"``: CDAN+E (Long et al., 2018): the domain head, behind the
+      reversal, sees the features conditioned on the predictions
+      (:class:`MultilinearMap`: their outer product, or a randomized
+      multilinear map above 4,096 values), and each sample's domain loss
+      is weighted by ``1 + exp(-entropy)`` of its prediction
+      (:func:`cdan_weights`): class-aware alignment, confident samples
+      first.
 
     For ``"confusion"`` and ``"mmd"`` the feature-side loss is scaled by a
     strength that :class:`GaninLambda` ramps like the reversal's lambda
@@ -102,8 +113,8 @@ class DANN(keras.Model):
             not run and ``domain_*`` metrics are not logged).
         lambda_: the initial gradient-reversal strength; :class:`GaninLambda`
             ramps it from 0.
-        alignment: ``"adversarial"`` (DANN), ``"confusion"``, ``"mmd"``
-            or ``"coral"`` (see above).
+        alignment: ``"adversarial"`` (DANN), ``"confusion"``, ``"mmd"``,
+            ``"coral"`` or ``"cdan"`` (see above).
         dropout: dropout before the label head and in the domain head.
         entropy_weight: the weight of :func:`information_loss` on the
             unlabelled target predictions, times the current reversal
@@ -192,7 +203,8 @@ class DANN(keras.Model):
         self.label_head = heads.output_layer(num_classes, "softmax", "label")
         self.domain_layers = []
         self.reversal = self.domain_head = self.alignment_strength = None
-        if alignment == "adversarial":
+        self.multilinear = None
+        if alignment in ("adversarial", "cdan"):
             self.reversal = GradientReversal(lambda_, name="reversal")
         elif alignment in _RAMPED:
             self.alignment_strength = self.add_weight(
@@ -200,7 +212,10 @@ class DANN(keras.Model):
                 initializer=keras.initializers.Constant(float(lambda_)))
         # (No domain head where nothing trains it: with domain_weight=0 it
         # would get no gradient, and Keras warns at every step.)
-        if alignment in ("adversarial", "confusion") and self.domain_weight:
+        if alignment == "cdan" and self.domain_weight:
+            self.multilinear = MultilinearMap(name="multilinear")
+        if alignment in ("adversarial", "confusion", "cdan") and \
+                self.domain_weight:
             self.domain_layers = heads.mlp(self.domain_hidden,
                                            "domain_hidden", self.batchnorm,
                                            self.dropout_rate)
@@ -229,6 +244,9 @@ class DANN(keras.Model):
                 f"(batch, h, w, c) or (batch, features).")
         d = heads.build_mlp(self.bottleneck_layers, shape[-1])
         self.label_head.build((None, d))
+        if self.multilinear is not None:
+            self.multilinear.build([(None, d), (None, self.num_classes)])
+            d = self.multilinear.output_dim
         d = heads.build_mlp(self.domain_layers, d)
         if self.domain_head is not None:
             self.domain_head.build((None, d))
@@ -290,8 +308,10 @@ class DANN(keras.Model):
                  ("label_head", [self.label_dropout, self.label_head], True)]
         if self.domain_head is not None:
             reversal = [self.reversal] if self.reversal is not None else []
-            parts.append(("domain_head", reversal + self.domain_layers
-                          + [self.domain_head], True))
+            mapped = [self.multilinear] if self.multilinear is not None \
+                else []
+            parts.append(("domain_head", mapped + reversal +
+                          self.domain_layers + [self.domain_head], True))
         return parts
 
     @property
@@ -342,6 +362,11 @@ class DANN(keras.Model):
         out = {"label": self.labels(f, training), "features": f}
         if self._aligns and self.alignment == "adversarial":
             out["domain"] = self._domain(f, training)
+        elif self._aligns and self.alignment == "cdan":
+            # Features conditioned on the predictions (held fixed, as the
+            # authors' code): the reversed gradient reaches the features.
+            out["domain"] = self._domain(self.multilinear(
+                [f, ops.stop_gradient(out["label"])]), training)
         elif self._aligns and self.alignment == "confusion":
             out["domain"] = self._domain(ops.stop_gradient(f), training)
             out["confusion"] = self._confused(f, training)
@@ -423,7 +448,10 @@ class DANN(keras.Model):
             ops.equal(ops.cast(domain > 0.5, "float32"), domain_true),
             "float32"))
         self.domain_accuracy.update_state(acc)
-        loss = ops.mean(keras.losses.binary_crossentropy(domain_true, domain))
+        bce = keras.losses.binary_crossentropy(domain_true, domain)
+        if self.alignment == "cdan":
+            return ops.mean(cdan_weights(y_pred["label"]) * bce)
+        loss = ops.mean(bce)
         if self.alignment == "confusion":
             loss = loss + self._ramp() * confusion_loss(y_pred["confusion"])
         return loss
@@ -472,3 +500,46 @@ class DANN(keras.Model):
         config["feature_extractor"] = keras.saving.deserialize_keras_object(
             config["feature_extractor"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def cdan_weights(probabilities):
+    """CDAN+E's entropy conditioning: each sample's weight
+    ``1 + exp(-H(p))`` (confident predictions count more in the domain
+    loss), normalised to a mean of 1 over the batch, held fixed."""
+    p = ops.stop_gradient(ops.cast(probabilities, "float32"))
+    entropy = -ops.sum(p * ops.log(p + 1e-5), axis=-1)
+    weight = 1.0 + ops.exp(-entropy)
+    return weight * ops.cast(ops.shape(p)[0], "float32") / ops.sum(weight)
+
+
+class MultilinearMap(keras.layers.Layer):
+    """CDAN's conditioning of features ``f`` on predictions ``g``: the
+    outer product ``f g'`` flattened (``d x classes`` values), or, above
+    4,096 of them, the randomized multilinear map
+    ``(f R_f) * (g R_g) / sqrt(1024)`` with fixed Gaussian ``R_f``,
+    ``R_g`` (Long et al., NeurIPS 2018)."""
+
+    def build(self, input_shape):
+        (_, d), (_, c) = input_shape
+        self.random = d * c > _CDAN_OUTER_MAX
+        self.output_dim = _CDAN_RANDOM_DIM if self.random else d * c
+        if self.random:
+            init = keras.initializers.RandomNormal(seed=0)
+            self.r_f = self.add_weight(shape=(d, _CDAN_RANDOM_DIM),
+                                       initializer=init, trainable=False,
+                                       name="r_f")
+            self.r_g = self.add_weight(shape=(c, _CDAN_RANDOM_DIM),
+                                       initializer=init, trainable=False,
+                                       name="r_g")
+        self.built = True
+
+    def call(self, inputs):
+        f, g = inputs
+        if self.random:
+            return (ops.matmul(f, self.r_f) * ops.matmul(g, self.r_g)
+                    / float(np.sqrt(_CDAN_RANDOM_DIM)))
+        outer = ops.expand_dims(g, 2) * ops.expand_dims(f, 1)
+        return ops.reshape(outer, (-1, self.output_dim))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], self.output_dim)
