@@ -41,6 +41,11 @@ Adaptation (source labels + unlabelled target images):
   ``LayerwiseOptimizer``), MMD and confusion on the augmented source, and,
   if ``adapt`` (ADAPT) is installed, ADAPT's DANN with the same network,
   data and steps (on the plain and on the augmented source).
+* ``--new`` adds: ``CDAN`` (``alignment="cdan"``, CDAN+E), ``DANN +
+  MCC`` (``mcc_weight=1``), ``MCC, no alignment`` (the source labels and
+  minimum class confusion on the target) and ``TENT``
+  (``kerastl.adaptation.tent`` on the source-only model, after its AdaBN
+  step); they join the label-free selection's pool.
 * ``target only``: the oracle, the recommended network on target labels.
 
 Label-free selection among every source-only and adapted model of the run
@@ -369,6 +374,20 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         step("ADAPT DANN", peer())
         step("ADAPT DANN, inverted copies", peer(
             "ADAPT DANN, inverted copies", inverted))
+    def tent_after_adabn():
+        # TENT on the source-only model (AdaBN is its first step).
+        net = recommended(domain_weight=0)
+        net.classifier.set_weights(models["source only"])
+        kerastl.adaptation.tent(net.classifier, xt, seed=seed)
+        candidate("TENT", net)
+
+    if args.new:
+        step("CDAN", adapted("CDAN", alignment="cdan"))
+        step("DANN + MCC", adapted("DANN + MCC", mcc_weight=1.0))
+        step("MCC, no alignment", adapted("MCC, no alignment",
+                                          domain_weight=0, mcc_weight=1.0,
+                                          entropy_weight=0))
+        step("TENT", tent_after_adabn)
     step("target only", target_only)
     baselines = [k for k in acc if k.startswith("source only")]
     best_baseline = max(acc[b] for b in baselines)
@@ -456,6 +475,10 @@ def main(argv=None):
     parser.add_argument("--all", action="store_true",
                         help="add MMD, confusion, ADDA, the pretrained "
                              "backbone and ADAPT's DANN")
+    parser.add_argument("--new", action="store_true",
+                        help="add CDAN+E, DANN + MCC, MCC without "
+                             "alignment and TENT (issue #39's first "
+                             "methods)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--dump", help="a folder: save each candidate's "
                         "features and predictions for selection studies")
