@@ -90,6 +90,7 @@ def _prediction_entropy(y_true, y_pred):
     return -keras.ops.sum(y_pred * keras.ops.log(p), axis=-1)
 
 
+@_private.quiet_retracing()
 def mean_entropy(model, x, batch_size=256):
     """The mean entropy (nats) of ``model``'s class probabilities on ``x``
     in inference mode: what :func:`tent` lowers."""
@@ -105,6 +106,7 @@ def mean_entropy(model, x, batch_size=256):
     return float(np.mean(-np.sum(p * np.log(np.clip(p, 1e-12, 1)), -1)))
 
 
+@_private.quiet_retracing()
 def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
          seed=0, verbose=0):
     """TENT: test-time adaptation of the normalisation layers by entropy
