@@ -442,8 +442,9 @@ class BackboneRanking(list):
                 if r["skipped"]]
         if self.samples is not None:
             out.append(f"ranked on {self.samples[0]} of the {self.samples[1]}"
-                       " labelled images, classes in proportion "
-                       "(max_samples; None ranks on all)")
+                       " labelled images, classes in proportion (every "
+                       "image: max_samples=None, kerastl rank --max-samples "
+                       "all)")
         if self.best is not None:
             where = f", block {self.best['block']}" if self.best["block"] \
                 else ""
