@@ -324,7 +324,8 @@ def test_cdan_conditions_the_domain_head_and_weights_by_entropy(tmp_path):
     """CDAN+E: the domain head sees the outer product of features and
     (fixed) predictions, behind the reversal; each sample's domain loss is
     weighted by 1 + exp(-H), normalised to a mean of 1."""
-    from kerastl.adaptation.dann import MultilinearMap, cdan_weights
+    from kerastl.adaptation.dann import MultilinearMap
+    from kerastl.adaptation.losses import entropy_weights as cdan_weights
 
     p = np.array([[1.0, 0.0], [0.5, 0.5]], "float32")
     h = np.array([0.0, -np.log(0.5 + 1e-5)])

@@ -160,17 +160,13 @@ def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
         raise KerastlError(
             f"tent needs target images (n, height, width, channels) with "
             f"n >= 1; got shape {target.shape}.")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if value is None and name == "steps":
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-                or value < (2 if name == "batch_size" else 1):
-            raise KerastlError(
-                f"{name}={value!r}: expected an int >= "
-                f"{2 if name == 'batch_size' else 1}" + (
-                    " (or None: one pass over the target)." if name ==
-                    "steps" else " (each batch is normalised with its own "
-                    "statistics)."))
+    if steps is not None and not _is_count(steps, 1):
+        raise KerastlError(f"steps={steps!r}: expected an int >= 1 (or None:"
+                           " one pass over the target).")
+    if not _is_count(batch_size, 2):
+        raise KerastlError(f"batch_size={batch_size!r}: expected an int >= 2 "
+                           "(each batch is normalised with its own "
+                           "statistics).")
     try:
         out_shape = tuple(model_output(net).shape)
     except (AttributeError, ValueError):  # (a subclassed model, not built)
@@ -226,6 +222,12 @@ def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
     return {"steps": len(batches), "entropy_before": before,
             "entropy_adabn": adabn, "entropy_after": mean_entropy(net, target),
             "layers": len(norms)}
+
+
+def _is_count(value, least):
+    """An int (not a bool) of at least ``least``."""
+    return isinstance(value, numbers.Integral) and \
+        not isinstance(value, bool) and value >= least
 
 
 class _TargetBatches(keras.utils.PyDataset):

@@ -19,7 +19,8 @@ from kerastl import distribute as _distribute
 from kerastl import _keras_private as _private
 from kerastl import heads
 from kerastl.adaptation.losses import (confusion_loss, coral_loss,
-                                       information_loss, mcc_loss, mmd_loss)
+                                       entropy_weights, information_loss,
+                                       mcc_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
 
@@ -92,7 +93,7 @@ class DANN(keras.Model):
       (:class:`MultilinearMap`: their outer product, or a randomized
       multilinear map above 4,096 values), and each sample's domain loss
       is weighted by ``1 + exp(-entropy)`` of its prediction
-      (:func:`cdan_weights`): class-aware alignment, confident samples
+      (:func:`entropy_weights`): class-aware alignment, confident samples
       first.
 
     For ``"confusion"`` and ``"mmd"`` the feature-side loss is scaled by a
@@ -450,7 +451,7 @@ class DANN(keras.Model):
         self.domain_accuracy.update_state(acc)
         bce = keras.losses.binary_crossentropy(domain_true, domain)
         if self.alignment == "cdan":
-            return ops.mean(cdan_weights(y_pred["label"]) * bce)
+            return ops.mean(entropy_weights(y_pred["label"]) * bce)
         loss = ops.mean(bce)
         if self.alignment == "confusion":
             loss = loss + self._ramp() * confusion_loss(y_pred["confusion"])
@@ -500,16 +501,6 @@ class DANN(keras.Model):
         config["feature_extractor"] = keras.saving.deserialize_keras_object(
             config["feature_extractor"], custom_objects=custom_objects)
         return cls(**config)
-
-
-def cdan_weights(probabilities):
-    """CDAN+E's entropy conditioning: each sample's weight
-    ``1 + exp(-H(p))`` (confident predictions count more in the domain
-    loss), normalised to a mean of 1 over the batch, held fixed."""
-    p = ops.stop_gradient(ops.cast(probabilities, "float32"))
-    entropy = -ops.sum(p * ops.log(p + 1e-5), axis=-1)
-    weight = 1.0 + ops.exp(-entropy)
-    return weight * ops.cast(ops.shape(p)[0], "float32") / ops.sum(weight)
 
 
 class MultilinearMap(keras.layers.Layer):

@@ -6,7 +6,8 @@
   distance between the feature distributions in a Gaussian-kernel space.
 * :func:`confusion_loss` — the domain-confusion loss (Tzeng et al., 2015):
   cross-entropy of the domain predictions against the uniform one.
-* :func:`mcc_loss` — minimum class confusion on unlabelled predictions.
+* :func:`mcc_loss` — minimum class confusion on unlabelled predictions;
+  :func:`entropy_weights`, its sample weights (and CDAN+E's).
 * :func:`information_loss` — information maximisation on unlabelled
   predictions: confident and class-balanced.
 """
@@ -141,6 +142,18 @@ def information_loss(probs, epsilon=1e-6, from_logits=False):
     return conditional - marginal
 
 
+def entropy_weights(probs):
+    """Each sample's weight ``1 + exp(-H(p))`` (``H`` with ``log(p +
+    1e-5)``, as the authors' code), normalised to a mean of 1 over the
+    batch and held fixed: confident predictions count more. CDAN+E's
+    conditioning of the domain loss and :func:`mcc_loss`'s sample
+    weights."""
+    p = ops.stop_gradient(ops.cast(probs, "float32"))
+    entropy = -ops.sum(p * ops.log(p + 1e-5), axis=-1)
+    weight = 1.0 + ops.exp(-entropy)
+    return weight * ops.cast(ops.shape(p)[0], "float32") / ops.sum(weight)
+
+
 def mcc_loss(probs, temperature=2.5, from_logits=False):
     """Minimum class confusion (Jin et al., ECCV 2020) on unlabelled
     predictions, usable beside any alignment (or none).
@@ -164,10 +177,7 @@ def mcc_loss(probs, temperature=2.5, from_logits=False):
         _check_probabilities(probs, "mcc_loss")
         logits = ops.log(ops.clip(ops.cast(probs, "float32"), 1e-12, 1.0))
     q = ops.softmax(logits / float(temperature), axis=-1)
-    entropy = -ops.sum(q * ops.log(q + 1e-5), axis=-1)
-    weight = ops.stop_gradient(1.0 + ops.exp(-entropy))
-    n = ops.cast(ops.shape(q)[0], "float32")
-    weight = n * weight / ops.sum(weight)
+    weight = entropy_weights(q)
     confusion = ops.matmul(ops.transpose(q * weight[:, None]), q)
     confusion = confusion / ops.sum(confusion, axis=1)
     classes = ops.cast(ops.shape(q)[1], "float32")

@@ -233,9 +233,7 @@ def _folder_data(directory, batch_size, image_size, data_key):
     def labels():
         if not classes:
             return None
-        index = {c: i for i, c in enumerate(ds.class_names)}
-        return np.array([index[os.path.relpath(f, directory).split(os.sep)[0]]
-                         for f in files], dtype="int64")
+        return _path_labels(files, directory, ds.class_names)
 
     def fingerprint():
         if data_key is not None:
@@ -325,11 +323,17 @@ def _folder_files(directory):
     ds = keras.utils.image_dataset_from_directory(
         directory, labels="inferred", label_mode="int", image_size=(8, 8),
         batch_size=None, shuffle=False, verbose=False)
-    index = {c: i for i, c in enumerate(ds.class_names)}
     files = list(ds.file_paths)
-    labels = np.array([index[os.path.relpath(f, directory).split(os.sep)[0]]
-                       for f in files], dtype="int64")
-    return files, labels, list(ds.class_names)
+    return (files, _path_labels(files, directory, ds.class_names),
+            list(ds.class_names))
+
+
+def _path_labels(files, directory, class_names):
+    """The label of each file of an image folder: the index of its class
+    subfolder among Keras's ``class_names``."""
+    index = {c: i for i, c in enumerate(class_names)}
+    return np.array([index[os.path.relpath(f, directory).split(os.sep)[0]]
+                     for f in files], dtype="int64")
 
 
 def data_labels(data):
