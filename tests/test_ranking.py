@@ -290,6 +290,16 @@ def test_a_subset_of_a_folder_or_a_dataset_is_the_same_images(tmp_path,
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(12)
     with labelled_subset(shuffled, [0, 1, 2, 3]) as part:
         assert isinstance(part, tuple) and len(part[0]) == 4
+    # Interrupted inside the block: the temporary folder goes, and every
+    # image of the user's folder stays (the links are removed, not what
+    # they point to).
+    before = sorted(str(p) for p in folder.rglob("*.png"))
+    with pytest.raises(KeyboardInterrupt):
+        with labelled_subset(str(folder), keep) as part:
+            links = part
+            raise KeyboardInterrupt
+    assert not Path(links).exists()
+    assert sorted(str(p) for p in folder.rglob("*.png")) == before
     # Images without class subfolders have no labels to rank on.
     flat = tmp_path / "flat"
     flat.mkdir()
