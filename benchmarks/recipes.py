@@ -20,10 +20,11 @@ Recipes, each on the same images, model and seeds:
 
 * ``defaults``: ``kerastl.fine_tune(model, train, validation, seed=seed)``:
   what ``kerastl finetune --model M --data D`` does, no flags;
-* ``guide``: the Keras transfer-learning guide as it is written: the
-  backbone frozen, the head trained with ``Adam()`` for 20 epochs, then
-  everything unfrozen (BatchNorm in inference mode) at ``Adam(1e-5)`` for 10
-  epochs, batch 64, ``RandomRotation(0.1)`` augmentation (the guide's
+* ``guide``: the Keras transfer-learning guide as it is written, in plain
+  Keras (``model.fit`` on a ``tf.data`` pipeline): the backbone frozen, the
+  head trained with ``Adam()`` for 20 epochs, then everything unfrozen
+  (BatchNorm in inference mode) at ``Adam(1e-5)`` for 10 epochs, batch 64,
+  ``RandomRotation(0.1)`` augmentation (the guide's
   ``RandomFlip("horizontal")`` left out: it breaks digits);
 * ``fastai``: fastai's ``fine_tune`` reproduced in Keras: one frozen epoch
   at ``base_lr=2e-3`` one-cycle (BatchNorm of the frozen body stays in
@@ -161,12 +162,30 @@ def one_cycle(rate, steps, pct_start=0.3, div=5.0):
 
 
 def guide(model, train, val, seed):
-    augment = keras.layers.Pipeline([keras.layers.RandomRotation(0.1)])
-    return kerastl.fine_tune(
-        model, train, val, strategy="full", bn="frozen", head_epochs=20,
-        epochs=10, head_optimizer=keras.optimizers.Adam(),
-        optimizer=keras.optimizers.Adam(1e-5), patience=None, batch_size=64,
-        augment=augment, seed=seed, check_features=False)
+    """The Keras guide's recipe in plain Keras, as the guide writes it: a
+    ``tf.data`` pipeline that augments each batch, ``base_model.trainable
+    = False`` and ``fit`` for 20 epochs, then everything trainable except
+    BatchNorm (the guide calls the base with ``training=False``) and
+    ``fit`` again at ``Adam(1e-5)`` for 10 epochs; no kerastl in the
+    loop (no boundary cache, no step budget)."""
+    import tensorflow as tf
+
+    augment = keras.layers.RandomRotation(0.1, seed=seed)
+    data = tf.data.Dataset.from_tensor_slices(train).shuffle(
+        len(train[0]), seed=seed).batch(64).map(
+        lambda x, y: (augment(x, training=True), y)).prefetch(2)
+    head = {l.name for l in kerastl.block_map(model).layers("head")}
+    for layer in model.layers:
+        layer.trainable = layer.name in head
+    model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    model.fit(data, epochs=20, validation_data=val, verbose=0)
+    for layer in model.layers:
+        layer.trainable = not isinstance(
+            layer, keras.layers.BatchNormalization)
+    model.compile(keras.optimizers.Adam(1e-5),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model.fit(data, epochs=10, validation_data=val, verbose=0)
 
 
 def fastai(model, train, val, seed, main_steps):
@@ -303,8 +322,9 @@ def one_run(make, data, seed, recipe, config=None):
 
 def default_steps(n, batch=32):
     """The main-phase steps of kerastl's defaults on ``n`` images."""
-    per_epoch = math.ceil(n / batch)
-    return kerastl.TrainingPlan().phase_epochs(per_epoch) * per_epoch
+    per_pass, plan = math.ceil(n / batch), kerastl.TrainingPlan()
+    return plan.phase_epochs(per_pass) * plan.epoch_passes(per_pass) * \
+        per_pass
 
 
 def main(argv=None):

@@ -27,31 +27,48 @@ class SeededBatches(keras.utils.PyDataset):
 
     ``transform``: a function applied to each batch's inputs (the first
     array), such as training-time augmentation.
+
+    ``passes``: passes over the data in one epoch (``fit``'s epoch ``e``
+    serves passes ``e * passes`` to ``e * passes + passes - 1``, each in
+    the order drawn from ``(seed, pass)``): what ``fine_tune``'s step
+    budget gives small data (see :data:`kerastl.plan.EPOCH_STEPS`).
     """
 
-    def __init__(self, arrays, batch_size, seed, transform=None):
+    def __init__(self, arrays, batch_size, seed, transform=None, passes=1):
         super().__init__()
         self.arrays = tuple(arrays)
         self.transform = transform
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.passes = int(passes)
         self.size = len(keras.tree.flatten(self.arrays[0])[0])
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
-        """Draws the order of ``epoch``."""
+        """Draws the order of each pass of ``epoch``."""
         self.epoch = int(epoch)
-        self.order = np.random.default_rng(
-            [self.seed, self.epoch]).permutation(self.size)
+        first = self.epoch * self.passes
+        self.orders = [np.random.default_rng([self.seed, p]).permutation(
+            self.size) for p in range(first, first + self.passes)]
 
-    def __len__(self):
+    def pass_arrays(self, data_pass):
+        """The arrays that pass ``data_pass`` (counted over all epochs)
+        serves."""
+        return self.arrays
+
+    def _per_pass(self):
         return math.ceil(self.size / self.batch_size)
 
+    def __len__(self):
+        return self._per_pass() * self.passes
+
     def __getitem__(self, index):
-        rows = self.order[index * self.batch_size:
-                          (index + 1) * self.batch_size]
+        k, index = divmod(index, self._per_pass())
+        rows = self.orders[k][index * self.batch_size:
+                              (index + 1) * self.batch_size]
+        arrays = self.pass_arrays(self.epoch * self.passes + k)
         batch = tuple(keras.tree.map_structure(lambda a: a[rows], part)
-                      for part in self.arrays)
+                      for part in arrays)
         if self.transform is not None:
             batch = (self.transform(batch[0]),) + batch[1:]
         return batch
@@ -63,18 +80,17 @@ class SeededBatches(keras.utils.PyDataset):
 
 class ViewBatches(SeededBatches):
     """:class:`SeededBatches` over several versions of the data, one per
-    epoch: epoch ``e`` serves ``views[e % len(views)]`` (each a tuple of
+    pass: pass ``p`` serves ``views[p % len(views)]`` (each a tuple of
     arrays like ``SeededBatches``' ``arrays``, all of one length) in the
-    order drawn from ``(seed, e)``. The boundary cache replays augmented
+    order drawn from ``(seed, p)``. The boundary cache replays augmented
     views this way (:func:`kerastl.boundary.cached_fit`)."""
 
-    def __init__(self, views, batch_size, seed):
+    def __init__(self, views, batch_size, seed, passes=1):
         self.views = [tuple(v) for v in views]
-        super().__init__(self.views[0], batch_size, seed)
+        super().__init__(self.views[0], batch_size, seed, passes=passes)
 
-    def set_epoch(self, epoch):
-        self.arrays = self.views[int(epoch) % len(self.views)]
-        super().set_epoch(epoch)
+    def pass_arrays(self, data_pass):
+        return self.views[data_pass % len(self.views)]
 
 
 class _EpochOrder(keras.callbacks.Callback):

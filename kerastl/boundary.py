@@ -40,11 +40,13 @@ What makes it invalid (each is a :class:`BoundaryCacheError` naming the fix):
 Training-time augmentation (``fine_tune(augment=...)``) runs before the
 model, on the batches, so it does not make the prefix random: the cache
 then runs the prefix once per augmented *view* of the training data,
-``ceil(epochs / 4)`` views (:data:`VIEW_REUSE`; fewer when ``max_bytes``
-does not hold them), and epoch ``e`` trains on view ``e % views`` in its
-seeded order. Training after the boundary equals end-to-end training on
-those same views (the test compares losses to 1e-5); against augmenting
-every batch afresh, each view serves up to four epochs.
+``ceil(passes / 4)`` views (:data:`VIEW_REUSE`; fewer when ``max_bytes``
+does not hold them), and pass ``p`` over the data trains on view
+``p % views`` in its seeded order (an epoch is one pass, or several under
+``fine_tune``'s step budget). Training after the boundary equals
+end-to-end training on those same views (the test compares losses to
+1e-5); against augmenting every batch afresh, each view serves up to four
+passes.
 
 The same batches and seed give the same training as end to end up to float
 summation order (the acceptance test compares predictions to 1e-5). A
@@ -78,14 +80,45 @@ def _random_state(layer):
                for v in vars(inner).values())
 
 
+def _after_boundary(bm, depth):
+    """The names of the random weightless layers at the end of the first
+    ``depth`` blocks (and what follows them there), which the cut leaves
+    to the suffix: a ``Dropout`` between a backbone's pooled features and
+    a new head sits in the backbone's last block (a layer without weights
+    takes the block of its input), yet nothing before the boundary reads
+    it, so running it after the boundary computes the same model."""
+    prefix = [l for b in bm.names[:depth] for l in bm.layers(b)]
+    inside = {l.name for l in prefix}
+    readers = {}
+    for layer in bm.layers():
+        for parent in bm.parents(layer.name):
+            readers.setdefault(parent, set()).add(layer.name)
+    tail = set()  # weightless, and read only after the boundary or by tail
+    for layer in reversed(prefix):
+        if not layer.weights and bm.outer_layer(layer.name) is layer and \
+                readers.get(layer.name) and \
+                all(r not in inside or r in tail
+                    for r in readers[layer.name]):
+            tail.add(layer.name)
+    moved = set()
+    for layer in prefix:  # topological: a random layer, then its readers
+        if layer.name in tail and (_random_state(layer) or any(
+                p in moved for p in bm.parents(layer.name))):
+            moved.add(layer.name)
+    return moved
+
+
 def _prefix_problem(model, depth):
     bm = block_map(model)
     if depth <= 0 or depth > len(bm.base_blocks):
         return (f"there is no frozen block to cache (frozen blocks: "
                 f"{depth}); boundary caching needs strategy 'partial' or "
                 "'features'")
+    moved = _after_boundary(bm, depth)
     for block in bm.names[:depth]:
         for layer in bm.layers(block):
+            if layer.name in moved:
+                continue
             if any(v.trainable for v in layer.weights) and layer.trainable:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     return (f"BatchNormalization layer {layer.name!r} in "
@@ -117,7 +150,9 @@ def split_at_block(model, depth):
     if problem:
         raise BoundaryCacheError(f"Boundary cache: {problem}.")
     bm = block_map(model)
-    prefix_leaves = {id(l) for b in bm.names[:depth] for l in bm.layers(b)}
+    moved = _after_boundary(bm, depth)
+    prefix_leaves = {id(l) for b in bm.names[:depth] for l in bm.layers(b)
+                     if l.name not in moved}
     graph = _private.functional_graph(model)
     if graph is None:
         raise BoundaryCacheError(
@@ -317,13 +352,14 @@ def _activations(prefix, data, batch_size, max_bytes, replay_any,
 
 
 # Augmented training (fine_tune(augment=...)): the frozen prefix runs on
-# ceil(epochs / VIEW_REUSE) augmented views of the training data, each
-# replayed in up to VIEW_REUSE epochs, instead of on every image each epoch.
+# ceil(passes / VIEW_REUSE) augmented views of the training data, each
+# replayed in up to VIEW_REUSE passes, instead of on every image each pass.
 VIEW_REUSE = 4
 
 
 def view_count(epochs, reuse=VIEW_REUSE):
-    """How many augmented views ``epochs`` epochs replay (at least one)."""
+    """How many augmented views ``epochs`` passes over the data replay (at
+    least one)."""
     return max(1, -(-int(epochs) // int(reuse)))
 
 
@@ -431,7 +467,7 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                loss, metrics=(), weighted_metrics=None, sample_weight=None,
                epochs=1, batch_size=None, callbacks=(), verbose=0,
                max_bytes=MAX_BYTES, required=False, jit_compile="auto",
-               seed=None, augment=None, views=None):
+               seed=None, augment=None, views=None, passes=1):
     """``model.fit`` with its first ``depth`` (frozen) blocks run once.
 
     Compiles ``model`` and its suffix with the same optimizer, computes the
@@ -442,10 +478,14 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
 
     ``augment``: a function of a batch of images (training-time
     augmentation). The prefix then runs once per augmented view: ``views``
-    of them (default :func:`view_count` of ``epochs``; fewer when
-    ``max_bytes`` holds fewer), epoch ``e`` trains on view ``e % views``
+    of them (default :func:`view_count` of ``epochs * passes``; fewer when
+    ``max_bytes`` holds fewer), pass ``p`` trains on view ``p % views``
     (:class:`~kerastl.batch_order.ViewBatches`). The returned history's
     ``boundary_views`` and ``boundary_bytes`` say how many and how large.
+
+    ``passes``: passes over the data in one epoch (see
+    :class:`~kerastl.batch_order.SeededBatches`); views are counted per
+    pass.
 
     Returns:
         ``(history, reason)``: the Keras ``History`` and ``None``; or
@@ -475,14 +515,15 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
             else:
                 train_views, per_view = _views(
                     prefix, data, batch_size, max_bytes, required, augment,
-                    views or view_count(epochs))
+                    views or view_count(epochs * passes))
                 train = train_views[0]
                 if verbose:
                     print(f"kerastl: boundary cache: {len(train_views)} "
                           f"augmented views of the training data "
                           f"({len(train_views) * per_view / 2**20:.1f} MiB),"
                           f" each replayed in up to "
-                          f"{view_count(epochs, len(train_views))} epochs.",
+                          f"{view_count(epochs * passes, len(train_views))}"
+                          f" passes.",
                           flush=True)
             val = None
             if validation_data is not None:
@@ -509,11 +550,12 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
             wrapped = [c if isinstance(c, own) else
                        _OnFullModel(c, model, suffix) for c in callbacks]
             wrapped.append(_Guard(model, depth, model.optimizer))
+            if seed is None and (augment is not None or passes > 1):
+                seed = np.random.default_rng().integers(2 ** 31)
             if augment is not None:
                 batches = ViewBatches(
                     [v[:2] if v[2] is None else v[:3] for v in train_views],
-                    size, np.random.default_rng().integers(2 ** 31)
-                    if seed is None else seed)
+                    size, seed, passes)
                 result = suffix.fit(
                     batches, validation_data=val, epochs=epochs,
                     shuffle=False, callbacks=wrapped + [batches.callback()],
@@ -527,7 +569,8 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                     callbacks=wrapped, verbose=verbose)
             else:
                 batches = SeededBatches(
-                    (acts, ty) if tw is None else (acts, ty, tw), size, seed)
+                    (acts, ty) if tw is None else (acts, ty, tw), size, seed,
+                    passes=passes)
                 result = suffix.fit(
                     batches, validation_data=val, epochs=epochs,
                     shuffle=False, callbacks=wrapped + [batches.callback()],

@@ -47,7 +47,8 @@ from kerastl.image_folders import (image_folder_arrays,
 from kerastl.plan import TrainingPlan
 from kerastl.resume import write_json
 from kerastl.saving import load_model
-from kerastl.training import fine_tune, steps_per_epoch, watch_from
+from kerastl.training import fine_tune, repeatable, steps_per_epoch, \
+    watch_from
 from kerastl.zoo import kerashub
 from kerastl.zoo.config import check_model_reference
 
@@ -249,13 +250,15 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
     if isinstance(train, tuple):  # each epoch's order follows (seed, epoch)
         plan = plan.replace(seed=e["seed"], batch_size=e["batch_size"],
                             trainable=plan.trainable)
-    # The budget in epochs (--epochs, or the step budget on this data): the
-    # run's messages count them; its log keeps the experiment as given.
+    # The budget in epochs (--epochs, or the step budget on this data, as
+    # fine_tune counts it): the run's messages count them; its log keeps
+    # the experiment as given.
     started = _json_ready(e)
-    plan = plan.replace(epochs=plan.phase_epochs(steps_per_epoch(
-        train[0] if isinstance(train, tuple) else train,
-        batch_size=e["batch_size"])), trainable=plan.trainable)
-    e = dict(e, epochs=plan.epochs)
+    e = dict(e, epochs=plan.phase_epochs(
+        steps_per_epoch(*train, batch_size=e["batch_size"])
+        if isinstance(train, tuple) else steps_per_epoch(train),
+        repeat=repeatable(*train) if isinstance(train, tuple)
+        else repeatable(train)))
     replace = e["overwrite"] or stopped is not None
     with atomic_folder(output, "output folder", replace,
                        "pass --overwrite") as tmp:
@@ -298,7 +301,7 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
     if e["early_stopping"] is not None:
         callbacks.append(resume.ResumableEarlyStopping(
             e["early_stopping"], before, best,
-            start=watch_from(plan.epochs, plan.schedule)))
+            start=watch_from(e["epochs"], plan.schedule)))
     try:
         # Ctrl-C stops at the next step boundary, never inside a
         # checkpoint write or a TensorFlow call.

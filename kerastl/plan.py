@@ -70,6 +70,23 @@ WARMUP = 0.1  # share of a phase's steps that warm its rate up from 0
 NO_DECAY = ("bias", "gamma", "beta")
 
 
+# Under the step budget, an epoch of small data repeats it until the epoch
+# has at least EPOCH_STEPS optimizer steps, so that validation, early
+# stopping and checkpoints run every EPOCH_STEPS steps or more, not every
+# few: 100 images train 15 epochs of 20 steps, not 75 epochs of 4 (whose 75
+# validation passes took about as long as the training).
+EPOCH_STEPS = 20
+
+
+def epoch_passes(epochs, batches, epoch_steps=EPOCH_STEPS):
+    """Passes over the data in one epoch of a phase: 1 when ``epochs`` is
+    given (an epoch is then one pass, as in Keras) or the data's length is
+    unknown; else enough for ``epoch_steps`` steps of ``batches`` each."""
+    if epochs is not None or not batches:
+        return 1
+    return max(1, math.ceil(epoch_steps / batches))
+
+
 def phase_epochs(epochs, batches, min_steps, max_steps):
     """Epochs of a phase: ``epochs`` when given; else
     :data:`DEFAULT_EPOCHS`, raised until the phase has ``min_steps`` steps
@@ -177,10 +194,15 @@ class TrainingPlan:
             with momentum at most 0.9, so that the moving statistics reach
             the data's in a short run.
         epochs: epochs of the main phase; None (default): the step budget,
-            10 epochs raised until the phase takes ``min_steps`` optimizer
-            steps (a folder of 180 images trains 300 steps, not 60) and
-            lowered until it takes at most ``max_steps`` (data of unknown
-            length: 10 epochs).
+            10 passes over the data raised until the phase takes
+            ``min_steps`` optimizer steps (a folder of 180 images trains
+            300 steps, not 60) and lowered until it takes at most
+            ``max_steps`` (data of unknown length: 10 epochs). Under the
+            budget, an epoch of small data repeats it until the epoch has
+            at least 20 steps (:data:`~kerastl.plan.EPOCH_STEPS`): 100
+            images train 15 epochs of 20 steps, so validation, early
+            stopping (``patience`` counts these epochs) and checkpoints run
+            every 20 steps, not every 4.
         min_steps, max_steps: the main phase's step budget (see
             ``epochs``); 300 and 3,000 by default.
         head_optimizer: the head phase's optimizer: a Keras optimizer
@@ -380,16 +402,28 @@ class TrainingPlan:
         return {"strategy": self.strategy, "freeze_up_to": self.freeze_up_to,
                 "bn": self.bn, "multipliers": self.multipliers}
 
-    def phase_epochs(self, batches, head=False):
+    def phase_epochs(self, batches, head=False, repeat=True):
         """The epochs of the main (or head) phase on data of ``batches``
-        steps per epoch (None: unknown): :attr:`epochs` (or
+        steps per pass (None: unknown): :attr:`epochs` (or
         :attr:`head_epochs`) when set, else the step budget (see
-        :func:`phase_epochs`; the head phase gets a third of the steps)."""
-        if head:
-            return phase_epochs(self.head_epochs, batches,
-                                self.min_steps // 3, self.max_steps // 3)
-        return phase_epochs(self.epochs, batches, self.min_steps,
-                            self.max_steps)
+        :func:`phase_epochs`; the head phase gets a third of the steps) in
+        epochs of :meth:`epoch_passes` passes each (``repeat=False``, data
+        that cannot be repeated: one pass each)."""
+        given = self.head_epochs if head else self.epochs
+        passes = phase_epochs(given, batches,
+                              self.min_steps // 3 if head else self.min_steps,
+                              self.max_steps // 3 if head else self.max_steps)
+        return -(-passes // self.epoch_passes(batches, head, repeat))
+
+    def epoch_passes(self, batches, head=False, repeat=True):
+        """Passes over data of ``batches`` steps in one epoch of the main
+        (or head) phase: 1 when its epochs are given (or ``repeat`` is
+        False), else enough for :data:`EPOCH_STEPS` steps (see
+        :func:`epoch_passes`)."""
+        if not repeat:
+            return 1
+        return epoch_passes(self.head_epochs if head else self.epochs,
+                            batches)
 
     def optimizers(self, model, head_steps=None, steps=None):
         """``(head optimizer or None, main optimizer)`` for phases of

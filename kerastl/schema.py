@@ -209,12 +209,14 @@ KEYS = (
         choices=SCHEDULES),
     Key("head_epochs", None, (int, NoneType),
         "epochs of the head phase (the backbone frozen, the new head "
-        "trained first); none: 10, raised until it takes a third of "
-        "min_steps and lowered to at most a third of max_steps; 0: none",
+        "trained first); none: 10 passes over the data, raised until it "
+        "takes a third of min_steps and lowered to at most a third of "
+        "max_steps, in epochs of at least 20 steps; 0: none",
         check=lambda v: v >= 0, expected="an integer >= 0"),
     Key("epochs", None, (int, NoneType),
-        "training epochs; none: 10, raised until training takes min_steps "
-        "steps and lowered until it takes at most max_steps",
+        "training epochs; none: 10 passes over the data, raised until "
+        "training takes min_steps steps and lowered until it takes at most "
+        "max_steps, in epochs of at least 20 steps (small data repeated)",
         check=_positive, expected="a positive integer"),
     Key("min_steps", 300, (int,), "with epochs none: the fewest optimizer "
         "steps (small datasets train more epochs)", check=lambda v: v >= 0,

@@ -148,8 +148,12 @@ def fine_tune(model, train, validation=None, plan=None, *,
         _check_arrays(model, validation[0], validation[1], loss, "validation")
     base = len(bm.base_blocks)
     batches = steps_per_epoch(x, y, plan.batch_size)
-    head_epochs, epochs = plan.phase_epochs(batches, head=True), \
-        plan.phase_epochs(batches)
+    # Under the step budget an epoch of small data is several passes.
+    repeat = repeatable(x, y)
+    head_epochs, epochs = plan.phase_epochs(batches, True, repeat), \
+        plan.phase_epochs(batches, False, repeat)
+    head_passes, passes = plan.epoch_passes(batches, True, repeat), \
+        plan.epoch_passes(batches, False, repeat)
     bn = plan.bn
     if backbone_lib.random_weights(layer for b in bm.base_blocks
                                    for layer in bm.weighted_layers(b)):
@@ -170,7 +174,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
 
     if batches:  # the schedules span each phase's steps
         head_optimizer, optimizer = plan.optimizers(
-            model, head_epochs * batches, epochs * batches)
+            model, head_epochs * head_passes * batches,
+            epochs * passes * batches)
 
     seed = plan.seed if plan.seed is not None else \
         int(np.random.default_rng().integers(2 ** 31))
@@ -180,7 +185,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
         _check_augmentable(x, y)
         augment_fn = functools.partial(augment_lib.augment_batch, aug)
 
-    def phase(optimizer, n_epochs, frozen, callbacks):
+    def phase(optimizer, n_epochs, frozen, callbacks, passes):
         # Early stopping watches the validation loss: none without one.
         stop = plan.patience is not None and validation is not None
         cbs = ([early_stopping(plan.patience, start=watch_from(
@@ -197,7 +202,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
                 required=plan.boundary_cache is True,
                 jit_compile=plan.jit_compile,
                 seed=seed if aug is not None else plan.seed,
-                augment=augment_fn)
+                augment=augment_fn, passes=passes)
             if history is not None:
                 history.boundary_cache = "used"
                 return history
@@ -212,7 +217,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
         if y is not None and (plan.seed is not None or aug is not None):
             batches = SeededBatches(
                 (x, y) if w is None else (x, y, w), plan.batch_size or 32,
-                seed, transform=augment_fn)
+                seed, transform=augment_fn, passes=passes)
             # (shuffle=False: the batches come in their seeded order; Keras
             # would shuffle them again with Python's global random state.)
             history = model.fit(batches, validation_data=validation,
@@ -223,7 +228,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
             # A dataset (no separate y) is shuffled by its own pipeline;
             # Keras warns when asked to shuffle one.
             data = x if aug is None else augment_lib.augment_dataset(x, aug)
-            history = model.fit(data, y, sample_weight=w,
+            data, ys, ws = _repeated(passes, data, y, w)
+            history = model.fit(data, ys, sample_weight=ws,
                                 validation_data=validation, epochs=n_epochs,
                                 batch_size=plan.batch_size, callbacks=cbs,
                                 shuffle=y is not None, verbose=verbose)
@@ -235,10 +241,11 @@ def fine_tune(model, train, validation=None, plan=None, *,
         freezing.apply_trainable(
             model, freezing.Trainable.of(bm, bm.names[base:]), bn=plan.bn,
             recompile=False)
-        _announce(verbose, f"Head phase: the new head, the backbone frozen, "
-                           f"for {head_epochs} epochs", head_epochs, batches)
+        _announce(verbose, "Head phase: the new head, the backbone frozen,",
+                  head_epochs, head_passes, batches)
         h1 = phase(head_optimizer, head_epochs, base,
-                   callbacks if head_callbacks is None else head_callbacks)
+                   callbacks if head_callbacks is None else head_callbacks,
+                   head_passes)
     if plan.trainable.mode == "lora":
         peft.enable_lora(model, plan.lora_rank, plan.lora_alpha,
                          [b for b in plan.trainable.trainable
@@ -249,19 +256,50 @@ def fine_tune(model, train, validation=None, plan=None, *,
     if plan.multipliers is not None:
         with strategy_scope(model):
             optimizer = LayerwiseOptimizer(optimizer, plan.multipliers, model)
-    _announce(verbose, f"Main phase: strategy {plan.strategy!r} for {epochs} "
-                       f"epochs", epochs, batches)
-    h2 = phase(optimizer, epochs, depth, callbacks)
+    _announce(verbose, f"Main phase: strategy {plan.strategy!r}", epochs,
+              passes, batches)
+    h2 = phase(optimizer, epochs, depth, callbacks, passes)
     if plan.check_features:
         warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
 
 
-def _announce(verbose, what, epochs, batches):
+def repeatable(x, y=None):
+    """Whether ``fit`` input can be served several passes per epoch under
+    the step budget: arrays, or a ``tf.data.Dataset`` (not a
+    ``PyDataset`` or a generator)."""
+    if y is not None:
+        return True
+    import tensorflow as tf
+
+    return isinstance(x, tf.data.Dataset)
+
+
+def _repeated(passes, x, y, w):
+    """``fit``'s ``(x, y, sample_weight)`` for epochs of ``passes`` passes:
+    arrays repeated (Keras shuffles within the epoch), a dataset repeated
+    (each pass reshuffles as the dataset does)."""
+    if passes == 1:
+        return x, y, w
+    if y is None:
+        return x.repeat(passes), None, None
+    return tuple(None if a is None else keras.tree.map_structure(
+        lambda v: np.concatenate([np.asarray(v)] * passes), a)
+        for a in (x, y, w))
+
+
+def _announce(verbose, what, epochs, passes, batches):
     """With progress output on: which phase the epochs that follow are."""
     if verbose:
-        steps = f" ({epochs * batches} steps)" if batches else ""
-        print(f"{what}{steps}.", flush=True)
+        s = "s" if epochs != 1 else ""
+        if not batches:
+            steps = ""
+        elif passes > 1:
+            steps = (f" of {passes} passes over the data "
+                     f"({epochs * passes * batches} steps)")
+        else:
+            steps = f" ({epochs * batches} steps)"
+        print(f"{what} for {epochs} epoch{s}{steps}.", flush=True)
 
 
 def steps_per_epoch(x, y=None, batch_size=None):

@@ -310,6 +310,41 @@ def mobilenet_classifier_backbone():
                                  input_shape=(32, 32, 3))
 
 
+def test_a_dropout_after_the_frozen_blocks_runs_after_the_boundary():
+    """build_classifier's dropout sits in the backbone's last block (a
+    layer without weights takes its input's block): the head phase, the
+    whole backbone frozen, still runs it once, the dropout after the cut,
+    and trains as end to end does; a dropout between frozen blocks is
+    still refused."""
+    def classifier():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((32, 32, 3))
+        x = keras.layers.Conv2D(8, 3, strides=2, name="c1")(inputs)
+        x = keras.layers.Conv2D(8, 3, strides=2, name="c2")(x)
+        return kerastl.build_classifier(keras.Model(inputs, x), 3,
+                                        dropout=0.5, seed=4)
+    model = classifier()
+    bm = kerastl.block_map(model)
+    assert bm.block_of("head_dropout") == bm.base_blocks[-1]
+    depth = len(bm.base_blocks)
+    prefix, suffix = boundary.split_at_block(model, depth)
+    assert prefix.output.shape == (None, 8)  # head_pool's output
+    assert "head_dropout" in [l.name for l in suffix.layers]
+    x, y = data(32)
+    histories = {}
+    for cache in (True, False):
+        model = classifier()
+        histories[cache] = kerastl.fine_tune(
+            model, (x, y), data(16, 1), strategy="features", head_epochs=0,
+            epochs=3, batch_size=8, seed=0, boundary_cache=cache,
+            optimizer=keras.optimizers.Adam(1e-2),
+            check_features=False).fine_tune
+    assert histories[True].boundary_cache == "used"
+    np.testing.assert_allclose(histories[True].history["loss"],
+                               histories[False].history["loss"], rtol=1e-5)
+    assert "'drop'" in refusal(net(keras.layers.Dropout(0.5, name="drop")))
+
+
 def test_refuses_random_layers_inside_a_container():
     flips = keras.layers.Pipeline([keras.layers.RandomFlip(),
                                    keras.layers.RandomRotation(0.1)],

@@ -7,6 +7,7 @@ import numbers
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kerastl
 from conftest import write_folder
@@ -310,18 +311,88 @@ def test_seeded_plans_train_alike_with_and_without_the_boundary_cache():
 # -- budgets in steps and the schedule -------------------------------------------
 
 def test_the_budget_is_counted_in_steps_unless_epochs_are_given():
-    plan = TrainingPlan()  # 10 epochs, at least 300 steps, at most 3,000
-    assert plan.phase_epochs(4) == 75  # 100 images: 75 epochs of 4 steps
-    assert plan.phase_epochs(50) == 10  # 1,600 images: 500 steps
+    plan = TrainingPlan()  # 10 passes, at least 300 steps, at most 3,000
+    # 100 images: 75 passes of 4 steps, in 15 epochs of 5 passes (20 steps)
+    assert (plan.phase_epochs(4), plan.epoch_passes(4)) == (15, 5)
+    assert (plan.phase_epochs(50), plan.epoch_passes(50)) == (10, 1)
     assert plan.phase_epochs(600) == 5  # 19,200 images: capped at 3,000
     assert plan.phase_epochs(5000) == 1
     assert plan.phase_epochs(None) == 10  # unknown length: 10 epochs
-    assert plan.phase_epochs(4, head=True) == 25  # a third: 100 steps
-    assert TrainingPlan(epochs=3).phase_epochs(4) == 3
-    assert TrainingPlan(min_steps=0).phase_epochs(4) == 10
+    assert plan.epoch_passes(None) == 1
+    # The head phase, a third: 100 steps, 5 epochs of 5 passes.
+    assert (plan.phase_epochs(4, head=True),
+            plan.epoch_passes(4, head=True)) == (5, 5)
+    # 3 data (7 steps a pass): 43 passes, in 15 epochs of 3 (315 steps).
+    assert (plan.phase_epochs(7), plan.epoch_passes(7)) == (15, 3)
+    # Data that cannot be repeated (a PyDataset): an epoch is one pass.
+    assert (plan.phase_epochs(4, repeat=False),
+            plan.epoch_passes(4, repeat=False)) == (75, 1)
+    # Epochs given: one pass each, as in Keras.
+    assert (TrainingPlan(epochs=3).phase_epochs(4),
+            TrainingPlan(epochs=3).epoch_passes(4)) == (3, 1)
+    assert TrainingPlan(min_steps=0).phase_epochs(4) == 2  # 10 passes
     with pytest.raises(kerastl.KerastlError, match="max_steps=10 is below "
                                                    "min_steps=300"):
         TrainingPlan(max_steps=10)
+
+
+def test_an_epoch_of_small_data_is_several_passes_in_their_seeded_orders():
+    """Under the step budget an epoch of 4-step data is 5 passes (20
+    steps), whatever serves them: seeded batches (pass p in the order of
+    (seed, p), as one-pass epochs would be), arrays Keras shuffles, a
+    tf.data pipeline, the boundary cache. Validation runs once an epoch."""
+    from kerastl.batch_order import SeededBatches
+
+    x = np.arange(10)[:, None].astype("float32")
+    y = np.arange(10)
+    grouped = SeededBatches((x, y), 4, seed=3, passes=3)
+    grouped.set_epoch(1)
+    single = SeededBatches((x, y), 4, seed=3)
+    expected = []
+    for p in (3, 4, 5):
+        single.set_epoch(p)
+        expected += [single[i][1] for i in range(len(single))]
+    assert len(grouped) == 9
+    for i, batch in enumerate(expected):
+        np.testing.assert_array_equal(grouped[i][1], batch)
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (32, 8, 8, 3)).astype("float32")
+    labels = np.arange(32) % 2
+    validation = (images[:8], labels[:8])
+
+    class Count(keras.callbacks.Callback):
+        validations = 0
+
+        def on_test_begin(self, logs=None):
+            Count.validations += 1
+
+    def run(train, **settings):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(4, 3, name="c1")(inputs)
+        h = keras.layers.Conv2D(4, 3, strides=2, name="c2")(h)
+        model = kerastl.build_classifier(keras.Model(inputs, h), 2,
+                                         freeze=None)
+        Count.validations = 0
+        history = kerastl.fine_tune(
+            model, train, validation, head_epochs=0, min_steps=40,
+            batch_size=8, patience=None, check_features=False,
+            callbacks=[Count()], **settings).fine_tune
+        return (len(history.history["loss"]), Count.validations,
+                int(model.optimizer.iterations), history.boundary_cache)
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    # 10 passes of 4 steps: 2 epochs of 5 passes, 40 steps, 2 validations.
+    assert run((images, labels), seed=1)[:3] == (2, 2, 40)
+    assert run((images, labels))[:3] == (2, 2, 40)
+    assert run(dataset)[:3] == (2, 2, 40)
+    assert run((images, labels), seed=1, strategy="partial",
+               freeze_up_to="block1") == (2, 2, 40, "used")
+    assert run(dataset, strategy="partial", freeze_up_to="block1",
+               boundary_cache=True) == (2, 2, 40, "used")
+    # Epochs given: one pass each, as in Keras.
+    assert run((images, labels), epochs=3)[:3] == (3, 3, 12)
 
 
 def test_the_schedule_gives_the_exact_rates_at_warmup_end_and_last_step(
@@ -339,7 +410,7 @@ def test_the_schedule_gives_the_exact_rates_at_warmup_end_and_last_step(
     kerastl.fine_tune(model, (x, y), strategy="full", head_epochs=0,
                       min_steps=60, seed=0, callbacks=[Rates()],
                       check_features=False)
-    steps, warm = 60, 6  # 15 epochs of 4 steps; 10% warmup
+    steps, warm = 60, 6  # 15 passes of 4 steps; 10% warmup
     peak = kerastl.TrainingPlan().learning_rate
     assert sorted(rates) == list(range(steps))
     assert int(model.optimizer.iterations) == steps
@@ -364,7 +435,8 @@ def test_the_schedule_gives_the_exact_rates_at_warmup_end_and_last_step(
 
 def test_a_180_image_folder_trains_the_minimum_number_of_steps(tmp_path):
     """kerastl finetune with no budget flags: 144 training images (5 steps
-    an epoch) train 60 epochs, 300 steps, not 10 epochs of 50."""
+    a pass) train 60 passes, 300 steps, not 10 passes of 50; in 15 epochs
+    of 4 passes (20 steps), not 60 epochs of 5 steps."""
     model_file = classifier_file(tmp_path)
     data = write_folder(tmp_path / "images", classes=("a", "b", "c"),
                         per_class=60, size=24)
@@ -375,4 +447,4 @@ def test_a_180_image_folder_trains_the_minimum_number_of_steps(tmp_path):
     model = keras.saving.load_model(out / "model.keras", compile=True)
     assert int(model.optimizer.iterations) == 300
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 60
+    assert metrics["epochs_run"] == 15
