@@ -1,11 +1,13 @@
-"""Array data in batches whose order depends on a seed and the epoch alone.
+"""Array data in batches whose order depends on a seed and the pass alone.
 
 ``model.fit(x, y, shuffle=True)`` draws each epoch's order from the global
 random state: two runs agree only if every seed in the process was set, and
 a run resumed by ``BackupAndRestore`` in a new process draws other orders
-than the run it continues. :class:`SeededBatches` draws the order of epoch
-``e`` from ``(seed, e)``: the same in every process, whatever else drew
-random numbers, and the same after a resume. What
+than the run it continues. :class:`SeededBatches` draws the order of pass
+``p`` over the data from ``(seed, p)`` (an epoch is one pass, or several
+on small data under ``fine_tune``'s step budget): the same in every
+process, whatever else drew random numbers, and the same after a
+resume. What
 ``TrainingPlan(seed=...)`` gives array input, with or without the boundary
 cache.
 """
@@ -18,7 +20,7 @@ import numpy as np
 
 class SeededBatches(keras.utils.PyDataset):
     """``(x, y[, sample_weight])`` arrays (or dicts/lists of them) served in
-    batches, in an order drawn from ``(seed, epoch)``.
+    batches, in an order drawn from ``(seed, pass)``.
 
     Pass :meth:`callback` to ``fit`` with it (it tells the batches which
     epoch is starting: ``fit``'s own index, so a resumed run continues with

@@ -473,7 +473,7 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
     Compiles ``model`` and its suffix with the same optimizer, computes the
     boundary activations of the training (and validation) data, and trains
     the suffix on them. ``seed``: the batch order of each epoch is drawn
-    from ``(seed, epoch)`` (see :class:`kerastl.batch_order.SeededBatches`),
+    from ``(seed, pass)`` (see :class:`kerastl.batch_order.SeededBatches`),
     as ``fine_tune`` orders array input end to end; None: Keras shuffles.
 
     ``augment``: a function of a batch of images (training-time

@@ -247,18 +247,24 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
     stopped = was_interrupted(output) if e["resume"] else None
     run = resume.read_run(backup) if e["resume"] else None
     before = run["epochs"] if run else []
-    if isinstance(train, tuple):  # each epoch's order follows (seed, epoch)
+    if isinstance(train, tuple):  # each pass's order follows (seed, pass)
         plan = plan.replace(seed=e["seed"], batch_size=e["batch_size"],
                             trainable=plan.trainable)
     # The budget in epochs (--epochs, or the step budget on this data, as
-    # fine_tune counts it): the run's messages count them; its log keeps
-    # the experiment as given.
+    # fine_tune counts it: on small data several passes each): the run's
+    # messages count them; its log and metrics.json keep the experiment as
+    # given.
     started = _json_ready(e)
-    e = dict(e, epochs=plan.phase_epochs(
-        steps_per_epoch(*train, batch_size=e["batch_size"])
-        if isinstance(train, tuple) else steps_per_epoch(train),
-        repeat=repeatable(*train) if isinstance(train, tuple)
-        else repeatable(train)))
+    data = train if isinstance(train, tuple) else (train,)
+    batches = steps_per_epoch(*data, batch_size=e["batch_size"])
+    passes = plan.epoch_passes(batches, repeat=repeatable(*data))
+    if run and run.get("epoch_passes", 1) != passes:
+        raise ConfigError(
+            f"--resume: the run being resumed counted epochs of "
+            f"{run.get('epoch_passes', 1)} passes over the data and this "
+            f"kerastl counts {passes} (it was started by another version): "
+            f"start over with --overwrite instead of --resume.")
+    e = dict(e, epochs=plan.phase_epochs(batches, repeat=repeatable(*data)))
     replace = e["overwrite"] or stopped is not None
     with atomic_folder(output, "output folder", replace,
                        "pass --overwrite") as tmp:
@@ -267,7 +273,7 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
         # (a resume finds it there); the output gets a copy.
         best = os.path.join(backup, resume.BEST)
         log = resume.EpochLog(os.path.join(backup, resume.RUN_FILE),
-                              started, before)
+                              started, before, epoch_passes=passes)
         history = None
         if (stopped or {}).get("stage") == "export":
             # Training had finished: the model it left is the one kept.
@@ -506,10 +512,13 @@ def _report(tmp, e, model, train, val, classes, history, log, train_time):
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(confusion, (y_true, y_pred), 1)
     metrics = {
-        "experiment": e, "classes": classes,
+        # (as given: its epochs, None for the step budget, give this run)
+        "experiment": dict(e, epochs=log.experiment["epochs"]),
+        "classes": classes,
         "train_images": counts[0], "validation_images": counts[1],
         "validation": {"loss": float(loss), "accuracy": float(accuracy)},
         "epochs_run": len(log.epochs),
+        "passes_per_epoch": log.epoch_passes,
         # "used", or why the frozen blocks ran in every epoch instead.
         "boundary_cache": getattr(history, "boundary_cache", None),
         "history": log.history(),

@@ -78,20 +78,29 @@ NO_DECAY = ("bias", "gamma", "beta")
 EPOCH_STEPS = 20
 
 
-def epoch_passes(epochs, batches, epoch_steps=EPOCH_STEPS):
-    """Passes over the data in one epoch of a phase: 1 when ``epochs`` is
-    given (an epoch is then one pass, as in Keras) or the data's length is
-    unknown; else enough for ``epoch_steps`` steps of ``batches`` each."""
-    if epochs is not None or not batches:
-        return 1
-    return max(1, math.ceil(epoch_steps / batches))
+def phase_budget(epochs, batches, min_steps, max_steps, repeat=True):
+    """``(epochs, passes per epoch)`` of a phase on data of ``batches``
+    steps per pass (None: unknown): ``(epochs, 1)`` when ``epochs`` is
+    given (an epoch is one pass, as in Keras); else the :func:`phase_epochs`
+    passes in epochs of enough passes for :data:`EPOCH_STEPS` steps each
+    (one pass each for data of unknown length or, ``repeat=False``, that
+    cannot be repeated), never more than ``max_steps`` in all."""
+    total = phase_epochs(epochs, batches, min_steps, max_steps)
+    if epochs is not None or not batches or not repeat:
+        return total, 1
+    passes = min(total, max(1, math.ceil(EPOCH_STEPS / batches)))
+    n = -(-total // passes)  # rounded up: at least min_steps
+    if n * passes * batches > max_steps:
+        n = max(1, max_steps // (passes * batches))
+    return n, passes
 
 
 def phase_epochs(epochs, batches, min_steps, max_steps):
-    """Epochs of a phase: ``epochs`` when given; else
+    """Passes over the data in a phase: ``epochs`` when given; else
     :data:`DEFAULT_EPOCHS`, raised until the phase has ``min_steps`` steps
-    of ``batches`` per epoch and lowered until it has at most
+    of ``batches`` per pass and lowered until it has at most
     ``max_steps`` (``batches`` None, data of unknown length: the default).
+    :func:`phase_budget` groups them into epochs.
     """
     if epochs is not None:
         return epochs
@@ -225,8 +234,8 @@ class TrainingPlan:
             validation data; under the cosine schedule from the second
             half of each phase on); None: every epoch runs.
         batch_size: for array input (default: Keras' 32).
-        seed: the batch order of array input: each epoch's order is drawn
-            from ``(seed, epoch)`` alone, so it does not depend on the
+        seed: the batch order of array input: each pass's order is drawn
+            from ``(seed, pass)`` alone, so it does not depend on the
             global random state and a resumed run sees the same order.
             None: Keras shuffles (global random state).
         augment: training-time augmentation of the images, in both phases
@@ -402,28 +411,29 @@ class TrainingPlan:
         return {"strategy": self.strategy, "freeze_up_to": self.freeze_up_to,
                 "bn": self.bn, "multipliers": self.multipliers}
 
+    def _budget(self, batches, head, repeat):
+        if head:
+            return phase_budget(self.head_epochs, batches,
+                                self.min_steps // 3, self.max_steps // 3,
+                                repeat)
+        return phase_budget(self.epochs, batches, self.min_steps,
+                            self.max_steps, repeat)
+
     def phase_epochs(self, batches, head=False, repeat=True):
         """The epochs of the main (or head) phase on data of ``batches``
         steps per pass (None: unknown): :attr:`epochs` (or
         :attr:`head_epochs`) when set, else the step budget (see
-        :func:`phase_epochs`; the head phase gets a third of the steps) in
+        :func:`phase_budget`; the head phase gets a third of the steps) in
         epochs of :meth:`epoch_passes` passes each (``repeat=False``, data
         that cannot be repeated: one pass each)."""
-        given = self.head_epochs if head else self.epochs
-        passes = phase_epochs(given, batches,
-                              self.min_steps // 3 if head else self.min_steps,
-                              self.max_steps // 3 if head else self.max_steps)
-        return -(-passes // self.epoch_passes(batches, head, repeat))
+        return self._budget(batches, head, repeat)[0]
 
     def epoch_passes(self, batches, head=False, repeat=True):
         """Passes over data of ``batches`` steps in one epoch of the main
         (or head) phase: 1 when its epochs are given (or ``repeat`` is
         False), else enough for :data:`EPOCH_STEPS` steps (see
-        :func:`epoch_passes`)."""
-        if not repeat:
-            return 1
-        return epoch_passes(self.head_epochs if head else self.epochs,
-                            batches)
+        :func:`phase_budget`)."""
+        return self._budget(batches, head, repeat)[1]
 
     def optimizers(self, model, head_steps=None, steps=None):
         """``(head optimizer or None, main optimizer)`` for phases of

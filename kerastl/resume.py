@@ -144,18 +144,22 @@ class EpochLog(keras.callbacks.Callback):
         path: the ``run.json`` file.
         experiment: the resolved experiment (JSON-able).
         epochs: the logs of the epochs completed before a resume.
+        epoch_passes: the passes over the data in each epoch (several on
+            small data under the step budget): a resume must count alike.
     """
 
-    def __init__(self, path, experiment, epochs=()):
+    def __init__(self, path, experiment, epochs=(), epoch_passes=1):
         super().__init__()
         self.path = path
         self.experiment = dict(experiment)
         self.epochs = [dict(e) for e in epochs]
+        self.epoch_passes = int(epoch_passes)
 
     def write(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         write_json(self.path, {"experiment": self.experiment,
-                               "epochs": self.epochs})
+                               "epochs": self.epochs,
+                               "epoch_passes": self.epoch_passes})
 
     def on_train_begin(self, logs=None):
         self.write()

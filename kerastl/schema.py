@@ -219,10 +219,10 @@ KEYS = (
         "max_steps, in epochs of at least 20 steps (small data repeated)",
         check=_positive, expected="a positive integer"),
     Key("min_steps", 300, (int,), "with epochs none: the fewest optimizer "
-        "steps (small datasets train more epochs)", check=lambda v: v >= 0,
+        "steps (small datasets train more passes)", check=lambda v: v >= 0,
         expected="an integer >= 0"),
     Key("max_steps", 3000, (int,), "with epochs none: the most optimizer "
-        "steps (large datasets train fewer epochs)", check=_positive,
+        "steps (large datasets train fewer passes)", check=_positive,
         expected="a positive integer"),
     Key("augment", "none", (str,),
         "training-time augmentation (Keras layers; never flips unless "

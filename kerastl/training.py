@@ -214,7 +214,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
         if distribute.is_multi_worker(model):
             distribute.prepare_distributed_fit(
                 model, (x, y) if y is not None else x)
-        if y is not None and (plan.seed is not None or aug is not None):
+        if y is not None and (plan.seed is not None or aug is not None
+                              or passes > 1):
             batches = SeededBatches(
                 (x, y) if w is None else (x, y, w), plan.batch_size or 32,
                 seed, transform=augment_fn, passes=passes)
@@ -228,8 +229,9 @@ def fine_tune(model, train, validation=None, plan=None, *,
             # A dataset (no separate y) is shuffled by its own pipeline;
             # Keras warns when asked to shuffle one.
             data = x if aug is None else augment_lib.augment_dataset(x, aug)
-            data, ys, ws = _repeated(passes, data, y, w)
-            history = model.fit(data, ys, sample_weight=ws,
+            if passes > 1:  # (each pass reshuffles as the dataset does)
+                data = data.repeat(passes)
+            history = model.fit(data, y, sample_weight=w,
                                 validation_data=validation, epochs=n_epochs,
                                 batch_size=plan.batch_size, callbacks=cbs,
                                 shuffle=y is not None, verbose=verbose)
@@ -275,19 +277,6 @@ def repeatable(x, y=None):
     return isinstance(x, tf.data.Dataset)
 
 
-def _repeated(passes, x, y, w):
-    """``fit``'s ``(x, y, sample_weight)`` for epochs of ``passes`` passes:
-    arrays repeated (Keras shuffles within the epoch), a dataset repeated
-    (each pass reshuffles as the dataset does)."""
-    if passes == 1:
-        return x, y, w
-    if y is None:
-        return x.repeat(passes), None, None
-    return tuple(None if a is None else keras.tree.map_structure(
-        lambda v: np.concatenate([np.asarray(v)] * passes), a)
-        for a in (x, y, w))
-
-
 def _announce(verbose, what, epochs, passes, batches):
     """With progress output on: which phase the epochs that follow are."""
     if verbose:
@@ -307,9 +296,10 @@ def steps_per_epoch(x, y=None, batch_size=None):
     arrays, a dataset's cardinality, or None when unknown (a generator, a
     repeated dataset)."""
     if y is not None or isinstance(x, np.ndarray):
-        try:
-            return max(1, math.ceil(len(x) / (batch_size or 32)))
-        except TypeError:
+        try:  # (a dict or list of arrays: the length of the first)
+            return max(1, math.ceil(len(keras.tree.flatten(x)[0]) /
+                                    (batch_size or 32)))
+        except (TypeError, IndexError):
             return None
     import tensorflow as tf
 

@@ -331,6 +331,10 @@ def test_the_budget_is_counted_in_steps_unless_epochs_are_given():
     assert (TrainingPlan(epochs=3).phase_epochs(4),
             TrainingPlan(epochs=3).epoch_passes(4)) == (3, 1)
     assert TrainingPlan(min_steps=0).phase_epochs(4) == 2  # 10 passes
+    # Never more than max_steps: 10 passes of 3 steps in 1 epoch of 7.
+    small = TrainingPlan(min_steps=0, max_steps=30)
+    assert (small.phase_epochs(3), small.epoch_passes(3)) == (1, 7)
+    assert (small.phase_epochs(30), small.epoch_passes(30)) == (1, 1)
     with pytest.raises(kerastl.KerastlError, match="max_steps=10 is below "
                                                    "min_steps=300"):
         TrainingPlan(max_steps=10)
@@ -386,6 +390,8 @@ def test_an_epoch_of_small_data_is_several_passes_in_their_seeded_orders():
     # 10 passes of 4 steps: 2 epochs of 5 passes, 40 steps, 2 validations.
     assert run((images, labels), seed=1)[:3] == (2, 2, 40)
     assert run((images, labels))[:3] == (2, 2, 40)
+    # 30 images: 4 steps a pass all the same (the last batch short).
+    assert run((images[:30], labels[:30]))[:3] == (2, 2, 40)
     assert run(dataset)[:3] == (2, 2, 40)
     assert run((images, labels), seed=1, strategy="partial",
                freeze_up_to="block1") == (2, 2, 40, "used")

@@ -159,6 +159,17 @@ def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
     # Without --resume the interrupted run is not thrown away silently.
     assert cli.main(argv) == 2
     assert "--resume" in capsys.readouterr().err
+    # A backup whose epochs were of other passes over the data (another
+    # kerastl version) is not continued under a new meaning.
+    run_file = os.path.join(backup, resume.RUN_FILE)
+    logged = json.loads(open(run_file).read())
+    assert logged["epoch_passes"] == 1  # --epochs given: one pass each
+    with open(run_file, "w") as f:
+        json.dump(dict(logged, epoch_passes=5), f)
+    assert cli.main(argv + ["--resume"]) == 2
+    assert "epochs of 5 passes over the data" in capsys.readouterr().err
+    with open(run_file, "w") as f:
+        json.dump(logged, f)
     assert cli.main(argv + ["--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     # Epochs 3 and 4 ran; 1 and 2 came from the backup, and the history
