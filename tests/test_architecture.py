@@ -152,7 +152,7 @@ LAYERS = [
         ("atomic", "folders written whole or not at all"),
         ("network", "offline checks for downloads"),
         ("sampling", "few_shot: examples per class"),
-        ("batch_order", "array batches in an order drawn from (seed, epoch)"),
+        ("batch_order", "array batches in an order drawn from (seed, pass)"),
         ("rendering", "digits drawn from matplotlib's fonts"),
     ]),
     ("Block map", "what a block is", [
