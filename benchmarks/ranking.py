@@ -245,8 +245,8 @@ def depth_sweep(make, data, seed, batch_size=32):
     100 images: 80 steps)."""
     train, _, test, _ = data
     per_epoch = math.ceil(len(train[0]) / batch_size)
-    plan = kerastl.TrainingPlan()  # its passes over the data
-    epochs = plan.phase_epochs(per_epoch) * plan.epoch_passes(per_epoch)
+    epochs, passes = kerastl.TrainingPlan().budget(per_epoch)
+    epochs *= passes  # (the sweep's epochs are passes over the data)
     sweep = transfer_depth_sweep(make(), train, test, seeds=(seed,),
                                  epochs=epochs, batch_size=batch_size)
     keras.backend.clear_session()

@@ -322,9 +322,9 @@ def one_run(make, data, seed, recipe, config=None):
 
 def default_steps(n, batch=32):
     """The main-phase steps of kerastl's defaults on ``n`` images."""
-    per_pass, plan = math.ceil(n / batch), kerastl.TrainingPlan()
-    return plan.phase_epochs(per_pass) * plan.epoch_passes(per_pass) * \
-        per_pass
+    per_pass = math.ceil(n / batch)
+    epochs, passes = kerastl.TrainingPlan().budget(per_pass)
+    return epochs * passes * per_pass
 
 
 def main(argv=None):

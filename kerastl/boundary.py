@@ -95,10 +95,11 @@ def _after_boundary(bm, depth):
             readers.setdefault(parent, set()).add(layer.name)
     tail = set()  # weightless, and read only after the boundary or by tail
     for layer in reversed(prefix):
-        if not layer.weights and bm.outer_layer(layer.name) is layer and \
-                readers.get(layer.name) and \
+        # (the set lookups first: outer_layer scans the model's layers)
+        if not layer.weights and readers.get(layer.name) and \
                 all(r not in inside or r in tail
-                    for r in readers[layer.name]):
+                    for r in readers[layer.name]) and \
+                bm.outer_layer(layer.name) is layer:
             tail.add(layer.name)
     moved = set()
     for layer in prefix:  # topological: a random layer, then its readers

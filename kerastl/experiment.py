@@ -256,15 +256,16 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
     # given.
     started = _json_ready(e)
     data = train if isinstance(train, tuple) else (train,)
-    batches = steps_per_epoch(*data, batch_size=e["batch_size"])
-    passes = plan.epoch_passes(batches, repeat=repeatable(*data))
+    epochs, passes = plan.budget(
+        steps_per_epoch(*data, batch_size=e["batch_size"]),
+        repeat=repeatable(*data))
     if run and run.get("epoch_passes", 1) != passes:
         raise ConfigError(
             f"--resume: the run being resumed counted epochs of "
             f"{run.get('epoch_passes', 1)} passes over the data and this "
             f"kerastl counts {passes} (it was started by another version): "
             f"start over with --overwrite instead of --resume.")
-    e = dict(e, epochs=plan.phase_epochs(batches, repeat=repeatable(*data)))
+    e = dict(e, epochs=epochs)
     replace = e["overwrite"] or stopped is not None
     with atomic_folder(output, "output folder", replace,
                        "pass --overwrite") as tmp:

@@ -411,7 +411,12 @@ class TrainingPlan:
         return {"strategy": self.strategy, "freeze_up_to": self.freeze_up_to,
                 "bn": self.bn, "multipliers": self.multipliers}
 
-    def _budget(self, batches, head, repeat):
+    def budget(self, batches, head=False, repeat=True):
+        """``(epochs, passes per epoch)`` of the main (or head) phase on
+        data of ``batches`` steps per pass (None: unknown; ``repeat=False``,
+        data that cannot be repeated): see :func:`phase_budget`, the head
+        phase with a third of the steps. :meth:`phase_epochs` and
+        :meth:`epoch_passes` are its two parts."""
         if head:
             return phase_budget(self.head_epochs, batches,
                                 self.min_steps // 3, self.max_steps // 3,
@@ -426,14 +431,14 @@ class TrainingPlan:
         :func:`phase_budget`; the head phase gets a third of the steps) in
         epochs of :meth:`epoch_passes` passes each (``repeat=False``, data
         that cannot be repeated: one pass each)."""
-        return self._budget(batches, head, repeat)[0]
+        return self.budget(batches, head, repeat)[0]
 
     def epoch_passes(self, batches, head=False, repeat=True):
         """Passes over data of ``batches`` steps in one epoch of the main
         (or head) phase: 1 when its epochs are given (or ``repeat`` is
         False), else enough for :data:`EPOCH_STEPS` steps (see
         :func:`phase_budget`)."""
-        return self._budget(batches, head, repeat)[1]
+        return self.budget(batches, head, repeat)[1]
 
     def optimizers(self, model, head_steps=None, steps=None):
         """``(head optimizer or None, main optimizer)`` for phases of

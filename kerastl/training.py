@@ -150,10 +150,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
     batches = steps_per_epoch(x, y, plan.batch_size)
     # Under the step budget an epoch of small data is several passes.
     repeat = repeatable(x, y)
-    head_epochs, epochs = plan.phase_epochs(batches, True, repeat), \
-        plan.phase_epochs(batches, False, repeat)
-    head_passes, passes = plan.epoch_passes(batches, True, repeat), \
-        plan.epoch_passes(batches, False, repeat)
+    head_epochs, head_passes = plan.budget(batches, True, repeat)
+    epochs, passes = plan.budget(batches, False, repeat)
     bn = plan.bn
     if backbone_lib.random_weights(layer for b in bm.base_blocks
                                    for layer in bm.weighted_layers(b)):
