@@ -36,9 +36,14 @@ def source_predictions(y, source_classes=5, seed=0):
 
 # -- each estimator against its formula ---------------------------------------
 
-@pytest.mark.parametrize("shape", [(60, 12), (20, 50)], ids=["n>d", "n<d"])
-def test_logme_is_the_log_evidence_at_a_fixed_point(shape):
+@pytest.mark.parametrize("shape,dead", [((60, 12), False), ((20, 50), False),
+                                        ((60, 12), True)],
+                         ids=["n>d", "n<d", "dead units"])
+def test_logme_is_the_log_evidence_at_a_fixed_point(shape, dead):
     f, y = problem(*shape, signal=4.0)
+    if dead:  # units that never fire and a duplicated one: F'F is singular
+        f[:, -3:-1] = 0.0
+        f[:, -1] = f[:, 0]
     score, details = T.logme(f, y, return_details=True)
     n = len(f)
     naive = []

@@ -9,9 +9,9 @@ NumPy only, in float64.
 * :func:`logme` — LogME (You et al., ICML 2021; JMLR 2022): the log marginal
   evidence of a Bayesian linear model of each one-hot label column on the
   features, its prior and noise precisions chosen by a fixed-point
-  iteration, averaged over classes and divided by ``n``. One thin SVD of the
-  features, or the eigendecomposition of ``F F'`` when ``n < d``
-  (``O(n d min(n, d))`` time, no ``n x n x d`` array).
+  iteration, averaged over classes and divided by ``n``. One
+  eigendecomposition of ``F'F`` (or of ``F F'`` when ``n < d``):
+  ``O(n d min(n, d))`` time, no ``n x n x d`` array.
 * :func:`leep` — LEEP (Nguyen et al., ICML 2020): the log expected empirical
   prediction of the source classifier's soft labels through the empirical
   conditional ``P(target | source)``.
@@ -80,8 +80,9 @@ def logme(features, labels, max_iterations=100, tolerance=1e-8,
     maximised over ``alpha, beta`` by MacKay's fixed point
     (``gamma = sum beta s_i / (alpha + beta s_i)``, ``alpha = gamma / |m|^2``,
     ``beta = (n - gamma) / |t - F m|^2``, ``s_i`` the eigenvalues of
-    ``F'F``). Everything is computed in the basis of one thin SVD of ``F``
-    (the eigenvectors of ``F F'`` when ``n < d``: the same basis, faster).
+    ``F'F``). Everything is computed in the basis of one eigendecomposition
+    (of ``F'F``, or of ``F F'`` when ``n < d``: the basis of the thin SVD of
+    ``F``, faster), for every class at once.
 
     Args:
         features: ``(n, d)`` features.
@@ -105,42 +106,57 @@ def logme(features, labels, max_iterations=100, tolerance=1e-8,
         sigma, u = np.linalg.eigh(f @ f.T)
         sigma = np.clip(sigma, 0.0, None)  # (rounding below 0)
     else:
-        u, s, _ = np.linalg.svd(f, full_matrices=False)  # f = u diag(s) vh
-        sigma = s ** 2  # the non-zero part of the eigenvalues of f'f
+        # f'f = v diag(s^2) v' (d x d; 4 to 5 times faster than the thin
+        # SVD of f for 300 images of 32 to 256 features), u = f v / s.
+        # Directions of f'f with eigenvalues below 1e-10 of the largest
+        # (dead units, duplicated features) are left to ``rest``: outside
+        # the column space, exactly as an eigenvalue of 0 (as the LogME
+        # authors' truncated SVD).
+        sigma, v = np.linalg.eigh(f.T @ f)
+        keep = sigma > 1e-10 * max(float(sigma.max()), 1e-300)
+        sigma, v = sigma[keep], v[:, keep]
+        u = (f @ v) / np.sqrt(sigma)
     r = len(sigma)
-    evidences, alphas, betas = [], [], []
-    for k in range(num_classes):
-        t = (codes == k).astype("float64")
-        z = u.T @ t  # t's coordinates in the column space of f
-        t_sq, z_sq = float(t @ t), z ** 2
-        rest = max(t_sq - float(z_sq.sum()), 0.0)  # |t|^2 outside it
-        alpha, beta = 1.0, 1.0
-        for _ in range(max_iterations):
-            denom = alpha + beta * sigma
-            gamma = float(np.sum(beta * sigma / denom))
-            m_sq = float(np.sum(beta ** 2 * sigma * z_sq / denom ** 2))
-            res_sq = rest + float(np.sum(z_sq * (alpha / denom) ** 2))
-            if n - gamma <= 1e-9 * n or res_sq <= 0:
-                break  # t interpolated exactly (n <= d): beta has no maximum
-            new_alpha = gamma / max(m_sq, 1e-300)
+    # Every class's fixed point at once: row k of each (classes, r) array
+    # is class k's, and a class stops moving when its own test says so.
+    t = (codes[:, None] == np.arange(num_classes)).astype("float64")
+    z_sq = (u.T @ t).T ** 2  # t's coordinates in the column space of f
+    t_sq = t.sum(0)
+    rest = np.maximum(t_sq - z_sq.sum(1), 0.0)  # |t|^2 outside it
+    alpha, beta = np.ones(num_classes), np.ones(num_classes)
+    moving = np.ones(num_classes, bool)
+
+    def terms(alpha, beta):
+        denom = alpha[:, None] + beta[:, None] * sigma
+        m_sq = np.sum(beta[:, None] ** 2 * sigma * z_sq / denom ** 2, 1)
+        res_sq = rest + np.sum(z_sq * (alpha[:, None] / denom) ** 2, 1)
+        return denom, m_sq, res_sq
+
+    for _ in range(max_iterations):
+        denom, m_sq, res_sq = terms(alpha, beta)
+        gamma = np.sum(beta[:, None] * sigma / denom, 1)
+        # t interpolated exactly (n <= d): beta has no maximum
+        moving &= ~((n - gamma <= 1e-9 * n) | (res_sq <= 0))
+        if not moving.any():
+            break
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_alpha = gamma / np.maximum(m_sq, 1e-300)
             new_beta = (n - gamma) / res_sq
-            ratio, new_ratio = alpha / beta, new_alpha / new_beta
-            alpha, beta = new_alpha, new_beta
-            if abs(new_ratio - ratio) <= tolerance * ratio:
-                break
-        denom = alpha + beta * sigma
-        m_sq = float(np.sum(beta ** 2 * sigma * z_sq / denom ** 2))
-        res_sq = rest + float(np.sum(z_sq * (alpha / denom) ** 2))
-        log_det = float(np.sum(np.log(denom))) + (d - r) * np.log(alpha)
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta)
-                    - n / 2 * np.log(2 * np.pi) - log_det / 2
-                    - beta / 2 * res_sq - alpha / 2 * m_sq)
-        evidences.append(evidence / n)
-        alphas.append(alpha)
-        betas.append(beta)
+        ratio, new_ratio = alpha / beta, new_alpha / new_beta
+        alpha = np.where(moving, new_alpha, alpha)
+        beta = np.where(moving, new_beta, beta)
+        moving &= ~(np.abs(new_ratio - ratio) <= tolerance * ratio)
+        if not moving.any():
+            break
+    denom, m_sq, res_sq = terms(alpha, beta)
+    log_det = np.sum(np.log(denom), 1) + (d - r) * np.log(alpha)
+    evidences = (d / 2 * np.log(alpha) + n / 2 * np.log(beta)
+                 - n / 2 * np.log(2 * np.pi) - log_det / 2
+                 - beta / 2 * res_sq - alpha / 2 * m_sq) / n
     score = float(np.mean(evidences))
     if return_details:
-        return score, {"alpha": alphas, "beta": betas,
+        return score, {"alpha": [float(a) for a in alpha],
+                       "beta": [float(b) for b in beta],
                        "evidence": [float(e) for e in evidences]}
     return score
 
