@@ -14,6 +14,9 @@ model must do well on the target.
   ``bottleneck``, ``label_head`` and ``domain_head``.
 * :mod:`~kerastl.adaptation.adda` — :class:`ADDA` (stage 2 of ADDA in
   ``fit``).
+* :mod:`~kerastl.adaptation.adamatch` — :class:`AdaMatch` (self-training
+  with weak and strong views, trained with plain ``fit``),
+  :func:`adamatch_loss`.
 * :mod:`~kerastl.adaptation.selection` — label-free model selection:
   :func:`deep_embedded_validation`, :func:`ensemble_validation`,
   :func:`select_model`.
@@ -26,6 +29,9 @@ model must do well on the target.
 """
 
 from kerastl.adaptation.adabn import adapt_batch_norm, mean_entropy, tent
+from kerastl.adaptation.adamatch import (AdaMatch, adamatch_loss,
+                                         strong_augmentation,
+                                         weak_augmentation)
 from kerastl.adaptation.adda import ADDA
 from kerastl.adaptation.borrowing import (JointFineTuning, SourceSelection,
                                           hard_examples, joint_fine_tune,
@@ -42,11 +48,12 @@ from kerastl.adaptation.selection import (DEVEstimate, EnsembleEstimate,
 from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
                                           ganin_lambda)
 
-__all__ = ["ADDA", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
+__all__ = ["ADDA", "AdaMatch", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "GaninLearningRate", "GradientReversal", "JointFineTuning",
-           "ModelSelection", "SourceSelection", "adapt_batch_norm",
+           "ModelSelection", "SourceSelection", "adamatch_loss", "adapt_batch_norm",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
            "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",
            "information_loss", "joint_fine_tune", "mcc_loss", "mean_entropy",
-           "mmd_loss", "select_model", "select_source_samples", "tent"]
+           "mmd_loss", "select_model", "select_source_samples", "strong_augmentation", "tent",
+           "weak_augmentation"]

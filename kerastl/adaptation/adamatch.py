@@ -1,0 +1,372 @@
+"""``AdaMatch``: self-training for domain adaptation inside ``model.fit``.
+
+AdaMatch (Berthelot et al., ICLR 2022) trains one classifier on labelled
+source images and unlabelled target images. Each image is seen twice, weakly
+and strongly augmented (Keras's own augmentation layers); the target's weak
+predictions, aligned to the source's class distribution, become hard
+pseudo-labels for its strong views where they are confident enough relative
+to the source's own confidence; random logit interpolation between a pass
+with both domains' batch statistics and one with the source's alone keeps
+the source loss consistent across the two.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from kerastl import _keras_private as _private
+from kerastl import distribute as _distribute
+from kerastl import heads
+from kerastl.errors import KerastlError
+
+
+def weak_augmentation(seed=None):
+    """AdaMatch's weak augmentation: a random shift of up to 1/8 of the
+    image each way (the paper's, without its horizontal flip, which would
+    turn digits and text into other classes)."""
+    return keras.Sequential([keras.layers.RandomTranslation(
+        0.125, 0.125, fill_mode="reflect", seed=seed)],
+        name="weak_augmentation")
+
+
+def strong_augmentation(value_range=(0, 255), seed=None):
+    """AdaMatch's strong augmentation from Keras's own layers: the weak
+    shift, then :class:`keras.layers.RandAugment` (two random operations at
+    a random magnitude)."""
+    return keras.Sequential([
+        keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect",
+                                       seed=seed),
+        keras.layers.RandAugment(value_range=tuple(value_range), seed=seed)],
+        name="strong_augmentation")
+
+
+def adamatch_loss(source_labels, source_logits, source_only_logits,
+                  target_logits, tau=0.9, interpolation=None):
+    """AdaMatch's two losses on one batch (the paper's Algorithm 1).
+
+    Args:
+        source_labels: ``(n,)`` integer labels of the source images.
+        source_logits: ``(2n, C)`` logits of the source's weak then strong
+            views from the pass over both domains.
+        source_only_logits: the same from the pass over the source alone.
+        target_logits: ``(2m, C)`` logits of the target's weak then strong
+            views (from the pass over both domains).
+        tau: the relative confidence threshold.
+        interpolation: ``(2n, C)`` weights in [0, 1] of the random logit
+            interpolation (drawn uniformly by :class:`AdaMatch`); None: 1.
+
+    Returns:
+        ``(source_loss, target_loss, mask)``: the cross-entropy of the
+        interpolated source logits (weak and strong views averaged), the
+        masked cross-entropy of the target's strong views against the
+        pseudo-labels of its weak views, and which target images passed
+        the threshold.
+    """
+    source_logits = ops.cast(source_logits, "float32")
+    target_logits = ops.cast(target_logits, "float32")
+    if interpolation is not None:
+        lam = ops.cast(interpolation, "float32")
+        source_logits = lam * source_logits + (1.0 - lam) * ops.cast(
+            source_only_logits, "float32")
+    n = ops.shape(source_labels)[0]
+    m = ops.shape(target_logits)[0] // 2
+    labels = ops.concatenate([source_labels, source_labels], axis=0)
+    source_loss = ops.mean(keras.losses.sparse_categorical_crossentropy(
+        labels, source_logits, from_logits=True))
+    p_source = ops.stop_gradient(ops.softmax(source_logits[:n], axis=-1))
+    p_target = ops.stop_gradient(ops.softmax(target_logits[:m], axis=-1))
+    # Distribution alignment: the target's predictions reweighted by the
+    # ratio of the two domains' mean predictions, renormalised.
+    aligned = p_target * (ops.mean(p_source, axis=0)
+                          / ops.maximum(ops.mean(p_target, axis=0), 1e-12))
+    aligned = aligned / ops.sum(aligned, axis=-1, keepdims=True)
+    # Relative confidence threshold: tau times the source's mean confidence.
+    threshold = tau * ops.mean(ops.max(p_source, axis=-1))
+    mask = ops.cast(ops.max(aligned, axis=-1) >= threshold, "float32")
+    pseudo = ops.argmax(aligned, axis=-1)
+    target_loss = ops.mean(mask * keras.losses.sparse_categorical_crossentropy(
+        pseudo, target_logits[m:], from_logits=True))
+    return source_loss, target_loss, mask
+
+
+def adamatch_weight(step, ramp_steps):
+    """The weight of the target loss at ``step``: ``1/2 - cos(min(pi, pi
+    step / ramp_steps)) / 2``, from 0 to 1 over ``ramp_steps`` (the paper's
+    first half of training), then 1."""
+    step = ops.cast(step, "float32")
+    ramp = ops.maximum(ops.cast(ramp_steps, "float32"), 1.0)
+    return 0.5 - ops.cos(ops.minimum(math.pi, math.pi * step / ramp)) / 2.0
+
+
+@keras.saving.register_keras_serializable(package="kerastl")
+class AdaMatch(keras.Model):
+    """AdaMatch self-training for an unlabelled target, inside ``model.fit``.
+
+    Holds a feature extractor (any Keras model or a kerastl
+    :class:`~kerastl.Backbone`; spatial outputs are average-pooled), a
+    label head, and two augmentations that run only in training steps.
+    Train it on the batches :func:`domain_dataset` gives,
+    ``({"source": xs, "target": xt}, ys)``. Each step (Berthelot et al.,
+    2022, Algorithm 1):
+
+    1. both domains' weak and strong views go through the network together,
+       and the source's views once more alone (its own batch statistics);
+       the source logits are a random interpolation of the two passes;
+    2. the target's weak predictions are aligned to the source's class
+       distribution (times the ratio of the mean predictions, renormalised);
+    3. those above ``tau`` times the source's mean confidence become hard
+       pseudo-labels for the target's strong views;
+    4. the loss is the source cross-entropy plus ``target_weight`` times the
+       masked target cross-entropy, ramped in by a half cosine over the
+       first ``warmup`` of the ``fit`` call's steps.
+
+    Logs ``source_loss``, ``target_loss`` and ``mask_rate`` (the share of
+    target images above the threshold). ``evaluate`` and ``predict`` take
+    plain images and run the label path only, without augmentation; so does
+    :attr:`classifier`, the model to export.
+
+    Compile it without a loss (``model.compile(optimizer,
+    metrics=["accuracy"])``).
+
+    Args:
+        feature_extractor: a ``keras.Model`` (or Backbone) from images to
+            features.
+        num_classes: the number of classes.
+        tau: the relative confidence threshold (the paper's 0.9).
+        target_weight: the weight of the target loss once ramped in.
+        warmup: the share of each ``fit`` call's steps over which the
+            target loss ramps in (the paper: half).
+        weak, strong: the augmentations, Keras layers on image batches;
+            default :func:`weak_augmentation` and
+            :func:`strong_augmentation` (``value_range``).
+        value_range: the pixel range of the images (for RandAugment).
+        bottleneck: width of a Dense + BN + ReLU layer before the label
+            head (None: none).
+        dropout: dropout before the label head.
+        seed: seeds the augmentations and the interpolation weights.
+
+    Example::
+
+        model = kerastl.AdaMatch(backbone, num_classes=10)
+        model.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+        model.fit(kerastl.adaptation.domain_dataset((xs, ys), xt),
+                  epochs=20)
+        model.classifier.export("served")  # no augmentation in it
+    """
+
+    def __init__(self, feature_extractor, num_classes, tau=0.9,
+                 target_weight=1.0, warmup=0.5, weak=None, strong=None,
+                 value_range=(0, 255), bottleneck=None, dropout=0.0,
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        feature_extractor = getattr(feature_extractor, "model",
+                                    feature_extractor)
+        if not isinstance(feature_extractor, keras.layers.Layer):
+            raise KerastlError(
+                f"AdaMatch needs a Keras model (or kerastl Backbone) as "
+                f"feature extractor; got {type(feature_extractor).__name__}.")
+        if isinstance(num_classes, bool) or not isinstance(
+                num_classes, (int, np.integer)) or num_classes < 2:
+            raise KerastlError(
+                f"num_classes={num_classes!r}: expected an int >= 2.")
+        for name, value, low, high in (("tau", tau, 0.0, 1.0),
+                                       ("warmup", warmup, 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not low <= value <= high:
+                raise KerastlError(f"{name}={value!r}: expected a number in "
+                                   f"[{low:g}, {high:g}].")
+        if isinstance(target_weight, bool) or not isinstance(
+                target_weight, (int, float)) or not math.isfinite(
+                target_weight) or target_weight < 0:
+            raise KerastlError(
+                f"target_weight={target_weight!r}: expected a finite number "
+                f">= 0 (0 trains on the source only).")
+        for name, layer in (("weak", weak), ("strong", strong)):
+            if layer is not None and not callable(layer):
+                raise KerastlError(
+                    f"{name}={layer!r}: expected a Keras layer (or model) "
+                    "that augments a batch of images, or None for "
+                    "AdaMatch's default.")
+        self.feature_extractor = feature_extractor
+        self.num_classes = int(num_classes)
+        self.tau = float(tau)
+        self.target_weight = float(target_weight)
+        self.warmup = float(warmup)
+        self.value_range = tuple(float(v) for v in value_range)
+        self.bottleneck = None if bottleneck is None else int(bottleneck)
+        self.dropout_rate = float(dropout)
+        self.seed = seed
+        self.weak = weak if weak is not None else weak_augmentation(seed)
+        self.strong = strong if strong is not None else strong_augmentation(
+            self.value_range, None if seed is None else seed + 1)
+        self.pool = heads.pooling_layer("avg", "pool")
+        self.bottleneck_layers = heads.mlp(
+            () if self.bottleneck is None else (self.bottleneck,),
+            "bottleneck", True)
+        self.label_dropout = keras.layers.Dropout(self.dropout_rate,
+                                                  name="label_dropout")
+        self.label_head = heads.output_layer(num_classes, None, "label")
+        self.softmax = keras.layers.Softmax(dtype="float32", name="softmax")
+        self.interpolation_seed = keras.random.SeedGenerator(
+            None if seed is None else seed + 2)
+        self.step = self.add_weight(shape=(), name="step", trainable=False,
+                                    initializer="zeros")
+        self.ramp_steps = self.add_weight(
+            shape=(), name="ramp_steps", trainable=False,
+            initializer=keras.initializers.Constant(1.0))
+        self.source_loss_tracker = keras.metrics.Mean(name="source_loss")
+        self.target_loss_tracker = keras.metrics.Mean(name="target_loss")
+        self.mask_rate_tracker = keras.metrics.Mean(name="mask_rate")
+        shape = tuple(feature_extractor.output_shape)
+        if len(shape) not in (2, 4) or shape[-1] is None:
+            raise KerastlError(
+                f"The feature extractor returns shape {shape}; AdaMatch "
+                f"needs (batch, h, w, c) or (batch, features).")
+        d = heads.build_mlp(self.bottleneck_layers, shape[-1])
+        self.label_head.build((None, d))
+        self.built = True
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    def build_from_config(self, config):
+        self.built = True
+
+    def fit(self, *args, **kwargs):
+        """``keras.Model.fit``: the target loss ramps in over the first
+        ``warmup`` of this call's steps (set when training starts); a
+        ``tf.data`` input is not reshuffled by Keras (``shuffle`` defaults to
+        False for it)."""
+        x = args[0] if args else kwargs.get("x")
+        if "shuffle" not in kwargs and len(args) <= 8 and \
+                type(x).__module__.startswith("tensorflow") and \
+                hasattr(x, "element_spec"):
+            kwargs["shuffle"] = False
+        callbacks = list(kwargs.get("callbacks") or [])
+        kwargs["callbacks"] = callbacks + [_RampOverFit()]
+        return super().fit(*args, **kwargs)
+
+    def test_step(self, data):
+        """Evaluation on labelled images reports the label path's loss and
+        metrics only (the training terms would read 0)."""
+        logs = super().test_step(data)
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        if isinstance(x, dict):
+            return logs
+        training_only = {"source_loss", "target_loss", "mask_rate"}
+        return {k: v for k, v in logs.items() if k not in training_only}
+
+    def kerastl_block_parts(self):
+        """The parts of AdaMatch's block map, input to output: the feature
+        extractor's own blocks, then ``label_head`` (pooling, the optional
+        bottleneck, dropout and the label layer). The augmentations run in
+        training steps only and hold no weights to freeze."""
+        return [self.feature_extractor,
+                ("label_head", [self.pool] + self.bottleneck_layers
+                 + [self.label_dropout, self.label_head, self.softmax],
+                 True)]
+
+    # -- forward ----------------------------------------------------------
+
+    def logits(self, x, training=False):
+        """The label path's logits on images ``x`` (no augmentation)."""
+        f = self.feature_extractor(x, training=training)
+        f = self.pool(f) if len(f.shape) == 4 else f
+        for layer in self.bottleneck_layers:
+            f = layer(f, training=training)
+        return self.label_head(self.label_dropout(f, training=training))
+
+    def call(self, inputs, training=False):
+        if not isinstance(inputs, dict):  # the label path
+            return self.softmax(self.logits(inputs, training))
+        xs, xt = inputs["source"], inputs["target"]
+        source = ops.concatenate([self.weak(xs, training=True),
+                                  self.strong(xs, training=True)], axis=0)
+        target = ops.concatenate([self.weak(xt, training=True),
+                                  self.strong(xt, training=True)], axis=0)
+        both = self.logits(ops.concatenate([source, target], axis=0),
+                           training)
+        n = ops.shape(source)[0]
+        return {"source": both[:n], "target": both[n:],
+                "source_only": self.logits(source, training)}
+
+    # -- training -----------------------------------------------------------
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        if not isinstance(y_pred, dict):  # evaluate: the label path
+            if _private.compiled_loss(self) is not None:
+                return super().compute_loss(x, y, y_pred, sample_weight,
+                                            training=training)
+            return _distribute.scale_loss(ops.mean(
+                keras.losses.sparse_categorical_crossentropy(y, y_pred)))
+        lam = keras.random.uniform(ops.shape(y_pred["source"]),
+                                   seed=self.interpolation_seed)
+        source_loss, target_loss, mask = adamatch_loss(
+            y, y_pred["source"], y_pred["source_only"], y_pred["target"],
+            self.tau, lam)
+        weight = self.target_weight * adamatch_weight(self.step,
+                                                      self.ramp_steps)
+        self.step.assign_add(1.0)
+        self.source_loss_tracker.update_state(source_loss)
+        self.target_loss_tracker.update_state(target_loss)
+        self.mask_rate_tracker.update_state(ops.mean(mask))
+        total = _distribute.scale_loss(source_loss + weight * target_loss)
+        for extra in self.losses:  # regularizers of the feature extractor
+            total = total + ops.cast(
+                _private.additional_loss(self, extra), "float32")
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if isinstance(y_pred, dict):  # the source's weak views
+            n = ops.shape(y)[0]
+            y_pred = ops.softmax(y_pred["source"][:n], axis=-1)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    # -- inference and export -------------------------------------------------
+
+    @property
+    def classifier(self):
+        """The label path as a functional ``keras.Model`` (shares weights):
+        images to class probabilities, without either augmentation."""
+        inputs = keras.Input(self.feature_extractor.input_shape[1:],
+                             name="image")
+        outputs = self.softmax(self.logits(inputs))
+        return keras.Model(inputs, outputs, name=f"{self.name}_classifier")
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "feature_extractor": keras.saving.serialize_keras_object(
+                self.feature_extractor),
+            "num_classes": self.num_classes, "tau": self.tau,
+            "target_weight": self.target_weight, "warmup": self.warmup,
+            "weak": keras.saving.serialize_keras_object(self.weak),
+            "strong": keras.saving.serialize_keras_object(self.strong),
+            "value_range": list(self.value_range),
+            "bottleneck": self.bottleneck, "dropout": self.dropout_rate,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("feature_extractor", "weak", "strong"):
+            config[key] = keras.saving.deserialize_keras_object(
+                config[key], custom_objects=custom_objects)
+        return cls(**config)
+
+
+class _RampOverFit(keras.callbacks.Callback):
+    """Sets :class:`AdaMatch`'s ramp to ``warmup`` of this ``fit`` call's
+    steps and restarts its step count (the steps are known once Keras has
+    read the data)."""
+
+    def on_train_begin(self, logs=None):
+        steps, epochs = self.params.get("steps"), self.params.get("epochs")
+        if steps:
+            self.model.ramp_steps.assign(
+                max(1.0, self.model.warmup * steps * (epochs or 1)))
+        self.model.step.assign(0.0)

@@ -1,0 +1,136 @@
+"""AdaMatch: its loss on hand-computed inputs, the ramp, augmentation that
+stays out of the exported model, save/load and resume."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerastl
+from kerastl.adaptation import AdaMatch, adamatch_loss
+from kerastl.adaptation.adamatch import adamatch_weight
+
+from conftest import small_cnn, toy_domains
+
+
+def ce(logits, label):
+    return float(np.log(np.exp(logits).sum()) - logits[label])
+
+
+def test_adamatch_loss_on_hand_computed_inputs():
+    labels = np.array([0, 1])
+    # source: weak views, then strong views
+    source = np.array([[2, 0], [0, 1], [1, 0], [0, 2]], "float32")
+    # target: weak views, then strong views
+    target = np.array([[3, 0], [0, 0.8], [1, 1], [0, 1]], "float32")
+    source_loss, target_loss, mask = adamatch_loss(labels, source, None,
+                                                   target, tau=0.9)
+    # Source: the mean cross-entropy of the four views.
+    assert float(source_loss) == pytest.approx(np.mean(
+        [ce(source[0], 0), ce(source[1], 1), ce(source[2], 0),
+         ce(source[3], 1)]), rel=1e-6)
+    # The source's weak confidences are 0.881 and 0.731: the threshold is
+    # 0.9 x 0.806 = 0.725. The second target image's weak prediction,
+    # [0.310, 0.690], is below it; aligned to the source's class balance
+    # (x [0.911, 1.153], renormalised) it is [0.262, 0.738], above: both
+    # images are pseudo-labelled, as 0 and 1.
+    np.testing.assert_array_equal(np.asarray(mask), [1.0, 1.0])
+    p = np.exp([0, 0.8]) / np.exp([0, 0.8]).sum()
+    assert p.max() < 0.9 * np.mean([0.8808, 0.7311])
+    assert float(target_loss) == pytest.approx(
+        np.mean([np.log(2.0), ce(target[3], 1)]), rel=1e-5)
+    assert float(target_loss) == pytest.approx(0.5032, abs=1e-4)
+    # Random logit interpolation at 1/2 with a source-only pass of zeros
+    # halves the source logits.
+    source_loss, _, _ = adamatch_loss(labels, source, np.zeros_like(source),
+                                      target, interpolation=np.full(
+                                          source.shape, 0.5, "float32"))
+    assert float(source_loss) == pytest.approx(np.mean(
+        [ce(source[i] / 2, [0, 1, 0, 1][i]) for i in range(4)]), rel=1e-6)
+    # At tau=1 the threshold is the source's mean confidence, 0.806: the
+    # first image (aligned 0.941) stays, the second (0.738) is masked out.
+    _, target_loss, mask = adamatch_loss(labels, source, None, target,
+                                         tau=1.0)
+    np.testing.assert_array_equal(np.asarray(mask), [1.0, 0.0])
+    assert float(target_loss) == pytest.approx(np.log(2.0) / 2, rel=1e-5)
+
+
+def test_the_target_weight_ramps_in_by_a_half_cosine():
+    values = [float(adamatch_weight(s, 10)) for s in (0, 5, 10, 25)]
+    np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 1.0], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    xs, ys, xt, yt = toy_domains(48)
+    keras.utils.set_random_seed(0)
+    model = AdaMatch(small_cnn(), 2, seed=0)
+    model.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+    history = model.fit(kerastl.adaptation.domain_dataset(
+        (xs, ys), xt, batch_size=16), epochs=2, verbose=0)
+    return model, history, (xs, ys, xt, yt)
+
+
+def test_adamatch_trains_in_fit_and_logs_its_terms(trained):
+    model, history, _ = trained
+    for key in ("source_loss", "target_loss", "mask_rate", "accuracy"):
+        assert np.all(np.isfinite(history.history[key])), key
+    # 3 steps per epoch, 2 epochs: the ramp spans the first half.
+    assert float(model.ramp_steps) == 3.0
+    assert float(model.step) == 6.0
+    assert kerastl.block_map(model).names[-1] == "label_head"
+    assert kerastl.block_map(model).validate() == []
+
+
+def test_augmentation_reaches_training_steps_but_never_the_export(
+        trained, tmp_path):
+    model, _, (xs, ys, xt, yt) = trained
+    batch = {"source": tf.constant(xs[:8]), "target": tf.constant(xt[:8])}
+    # In a training step the views differ from call to call...
+    a = np.asarray(model(batch, training=False)["source"])
+    b = np.asarray(model(batch, training=False)["source"])
+    assert not np.allclose(a, b)
+    # ... the label path and the classifier see the images as they are.
+    np.testing.assert_array_equal(model.predict(xt, verbose=0),
+                                  model.predict(xt, verbose=0))
+    classifier = model.classifier
+    augmenting = (keras.layers.RandAugment, keras.layers.RandomTranslation)
+    def walk(layer):
+        yield layer
+        for inner in getattr(layer, "layers", []):
+            yield from walk(inner)
+    assert not [layer for layer in walk(classifier)
+                if isinstance(layer, augmenting)]
+    assert [layer for layer in walk(model.strong)
+            if isinstance(layer, augmenting)]  # (what the walk looks for)
+    kerastl.export_savedmodel(classifier, tmp_path / "sm")
+    reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    served = reloaded.serve(tf.constant(xt))
+    np.testing.assert_allclose(np.asarray(served),
+                               model.predict(xt, verbose=0), atol=1e-5)
+
+
+def test_adamatch_saves_loads_and_resumes(trained, tmp_path):
+    model, _, (xs, ys, xt, yt) = trained
+    model.save(tmp_path / "m.keras")
+    loaded = kerastl.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded, AdaMatch)
+    assert (loaded.tau, loaded.warmup, loaded.num_classes) == (0.9, 0.5, 2)
+    assert [type(layer).__name__ for layer in loaded.strong.layers] == [
+        "RandomTranslation", "RandAugment"]
+    np.testing.assert_array_equal(model.predict(xt, verbose=0),
+                                  loaded.predict(xt, verbose=0))
+    history = loaded.fit(kerastl.adaptation.domain_dataset(
+        (xs, ys), xt, batch_size=16), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(kerastl.KerastlError, match="tau"):
+        AdaMatch(small_cnn(), 2, tau=1.5)
+    with pytest.raises(kerastl.KerastlError, match="num_classes"):
+        AdaMatch(small_cnn(), 1)
+    with pytest.raises(kerastl.KerastlError, match="feature extractor"):
+        AdaMatch("resnet50", 2)
+    with pytest.raises(kerastl.KerastlError, match="strong"):
+        AdaMatch(small_cnn(), 2, strong="randaugment")
