@@ -1,6 +1,8 @@
 """AdaMatch: its loss on hand-computed inputs, the ramp, augmentation that
 stays out of the exported model, save/load and resume."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -55,6 +57,26 @@ def test_adamatch_loss_on_hand_computed_inputs():
     assert float(target_loss) == pytest.approx(np.log(2.0) / 2, rel=1e-5)
 
 
+def test_alignment_flips_a_pseudo_label_and_the_threshold_reads_weak_views():
+    labels = np.array([1, 1])
+    # The source is confident in class 1 on its weak views (0.881, 0.953:
+    # threshold 0.9 x 0.917 = 0.825), much less on its strong ones (0.622).
+    source = np.array([[0, 2], [0, 3], [0, 0.5], [0, 0.5]], "float32")
+    # The target's weak predictions lean to class 0 ([0.881, 0.119] and
+    # [0.550, 0.450]); aligned to the source's balance (x [0.116, 3.22],
+    # renormalised) they become [0.21, 0.79] and [0.042, 0.958]: the second
+    # image's pseudo-label flips to 1 and passes the threshold; the first
+    # (0.79) does not, though it would against all four source views
+    # (0.9 x 0.770 = 0.693).
+    target = np.array([[2, 0], [0.2, 0], [0, 0], [1, 0]], "float32")
+    _, target_loss, mask = adamatch_loss(labels, source, None, target)
+    np.testing.assert_array_equal(np.asarray(mask), [0.0, 1.0])
+    # The masked mean over both images: the second's strong view [1, 0]
+    # against label 1.
+    assert float(target_loss) == pytest.approx(
+        np.log(1 + np.e) / 2, rel=1e-5)
+
+
 def test_the_target_weight_ramps_in_by_a_half_cosine():
     values = [float(adamatch_weight(s, 10)) for s in (0, 5, 10, 25)]
     np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 1.0], atol=1e-6)
@@ -87,8 +109,8 @@ def test_augmentation_reaches_training_steps_but_never_the_export(
     model, _, (xs, ys, xt, yt) = trained
     batch = {"source": tf.constant(xs[:8]), "target": tf.constant(xt[:8])}
     # In a training step the views differ from call to call...
-    a = np.asarray(model(batch, training=False)["source"])
-    b = np.asarray(model(batch, training=False)["source"])
+    a = np.asarray(model(batch, training=True)["source"])
+    b = np.asarray(model(batch, training=True)["source"])
     assert not np.allclose(a, b)
     # ... the label path and the classifier see the images as they are.
     np.testing.assert_array_equal(model.predict(xt, verbose=0),
@@ -117,12 +139,81 @@ def test_adamatch_saves_loads_and_resumes(trained, tmp_path):
     assert isinstance(loaded, AdaMatch)
     assert (loaded.tau, loaded.warmup, loaded.num_classes) == (0.9, 0.5, 2)
     assert [type(layer).__name__ for layer in loaded.strong.layers] == [
-        "RandomTranslation", "RandAugment"]
+        "RandomTranslation", "RandAugment", "RandomErasing"]
+    def config(layer):  # (as JSON: tuples come back as lists)
+        return json.loads(json.dumps(layer.get_config()))
+    assert config(loaded.strong) == config(model.strong)
+    assert config(loaded.weak) == config(model.weak)
     np.testing.assert_array_equal(model.predict(xt, verbose=0),
                                   loaded.predict(xt, verbose=0))
     history = loaded.fit(kerastl.adaptation.domain_dataset(
         (xs, ys), xt, batch_size=16), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_the_loss_is_source_plus_the_ramped_target_and_only_training_ramps():
+    xs, ys, xt, _ = toy_domains(16)
+    model = AdaMatch(small_cnn(), 2, seed=0)
+    batch = {"source": tf.constant(xs), "target": tf.constant(xt)}
+    y = tf.constant(ys)
+    model.ramp_steps.assign(10.0)
+    for step, weight in ((0.0, 0.0), (5.0, 0.5), (10.0, 1.0)):
+        model.step.assign(step)
+        for tracker in (model.source_loss_tracker, model.target_loss_tracker):
+            tracker.reset_state()
+        total = model.compute_loss(batch, y, model(batch, training=True),
+                                   training=True)
+        source = float(model.source_loss_tracker.result())
+        target = float(model.target_loss_tracker.result())
+        assert target > 0
+        assert float(total) == pytest.approx(source + weight * target,
+                                             rel=1e-5)
+        assert float(model.step) == step + 1  # a training step counts
+    model.compute_loss(batch, y, model(batch), training=False)
+    assert float(model.step) == 11.0  # validation does not
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_the_source_only_pass_leaves_the_moving_statistics_alone(traced):
+    xs, _, xt, _ = toy_domains(16)
+    identity = keras.layers.Identity
+    model = AdaMatch(small_cnn(), 2, weak=identity(), strong=identity())
+    reference = AdaMatch(small_cnn(), 2, weak=identity(), strong=identity())
+    reference.set_weights(model.get_weights())
+    batch = {"source": tf.constant(xs), "target": tf.constant(xt)}
+    step = tf.function(model.call) if traced else model.call
+    step(batch, training=True)
+    # The reference sees only the pass over both domains' views.
+    reference.logits(tf.constant(np.concatenate([xs, xs, xt, xt])),
+                     training=True)
+    def moving(m):
+        return [v for layer in m.feature_extractor.layers
+                if isinstance(layer, keras.layers.BatchNormalization)
+                for v in layer.non_trainable_variables]
+    assert moving(model) and len(moving(model)) == len(moving(reference))
+    for got, expected in zip(moving(model), moving(reference)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
+                                   rtol=1e-6)
+    # (the pass over the source alone would have moved them)
+    reference.logits(tf.constant(np.concatenate([xs, xs])), training=True)
+    assert not np.allclose(np.asarray(moving(model)[0]),
+                           np.asarray(moving(reference)[0]))
+
+
+def test_a_dataset_of_unknown_length_warns_that_nothing_ramps():
+    xs, ys, xt, _ = toy_domains(32)
+    data = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16)
+    data = data.filter(lambda x, y: True)  # (cardinality unknown)
+    model = AdaMatch(small_cnn(), 2, seed=0)
+    model.compile(keras.optimizers.Adam(1e-3))
+    with pytest.warns(UserWarning, match="steps_per_epoch"):
+        model.fit(data, epochs=1, verbose=0)
+    # steps_per_epoch and initial_epoch: the ramp spans all the epochs and
+    # a resumed run continues it.
+    model.fit(data.repeat(), epochs=3, steps_per_epoch=2, initial_epoch=1,
+              verbose=0)
+    assert float(model.ramp_steps) == 3.0
+    assert float(model.step) == 2.0 + 4.0
 
 
 def test_bad_arguments_are_clear_errors():
@@ -133,4 +224,11 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(kerastl.KerastlError, match="feature extractor"):
         AdaMatch("resnet50", 2)
     with pytest.raises(kerastl.KerastlError, match="strong"):
-        AdaMatch(small_cnn(), 2, strong="randaugment")
+        AdaMatch(small_cnn(), 2, strong=lambda x: x)
+    xs, ys, xt, yt = toy_domains(16)
+    model = AdaMatch(small_cnn(), 2)
+    model.compile(keras.optimizers.Adam(1e-3))
+    with pytest.raises(kerastl.KerastlError, match="target_labeled"):
+        model.fit(kerastl.adaptation.domain_dataset(
+            (xs, ys), xt, batch_size=8, target_labeled=(xt[:4], yt[:4])),
+            epochs=1, verbose=0)

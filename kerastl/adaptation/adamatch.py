@@ -10,7 +10,9 @@ with both domains' batch statistics and one with the source's alone keeps
 the source loss consistent across the two.
 """
 
+import inspect
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -33,12 +35,21 @@ def weak_augmentation(seed=None):
 
 def strong_augmentation(value_range=(0, 255), seed=None):
     """AdaMatch's strong augmentation from Keras's own layers: the weak
-    shift, then :class:`keras.layers.RandAugment` (two random operations at
-    a random magnitude)."""
+    shift, :class:`keras.layers.RandAugment` (two of its operations, drawn
+    per batch, at up to ``factor=0.1``: rotations up to 36 degrees and
+    shifts up to a tenth, where its default 0.5 turns images by up to 180
+    degrees, a 6 into a 9), then :class:`keras.layers.RandomErasing` (the
+    paper's Cutout: a patch of 2 to 25% of the image)."""
+    def seeded(i):
+        return None if seed is None else seed + i
+    value_range = tuple(value_range)
     return keras.Sequential([
         keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect",
-                                       seed=seed),
-        keras.layers.RandAugment(value_range=tuple(value_range), seed=seed)],
+                                       seed=seeded(0)),
+        keras.layers.RandAugment(value_range=value_range, factor=0.1,
+                                 seed=seeded(1)),
+        keras.layers.RandomErasing(scale=(0.02, 0.25),
+                                   value_range=value_range, seed=seeded(2))],
         name="strong_augmentation")
 
 
@@ -112,15 +123,19 @@ class AdaMatch(keras.Model):
     2022, Algorithm 1):
 
     1. both domains' weak and strong views go through the network together,
-       and the source's views once more alone (its own batch statistics);
-       the source logits are a random interpolation of the two passes;
+       and the source's views once more alone (its own batch statistics;
+       the BatchNorm moving statistics are left as the first pass set
+       them, as in the authors' code); the source logits are a random
+       interpolation of the two passes;
     2. the target's weak predictions are aligned to the source's class
-       distribution (times the ratio of the mean predictions, renormalised);
+       distribution (times the ratio of the batch's mean predictions,
+       renormalised; the authors' code smooths those means over batches);
     3. those above ``tau`` times the source's mean confidence become hard
        pseudo-labels for the target's strong views;
     4. the loss is the source cross-entropy plus ``target_weight`` times the
        masked target cross-entropy, ramped in by a half cosine over the
-       first ``warmup`` of the ``fit`` call's steps.
+       first ``warmup`` of the ``fit`` call's steps (a run resumed with
+       ``initial_epoch`` continues it).
 
     Logs ``source_loss``, ``target_loss`` and ``mask_rate`` (the share of
     target images above the threshold). ``evaluate`` and ``predict`` take
@@ -184,11 +199,12 @@ class AdaMatch(keras.Model):
                 f"target_weight={target_weight!r}: expected a finite number "
                 f">= 0 (0 trains on the source only).")
         for name, layer in (("weak", weak), ("strong", strong)):
-            if layer is not None and not callable(layer):
+            if layer is not None and not isinstance(layer,
+                                                    keras.layers.Layer):
                 raise KerastlError(
                     f"{name}={layer!r}: expected a Keras layer (or model) "
-                    "that augments a batch of images, or None for "
-                    "AdaMatch's default.")
+                    "that augments a batch of images (so that the model "
+                    "saves), or None for AdaMatch's default.")
         self.feature_extractor = feature_extractor
         self.num_classes = int(num_classes)
         self.tau = float(tau)
@@ -201,6 +217,7 @@ class AdaMatch(keras.Model):
         self.weak = weak if weak is not None else weak_augmentation(seed)
         self.strong = strong if strong is not None else strong_augmentation(
             self.value_range, None if seed is None else seed + 1)
+        # (the strong layers are seeded seed + 1 to seed + 3)
         self.pool = heads.pooling_layer("avg", "pool")
         self.bottleneck_layers = heads.mlp(
             () if self.bottleneck is None else (self.bottleneck,),
@@ -210,7 +227,7 @@ class AdaMatch(keras.Model):
         self.label_head = heads.output_layer(num_classes, None, "label")
         self.softmax = keras.layers.Softmax(dtype="float32", name="softmax")
         self.interpolation_seed = keras.random.SeedGenerator(
-            None if seed is None else seed + 2)
+            None if seed is None else seed + 4)
         self.step = self.add_weight(shape=(), name="step", trainable=False,
                                     initializer="zeros")
         self.ramp_steps = self.add_weight(
@@ -226,6 +243,14 @@ class AdaMatch(keras.Model):
                 f"needs (batch, h, w, c) or (batch, features).")
         d = heads.build_mlp(self.bottleneck_layers, shape[-1])
         self.label_head.build((None, d))
+        # The BatchNorm moving statistics of the label path: the pass over
+        # the source alone leaves them as the pass over both domains set
+        # them (as the authors' code).
+        self._moving = [v for layer in [feature_extractor]
+                        + self.bottleneck_layers
+                        for sub in _private.all_sublayers(layer)
+                        if isinstance(sub, keras.layers.BatchNormalization)
+                        for v in sub.non_trainable_variables]
         self.built = True
 
     def build(self, input_shape=None):
@@ -236,17 +261,23 @@ class AdaMatch(keras.Model):
 
     def fit(self, *args, **kwargs):
         """``keras.Model.fit``: the target loss ramps in over the first
-        ``warmup`` of this call's steps (set when training starts); a
-        ``tf.data`` input is not reshuffled by Keras (``shuffle`` defaults to
-        False for it)."""
-        x = args[0] if args else kwargs.get("x")
-        if "shuffle" not in kwargs and len(args) <= 8 and \
-                type(x).__module__.startswith("tensorflow") and \
-                hasattr(x, "element_spec"):
-            kwargs["shuffle"] = False
-        callbacks = list(kwargs.get("callbacks") or [])
-        kwargs["callbacks"] = callbacks + [_RampOverFit()]
-        return super().fit(*args, **kwargs)
+        ``warmup`` of this call's epochs (a run resumed with
+        ``initial_epoch`` continues the ramp where it was); a ``tf.data``
+        input is not reshuffled by Keras (``shuffle`` defaults to False for
+        it)."""
+        try:
+            bound = inspect.signature(keras.Model.fit).bind(
+                self, *args, **kwargs)
+        except TypeError as e:
+            raise KerastlError(f"AdaMatch.fit: {e}.") from None
+        kw = {k: v for k, v in bound.arguments.items() if k != "self"}
+        x = kw.get("x")
+        if "shuffle" not in kw and type(x).__module__.startswith(
+                "tensorflow") and hasattr(x, "element_spec"):
+            kw["shuffle"] = False
+        kw["callbacks"] = list(kw.get("callbacks") or []) + [
+            _RampOverFit(kw.get("initial_epoch", 0))]
+        return super().fit(**kw)
 
     def test_step(self, data):
         """Evaluation on labelled images reports the label path's loss and
@@ -281,16 +312,30 @@ class AdaMatch(keras.Model):
     def call(self, inputs, training=False):
         if not isinstance(inputs, dict):  # the label path
             return self.softmax(self.logits(inputs, training))
+        if "labeled" in inputs:
+            raise KerastlError(
+                "AdaMatch takes domain_dataset batches of labelled source "
+                "and unlabelled target: build them without target_labeled= "
+                "(or add the labelled target images to the source).")
         xs, xt = inputs["source"], inputs["target"]
-        source = ops.concatenate([self.weak(xs, training=True),
-                                  self.strong(xs, training=True)], axis=0)
-        target = ops.concatenate([self.weak(xt, training=True),
-                                  self.strong(xt, training=True)], axis=0)
+        # (outside training, evaluate on domain batches: no augmentation)
+        source = ops.concatenate([self.weak(xs, training=training),
+                                  self.strong(xs, training=training)],
+                                 axis=0)
+        target = ops.concatenate([self.weak(xt, training=training),
+                                  self.strong(xt, training=training)],
+                                 axis=0)
         both = self.logits(ops.concatenate([source, target], axis=0),
                            training)
         n = ops.shape(source)[0]
+        # (copies: a converted variable can still be the variable)
+        saved = [ops.copy(ops.convert_to_tensor(v)) for v in self._moving] \
+            if training else []
+        source_only = self.logits(source, training)
+        for v, value in zip(self._moving, saved):
+            v.assign(value)
         return {"source": both[:n], "target": both[n:],
-                "source_only": self.logits(source, training)}
+                "source_only": source_only}
 
     # -- training -----------------------------------------------------------
 
@@ -309,7 +354,8 @@ class AdaMatch(keras.Model):
             self.tau, lam)
         weight = self.target_weight * adamatch_weight(self.step,
                                                       self.ramp_steps)
-        self.step.assign_add(1.0)
+        if training:  # (validation on domain batches does not ramp)
+            self.step.assign_add(1.0)
         self.source_loss_tracker.update_state(source_loss)
         self.target_loss_tracker.update_state(target_loss)
         self.mask_rate_tracker.update_state(ops.mean(mask))
@@ -364,9 +410,22 @@ class _RampOverFit(keras.callbacks.Callback):
     steps and restarts its step count (the steps are known once Keras has
     read the data)."""
 
+    def __init__(self, initial_epoch=0):
+        super().__init__()
+        self.initial_epoch = int(initial_epoch or 0)
+
     def on_train_begin(self, logs=None):
         steps, epochs = self.params.get("steps"), self.params.get("epochs")
-        if steps:
-            self.model.ramp_steps.assign(
-                max(1.0, self.model.warmup * steps * (epochs or 1)))
-        self.model.step.assign(0.0)
+        if not steps:
+            warnings.warn(
+                "AdaMatch: the number of steps per epoch is unknown (a "
+                "dataset of unknown or infinite length), so the target loss "
+                "is not ramped in: pass steps_per_epoch to fit.",
+                stacklevel=2)
+            self.model.ramp_steps.assign(1.0)
+            self.model.step.assign(0.0)
+            return
+        self.model.ramp_steps.assign(
+            max(1.0, self.model.warmup * steps * (epochs or 1)))
+        # A run resumed at initial_epoch continues the ramp where it was.
+        self.model.step.assign(float(steps * self.initial_epoch))
