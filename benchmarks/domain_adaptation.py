@@ -46,6 +46,10 @@ Adaptation (source labels + unlabelled target images):
   minimum class confusion on the target) and ``TENT``
   (``kerastl.adaptation.tent`` on the source-only model, after its AdaBN
   step); they join the label-free selection's pool.
+* ``--adamatch`` adds ``AdaMatch`` (``kerastl.adaptation.AdaMatch`` on
+  the same conv layers with the same bottleneck, its defaults: weak and
+  strong views, ``tau=0.9``, the target loss ramped over the first half of
+  the steps) and ``+ AdaBN`` after it; they join the selection's pool.
 * ``target only``: the oracle, the recommended network on target labels.
 
 Label-free selection among every source-only and adapted model of the run
@@ -57,7 +61,7 @@ accuracy next to the best candidate's.
 
     python benchmarks/domain_adaptation.py [--seeds 3] [--first-seed 0]
         [--steps 1500] [--pairs syn_digits:digits digits:digits_m] [--all]
-        [--json FILE] [--dump FOLDER]
+        [--new] [--adamatch] [--json FILE] [--dump FOLDER]
 """
 
 import argparse
@@ -388,6 +392,17 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                                           domain_weight=0, mcc_weight=1.0,
                                           entropy_weight=0))
         step("TENT", tent_after_adabn)
+    def adamatch():
+        net = kerastl.adaptation.AdaMatch(paper_features(), 10,
+                                          bottleneck=256, seed=seed)
+        seconds["AdaMatch /epoch"], _ = fit_domains(net, source, xt,
+                                                    args.steps, ramp=False)
+        candidate("AdaMatch", net)
+        kerastl.adaptation.adapt_batch_norm(net, xt)
+        candidate("AdaMatch + AdaBN", net)
+
+    if args.adamatch:
+        step("AdaMatch", adamatch)
     step("target only", target_only)
     baselines = [k for k in acc if k.startswith("source only")]
     best_baseline = max(acc[b] for b in baselines)
@@ -479,6 +494,8 @@ def main(argv=None):
                         help="add CDAN+E, DANN + MCC, MCC without "
                              "alignment and TENT (issue #39's first "
                              "methods)")
+    parser.add_argument("--adamatch", action="store_true",
+                        help="add kerastl.adaptation.AdaMatch (+ AdaBN)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--dump", help="a folder: save each candidate's "
                         "features and predictions for selection studies")

@@ -102,6 +102,11 @@ def test_adamatch_trains_in_fit_and_logs_its_terms(trained):
     assert float(model.step) == 6.0
     assert kerastl.block_map(model).names[-1] == "label_head"
     assert kerastl.block_map(model).validate() == []
+    # Label-free selection embeds it like a DANN: the features the head
+    # reads.
+    from kerastl.adaptation.selection import feature_function
+    _, _, xt, _ = toy_domains(8)
+    assert feature_function(model)(xt).shape == (8, 8)
 
 
 def test_augmentation_reaches_training_steps_but_never_the_export(

@@ -301,13 +301,19 @@ class AdaMatch(keras.Model):
 
     # -- forward ----------------------------------------------------------
 
-    def logits(self, x, training=False):
-        """The label path's logits on images ``x`` (no augmentation)."""
+    def features(self, x, training=False):
+        """The features the label head reads (pooled, after the optional
+        bottleneck): what label-free model selection embeds."""
         f = self.feature_extractor(x, training=training)
         f = self.pool(f) if len(f.shape) == 4 else f
         for layer in self.bottleneck_layers:
             f = layer(f, training=training)
-        return self.label_head(self.label_dropout(f, training=training))
+        return f
+
+    def logits(self, x, training=False):
+        """The label path's logits on images ``x`` (no augmentation)."""
+        return self.label_head(self.label_dropout(
+            self.features(x, training), training=training))
 
     def call(self, inputs, training=False):
         if not isinstance(inputs, dict):  # the label path
