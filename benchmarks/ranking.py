@@ -46,6 +46,11 @@ split) on each target.
 
     python benchmarks/ranking.py [--targets ...] [--seeds 3] [--markdown]
 
+The tables in the README and docs/features.md are ``--seeds 6`` (the
+per-block check 3 seeds): about 15 minutes a seed on 2 CPU cores; ``--seed
+N --no-blocks --json F`` runs one seed per process and ``--merge`` joins
+them. ``--timing`` afterwards, on a quiet machine.
+
 Results are written after each run (``benchmarks/ranking.json``); a rerun
 skips the runs already there.
 """
@@ -298,7 +303,8 @@ def summarise(results, targets, seeds, models):
                 seconds, best_seconds = clock[method], clock["fine_tune"]
                 row["best_fine_tune_seconds"] = best_seconds
             row["methods"][method] = {
-                "tau": float(np.mean(taus)), "regret": float(np.mean(regrets)),
+                "tau": float(np.mean(taus)), "taus": [float(t) for t in taus],
+                "regret": float(np.mean(regrets)),
                 "regret_max": float(np.max(regrets)), "seconds": seconds,
                 "share_of_best_fine_tune": seconds / best_seconds,
                 "timed_quiet": clock is not None,
@@ -389,6 +395,15 @@ def acceptance(summary, blocks):
     if taus and probe_taus:
         lines.append(f"  mean weighted tau: {DEFAULT} {np.mean(taus):+.3f}, "
                      f"linear probe {np.mean(probe_taus):+.3f} (need >=)")
+        # The same difference run by run (target and seed): its standard
+        # error says how much of it is the seeds.
+        diffs = np.array([a - b for r, q in zip(d, p) if r and q
+                          for a, b in zip(r["taus"], q["taus"])])
+        if len(diffs) > 1:
+            lines.append(
+                f"  {DEFAULT} - linear probe, per run: {diffs.mean():+.3f} "
+                f"(standard error {diffs.std(ddof=1) / np.sqrt(len(diffs)):.3f}"
+                f", {len(diffs)} runs; ahead in {int((diffs > 0).sum())})")
     shares = [r["share_of_best_fine_tune"] for r in d if r]
     if shares:
         lines.append(f"  ranking time / fine-tuning the best: "
