@@ -10,7 +10,6 @@ with both domains' batch statistics and one with the source's alone keeps
 the source loss consistent across the two.
 """
 
-import inspect
 import math
 import warnings
 
@@ -21,6 +20,10 @@ from keras import ops
 from kerastl import _keras_private as _private
 from kerastl import distribute as _distribute
 from kerastl import heads
+from kerastl.adaptation.dann import (feature_layer, feature_width,
+                                     fit_arguments, label_features,
+                                     label_model, label_path_logs,
+                                     label_path_loss)
 from kerastl.errors import KerastlError
 
 
@@ -176,12 +179,7 @@ class AdaMatch(keras.Model):
                  value_range=(0, 255), bottleneck=None, dropout=0.0,
                  seed=None, **kwargs):
         super().__init__(**kwargs)
-        feature_extractor = getattr(feature_extractor, "model",
-                                    feature_extractor)
-        if not isinstance(feature_extractor, keras.layers.Layer):
-            raise KerastlError(
-                f"AdaMatch needs a Keras model (or kerastl Backbone) as "
-                f"feature extractor; got {type(feature_extractor).__name__}.")
+        feature_extractor = feature_layer(feature_extractor, "AdaMatch")
         if isinstance(num_classes, bool) or not isinstance(
                 num_classes, (int, np.integer)) or num_classes < 2:
             raise KerastlError(
@@ -236,12 +234,8 @@ class AdaMatch(keras.Model):
         self.source_loss_tracker = keras.metrics.Mean(name="source_loss")
         self.target_loss_tracker = keras.metrics.Mean(name="target_loss")
         self.mask_rate_tracker = keras.metrics.Mean(name="mask_rate")
-        shape = tuple(feature_extractor.output_shape)
-        if len(shape) not in (2, 4) or shape[-1] is None:
-            raise KerastlError(
-                f"The feature extractor returns shape {shape}; AdaMatch "
-                f"needs (batch, h, w, c) or (batch, features).")
-        d = heads.build_mlp(self.bottleneck_layers, shape[-1])
+        d = heads.build_mlp(self.bottleneck_layers,
+                            feature_width(feature_extractor, "AdaMatch"))
         self.label_head.build((None, d))
         # The BatchNorm moving statistics of the label path: the pass over
         # the source alone leaves them as the pass over both domains set
@@ -265,16 +259,7 @@ class AdaMatch(keras.Model):
         ``initial_epoch`` continues the ramp where it was); a ``tf.data``
         input is not reshuffled by Keras (``shuffle`` defaults to False for
         it)."""
-        try:
-            bound = inspect.signature(keras.Model.fit).bind(
-                self, *args, **kwargs)
-        except TypeError as e:
-            raise KerastlError(f"AdaMatch.fit: {e}.") from None
-        kw = {k: v for k, v in bound.arguments.items() if k != "self"}
-        x = kw.get("x")
-        if "shuffle" not in kw and type(x).__module__.startswith(
-                "tensorflow") and hasattr(x, "element_spec"):
-            kw["shuffle"] = False
+        kw = fit_arguments(args, kwargs)
         kw["callbacks"] = list(kw.get("callbacks") or []) + [
             _RampOverFit(kw.get("initial_epoch", 0))]
         return super().fit(**kw)
@@ -282,12 +267,8 @@ class AdaMatch(keras.Model):
     def test_step(self, data):
         """Evaluation on labelled images reports the label path's loss and
         metrics only (the training terms would read 0)."""
-        logs = super().test_step(data)
-        x = data[0] if isinstance(data, (tuple, list)) else data
-        if isinstance(x, dict):
-            return logs
-        training_only = {"source_loss", "target_loss", "mask_rate"}
-        return {k: v for k, v in logs.items() if k not in training_only}
+        return label_path_logs(super().test_step(data), data,
+                               {"source_loss", "target_loss", "mask_rate"})
 
     def kerastl_block_parts(self):
         """The parts of AdaMatch's block map, input to output: the feature
@@ -304,11 +285,7 @@ class AdaMatch(keras.Model):
     def features(self, x, training=False):
         """The features the label head reads (pooled, after the optional
         bottleneck): what label-free model selection embeds."""
-        f = self.feature_extractor(x, training=training)
-        f = self.pool(f) if len(f.shape) == 4 else f
-        for layer in self.bottleneck_layers:
-            f = layer(f, training=training)
-        return f
+        return label_features(self, x, training)
 
     def logits(self, x, training=False):
         """The label path's logits on images ``x`` (no augmentation)."""
@@ -348,11 +325,8 @@ class AdaMatch(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                      training=True):
         if not isinstance(y_pred, dict):  # evaluate: the label path
-            if _private.compiled_loss(self) is not None:
-                return super().compute_loss(x, y, y_pred, sample_weight,
-                                            training=training)
-            return _distribute.scale_loss(ops.mean(
-                keras.losses.sparse_categorical_crossentropy(y, y_pred)))
+            return label_path_loss(self, x, y, y_pred, sample_weight,
+                                   training)
         lam = keras.random.uniform(ops.shape(y_pred["source"]),
                                    seed=self.interpolation_seed)
         source_loss, target_loss, mask = adamatch_loss(
@@ -383,10 +357,7 @@ class AdaMatch(keras.Model):
     def classifier(self):
         """The label path as a functional ``keras.Model`` (shares weights):
         images to class probabilities, without either augmentation."""
-        inputs = keras.Input(self.feature_extractor.input_shape[1:],
-                             name="image")
-        outputs = self.softmax(self.logits(inputs))
-        return keras.Model(inputs, outputs, name=f"{self.name}_classifier")
+        return label_model(self, lambda x: self.softmax(self.logits(x)))
 
     def get_config(self):
         return {

@@ -14,6 +14,7 @@ from keras import ops
 from kerastl import _keras_private as _private
 from kerastl import distribute as _distribute
 from kerastl import heads
+from kerastl.adaptation.dann import feature_width
 from kerastl.errors import KerastlError
 
 
@@ -103,12 +104,8 @@ class ADDA(keras.Model):
         self.domain_loss_tracker = keras.metrics.Mean(name="domain_loss")
         self.mapping_loss_tracker = keras.metrics.Mean(name="mapping_loss")
         self.domain_accuracy = keras.metrics.Mean(name="domain_accuracy")
-        shape = tuple(encoder.output_shape)
-        if len(shape) not in (2, 4) or shape[-1] is None:
-            raise KerastlError(
-                f"The encoder returns shape {shape}; ADDA needs "
-                f"(batch, h, w, c) or (batch, features).")
-        d = heads.build_mlp(self.discriminator_layers, shape[-1])
+        d = heads.build_mlp(self.discriminator_layers,
+                            feature_width(encoder, "ADDA", "encoder"))
         self.discriminator.build((None, d))
         self.built = True
 

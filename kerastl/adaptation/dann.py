@@ -9,6 +9,7 @@ has labels, the target domain has none, and the model must do well on the
 target.
 """
 
+import inspect
 import math
 
 import keras
@@ -33,6 +34,86 @@ _CDAN_OUTER_MAX, _CDAN_RANDOM_DIM = 4096, 1024
 # The alignments whose feature-side loss is scaled by a ramped strength
 # (GaninLambda sets it): the reversal's lambda, or ``alignment_strength``.
 _RAMPED = ("confusion", "mmd")
+
+
+# -- the label path, shared with AdaMatch (and ADDA's shape check) -----------
+
+def feature_layer(obj, who):
+    """``obj`` as a Keras layer (a kerastl Backbone's ``model``), or a
+    clear error naming ``who`` needs it."""
+    obj = getattr(obj, "model", obj)
+    if not isinstance(obj, keras.layers.Layer):
+        raise KerastlError(
+            f"{who} needs a Keras model (or kerastl Backbone) as feature "
+            f"extractor; got {type(obj).__name__}.")
+    return obj
+
+
+def feature_width(extractor, who, what="feature extractor"):
+    """The number of features ``extractor`` gives (its output's last
+    dimension); refuses outputs other than ``(batch, h, w, c)`` or
+    ``(batch, features)``."""
+    shape = tuple(extractor.output_shape)
+    if len(shape) not in (2, 4) or shape[-1] is None:
+        raise KerastlError(
+            f"The {what} returns shape {shape}; {who} needs "
+            f"(batch, h, w, c) or (batch, features).")
+    return shape[-1]
+
+
+def label_features(model, x, training=False):
+    """``model.feature_extractor`` on ``x``, average-pooled when spatial,
+    then ``model.bottleneck_layers``: what the label head reads."""
+    f = model.feature_extractor(x, training=training)
+    f = model.pool(f) if len(f.shape) == 4 else f
+    for layer in model.bottleneck_layers:
+        f = layer(f, training=training)
+    return f
+
+
+def label_model(model, label_path):
+    """The label path ``images -> label_path(images)`` as a functional
+    ``keras.Model`` sharing ``model``'s weights (what to export)."""
+    inputs = keras.Input(model.feature_extractor.input_shape[1:],
+                         name="image")
+    return keras.Model(inputs, label_path(inputs),
+                       name=f"{model.name}_classifier")
+
+
+def fit_arguments(args, kwargs):
+    """``keras.Model.fit``'s arguments by name; a ``tf.data`` input (what
+    :func:`~kerastl.adaptation.domain_dataset` gives) is not reshuffled by
+    Keras anyway, so ``shuffle`` defaults to False for it (instead of
+    Keras's warning that ``shuffle=True`` is ignored)."""
+    bound = inspect.signature(keras.Model.fit).bind(None, *args, **kwargs)
+    kw = {k: v for k, v in bound.arguments.items() if k != "self"}
+    x = kw.get("x")
+    if "shuffle" not in kw and type(x).__module__.startswith(
+            "tensorflow") and hasattr(x, "element_spec"):
+        kw["shuffle"] = False
+    return kw
+
+
+def label_path_loss(model, x, y, y_pred, sample_weight, training):
+    """The loss of ``evaluate`` on plain images (the label path): the
+    compiled loss, or sparse categorical cross-entropy."""
+    if _private.compiled_loss(model) is not None:
+        return keras.Model.compute_loss(model, x, y, y_pred, sample_weight,
+                                        training=training)
+    # Divided by the replicas like every loss Keras computes (its test step
+    # multiplies the logged value back).
+    return _distribute.scale_loss(ops.mean(
+        keras.losses.sparse_categorical_crossentropy(y, y_pred)))
+
+
+def label_path_logs(logs, data, training_only):
+    """``evaluate``'s logs on plain images without the training terms
+    (named in ``training_only``), which are not computed there and would
+    read 0; on domain batches, all of them."""
+    x = data[0] if isinstance(data, (tuple, list)) else data
+    if isinstance(x, dict):
+        return logs
+    return {k: v for k, v in logs.items() if k not in training_only}
 
 
 @keras.saving.register_keras_serializable(package="kerastl")
@@ -158,12 +239,7 @@ class DANN(keras.Model):
                  batchnorm=True, entropy_weight=0.5, split_batchnorm=True,
                  mcc_weight=0.0, **kwargs):
         super().__init__(**kwargs)
-        feature_extractor = getattr(feature_extractor, "model",
-                                    feature_extractor)
-        if not isinstance(feature_extractor, keras.layers.Layer):
-            raise KerastlError(
-                f"DANN needs a Keras model (or kerastl Backbone) as feature "
-                f"extractor; got {type(feature_extractor).__name__}.")
+        feature_extractor = feature_layer(feature_extractor, "DANN")
         if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
             raise KerastlError(
                 f"num_classes={num_classes!r}: expected an int >= 2.")
@@ -238,12 +314,8 @@ class DANN(keras.Model):
 
     def _build_heads(self):
         """Builds every head now: the feature extractor's shape is known."""
-        shape = tuple(self.feature_extractor.output_shape)
-        if len(shape) not in (2, 4) or shape[-1] is None:
-            raise KerastlError(
-                f"The feature extractor returns shape {shape}; DANN needs "
-                f"(batch, h, w, c) or (batch, features).")
-        d = heads.build_mlp(self.bottleneck_layers, shape[-1])
+        d = heads.build_mlp(self.bottleneck_layers,
+                            feature_width(self.feature_extractor, "DANN"))
         self.label_head.build((None, d))
         if self.multilinear is not None:
             self.multilinear.build([(None, d), (None, self.num_classes)])
@@ -258,27 +330,18 @@ class DANN(keras.Model):
         :func:`~kerastl.adaptation.domain_dataset` gives) is not reshuffled
         by Keras anyway, so ``shuffle`` defaults to False for it (instead of
         Keras's warning that ``shuffle=True`` is ignored)."""
-        x = args[0] if args else kwargs.get("x")
-        if "shuffle" not in kwargs and len(args) <= 8 and \
-                type(x).__module__.startswith("tensorflow") and \
-                hasattr(x, "element_spec"):
-            kwargs["shuffle"] = False
-        return super().fit(*args, **kwargs)
+        return super().fit(**fit_arguments(args, kwargs))
 
     def test_step(self, data):
         """Evaluation on labelled images (what ``evaluate(x, y)`` does)
         reports the label path's loss and metrics only: the training
         terms (``class_loss``, ``domain_*``, ``entropy_loss``) are not
         computed there, and would read 0."""
-        logs = super().test_step(data)
-        x = data[0] if isinstance(data, (tuple, list)) else data
-        if isinstance(x, dict):
-            return logs
-        training_only = {t.name for t in (
-            self.class_loss_tracker, self.domain_loss_tracker,
-            self.domain_accuracy, self.entropy_loss_tracker,
-            self.mcc_loss_tracker) if t is not None}
-        return {k: v for k, v in logs.items() if k not in training_only}
+        return label_path_logs(super().test_step(data), data, {
+            t.name for t in (
+                self.class_loss_tracker, self.domain_loss_tracker,
+                self.domain_accuracy, self.entropy_loss_tracker,
+                self.mcc_loss_tracker) if t is not None})
 
     def make_train_function(self, force=False):
         # Per-domain batch statistics over the global batch under
@@ -325,11 +388,7 @@ class DANN(keras.Model):
     # -- forward ----------------------------------------------------------
 
     def features(self, x, training=False):
-        f = self.feature_extractor(x, training=training)
-        f = self.pool(f) if len(f.shape) == 4 else f
-        for layer in self.bottleneck_layers:
-            f = layer(f, training=training)
-        return f
+        return label_features(self, x, training)
 
     def labels(self, f, training=False):
         """The label head on features ``f`` (what :meth:`features` gives)."""
@@ -382,13 +441,8 @@ class DANN(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                      training=True):
         if not isinstance(y_pred, dict):  # evaluate: the label path
-            if _private.compiled_loss(self) is not None:
-                return super().compute_loss(x, y, y_pred, sample_weight,
-                                            training=training)
-            # Divided by the replicas like every loss Keras computes (its
-            # test step multiplies the logged value back).
-            return _distribute.scale_loss(ops.mean(
-                keras.losses.sparse_categorical_crossentropy(y, y_pred)))
+            return label_path_loss(self, x, y, y_pred, sample_weight,
+                                   training)
         n_s, n_t = self._split(x)
         labels = y_pred["label"]
         y_source = y["source"] if isinstance(y, dict) else y
@@ -472,10 +526,7 @@ class DANN(keras.Model):
 
         What to evaluate and export: no gradient reversal, no domain head.
         """
-        inputs = keras.Input(self.feature_extractor.input_shape[1:],
-                             name="image")
-        outputs = self.labels(self.features(inputs))
-        return keras.Model(inputs, outputs, name=f"{self.name}_classifier")
+        return label_model(self, lambda x: self.labels(self.features(x)))
 
     def get_config(self):
         return {
