@@ -169,6 +169,23 @@ def fit_domains(model, source, target_images, steps, optimizer=None,
     return (time.time() - start) / epochs, history.history
 
 
+def mix_probes(model, images, seed, lam=0.55, n=2000):
+    """MixVal's probes (Hu et al., NeurIPS 2023), for the selection study:
+    mix pairs of target images ``lam : 1 - lam`` and check that the model
+    predicts the majority image's own pseudo-label. Returns the agreement
+    over pairs with different pseudo-labels (inter-cluster) and over pairs
+    with the same one (intra-cluster)."""
+    x = images[:n].astype("float32")
+    labels = np.argmax(model.predict(x, verbose=0, batch_size=256), -1)
+    partner = np.random.default_rng(seed).permutation(len(x))
+    mixed = lam * x + (1 - lam) * x[partner]
+    hit = np.argmax(model.predict(mixed, verbose=0, batch_size=256),
+                    -1) == labels
+    other = labels != labels[partner]
+    return {"inter": float(hit[other].mean()) if other.any() else 1.0,
+            "intra": float(hit[~other].mean()) if (~other).any() else 1.0}
+
+
 def accuracy(model, test):
     probs = model.predict(test[0], verbose=0, batch_size=256)
     return float(np.mean(np.argmax(probs, axis=-1) == test[1]))
@@ -336,6 +353,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
     test = load(tgt_name, "test", seed)
     xt = target[0]
     acc, seconds, candidates, target_probs = {}, {}, {}, {}
+    probes = {}
 
     def candidate(name, model):
         """Scores ``model`` now and keeps what the label-free selection
@@ -344,6 +362,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         target_probs[name] = model.predict(xt, verbose=0, batch_size=256)
         candidates[name] = kerastl.adaptation.deep_embedded_validation(
             model, source_val, xt, seed=seed)
+        probes[name] = mix_probes(model, xt, seed)
         if args.dump:
             dump(name, model)
 
@@ -532,6 +551,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
             "chosen": chosen, "dev_chosen": dev_chosen,
             "best_candidate": best,
             "ensv": {k: e.agreement for k, e in ensv.items()},
+            "mixval": probes,
             "dev": {k: {"risk": e.risk, "ess": e.ess, "n": e.n}
                     for k, e in candidates.items()}}
 
