@@ -64,7 +64,11 @@ class DigitRenderer:
             self._fonts[key] = self.ImageFont.truetype(path, px)
         return self._fonts[key]
 
-    def mask(self, digit, rng, size):
+    def mask(self, digit, rng, size, height=(0.6, 1.0), jitter=2):
+        """The digit's grey mask in [0, 1], ``size x size``: random font,
+        point size, stroke, rotation (+-15 degrees), glyph height (a
+        fraction of ``size`` drawn from ``height``), aspect, position
+        (+-``jitter`` pixels from the centre) and blur."""
         Image, c = self.Image, self.CANVAS
         img = Image.new("L", (c, c), 0)
         font = self.font(self.paths[rng.integers(len(self.paths))],
@@ -78,13 +82,13 @@ class DigitRenderer:
             raise KerastlError(f"Font rendered digit {digit} empty.")
         glyph = img.crop(box)
         gw, gh = glyph.size
-        h = rng.uniform(0.6, 1.0) * size
+        h = rng.uniform(*height) * size
         w = min(float(size), h * gw / gh * rng.uniform(0.8, 1.3))
         w, h = max(2, int(round(w))), max(2, int(round(h)))
         glyph = glyph.resize((w, h), Image.BILINEAR)
         out = Image.new("L", (size, size), 0)
-        left = (size - w) // 2 + int(rng.integers(-2, 3))
-        top = (size - h) // 2 + int(rng.integers(-2, 3))
+        left = (size - w) // 2 + int(rng.integers(-jitter, jitter + 1))
+        top = (size - h) // 2 + int(rng.integers(-jitter, jitter + 1))
         out.paste(glyph, (min(max(left, 0), size - w),
                           min(max(top, 0), size - h)))
         blur = rng.uniform(0.0, 1.0)

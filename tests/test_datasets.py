@@ -66,6 +66,43 @@ def test_syn_digits_is_seeded_balanced_and_varied():
     assert len(rendering.font_paths()) >= 15
 
 
+def test_photo_digits_is_seeded_balanced_and_over_photos():
+    x, y = datasets.photo_digits(60, seed=3)
+    assert x.shape == (60, 32, 32, 3) and x.dtype == np.float32
+    assert np.array_equal(np.bincount(y), np.full(10, 6))
+    assert 0 <= x.min() and x.max() <= 255
+    again, y2 = datasets.load("photo_digits", "train", n=60, seed=3)
+    np.testing.assert_array_equal(x, again)
+    np.testing.assert_array_equal(y, y2)
+    test, _ = datasets.photo_digits(60, seed=3, split="test")
+    assert not np.array_equal(x, test)
+    with pytest.raises(kerastl.KerastlError, match="positive"):
+        datasets.photo_digits(0)
+
+
+def test_photo_digits_draws_on_the_photos_in_both_contrasts(monkeypatch):
+    grey = np.full((48, 64, 3), 128.0, "float32")
+    monkeypatch.setattr(datasets, "photos", lambda: [grey])
+    x, _ = datasets.photo_digits(40, seed=0)
+    # The background is the photo (plus noise): the corners stay near 128.
+    corners = x[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert np.median(np.abs(corners - 128.0)) < 12
+    # The digit is at least 60 grey levels from the photo, either way.
+    ink = x.mean(-1).reshape(40, -1)
+    farthest = ink[np.arange(40), np.abs(ink - 128).argmax(1)]
+    assert (farthest < 128 - 40).sum() >= 5 and \
+        (farthest > 128 + 40).sum() >= 5
+
+
+def test_rendered_digit_height_follows_the_range():
+    renderer = rendering.DigitRenderer()
+    rng = np.random.default_rng(0)
+    for lo, hi in ((0.4, 0.4), (0.9, 0.9)):
+        mask = renderer.mask(8, rng, 32, height=(lo, hi), jitter=0)
+        rows = np.nonzero(mask.max(axis=1) > 0.2)[0]
+        assert abs((rows[-1] - rows[0] + 1) - lo * 32) <= 3
+
+
 def test_load_and_bad_input():
     x, y = datasets.load("digits", "test", size=16)
     assert x.shape == (449, 16, 16, 3)
