@@ -48,8 +48,8 @@ Training
 Methods
     features          extract_features, FeatureCache, LinearProbe,
                       transferability estimators
-    adaptation        GradientReversal, DANN, ADDA, AdaBN, selection,
-                      borrowing source data
+    adaptation        GradientReversal, DANN, ADDA, AdaMatch, AdaBN, adapt
+                      (the default recipe), selection, borrowing source data
     analysis          linear CKA, transfer-depth sweeps, ranking backbones
     serving           export: SavedModel, LiteRT and ONNX files, each run by
                       its runtime before it is kept; inference models
@@ -114,10 +114,11 @@ _API = {
     "feature_model": "kerastl.features",
     "FeatureCache": "kerastl.features",
     "LinearProbe": "kerastl.features",
-    # Domain adaptation: its two central pieces (the rest is in
-    # kerastl.adaptation).
+    # Domain adaptation: its central pieces and the default recipe (the
+    # rest is in kerastl.adaptation).
     "GradientReversal": "kerastl.adaptation",
     "DANN": "kerastl.adaptation",
+    "adapt": "kerastl.adaptation",
     # Serving.
     "export": "kerastl.serving",
     "ExportReport": "kerastl.serving",

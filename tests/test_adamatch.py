@@ -237,3 +237,52 @@ def test_bad_arguments_are_clear_errors():
         model.fit(kerastl.adaptation.domain_dataset(
             (xs, ys), xt, batch_size=8, target_labeled=(xt[:4], yt[:4])),
             epochs=1, verbose=0)
+
+
+# -- kerastl.adapt: the default recipe in one call ------------------------------
+
+
+def _bn_state(model):
+    return [np.array(v) for layer in model.bottleneck_layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
+@pytest.mark.parametrize("adabn", [True, False])
+def test_adapt_trains_adamatch_for_the_steps_then_adabn(adabn):
+    xs, ys, xt, _ = toy_domains(64)
+    ys = ys + np.arange(64) % 2  # labels 0..2: three classes inferred
+    keras.utils.set_random_seed(0)
+    model = kerastl.adapt(small_cnn(), (xs, ys), xt, steps=8, batch_size=16,
+                          adabn=adabn, seed=1, verbose=0)
+    assert isinstance(model, AdaMatch)
+    # 64 images in batches of 16: 4 steps a pass, 2 passes for 8 steps.
+    assert int(model.optimizer.iterations) == 8
+    assert model.predict(xt, verbose=0).shape == (64, 3)
+    assert len(model.history.history["loss"]) == 2
+    # AdaBN replaces the statistics from scratch (the first batch enters
+    # with weight 1), so running it again changes nothing after adabn=True
+    # and changes the training-time statistics after adabn=False.
+    before = _bn_state(model)
+    kerastl.adaptation.adapt_batch_norm(model, xt)
+    same = all(np.allclose(a, b, rtol=1e-5, atol=1e-6)
+               for a, b in zip(before, _bn_state(model)))
+    assert same == adabn
+
+
+def test_adapt_refuses_what_it_cannot_train_on():
+    xs, ys, xt, _ = toy_domains(32)
+    with pytest.raises(kerastl.KerastlError, match="labels too"):
+        kerastl.adapt(small_cnn(), xs, xt)
+    with pytest.raises(kerastl.KerastlError, match="not one-hot"):
+        kerastl.adapt(small_cnn(), (xs, np.eye(2)[ys]), xt)
+    with pytest.raises(kerastl.KerastlError, match="steps=0"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, steps=0)
+    source = tf.data.Dataset.from_tensor_slices((xs, ys))
+    with pytest.raises(kerastl.KerastlError, match="num_classes="):
+        kerastl.adapt(small_cnn(), source, xt)
+    with pytest.raises(kerastl.KerastlError, match="length is unknown"):
+        kerastl.adapt(small_cnn(), source.filter(lambda x, y: True), xt,
+                      num_classes=2)
+    with pytest.raises(kerastl.KerastlError, match="target is a list"):
+        kerastl.adapt(small_cnn(), (xs, ys), list(xt))

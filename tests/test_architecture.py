@@ -185,8 +185,9 @@ LAYERS = [
     ("Methods", None, [
         ("features", "extract_features, FeatureCache, LinearProbe, "
                      "transferability estimators"),
-        ("adaptation", "GradientReversal, DANN, ADDA, AdaBN, selection, "
-                       "borrowing source data"),
+        ("adaptation", "GradientReversal, DANN, ADDA, AdaMatch, AdaBN, adapt "
+                       "(the default recipe), selection, borrowing source "
+                       "data"),
         ("analysis", "linear CKA, transfer-depth sweeps, ranking "
                      "backbones"),
         ("serving", "export: SavedModel, LiteRT and ONNX files, each run "

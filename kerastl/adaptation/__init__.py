@@ -17,6 +17,8 @@ model must do well on the target.
 * :mod:`~kerastl.adaptation.adamatch` — :class:`AdaMatch` (self-training
   with weak and strong views, trained with plain ``fit``),
   :func:`adamatch_loss`.
+* :mod:`~kerastl.adaptation.recipe` — :func:`adapt`, the default recipe
+  in one call (AdaMatch, then AdaBN).
 * :mod:`~kerastl.adaptation.selection` — label-free model selection:
   :func:`deep_embedded_validation`, :func:`ensemble_validation`,
   :func:`select_model`.
@@ -40,6 +42,7 @@ from kerastl.adaptation.dann import DANN
 from kerastl.adaptation.data import domain_dataset
 from kerastl.adaptation.losses import (confusion_loss, coral_loss,
                                        information_loss, mcc_loss, mmd_loss)
+from kerastl.adaptation.recipe import adapt
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.adaptation.selection import (DEVEstimate, EnsembleEstimate,
                                           ModelSelection,
@@ -50,7 +53,7 @@ from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
 
 __all__ = ["ADDA", "AdaMatch", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "GaninLearningRate", "GradientReversal", "JointFineTuning",
-           "ModelSelection", "SourceSelection", "adamatch_loss", "adapt_batch_norm",
+           "ModelSelection", "SourceSelection", "adamatch_loss", "adapt", "adapt_batch_norm",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
            "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",

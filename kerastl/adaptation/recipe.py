@@ -1,0 +1,147 @@
+"""``adapt``: kerastl's default domain-adaptation recipe in one call.
+
+Labelled source images, unlabelled target images, a feature extractor:
+:func:`adapt` trains :class:`~kerastl.adaptation.AdaMatch` on both for a
+budget of optimizer steps, then re-estimates the BatchNorm statistics on the
+target (AdaBN, :func:`~kerastl.adaptation.adapt_batch_norm`), and returns the
+model. Every choice in it is the one ``benchmarks/domain_adaptation.py``
+measured over all ordered pairs of kerastl's offline digit domains, chosen
+without looking at target labels; it uses no augmentation specific to the
+target.
+"""
+
+import keras
+import numpy as np
+
+from kerastl.adaptation.adabn import adapt_batch_norm
+from kerastl.adaptation.adamatch import AdaMatch
+from kerastl.adaptation.data import domain_dataset
+from kerastl.errors import KerastlError
+
+
+def _size(data, what):
+    """Samples in ``data`` (arrays, an ``(x, y)`` tuple or a dataset of
+    single samples), or None when unknown."""
+    if isinstance(data, tuple):
+        data = data[0]
+    if isinstance(data, np.ndarray):
+        return len(data)
+    try:
+        import tensorflow as tf  # lazy: kerastl imports without TensorFlow
+        if isinstance(data, tf.data.Dataset):
+            n = int(data.cardinality())
+            return n if n > 0 else None
+    except ImportError:
+        pass
+    raise KerastlError(
+        f"The {what} is a {type(data).__name__}: adapt() takes arrays "
+        f"({'an (x, y) tuple' if what == 'source' else 'images'}) or a "
+        f"tf.data.Dataset of single samples.")
+
+
+def adapt(feature_extractor, source, target, num_classes=None, *,
+          steps=1500, batch_size=32, learning_rate=1e-3, adabn=True,
+          seed=None, verbose="auto", callbacks=(), **options):
+    """Adapts a classifier to an unlabelled target domain: AdaMatch, then
+    AdaBN (kerastl's default recipe).
+
+    1. :class:`~kerastl.adaptation.AdaMatch` on ``feature_extractor`` (a
+       Dense 256 + BatchNorm + ReLU bottleneck, then the softmax head),
+       trained with ``Adam(learning_rate)`` on
+       :func:`~kerastl.adaptation.domain_dataset` batches of
+       ``batch_size`` source and ``batch_size`` target images for about
+       ``steps`` optimizer steps (whole passes over the source).
+    2. ``adabn=True``: :func:`~kerastl.adaptation.adapt_batch_norm` on the
+       target images.
+
+    What it costs and gains is measured in ``benchmarks/
+    domain_adaptation.py`` (docs/domain-adaptation.md, "The default
+    recipe"): every ordered pair of kerastl's offline digit domains,
+    against the best source-only baseline, the target-only oracle, ADAPT's
+    DANN and the keras.io AdaMatch recipe. When it does not help: the
+    target's classes look different from the source's in a way no shift,
+    rotation or colour change bridges, or source and target are already
+    alike (compare with the source-only model on a few labelled target
+    images).
+
+    Args:
+        feature_extractor: a ``keras.Model`` or :class:`~kerastl.Backbone`
+            mapping images to features (a pooled vector or a feature map).
+        source: labelled source data: an ``(x, y)`` tuple of arrays
+            (integer labels), or a ``tf.data.Dataset`` of single
+            ``(image, label)`` samples.
+        target: unlabelled target images: an array or a
+            ``tf.data.Dataset`` of single images.
+        num_classes: the number of classes; default: the largest source
+            label + 1 (arrays only).
+        steps: optimizer steps, rounded to whole passes over the source
+            (at least one).
+        batch_size: images per domain per step.
+        learning_rate: Adam's rate.
+        adabn: re-estimate BatchNorm statistics on the target afterwards.
+        seed: seeds the augmentations and the batches' order (for a
+            repeatable run, also call ``keras.utils.set_random_seed``
+            first: it seeds the new layers' initial weights).
+        verbose, callbacks: passed to ``fit``.
+        **options: more :class:`~kerastl.adaptation.AdaMatch` arguments
+            (``tau``, ``bottleneck``, ``weak``, ``strong``, ...).
+
+    Returns:
+        The trained :class:`~kerastl.adaptation.AdaMatch` model (compiled
+        with accuracy; ``model.history`` is ``fit``'s ``History``):
+        ``predict`` and ``evaluate`` on target images, ``.classifier`` to
+        export.
+
+    Example::
+
+        model = kerastl.adapt(kerastl.pretrained.small_cnn(), (xs, ys), xt)
+        model.evaluate(xt_test, yt_test)
+        kerastl.export(model.classifier, "exported/")
+    """
+    if isinstance(source, (list, tuple)) and len(source) != 2:
+        raise KerastlError(
+            f"source has {len(source)} items: expected an (x, y) tuple of "
+            "images and integer labels.")
+    if isinstance(source, list):
+        source = tuple(source)
+    if isinstance(source, np.ndarray):
+        raise KerastlError(
+            "source is an array of images only: adapt() needs the source "
+            "labels too, as an (x, y) tuple.")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(
+                value, (int, np.integer)) or value < 1:
+            raise KerastlError(f"{name}={value!r}: expected an int >= 1.")
+    if num_classes is None:
+        if not isinstance(source, tuple):
+            raise KerastlError(
+                "num_classes=None needs the source labels as an array to "
+                "count them: pass num_classes=.")
+        labels = np.asarray(source[1])
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise KerastlError(
+                f"The source labels have shape {labels.shape} and dtype "
+                f"{labels.dtype}: adapt() takes one integer label per image "
+                "(not one-hot).")
+        num_classes = int(labels.max()) + 1
+    n = _size(source, "source")
+    if n is None:
+        raise KerastlError(
+            "The source dataset's length is unknown, so steps cannot be "
+            "turned into passes over it: pass arrays, or a dataset of known "
+            "length (dataset.apply(tf.data.experimental.assert_cardinality("
+            "n))).")
+    _size(target, "target")
+    model = AdaMatch(feature_extractor, num_classes,
+                     **{"bottleneck": 256, "seed": seed, **options})
+    data = domain_dataset(source, target, batch_size=batch_size,
+                          seed=0 if seed is None else seed)
+    # Whole passes over the source, the nearest to ``steps``.
+    epochs = max(1, round(steps * batch_size / n))
+    model.compile(keras.optimizers.Adam(learning_rate),
+                  metrics=["accuracy"])
+    model.fit(data, epochs=epochs, verbose=verbose,
+              callbacks=list(callbacks))
+    if adabn:
+        adapt_batch_norm(model, target)
+    return model
