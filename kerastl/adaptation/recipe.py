@@ -79,8 +79,9 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
         batch_size: images per domain per step.
         learning_rate: Adam's rate.
         adabn: re-estimate BatchNorm statistics on the target afterwards.
-        seed: seeds the augmentations and the batches' order (for a
-            repeatable run, also call ``keras.utils.set_random_seed``
+        seed: seeds the augmentations (the batches come in
+            :func:`~kerastl.adaptation.domain_dataset`'s own seeded order;
+            for a repeatable run, also call ``keras.utils.set_random_seed``
             first: it seeds the new layers' initial weights).
         verbose, callbacks: passed to ``fit``.
         **options: more :class:`~kerastl.adaptation.AdaMatch` arguments
@@ -134,8 +135,7 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
     _size(target, "target")
     model = AdaMatch(feature_extractor, num_classes,
                      **{"bottleneck": 256, "seed": seed, **options})
-    data = domain_dataset(source, target, batch_size=batch_size,
-                          seed=0 if seed is None else seed)
+    data = domain_dataset(source, target, batch_size=batch_size)
     # Whole passes over the source, the nearest to ``steps``.
     epochs = max(1, round(steps * batch_size / n))
     model.compile(keras.optimizers.Adam(learning_rate),
