@@ -621,6 +621,90 @@ def report(summary):
     return "\n".join(lines)
 
 
+RECIPE = "AdaMatch + AdaBN"  # kerastl.adapt
+PEERS = ("ADAPT DANN", "AdaMatch, keras.io recipe, Adam 0.001",
+         "AdaMatch, keras.io recipe")
+
+
+def load_runs(paths):
+    """``{pair: [run, ...]}`` from several ``--json`` files (seeds run in
+    separate processes), each pair's runs in seed order."""
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            for pair, rows in json.load(f).items():
+                runs.setdefault(pair, []).extend(rows)
+    return {pair: sorted(rows, key=lambda r: r["seed"])
+            for pair, rows in runs.items()}
+
+
+def markdown(paths):
+    """The default recipe's table (docs and README) from ``--json`` files:
+    per pair, means over the seeds that have each row."""
+    runs = load_runs(paths)
+
+    def mean(rows, key):
+        values = [r["acc"][key] for r in rows if key in r["acc"]]
+        return (float(np.mean(values)), len(values)) if values else (None, 0)
+
+    def cell(value):
+        return "" if value[0] is None else f"{value[0]:.3f}" + (
+            "" if value[1] == n else f" ({value[1]})")
+
+    lines = [
+        "| pair | best baseline | best DANN row | ADAPT's DANN | keras.io "
+        "AdaMatch, Adam 1e-3 | AdaMatch | **AdaMatch + AdaBN "
+        "(`kerastl.adapt`)** | target only | gap closed | gain, lowest "
+        "seed | time vs source only |",
+        "|---|" + "---:|" * 10]
+    closed_big, worse = [], []
+    for pair, rows in runs.items():
+        n = len(rows)
+        base = float(np.mean([r["best_baseline"] for r in rows]))
+        dann = max((mean(rows, k) for k in rows[0]["acc"]
+                    if k.startswith("DANN")), key=lambda v: v[0])
+        recipe = mean(rows, RECIPE)
+        oracle = mean(rows, "target only")[0]
+        gap = oracle - base
+        share = (recipe[0] - base) / gap if gap > 0 else float("nan")
+        gains = [100 * (r["acc"][RECIPE] - r["best_baseline"]) for r in rows]
+        ratio = np.mean([r["seconds"]["AdaMatch"] / r["seconds"]["source only"]
+                         for r in rows])
+        if gap > 0.10:
+            closed_big.append(share)
+        for peer in PEERS[:2]:
+            value = mean(rows, peer)
+            if value[0] is not None and value[0] > recipe[0]:
+                worse.append(f"{pair}: {peer} {value[0]:.3f} against "
+                             f"{recipe[0]:.3f}")
+        src, tgt = pair.split(":")
+        lines.append(
+            f"| {src} -> {tgt} | {base:.3f} | {cell(dann)} | "
+            f"{cell(mean(rows, PEERS[0]))} | {cell(mean(rows, PEERS[1]))} | "
+            f"{cell(mean(rows, 'AdaMatch'))} | **{cell(recipe)}** | "
+            f"{oracle:.3f} | "
+            + (f"{share:.0%}" if gap > 0.10 else f"(gap {100 * gap:.1f} "
+               f"points)")
+            + f" | {min(gains):+.1f} | {ratio:.1f}x |")
+    lines.append("")
+    lines.append(f"Seeds: {', '.join(str(r['seed']) for r in next(iter(runs.values())))}"
+                 f" (a number in brackets: the seeds that have that row). "
+                 f"Mean gap closed over the {len(closed_big)} pairs whose gap "
+                 f"exceeds 10 points: {np.mean(closed_big):.0%}.")
+    if worse:
+        lines.append("Peers ahead of the recipe: " + "; ".join(worse) + ".")
+    hits = total = 0
+    for rows in runs.values():
+        for r in rows:
+            a = r["acc"]
+            total += 1
+            hits += 100 * (a[r["best_candidate"]] - a[r["chosen"]]) <= 2.0 + 1e-9
+    lines.append(f"EnsV within 2 points of the pool's best: {hits} of {total} "
+                 f"runs.")
+    print("\n".join(lines))
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -651,7 +735,12 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--dump", help="a folder: save each candidate's "
                         "features and predictions for selection studies")
+    parser.add_argument("--markdown", nargs="+", metavar="JSON",
+                        help="print the default recipe's table from these "
+                             "--json files and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        return markdown(args.markdown)
     start = time.time()
     print(f"{args.steps} steps of {BATCH} per domain, Adam; "
           f"{'all methods' if args.all else 'default rows (--all for more)'}",
