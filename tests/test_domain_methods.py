@@ -340,3 +340,41 @@ def test_ensemble_validation_scores_agreement_with_the_averaged_vote():
                                      "b": onehot([0, 1, 2])})
     with pytest.raises(kerastl.KerastlError, match="probabilities"):
         kerastl.adaptation.ensemble_validation({"a": np.zeros(4)})
+
+
+def _brightness_model(threshold):
+    """Class 1 when an image's mean pixel exceeds ``threshold``."""
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    x = keras.layers.Lambda(lambda t: keras.ops.mean(t, axis=-1,
+                                                     keepdims=True))(x)
+    dense = keras.layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([np.array([[-1.0, 1.0]]),
+                       np.array([threshold, -threshold])])
+    return model
+
+
+def test_mix_validation_scores_decisions_that_follow_the_majority_image():
+    """Dark (mean 50, 60) and bright (250, 240) target images; a mix is 55%
+    its first image. Dark-majority mixes have means 140 to 141 and
+    bright-majority ones 159 to 160: a boundary at 150 follows the majority
+    on every pair with different labels, one at 128 only where the bright
+    image leads, which is half of them (a permutation takes as many dark
+    images to bright partners as bright to dark)."""
+    levels = [50, 250, 60, 240, 50, 250, 60, 240]
+    x = np.stack([np.full((4, 4, 3), v, "float32") for v in levels])
+    clean = kerastl.adaptation.mix_validation(_brightness_model(150.0), x)
+    assert clean.pairs > 0 and clean.inter == 1.0 and clean.intra == 1.0
+    skewed = kerastl.adaptation.mix_validation(_brightness_model(128.0), x)
+    assert skewed.pairs == clean.pairs and skewed.inter == 0.5
+    # One class everywhere: no boundary to probe, the lowest score.
+    flat = kerastl.adaptation.mix_validation(_brightness_model(-1e4), x)
+    assert flat.pairs == 0 and flat.score == 0.0
+    chosen = kerastl.adaptation.select_model(
+        {"150": _brightness_model(150.0), "128": _brightness_model(128.0),
+         "flat": _brightness_model(-1e4)}, target=x, method="mixval")
+    assert chosen.best == "150" and "inter" in chosen.table()
+    with pytest.raises(kerastl.KerastlError, match="lam=0.4"):
+        kerastl.adaptation.mix_validation(_brightness_model(150.0), x,
+                                          lam=0.4)

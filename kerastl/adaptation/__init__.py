@@ -21,7 +21,7 @@ model must do well on the target.
   in one call (AdaMatch, then AdaBN).
 * :mod:`~kerastl.adaptation.selection` — label-free model selection:
   :func:`deep_embedded_validation`, :func:`ensemble_validation`,
-  :func:`select_model`.
+  :func:`mix_validation`, :func:`select_model`.
 * :mod:`~kerastl.adaptation.data` — :func:`domain_dataset`.
 * :mod:`~kerastl.adaptation.adabn` — :func:`adapt_batch_norm` (AdaBN),
   :func:`tent` (test-time entropy minimisation), :func:`mean_entropy`.
@@ -45,18 +45,19 @@ from kerastl.adaptation.losses import (confusion_loss, coral_loss,
 from kerastl.adaptation.recipe import adapt
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.adaptation.selection import (DEVEstimate, EnsembleEstimate,
-                                          ModelSelection,
+                                          MixValEstimate, ModelSelection,
                                           deep_embedded_validation,
-                                          ensemble_validation, select_model)
+                                          ensemble_validation,
+                                          mix_validation, select_model)
 from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
                                           ganin_lambda)
 
 __all__ = ["ADDA", "AdaMatch", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "GaninLearningRate", "GradientReversal", "JointFineTuning",
-           "ModelSelection", "SourceSelection", "adamatch_loss", "adapt", "adapt_batch_norm",
+           "MixValEstimate", "ModelSelection", "SourceSelection", "adamatch_loss", "adapt", "adapt_batch_norm",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
            "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",
            "information_loss", "joint_fine_tune", "mcc_loss", "mean_entropy",
-           "mmd_loss", "select_model", "select_source_samples", "strong_augmentation", "tent",
+           "mix_validation", "mmd_loss", "select_model", "select_source_samples", "strong_augmentation", "tent",
            "weak_augmentation"]

@@ -116,10 +116,35 @@ class EnsembleEstimate:
 
 
 @dataclasses.dataclass
+class MixValEstimate:
+    """A :func:`mix_validation` result for one candidate.
+
+    Attributes:
+        inter: the fraction of mixed pairs of target images with different
+            pseudo-labels where the candidate predicts the majority
+            image's pseudo-label (higher is better; the score).
+        intra: the same over pairs with the same pseudo-label (reported,
+            not scored).
+        pairs: the number of pairs with different pseudo-labels.
+        n: the number of target samples.
+    """
+    inter: float
+    intra: float
+    pairs: int
+    n: int
+
+    @property
+    def score(self):
+        """Higher is better: ``inter``."""
+        return self.inter
+
+
+@dataclasses.dataclass
 class ModelSelection:
     """A :func:`select_model` result: ``best`` is the chosen name;
     ``estimates`` maps every candidate to its :class:`EnsembleEstimate`
-    (``method="ensemble"``) or :class:`DEVEstimate` (``"dev"``)."""
+    (``method="ensemble"``), :class:`MixValEstimate` (``"mixval"``) or
+    :class:`DEVEstimate` (``"dev"``)."""
     best: str
     estimates: dict
     method: str = "ensemble"
@@ -134,6 +159,8 @@ class ModelSelection:
         if self.method == "dev":
             lines = [f"{'candidate':<{width}}{'DEV risk':>10}"
                      f"{'source loss':>13}{'ESS':>10}"]
+        elif self.method == "mixval":
+            lines = [f"{'candidate':<{width}}{'inter':>10}{'intra':>10}"]
         else:
             lines = [f"{'candidate':<{width}}{'agreement':>10}"
                      f"{'confidence':>12}"]
@@ -144,6 +171,9 @@ class ModelSelection:
                 lines.append(f"{name:<{width}}{e.risk:>10.4f}"
                              f"{e.source_loss:>13.4f}{e.ess:>6.0f}/{e.n:<4}"
                              f"{mark}")
+            elif self.method == "mixval":
+                lines.append(f"{name:<{width}}{e.inter:>10.3f}"
+                             f"{e.intra:>10.3f}{mark}")
             else:
                 lines.append(f"{name:<{width}}{e.agreement:>10.3f}"
                              f"{e.confidence:>12.3f}{mark}")
@@ -362,7 +392,51 @@ def ensemble_validation(predictions):
         for name, p in probs.items()}
 
 
-METHODS = ("ensemble", "dev")
+def mix_validation(model, target, lam=0.55, seed=0, batch_size=128):
+    """MixVal (Hu et al., NeurIPS 2023): does the model's decision follow
+    the majority of a mixed image?
+
+    The model labels the target images (pseudo-labels); each image is mixed
+    ``lam : 1 - lam`` with a partner drawn at random (a seeded
+    permutation), and the score is how often the model's prediction on the
+    mix is the pseudo-label of its majority image, over the pairs whose
+    pseudo-labels differ (the paper's inter-cluster probe). A model whose
+    classes are well-separated clusters of the target, with the boundary
+    between them, scores high; one that mislabels whole regions can still
+    be consistent, so the score says how clean the target's clusters are
+    in the model's eyes, not that their names are right. Unlike
+    :func:`ensemble_validation` it scores each model alone: a candidate
+    better than the rest of the pool is not penalised for disagreeing with
+    it.
+
+    Args:
+        model: a model with softmax (or logit) outputs.
+        target: unlabelled target images (an array).
+        lam: the majority image's share of each mix (the paper's 0.55).
+        seed: the pairing's seed.
+
+    Returns:
+        a :class:`MixValEstimate`.
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or \
+            not 0.5 < lam < 1:
+        raise KerastlError(f"mix_validation: lam={lam!r}; expected a float "
+                           "between 0.5 and 1 (the majority image's share).")
+    x = _images(target, "target").astype("float32")
+    labels = np.argmax(model.predict(x, verbose=0, batch_size=batch_size),
+                       axis=-1)
+    partner = np.random.default_rng(seed).permutation(len(x))
+    mixed = lam * x + (1 - lam) * x[partner]
+    hit = np.argmax(model.predict(mixed, verbose=0, batch_size=batch_size),
+                    axis=-1) == labels
+    other = labels != labels[partner]
+    return MixValEstimate(
+        inter=float(hit[other].mean()) if other.any() else 0.0,
+        intra=float(hit[~other].mean()) if (~other).any() else 0.0,
+        pairs=int(other.sum()), n=len(x))
+
+
+METHODS = ("ensemble", "mixval", "dev")
 
 
 @_private.quiet_retracing()
@@ -378,7 +452,10 @@ def select_model(candidates, source_val=None, target=None,
         target: unlabelled target images.
         method: ``"ensemble"`` (default, :func:`ensemble_validation`: the
             candidate that agrees most with the average of all of them;
-            give it at least three candidates) or ``"dev"``
+            give it at least three candidates), ``"mixval"``
+            (:func:`mix_validation`: each candidate alone, by how cleanly
+            its decisions follow the majority of mixed target images) or
+            ``"dev"``
             (:func:`deep_embedded_validation`: the lowest importance-
             weighted source validation loss).
         features: ``"dev"`` only: optional ``{name: x -> features}`` for
@@ -422,6 +499,13 @@ def select_model(candidates, source_val=None, target=None,
         estimates = ensemble_validation({
             name: model.predict(xt, verbose=0, batch_size=128)
             for name, model in candidates.items()})
+    elif method == "mixval":
+        xt = _images(target, "target")
+        if len(xt) > max_samples:
+            rng = np.random.default_rng(seed)
+            xt = xt[rng.choice(len(xt), max_samples, replace=False)]
+        estimates = {name: mix_validation(model, xt, seed=seed)
+                     for name, model in candidates.items()}
     else:
         features = features or {}
         estimates = {}
