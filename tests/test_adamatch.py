@@ -251,10 +251,15 @@ def _bn_state(model):
 @pytest.mark.parametrize("adabn", [True, False])
 def test_adapt_trains_adamatch_for_the_steps_then_adabn(adabn):
     xs, ys, xt, _ = toy_domains(64)
-    ys = ys + np.arange(64) % 2  # labels 0..2: three classes inferred
+    ys = ys + np.arange(64) % 2  # labels 0..2: three classes
     keras.utils.set_random_seed(0)
-    model = kerastl.adapt(small_cnn(), (xs, ys), xt, steps=8, batch_size=16,
-                          adabn=adabn, seed=1, verbose=0)
+    if adabn:  # datasets of single samples
+        source = tf.data.Dataset.from_tensor_slices((xs, ys))
+        target, classes = tf.data.Dataset.from_tensor_slices(xt), 3
+    else:  # arrays; the number of classes is inferred
+        source, target, classes = (xs, ys), xt, None
+    model = kerastl.adapt(small_cnn(), source, target, classes, steps=8,
+                          batch_size=16, adabn=adabn, seed=1, verbose=0)
     assert isinstance(model, AdaMatch)
     # 64 images in batches of 16: 4 steps a pass, 2 passes for 8 steps.
     assert int(model.optimizer.iterations) == 8
@@ -286,3 +291,9 @@ def test_adapt_refuses_what_it_cannot_train_on():
                       num_classes=2)
     with pytest.raises(kerastl.KerastlError, match="target is a list"):
         kerastl.adapt(small_cnn(), (xs, ys), list(xt))
+    with pytest.raises(kerastl.KerastlError, match="unbatch"):
+        kerastl.adapt(small_cnn(), source.batch(8), xt, num_classes=2)
+    with pytest.raises(kerastl.KerastlError, match="num_classes=2"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, num_classes=1)
+    with pytest.raises(kerastl.KerastlError, match="fewer than batch_size"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, batch_size=64)

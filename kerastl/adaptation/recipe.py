@@ -4,10 +4,10 @@ Labelled source images, unlabelled target images, a feature extractor:
 :func:`adapt` trains :class:`~kerastl.adaptation.AdaMatch` on both for a
 budget of optimizer steps, then re-estimates the BatchNorm statistics on the
 target (AdaBN, :func:`~kerastl.adaptation.adapt_batch_norm`), and returns the
-model. Every choice in it is the one ``benchmarks/domain_adaptation.py``
-measured over all ordered pairs of kerastl's offline digit domains, chosen
-without looking at target labels; it uses no augmentation specific to the
-target.
+model. It is one recipe for every pair of domains: nothing in it is chosen
+per target, from target labels or otherwise, and it uses no augmentation
+specific to the target. ``benchmarks/domain_adaptation.py`` measures it on
+every ordered pair of kerastl's offline digit domains.
 """
 
 import keras
@@ -20,23 +20,52 @@ from kerastl.errors import KerastlError
 
 
 def _size(data, what):
-    """Samples in ``data`` (arrays, an ``(x, y)`` tuple or a dataset of
-    single samples), or None when unknown."""
+    """Samples in ``data`` (arrays, an ``(x, y)`` tuple of arrays or a
+    dataset of single samples), or None when a dataset's length is
+    unknown."""
     if isinstance(data, tuple):
         data = data[0]
     if isinstance(data, np.ndarray):
         return len(data)
     try:
         import tensorflow as tf  # lazy: kerastl imports without TensorFlow
-        if isinstance(data, tf.data.Dataset):
-            n = int(data.cardinality())
-            return n if n > 0 else None
     except ImportError:
-        pass
+        tf = None
+    if tf is not None and isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        first = spec[0] if isinstance(spec, tuple) else spec
+        if first.shape.rank == 4:
+            raise KerastlError(
+                f"The {what} dataset yields batches (its images have shape "
+                f"{tuple(first.shape)}): adapt() batches the data itself; "
+                f"pass dataset.unbatch().")
+        n = int(data.cardinality())
+        return n if n > 0 else None
     raise KerastlError(
-        f"The {what} is a {type(data).__name__}: adapt() takes arrays "
+        f"The {what} is a {type(data).__name__}"
+        + (" of them" if isinstance(data, (list, tuple)) else "")
+        + f": adapt() takes arrays "
         f"({'an (x, y) tuple' if what == 'source' else 'images'}) or a "
         f"tf.data.Dataset of single samples.")
+
+
+def _check_labels(labels, num_classes):
+    """One integer label per image, in ``0 .. num_classes - 1``; returns
+    ``num_classes`` (the largest label + 1 when None)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise KerastlError(
+            f"The source labels have shape {labels.shape} and dtype "
+            f"{labels.dtype}: adapt() takes one integer label per image "
+            "(not one-hot: labels.argmax(-1)).")
+    if num_classes is None:
+        return int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise KerastlError(
+            f"The source labels go from {labels.min()} to {labels.max()}, "
+            f"outside 0..{num_classes - 1} for num_classes={num_classes}: "
+            f"pass num_classes={int(labels.max()) + 1}, or map the labels.")
+    return num_classes
 
 
 def adapt(feature_extractor, source, target, num_classes=None, *,
@@ -113,18 +142,12 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
         if isinstance(value, bool) or not isinstance(
                 value, (int, np.integer)) or value < 1:
             raise KerastlError(f"{name}={value!r}: expected an int >= 1.")
-    if num_classes is None:
-        if not isinstance(source, tuple):
-            raise KerastlError(
-                "num_classes=None needs the source labels as an array to "
-                "count them: pass num_classes=.")
-        labels = np.asarray(source[1])
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise KerastlError(
-                f"The source labels have shape {labels.shape} and dtype "
-                f"{labels.dtype}: adapt() takes one integer label per image "
-                "(not one-hot).")
-        num_classes = int(labels.max()) + 1
+    if isinstance(source, tuple):
+        num_classes = _check_labels(source[1], num_classes)
+    elif num_classes is None:
+        raise KerastlError(
+            "num_classes=None needs the source labels as an array to "
+            "count them: pass num_classes=.")
     n = _size(source, "source")
     if n is None:
         raise KerastlError(
@@ -132,16 +155,24 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
             "turned into passes over it: pass arrays, or a dataset of known "
             "length (dataset.apply(tf.data.experimental.assert_cardinality("
             "n))).")
+    if n < batch_size:
+        raise KerastlError(
+            f"The source has {n} samples, fewer than batch_size="
+            f"{batch_size}: not one full batch (batches drop the "
+            f"remainder). Pass more source samples or a smaller batch_size.")
     _size(target, "target")
     model = AdaMatch(feature_extractor, num_classes,
                      **{"bottleneck": 256, "seed": seed, **options})
     data = domain_dataset(source, target, batch_size=batch_size)
-    # Whole passes over the source, the nearest to ``steps``.
-    epochs = max(1, round(steps * batch_size / n))
+    # Whole passes over the source (n // batch_size steps each: batches
+    # drop the remainder), the nearest to ``steps``.
+    epochs = max(1, round(steps / (n // batch_size)))
     model.compile(keras.optimizers.Adam(learning_rate),
                   metrics=["accuracy"])
     model.fit(data, epochs=epochs, verbose=verbose,
               callbacks=list(callbacks))
     if adabn:
+        if not isinstance(target, np.ndarray):
+            target = target.batch(64)  # a dataset of single images
         adapt_batch_norm(model, target)
     return model
