@@ -39,9 +39,10 @@ def weak_augmentation(seed=None):
 def strong_augmentation(value_range=(0, 255), seed=None):
     """AdaMatch's strong augmentation from Keras's own layers: the weak
     shift, :class:`keras.layers.RandAugment` (two of its operations, drawn
-    per batch, at up to ``factor=0.1``: rotations up to 36 degrees and
-    shifts up to a tenth, where its default 0.5 turns images by up to 180
-    degrees, a 6 into a 9), then :class:`keras.layers.RandomErasing` (the
+    per batch, at up to ``factor=0.1``: Keras reads it as the range 0 to
+    0.1, so rotations of 0 to 36 degrees one way and shifts of up to a
+    tenth, where its default 0.5 turns images by up to 180 degrees, a 6
+    into a 9), then :class:`keras.layers.RandomErasing` (the
     paper's Cutout: a patch of 2 to 25% of the image)."""
     def seeded(i):
         return None if seed is None else seed + i
