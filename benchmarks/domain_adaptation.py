@@ -50,6 +50,15 @@ Adaptation (source labels + unlabelled target images):
   the same conv layers with the same bottleneck, its defaults: weak and
   strong views, ``tau=0.9``, the target loss ramped over the first half of
   the steps) and ``+ AdaBN`` after it; they join the selection's pool.
+* ``--adamatch`` runs it through ``kerastl.adapt``, the default recipe
+  (``+ AdaBN`` is what ``kerastl.adapt`` returns; the AdaBN step is done
+  apart so the model before it is a candidate too).
+* ``--peers`` adds the peers, neither in the selection's pool: ``ADAPT
+  DANN`` (as under ``--all``) and the keras.io AdaMatch example's recipe
+  (:class:`KerasIoAdaMatch`) on the same network, data and steps, at the
+  peak rates of ``--keras-io-rates`` (default 1e-3, the rate of every
+  other row; its own 0.03 left this network at 0.13 on digits ->
+  digits_m after 300 steps, against 0.71 at 1e-3).
 * ``target only``: the oracle, the recommended network on target labels.
 
 Label-free selection among every source-only and adapted model of the run
@@ -57,11 +66,19 @@ Label-free selection among every source-only and adapted model of the run
 ``select_model``'s default; the unlabelled target images only) and
 ``kerastl.adaptation.deep_embedded_validation`` (DEV; also the held-out source
 validation data). The table shows the candidate each picked and its
-accuracy next to the best candidate's.
+accuracy next to the best candidate's. Every candidate's MixVal probes
+(``kerastl.adaptation.mix_validation``) and EnsV agreement go into the
+``--json`` file for selection studies; ``--dump`` saves their features and
+predictions too.
+
+``--markdown A.json B.json ...`` prints the default recipe's per-pair table
+from the ``--json`` files of several runs (one seed per process, say).
 
     python benchmarks/domain_adaptation.py [--seeds 3] [--first-seed 0]
         [--steps 1500] [--pairs syn_digits:digits digits:digits_m] [--all]
-        [--new] [--adamatch] [--json FILE] [--dump FOLDER]
+        [--new] [--adamatch] [--peers] [--keras-io-rates 0.001 ...]
+        [--json FILE] [--dump FOLDER]
+    python benchmarks/domain_adaptation.py --markdown FILE [FILE ...]
 """
 
 import argparse
