@@ -50,9 +50,9 @@ Adaptation (source labels + unlabelled target images):
   the same conv layers with the same bottleneck, its defaults: weak and
   strong views, ``tau=0.9``, the target loss ramped over the first half of
   the steps) and ``+ AdaBN`` after it; they join the selection's pool.
-* ``--adamatch`` runs it through ``kerastl.adapt``, the default recipe
-  (``+ AdaBN`` is what ``kerastl.adapt`` returns; the AdaBN step is done
-  apart so the model before it is a candidate too).
+  It runs through ``kerastl.adapt``, the default recipe (``+ AdaBN`` is
+  what ``kerastl.adapt`` returns; the AdaBN step is done apart so that
+  the model before it is a candidate too).
 * ``--peers`` adds the peers, neither in the selection's pool: ``ADAPT
   DANN`` (as under ``--all``) and the keras.io AdaMatch example's recipe
   (:class:`KerasIoAdaMatch`) on the same network, data and steps, at the
