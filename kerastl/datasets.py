@@ -119,6 +119,14 @@ def photos():
     return [np.asarray(img, "float32") for img in load_sample_images().images]
 
 
+def _patch(pictures, rng, size):
+    """A random ``size x size`` patch of a random one of ``pictures``."""
+    photo = pictures[rng.integers(len(pictures))]
+    r = rng.integers(0, photo.shape[0] - size + 1)
+    c = rng.integers(0, photo.shape[1] - size + 1)
+    return photo[r:r + size, c:c + size]
+
+
 def digits_m(split=None, size=32, seed=0, dtype="float32"):
     """The MNIST-M recipe applied to :func:`digits`.
 
@@ -137,11 +145,7 @@ def digits_m(split=None, size=32, seed=0, dtype="float32"):
                                  SPLITS.index(split) + 1])
     x = np.empty(masks.shape + (3,), "float32")
     for i, mask in enumerate(masks):
-        photo = pictures[rng.integers(len(pictures))]
-        r = rng.integers(0, photo.shape[0] - size + 1)
-        c = rng.integers(0, photo.shape[1] - size + 1)
-        patch = photo[r:r + size, c:c + size]
-        x[i] = np.abs(patch - mask[..., None] * 255.0)
+        x[i] = np.abs(_patch(pictures, rng, size) - mask[..., None] * 255.0)
     return _finish(x, y, dtype)
 
 
@@ -153,6 +157,21 @@ def _colours(rng):
         bg, fg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         if abs(bg.mean() - fg.mean()) > 60:
             return bg, fg
+
+
+def _rendering(n, split, size, seed, stream):
+    """What a rendered domain starts from, its arguments checked: the
+    renderer, the random stream ``(seed, split, stream)``, the empty images
+    and the balanced, shuffled labels."""
+    _check(split, size)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise KerastlError(f"n={n!r}: expected a positive number of samples.")
+    require("PIL", "matplotlib")
+    renderer = DigitRenderer()
+    rng = np.random.default_rng([seed, 0 if split is None else
+                                 SPLITS.index(split) + 1, stream])
+    y = rng.permutation(np.arange(n) % 10)
+    return renderer, rng, np.empty((n, size, size, 3), "float32"), y
 
 
 def syn_digits(n=10000, split="train", size=32, seed=0, dtype="float32"):
@@ -167,15 +186,7 @@ def syn_digits(n=10000, split="train", size=32, seed=0, dtype="float32"):
     Returns:
         ``(x, y)``: ``x`` of shape ``(n, size, size, 3)`` in [0, 255].
     """
-    _check(split, size)
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise KerastlError(f"n={n!r}: expected a positive number of samples.")
-    require("PIL", "matplotlib")
-    renderer = DigitRenderer()
-    rng = np.random.default_rng([seed, 0 if split is None else
-                                 SPLITS.index(split) + 1, 7])
-    y = rng.permutation(np.arange(n) % 10)
-    x = np.empty((n, size, size, 3), "float32")
+    renderer, rng, x, y = _rendering(n, split, size, seed, stream=7)
     for i, digit in enumerate(y):
         mask = renderer.mask(int(digit), rng, size)[..., None]
         bg, fg = _colours(rng)
@@ -215,21 +226,10 @@ def photo_digits(n=10000, split="train", size=32, seed=0, dtype="float32"):
     Returns:
         ``(x, y)``: ``x`` of shape ``(n, size, size, 3)`` in [0, 255].
     """
-    _check(split, size)
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise KerastlError(f"n={n!r}: expected a positive number of samples.")
-    require("PIL", "matplotlib")
-    renderer = DigitRenderer()
+    renderer, rng, x, y = _rendering(n, split, size, seed, stream=11)
     pictures = photos()
-    rng = np.random.default_rng([seed, 0 if split is None else
-                                 SPLITS.index(split) + 1, 11])
-    y = rng.permutation(np.arange(n) % 10)
-    x = np.empty((n, size, size, 3), "float32")
     for i, digit in enumerate(y):
-        photo = pictures[rng.integers(len(pictures))]
-        r = rng.integers(0, photo.shape[0] - size + 1)
-        c = rng.integers(0, photo.shape[1] - size + 1)
-        patch = photo[r:r + size, c:c + size]
+        patch = _patch(pictures, rng, size)
         mask = renderer.mask(int(digit), rng, size, height=(0.4, 0.7),
                              jitter=1)
         if rng.uniform() < 2 / 3:
