@@ -14,17 +14,8 @@ from keras import ops
 from kerastl import _keras_private as _private
 from kerastl import distribute as _distribute
 from kerastl import heads
-from kerastl.adaptation.dann import feature_width
+from kerastl.adaptation.dann import feature_layer, feature_width
 from kerastl.errors import KerastlError
-
-
-def _as_model(obj, what):
-    obj = getattr(obj, "model", obj)
-    if not isinstance(obj, keras.layers.Layer):
-        raise KerastlError(
-            f"ADDA needs a Keras model as {what}; got "
-            f"{type(obj).__name__}.")
-    return obj
 
 
 @keras.saving.register_keras_serializable(package="kerastl")
@@ -76,8 +67,8 @@ class ADDA(keras.Model):
     def __init__(self, encoder, head, discriminator_hidden=(500, 500),
                  **kwargs):
         super().__init__(**kwargs)
-        encoder = _as_model(encoder, "encoder")
-        head = _as_model(head, "head")
+        encoder = feature_layer(encoder, "ADDA", "encoder")
+        head = feature_layer(head, "ADDA", "head")
         if not isinstance(encoder, keras.Model) or not encoder.inputs:
             raise KerastlError(
                 "ADDA's encoder must be a functional or built Sequential "

@@ -38,14 +38,14 @@ _RAMPED = ("confusion", "mmd")
 
 # -- the label path, shared with AdaMatch (and ADDA's shape check) -----------
 
-def feature_layer(obj, who):
+def feature_layer(obj, who, what="feature extractor"):
     """``obj`` as a Keras layer (a kerastl Backbone's ``model``), or a
-    clear error naming ``who`` needs it."""
+    clear error naming ``who`` needs it as ``what``."""
     obj = getattr(obj, "model", obj)
     if not isinstance(obj, keras.layers.Layer):
         raise KerastlError(
-            f"{who} needs a Keras model (or kerastl Backbone) as feature "
-            f"extractor; got {type(obj).__name__}.")
+            f"{who} needs a Keras model (or kerastl Backbone) as {what}; "
+            f"got {type(obj).__name__}.")
     return obj
 
 

@@ -22,7 +22,7 @@ def _finite(x, what):
 def _as_dataset(data, labelled, what):
     import tensorflow as tf
     if isinstance(data, tf.data.Dataset):
-        return data.unbatch() if _is_batched(data) else data
+        return data.unbatch() if is_batched(data) else data
     if labelled:
         if not (isinstance(data, tuple) and len(data) == 2):
             raise KerastlError(
@@ -40,7 +40,8 @@ def _as_dataset(data, labelled, what):
     return tf.data.Dataset.from_tensor_slices(_finite(data, what))
 
 
-def _is_batched(ds):
+def is_batched(ds):
+    """Whether a ``tf.data.Dataset`` yields batches of images."""
     spec = ds.element_spec
     first = spec[0] if isinstance(spec, tuple) else spec
     return first.shape.rank is not None and first.shape.rank == 4
@@ -71,11 +72,11 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
     tgt = _as_dataset(target, labelled=False, what="target")
     for name, data, labelled in (("source", source, True),
                                  ("target", target, False)):
-        n = _known_size(data, labelled)
+        n = known_size(data, labelled)
         if n is not None and n < batch_size:
             raise KerastlError(
                 f"The {name} has {n} samples, fewer than batch_size="
-                f"{batch_size}: DANN would train 0 steps (batches drop the "
+                f"{batch_size}: training would run 0 steps (batches drop the "
                 f"remainder). Pass more {name} samples or a smaller "
                 "batch_size.")
     if shuffle:
@@ -105,8 +106,12 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _known_size(data, labelled):
-    """Samples in array data (None for a tf.data.Dataset)."""
+def known_size(data, labelled):
+    """Samples in array data or in a dataset of single samples of known
+    length (None otherwise)."""
+    if hasattr(data, "element_spec"):  # a tf.data.Dataset
+        n = int(data.cardinality())
+        return None if is_batched(data) or n < 0 else n
     if labelled:
         return len(data[0]) if isinstance(data, tuple) and len(data) == 2 \
             else None

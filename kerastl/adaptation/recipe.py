@@ -15,7 +15,7 @@ import numpy as np
 
 from kerastl.adaptation.adabn import adapt_batch_norm
 from kerastl.adaptation.adamatch import AdaMatch
-from kerastl.adaptation.data import domain_dataset
+from kerastl.adaptation.data import domain_dataset, is_batched, known_size
 from kerastl.errors import KerastlError
 
 
@@ -23,30 +23,24 @@ def _size(data, what):
     """Samples in ``data`` (arrays, an ``(x, y)`` tuple of arrays or a
     dataset of single samples), or None when a dataset's length is
     unknown."""
-    if isinstance(data, tuple):
-        data = data[0]
-    if isinstance(data, np.ndarray):
-        return len(data)
-    try:
-        import tensorflow as tf  # lazy: kerastl imports without TensorFlow
-    except ImportError:
-        tf = None
-    if tf is not None and isinstance(data, tf.data.Dataset):
-        spec = data.element_spec
-        first = spec[0] if isinstance(spec, tuple) else spec
-        if first.shape.rank == 4:
+    if hasattr(data, "element_spec"):  # a tf.data.Dataset
+        if is_batched(data):
+            spec = data.element_spec
+            shape = (spec[0] if isinstance(spec, tuple) else spec).shape
             raise KerastlError(
                 f"The {what} dataset yields batches (its images have shape "
-                f"{tuple(first.shape)}): adapt() batches the data itself; "
-                f"pass dataset.unbatch().")
-        n = int(data.cardinality())
-        return n if n > 0 else None
-    raise KerastlError(
-        f"The {what} is a {type(data).__name__}"
-        + (" of them" if isinstance(data, (list, tuple)) else "")
-        + f": adapt() takes arrays "
-        f"({'an (x, y) tuple' if what == 'source' else 'images'}) or a "
-        f"tf.data.Dataset of single samples.")
+                f"{tuple(shape)}): adapt() batches the data itself; pass "
+                f"dataset.unbatch().")
+    else:
+        images = data[0] if isinstance(data, tuple) else data
+        if not isinstance(images, np.ndarray):
+            raise KerastlError(
+                f"The {what} is a {type(images).__name__}"
+                + (" of them" if isinstance(images, (list, tuple)) else "")
+                + f": adapt() takes arrays "
+                f"({'an (x, y) tuple' if what == 'source' else 'images'}) "
+                f"or a tf.data.Dataset of single samples.")
+    return known_size(data, labelled=what == "source")
 
 
 def _check_labels(labels, num_classes):
@@ -155,14 +149,10 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
             "turned into passes over it: pass arrays, or a dataset of known "
             "length (dataset.apply(tf.data.experimental.assert_cardinality("
             "n))).")
-    if n < batch_size:
-        raise KerastlError(
-            f"The source has {n} samples, fewer than batch_size="
-            f"{batch_size}: not one full batch (batches drop the "
-            f"remainder). Pass more source samples or a smaller batch_size.")
     _size(target, "target")
     model = AdaMatch(feature_extractor, num_classes,
                      **{"bottleneck": 256, "seed": seed, **options})
+    # (domain_dataset refuses a source smaller than one batch.)
     data = domain_dataset(source, target, batch_size=batch_size)
     # Whole passes over the source (n // batch_size steps each: batches
     # drop the remainder), the nearest to ``steps``.
