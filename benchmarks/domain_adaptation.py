@@ -129,9 +129,9 @@ def recommended(**options):
 # -- data -------------------------------------------------------------------------------
 
 def load(name, split, seed):
-    if name == "syn_digits":
-        return datasets.syn_digits(8000 if split == "train" else 2000,
-                                   split=split, seed=seed)
+    if name in ("syn_digits", "photo_digits"):  # rendered: any size
+        return datasets.load(name, split, n=8000 if split == "train" else 2000,
+                             seed=seed)
     return datasets.load(name, split)
 
 
