@@ -368,6 +368,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
     xt = target[0]
     acc, seconds, candidates, target_probs = {}, {}, {}, {}
     probes = {}
+    atc = {}  # ATC's predicted target accuracy
 
     def candidate(name, model):
         """Scores ``model`` now and keeps what the label-free selection
@@ -378,6 +379,9 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
             model, source_val, xt, seed=seed)
         e = kerastl.adaptation.mix_validation(model, xt[:2000], seed=seed)
         probes[name] = {"inter": e.inter, "intra": e.intra}
+        atc[name] = kerastl.adaptation.average_thresholded_confidence(
+            model.predict(source_val[0], verbose=0, batch_size=256),
+            source_val[1], target_probs[name][:2000]).accuracy
         if args.dump:
             dump(name, model)
 
@@ -388,10 +392,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         xs_, xt_ = source_val[0], xt[:2000]
         os.makedirs(args.dump, exist_ok=True)
         np.savez_compressed(
-            os.path.join(args.dump, f"{src_name}-{tgt_name}-{seed}-"
-                         + name.replace(" ", "_").replace(",", "")
-                         .replace("+", "plus").replace("(", "")
-                         .replace(")", "") + ".npz"),
+            dump_path(args.dump, src_name, tgt_name, seed, name),
             fs=embed(xs_).astype("float16"), ft=embed(xt_).astype("float16"),
             ps=model.predict(xs_, verbose=0, batch_size=256),
             pt=target_probs[name][:2000],
@@ -568,11 +569,40 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
     best = max(candidates, key=lambda k: acc[k])
     return {"acc": acc, "seconds": seconds, "best_baseline": best_baseline,
             "chosen": chosen, "dev_chosen": dev_chosen,
+            "atc_chosen": max(atc, key=atc.get),
             "best_candidate": best,
             "ensv": {k: e.agreement for k, e in ensv.items()},
-            "mixval": probes,
+            "atc": atc, "mixval": probes,
             "dev": {k: {"risk": e.risk, "ess": e.ess, "n": e.n}
                     for k, e in candidates.items()}}
+
+
+def dump_path(folder, src, tgt, seed, name):
+    """Where ``--dump`` saves candidate ``name`` of one pair and seed."""
+    return os.path.join(folder, f"{src}-{tgt}-{seed}-" + name.replace(
+        " ", "_").replace(",", "").replace("+", "plus").replace(
+        "(", "").replace(")", "") + ".npz")
+
+
+def atc_from_dump(path, folder):
+    """Adds ATC's scores and pick to the runs in the ``--json`` file
+    ``path`` from their ``--dump`` files in ``folder`` (the source
+    validation and first 2,000 target predictions a run made, scored as
+    the run itself does): for runs made before the benchmark scored ATC."""
+    with open(path) as f:
+        summary = json.load(f)
+    for pair, rows in summary.items():
+        src, tgt = pair.split(":")
+        for r in rows:
+            r["atc"] = {}
+            for name in r["ensv"]:  # the selection's pool
+                d = np.load(dump_path(folder, src, tgt, r["seed"], name))
+                r["atc"][name] = \
+                    kerastl.adaptation.average_thresholded_confidence(
+                        d["ps"], d["ys"], d["pt"]).accuracy
+            r["atc_chosen"] = max(r["atc"], key=r["atc"].get)
+    write_json(path, summary)
+    return summary
 
 
 def closed(row, key):
@@ -613,7 +643,9 @@ def report(summary):
                          + f"    {np.mean(gains):+.1f} points, "
                          f"{np.mean(gaps):.0%} of the gap")
         for method, key in (("EnsV, select_model's default", "chosen"),
-                            ("DEV", "dev_chosen")):
+                            ("ATC", "atc_chosen"), ("DEV", "dev_chosen")):
+            if key not in rows[0]:
+                continue
             lines.append(f"label-free selection ({method}) among the "
                          f"{len(rows[0]['dev'])} source-only and adapted rows: "
                          f"picked -> its accuracy (best -> its accuracy)")
@@ -718,14 +750,18 @@ def markdown(paths):
                  f"exceeds 10 points: {np.mean(closed_big):.0%}.")
     if worse:
         lines.append("Peers ahead of the recipe: " + "; ".join(worse) + ".")
-    hits = total = 0
-    for rows in runs.values():
-        for r in rows:
-            a = r["acc"]
-            total += 1
-            hits += 100 * (a[r["best_candidate"]] - a[r["chosen"]]) <= 2.0 + 1e-9
-    lines.append(f"EnsV within 2 points of the pool's best: {hits} of {total} "
-                 f"runs.")
+    for method, key in (("EnsV", "chosen"), ("ATC", "atc_chosen")):
+        hits = total = 0
+        for rows in runs.values():
+            for r in rows:
+                if key in r:
+                    a = r["acc"]
+                    total += 1
+                    hits += 100 * (a[r["best_candidate"]] - a[r[key]]) \
+                        <= 2.0 + 1e-9
+        if total:
+            lines.append(f"{method} within 2 points of the pool's best: "
+                         f"{hits} of {total} runs.")
     lines += ["", "The README's table:", ""] + short
     print("\n".join(lines))
     return lines
@@ -761,10 +797,18 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--dump", help="a folder: save each candidate's "
                         "features and predictions for selection studies")
+    parser.add_argument("--atc-from-dump", metavar="FOLDER",
+                        help="add ATC's selection to the runs in --json "
+                             "FILE from their --dump FOLDER, and exit")
     parser.add_argument("--markdown", nargs="+", metavar="JSON",
                         help="print the default recipe's table from these "
                              "--json files and exit")
     args = parser.parse_args(argv)
+    if args.atc_from_dump:
+        if not args.json:
+            parser.error("--atc-from-dump needs --json FILE (the runs to "
+                         "score)")
+        return atc_from_dump(args.json, args.atc_from_dump)
     if args.markdown:
         return markdown(args.markdown)
     start = time.time()

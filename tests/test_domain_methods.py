@@ -378,3 +378,60 @@ def test_mix_validation_scores_decisions_that_follow_the_majority_image():
     with pytest.raises(kerastl.KerastlError, match="lam=0.4"):
         kerastl.adaptation.mix_validation(_brightness_model(150.0), x,
                                           lam=0.4)
+
+
+def test_average_thresholded_confidence_on_hand_computed_scores():
+    """Source confidences 0.9, 0.8, 0.6, 0.55 with 3 of 4 right: the
+    threshold is the 25th percentile, 0.5875 (0.55 + 0.75 x 0.05), above
+    which 3 of 4 source samples lie; 2 of the 4 target confidences (0.95,
+    0.7) are above it, so the predicted target accuracy is 0.5. With two
+    classes the negative entropy orders samples as the top probability
+    does, so ATC-NE predicts the same."""
+    atc = kerastl.adaptation.average_thresholded_confidence
+
+    def binary(p):
+        p = np.asarray(p)
+        return np.stack([p, 1 - p], axis=1)
+    ps, ys = binary([0.9, 0.8, 0.4, 0.55]), [0, 0, 0, 0]
+    pt = binary([0.95, 0.7, 0.5, 0.52])
+    mc = atc(ps, ys, pt, score="confidence")
+    assert mc.source_accuracy == 0.75 and mc.n == 4
+    assert mc.threshold == pytest.approx(0.5875) and mc.accuracy == 0.5
+    assert atc(ps, ys, pt).accuracy == 0.5  # score="entropy"
+    # One-hot labels are read as their argmax.
+    assert atc(ps, np.eye(2)[ys], pt, score="confidence") == mc
+    # Every score tied (saturated outputs): the tied samples count as
+    # above the threshold in the share that gives the source accuracy.
+    saturated = binary([1.0, 1.0, 0.0, 0.0])
+    e = atc(saturated, [0, 1, 0, 1], binary([1.0, 0.0]))
+    assert e.source_accuracy == 0.5 and e.accuracy == 0.5
+    with pytest.raises(kerastl.KerastlError, match="score='margin'"):
+        atc(ps, ys, pt, score="margin")
+    with pytest.raises(kerastl.KerastlError, match="2 classes and the "
+                       "target predictions 3"):
+        atc(ps, ys, np.full((4, 3), 1 / 3))
+    with pytest.raises(kerastl.KerastlError, match="4 source predictions "
+                       "but 3 labels"):
+        atc(ps, ys[:3], pt)
+    with pytest.raises(kerastl.KerastlError, match="logits"):
+        atc(ps * 4, ys, pt)
+
+
+def test_select_model_by_atc_prefers_the_model_right_on_the_source():
+    """Two brightness models, both sure of every image: the one right on
+    all the source images is predicted right on the target too (1.0); the
+    one that calls everything class 1 is right on half the source, so half
+    of its (equally sure) target predictions count (0.5)."""
+    levels = [50, 250, 60, 240, 50, 250, 60, 240]
+    x = np.stack([np.full((4, 4, 3), v, "float32") for v in levels])
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    candidates = {"150": _brightness_model(150.0),
+                  "flat": _brightness_model(-1e4)}
+    chosen = kerastl.adaptation.select_model(candidates, (x, y), x + 5,
+                                             method="atc")
+    assert chosen.best == "150" and chosen.method == "atc"
+    assert chosen.estimates["150"].accuracy == 1.0
+    assert chosen.estimates["flat"].accuracy == 0.5
+    assert "predicted" in chosen.table()
+    with pytest.raises(kerastl.KerastlError, match="source_val=\\(x, y\\)"):
+        kerastl.adaptation.select_model(candidates, target=x, method="atc")

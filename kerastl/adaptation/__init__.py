@@ -21,7 +21,8 @@ model must do well on the target.
   in one call (AdaMatch, then AdaBN).
 * :mod:`~kerastl.adaptation.selection` — label-free model selection:
   :func:`deep_embedded_validation`, :func:`ensemble_validation`,
-  :func:`mix_validation`, :func:`select_model`.
+  :func:`average_thresholded_confidence`, :func:`mix_validation`,
+  :func:`select_model`.
 * :mod:`~kerastl.adaptation.data` — :func:`domain_dataset`.
 * :mod:`~kerastl.adaptation.adabn` — :func:`adapt_batch_norm` (AdaBN),
   :func:`tent` (test-time entropy minimisation), :func:`mean_entropy`.
@@ -44,17 +45,20 @@ from kerastl.adaptation.losses import (confusion_loss, coral_loss,
                                        information_loss, mcc_loss, mmd_loss)
 from kerastl.adaptation.recipe import adapt
 from kerastl.adaptation.reversal import GradientReversal
-from kerastl.adaptation.selection import (DEVEstimate, EnsembleEstimate,
+from kerastl.adaptation.selection import (ATCEstimate, DEVEstimate,
+                                          EnsembleEstimate,
                                           MixValEstimate, ModelSelection,
+                                          average_thresholded_confidence,
                                           deep_embedded_validation,
                                           ensemble_validation,
                                           mix_validation, select_model)
 from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
                                           ganin_lambda)
 
-__all__ = ["ADDA", "AdaMatch", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
+__all__ = ["ADDA", "ATCEstimate", "AdaMatch", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "GaninLearningRate", "GradientReversal", "JointFineTuning",
            "MixValEstimate", "ModelSelection", "SourceSelection", "adamatch_loss", "adapt", "adapt_batch_norm",
+           "average_thresholded_confidence",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
            "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",

@@ -155,11 +155,37 @@ class MixValEstimate:
 
 
 @dataclasses.dataclass
+class ATCEstimate:
+    """An :func:`average_thresholded_confidence` result for one candidate.
+
+    Attributes:
+        accuracy: the predicted target accuracy: the fraction of target
+            samples scored above the threshold (higher is better; the
+            score).
+        threshold: the score above which the fraction of *source*
+            validation samples equals the source validation accuracy.
+        source_accuracy: the candidate's accuracy on the source
+            validation data.
+        n: the number of target samples.
+    """
+    accuracy: float
+    threshold: float
+    source_accuracy: float
+    n: int
+
+    @property
+    def score(self):
+        """Higher is better: the predicted target ``accuracy``."""
+        return self.accuracy
+
+
+@dataclasses.dataclass
 class ModelSelection:
     """A :func:`select_model` result: ``best`` is the chosen name;
     ``estimates`` maps every candidate to its :class:`EnsembleEstimate`
-    (``method="ensemble"``), :class:`MixValEstimate` (``"mixval"``) or
-    :class:`DEVEstimate` (``"dev"``)."""
+    (``method="ensemble"``), :class:`ATCEstimate` (``"atc"``),
+    :class:`MixValEstimate` (``"mixval"``) or :class:`DEVEstimate`
+    (``"dev"``)."""
     best: str
     estimates: dict
     method: str = "ensemble"
@@ -176,6 +202,9 @@ class ModelSelection:
                      f"{'source loss':>13}{'ESS':>10}"]
         elif self.method == "mixval":
             lines = [f"{'candidate':<{width}}{'inter':>10}{'intra':>10}"]
+        elif self.method == "atc":
+            lines = [f"{'candidate':<{width}}{'predicted':>10}"
+                     f"{'source acc':>12}"]
         else:
             lines = [f"{'candidate':<{width}}{'agreement':>10}"
                      f"{'confidence':>12}"]
@@ -189,6 +218,9 @@ class ModelSelection:
             elif self.method == "mixval":
                 lines.append(f"{name:<{width}}{e.inter:>10.3f}"
                              f"{e.intra:>10.3f}{mark}")
+            elif self.method == "atc":
+                lines.append(f"{name:<{width}}{e.accuracy:>10.3f}"
+                             f"{e.source_accuracy:>12.3f}{mark}")
             else:
                 lines.append(f"{name:<{width}}{e.agreement:>10.3f}"
                              f"{e.confidence:>12.3f}{mark}")
@@ -304,6 +336,7 @@ def density_ratio(source_features, target_features, l2=1.0, folds=2,
     return ratio
 
 
+@_private.quiet_retracing()
 def deep_embedded_validation(model, source_val, target, features=None,
                              l2=1.0, max_samples=2000, seed=0):
     """DEV (You et al., 2019): the model's target loss, from source labels.
@@ -352,6 +385,31 @@ def deep_embedded_validation(model, source_val, target, features=None,
                        ess=float(ess), n=len(xs))
 
 
+def _probabilities(p, who, what):
+    """``p`` as a float64 ``(samples, classes)`` array of class
+    probabilities, or a KerastlError that starts with ``who`` and names
+    the ``what`` images."""
+    p = np.asarray(p, "float64")
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise KerastlError(
+            f"{who} gave outputs of shape {p.shape}; expected (samples, "
+            f"classes) probabilities.")
+    if not np.isfinite(p).all():
+        raise KerastlError(
+            f"{who} gave NaN or infinite outputs on "
+            f"{int((~np.isfinite(p)).any(1).sum())} {what} images: check "
+            "the images and the model.")
+    if p.min() < -1e-6 or p.max() > 1 + 1e-6 or \
+            np.abs(p.sum(axis=1) - 1).max() > 1e-3:
+        raise KerastlError(
+            f"{who} gives outputs that are not class probabilities (each "
+            f"row in [0, 1], summing to 1; its rows sum to "
+            f"{p.sum(1).min():.3g} .. {p.sum(1).max():.3g}): logits? End "
+            "the model with a softmax, or pass keras.ops.softmax of its "
+            "outputs.")
+    return p
+
+
 def ensemble_validation(predictions):
     """EnsV (Hu et al., 2024): each candidate's agreement with the ensemble.
 
@@ -371,28 +429,9 @@ def ensemble_validation(predictions):
         raise KerastlError(
             "ensemble_validation: expected a dict {name: probabilities} of "
             "at least one candidate.")
-    probs = {}
-    for name, p in predictions.items():
-        p = np.asarray(p, "float64")
-        if p.ndim != 2 or p.shape[1] < 2:
-            raise KerastlError(
-                f"ensemble_validation: candidate {name!r} gave outputs of "
-                f"shape {p.shape}; expected (samples, classes) "
-                f"probabilities.")
-        if not np.isfinite(p).all():
-            raise KerastlError(
-                f"ensemble_validation: candidate {name!r} gave NaN or "
-                f"infinite outputs on {int((~np.isfinite(p)).any(1).sum())}"
-                " target images: check the images and the model.")
-        if p.min() < -1e-6 or p.max() > 1 + 1e-6 or \
-                np.abs(p.sum(axis=1) - 1).max() > 1e-3:
-            raise KerastlError(
-                f"ensemble_validation: candidate {name!r} gives outputs "
-                f"that are not class probabilities (each row in [0, 1], "
-                f"summing to 1; its rows sum to {p.sum(1).min():.3g} .. "
-                f"{p.sum(1).max():.3g}): logits? End the model with a "
-                "softmax, or pass keras.ops.softmax of its outputs.")
-        probs[name] = p
+    probs = {name: _probabilities(p, f"ensemble_validation: candidate "
+                                     f"{name!r}", "target")
+             for name, p in predictions.items()}
     shapes = {p.shape for p in probs.values()}
     if len(shapes) > 1:
         raise KerastlError(
@@ -407,6 +446,7 @@ def ensemble_validation(predictions):
         for name, p in probs.items()}
 
 
+@_private.quiet_retracing()
 def mix_validation(model, target, lam=0.55, seed=0, batch_size=128):
     """MixVal (Hu et al., NeurIPS 2023): does the model's decision follow
     the majority of a mixed image?
@@ -451,7 +491,90 @@ def mix_validation(model, target, lam=0.55, seed=0, batch_size=128):
         pairs=int(other.sum()), n=len(x))
 
 
-METHODS = ("ensemble", "mixval", "dev")
+ATC_SCORES = ("entropy", "confidence")
+
+
+def average_thresholded_confidence(source_predictions, source_labels,
+                                   target_predictions, score="entropy"):
+    """ATC (Garg et al., ICLR 2022): the target accuracy a model's own
+    confidence predicts, calibrated on labelled source validation data.
+
+    Each sample gets a confidence score: its negative prediction entropy
+    (``score="entropy"``, the paper's ATC-NE) or its highest class
+    probability (``"confidence"``, ATC-MC). On the source validation data
+    the threshold is set so that the fraction of samples scored above it
+    equals the model's accuracy there (samples exactly at the threshold
+    count in the share that makes this exact); the predicted target
+    accuracy is the fraction of target samples above the same threshold.
+    What it estimates: the target accuracy, if the model is as well
+    calibrated on the target as on the source, in the sense that the
+    samples it is sure of are the ones it gets right. When it fails:
+
+    * A model confidently wrong on the target (self-training that locked
+      in a wrong pseudo-label for a whole cluster, a shortcut feature the
+      target does not share) is scored as if right: ATC, like any score of
+      a model's own outputs, cannot see confident mistakes.
+    * Near-perfect source accuracy puts the threshold at the least
+      confident source samples, a handful of them: hold out enough source
+      validation data (hundreds of images).
+
+    Unlike :func:`ensemble_validation` it scores each model alone; unlike
+    :func:`deep_embedded_validation` it needs no domain classifier and
+    does not collapse when the domains' features are far apart.
+
+    Args:
+        source_predictions: ``(n, classes)`` class probabilities on the
+            source validation images.
+        source_labels: their labels (``n`` integers, or one-hot rows).
+        target_predictions: ``(m, classes)`` class probabilities on the
+            unlabelled target images.
+        score: ``"entropy"`` (default) or ``"confidence"``.
+
+    Returns:
+        an :class:`ATCEstimate`.
+    """
+    if score not in ATC_SCORES:
+        raise KerastlError(
+            f"average_thresholded_confidence: score={score!r}; expected "
+            f"one of {', '.join(map(repr, ATC_SCORES))}.")
+    ps = _probabilities(source_predictions, "average_thresholded_confidence:"
+                        " the source predictions", "source")
+    pt = _probabilities(target_predictions, "average_thresholded_confidence:"
+                        " the target predictions", "target")
+    if ps.shape[1] != pt.shape[1]:
+        raise KerastlError(
+            f"average_thresholded_confidence: the source predictions have "
+            f"{ps.shape[1]} classes and the target predictions "
+            f"{pt.shape[1]}: predict both with the same model.")
+    y = np.asarray(source_labels)
+    if y.ndim == 2 and y.shape[1] == ps.shape[1]:
+        y = y.argmax(axis=1)
+    y = y.reshape(-1)
+    if len(y) != len(ps):
+        raise KerastlError(
+            f"average_thresholded_confidence: {len(ps)} source predictions "
+            f"but {len(y)} labels.")
+
+    def scores(p):
+        if score == "confidence":
+            return p.max(axis=1)
+        return (p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1)
+
+    s_source, s_target = scores(ps), scores(pt)
+    accuracy = float(np.mean(ps.argmax(axis=1) == y))
+    threshold = float(np.quantile(s_source, 1.0 - accuracy))
+    above = float(np.mean(s_source > threshold))
+    at = float(np.mean(s_source == threshold))
+    # The share of the samples at the threshold that counts as above it,
+    # so that the source's fraction is exactly its accuracy.
+    share = min(1.0, max(0.0, (accuracy - above) / at)) if at else 0.0
+    predicted = float(np.mean(s_target > threshold)
+                      + share * np.mean(s_target == threshold))
+    return ATCEstimate(accuracy=predicted, threshold=threshold,
+                       source_accuracy=accuracy, n=len(pt))
+
+
+METHODS = ("ensemble", "atc", "mixval", "dev")
 
 
 @_private.quiet_retracing()
@@ -463,11 +586,14 @@ def select_model(candidates, source_val=None, target=None,
     Args:
         candidates: ``{name: model}``, models with softmax outputs.
         source_val: ``(images, labels)`` held-out labelled source data;
-            needed by ``method="dev"`` only.
+            needed by ``method="atc"`` and ``"dev"``.
         target: unlabelled target images.
         method: ``"ensemble"`` (default, :func:`ensemble_validation`: the
             candidate that agrees most with the average of all of them;
-            give it at least three candidates), ``"mixval"``
+            give it at least three candidates), ``"atc"``
+            (:func:`average_thresholded_confidence`: the highest target
+            accuracy predicted from each candidate's confidence,
+            calibrated on ``source_val``), ``"mixval"``
             (:func:`mix_validation`: each candidate alone, by how cleanly
             its decisions follow the majority of mixed target images) or
             ``"dev"``
@@ -477,7 +603,8 @@ def select_model(candidates, source_val=None, target=None,
             candidates whose features :func:`feature_function` cannot find.
         max_samples: at most this many target (and source) samples.
         seed: the subsampling seed.
-        **kwargs: passed to :func:`deep_embedded_validation`.
+        **kwargs: passed to :func:`average_thresholded_confidence`
+            (``score=``) or :func:`deep_embedded_validation`.
 
     Returns:
         a :class:`ModelSelection`; ``.table()`` prints the ranking.
@@ -521,6 +648,25 @@ def select_model(candidates, source_val=None, target=None,
             xt = xt[rng.choice(len(xt), max_samples, replace=False)]
         estimates = {name: mix_validation(model, xt, seed=seed)
                      for name, model in candidates.items()}
+    elif method == "atc":
+        if source_val is None:
+            raise KerastlError(
+                "select_model: method='atc' calibrates each candidate's "
+                "confidence on labelled source data: pass source_val=(x, y) "
+                "(held-out source images and labels), or use "
+                "method='ensemble'.")
+        xs, ys = _labelled(source_val, "source_val")
+        xt = _images(target, "target")
+        rng = np.random.default_rng(seed)
+        if len(xs) > max_samples:
+            keep = rng.choice(len(xs), max_samples, replace=False)
+            xs, ys = xs[keep], ys[keep]
+        if len(xt) > max_samples:
+            xt = xt[rng.choice(len(xt), max_samples, replace=False)]
+        estimates = {name: average_thresholded_confidence(
+            model.predict(xs, verbose=0, batch_size=128), ys,
+            model.predict(xt, verbose=0, batch_size=128), **kwargs)
+            for name, model in candidates.items()}
     else:
         features = features or {}
         estimates = {}
