@@ -1,6 +1,6 @@
 """Choosing between adapted models without target labels.
 
-Three estimators; :func:`select_model` ranks candidates (a ``DANN`` at
+Four estimators; :func:`select_model` ranks candidates (a ``DANN`` at
 several lambdas or epochs, DANN against MMD or ADDA, adapted against not
 adapted) by any of them.
 
@@ -24,6 +24,20 @@ proxy that is, as a rule, at least as accurate as the typical candidate
   (a warning names the tied candidates) and broken by name.
 * It says which candidate is best *in the pool*; if all are poor it
   cannot tell.
+
+:func:`average_thresholded_confidence` (ATC; Garg et al., ICLR 2022,
+``method="atc"``) predicts each candidate's target accuracy: the threshold
+on its confidence (negative prediction entropy) above which the share of
+labelled *source* validation samples equals its source accuracy, applied
+to the target images. What it estimates: the target accuracy, if the model
+is sure of the target images it gets right as it is of the source images
+it gets right. When it fails:
+
+* Confident mistakes count as right: a model that gives a whole target
+  cluster the wrong class with high confidence (self-training can lock
+  that in) is overrated.
+* It needs labelled source validation data, and with near-perfect source
+  accuracy the threshold rests on the few least confident source images.
 
 :func:`mix_validation` (MixVal; Hu et al., NeurIPS 2023) scores each
 candidate alone: mix pairs of target images 55:45 and count how often the
