@@ -63,9 +63,11 @@ Adaptation (source labels + unlabelled target images):
 
 Label-free selection among every source-only and adapted model of the run
 (ADAPT's and the oracle excluded): ``kerastl.adaptation.ensemble_validation`` (EnsV,
-``select_model``'s default; the unlabelled target images only) and
+``select_model``'s default; the unlabelled target images only),
 ``kerastl.adaptation.deep_embedded_validation`` (DEV; also the held-out source
-validation data). The table shows the candidate each picked and its
+validation data) and ``kerastl.adaptation.average_thresholded_confidence``
+(ATC; the held-out source validation data calibrates each candidate's
+confidence). The table shows the candidate each picked and its
 accuracy next to the best candidate's. Every candidate's MixVal probes
 (``kerastl.adaptation.mix_validation``) and EnsV agreement go into the
 ``--json`` file for selection studies; ``--dump`` saves their features and
@@ -79,6 +81,7 @@ from the ``--json`` files of several runs (one seed per process, say).
         [--new] [--adamatch] [--peers] [--keras-io-rates 0.001 ...]
         [--json FILE] [--dump FOLDER]
     python benchmarks/domain_adaptation.py --markdown FILE [FILE ...]
+    python benchmarks/domain_adaptation.py --atc-from-dump FOLDER --json FILE
 """
 
 import argparse
@@ -744,8 +747,14 @@ def markdown(paths):
                f"points)")
             + f" | {min(gains):+.1f} | {ratio:.1f}x |")
     lines.append("")
-    lines.append(f"Seeds: {', '.join(str(r['seed']) for r in next(iter(runs.values())))}"
-                 f" (a number in brackets: the seeds that have that row). "
+    seed_sets = {}
+    for rows in runs.values():
+        key = ", ".join(str(r["seed"]) for r in rows)
+        seed_sets[key] = seed_sets.get(key, 0) + 1
+    lines.append("Seeds: " + "; ".join(
+        f"{key} on {count} pair{'s' if count > 1 else ''}"
+        for key, count in seed_sets.items())
+        + " (a number in brackets: the seeds that have that row). "
                  f"Mean gap closed over the {len(closed_big)} pairs whose gap "
                  f"exceeds 10 points: {np.mean(closed_big):.0%}.")
     if worse:
