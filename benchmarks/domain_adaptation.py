@@ -597,9 +597,18 @@ def atc_from_dump(path, folder):
     for pair, rows in summary.items():
         src, tgt = pair.split(":")
         for r in rows:
+            if "atc" in r:  # scored by the run itself
+                continue
+            paths = {name: dump_path(folder, src, tgt, r["seed"], name)
+                     for name in r["ensv"]}  # the selection's pool
+            missing = [p for p in paths.values() if not os.path.isfile(p)]
+            if missing:
+                print(f"{pair}, seed {r['seed']}: no --dump file "
+                      f"{missing[0]}; left without ATC")
+                continue
             r["atc"] = {}
-            for name in r["ensv"]:  # the selection's pool
-                d = np.load(dump_path(folder, src, tgt, r["seed"], name))
+            for name, p in paths.items():
+                d = np.load(p)
                 r["atc"][name] = \
                     kerastl.adaptation.average_thresholded_confidence(
                         d["ps"], d["ys"], d["pt"]).accuracy
@@ -754,23 +763,33 @@ def markdown(paths):
     lines.append("Seeds: " + "; ".join(
         f"{key} on {count} pair{'s' if count > 1 else ''}"
         for key, count in seed_sets.items())
-        + " (a number in brackets: the seeds that have that row). "
+        + " (a number in brackets: how many seeds have that row). "
                  f"Mean gap closed over the {len(closed_big)} pairs whose gap "
                  f"exceeds 10 points: {np.mean(closed_big):.0%}.")
     if worse:
         lines.append("Peers ahead of the recipe: " + "; ".join(worse) + ".")
-    for method, key in (("EnsV", "chosen"), ("ATC", "atc_chosen")):
-        hits = total = 0
-        for rows in runs.values():
-            for r in rows:
-                if key in r:
-                    a = r["acc"]
-                    total += 1
-                    hits += 100 * (a[r["best_candidate"]] - a[r[key]]) \
-                        <= 2.0 + 1e-9
-        if total:
-            lines.append(f"{method} within 2 points of the pool's best: "
-                         f"{hits} of {total} runs.")
+    def picks(r):
+        return {"EnsV": r["chosen"], "ATC": r.get("atc_chosen"),
+                "MixVal": max(r["mixval"], key=lambda k:
+                              r["mixval"][k]["inter"])
+                if r.get("mixval") else None}
+
+    every = [r for rows in runs.values() for r in rows]
+    for label, chosen in (("all", every),
+                          ("with ATC", [r for r in every if "atc" in r])):
+        counts = []
+        for method in ("EnsV", "ATC", "MixVal"):
+            gaps = [100 * (r["acc"][r["best_candidate"]]
+                           - r["acc"][picks(r)[method]])
+                    for r in chosen if picks(r)[method] is not None]
+            if gaps:
+                counts.append(
+                    f"{method} {sum(g <= 2.0 + 1e-9 for g in gaps)} of "
+                    f"{len(gaps)} ({np.mean(gaps):.1f} points below on "
+                    f"average)")
+        if chosen and counts:
+            lines.append(f"Within 2 points of the pool's best, {label} "
+                         f"runs: " + "; ".join(counts) + ".")
     lines += ["", "The README's table:", ""] + short
     print("\n".join(lines))
     return lines

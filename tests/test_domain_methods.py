@@ -405,6 +405,15 @@ def test_average_thresholded_confidence_on_hand_computed_scores():
     saturated = binary([1.0, 1.0, 0.0, 0.0])
     e = atc(saturated, [0, 1, 0, 1], binary([1.0, 0.0]))
     assert e.source_accuracy == 0.5 and e.accuracy == 0.5
+    # Some tied: source confidences 0.6, 0.9, 0.9, 1.0 with two of four
+    # right: the threshold is 0.9, one sample (1.0) lies above it and two
+    # at it, of which half count (0.25 + 0.5 x 0.5 = 0.5); on the target
+    # 0.9, 0.9, 1.0, 0.6 that gives 0.25 + 0.5 x 0.5 = 0.5 (counting every
+    # tied sample, or none, would give 0.75 or 0.25).
+    partly = atc(binary([0.6, 0.9, 0.9, 1.0]), [0, 0, 1, 1],
+                 binary([0.9, 0.9, 1.0, 0.6]), score="confidence")
+    assert partly.threshold == 0.9 and partly.source_accuracy == 0.5
+    assert partly.accuracy == pytest.approx(0.5)
     with pytest.raises(kerastl.KerastlError, match="score='margin'"):
         atc(ps, ys, pt, score="margin")
     with pytest.raises(kerastl.KerastlError, match="2 classes and the "
@@ -415,6 +424,10 @@ def test_average_thresholded_confidence_on_hand_computed_scores():
         atc(ps, ys[:3], pt)
     with pytest.raises(kerastl.KerastlError, match="logits"):
         atc(ps * 4, ys, pt)
+    with pytest.raises(kerastl.KerastlError, match="labels go from 1 to 2"):
+        atc(ps, [1, 1, 2, 1], pt)
+    with pytest.raises(kerastl.KerastlError, match="no predictions"):
+        atc(ps, ys, pt[:0])
 
 
 def test_select_model_by_atc_prefers_the_model_right_on_the_source():

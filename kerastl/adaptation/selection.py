@@ -404,6 +404,9 @@ def _probabilities(p, who, what):
     probabilities, or a KerastlError that starts with ``who`` and names
     the ``what`` images."""
     p = np.asarray(p, "float64")
+    if p.ndim == 2 and not len(p):
+        raise KerastlError(f"{who} gave no predictions: pass at least one "
+                           f"{what} image.")
     if p.ndim != 2 or p.shape[1] < 2:
         raise KerastlError(
             f"{who} gave outputs of shape {p.shape}; expected (samples, "
@@ -552,22 +555,34 @@ def average_thresholded_confidence(source_predictions, source_labels,
             f"average_thresholded_confidence: score={score!r}; expected "
             f"one of {', '.join(map(repr, ATC_SCORES))}.")
     ps = _probabilities(source_predictions, "average_thresholded_confidence:"
-                        " the source predictions", "source")
+                        " source_predictions", "source")
     pt = _probabilities(target_predictions, "average_thresholded_confidence:"
-                        " the target predictions", "target")
+                        " target_predictions", "target")
     if ps.shape[1] != pt.shape[1]:
         raise KerastlError(
             f"average_thresholded_confidence: the source predictions have "
             f"{ps.shape[1]} classes and the target predictions "
             f"{pt.shape[1]}: predict both with the same model.")
     y = np.asarray(source_labels)
-    if y.ndim == 2 and y.shape[1] == ps.shape[1]:
-        y = y.argmax(axis=1)
-    y = y.reshape(-1)
+    if y.ndim == 2 and y.shape[1] == ps.shape[1] and y.shape[1] > 1:
+        y = y.argmax(axis=1)  # one-hot
+    elif y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise KerastlError(
+            f"average_thresholded_confidence: source_labels of shape "
+            f"{y.shape}; expected one integer label per image or one-hot "
+            f"rows of {ps.shape[1]} classes.")
     if len(y) != len(ps):
         raise KerastlError(
             f"average_thresholded_confidence: {len(ps)} source predictions "
             f"but {len(y)} labels.")
+    if len(y) and (y.min() < 0 or y.max() >= ps.shape[1]):
+        raise KerastlError(
+            f"average_thresholded_confidence: the source labels go from "
+            f"{y.min():g} to {y.max():g}, but the predictions have "
+            f"{ps.shape[1]} classes (0 to {ps.shape[1] - 1}): map the "
+            f"labels to the model's class indices.")
 
     def scores(p):
         if score == "confidence":
@@ -678,8 +693,12 @@ def select_model(candidates, source_val=None, target=None,
         if len(xt) > max_samples:
             xt = xt[rng.choice(len(xt), max_samples, replace=False)]
         estimates = {name: average_thresholded_confidence(
-            model.predict(xs, verbose=0, batch_size=128), ys,
-            model.predict(xt, verbose=0, batch_size=128), **kwargs)
+            _probabilities(model.predict(xs, verbose=0, batch_size=128),
+                           f"select_model: candidate {name!r}", "source"),
+            ys,
+            _probabilities(model.predict(xt, verbose=0, batch_size=128),
+                           f"select_model: candidate {name!r}", "target"),
+            **kwargs)
             for name, model in candidates.items()}
     else:
         features = features or {}
