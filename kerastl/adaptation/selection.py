@@ -270,6 +270,23 @@ def _labelled(data, what):
     return x, y
 
 
+def _sampled(target, max_samples, seed, source_val=None):
+    """``(xs, ys, xt)``: at most ``max_samples`` labelled source validation
+    samples (None, None without ``source_val``) and target images, drawn
+    with one seeded generator, the source first."""
+    xs = ys = None
+    rng = np.random.default_rng(seed)
+    if source_val is not None:
+        xs, ys = _labelled(source_val, "source_val")
+        if len(xs) > max_samples:
+            keep = rng.choice(len(xs), max_samples, replace=False)
+            xs, ys = xs[keep], ys[keep]
+    xt = _images(target, "target")
+    if len(xt) > max_samples:
+        xt = xt[rng.choice(len(xt), max_samples, replace=False)]
+    return xs, ys, xt
+
+
 def feature_function(model):
     """``x -> features`` for a candidate model, as DEV embeds it.
 
@@ -370,14 +387,7 @@ def deep_embedded_validation(model, source_val, target, features=None,
     Returns:
         a :class:`DEVEstimate`; ``risk`` is the estimate.
     """
-    xs, ys = _labelled(source_val, "source_val")
-    xt = _images(target, "target")
-    rng = np.random.default_rng(seed)
-    if len(xs) > max_samples:
-        keep = rng.choice(len(xs), max_samples, replace=False)
-        xs, ys = xs[keep], ys[keep]
-    if len(xt) > max_samples:
-        xt = xt[rng.choice(len(xt), max_samples, replace=False)]
+    xs, ys, xt = _sampled(target, max_samples, seed, source_val)
     embed = features or feature_function(model)
     probs = np.asarray(model.predict(xs, verbose=0, batch_size=128),
                        "float64")
@@ -663,18 +673,12 @@ def select_model(candidates, source_val=None, target=None,
                 "wins every disagreement (a tie, not a choice). Add "
                 "candidates (other lambdas, epochs, methods, the "
                 "source-only model) or use method='dev'.")
-        xt = _images(target, "target")
-        if len(xt) > max_samples:
-            rng = np.random.default_rng(seed)
-            xt = xt[rng.choice(len(xt), max_samples, replace=False)]
+        _, _, xt = _sampled(target, max_samples, seed)
         estimates = ensemble_validation({
             name: model.predict(xt, verbose=0, batch_size=128)
             for name, model in candidates.items()})
     elif method == "mixval":
-        xt = _images(target, "target")
-        if len(xt) > max_samples:
-            rng = np.random.default_rng(seed)
-            xt = xt[rng.choice(len(xt), max_samples, replace=False)]
+        _, _, xt = _sampled(target, max_samples, seed)
         estimates = {name: mix_validation(model, xt, seed=seed)
                      for name, model in candidates.items()}
     elif method == "atc":
@@ -684,14 +688,7 @@ def select_model(candidates, source_val=None, target=None,
                 "confidence on labelled source data: pass source_val=(x, y) "
                 "(held-out source images and labels), or use "
                 "method='ensemble'.")
-        xs, ys = _labelled(source_val, "source_val")
-        xt = _images(target, "target")
-        rng = np.random.default_rng(seed)
-        if len(xs) > max_samples:
-            keep = rng.choice(len(xs), max_samples, replace=False)
-            xs, ys = xs[keep], ys[keep]
-        if len(xt) > max_samples:
-            xt = xt[rng.choice(len(xt), max_samples, replace=False)]
+        xs, ys, xt = _sampled(target, max_samples, seed, source_val)
         estimates = {name: average_thresholded_confidence(
             _probabilities(model.predict(xs, verbose=0, batch_size=128),
                            f"select_model: candidate {name!r}", "source"),
