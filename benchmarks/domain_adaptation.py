@@ -74,11 +74,15 @@ accuracy next to the best candidate's. Every candidate's MixVal probes
 predictions too.
 
 ``--markdown A.json B.json ...`` prints the default recipe's per-pair table
-from the ``--json`` files of several runs (one seed per process, say).
+from the ``--json`` files of several runs (one seed per process, say). A run
+with ``--peers-only`` trains only the peers, for runs made without
+``--peers``; ``--markdown`` adds its rows to the run of the same pair and
+seed.
 
     python benchmarks/domain_adaptation.py [--seeds 3] [--first-seed 0]
         [--steps 1500] [--pairs syn_digits:digits digits:digits_m] [--all]
-        [--new] [--adamatch] [--peers] [--keras-io-rates 0.001 ...]
+        [--new] [--adamatch] [--peers | --peers-only]
+        [--keras-io-rates 0.001 ...]
         [--json FILE] [--dump FOLDER]
     python benchmarks/domain_adaptation.py --markdown FILE [FILE ...]
     python benchmarks/domain_adaptation.py --atc-from-dump FOLDER --json FILE
@@ -505,6 +509,17 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         fit_labels(net.classifier, target, args.steps)
         acc["target only"] = accuracy(net, test)
 
+    def peers():
+        if not args.all:
+            step("ADAPT DANN", peer())
+        for rate in args.keras_io_rates:
+            name = "AdaMatch, keras.io recipe" + (
+                "" if rate == 0.03 else f", Adam {rate:g}")
+            step(name, keras_io(name, rate))
+
+    if args.peers_only:  # rows that --markdown adds to this pair and seed
+        peers()
+        return {"acc": acc, "seconds": seconds, "peers_only": True}
     step("source only (paper net)", source_only_paper)
     step("source only", source_only())
     step("DANN", adapted("DANN"))
@@ -557,12 +572,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
     if args.adamatch:
         step("AdaMatch", adamatch)
     if args.peers:
-        if not args.all:
-            step("ADAPT DANN", peer())
-        for rate in args.keras_io_rates:
-            name = "AdaMatch, keras.io recipe" + (
-                "" if rate == 0.03 else f", Adam {rate:g}")
-            step(name, keras_io(name, rate))
+        peers()
     step("target only", target_only)
     baselines = [k for k in acc if k.startswith("source only")]
     best_baseline = max(acc[b] for b in baselines)
@@ -688,11 +698,24 @@ PEERS = ("ADAPT DANN", "AdaMatch, keras.io recipe, Adam 0.001",
 def load_runs(paths):
     """``{pair: [run, ...]}`` from several ``--json`` files (seeds run in
     separate processes), each pair's runs in seed order."""
-    runs = {}
+    runs, peers = {}, []
     for path in paths:
         with open(path) as f:
             for pair, rows in json.load(f).items():
-                runs.setdefault(pair, []).extend(rows)
+                for row in rows:
+                    if row.get("peers_only"):
+                        peers.append((path, pair, row))
+                    else:
+                        runs.setdefault(pair, []).append(row)
+    for path, pair, row in peers:  # --peers-only: added to their run
+        run = [r for r in runs.get(pair, []) if r["seed"] == row["seed"]]
+        if len(run) != 1:
+            raise SystemExit(
+                f"{path}: --peers-only rows of {pair}, seed {row['seed']}, "
+                f"need exactly one run of that pair and seed in the other "
+                f"--json files; found {len(run)}.")
+        run[0]["acc"].update(row["acc"])
+        run[0]["seconds"].update(row["seconds"])
     return {pair: sorted(rows, key=lambda r: r["seed"])
             for pair, rows in runs.items()}
 
@@ -816,6 +839,10 @@ def main(argv=None):
                         help="add the peers: ADAPT's DANN and the keras.io "
                              "AdaMatch recipe, on the same network, data "
                              "and steps")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="run only the peers, for runs made without "
+                             "--peers: --markdown adds their rows to the "
+                             "run of the same pair and seed")
     parser.add_argument("--keras-io-rates", nargs="+", type=float,
                         default=[1e-3], metavar="RATE",
                         help="peak Adam rates of the keras.io AdaMatch "
@@ -856,7 +883,8 @@ def main(argv=None):
             summary[pair] = rows
             if args.json:  # after every run: a long run keeps what it did
                 write_json(args.json, summary)
-    print(report(summary))
+    if not args.peers_only:
+        print(report(summary))
     print(f"\n{time.time() - start:.0f} s in all")
     return summary
 
