@@ -63,11 +63,12 @@ Adaptation (source labels + unlabelled target images):
 
 Label-free selection among every source-only and adapted model of the run
 (ADAPT's and the oracle excluded): ``kerastl.adaptation.ensemble_validation`` (EnsV,
-``select_model``'s default; the unlabelled target images only),
+``select_model``'s default without source data; the unlabelled target
+images only),
 ``kerastl.adaptation.deep_embedded_validation`` (DEV; also the held-out source
 validation data) and ``kerastl.adaptation.average_thresholded_confidence``
-(ATC; the held-out source validation data calibrates each candidate's
-confidence). The table shows the candidate each picked and its
+(ATC, ``select_model``'s default given source data; the held-out source
+validation data calibrates each candidate's confidence). The table shows the candidate each picked and its
 accuracy next to the best candidate's. Every candidate's MixVal probes
 (``kerastl.adaptation.mix_validation``) and EnsV agreement go into the
 ``--json`` file for selection studies; ``--dump`` saves their features and
@@ -664,8 +665,9 @@ def report(summary):
             lines.append(f"  {key:<40}" + "".join(f"{g:>+9.1f}" for g in gains)
                          + f"    {np.mean(gains):+.1f} points, "
                          f"{np.mean(gaps):.0%} of the gap")
-        for method, key in (("EnsV, select_model's default", "chosen"),
-                            ("ATC", "atc_chosen"), ("DEV", "dev_chosen")):
+        for method, key in (("EnsV", "chosen"),
+                            ("ATC, select_model's default given source "
+                             "data", "atc_chosen"), ("DEV", "dev_chosen")):
             if key not in rows[0]:
                 continue
             lines.append(f"label-free selection ({method}) among the "

@@ -302,7 +302,7 @@ def test_select_model_finds_the_features_of_kerastl_and_keras_models():
     choice = kerastl.adaptation.select_model(candidates, (xs, ys), xt, method="dev")
     assert set(choice.estimates) == {"dann", "keras", "adda"}
     assert all(np.isfinite(e.risk) for e in choice.estimates.values())
-    # The default, EnsV, needs no source data.
+    # The default without source data is EnsV.
     ensv = kerastl.adaptation.select_model(candidates, target=xt)
     assert ensv.method == "ensemble" and ensv.best in candidates
     assert all(0 <= e.agreement <= 1 for e in ensv.estimates.values())
@@ -310,7 +310,7 @@ def test_select_model_finds_the_features_of_kerastl_and_keras_models():
         kerastl.adaptation.select_model({"dann": dann}, xs, xt, method="dev")
     with pytest.raises(kerastl.KerastlError, match="dict"):
         kerastl.adaptation.select_model([dann], (xs, ys), xt)
-    with pytest.raises(kerastl.KerastlError, match="method='ensv'; expected one of 'ensemble'"):
+    with pytest.raises(kerastl.KerastlError, match="method='ensv'; expected one of 'auto', 'ensemble'"):
         kerastl.adaptation.select_model(candidates, (xs, ys), xt, method="ensv")
     with pytest.raises(kerastl.KerastlError, match="target="):
         kerastl.adaptation.select_model(candidates, (xs, ys))
@@ -446,5 +446,13 @@ def test_select_model_by_atc_prefers_the_model_right_on_the_source():
     assert chosen.estimates["150"].accuracy == 1.0
     assert chosen.estimates["flat"].accuracy == 0.5
     assert "predicted" in chosen.table()
+    # The default, "auto", is ATC given source data (two candidates are
+    # enough for it), and EnsV without (which refuses two).
+    auto = kerastl.adaptation.select_model(candidates, (x, y), x + 5)
+    assert auto.method == "atc" and auto.best == "150"
+    assert auto.estimates["flat"].accuracy == 0.5
+    with pytest.raises(kerastl.KerastlError, match="method='atc' with "
+                       "source_val"):
+        kerastl.adaptation.select_model(candidates, target=x + 5)
     with pytest.raises(kerastl.KerastlError, match="source_val=\\(x, y\\)"):
         kerastl.adaptation.select_model(candidates, target=x, method="atc")
