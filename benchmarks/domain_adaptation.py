@@ -608,7 +608,7 @@ def atc_from_dump(path, folder):
     for pair, rows in summary.items():
         src, tgt = pair.split(":")
         for r in rows:
-            if "atc" in r:  # scored by the run itself
+            if "atc" in r or r.get("peers_only"):  # scored, or no pool
                 continue
             paths = {name: dump_path(folder, src, tgt, r["seed"], name)
                      for name in r["ensv"]}  # the selection's pool
@@ -714,8 +714,13 @@ def load_runs(paths):
         if len(run) != 1:
             raise SystemExit(
                 f"{path}: --peers-only rows of {pair}, seed {row['seed']}, "
-                f"need exactly one run of that pair and seed in the other "
-                f"--json files; found {len(run)}.")
+                f"need exactly one run of that pair and seed in the --json "
+                f"files; found {len(run)}.")
+        clash = sorted(set(row["acc"]) & set(run[0]["acc"]))
+        if clash:
+            raise SystemExit(
+                f"{path}: {pair}, seed {row['seed']}: its run already has "
+                f"{', '.join(clash)}; pass one file with each peer's row.")
         run[0]["acc"].update(row["acc"])
         run[0]["seconds"].update(row["seconds"])
     return {pair: sorted(rows, key=lambda r: r["seed"])
@@ -837,14 +842,15 @@ def main(argv=None):
                              "methods)")
     parser.add_argument("--adamatch", action="store_true",
                         help="add kerastl.adaptation.AdaMatch (+ AdaBN)")
-    parser.add_argument("--peers", action="store_true",
-                        help="add the peers: ADAPT's DANN and the keras.io "
-                             "AdaMatch recipe, on the same network, data "
-                             "and steps")
-    parser.add_argument("--peers-only", action="store_true",
-                        help="run only the peers, for runs made without "
-                             "--peers: --markdown adds their rows to the "
-                             "run of the same pair and seed")
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument("--peers", action="store_true",
+                       help="add the peers: ADAPT's DANN and the keras.io "
+                            "AdaMatch recipe, on the same network, data "
+                            "and steps")
+    peers.add_argument("--peers-only", action="store_true",
+                       help="run only the peers, for runs made without "
+                            "--peers: --markdown adds their rows to the "
+                            "run of the same pair and seed")
     parser.add_argument("--keras-io-rates", nargs="+", type=float,
                         default=[1e-3], metavar="RATE",
                         help="peak Adam rates of the keras.io AdaMatch "
@@ -861,6 +867,9 @@ def main(argv=None):
                         help="print the default recipe's table from these "
                              "--json files and exit")
     args = parser.parse_args(argv)
+    if args.peers_only and (args.adamatch or args.new or args.dump):
+        parser.error("--peers-only runs only the peers: drop --adamatch, "
+                     "--new and --dump")
     if args.atc_from_dump:
         if not args.json:
             parser.error("--atc-from-dump needs --json FILE (the runs to "

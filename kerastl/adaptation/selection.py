@@ -54,9 +54,9 @@ own eyes. When it fails:
 * A model that gives whole clusters the wrong class has clean clusters
   too. Self-training locks in such mistakes, and MixVal rewards it: on
   ``benchmarks/domain_adaptation.py``'s six digit pairs (seeds 1 and 2)
-  it picked within 2 points of the pool's best in 6 of 11 runs and 11.0
-  points below it on average (EnsV: 6 of 11, 4.3), once a model at 0.18
-  accuracy.
+  it picked within 2 points of the pool's best in 6 of 12 runs and 10.8
+  points below it on average (EnsV: 6 of 12, 4.7), twice a model under
+  0.19 accuracy.
 * A model predicting one class has no boundary to probe: it scores 0.
 
 :func:`deep_embedded_validation` (DEV; You et al., ICML 2019) estimates a
@@ -631,7 +631,8 @@ def select_model(candidates, source_val=None, target=None,
     Args:
         candidates: ``{name: model}``, models with softmax outputs.
         source_val: ``(images, labels)`` held-out labelled source data;
-            needed by ``method="atc"`` and ``"dev"``.
+            needed by ``method="atc"`` and ``"dev"``; given it, the
+            default ``"auto"`` ranks by ATC.
         target: unlabelled target images.
         method: ``"auto"`` (default): ``"atc"`` when ``source_val`` is
             given, else ``"ensemble"``; ``"ensemble"``
