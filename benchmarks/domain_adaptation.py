@@ -640,6 +640,16 @@ def mean_se(values):
     return f"{v.mean():.3f} +- {se:.3f}"
 
 
+# "Within 2 points of the pool's best", float-safe.
+NEAR_BEST = 2.0 + 1e-9
+
+
+def shortfall(run, pick):
+    """Points by which a label-free selection's ``pick`` falls below the
+    best candidate of ``run``."""
+    return 100 * (run["acc"][run["best_candidate"]] - run["acc"][pick])
+
+
 def report(summary):
     """The tables: accuracy per row (mean +- standard error over seeds),
     the gain and gap closed against the best baseline, and the selection."""
@@ -676,8 +686,8 @@ def report(summary):
             hits = 0
             for r in rows:
                 a, pick, best = r["acc"], r[key], r["best_candidate"]
-                below = 100 * (a[best] - a[pick])
-                hits += below <= 2.0 + 1e-9
+                below = shortfall(r, pick)
+                hits += below <= NEAR_BEST
                 lines.append(f"  seed {r['seed']}: {pick} -> {a[pick]:.3f} "
                              f"({best} -> {a[best]:.3f}), {below:.1f} "
                              f"points below the best")
@@ -804,17 +814,17 @@ def markdown(paths):
                               r["mixval"][k]["inter"])
                 if r.get("mixval") else None}
 
-    every = [r for rows in runs.values() for r in rows]
+    every = [(r, picks(r)) for rows in runs.values() for r in rows]
     for label, chosen in (("all", every),
-                          ("with ATC", [r for r in every if "atc" in r])):
+                          ("with ATC", [(r, p) for r, p in every
+                                        if "atc" in r])):
         counts = []
         for method in ("EnsV", "ATC", "MixVal"):
-            gaps = [100 * (r["acc"][r["best_candidate"]]
-                           - r["acc"][picks(r)[method]])
-                    for r in chosen if picks(r)[method] is not None]
+            gaps = [shortfall(r, p[method]) for r, p in chosen
+                    if p[method] is not None]
             if gaps:
                 counts.append(
-                    f"{method} {sum(g <= 2.0 + 1e-9 for g in gaps)} of "
+                    f"{method} {sum(g <= NEAR_BEST for g in gaps)} of "
                     f"{len(gaps)} ({np.mean(gaps):.1f} points below on "
                     f"average)")
         if chosen and counts:
@@ -867,9 +877,10 @@ def main(argv=None):
                         help="print the default recipe's table from these "
                              "--json files and exit")
     args = parser.parse_args(argv)
-    if args.peers_only and (args.adamatch or args.new or args.dump):
+    if args.peers_only and (args.adamatch or args.new or args.all
+                            or args.dump):
         parser.error("--peers-only runs only the peers: drop --adamatch, "
-                     "--new and --dump")
+                     "--new, --all and --dump")
     if args.atc_from_dump:
         if not args.json:
             parser.error("--atc-from-dump needs --json FILE (the runs to "
