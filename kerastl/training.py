@@ -30,7 +30,10 @@ from kerastl.plan import TrainingPlan
 FineTuneHistory = collections.namedtuple("FineTuneHistory",
                                          ["head", "fine_tune"])
 FineTuneHistory.__doc__ = """What :func:`fine_tune` returns: the head
-phase's ``History`` (None when ``head_epochs=0``) and the main phase's."""
+phase's ``History`` (None when ``head_epochs=0``) and the main phase's.
+The main phase's has ``kept_head_phase``: True when it ended worse on
+validation than the head phase and the model kept the head phase's
+weights."""
 
 
 def early_stopping(patience=3, monitor="val_loss", start=0):
@@ -81,7 +84,11 @@ def fine_tune(model, train, validation=None, plan=None, *,
 
     With ``validation``, each phase stops early when the validation loss
     starts to increase and keeps the best weights (``patience=None``: no
-    early stopping). Where the frozen blocks can be run once (see
+    early stopping). When the main phase's best validation loss is still
+    worse than the head phase's (a learning rate too high for this
+    backbone), the model gets the head phase's weights back, with a
+    ``RuntimeWarning`` saying what to lower (not under ``strategy="lora"``,
+    whose main phase adds weights). Where the frozen blocks can be run once (see
     :mod:`kerastl.boundary`), they are: each returned ``History`` has
     ``boundary_cache``, ``"used"`` or the reason it was not.
 
@@ -236,7 +243,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
         history.boundary_cache = reason
         return history
 
-    h1 = None
+    h1 = head_weights = None
     if head_epochs:
         freezing.apply_trainable(
             model, freezing.Trainable.of(bm, bm.names[base:]), bn=plan.bn,
@@ -246,6 +253,12 @@ def fine_tune(model, train, validation=None, plan=None, *,
         h1 = phase(head_optimizer, head_epochs, base,
                    callbacks if head_callbacks is None else head_callbacks,
                    head_passes)
+        if validation is not None and plan.patience is not None and \
+                plan.trainable.mode != "lora":
+            # Kept in case the main phase ends worse on validation (a rate
+            # too high for this backbone diverges it; early stopping only
+            # keeps the best of the main phase's own epochs).
+            head_weights = model.get_weights()
     if plan.trainable.mode == "lora":
         peft.enable_lora(model, plan.lora_rank, plan.lora_alpha,
                          [b for b in plan.trainable.trainable
@@ -259,9 +272,44 @@ def fine_tune(model, train, validation=None, plan=None, *,
     _announce(verbose, f"Main phase: strategy {plan.strategy!r}", epochs,
               passes, batches)
     h2 = phase(optimizer, epochs, depth, callbacks, passes)
+    h2.kept_head_phase = head_weights is not None and _keep_head_phase(
+        model, head_weights, h1, h2, plan, head_epochs, epochs)
     if plan.check_features:
-        warn_at_chance(model, h2, frozen=depth)
+        if h2.kept_head_phase:
+            warn_at_chance(model, h1, frozen=base)
+        else:
+            warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
+
+
+def _kept_val_loss(history, start=0):
+    """The validation loss of the weights early stopping left after a
+    phase: the lowest finite one from epoch ``start`` on (None if none)."""
+    losses = [v for v in history.history.get("val_loss", [])[start:]
+              if np.isfinite(v)]
+    return min(losses) if losses else None
+
+
+def _keep_head_phase(model, head_weights, h1, h2, plan, head_epochs, epochs):
+    """Puts the head phase's weights back when the main phase's best
+    validation loss is worse than the head phase's (warning which to
+    change); returns whether it did."""
+    head = _kept_val_loss(h1, watch_from(head_epochs, plan.schedule))
+    main = _kept_val_loss(h2, watch_from(epochs, plan.schedule))
+    if head is None or main is not None and main <= head:
+        return False
+    model.set_weights(head_weights)
+    rate = (f"learning_rate (now {plan.learning_rate:g}), e.g. to "
+            f"{plan.learning_rate / 10:g}" if plan.optimizer is None else
+            "the optimizer's learning rate")
+    ended = ("no finite validation loss" if main is None else
+             f"validation loss {main:.4g}")
+    warnings.warn(
+        f"kerastl: fine-tuning ended worse than the head phase ({ended} "
+        f"against {head:.4g}): the model keeps the head phase's weights. "
+        f"Lower {rate}, or train fewer blocks (freeze_up_to=).",
+        RuntimeWarning, stacklevel=4)  # fine_tune's caller (decorated)
+    return True
 
 
 def repeatable(x, y=None):
@@ -529,4 +577,4 @@ def warn_at_chance(model, history, frozen=None):
             "learn. Check the labels, use pretrained weights, or "
             + ("train more epochs or another learning rate."
                if frozen == 0 else "train more blocks (strategy='full')."),
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning, stacklevel=4)

@@ -121,6 +121,49 @@ def test_fine_tune_runs_both_phases_with_early_stopping():
         np.testing.assert_array_equal(v.numpy(), b)
 
 
+class _KeepsWeights(keras.callbacks.Callback):
+    """Records the weights a phase leaves (after early stopping's)."""
+
+    def on_train_end(self, logs=None):
+        self.weights = self.model.get_weights()
+
+
+def _bright_or_dark(n, seed):
+    """A task the head learns at once: is the image bright or dark?"""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.uniform(0, 100, (n, 16, 16, 3)) + 120 * y[:, None, None, None]
+    return x.astype("float32"), y
+
+
+@pytest.mark.parametrize("rate", [1e-3, 100.0])
+def test_fine_tune_keeps_the_head_phase_when_the_main_phase_ends_worse(rate):
+    # A main-phase rate far too high (MobileNetV2 at the default 3e-3 did
+    # this on digits): the head phase's weights come back, bit for bit,
+    # with a warning naming the rate; at a sane rate the main phase's stay.
+    model = two_block_classifier()
+    train, val = _bright_or_dark(64, 0), _bright_or_dark(64, 1)
+    head = _KeepsWeights()
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h1, h2 = kerastl.fine_tune(
+            model, train, val, strategy="full", head_epochs=3, epochs=3,
+            learning_rate=rate, seed=0, boundary_cache=False,
+            head_callbacks=[head])
+    said = [str(w.message) for w in caught if "head phase" in str(w.message)]
+    after = model.get_weights()
+    same = all(np.array_equal(a, b) for a, b in zip(after, head.weights))
+    if rate > 1:
+        assert h2.kept_head_phase and same
+        assert said and "learning_rate (now 100), e.g. to 10" in said[0]
+    else:
+        assert not h2.kept_head_phase and not same and not said
+        # (early stopping watches the second half of a cosine phase)
+        assert min(h2.history["val_loss"][1:]) <= \
+            min(h1.history["val_loss"][1:])
+
+
 def test_fine_tune_trains_with_the_users_optimizer():
     model = two_block_classifier()
     opt = keras.optimizers.SGD(0.05, momentum=0.5)
