@@ -84,11 +84,12 @@ def fine_tune(model, train, validation=None, plan=None, *,
 
     With ``validation``, each phase stops early when the validation loss
     starts to increase and keeps the best weights (``patience=None``: no
-    early stopping). When the main phase's best validation loss is still
-    worse than the head phase's (a learning rate too high for this
-    backbone), the model gets the head phase's weights back, with a
-    ``RuntimeWarning`` saying what to lower (not under ``strategy="lora"``,
-    whose main phase adds weights). Where the frozen blocks can be run once (see
+    early stopping). With early stopping and a head phase, both phases'
+    weights are then evaluated on ``validation`` (two more passes): when
+    the head phase's have the lower loss (a learning rate too high for
+    this backbone diverged the main phase), the model gets them back, with
+    a ``RuntimeWarning`` saying what to lower (not under
+    ``strategy="lora"``, whose main phase adds weights, nor multi-worker). Where the frozen blocks can be run once (see
     :mod:`kerastl.boundary`), they are: each returned ``History`` has
     ``boundary_cache``, ``"used"`` or the reason it was not.
 
@@ -254,7 +255,8 @@ def fine_tune(model, train, validation=None, plan=None, *,
                    callbacks if head_callbacks is None else head_callbacks,
                    head_passes)
         if validation is not None and plan.patience is not None and \
-                plan.trainable.mode != "lora":
+                plan.trainable.mode != "lora" and \
+                not distribute.is_multi_worker(model):
             # Kept in case the main phase ends worse on validation (a rate
             # too high for this backbone diverges it; early stopping only
             # keeps the best of the main phase's own epochs).
@@ -273,42 +275,50 @@ def fine_tune(model, train, validation=None, plan=None, *,
               passes, batches)
     h2 = phase(optimizer, epochs, depth, callbacks, passes)
     h2.kept_head_phase = head_weights is not None and _keep_head_phase(
-        model, head_weights, h1, h2, plan, head_epochs, epochs)
-    if plan.check_features:
-        if h2.kept_head_phase:
-            warn_at_chance(model, h1, frozen=base)
-        else:
-            warn_at_chance(model, h2, frozen=depth)
+        model, head_weights, validation, plan)
+    if plan.check_features and not h2.kept_head_phase:
+        # (after a revert, its warning already says what to change)
+        warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
 
 
-def _kept_val_loss(history, start=0):
-    """The validation loss of the weights early stopping left after a
-    phase: the lowest finite one from epoch ``start`` on (None if none)."""
-    losses = [v for v in history.history.get("val_loss", [])[start:]
-              if np.isfinite(v)]
-    return min(losses) if losses else None
+def _validation_loss(model, validation):
+    """``model.evaluate``'s loss on ``fit``-style validation data (NaN
+    when not finite)."""
+    if isinstance(validation, tuple):
+        logs = model.evaluate(*validation, verbose=0, return_dict=True)
+    else:
+        logs = model.evaluate(validation, verbose=0, return_dict=True)
+    loss = float(logs["loss"])
+    return loss if math.isfinite(loss) else math.nan
 
 
-def _keep_head_phase(model, head_weights, h1, h2, plan, head_epochs, epochs):
-    """Puts the head phase's weights back when the main phase's best
-    validation loss is worse than the head phase's (warning which to
-    change); returns whether it did."""
-    head = _kept_val_loss(h1, watch_from(head_epochs, plan.schedule))
-    main = _kept_val_loss(h2, watch_from(epochs, plan.schedule))
-    if head is None or main is not None and main <= head:
-        return False
+def _keep_head_phase(model, head_weights, validation, plan):
+    """Puts the head phase's weights back when they have the lower
+    validation loss, warning what to change; returns whether it did.
+
+    Both are evaluated now, in the main phase's trainable state: Keras
+    counts the weight penalties of trainable layers only, so the phases'
+    own logs are not comparable (nor are they when the user's callbacks
+    restored other weights)."""
+    main_weights = model.get_weights()
+    main = _validation_loss(model, validation)
     model.set_weights(head_weights)
+    head = _validation_loss(model, validation)
+    if math.isnan(head) or head >= main:  # (a NaN main loses)
+        model.set_weights(main_weights)
+        return False
     rate = (f"learning_rate (now {plan.learning_rate:g}), e.g. to "
             f"{plan.learning_rate / 10:g}" if plan.optimizer is None else
             "the optimizer's learning rate")
-    ended = ("no finite validation loss" if main is None else
+    ended = ("no finite validation loss" if math.isnan(main) else
              f"validation loss {main:.4g}")
     warnings.warn(
         f"kerastl: fine-tuning ended worse than the head phase ({ended} "
-        f"against {head:.4g}): the model keeps the head phase's weights. "
-        f"Lower {rate}, or train fewer blocks (freeze_up_to=).",
-        RuntimeWarning, stacklevel=4)  # fine_tune's caller (decorated)
+        f"against {head:.4g}): the model keeps the head phase's weights "
+        f"(and the main phase's trainable blocks and optimizer). Lower "
+        f"{rate}, or train fewer blocks (freeze_up_to=), and fine-tune "
+        f"again.", RuntimeWarning, stacklevel=4)  # fine_tune's caller
     return True
 
 
