@@ -47,8 +47,8 @@ from kerastl.image_folders import (image_folder_arrays,
 from kerastl.plan import TrainingPlan
 from kerastl.resume import write_json
 from kerastl.saving import load_model
-from kerastl.training import fine_tune, repeatable, steps_per_epoch, \
-    watch_from
+from kerastl.training import ended_at, fine_tune, keep_better_phase, \
+    repeatable, steps_per_epoch, watch_from
 from kerastl.zoo import kerashub
 from kerastl.zoo.config import check_model_reference
 
@@ -305,10 +305,16 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
         resume.AtomicCheckpoint(best, best=min(
             (b["val_loss"] for b in before if "val_loss" in b),
             default=float("inf")))]
+    head_callbacks = []
+    head = os.path.join(backup, resume.HEAD)
+    guard = e["early_stopping"] is not None and val is not None and \
+        plan.trainable.mode != "lora" and not distribute.is_multi_worker(model)
     if e["early_stopping"] is not None:
         callbacks.append(resume.ResumableEarlyStopping(
             e["early_stopping"], before, best,
             start=watch_from(e["epochs"], plan.schedule)))
+        if guard and not before:
+            head_callbacks.append(resume.HeadPhaseWeights(head))
     try:
         # Ctrl-C stops at the next step boundary, never inside a
         # checkpoint write or a TensorFlow call.
@@ -316,12 +322,16 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
             # The head phase is not checkpointed (a Ctrl-C in it keeps
             # nothing); a resumed run is past it: its backup holds the
             # weights it left.
-            return fine_tune(
+            history = fine_tune(
                 model, train, val,
                 plan.replace(patience=None, trainable=plan.trainable,
                              **({"head_epochs": 0} if before else {})),
-                callbacks=[stopper] + callbacks, head_callbacks=[stopper],
+                callbacks=[stopper] + callbacks,
+                head_callbacks=[stopper] + head_callbacks,
                 verbose=verbose).fine_tune
+            history.kept_head_phase = guard and os.path.isfile(head) and \
+                _keep_head_phase(e, model, val, head, best)
+            return history
     except KeyboardInterrupt:
         done = len(log.epochs)
         if not done:
@@ -337,6 +347,25 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
                if os.path.isfile(best) else "no checkpoint was written yet;")
             + f" run the same command with --resume to continue from epoch "
             f"{done + 1}.")
+
+
+def _keep_head_phase(e, model, val, head, best):
+    """fine_tune's guard for a run (whose own early stopping and
+    checkpoints cover the main phase): the head phase's weights (saved in
+    the backup, so that a resumed run compares them too) replace the main
+    phase's when their validation loss is lower; the best checkpoint then
+    holds them. Returns whether they did."""
+    kept, head_loss, main_loss = keep_better_phase(
+        model, resume.read_weights(head), val)
+    if kept:
+        save_model(model, best)
+        print(f"kerastl: fine-tuning ended worse than the head phase "
+              f"({ended_at(main_loss)} against {head_loss:.4g}): the model "
+              f"keeps the head phase's weights. Lower --learning-rate (now "
+              f"{e['learning_rate']:g}), e.g. to {e['learning_rate'] / 10:g}, "
+              f"or freeze more blocks (--freeze-up-to).", file=sys.stderr,
+              flush=True)
+    return kept
 
 
 def _json_ready(experiment):
@@ -522,6 +551,8 @@ def _report(tmp, e, model, train, val, classes, history, log, train_time):
         "passes_per_epoch": log.epoch_passes,
         # "used", or why the frozen blocks ran in every epoch instead.
         "boundary_cache": getattr(history, "boundary_cache", None),
+        # True: the main phase ended worse; the model is the head phase's.
+        "kept_head_phase": bool(getattr(history, "kept_head_phase", False)),
         "history": log.history(),
         "confusion_matrix": confusion.tolist(),
         "trainable_summary": list(trainable_summary(model)),

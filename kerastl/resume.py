@@ -18,6 +18,9 @@ written whole or not at all:
 * ``best.keras``: the best checkpoint so far (:class:`AtomicCheckpoint`),
   written to a temporary file and renamed: an interrupt never leaves a
   partial one. The published output gets a copy.
+* ``head_phase.npz``: the weights the head phase left
+  (:class:`HeadPhaseWeights`), which the end of the run, resumed or not,
+  compares with the main phase's.
 """
 
 import math
@@ -31,6 +34,8 @@ from kerastl.errors import KerastlError
 from kerastl.saving import load_model, save_model
 
 RUN_FILE = "run.json"
+# The weights the head phase left (the main phase's are compared with them).
+HEAD = "head_phase.npz"
 # The best checkpoint so far (copied into the output when it is published).
 BEST = "best.keras"
 # Experiment keys a resumed run may change: they cannot change what it
@@ -175,6 +180,33 @@ class EpochLog(keras.callbacks.Callback):
         """``{metric: [value per epoch]}`` over every logged epoch."""
         keys = list(dict.fromkeys(k for e in self.epochs for k in e))
         return {k: [e.get(k, math.nan) for e in self.epochs] for k in keys}
+
+
+class HeadPhaseWeights(keras.callbacks.Callback):
+    """Saves the weights a phase leaves (after early stopping's) to
+    ``path`` (``.npz``, the arrays of ``model.get_weights()``; not the
+    optimizer's), through a temporary file renamed into place; read them
+    back with :func:`read_weights`."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_end(self, logs=None):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.tmp-{os.getpid()}.npz"
+        try:
+            np.savez(tmp, *self.model.get_weights())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def read_weights(path):
+    """The arrays :class:`HeadPhaseWeights` saved, in order."""
+    with np.load(path, allow_pickle=False) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):

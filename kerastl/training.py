@@ -282,7 +282,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
     return FineTuneHistory(h1, h2)
 
 
-def _validation_loss(model, validation):
+def validation_loss(model, validation):
     """``model.evaluate``'s loss on ``fit``-style validation data (NaN
     when not finite)."""
     if isinstance(validation, tuple):
@@ -293,33 +293,48 @@ def _validation_loss(model, validation):
     return loss if math.isfinite(loss) else math.nan
 
 
-def _keep_head_phase(model, head_weights, validation, plan):
-    """Puts the head phase's weights back when they have the lower
-    validation loss, warning what to change; returns whether it did.
+def keep_better_phase(model, head_weights, validation):
+    """Leaves ``model`` with its own weights or ``head_weights``, whichever
+    has the lower validation loss; returns ``(kept_head, head_loss,
+    main_loss)``.
 
     Both are evaluated now, in the main phase's trainable state: Keras
     counts the weight penalties of trainable layers only, so the phases'
-    own logs are not comparable (nor are they when the user's callbacks
-    restored other weights)."""
+    own logs are not comparable (nor are they when callbacks restored
+    other weights). A NaN loss loses."""
     main_weights = model.get_weights()
-    main = _validation_loss(model, validation)
+    main = validation_loss(model, validation)
     model.set_weights(head_weights)
-    head = _validation_loss(model, validation)
-    if math.isnan(head) or head >= main:  # (a NaN main loses)
+    head = validation_loss(model, validation)
+    if math.isnan(head) or head >= main:
         model.set_weights(main_weights)
+        return False, head, main
+    return True, head, main
+
+
+def _keep_head_phase(model, head_weights, validation, plan):
+    """:func:`keep_better_phase`, warning what to change when the head
+    phase's weights win; returns whether they did."""
+    kept, head, main = keep_better_phase(model, head_weights, validation)
+    if not kept:
         return False
     rate = (f"learning_rate (now {plan.learning_rate:g}), e.g. to "
             f"{plan.learning_rate / 10:g}" if plan.optimizer is None else
             "the optimizer's learning rate")
-    ended = ("no finite validation loss" if math.isnan(main) else
-             f"validation loss {main:.4g}")
     warnings.warn(
-        f"kerastl: fine-tuning ended worse than the head phase ({ended} "
-        f"against {head:.4g}): the model keeps the head phase's weights "
-        f"(and the main phase's trainable blocks and optimizer). Lower "
-        f"{rate}, or train fewer blocks (freeze_up_to=), and fine-tune "
-        f"again.", RuntimeWarning, stacklevel=4)  # fine_tune's caller
+        f"kerastl: fine-tuning ended worse than the head phase "
+        f"({ended_at(main)} against {head:.4g}): the model keeps the head "
+        f"phase's weights (and the main phase's trainable blocks and "
+        f"optimizer). Lower {rate}, or train fewer blocks (freeze_up_to=), "
+        f"and fine-tune again.",
+        RuntimeWarning, stacklevel=4)  # fine_tune's caller
     return True
+
+
+def ended_at(loss):
+    """How a main phase's validation loss reads in a message."""
+    return ("no finite validation loss" if math.isnan(loss) else
+            f"validation loss {loss:.4g}")
 
 
 def repeatable(x, y=None):

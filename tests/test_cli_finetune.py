@@ -411,3 +411,46 @@ def test_every_unreadable_image_is_named_in_one_error(tmp_path):
         path.write_bytes(b"not an image")
     with pytest.raises(kerastl.KerastlError, match="12 file.*and 2 more"):
         scan_image_folder(str(root))
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_finetune_keeps_the_head_phase_when_the_main_phase_ends_worse(
+        tmp_path, capsys, monkeypatch, interrupted):
+    # --learning-rate 100 diverges the main phase: the run ends with the
+    # head phase's weights (model.keras and the best checkpoint alike),
+    # says so in flags, and records it; a run stopped in the main phase
+    # and resumed compares with the head phase it no longer runs.
+    from kerastl import resume
+    images = write_folder(tmp_path / "images")
+    keras.utils.set_random_seed(0)
+    small_cnn().save(tmp_path / "net.keras")
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(tmp_path / "net.keras"), "--data",
+            str(images), "--output", str(out), "--batch-size", "4",
+            "--head-epochs", "2", "--epochs", "3", "--learning-rate", "100",
+            "--seed", "0", "--export", "none"]
+    if interrupted:
+        epoch_end = resume.AtomicCheckpoint.on_epoch_end
+
+        def stop_after_the_first(self, epoch, logs=None):
+            epoch_end(self, epoch, logs)
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            m.setattr(resume.AtomicCheckpoint, "on_epoch_end",
+                      stop_after_the_first)
+            code, _, err = run(capsys, *argv)
+        assert code == 130 and "--resume" in err
+        argv.append("--resume")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "keeps the head phase's weights. Lower --learning-rate (now " \
+        "100), e.g. to 10" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kept_head_phase"] is True
+    assert len(metrics["history"]["val_loss"]) == 3
+    assert min(metrics["history"]["val_loss"]) > metrics["validation"]["loss"]
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3))
+    final = kerastl.load_model(str(out / "model.keras"))
+    best = kerastl.load_model(str(out / "checkpoints" / "best.keras"))
+    np.testing.assert_array_equal(final.predict(x, verbose=0),
+                                  best.predict(x, verbose=0))
