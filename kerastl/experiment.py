@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -273,8 +274,10 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
         # The best checkpoint lives with the backup while the run trains
         # (a resume finds it there); the output gets a copy.
         best = os.path.join(backup, resume.BEST)
-        log = resume.EpochLog(os.path.join(backup, resume.RUN_FILE),
-                              started, before, epoch_passes=passes)
+        log = resume.EpochLog(
+            os.path.join(backup, resume.RUN_FILE), started, before,
+            epoch_passes=passes,
+            kept_head_phase=(run or {}).get("kept_head_phase", False))
         history = None
         if (stopped or {}).get("stage") == "export":
             # Training had finished: the model it left is the one kept.
@@ -290,6 +293,8 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
                               log, start)
         if os.path.isfile(best):
             shutil.copy2(best, os.path.join(tmp, "checkpoints", "best.keras"))
+        if log.kept_head_phase:  # the model is better than the main phase's
+            save_model(model, os.path.join(tmp, "checkpoints", "best.keras"))
     if isinstance(outcome, RunInterrupted):
         raise outcome
     shutil.rmtree(backup, ignore_errors=True)  # the run is complete
@@ -305,16 +310,19 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
         resume.AtomicCheckpoint(best, best=min(
             (b["val_loss"] for b in before if "val_loss" in b),
             default=float("inf")))]
-    head_callbacks = []
     head = os.path.join(backup, resume.HEAD)
     guard = e["early_stopping"] is not None and val is not None and \
         plan.trainable.mode != "lora" and not distribute.is_multi_worker(model)
+    head_callbacks = []
+    if guard and not before:
+        # (after the log: the backup is a run's before it holds the file)
+        head_callbacks.append(resume.HeadPhaseWeights(head))
+        callbacks += head_callbacks
     if e["early_stopping"] is not None:
         callbacks.append(resume.ResumableEarlyStopping(
             e["early_stopping"], before, best,
             start=watch_from(e["epochs"], plan.schedule)))
-        if guard and not before:
-            head_callbacks.append(resume.HeadPhaseWeights(head))
+    held = []  # fine_tune's warnings, shown once the guard has decided
     try:
         # Ctrl-C stops at the next step boundary, never inside a
         # checkpoint write or a TensorFlow call.
@@ -322,15 +330,18 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
             # The head phase is not checkpointed (a Ctrl-C in it keeps
             # nothing); a resumed run is past it: its backup holds the
             # weights it left.
-            history = fine_tune(
-                model, train, val,
-                plan.replace(patience=None, trainable=plan.trainable,
-                             **({"head_epochs": 0} if before else {})),
-                callbacks=[stopper] + callbacks,
-                head_callbacks=[stopper] + head_callbacks,
-                verbose=verbose).fine_tune
-            history.kept_head_phase = guard and os.path.isfile(head) and \
-                _keep_head_phase(e, model, val, head, best)
+            with warnings.catch_warnings(record=True) as held:
+                history = fine_tune(
+                    model, train, val,
+                    plan.replace(patience=None, trainable=plan.trainable,
+                                 **({"head_epochs": 0} if before else {})),
+                    callbacks=[stopper] + callbacks,
+                    head_callbacks=[stopper] + head_callbacks,
+                    verbose=verbose).fine_tune
+            if guard and os.path.isfile(head):
+                log.kept_head_phase = _keep_head_phase(
+                    e, model, val, head, stopper)
+                log.write()
             return history
     except KeyboardInterrupt:
         done = len(log.epochs)
@@ -347,24 +358,37 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
                if os.path.isfile(best) else "no checkpoint was written yet;")
             + f" run the same command with --resume to continue from epoch "
             f"{done + 1}.")
+    finally:
+        for w in held or ():
+            if log.kept_head_phase and "never rose above chance" in \
+                    str(w.message):
+                continue  # (the main phase's; the model is the head's)
+            warnings.warn_explicit(w.message, w.category, w.filename,
+                                   w.lineno)
 
 
-def _keep_head_phase(e, model, val, head, best):
+def _keep_head_phase(e, model, val, head, stopper):
     """fine_tune's guard for a run (whose own early stopping and
-    checkpoints cover the main phase): the head phase's weights (saved in
-    the backup, so that a resumed run compares them too) replace the main
-    phase's when their validation loss is lower; the best checkpoint then
-    holds them. Returns whether they did."""
+    checkpoints cover the main phase): the head phase's weights, kept in
+    the backup so that a resumed run compares them too, replace the main
+    phase's when their validation loss is lower. Returns whether they
+    did."""
     kept, head_loss, main_loss = keep_better_phase(
-        model, resume.read_weights(head), val)
+        model, resume.read_weights(head), val, callbacks=[stopper])
+    if stopper.requested:  # a Ctrl-C after the last validation step
+        raise KeyboardInterrupt
     if kept:
-        save_model(model, best)
-        print(f"kerastl: fine-tuning ended worse than the head phase "
-              f"({ended_at(main_loss)} against {head_loss:.4g}): the model "
-              f"keeps the head phase's weights. Lower --learning-rate (now "
-              f"{e['learning_rate']:g}), e.g. to {e['learning_rate'] / 10:g}, "
-              f"or freeze more blocks (--freeze-up-to).", file=sys.stderr,
-              flush=True)
+        rate = e["learning_rate"]
+        fewer = {"full": ", or freeze some blocks (--strategy partial "
+                         "--freeze-up-to BLOCK)",
+                 "partial": ", or freeze more blocks (a later "
+                            "--freeze-up-to)"}.get(e["strategy"], "")
+        warnings.warn(
+            f"kerastl: fine-tuning ended worse than the head phase "
+            f"({ended_at(main_loss)} against {head_loss:.4g}): the model "
+            f"keeps the head phase's weights. Lower --learning-rate (now "
+            f"{rate:g}), e.g. to {rate / 10:g}{fewer}.", RuntimeWarning,
+            stacklevel=2)
     return kept
 
 
@@ -552,7 +576,7 @@ def _report(tmp, e, model, train, val, classes, history, log, train_time):
         # "used", or why the frozen blocks ran in every epoch instead.
         "boundary_cache": getattr(history, "boundary_cache", None),
         # True: the main phase ended worse; the model is the head phase's.
-        "kept_head_phase": bool(getattr(history, "kept_head_phase", False)),
+        "kept_head_phase": log.kept_head_phase,
         "history": log.history(),
         "confusion_matrix": confusion.tolist(),
         "trainable_summary": list(trainable_summary(model)),

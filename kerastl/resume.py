@@ -151,20 +151,26 @@ class EpochLog(keras.callbacks.Callback):
         epochs: the logs of the epochs completed before a resume.
         epoch_passes: the passes over the data in each epoch (several on
             small data under the step budget): a resume must count alike.
+        kept_head_phase: whether the run's end kept the head phase's
+            weights (a run resumed at its export).
     """
 
-    def __init__(self, path, experiment, epochs=(), epoch_passes=1):
+    def __init__(self, path, experiment, epochs=(), epoch_passes=1,
+                 kept_head_phase=False):
         super().__init__()
         self.path = path
         self.experiment = dict(experiment)
         self.epochs = [dict(e) for e in epochs]
         self.epoch_passes = int(epoch_passes)
+        # True once the run kept the head phase's weights (its end).
+        self.kept_head_phase = bool(kept_head_phase)
 
     def write(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         write_json(self.path, {"experiment": self.experiment,
                                "epochs": self.epochs,
-                               "epoch_passes": self.epoch_passes})
+                               "epoch_passes": self.epoch_passes,
+                               "kept_head_phase": self.kept_head_phase})
 
     def on_train_begin(self, logs=None):
         self.write()
@@ -183,20 +189,28 @@ class EpochLog(keras.callbacks.Callback):
 
 
 class HeadPhaseWeights(keras.callbacks.Callback):
-    """Saves the weights a phase leaves (after early stopping's) to
-    ``path`` (``.npz``, the arrays of ``model.get_weights()``; not the
-    optimizer's), through a temporary file renamed into place; read them
-    back with :func:`read_weights`."""
+    """Keeps the weights the head phase leaves (after early stopping's)
+    and, once the main phase has begun, writes them to ``path`` (``.npz``,
+    the arrays of ``model.get_weights()``; not the optimizer's) through a
+    temporary file renamed into place; read them with
+    :func:`read_weights`. Pass it to both phases, in the main phase after
+    the :class:`EpochLog` (so that the backup is a run's before it holds
+    the file)."""
 
     def __init__(self, path):
         super().__init__()
-        self.path = path
+        self.path, self.arrays = path, None
 
     def on_train_end(self, logs=None):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if self.arrays is None:  # the head phase's end
+            self.arrays = self.model.get_weights()
+
+    def on_train_begin(self, logs=None):
+        if self.arrays is None or os.path.exists(self.path):
+            return
         tmp = f"{self.path}.tmp-{os.getpid()}.npz"
         try:
-            np.savez(tmp, *self.model.get_weights())
+            np.savez(tmp, *self.arrays)
             os.replace(tmp, self.path)
         finally:
             if os.path.exists(tmp):

@@ -282,18 +282,19 @@ def fine_tune(model, train, validation=None, plan=None, *,
     return FineTuneHistory(h1, h2)
 
 
-def validation_loss(model, validation):
+def validation_loss(model, validation, callbacks=()):
     """``model.evaluate``'s loss on ``fit``-style validation data (NaN
     when not finite)."""
+    args = dict(verbose=0, return_dict=True, callbacks=list(callbacks))
     if isinstance(validation, tuple):
-        logs = model.evaluate(*validation, verbose=0, return_dict=True)
+        logs = model.evaluate(*validation, **args)
     else:
-        logs = model.evaluate(validation, verbose=0, return_dict=True)
+        logs = model.evaluate(validation, **args)
     loss = float(logs["loss"])
     return loss if math.isfinite(loss) else math.nan
 
 
-def keep_better_phase(model, head_weights, validation):
+def keep_better_phase(model, head_weights, validation, callbacks=()):
     """Leaves ``model`` with its own weights or ``head_weights``, whichever
     has the lower validation loss; returns ``(kept_head, head_loss,
     main_loss)``.
@@ -301,15 +302,18 @@ def keep_better_phase(model, head_weights, validation):
     Both are evaluated now, in the main phase's trainable state: Keras
     counts the weight penalties of trainable layers only, so the phases'
     own logs are not comparable (nor are they when callbacks restored
-    other weights). A NaN loss loses."""
+    other weights). A NaN loss loses. ``callbacks``: ``evaluate``'s."""
     main_weights = model.get_weights()
-    main = validation_loss(model, validation)
-    model.set_weights(head_weights)
-    head = validation_loss(model, validation)
-    if math.isnan(head) or head >= main:
-        model.set_weights(main_weights)
-        return False, head, main
-    return True, head, main
+    main = validation_loss(model, validation, callbacks)
+    kept = False
+    try:
+        model.set_weights(head_weights)
+        head = validation_loss(model, validation, callbacks)
+        kept = not math.isnan(head) and head < main
+    finally:  # (an interrupt too leaves the main phase's)
+        if not kept:
+            model.set_weights(main_weights)
+    return kept, head, main
 
 
 def _keep_head_phase(model, head_weights, validation, plan):
@@ -321,12 +325,15 @@ def _keep_head_phase(model, head_weights, validation, plan):
     rate = (f"learning_rate (now {plan.learning_rate:g}), e.g. to "
             f"{plan.learning_rate / 10:g}" if plan.optimizer is None else
             "the optimizer's learning rate")
+    fewer = {"full": ", or freeze some blocks (strategy='partial', "
+                     "freeze_up_to=BLOCK)",
+             "partial": ", or freeze more blocks (a later freeze_up_to)"
+             }.get(plan.strategy, "")
     warnings.warn(
         f"kerastl: fine-tuning ended worse than the head phase "
         f"({ended_at(main)} against {head:.4g}): the model keeps the head "
         f"phase's weights (and the main phase's trainable blocks and "
-        f"optimizer). Lower {rate}, or train fewer blocks (freeze_up_to=), "
-        f"and fine-tune again.",
+        f"optimizer). Lower {rate}{fewer}, and fine-tune again.",
         RuntimeWarning, stacklevel=4)  # fine_tune's caller
     return True
 

@@ -413,14 +413,15 @@ def test_every_unreadable_image_is_named_in_one_error(tmp_path):
         scan_image_folder(str(root))
 
 
-@pytest.mark.parametrize("interrupted", [False, True])
+@pytest.mark.parametrize("interrupted", [None, "training", "export"])
 def test_finetune_keeps_the_head_phase_when_the_main_phase_ends_worse(
         tmp_path, capsys, monkeypatch, interrupted):
     # --learning-rate 100 diverges the main phase: the run ends with the
     # head phase's weights (model.keras and the best checkpoint alike),
-    # says so in flags, and records it; a run stopped in the main phase
-    # and resumed compares with the head phase it no longer runs.
-    from kerastl import resume
+    # says so in flags, and records it; so does a run stopped in its main
+    # phase (which a resume no longer runs the head phase of) or after
+    # training (a resume finishes the outputs), and resumed.
+    from kerastl import experiment, resume
     images = write_folder(tmp_path / "images")
     keras.utils.set_random_seed(0)
     small_cnn().save(tmp_path / "net.keras")
@@ -435,20 +436,33 @@ def test_finetune_keeps_the_head_phase_when_the_main_phase_ends_worse(
         def stop_after_the_first(self, epoch, logs=None):
             epoch_end(self, epoch, logs)
             raise KeyboardInterrupt
+
+        def stop(*args, **kwargs):
+            raise KeyboardInterrupt
         with monkeypatch.context() as m:
-            m.setattr(resume.AtomicCheckpoint, "on_epoch_end",
-                      stop_after_the_first)
+            if interrupted == "training":
+                m.setattr(resume.AtomicCheckpoint, "on_epoch_end",
+                          stop_after_the_first)
+            else:  # (the plots come after the model is saved)
+                m.setattr(experiment, "plots", stop)
             code, _, err = run(capsys, *argv)
         assert code == 130 and "--resume" in err
         argv.append("--resume")
     code, _, err = run(capsys, *argv)
     assert code == 0, err
-    assert "keeps the head phase's weights. Lower --learning-rate (now " \
-        "100), e.g. to 10" in err
+    if interrupted != "export":  # (training had ended before)
+        assert "kerastl: warning: fine-tuning ended worse than the head " \
+            "phase" in err
+        assert "keeps the head phase's weights. Lower --learning-rate " \
+            "(now 100), e.g. to 10, or freeze some blocks (--strategy " \
+            "partial --freeze-up-to BLOCK)." in err
+    assert "never rose above chance" not in err  # (the main phase's)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kept_head_phase"] is True
-    assert len(metrics["history"]["val_loss"]) == 3
-    assert min(metrics["history"]["val_loss"]) > metrics["validation"]["loss"]
+    losses = metrics["history"]["val_loss"]
+    assert len(losses) == 3
+    assert min([v for v in losses if np.isfinite(v)] or [np.inf]) > \
+        metrics["validation"]["loss"]
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3))
     final = kerastl.load_model(str(out / "model.keras"))
     best = kerastl.load_model(str(out / "checkpoints" / "best.keras"))
