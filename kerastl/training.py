@@ -89,9 +89,10 @@ def fine_tune(model, train, validation=None, plan=None, *,
     the head phase's have the lower loss (a learning rate too high for
     this backbone diverged the main phase), the model gets them back, with
     a ``RuntimeWarning`` saying what to lower (not under
-    ``strategy="lora"``, whose main phase adds weights, nor multi-worker). Where the frozen blocks can be run once (see
-    :mod:`kerastl.boundary`), they are: each returned ``History`` has
-    ``boundary_cache``, ``"used"`` or the reason it was not.
+    ``strategy="lora"``, whose main phase adds weights, nor multi-worker).
+    Where the frozen blocks can be run once (see :mod:`kerastl.boundary`),
+    they are: each returned ``History`` has ``boundary_cache``, ``"used"``
+    or the reason it was not.
 
     Args:
         model: a ``keras.Model`` with a block map whose last block is the
