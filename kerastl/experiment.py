@@ -48,8 +48,8 @@ from kerastl.image_folders import (image_folder_arrays,
 from kerastl.plan import TrainingPlan
 from kerastl.resume import write_json
 from kerastl.saving import load_model
-from kerastl.training import ended_at, fine_tune, keep_better_phase, \
-    repeatable, steps_per_epoch, watch_from
+from kerastl.training import ended_at, fine_tune, guards_head_phase, \
+    keep_better_phase, repeatable, steps_per_epoch, watch_from
 from kerastl.zoo import kerashub
 from kerastl.zoo.config import check_model_reference
 
@@ -311,8 +311,9 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
             (b["val_loss"] for b in before if "val_loss" in b),
             default=float("inf")))]
     head = os.path.join(backup, resume.HEAD)
-    guard = e["early_stopping"] is not None and val is not None and \
-        plan.trainable.mode != "lora" and not distribute.is_multi_worker(model)
+    # (plan.patience is the run's --early-stopping; fine_tune below gets
+    # None: the run's own callbacks stop it)
+    guard = guards_head_phase(model, plan, val)
     head_callbacks = []
     if guard and not before:
         # (after the log: the backup is a run's before it holds the file)
@@ -374,7 +375,7 @@ def _keep_head_phase(e, model, val, head, stopper):
     phase's when their validation loss is lower. Returns whether they
     did."""
     kept, head_loss, main_loss = keep_better_phase(
-        model, resume.read_weights(head), val, callbacks=[stopper])
+        model, resume.read_arrays(head), val, callbacks=[stopper])
     if stopper.requested:  # a Ctrl-C after the last validation step
         raise KeyboardInterrupt
     if kept:

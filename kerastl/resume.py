@@ -52,6 +52,24 @@ def backup_folder(output):
     return os.path.join(parent, f".{name}.backup")
 
 
+def write_arrays(path, arrays):
+    """Writes numpy ``arrays`` to ``path`` (``.npz``) whole or not at all:
+    a temporary file, then a rename. :func:`read_arrays` reads them back."""
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **{str(i): a for i, a in enumerate(arrays)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_arrays(path):
+    """The arrays :func:`write_arrays` wrote, in order."""
+    with np.load(path, allow_pickle=False) as saved:
+        return [saved[str(i)] for i in range(len(saved.files))]
+
+
 def write_json(path, content):
     """Writes ``content`` (with kerastl's signature) to ``path`` whole or
     not at all: a temporary file, then a rename."""
@@ -115,8 +133,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
             if os.path.isfile(path):
                 # By position, in the model's order (names of generators
                 # can differ between processes).
-                with np.load(path, allow_pickle=False) as saved:
-                    states = [saved[str(i)] for i in range(len(saved.files))]
+                states = read_arrays(path)
                 variables = self._random_variables()
                 if len(states) == len(variables):
                     for v, state in zip(variables, states):
@@ -130,15 +147,9 @@ class RunBackup(keras.callbacks.BackupAndRestore):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        path = os.path.join(self.folder, self.RANDOM_STATE)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        try:
-            np.savez(tmp, **{str(i): keras.ops.convert_to_numpy(v)
-                             for i, v in enumerate(self._random_variables())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_arrays(os.path.join(self.folder, self.RANDOM_STATE),
+                     [keras.ops.convert_to_numpy(v)
+                      for v in self._random_variables()])
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -190,10 +201,9 @@ class EpochLog(keras.callbacks.Callback):
 
 class HeadPhaseWeights(keras.callbacks.Callback):
     """Keeps the weights the head phase leaves (after early stopping's)
-    and, once the main phase has begun, writes them to ``path`` (``.npz``,
-    the arrays of ``model.get_weights()``; not the optimizer's) through a
-    temporary file renamed into place; read them with
-    :func:`read_weights`. Pass it to both phases, in the main phase after
+    and, once the main phase has begun, writes them to ``path`` with
+    :func:`write_arrays` (the arrays of ``model.get_weights()``; not the
+    optimizer's). Pass it to both phases, in the main phase after
     the :class:`EpochLog` (so that the backup is a run's before it holds
     the file)."""
 
@@ -206,21 +216,8 @@ class HeadPhaseWeights(keras.callbacks.Callback):
             self.arrays = self.model.get_weights()
 
     def on_train_begin(self, logs=None):
-        if self.arrays is None or os.path.exists(self.path):
-            return
-        tmp = f"{self.path}.tmp-{os.getpid()}.npz"
-        try:
-            np.savez(tmp, *self.arrays)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def read_weights(path):
-    """The arrays :class:`HeadPhaseWeights` saved, in order."""
-    with np.load(path, allow_pickle=False) as saved:
-        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        if self.arrays is not None and not os.path.exists(self.path):
+            write_arrays(self.path, self.arrays)
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):

@@ -255,9 +255,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
         h1 = phase(head_optimizer, head_epochs, base,
                    callbacks if head_callbacks is None else head_callbacks,
                    head_passes)
-        if validation is not None and plan.patience is not None and \
-                plan.trainable.mode != "lora" and \
-                not distribute.is_multi_worker(model):
+        if guards_head_phase(model, plan, validation):
             # Kept in case the main phase ends worse on validation (a rate
             # too high for this backbone diverges it; early stopping only
             # keeps the best of the main phase's own epochs).
@@ -281,6 +279,16 @@ def fine_tune(model, train, validation=None, plan=None, *,
         # (after a revert, its warning already says what to change)
         warn_at_chance(model, h2, frozen=depth)
     return FineTuneHistory(h1, h2)
+
+
+def guards_head_phase(model, plan, validation):
+    """Whether training by ``plan`` ends by comparing the head phase's
+    weights with the main phase's (:func:`keep_better_phase`): with
+    validation data and early stopping, and neither under LoRA (its main
+    phase adds weights) nor a multi-worker strategy."""
+    return validation is not None and plan.patience is not None and \
+        plan.trainable.mode != "lora" and \
+        not distribute.is_multi_worker(model)
 
 
 def validation_loss(model, validation, callbacks=()):
