@@ -212,10 +212,10 @@ def run_experiment(experiment, verbose=1, inputs=()):
         # A multi-worker run: every worker trains, the first one writes.
         scratch = tempfile.mkdtemp(prefix="kerastl_worker_")
         e = dict(e, output=os.path.join(scratch, "run"), resume=False)
-    with strategy.scope() if strategy is not None else \
-            contextlib.nullcontext():
-        backbone, model, plan = build_model(e, len(classes))
     try:
+        with strategy.scope() if strategy is not None else \
+                contextlib.nullcontext():
+            backbone, model, plan = build_model(e, len(classes))
         return _train(e, classes, start, plan, backbone, model, verbose,
                       one_device=strategy is None)
     finally:

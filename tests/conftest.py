@@ -87,9 +87,12 @@ def stand_in_weights(name, input_shape=(32, 32, 3)):
     backbone random, and fine_tune refuses to freeze it."""
     key = (name, tuple(input_shape))
     if key not in _STAND_INS:
+        import atexit
+        import shutil
         import tempfile
-        path = os.path.join(tempfile.mkdtemp(prefix="kerastl_weights_"),
-                            f"{name}.weights.h5")
+        folder = tempfile.mkdtemp(prefix="kerastl_weights_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        path = os.path.join(folder, f"{name}.weights.h5")
         kerastl.load_backbone(name, weights=None, input_shape=input_shape) \
             .model.save_weights(path)
         _STAND_INS[key] = path

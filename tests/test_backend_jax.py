@@ -8,6 +8,7 @@ Skipped where JAX is not installed (``pip install -e ".[test]"`` installs it).
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -18,12 +19,14 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_on_jax(code, timeout=600):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3")
     script = f"import sys; sys.path.insert(0, {TESTS!r})\n" + \
         textwrap.dedent(code)
-    proc = subprocess.run([sys.executable, "-c", script], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as tmp:  # the script's mkdtemp()s
+        env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+                   TF_CPP_MIN_LOG_LEVEL="3", TMPDIR=tmp)
+        proc = subprocess.run([sys.executable, "-c", script], env=env,
+                              capture_output=True, text=True,
+                              timeout=timeout)
     assert proc.returncode == 0 and "BACKEND OK" in proc.stdout, \
         proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout

@@ -44,6 +44,10 @@ def run_notebook(book, monkeypatch, tmp_path, cache):
     monkeypatch.setenv("KERASTL_OFFLINE", "1")
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     monkeypatch.setenv("KERASTL_CACHE_DIR", str(cache))
+    # The tutorials write into tempfile.mkdtemp() folders (on Colab the
+    # machine is thrown away); here they go under tmp_path, not /tmp.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     try:
         NotebookClient(book, timeout=600, kernel_name="python3",
                        resources={"metadata": {"path": str(tmp_path)}}
