@@ -305,11 +305,12 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
          verbose):
     """Trains; returns the History, or a RunInterrupted after Ctrl-C (with
     ``INTERRUPTED.json`` written into ``tmp`` when anything was kept)."""
-    callbacks = [
-        resume.RunBackup(backup), log,
-        resume.AtomicCheckpoint(best, best=min(
-            (b["val_loss"] for b in before if "val_loss" in b),
-            default=float("inf")))]
+    # The checkpoint keeps the best of the epochs early stopping watches
+    # (a resume restores its best weights from it).
+    start = watch_from(e["epochs"], plan.schedule) \
+        if e["early_stopping"] is not None else 0
+    callbacks = [resume.RunBackup(backup), log,
+                 resume.AtomicCheckpoint(best, before, start)]
     head = os.path.join(backup, resume.HEAD)
     # (plan.patience is the run's --early-stopping; fine_tune below gets
     # None: the run's own callbacks stop it)
@@ -321,8 +322,7 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
         callbacks += head_callbacks
     if e["early_stopping"] is not None:
         callbacks.append(resume.ResumableEarlyStopping(
-            e["early_stopping"], before, best,
-            start=watch_from(e["epochs"], plan.schedule)))
+            e["early_stopping"], before, best, start=start))
     held = []  # fine_tune's warnings, shown once the guard has decided
     try:
         # Ctrl-C stops at the next step boundary, never inside a

@@ -15,9 +15,10 @@ written whole or not at all:
   completed epoch's logs (:class:`EpochLog`), so the history, the curves
   and early stopping's state (:class:`ResumableEarlyStopping`) continue
   across the interruption;
-* ``best.keras``: the best checkpoint so far (:class:`AtomicCheckpoint`),
-  written to a temporary file and renamed: an interrupt never leaves a
-  partial one. The published output gets a copy.
+* ``best.keras``: the best checkpoint so far (:class:`AtomicCheckpoint`;
+  once early stopping watches, the best of the epochs it watches, whose
+  weights it restores), written to a temporary file and renamed: an
+  interrupt never leaves a partial one. The published output gets a copy.
 * ``head_phase.npz``: the weights the head phase left
   (:class:`HeadPhaseWeights`), which the end of the run, resumed or not,
   compares with the main phase's.
@@ -225,16 +226,28 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     file beside ``path`` and renamed into place: an interrupt leaves the
     previous best or the new one, never part of one.
 
+    From epoch ``start`` on it is the best of the epochs from ``start``,
+    the epochs :class:`ResumableEarlyStopping` watches (and whose best it
+    restores on a resume from this file); before, the best so far.
+
     Args:
         path: the ``.keras`` file.
-        best: the best value seen before a resume.
+        epochs: the logs of the epochs completed before a resume.
+        start: the first epoch early stopping watches (0 without it).
     """
 
-    def __init__(self, path, monitor="val_loss", best=math.inf):
+    def __init__(self, path, epochs=(), start=0, monitor="val_loss"):
         super().__init__()
-        self.path, self.monitor, self.best = path, monitor, best
+        self.path, self.monitor, self.start = path, monitor, start
+        values = [(epoch, e.get(monitor)) for epoch, e in enumerate(epochs)]
+        values = [(epoch, v) for epoch, v in values if v is not None]
+        watched = [v for epoch, v in values if epoch >= start]
+        self.best = min(watched or [v for _, v in values], default=math.inf)
+        self.watching = len(epochs) > start
 
     def on_epoch_end(self, epoch, logs=None):
+        if epoch >= self.start and not self.watching:
+            self.watching, self.best = True, math.inf  # the window begins
         value = (logs or {}).get(self.monitor)
         if value is None or not float(value) < self.best:
             return

@@ -130,6 +130,53 @@ def test_dann_schedules_resume_exactly(tmp_path, schedule):
     assert max_difference(straight, resumed) == 0.0
 
 
+def test_a_resume_ends_on_the_epoch_early_stopping_chose(tmp_path):
+    """A run's early stopping watches the second half of the epochs under
+    the cosine schedule, and a resume takes its best weights from the best
+    checkpoint. Here the lowest validation loss comes before the watched
+    epochs: the checkpoint must be the best of the watched epochs, or the
+    resumed run ends on other weights than an uninterrupted one."""
+    from kerastl import resume
+
+    losses = [0.1, 0.5, 0.4, 0.45, 0.6, 0.7]  # lowest at 0; watched from 2
+    start, stop_after = 2, 4
+
+    def train(path, first, last, before=()):
+        model = keras.Sequential([keras.Input((1,)),
+                                  keras.layers.Dense(1, use_bias=False)])
+        callbacks = [resume.AtomicCheckpoint(path, before, start=start),
+                     resume.ResumableEarlyStopping(10, before, path, start)]
+        for c in callbacks:
+            c.set_model(model)
+            c.on_train_begin()
+        for epoch in range(first, last):
+            model.layers[0].kernel.assign([[float(epoch)]])  # "training"
+            for c in callbacks:
+                c.on_epoch_end(epoch, {"val_loss": losses[epoch]})
+        for c in callbacks:
+            c.on_train_end()
+        return float(model.layers[0].kernel[0, 0])
+
+    def checkpointed(path):
+        return float(kerastl.load_model(path).layers[0].kernel[0, 0])
+
+    straight = str(tmp_path / "straight.keras")
+    assert train(straight, 0, len(losses)) == 2.0 == checkpointed(straight)
+    resumed = str(tmp_path / "resumed.keras")
+    train(resumed, 0, stop_after)  # interrupted after epoch 4
+    assert checkpointed(resumed) == 2.0
+    before = [{"val_loss": v} for v in losses[:stop_after]]
+    assert train(resumed, stop_after, len(losses), before) == 2.0 == \
+        checkpointed(resumed)
+    # Before the watched epochs the checkpoint is the best so far (what a
+    # Ctrl-C there keeps).
+    early = str(tmp_path / "early.keras")
+    train(early, 0, start)
+    assert checkpointed(early) == 0.0
+    train(early, start, start + 1, [{"val_loss": v} for v in losses[:start]])
+    assert checkpointed(early) == 2.0
+
+
 @pytest.mark.slow
 def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
                                                       monkeypatch):
