@@ -812,14 +812,16 @@ def markdown(paths):
         return {"EnsV": r["chosen"], "ATC": r.get("atc_chosen"),
                 "MixVal": max(r["mixval"], key=lambda k:
                               r["mixval"][k]["inter"])
-                if r.get("mixval") else None}
+                if r.get("mixval") else None,
+                # The strongest simple rule: no selection, the recipe.
+                "the recipe itself": RECIPE if RECIPE in r["acc"] else None}
 
     every = [(r, picks(r)) for rows in runs.values() for r in rows]
     for label, chosen in (("all", every),
                           ("with ATC", [(r, p) for r, p in every
                                         if "atc" in r])):
         counts = []
-        for method in ("EnsV", "ATC", "MixVal"):
+        for method in ("EnsV", "ATC", "MixVal", "the recipe itself"):
             gaps = [shortfall(r, p[method]) for r, p in chosen
                     if p[method] is not None]
             if gaps:
