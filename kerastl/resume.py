@@ -239,20 +239,26 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     def __init__(self, path, epochs=(), start=0, monitor="val_loss"):
         super().__init__()
         self.path, self.monitor, self.start = path, monitor, start
-        values = [(epoch, e.get(monitor)) for epoch, e in enumerate(epochs)]
-        values = [(epoch, v) for epoch, v in values if v is not None]
-        watched = [v for epoch, v in values if epoch >= start]
-        self.best = min(watched or [v for _, v in values], default=math.inf)
-        self.watching = len(epochs) > start
+        self.best, self.watching = math.inf, False
+        for epoch, logs in enumerate(epochs):
+            self._improves(epoch, logs.get(monitor))
+
+    def _improves(self, epoch, value):
+        """Whether ``value`` is the new best (and becomes it)."""
+        if value is None:
+            return False
+        if epoch >= self.start and not self.watching:
+            # The window begins: its first epoch is the best so far, as
+            # for Keras's EarlyStopping (even when its value is NaN).
+            self.watching = True
+        elif not float(value) < self.best:
+            return False
+        self.best = float(value)
+        return True
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch >= self.start and not self.watching:
-            self.watching, self.best = True, math.inf  # the window begins
-        value = (logs or {}).get(self.monitor)
-        if value is None or not float(value) < self.best:
-            return
-        self.best = float(value)
-        save_model(self.model, self.path)
+        if self._improves(epoch, (logs or {}).get(self.monitor)):
+            save_model(self.model, self.path)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

@@ -141,7 +141,7 @@ def test_a_resume_ends_on_the_epoch_early_stopping_chose(tmp_path):
     losses = [0.1, 0.5, 0.4, 0.45, 0.6, 0.7]  # lowest at 0; watched from 2
     start, stop_after = 2, 4
 
-    def train(path, first, last, before=()):
+    def train(path, first, last, before=(), losses=losses):
         model = keras.Sequential([keras.Input((1,)),
                                   keras.layers.Dense(1, use_bias=False)])
         callbacks = [resume.AtomicCheckpoint(path, before, start=start),
@@ -175,6 +175,12 @@ def test_a_resume_ends_on_the_epoch_early_stopping_chose(tmp_path):
     assert checkpointed(early) == 0.0
     train(early, start, start + 1, [{"val_loss": v} for v in losses[:start]])
     assert checkpointed(early) == 2.0
+    # Keras's early stopping takes the first watched epoch as its best
+    # even when its loss is NaN (and nothing beats a NaN): so does the
+    # checkpoint.
+    nan = str(tmp_path / "nan.keras")
+    assert train(nan, 0, 4, losses=[0.1, 0.5, float("nan"), 0.3]) == 2.0 \
+        == checkpointed(nan)
 
 
 @pytest.mark.slow
@@ -195,6 +201,17 @@ def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
     def interrupted(*args, **kwargs):
         kwargs["callbacks"] = list(kwargs["callbacks"]) + [Interrupt()]
         return real(*args, **kwargs)
+
+    # The best checkpoint watches the epochs early stopping watches (the
+    # second half of 4 under the cosine schedule), continuing on a resume.
+    checkpoints = []
+
+    class Checkpoint(resume.AtomicCheckpoint):
+        def __init__(self, path, epochs=(), start=0):
+            checkpoints.append((len(epochs), start))
+            super().__init__(path, epochs, start)
+
+    monkeypatch.setattr(resume, "AtomicCheckpoint", Checkpoint)
 
     monkeypatch.setattr(experiment, "fine_tune", interrupted)
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -218,6 +235,7 @@ def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
     with open(run_file, "w") as f:
         json.dump(logged, f)
     assert cli.main(argv + ["--resume"]) == 0
+    assert checkpoints == [(0, 2), (2, 2)]
     metrics = json.loads((out / "metrics.json").read_text())
     # Epochs 3 and 4 ran; 1 and 2 came from the backup, and the history
     # holds all four (the backup's epoch log).
