@@ -309,8 +309,10 @@ def _fit(e, model, train, val, plan, log, best, backup, before, tmp,
     # (a resume restores its best weights from it).
     start = watch_from(e["epochs"], plan.schedule) \
         if e["early_stopping"] is not None else 0
-    callbacks = [resume.RunBackup(backup), log,
-                 resume.AtomicCheckpoint(best, before, start)]
+    # The log last: the epochs it holds are the ones saved (a resume takes
+    # the backup's copies of its last epoch).
+    callbacks = [resume.RunBackup(backup, len(before) if before else None),
+                 resume.AtomicCheckpoint(best, before, start), log]
     head = os.path.join(backup, resume.HEAD)
     # (plan.patience is the run's --early-stopping; fine_tune below gets
     # None: the run's own callbacks stop it)

@@ -2,14 +2,19 @@
 and resume exactly.
 
 While a run trains, its *backup folder* (beside the output folder, see
-:func:`backup_folder`) holds everything a resumed run needs, each file
-written whole or not at all:
+:func:`backup_folder`) holds everything a resumed run needs. kerastl's
+files are written whole or not at all; Keras's weights and epoch keep
+their previous copy. ``run.json`` is written last at each epoch's end: a
+resume continues from the epochs it holds, with the copies of that epoch
+(a process killed while an epoch was saved leaves some files a step
+ahead).
 
 * ``latest.weights.h5`` and ``training_metadata.json`` (with their previous
   copies): Keras's :class:`~keras.callbacks.BackupAndRestore` state, the
   weights, the optimizer and the epoch reached (:class:`RunBackup`);
-* ``random_state.npz``: the states of the layers' random generators
-  (dropout draws the same masks after a resume);
+* ``random_state.N.npz``: the states of the layers' random generators
+  after epoch N, for the last two epochs (dropout draws the same masks
+  after a resume);
 * ``run.json``: the resolved experiment it was started with (a resume with
   another config is refused, naming the keys that differ) and every
   completed epoch's logs (:class:`EpochLog`), so the history, the curves
@@ -24,8 +29,10 @@ written whole or not at all:
   compares with the main phase's.
 """
 
+import json
 import math
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -108,18 +115,30 @@ def changed_keys(started, now):
 
 class RunBackup(keras.callbacks.BackupAndRestore):
     """Keras's BackupAndRestore for a kerastl run: the previous copy kept
-    too (a kill during a save leaves one that loads), the backup kept when
-    training ends (the run removes it once its outputs are published), the
-    random generators' states kept with the weights (so dropout draws the
-    same masks after a resume), and a damaged backup reported in the run's
-    terms."""
+    too, the backup kept when training ends (the run removes it once its
+    outputs are published), the random generators' states kept with the
+    weights (so dropout draws the same masks after a resume), and a
+    damaged backup reported in the run's terms.
 
-    RANDOM_STATE = "random_state.npz"
+    The run's log (``run.json``, written after this callback and the best
+    checkpoint at each epoch's end) says which epochs are saved: a process
+    killed while an epoch is saved leaves files of two epochs, and a
+    resume takes the copy (the latest or the previous one) of the last
+    epoch the log holds.
 
-    def __init__(self, backup_dir):
+    Args:
+        backup_dir: the backup folder.
+        logged: the epochs the run's log holds (a resume; None: use the
+            latest copy, as Keras does).
+    """
+
+    def __init__(self, backup_dir, logged=None):
         super().__init__(backup_dir, double_checkpoint=True,
                          delete_checkpoint=False)
-        self.folder = backup_dir
+        self.folder, self.logged = backup_dir, logged
+
+    def _random_state(self, epochs):
+        return os.path.join(self.folder, f"random_state.{epochs}.npz")
 
     def _random_variables(self):
         """The model's variables that are not weights: the states of its
@@ -127,11 +146,37 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         weights = {id(v) for v in self.model.weights}
         return [v for v in self.model.variables if id(v) not in weights]
 
+    def _settle(self):
+        """Makes the latest copy the one of the logged epochs: the
+        previous copy when the latest is of a later epoch, or was being
+        written (its epoch equals the previous copy's)."""
+        def epoch(path):
+            try:
+                with open(path) as f:
+                    return json.load(f)["epoch"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+
+        latest = epoch(self._training_metadata_path)
+        previous = epoch(self._prev_training_metadata_path)
+        if latest == self.logged and previous != latest:
+            return
+        if previous != self.logged:
+            raise OSError(f"the backup holds epoch {latest} (previous copy: "
+                          f"{previous}) and the run's log {self.logged}")
+        for old, new in ((self._prev_weights_path, self._weights_path),
+                         (self._prev_training_metadata_path,
+                          self._training_metadata_path)):
+            shutil.copyfile(old, new + ".tmp")
+            os.replace(new + ".tmp", new)
+
     def on_train_begin(self, logs=None):
         try:
+            if self.logged is not None:
+                self._settle()
             super().on_train_begin(logs)
-            path = os.path.join(self.folder, self.RANDOM_STATE)
-            if os.path.isfile(path):
+            path = self._random_state(self.logged)
+            if self.logged is not None and os.path.isfile(path):
                 # By position, in the model's order (names of generators
                 # can differ between processes).
                 states = read_arrays(path)
@@ -148,9 +193,14 @@ class RunBackup(keras.callbacks.BackupAndRestore):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        write_arrays(os.path.join(self.folder, self.RANDOM_STATE),
+        write_arrays(self._random_state(epoch + 1),
                      [keras.ops.convert_to_numpy(v)
                       for v in self._random_variables()])
+        # This epoch's and the one before (the log may not hold this one
+        # yet) are kept.
+        old = self._random_state(epoch - 1)
+        if os.path.exists(old):
+            os.remove(old)
 
 
 class EpochLog(keras.callbacks.Callback):

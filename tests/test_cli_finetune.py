@@ -431,7 +431,7 @@ def test_finetune_keeps_the_head_phase_when_the_main_phase_ends_worse(
             "--head-epochs", "2", "--epochs", "3", "--learning-rate", "100",
             "--seed", "0", "--export", "none"]
     if interrupted:
-        epoch_end = resume.AtomicCheckpoint.on_epoch_end
+        epoch_end = resume.EpochLog.on_epoch_end  # (the epoch's last save)
 
         def stop_after_the_first(self, epoch, logs=None):
             epoch_end(self, epoch, logs)
@@ -441,7 +441,7 @@ def test_finetune_keeps_the_head_phase_when_the_main_phase_ends_worse(
             raise KeyboardInterrupt
         with monkeypatch.context() as m:
             if interrupted == "training":
-                m.setattr(resume.AtomicCheckpoint, "on_epoch_end",
+                m.setattr(resume.EpochLog, "on_epoch_end",
                           stop_after_the_first)
             else:  # (the plots come after the model is saved)
                 m.setattr(experiment, "plots", stop)

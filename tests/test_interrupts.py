@@ -131,25 +131,36 @@ def test_an_interrupt_before_the_first_epoch_ends_keeps_nothing(
 
 def test_an_interrupt_inside_a_checkpoint_write_publishes_no_partial_file(
         inputs, straight, tmp_path, capsys, monkeypatch):
+    """Interrupted inside the second checkpoint write (the epoch being
+    saved is not in the run's log yet: the run stopped after the epoch
+    before, and the checkpoint is the first one, whole)."""
     out = tmp_path / "run"
     real_save = keras.Model.save
+    writes = []
 
     def interrupted_save(model, path, *args, **kwargs):
-        if ".best.keras.tmp-" in str(path):  # half a file, then Ctrl-C
-            with open(path, "wb") as f:
-                f.write(b"PK\x03\x04 half of a zip")
-            raise KeyboardInterrupt
+        if ".best.keras.tmp-" in str(path):
+            writes.append(path)
+            if len(writes) == 2:  # half a file, then Ctrl-C
+                with open(path, "wb") as f:
+                    f.write(b"PK\x03\x04 half of a zip")
+                raise KeyboardInterrupt
         return real_save(model, path, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "save", interrupted_save)
     code, err = run(capsys, *argv(inputs, out))
     monkeypatch.setattr(keras.Model, "save", real_save)
     assert code == 130
-    assert "stopped after epoch 1 of 4: no checkpoint was written yet; run " \
-           "the same command with --resume to continue from epoch 2." in err
-    assert sorted(os.listdir(out / "checkpoints")) == []  # nothing partial
-    assert not [f for f in os.listdir(resume.backup_folder(out))
-                if "best" in f]
+    done = json.loads((out / "INTERRUPTED.json").read_text())[
+        "epochs_completed"]
+    assert done in (1, 2)  # the second write: epoch 2 or 3
+    assert f"stopped after epoch {done} of 4: the best checkpoint so far is " \
+           f"in {out}/checkpoints/best.keras; run the same command with " \
+           f"--resume to continue from epoch {done + 1}." in err, err
+    assert os.listdir(out / "checkpoints") == ["best.keras"]  # not partial
+    keras.models.load_model(out / "checkpoints" / "best.keras")
+    assert [f for f in os.listdir(resume.backup_folder(out))
+            if "best" in f] == ["best.keras"]
     code, err = run(capsys, *argv(inputs, out, "--resume"))
     assert code == 0, err
     for a, b in zip(weights(straight / "model.keras"),
@@ -272,6 +283,60 @@ def test_a_run_killed_after_training_resumes_to_the_same_model(
         assert np.abs(a - b).max() == 0.0
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]["loss"]) == metrics["epochs_run"] == 4
+
+
+@pytest.mark.parametrize("kill", ["inside the weights write",
+                                  "after the weights, before their epoch",
+                                  "after the backup, before the log"])
+def test_a_run_killed_while_an_epoch_is_saved_resumes_exactly(
+        inputs, straight, tmp_path, capsys, monkeypatch, kill):
+    """Killed (SystemExit stands for the kill) at the end of epoch 2,
+    between the writes that save it: the backup's files are then of
+    different epochs. --resume continues from the last epoch the run's log
+    holds, with that epoch's weights, optimizer and random states, and ends
+    on the uninterrupted run's weights and history."""
+    out = tmp_path / "run"
+    saves = []
+    real_save = keras.Model.save_weights
+
+    def save_weights(self, filepath, *args, **kwargs):
+        saves.append(filepath)
+        if str(filepath).endswith("latest.weights.h5") and len(saves) == 2:
+            if kill == "inside the weights write":
+                with open(filepath, "wb") as f:
+                    f.write(b"\x89HDF")  # a file cut short
+                raise SystemExit("killed")
+            real_save(self, filepath, *args, **kwargs)
+            if kill == "after the weights, before their epoch":
+                raise SystemExit("killed")
+            return
+        real_save(self, filepath, *args, **kwargs)
+
+    writes = []
+    real_write = resume.EpochLog.write
+
+    def write(self):
+        writes.append(len(self.epochs))
+        if kill == "after the backup, before the log" and \
+                len(self.epochs) == 2:
+            raise SystemExit("killed")
+        real_write(self)
+
+    monkeypatch.setattr(keras.Model, "save_weights", save_weights)
+    monkeypatch.setattr(resume.EpochLog, "write", write)
+    with pytest.raises(SystemExit):
+        cli.main(argv(inputs, out))
+    monkeypatch.undo()
+    assert not out.exists()
+    code, err = run(capsys, *argv(inputs, out, "--resume"))
+    assert code == 0, err
+    for a, b in zip(weights(straight / "model.keras"),
+                    weights(out / "model.keras")):
+        assert np.abs(a - b).max() == 0.0
+    full = json.loads((straight / "metrics.json").read_text())
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["history"] == full["history"]
+    assert resumed["epochs_run"] == 4
 
 
 @pytest.mark.parametrize("damage", ["metadata not JSON", "weights truncated"])
