@@ -125,12 +125,12 @@ def check_experiment(experiment, inputs=()):
                 f"{backup!r} is in the way of this run's backup and was not "
                 "written by kerastl: move it away, or choose another "
                 "--output.")
-        if not e["overwrite"]:
+        if not e["overwrite"] and resume.has_backup(backup):
             raise KerastlError(
                 f"An interrupted run of {output!r} can be continued: pass "
                 f"--resume (with the same config), or --overwrite to start "
                 "over.")
-        shutil.rmtree(backup)
+        shutil.rmtree(backup)  # (without an epoch: nothing to continue)
     return files
 
 

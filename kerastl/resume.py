@@ -172,15 +172,23 @@ class RunBackup(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         try:
-            if self.logged is not None:
-                self._settle()
-            super().on_train_begin(logs)
+            if self.logged is None:
+                super().on_train_begin(logs)
+                return
+            self._settle()
+            # Not Keras's fallback to the previous copy (of an epoch
+            # before the log's end): weights that do not load are damage.
+            self._load_model()
+            variables = self._random_variables()
             path = self._random_state(self.logged)
-            if self.logged is not None and os.path.isfile(path):
+            if not os.path.isfile(path):  # (a backup of an older kerastl)
+                path = os.path.join(self.folder, "random_state.npz")
+            if variables and not os.path.isfile(path):
+                raise OSError(f"no random_state.{self.logged}.npz")
+            if variables:
                 # By position, in the model's order (names of generators
                 # can differ between processes).
                 states = read_arrays(path)
-                variables = self._random_variables()
                 if len(states) == len(variables):
                     for v, state in zip(variables, states):
                         v.assign(state)
@@ -227,22 +235,26 @@ class EpochLog(keras.callbacks.Callback):
         # True once the run kept the head phase's weights (its end).
         self.kept_head_phase = bool(kept_head_phase)
 
-    def write(self):
+    def write(self, epochs=None):
+        """Writes ``run.json``; with ``epochs``, those, which become the
+        log's once the file is written (so the log counts only the epochs
+        the file holds)."""
+        epochs = self.epochs if epochs is None else epochs
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         write_json(self.path, {"experiment": self.experiment,
-                               "epochs": self.epochs,
+                               "epochs": epochs,
                                "epoch_passes": self.epoch_passes,
                                "kept_head_phase": self.kept_head_phase})
+        self.epochs = epochs
 
     def on_train_begin(self, logs=None):
         self.write()
 
     def on_epoch_end(self, epoch, logs=None):
-        del self.epochs[epoch:]  # a backup behind its log: redo the epoch
-        self.epochs.append({k: float(v) for k, v in (logs or {}).items()
-                            if isinstance(v, (int, float))
-                            or hasattr(v, "__float__")})
-        self.write()
+        # (epochs past this one: a backup behind its log redoes them)
+        self.write(self.epochs[:epoch] + [
+            {k: float(v) for k, v in (logs or {}).items()
+             if isinstance(v, (int, float)) or hasattr(v, "__float__")}])
 
     def history(self):
         """``{metric: [value per epoch]}`` over every logged epoch."""

@@ -285,23 +285,28 @@ def test_a_run_killed_after_training_resumes_to_the_same_model(
     assert len(metrics["history"]["loss"]) == metrics["epochs_run"] == 4
 
 
-@pytest.mark.parametrize("kill", ["inside the weights write",
-                                  "after the weights, before their epoch",
-                                  "after the backup, before the log"])
+@pytest.mark.parametrize("kill,epoch", [
+    ("inside the weights write", 2),
+    ("after the weights, before their epoch", 2),
+    ("after the backup, before the log", 2),
+    ("after the backup, before the log", 3),  # early stopping watches it
+    ("after the backup, before the log", 1)])  # nothing to continue
 def test_a_run_killed_while_an_epoch_is_saved_resumes_exactly(
-        inputs, straight, tmp_path, capsys, monkeypatch, kill):
-    """Killed (SystemExit stands for the kill) at the end of epoch 2,
+        inputs, straight, tmp_path, capsys, monkeypatch, kill, epoch):
+    """Killed (SystemExit stands for the kill) at the end of an epoch,
     between the writes that save it: the backup's files are then of
     different epochs. --resume continues from the last epoch the run's log
     holds, with that epoch's weights, optimizer and random states, and ends
-    on the uninterrupted run's weights and history."""
+    on the uninterrupted run's weights and history. Killed in the first
+    epoch's, the run has nothing to continue and starts over."""
     out = tmp_path / "run"
     saves = []
     real_save = keras.Model.save_weights
 
     def save_weights(self, filepath, *args, **kwargs):
         saves.append(filepath)
-        if str(filepath).endswith("latest.weights.h5") and len(saves) == 2:
+        if str(filepath).endswith("latest.weights.h5") and \
+                len(saves) == epoch:
             if kill == "inside the weights write":
                 with open(filepath, "wb") as f:
                     f.write(b"\x89HDF")  # a file cut short
@@ -312,15 +317,13 @@ def test_a_run_killed_while_an_epoch_is_saved_resumes_exactly(
             return
         real_save(self, filepath, *args, **kwargs)
 
-    writes = []
     real_write = resume.EpochLog.write
 
-    def write(self):
-        writes.append(len(self.epochs))
+    def write(self, epochs=None):
         if kill == "after the backup, before the log" and \
-                len(self.epochs) == 2:
+                len(epochs or ()) == epoch:
             raise SystemExit("killed")
-        real_write(self)
+        real_write(self, epochs)
 
     monkeypatch.setattr(keras.Model, "save_weights", save_weights)
     monkeypatch.setattr(resume.EpochLog, "write", write)
@@ -328,7 +331,11 @@ def test_a_run_killed_while_an_epoch_is_saved_resumes_exactly(
         cli.main(argv(inputs, out))
     monkeypatch.undo()
     assert not out.exists()
-    code, err = run(capsys, *argv(inputs, out, "--resume"))
+    if epoch == 1:
+        code, err = run(capsys, *argv(inputs, out, "--resume"))
+        assert code == 2 and "Nothing to resume" in err, err
+    code, err = run(capsys, *argv(inputs, out,
+                                  *(["--resume"] if epoch > 1 else [])))
     assert code == 0, err
     for a, b in zip(weights(straight / "model.keras"),
                     weights(out / "model.keras")):
@@ -339,7 +346,8 @@ def test_a_run_killed_while_an_epoch_is_saved_resumes_exactly(
     assert resumed["epochs_run"] == 4
 
 
-@pytest.mark.parametrize("damage", ["metadata not JSON", "weights truncated"])
+@pytest.mark.parametrize("damage", ["metadata not JSON", "weights truncated",
+                                    "random states missing"])
 def test_a_damaged_backup_names_its_folder_and_the_fix(
         inputs, tmp_path, capsys, interrupt_at, damage):
     out = tmp_path / "run"
@@ -354,6 +362,8 @@ def test_a_damaged_backup_names_its_folder_and_the_fix(
         if damage == "weights truncated" and ".weights.h5" in name:
             data = open(path, "rb").read()
             open(path, "wb").write(data[:len(data) // 3])
+        if damage == "random states missing" and "random_state" in name:
+            os.remove(path)  # (dropout would draw other masks)
     code, err = run(capsys, *argv(inputs, out, "--resume"))
     assert code == 2 and "\n" not in err, err
     assert f"The backup of the interrupted run in {backup!r} cannot be " \
