@@ -71,6 +71,22 @@ def weights(path):
     return keras.models.load_model(path).get_weights()
 
 
+def assert_same_model(straight, out):
+    """``out``'s model is bit-identical to the uninterrupted run's."""
+    for a, b in zip(weights(straight / "model.keras"),
+                    weights(out / "model.keras")):
+        assert np.abs(a - b).max() == 0.0
+
+
+def assert_same_run(straight, out):
+    """... and so is its whole history, all four epochs."""
+    assert_same_model(straight, out)
+    full = json.loads((straight / "metrics.json").read_text())
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["history"] == full["history"]
+    assert len(resumed["history"]["loss"]) == resumed["epochs_run"] == 4
+
+
 @pytest.fixture(scope="module")
 def straight(inputs, tmp_path_factory):
     """The uninterrupted run: what a resumed run must equal."""
@@ -104,13 +120,7 @@ def test_resume_equals_the_uninterrupted_run_with_its_whole_history(
         assert code == 2 and named in err, err
     code, err = run(capsys, *argv(inputs, out, "--resume"))
     assert code == 0, err
-    for a, b in zip(weights(straight / "model.keras"),
-                    weights(out / "model.keras")):
-        assert np.abs(a - b).max() == 0.0
-    full = json.loads((straight / "metrics.json").read_text())
-    resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["history"] == full["history"]
-    assert len(resumed["history"]["loss"]) == resumed["epochs_run"] == 4
+    assert_same_run(straight, out)
     assert not (out / "INTERRUPTED.json").exists()
     assert not os.path.exists(resume.backup_folder(out))
 
@@ -163,9 +173,7 @@ def test_an_interrupt_inside_a_checkpoint_write_publishes_no_partial_file(
             if "best" in f] == ["best.keras"]
     code, err = run(capsys, *argv(inputs, out, "--resume"))
     assert code == 0, err
-    for a, b in zip(weights(straight / "model.keras"),
-                    weights(out / "model.keras")):
-        assert np.abs(a - b).max() == 0.0
+    assert_same_model(straight, out)
     assert (out / "checkpoints" / "best.keras").is_file()
 
 
@@ -194,9 +202,7 @@ def test_ctrl_c_during_the_final_save_keeps_the_trained_model(
                         "is not repeated)."), err
     assert json.loads((out / "INTERRUPTED.json").read_text())["stage"] == \
         "export"
-    for a, b in zip(weights(straight / "model.keras"),
-                    weights(out / "model.keras")):
-        assert np.abs(a - b).max() == 0.0
+    assert_same_model(straight, out)
     assert not (out / "savedmodel").exists()
     trained = []
     monkeypatch.setattr(experiment, "fine_tune",
@@ -278,9 +284,7 @@ def test_a_run_killed_after_training_resumes_to_the_same_model(
         backup, "training_metadata.json")).read())["epoch"] == 4
     code, err = run(capsys, *argv(inputs, out, "--resume"))
     assert code == 0, err
-    for a, b in zip(weights(straight / "model.keras"),
-                    weights(out / "model.keras")):
-        assert np.abs(a - b).max() == 0.0
+    assert_same_model(straight, out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]["loss"]) == metrics["epochs_run"] == 4
 
@@ -337,13 +341,7 @@ def test_a_run_killed_while_an_epoch_is_saved_resumes_exactly(
     code, err = run(capsys, *argv(inputs, out,
                                   *(["--resume"] if epoch > 1 else [])))
     assert code == 0, err
-    for a, b in zip(weights(straight / "model.keras"),
-                    weights(out / "model.keras")):
-        assert np.abs(a - b).max() == 0.0
-    full = json.loads((straight / "metrics.json").read_text())
-    resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["history"] == full["history"]
-    assert resumed["epochs_run"] == 4
+    assert_same_run(straight, out)
 
 
 @pytest.mark.parametrize("damage", ["metadata not JSON", "weights truncated",
