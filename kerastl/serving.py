@@ -11,8 +11,10 @@ signature (also ``serving_default``) takes what a server receives:
 
 The model's preprocessing is already inside every kerastl model (see
 :class:`~kerastl.preprocessing.ImagePreprocessing`), so the export needs none
-of its own. Training-only parts are left out: a :class:`~kerastl.DANN`
-exports its label path; in any other model, outputs computed through a
+of its own. Training-only parts are left out: a :class:`~kerastl.DANN`,
+an :class:`~kerastl.adaptation.AdaMatch` (what :func:`kerastl.adapt`
+returns) or an :class:`~kerastl.adaptation.ADDA` model exports its label
+path; in any other model, outputs computed through a
 :class:`~kerastl.GradientReversal` layer (a domain head) are dropped.
 
 The export is written to a temporary folder next to ``path``, reloaded with
@@ -36,6 +38,8 @@ import keras
 import numpy as np
 
 from kerastl import _keras_private as _private
+from kerastl.adaptation.adamatch import AdaMatch
+from kerastl.adaptation.adda import ADDA
 from kerastl.adaptation.dann import DANN
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.atomic import atomic_folder, check_destination
@@ -48,7 +52,11 @@ from kerastl.peft import merge_lora
 def inference_model(model):
     """``model`` without its training-only parts (a plain ``keras.Model``).
 
-    A :class:`~kerastl.DANN` gives its label path; a functional model loses
+    A :class:`~kerastl.DANN`, an :class:`~kerastl.adaptation.AdaMatch`
+    (what :func:`kerastl.adapt` returns) or an
+    :class:`~kerastl.adaptation.ADDA` model gives its label path
+    (``model.classifier``: no augmentation, no domain head); a functional
+    model loses
     every output that depends on a :class:`~kerastl.GradientReversal` layer;
     LoRA updates are merged into their kernels (:func:`kerastl.merge_lora`:
     no LoRA variable or operation is served); anything else is returned
@@ -58,7 +66,7 @@ def inference_model(model):
 
 
 def _without_training_parts(model):
-    if isinstance(model, DANN):
+    if isinstance(model, (DANN, AdaMatch, ADDA)):
         return model.classifier
     backbone_model = getattr(model, "model", None)
     if isinstance(backbone_model, keras.Model):  # a kerastl Backbone
@@ -217,8 +225,11 @@ def export_savedmodel(model, path, input="float", image_size=None,
 
     Args:
         model: a ``keras.Model`` (any kerastl classifier), a
-            :class:`~kerastl.Backbone` or a :class:`~kerastl.DANN` (its label
-            path is exported). Outputs through a GradientReversal layer are
+            :class:`~kerastl.Backbone`, or a :class:`~kerastl.DANN`,
+            :class:`~kerastl.adaptation.AdaMatch` (what
+            :func:`kerastl.adapt` returns) or
+            :class:`~kerastl.adaptation.ADDA` (its label path is
+            exported). Outputs through a GradientReversal layer are
             left out.
         path: the SavedModel folder: new, or empty. kerastl never writes
             over the working directory, its parents, the home folder or a
@@ -791,7 +802,7 @@ def export(model, path, format="savedmodel", input="float", quantize=None,
     ``"onnx"``) and TensorFlow's LiteRT converter (kerastl writes no
     converter of its own). The model's preprocessing stays inside the file,
     so every format takes raw pixels; training-only parts (a DANN's domain
-    head, GradientReversal outputs) are left out.
+    head, AdaMatch's augmentations, GradientReversal outputs) are left out.
 
     The export folder ``path`` holds the model file (``model.tflite``,
     ``model.onnx``, or the SavedModel itself), ``labels.txt`` (the class
@@ -805,7 +816,9 @@ def export(model, path, format="savedmodel", input="float", quantize=None,
 
     Args:
         model: a ``keras.Model`` (any kerastl classifier), a
-            :class:`~kerastl.Backbone` or a :class:`~kerastl.DANN`.
+            :class:`~kerastl.Backbone`, or a :class:`~kerastl.DANN`,
+            :class:`~kerastl.adaptation.AdaMatch` or
+            :class:`~kerastl.adaptation.ADDA` (their label path).
         path: the export folder: new, empty, or an earlier kerastl export
             with ``overwrite=True``.
         format: ``"savedmodel"`` (TF Serving, TensorFlow), ``"litert"``

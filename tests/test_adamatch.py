@@ -130,8 +130,12 @@ def test_augmentation_reaches_training_steps_but_never_the_export(
                 if isinstance(layer, augmenting)]
     assert [layer for layer in walk(model.strong)
             if isinstance(layer, augmenting)]  # (what the walk looks for)
-    kerastl.export_savedmodel(classifier, tmp_path / "sm")
+    # The model itself exports as its classifier (as kerastl.adapt's
+    # docstring shows), with the classifier's weights only.
+    kerastl.export_savedmodel(model, tmp_path / "sm")
     reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    assert sum(int(np.prod(v.shape)) for v in reloaded.variables) == \
+        classifier.count_params()
     served = reloaded.serve(tf.constant(xt))
     np.testing.assert_allclose(np.asarray(served),
                                model.predict(xt, verbose=0), atol=1e-5)

@@ -226,8 +226,13 @@ def test_adda_gradients_fixed_parts_and_round_trip(tmp_path):
     loaded = kerastl.load_model(tmp_path / "adda.keras")
     np.testing.assert_array_equal(adda.predict(xt, verbose=0),
                                   loaded.predict(xt, verbose=0))
-    kerastl.export_savedmodel(adda.classifier, tmp_path / "sm")
+    # Exported as it is, like a DANN: its label path (target encoder and
+    # source head), without the discriminator or the source encoder.
+    kerastl.export_savedmodel(adda, tmp_path / "sm")
     reloaded = tf.saved_model.load(str(tmp_path / "sm"))
+    served_weights = sum(int(np.prod(v.shape)) for v in reloaded.variables)
+    assert served_weights == adda.classifier.count_params()
+    assert served_weights < adda.count_params()
     served = reloaded.serve(tf.constant(xt))
     np.testing.assert_allclose(np.asarray(served),
                                adda.predict(xt, verbose=0), atol=1e-5)

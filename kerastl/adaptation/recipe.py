@@ -120,7 +120,7 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
 
         model = kerastl.adapt(kerastl.pretrained.small_cnn(), (xs, ys), xt)
         model.evaluate(xt_test, yt_test)
-        kerastl.export(model.classifier, "exported/")
+        kerastl.export(model, "exported/")  # the classifier only
     """
     if isinstance(source, (list, tuple)) and len(source) != 2:
         raise KerastlError(
