@@ -168,7 +168,7 @@ class AdaMatch(keras.Model):
 
     Example::
 
-        model = kerastl.AdaMatch(backbone, num_classes=10)
+        model = kerastl.adaptation.AdaMatch(backbone, num_classes=10)
         model.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
         model.fit(kerastl.adaptation.domain_dataset((xs, ys), xt),
                   epochs=20)
