@@ -377,7 +377,7 @@ def cmd_export(args):
     """kerastl export MODEL.keras --format F [--quantize Q] [--data D]."""
     from kerastl.errors import ExportError
     from kerastl.saving import load_model
-    from kerastl.serving import export
+    from kerastl.serving import export, inference_model
 
     if args.quantize and args.format != "litert":
         raise ExportError(f"--quantize {args.quantize} is for --format "
@@ -390,7 +390,9 @@ def cmd_export(args):
         raise ExportError("--input bytes is for --format savedmodel; LiteRT "
                           "and ONNX files take pixels: --input float or "
                           "uint8.")
-    model = load_model(args.model)
+    # (a DANN, AdaMatch or ADDA file: its classifier, whose input size and
+    # classes --data is checked against)
+    model = inference_model(load_model(args.model))
     output = args.output or "%s_%s" % (
         os.path.splitext(os.path.basename(args.model.rstrip("/")))[0],
         args.format)

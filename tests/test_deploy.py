@@ -332,6 +332,27 @@ def test_export_command_for_a_model_trained_earlier(folder, capsys):
     assert not (folder / "x").exists()
 
 
+def test_export_command_takes_an_adapted_model(folder, capsys):
+    """What kerastl.adapt returns, saved: the command exports its
+    classifier, checked on --data's images (it needs the classifier's input
+    size and classes, which the AdaMatch model itself does not carry)."""
+    keras.utils.set_random_seed(0)
+    model = folder / "adapted.keras"
+    adapted = kerastl.adaptation.AdaMatch(small_cnn(SIZE), 2, bottleneck=8)
+    adapted.save(model)
+    out = folder / "adapted"
+    code = cli.main(["export", str(model), "--format", "savedmodel",
+                     "--data", str(folder / "images"), "--output", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert (out / "labels.txt").read_text() == "cats\ndogs\n"
+    x = images(4)
+    served = tf.saved_model.load(str(out))
+    np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(),
+                               adapted.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_finetune_flags_are_checked_before_training(folder, capsys):
     for flags, message in (
             (["--quantize", "int8"], "add litert to export (--export "
