@@ -805,7 +805,7 @@ def markdown(paths):
         for key, count in seed_sets.items())
         + " (a number in brackets: how many seeds have that row). "
                  f"Mean gap closed over the {len(closed_big)} pairs whose gap "
-                 f"exceeds 10 points: {np.mean(closed_big):.0%}.")
+                 f"exceeds 10 points: {np.mean(closed_big):.1%}.")
     if worse:
         lines.append("Peers ahead of the recipe: " + "; ".join(worse) + ".")
     def picks(r):

@@ -4,10 +4,10 @@ Four estimators; :func:`select_model` ranks candidates (a ``DANN`` at
 several lambdas or epochs, DANN against MMD or ADDA, adapted against not
 adapted) by any of them. Its default, ``method="auto"``, is ATC when it is
 given labelled source validation data and EnsV when not: ATC came nearer
-the pool's best on ``benchmarks/domain_adaptation.py``'s digit pairs (25
-of 47 runs within 2 points of it, 5.6 points below on average; EnsV on
-the same runs 14, 8.8 below). Neither beat taking that benchmark's
-recipe, ``kerastl.adapt``, without choosing (34 of the 47, 1.8 below):
+the pool's best on ``benchmarks/domain_adaptation.py``'s digit pairs (33
+of 59 runs within 2 points of it, 5.1 points below on average; EnsV on
+the same runs 20, 7.7 below). Neither beat taking that benchmark's
+recipe, ``kerastl.adapt``, without choosing (44 of the 59, 1.7 below):
 choose among candidates you cannot rank otherwise, not against the
 recipe.
 
