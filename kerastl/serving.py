@@ -74,7 +74,7 @@ def _without_training_parts(model):
     if not isinstance(model, keras.Model):
         raise ExportError(
             f"Expected a keras.Model, a kerastl.Backbone or a kerastl.DANN, "
-            f"got {type(model).__name__}.")
+            f"AdaMatch or ADDA, got {type(model).__name__}.")
     try:
         graph = layer_graph(model)
     except Exception:  # a subclassed model: opaque, exported as is
