@@ -278,7 +278,9 @@ class KerasIoAdaMatch(keras.Model):
         self.tau = tau
         self.total_steps = float(total_steps)
         self.weak = keras.layers.RandomFlip("horizontal", seed=seed)
-        self.strong = keras.layers.RandAugment(
+        # (kerastl's RandAugment: Keras's images bit for bit, computing
+        # only the drawn operations)
+        self.strong = kerastl.augment.RandAugment(
             value_range=(0, 255), num_ops=2, factor=0.5, seed=seed + 1)
         self.generator = keras.random.SeedGenerator(seed + 2)
         self.loss_tracker = keras.metrics.Mean(name="loss")
