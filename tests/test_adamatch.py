@@ -315,15 +315,14 @@ def test_kerastls_rand_augment_gives_keras_images_bit_for_bit():
         for _ in range(3):
             np.testing.assert_array_equal(ours(images, training=True),
                                           theirs(images, training=True))
-        # ... in a graph (where Keras's where runs every operation)...
-        ours_fn = tf.function(lambda x: ours(x, training=True))
-        theirs_fn = tf.function(lambda x: theirs(x, training=True))
-        for _ in range(8):
-            np.testing.assert_array_equal(ours_fn(images),
-                                          theirs_fn(images))
         # ... and not at all outside training.
         np.testing.assert_array_equal(ours(images, training=False), images)
-    # In a tf.data pipeline, and back from its config.
+    # In a graph (where Keras's where runs every operation)...
+    ours_fn = tf.function(lambda x: ours(x, training=True))
+    theirs_fn = tf.function(lambda x: theirs(x, training=True))
+    for _ in range(6):
+        np.testing.assert_array_equal(ours_fn(images), theirs_fn(images))
+    # ... in a tf.data pipeline, and back from its config.
     restored = keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(RandAugment(
             value_range=(0, 255), factor=0.1, seed=3)))

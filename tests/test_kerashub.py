@@ -24,7 +24,9 @@ from conftest import save_load_and_resume, step_with_references
 
 # One worker runs this module (pytest-xdist), and its costly fixtures are
 # session-scoped: computed once, however the worker interleaves modules.
-pytestmark = pytest.mark.xdist_group("kerashub")
+pytestmark = [pytest.mark.xdist_group("kerashub"),
+              # (clear_session after each test: see the fixture)
+              pytest.mark.usefixtures("collect_only_this_modules_garbage")]
 
 SIZE = 32
 TORCH_SCALE = [1 / (255 * 0.229), 1 / (255 * 0.224), 1 / (255 * 0.225)]

@@ -10,6 +10,9 @@ import pytest
 import kerastl
 from kerastl import blocks, cli
 
+# (clear_session after each test: see the fixture)
+pytestmark = pytest.mark.usefixtures("collect_only_this_modules_garbage")
+
 NAMES = [c.name for c in kerastl.list_configs("keras.applications")]
 
 
