@@ -7,9 +7,9 @@ slots and keeps the drawn ones with ``where``; kerastl's subclass runs the
 drawn one alone (the backend's ``switch``), with the same random draws and
 so the same images (``tests/test_adamatch.py`` checks that bit for bit,
 and that a whole ``fit`` gives the same weights). The model is
-``kerastl.adapt``'s on tutorial 4's network (the DANN paper's digit
-network, 32x32, batch 64 per domain); the two models differ only in that
-layer. Single train steps are timed in alternating pairs after a warm-up,
+AdaMatch on ``domain_adaptation.py``'s network (the DANN paper's digit
+convolutions, 32x32, batch 64 per domain); the two models differ only in
+that layer. Single train steps are timed in alternating pairs after a warm-up,
 as in ``classifier_step.py``; prints the median step times, their ratio
 and the strong view alone on one batch.
 
@@ -28,35 +28,22 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from domain_adaptation import paper_features  # noqa: E402
 from kerastl.adaptation import AdaMatch, domain_dataset  # noqa: E402
 
 SIZE, BATCH, CLASSES = 32, 64, 10
 
 
-def features():
-    inputs = keras.Input((SIZE, SIZE, 3))
-    h = keras.layers.Rescaling(1 / 255.0)(inputs)
-    h = keras.layers.Conv2D(32, 5, activation="relu")(h)
-    h = keras.layers.MaxPooling2D()(h)
-    h = keras.layers.Conv2D(48, 5, activation="relu")(h)
-    h = keras.layers.MaxPooling2D()(h)
-    h = keras.layers.Flatten()(h)
-    return keras.Model(inputs, keras.layers.Dense(100, activation="relu")(h))
-
-
 def with_keras_rand_augment(strong):
     """The same strong view with Keras's own RandAugment in its place."""
     first, ours, last = strong.layers
-    config = ours.get_config()
-    theirs = keras.layers.RandAugment(**{
-        k: config[k] for k in ("value_range", "num_ops", "factor",
-                               "interpolation", "seed")})
+    theirs = keras.layers.RandAugment.from_config(ours.get_config())
     return keras.Sequential([first, theirs, last], name=strong.name)
 
 
 def model(which):
     keras.utils.set_random_seed(0)
-    m = AdaMatch(features(), CLASSES, seed=0)
+    m = AdaMatch(paper_features(), CLASSES, seed=0)
     if which == "keras":
         m.strong = with_keras_rand_augment(m.strong)
     m.compile(keras.optimizers.Adam(1e-3))

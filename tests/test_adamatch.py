@@ -349,10 +349,8 @@ def test_adamatch_trains_the_same_weights_as_with_kerass_rand_augment():
             layers = model.strong.layers
             assert type(layers[1]).__module__ == "kerastl.augment"
             model.strong = keras.Sequential(
-                [layers[0], keras.layers.RandAugment(
-                    **{k: v for k, v in layers[1].get_config().items()
-                       if k in ("value_range", "factor", "seed")}),
-                 layers[2]])
+                [layers[0], keras.layers.RandAugment.from_config(
+                    layers[1].get_config()), layers[2]])
         model.compile(keras.optimizers.Adam(1e-3))
         model.fit(kerastl.adaptation.domain_dataset(
             (xs, ys), xt, batch_size=8, seed=0), epochs=1, verbose=0)
