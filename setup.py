@@ -28,11 +28,15 @@ DOCS = ["mkdocs>=1.6.1", "mkdocs-material>=9.8", "mkdocstrings>=1.0.7",
 # jax: the suite also runs kerastl on the Keras JAX backend (subprocess tests).
 # nbclient, nbformat, ipykernel: CI executes the tutorial notebooks.
 # pytest-xdist: the suite runs on two workers (pytest.ini), half the time on
-# CI's two cores.
+# CI's two cores. pytest below 9.2: 9.2's node ids ignore the group suffix
+# xdist's --dist loadgroup writes (pytest-dev/pytest-xdist#1386, fix not yet
+# released), so every xdist_group is silently split across the workers and
+# their session and module fixtures run once per test (tests/conftest.py
+# stops the run if that happens again).
 # pyflakes: the documentation's examples that need downloads are checked for
 # undefined names (tests/test_readme.py); DOCS: tests/test_docs.py builds
 # the site.
-TEST = ["pytest>=7", "pytest-xdist>=3.5", "jax>=0.4.30", "nbclient>=0.8",
+TEST = ["pytest>=7,<9.2", "pytest-xdist>=3.5", "jax>=0.4.30", "nbclient>=0.8",
         "nbformat>=5", "ipykernel>=6", "pyflakes>=3.2"] + DATA + KERASHUB + \
     ONNX + DOCS
 

@@ -31,6 +31,22 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 JOBS = os.path.join(TESTS, "distributed_jobs.py")
 
 
+def test_this_modules_tests_share_one_worker(request):
+    """The session fixtures below cost about 30 s each, once per worker that
+    runs this module: ``--dist loadgroup`` (pytest.ini) must send the whole
+    group to one worker. pytest 9.2 drops the ``@group`` suffix xdist uses
+    for that (pytest-dev/pytest-xdist#1386), and the run silently takes
+    minutes longer; setup.py's test extra pins a pytest below 9.2."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run by pytest-xdist with --dist loadgroup")
+    assert request.node.nodeid.endswith("@distribute"), (
+        f"pytest-xdist did not group {request.node.nodeid}: pytest "
+        f"{pytest.__version__} with this pytest-xdist drops --dist "
+        f"loadgroup's groups (pytest-dev/pytest-xdist#1386); install the "
+        f"test extra (pip install -e '.[test]'), which pins a pytest that "
+        f"keeps them")
+
+
 # Without collectives (one device, JAX's DataParallel) one process runs both
 # jobs, in this order; tf.distribute's collectives need a process per job
 # (a second model in the same process mismatches the collective instances).
