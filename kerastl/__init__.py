@@ -22,6 +22,8 @@ Foundation (no Keras model code; nothing of kerastl but each other)
     network           offline checks for downloads
     sampling          few_shot: examples per class
     batch_order       array batches in an order drawn from (seed, pass)
+    prebuild          a compiled model built before fit: one trace of the
+                      train step
     rendering         digits drawn from matplotlib's fonts
 Block map (what a block is)
     blocks            BlockRule, BlockMap, block_map (every model)

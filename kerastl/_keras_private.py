@@ -268,6 +268,27 @@ def run_graph_with(model, inputs, operation_fn):
     return model._run_through_graph(inputs, operation_fn=operation_fn)
 
 
+def symbolic_build(model, data_batch):
+    """``Trainer._symbolic_build``: builds a compiled ``model``'s layers,
+    compiled losses and metrics and its optimizer from the structure of one
+    batch (``KerasTensor`` stand-ins will do), as Keras's TensorFlow trainer
+    does before ``fit`` under a distribution strategy. Without one it
+    defers that to the first trace of the train step, which then runs
+    twice (see :mod:`kerastl.prebuild`). Returns False where this Keras has
+    no such method."""
+    build = getattr(model, "_symbolic_build", None)
+    if build is None:
+        return False
+    build(data_batch=data_batch)
+    return True
+
+
+def has_distribution_strategy(model):
+    """Whether ``model`` was created under a ``tf.distribute`` strategy
+    (``_distribute_strategy``, set by Keras's TensorFlow trainer)."""
+    return getattr(model, "_distribute_strategy", None) is not None
+
+
 def build_before_distributed_fit(model, data_batch):
     """Builds ``model``'s layers, compiled loss, metrics and optimizer from
     one batch now, and skips the step of ``fit`` that would do it.

@@ -63,6 +63,7 @@ from kerastl.batch_order import SeededBatches, ViewBatches
 from kerastl.blocks import block_map, model_input
 from kerastl.errors import BoundaryCacheError
 from kerastl.freezing import GradualUnfreezing
+from kerastl.prebuild import build_before_fit
 
 MAX_BYTES = 2 * 1024 ** 3
 # The one-time pass over arrays runs in batches of at least this many: on
@@ -545,6 +546,8 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                            metrics=listed[0], weighted_metrics=listed[1],
                            jit_compile=jit_compile)
             acts, ty, tw, size = train
+            # (one trace of the train step instead of two)
+            build_before_fit(suffix, arrays=(acts, ty, tw))
             # History and the progress bar record the suffix's logs (the
             # same numbers); Keras adds its own only when none is given.
             own = (keras.callbacks.History, keras.callbacks.ProgbarLogger)

@@ -26,6 +26,7 @@ from kerastl.distribute import strategy_scope
 from kerastl.errors import KerastlError
 from kerastl.layerwise import LayerwiseOptimizer
 from kerastl.plan import TrainingPlan
+from kerastl.prebuild import build_before_fit
 
 FineTuneHistory = collections.namedtuple("FineTuneHistory",
                                          ["head", "fine_tune"])
@@ -221,6 +222,9 @@ def fine_tune(model, train, validation=None, plan=None, *,
         if distribute.is_multi_worker(model):
             distribute.prepare_distributed_fit(
                 model, (x, y) if y is not None else x)
+        # (one trace of the train step instead of two; kerastl.prebuild)
+        build_before_fit(model, arrays=None if y is None else (x, y, w),
+                         dataset=x if y is None else None)
         if y is not None and (plan.seed is not None or aug is not None
                               or passes > 1):
             batches = SeededBatches(

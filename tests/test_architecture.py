@@ -153,6 +153,8 @@ LAYERS = [
         ("network", "offline checks for downloads"),
         ("sampling", "few_shot: examples per class"),
         ("batch_order", "array batches in an order drawn from (seed, pass)"),
+        ("prebuild", "a compiled model built before fit: one trace of "
+                     "the train step"),
         ("rendering", "digits drawn from matplotlib's fonts"),
     ]),
     ("Block map", "what a block is", [

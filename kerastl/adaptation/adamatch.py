@@ -21,7 +21,7 @@ from kerastl import _keras_private as _private
 from kerastl import distribute as _distribute
 from kerastl import heads
 from kerastl.augment import RandAugment
-from kerastl.adaptation.dann import (feature_layer, feature_width,
+from kerastl.adaptation.dann import (feature_layer, feature_width, prebuild,
                                      fit_arguments, label_features,
                                      label_model, label_path_logs,
                                      label_path_loss)
@@ -265,6 +265,7 @@ class AdaMatch(keras.Model):
         kw = fit_arguments(args, kwargs)
         kw["callbacks"] = list(kw.get("callbacks") or []) + [
             _RampOverFit(kw.get("initial_epoch", 0))]
+        prebuild(self, kw)  # (the step traced once, not twice)
         return super().fit(**kw)
 
     def test_step(self, data):

@@ -24,6 +24,7 @@ from kerastl.adaptation.losses import (confusion_loss, coral_loss,
                                        mcc_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
+from kerastl.prebuild import build_before_fit
 
 
 ALIGNMENTS = ("adversarial", "confusion", "mmd", "coral", "cdan")
@@ -92,6 +93,19 @@ def fit_arguments(args, kwargs):
             "tensorflow") and hasattr(x, "element_spec"):
         kw["shuffle"] = False
     return kw
+
+
+def prebuild(model, kw):
+    """:func:`kerastl.prebuild.build_before_fit` from ``fit``'s arguments
+    ``kw`` (a ``tf.data`` input, or arrays)."""
+    x = kw.get("x")
+    if hasattr(x, "element_spec"):
+        build_before_fit(model, dataset=x)
+    elif x is not None and not isinstance(x, keras.utils.PyDataset):
+        build_before_fit(model, arrays=(x, kw.get("y"),
+                                        kw.get("sample_weight")))
+    else:
+        build_before_fit(model)
 
 
 def label_path_loss(model, x, y, y_pred, sample_weight, training):
@@ -334,7 +348,9 @@ class DANN(keras.Model):
         :func:`~kerastl.adaptation.domain_dataset` gives) is not reshuffled
         by Keras anyway, so ``shuffle`` defaults to False for it (instead of
         Keras's warning that ``shuffle=True`` is ignored)."""
-        return super().fit(**fit_arguments(args, kwargs))
+        kw = fit_arguments(args, kwargs)
+        prebuild(self, kw)  # (the step traced once, not twice)
+        return super().fit(**kw)
 
     def test_step(self, data):
         """Evaluation on labelled images (what ``evaluate(x, y)`` does)

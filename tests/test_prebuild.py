@@ -1,0 +1,141 @@
+"""kerastl.prebuild: the train step traced once, the training unchanged."""
+
+import keras
+import numpy as np
+import pytest
+
+import kerastl
+from conftest import small_cnn
+from kerastl import prebuild, training
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                reason="what it fixes is TensorFlow's")
+
+
+class CountingModel(keras.Model):
+    """A functional classifier whose train step counts its traces (the
+    Python body runs once per trace, never per step)."""
+
+    traces = 0
+
+    def train_step(self, data):
+        CountingModel.traces += 1
+        return super().train_step(data)
+
+
+def counting_classifier():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return CountingModel(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+
+def data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0, 255, (n, 16, 16, 3)).astype("float32"),
+            rng.integers(0, 3, n))
+
+
+@pytest.mark.parametrize("prebuilt", [False, True])
+def test_the_train_step_is_traced_once_after_a_build(prebuilt):
+    """Keras builds Adam's moments and the accuracy metric inside the first
+    trace, and the step is traced again; built before, once."""
+    x, y = data()
+    model = counting_classifier()
+    model.compile(keras.optimizers.Adam(1e-3),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"])
+    if prebuilt:
+        prebuild.build_before_fit(model, arrays=(x, y, None))
+        assert model.optimizer.built
+    CountingModel.traces = 0
+    model.fit(x, y, batch_size=24, epochs=2, verbose=0)
+    assert CountingModel.traces == (1 if prebuilt else 2)
+
+
+def test_a_dataset_gives_the_structure_too():
+    import tensorflow as tf
+
+    x, y = data()
+    model = counting_classifier()
+    model.compile("sgd", "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    prebuild.build_before_fit(model, dataset=ds)
+    CountingModel.traces = 0
+    model.fit(ds, epochs=1, verbose=0)
+    assert CountingModel.traces == 1
+
+
+def test_a_batch_keras_cannot_build_from_changes_nothing():
+    """An optimisation only: a wrong structure leaves the build to Keras."""
+    x, y = data()
+    model = counting_classifier()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    prebuild.build_before_fit(model, arrays=(x[:, :3], y, None))  # wrong shape
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert model.optimizer.built
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_fine_tune_trains_the_same_weights_bit_for_bit(cache, monkeypatch):
+    """fine_tune (both phases, Adam, accuracy; with and without the
+    boundary cache) ends with the same weights and logs as without the
+    early build."""
+    x, y = data(40)
+    val = data(16, seed=1)
+
+    def run():
+        keras.utils.set_random_seed(3)
+        model = kerastl.build_classifier(small_cnn(16), 3, seed=0)
+        history = kerastl.fine_tune(
+            model, (x, y), val, strategy="partial", freeze_up_to=1,
+            head_epochs=2, epochs=2, seed=0, batch_size=8,
+            boundary_cache=cache, check_features=False)
+        return model.get_weights(), history.fine_tune.history
+
+    built = run()
+    monkeypatch.setattr(training, "build_before_fit", lambda *a, **k: None)
+    from kerastl import boundary
+    monkeypatch.setattr(boundary, "build_before_fit", lambda *a, **k: None)
+    deferred = run()
+    assert len(built[0]) == len(deferred[0])
+    for a, b in zip(built[0], deferred[0]):
+        assert np.array_equal(a, b)
+    assert built[1] == deferred[1]
+
+
+@pytest.mark.parametrize("kind", ["dann", "adamatch"])
+def test_dann_and_adamatch_trace_their_step_once_and_train_alike(
+        kind, monkeypatch):
+    from conftest import toy_domains
+    from kerastl.adaptation import adamatch, dann
+
+    xs, ys, xt, _ = toy_domains(32)
+    make = kerastl.DANN if kind == "dann" else kerastl.adaptation.AdaMatch
+    traces = []
+    step = keras.Model.train_step
+
+    def counting(self, data):
+        traces.append(1)
+        return step(self, data)
+
+    monkeypatch.setattr(make, "train_step", counting)
+
+    def run():
+        keras.utils.set_random_seed(0)
+        model = make(small_cnn(), 2)
+        model.compile(keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+        del traces[:]
+        model.fit(kerastl.adaptation.domain_dataset((xs, ys), xt,
+                                                    batch_size=16, seed=0),
+                  epochs=2, verbose=0)
+        return len(traces), model.get_weights()
+
+    built = run()
+    for module in (dann, adamatch):
+        monkeypatch.setattr(module, "prebuild", lambda *a, **k: None)
+    deferred = run()
+    assert (built[0], deferred[0]) == (1, 2)
+    for a, b in zip(built[1], deferred[1]):
+        assert np.array_equal(a, b)
