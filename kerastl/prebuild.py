@@ -48,7 +48,7 @@ def build_before_fit(model, arrays=None, dataset=None):
             getattr(model, "optimizer", None) is None:
         return
     batch = None
-    if dataset is not None:
+    if getattr(dataset, "element_spec", None) is not None:
         spec = keras.tree.map_structure(
             lambda s: keras.KerasTensor(
                 tuple(s.shape), keras.backend.standardize_dtype(s.dtype)),

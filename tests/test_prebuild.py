@@ -67,6 +67,30 @@ def test_a_dataset_gives_the_structure_too():
     assert CountingModel.traces == 1
 
 
+def test_a_py_dataset_builds_the_optimizer_only():
+    """fine_tune also takes a PyDataset or a generator: no structure to
+    read before fit, so Keras builds the metrics in the trace."""
+    x, y = data()
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return x[8 * i:8 * i + 8], y[8 * i:8 * i + 8]
+
+    model = counting_classifier()
+    model.compile("adam", "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    prebuild.build_before_fit(model, dataset=Batches())
+    assert model.optimizer.built
+    model.fit(Batches(), epochs=1, verbose=0)
+    model = kerastl.build_classifier(small_cnn(16), 3, seed=0)
+    kerastl.fine_tune(model, Batches(), strategy="full", head_epochs=1,
+                      epochs=1, check_features=False)
+    assert model.optimizer.built
+
+
 def test_a_batch_keras_cannot_build_from_changes_nothing():
     """An optimisation only: a wrong structure leaves the build to Keras."""
     x, y = data()
