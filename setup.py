@@ -31,8 +31,8 @@ DOCS = ["mkdocs>=1.6.1", "mkdocs-material>=9.8", "mkdocstrings>=1.0.7",
 # CI's two cores. pytest below 9.2: 9.2's node ids ignore the group suffix
 # xdist's --dist loadgroup writes (pytest-dev/pytest-xdist#1386, fix not yet
 # released), so every xdist_group is silently split across the workers and
-# their session and module fixtures run once per test (tests/conftest.py
-# stops the run if that happens again).
+# their session and module fixtures run once per test
+# (tests/test_distribute.py fails if that happens again).
 # pyflakes: the documentation's examples that need downloads are checked for
 # undefined names (tests/test_readme.py); DOCS: tests/test_docs.py builds
 # the site.

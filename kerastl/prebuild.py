@@ -15,7 +15,6 @@ and so is the training: ``tests/test_prebuild.py`` checks it bit for bit.
 """
 
 import keras
-import numpy as np
 
 from kerastl import _keras_private as _private
 
@@ -24,7 +23,6 @@ def batch_structure(arrays):
     """``keras.KerasTensor`` stand-ins (batch size None) for one batch of
     ``(x, y[, sample_weight])`` arrays, nested as they are."""
     def spec(a):
-        a = np.asarray(a) if not hasattr(a, "shape") else a
         return keras.KerasTensor((None,) + tuple(a.shape[1:]),
                                  keras.backend.standardize_dtype(a.dtype))
 
@@ -40,26 +38,33 @@ def build_before_fit(model, arrays=None, dataset=None):
     model's trainable variables (as Keras would) in any case.
 
     Only where Keras would otherwise build them inside the first trace
-    (the TensorFlow backend, no distribution strategy); it leaves the
-    model as it was when Keras cannot build it this way (Keras then builds
-    as before)."""
+    (the TensorFlow backend, no distribution strategy). Data whose
+    structure cannot be read this way (a generator, a ``PyDataset``, a
+    DataFrame, strings) or that Keras cannot build from gets the optimizer
+    only; Keras builds the rest in the first trace, as without this call.
+
+    The optimizer is built over the variables trainable when this runs
+    (before ``fit``'s callbacks), where Keras's own build takes those
+    trainable at the first trace: a callback that unfreezes layers in
+    ``on_train_begin`` needs an optimizer that already covers them (as
+    :class:`~kerastl.GradualUnfreezing` ensures)."""
     if keras.backend.backend() != "tensorflow" or \
             _private.has_distribution_strategy(model) or \
             getattr(model, "optimizer", None) is None:
         return
-    batch = None
-    if getattr(dataset, "element_spec", None) is not None:
-        spec = keras.tree.map_structure(
-            lambda s: keras.KerasTensor(
-                tuple(s.shape), keras.backend.standardize_dtype(s.dtype)),
-            dataset.element_spec)
-        batch = spec if isinstance(spec, tuple) else (spec,)
-    elif arrays is not None:
-        batch = batch_structure(arrays)
-    if batch is not None:
-        try:
+    try:
+        batch = None
+        if getattr(dataset, "element_spec", None) is not None:
+            spec = keras.tree.map_structure(
+                lambda s: keras.KerasTensor(
+                    tuple(s.shape), keras.backend.standardize_dtype(s.dtype)),
+                dataset.element_spec)
+            batch = spec if isinstance(spec, tuple) else (spec,)
+        elif arrays is not None:
+            batch = batch_structure(arrays)
+        if batch is not None:
             _private.symbolic_build(model, batch)
-        except Exception:  # noqa: BLE001 - an optimisation: Keras builds
-            pass  # what is left in the trace, as without this call
+    except Exception:  # noqa: BLE001 - an optimisation: Keras builds what
+        pass  # is left in the trace, as without this call
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)

@@ -83,22 +83,37 @@ def test_a_py_dataset_builds_the_optimizer_only():
     model.compile("adam", "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     prebuild.build_before_fit(model, dataset=Batches())
-    assert model.optimizer.built
+    assert model.optimizer.built  # (before fit)
+    CountingModel.traces = 0
     model.fit(Batches(), epochs=1, verbose=0)
+    assert CountingModel.traces == 2  # the accuracy built in the trace
     model = kerastl.build_classifier(small_cnn(16), 3, seed=0)
-    kerastl.fine_tune(model, Batches(), strategy="full", head_epochs=1,
-                      epochs=1, check_features=False)
-    assert model.optimizer.built
+    history = kerastl.fine_tune(model, Batches(), strategy="full",
+                                head_epochs=1, epochs=1,
+                                check_features=False)
+    assert len(history.fine_tune.history["loss"]) == 1
 
 
-def test_a_batch_keras_cannot_build_from_changes_nothing():
-    """An optimisation only: a wrong structure leaves the build to Keras."""
+def test_a_batch_keras_cannot_build_from_is_left_to_keras():
+    """An optimisation only: a structure Keras cannot build from (a wrong
+    shape, strings, a generator) leaves the metrics to the first trace, as
+    without the call, and the optimizer built; fit trains as before."""
     x, y = data()
-    model = counting_classifier()
-    model.compile("adam", "sparse_categorical_crossentropy")
-    prebuild.build_before_fit(model, arrays=(x[:, :3], y, None))  # wrong shape
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert model.optimizer.built
+
+    def generator():
+        while True:
+            yield x[:8], y[:8]
+
+    for arrays in ((x[:, :3], y, None), (x, y.astype(str), None),
+                   (generator(), None, None)):
+        model = counting_classifier()
+        model.compile("adam", "sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        prebuild.build_before_fit(model, arrays=arrays)
+        assert model.optimizer.built
+        CountingModel.traces = 0
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        assert CountingModel.traces == 2  # the accuracy built in the trace
 
 
 @pytest.mark.parametrize("cache", [False, True])
@@ -109,20 +124,34 @@ def test_fine_tune_trains_the_same_weights_bit_for_bit(cache, monkeypatch):
     x, y = data(40)
     val = data(16, seed=1)
 
+    traces = []
+    step = keras.Model.train_step
+
+    def counting(self, data):
+        traces.append(1)
+        return step(self, data)
+
+    monkeypatch.setattr(keras.Model, "train_step", counting)
+
     def run():
         keras.utils.set_random_seed(3)
         model = kerastl.build_classifier(small_cnn(16), 3, seed=0)
+        del traces[:]
         history = kerastl.fine_tune(
             model, (x, y), val, strategy="partial", freeze_up_to=1,
             head_epochs=2, epochs=2, seed=0, batch_size=8,
             boundary_cache=cache, check_features=False)
-        return model.get_weights(), history.fine_tune.history
+        assert history.fine_tune.boundary_cache == ("used" if cache else
+                                                    "boundary_cache=False")
+        return model.get_weights(), history.fine_tune.history, len(traces)
 
     built = run()
     monkeypatch.setattr(training, "build_before_fit", lambda *a, **k: None)
     from kerastl import boundary
     monkeypatch.setattr(boundary, "build_before_fit", lambda *a, **k: None)
     deferred = run()
+    # Two phases, each step traced once (twice without the early build).
+    assert (built[2], deferred[2]) == (2, 4)
     assert len(built[0]) == len(deferred[0])
     for a, b in zip(built[0], deferred[0]):
         assert np.array_equal(a, b)
@@ -161,5 +190,6 @@ def test_dann_and_adamatch_trace_their_step_once_and_train_alike(
         monkeypatch.setattr(module, "prebuild", lambda *a, **k: None)
     deferred = run()
     assert (built[0], deferred[0]) == (1, 2)
+    assert len(built[1]) == len(deferred[1])
     for a, b in zip(built[1], deferred[1]):
         assert np.array_equal(a, b)

@@ -101,10 +101,12 @@ def prebuild(model, kw):
     x = kw.get("x")
     if hasattr(x, "element_spec"):
         build_before_fit(model, dataset=x)
-    elif x is not None and not isinstance(x, keras.utils.PyDataset):
+    elif all(hasattr(a, "shape") and hasattr(a, "dtype")
+             for a in keras.tree.flatten(x) if a is not None) and \
+            x is not None:
         build_before_fit(model, arrays=(x, kw.get("y"),
                                         kw.get("sample_weight")))
-    else:
+    else:  # a generator, a PyDataset: the optimizer only
         build_before_fit(model)
 
 
