@@ -25,8 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kerastl  # noqa: E402
-from kerastl import boundary, training  # noqa: E402
-from kerastl.adaptation import dann as dann_module  # noqa: E402
+from kerastl import prebuild  # noqa: E402
 
 SIZE = 32
 
@@ -56,20 +55,17 @@ def dann_run(x, y, xt):
 
 def timed(run, pairs):
     """Median seconds of ``run()`` with kerastl's build and without."""
-    saved = (training.build_before_fit, boundary.build_before_fit,
-             dann_module.prebuild)
-    off = (lambda *a, **k: None,) * 3
+    saved = prebuild.build_before_fit
     times = {"kerastl": [], "deferred": []}
     for i in range(pairs):
         order = ("kerastl", "deferred") if i % 2 == 0 else \
             ("deferred", "kerastl")
         for which in order:
-            (training.build_before_fit, boundary.build_before_fit,
-             dann_module.prebuild) = saved if which == "kerastl" else off
+            prebuild.build_before_fit = saved if which == "kerastl" else \
+                (lambda *a, **k: None)
             times[which].append(run())
             keras.backend.clear_session()
-    (training.build_before_fit, boundary.build_before_fit,
-     dann_module.prebuild) = saved
+    prebuild.build_before_fit = saved
     return {k: statistics.median(v) for k, v in times.items()}
 
 

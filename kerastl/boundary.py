@@ -59,11 +59,11 @@ import numpy as np
 import keras
 
 from kerastl import _keras_private as _private
+from kerastl import prebuild
 from kerastl.batch_order import SeededBatches, ViewBatches
 from kerastl.blocks import block_map, model_input
 from kerastl.errors import BoundaryCacheError
 from kerastl.freezing import GradualUnfreezing
-from kerastl.prebuild import build_before_fit
 
 MAX_BYTES = 2 * 1024 ** 3
 # The one-time pass over arrays runs in batches of at least this many: on
@@ -547,7 +547,7 @@ def cached_fit(model, depth, x, y=None, validation_data=None, *, optimizer,
                            jit_compile=jit_compile)
             acts, ty, tw, size = train
             # (one trace of the train step instead of two)
-            build_before_fit(suffix, arrays=(acts, ty, tw))
+            prebuild.build_before_fit(suffix, acts, ty, tw)
             # History and the progress bar record the suffix's logs (the
             # same numbers); Keras adds its own only when none is given.
             own = (keras.callbacks.History, keras.callbacks.ProgbarLogger)

@@ -30,18 +30,19 @@ def batch_structure(arrays):
                  for a in arrays)
 
 
-def build_before_fit(model, arrays=None, dataset=None):
+def build_before_fit(model, x=None, y=None, sample_weight=None):
     """Builds what ``model.compile`` left unbuilt (the optimizer's and the
     compiled metrics' and losses' variables) from the structure of one
-    batch: ``arrays`` (``(x, y[, sample_weight])``, as ``fit`` takes
-    them) or a ``tf.data.Dataset`` of such batches; the optimizer over the
-    model's trainable variables (as Keras would) in any case.
+    batch of the data ``fit`` gets, as ``fit`` takes it: arrays ``x``,
+    ``y``, ``sample_weight``, or a ``tf.data.Dataset`` ``x`` of batches;
+    the optimizer over the model's trainable variables (as Keras would) in
+    any case.
 
     Only where Keras would otherwise build them inside the first trace
     (the TensorFlow backend, no distribution strategy). Data whose
-    structure cannot be read this way (a generator, a ``PyDataset``, a
-    DataFrame, strings) or that Keras cannot build from gets the optimizer
-    only; Keras builds the rest in the first trace, as without this call.
+    structure cannot be read this way (none, a generator, a ``PyDataset``,
+    a DataFrame, strings) or that Keras cannot build from gets the
+    optimizer only; Keras builds the rest in the first trace, as without this call.
 
     The optimizer is built over the variables trainable when this runs
     (before ``fit``'s callbacks), where Keras's own build takes those
@@ -54,14 +55,14 @@ def build_before_fit(model, arrays=None, dataset=None):
         return
     try:
         batch = None
-        if getattr(dataset, "element_spec", None) is not None:
+        if getattr(x, "element_spec", None) is not None:
             spec = keras.tree.map_structure(
                 lambda s: keras.KerasTensor(
                     tuple(s.shape), keras.backend.standardize_dtype(s.dtype)),
-                dataset.element_spec)
+                x.element_spec)
             batch = spec if isinstance(spec, tuple) else (spec,)
-        elif arrays is not None:
-            batch = batch_structure(arrays)
+        elif x is not None:
+            batch = batch_structure((x, y, sample_weight))
         if batch is not None:
             _private.symbolic_build(model, batch)
     except Exception:  # noqa: BLE001 - an optimisation: Keras builds what

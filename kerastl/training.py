@@ -18,7 +18,7 @@ import numpy as np
 
 from kerastl import augment as augment_lib
 from kerastl import backbone as backbone_lib
-from kerastl import boundary, distribute, freezing, peft
+from kerastl import boundary, distribute, freezing, peft, prebuild
 from kerastl import _keras_private as _private
 from kerastl.batch_order import SeededBatches
 from kerastl.blocks import block_map, layer_graph, model_input, model_output
@@ -26,7 +26,6 @@ from kerastl.distribute import strategy_scope
 from kerastl.errors import KerastlError
 from kerastl.layerwise import LayerwiseOptimizer
 from kerastl.plan import TrainingPlan
-from kerastl.prebuild import build_before_fit
 
 FineTuneHistory = collections.namedtuple("FineTuneHistory",
                                          ["head", "fine_tune"])
@@ -223,8 +222,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
             distribute.prepare_distributed_fit(
                 model, (x, y) if y is not None else x)
         # (one trace of the train step instead of two; kerastl.prebuild)
-        build_before_fit(model, arrays=None if y is None else (x, y, w),
-                         dataset=x if y is None else None)
+        prebuild.build_before_fit(model, x, y, w)
         if y is not None and (plan.seed is not None or aug is not None
                               or passes > 1):
             batches = SeededBatches(

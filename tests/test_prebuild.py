@@ -6,7 +6,7 @@ import pytest
 
 import kerastl
 from conftest import small_cnn
-from kerastl import prebuild, training
+from kerastl import prebuild
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="what it fixes is TensorFlow's")
@@ -31,6 +31,29 @@ def counting_classifier():
     return CountingModel(inputs, keras.layers.Dense(3, activation="softmax")(x))
 
 
+@pytest.fixture
+def count_traces(monkeypatch):
+    """``count_traces(cls)``: a list that gets an item at each trace of
+    ``cls``'s train step (Keras's own)."""
+    def patch(cls):
+        traces = []
+        step = keras.Model.train_step
+
+        def counting(self, data):
+            traces.append(1)
+            return step(self, data)
+
+        monkeypatch.setattr(cls, "train_step", counting)
+        return traces
+
+    return patch
+
+
+def deferred(monkeypatch):
+    """kerastl's early build switched off: Keras builds in the trace."""
+    monkeypatch.setattr(prebuild, "build_before_fit", lambda *a, **k: None)
+
+
 def data(n=24, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.uniform(0, 255, (n, 16, 16, 3)).astype("float32"),
@@ -46,7 +69,7 @@ def test_the_train_step_is_traced_once_after_a_build(prebuilt):
     model.compile(keras.optimizers.Adam(1e-3),
                   "sparse_categorical_crossentropy", metrics=["accuracy"])
     if prebuilt:
-        prebuild.build_before_fit(model, arrays=(x, y, None))
+        prebuild.build_before_fit(model, x, y)
         assert model.optimizer.built
     CountingModel.traces = 0
     model.fit(x, y, batch_size=24, epochs=2, verbose=0)
@@ -61,7 +84,7 @@ def test_a_dataset_gives_the_structure_too():
     model.compile("sgd", "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    prebuild.build_before_fit(model, dataset=ds)
+    prebuild.build_before_fit(model, ds)
     CountingModel.traces = 0
     model.fit(ds, epochs=1, verbose=0)
     assert CountingModel.traces == 1
@@ -82,7 +105,7 @@ def test_a_py_dataset_builds_the_optimizer_only():
     model = counting_classifier()
     model.compile("adam", "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    prebuild.build_before_fit(model, dataset=Batches())
+    prebuild.build_before_fit(model, Batches())
     assert model.optimizer.built  # (before fit)
     CountingModel.traces = 0
     model.fit(Batches(), epochs=1, verbose=0)
@@ -109,7 +132,7 @@ def test_a_batch_keras_cannot_build_from_is_left_to_keras():
         model = counting_classifier()
         model.compile("adam", "sparse_categorical_crossentropy",
                       metrics=["accuracy"])
-        prebuild.build_before_fit(model, arrays=arrays)
+        prebuild.build_before_fit(model, *arrays)
         assert model.optimizer.built
         CountingModel.traces = 0
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
@@ -117,21 +140,15 @@ def test_a_batch_keras_cannot_build_from_is_left_to_keras():
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_fine_tune_trains_the_same_weights_bit_for_bit(cache, monkeypatch):
+def test_fine_tune_trains_the_same_weights_bit_for_bit(cache, monkeypatch,
+                                                      count_traces):
     """fine_tune (both phases, Adam, accuracy; with and without the
     boundary cache) ends with the same weights and logs as without the
     early build."""
     x, y = data(40)
     val = data(16, seed=1)
 
-    traces = []
-    step = keras.Model.train_step
-
-    def counting(self, data):
-        traces.append(1)
-        return step(self, data)
-
-    monkeypatch.setattr(keras.Model, "train_step", counting)
+    traces = count_traces(keras.Model)
 
     def run():
         keras.utils.set_random_seed(3)
@@ -146,34 +163,24 @@ def test_fine_tune_trains_the_same_weights_bit_for_bit(cache, monkeypatch):
         return model.get_weights(), history.fine_tune.history, len(traces)
 
     built = run()
-    monkeypatch.setattr(training, "build_before_fit", lambda *a, **k: None)
-    from kerastl import boundary
-    monkeypatch.setattr(boundary, "build_before_fit", lambda *a, **k: None)
-    deferred = run()
+    deferred(monkeypatch)
+    keras_built = run()
     # Two phases, each step traced once (twice without the early build).
-    assert (built[2], deferred[2]) == (2, 4)
-    assert len(built[0]) == len(deferred[0])
-    for a, b in zip(built[0], deferred[0]):
+    assert (built[2], keras_built[2]) == (2, 4)
+    assert len(built[0]) == len(keras_built[0])
+    for a, b in zip(built[0], keras_built[0]):
         assert np.array_equal(a, b)
-    assert built[1] == deferred[1]
+    assert built[1] == keras_built[1]
 
 
 @pytest.mark.parametrize("kind", ["dann", "adamatch"])
 def test_dann_and_adamatch_trace_their_step_once_and_train_alike(
-        kind, monkeypatch):
+        kind, monkeypatch, count_traces):
     from conftest import toy_domains
-    from kerastl.adaptation import adamatch, dann
 
     xs, ys, xt, _ = toy_domains(32)
     make = kerastl.DANN if kind == "dann" else kerastl.adaptation.AdaMatch
-    traces = []
-    step = keras.Model.train_step
-
-    def counting(self, data):
-        traces.append(1)
-        return step(self, data)
-
-    monkeypatch.setattr(make, "train_step", counting)
+    traces = count_traces(make)
 
     def run():
         keras.utils.set_random_seed(0)
@@ -186,10 +193,9 @@ def test_dann_and_adamatch_trace_their_step_once_and_train_alike(
         return len(traces), model.get_weights()
 
     built = run()
-    for module in (dann, adamatch):
-        monkeypatch.setattr(module, "prebuild", lambda *a, **k: None)
-    deferred = run()
-    assert (built[0], deferred[0]) == (1, 2)
-    assert len(built[1]) == len(deferred[1])
-    for a, b in zip(built[1], deferred[1]):
+    deferred(monkeypatch)
+    keras_built = run()
+    assert (built[0], keras_built[0]) == (1, 2)
+    assert len(built[1]) == len(keras_built[1])
+    for a, b in zip(built[1], keras_built[1]):
         assert np.array_equal(a, b)

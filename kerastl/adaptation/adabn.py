@@ -6,12 +6,12 @@ import keras
 import numpy as np
 
 from kerastl import _keras_private as _private
+from kerastl import prebuild
 from kerastl.adaptation.dann import DANN
 from kerastl.blocks import model_output
 from kerastl.errors import KerastlError
 from kerastl.freezing import (keras_model_of, restored_trainability,
                               temporarily_trainable)
-from kerastl.prebuild import build_before_fit
 
 
 def adapt_batch_norm(model, target, batch_size=64):
@@ -214,7 +214,7 @@ def tent(model, target, steps=None, learning_rate=1e-3, batch_size=64,
                                   name=f"{net.name}_tent")
             wrapper.compile(optimizer=keras.optimizers.Adam(learning_rate),
                             loss=_prediction_entropy)
-            build_before_fit(wrapper)  # (the step traced once, not twice)
+            prebuild.build_before_fit(wrapper)  # (one trace, not two)
             wrapper.fit(_TargetBatches(target, batches), epochs=1,
                         shuffle=False, verbose=verbose)
     finally:

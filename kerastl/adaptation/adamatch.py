@@ -18,10 +18,11 @@ import numpy as np
 from keras import ops
 
 from kerastl import _keras_private as _private
+from kerastl import prebuild
 from kerastl import distribute as _distribute
 from kerastl import heads
 from kerastl.augment import RandAugment
-from kerastl.adaptation.dann import (feature_layer, feature_width, prebuild,
+from kerastl.adaptation.dann import (feature_layer, feature_width,
                                      fit_arguments, label_features,
                                      label_model, label_path_logs,
                                      label_path_loss)
@@ -265,7 +266,8 @@ class AdaMatch(keras.Model):
         kw = fit_arguments(args, kwargs)
         kw["callbacks"] = list(kw.get("callbacks") or []) + [
             _RampOverFit(kw.get("initial_epoch", 0))]
-        prebuild(self, kw)  # (the step traced once, not twice)
+        prebuild.build_before_fit(self, kw.get("x"), kw.get("y"),
+                                  kw.get("sample_weight"))  # (one trace)
         return super().fit(**kw)
 
     def test_step(self, data):

@@ -18,13 +18,13 @@ from keras import ops
 
 from kerastl import distribute as _distribute
 from kerastl import _keras_private as _private
+from kerastl import prebuild
 from kerastl import heads
 from kerastl.adaptation.losses import (confusion_loss, coral_loss,
                                        entropy_weights, information_loss,
                                        mcc_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
 from kerastl.errors import KerastlError
-from kerastl.prebuild import build_before_fit
 
 
 ALIGNMENTS = ("adversarial", "confusion", "mmd", "coral", "cdan")
@@ -93,21 +93,6 @@ def fit_arguments(args, kwargs):
             "tensorflow") and hasattr(x, "element_spec"):
         kw["shuffle"] = False
     return kw
-
-
-def prebuild(model, kw):
-    """:func:`kerastl.prebuild.build_before_fit` from ``fit``'s arguments
-    ``kw`` (a ``tf.data`` input, or arrays)."""
-    x = kw.get("x")
-    if hasattr(x, "element_spec"):
-        build_before_fit(model, dataset=x)
-    elif all(hasattr(a, "shape") and hasattr(a, "dtype")
-             for a in keras.tree.flatten(x) if a is not None) and \
-            x is not None:
-        build_before_fit(model, arrays=(x, kw.get("y"),
-                                        kw.get("sample_weight")))
-    else:  # a generator, a PyDataset: the optimizer only
-        build_before_fit(model)
 
 
 def label_path_loss(model, x, y, y_pred, sample_weight, training):
@@ -351,7 +336,8 @@ class DANN(keras.Model):
         by Keras anyway, so ``shuffle`` defaults to False for it (instead of
         Keras's warning that ``shuffle=True`` is ignored)."""
         kw = fit_arguments(args, kwargs)
-        prebuild(self, kw)  # (the step traced once, not twice)
+        prebuild.build_before_fit(self, kw.get("x"), kw.get("y"),
+                                  kw.get("sample_weight"))  # (one trace)
         return super().fit(**kw)
 
     def test_step(self, data):
