@@ -78,14 +78,22 @@ predictions too.
 from the ``--json`` files of several runs (one seed per process, say). A run
 with ``--peers-only`` trains only the peers, for runs made without
 ``--peers``; ``--markdown`` adds its rows to the run of the same pair and
-seed.
+seed. A run with ``--recipe-only`` trains only the default recipe, for
+runs made with an earlier one; ``--markdown`` puts its rows in place of
+the earlier recipe's (shown beside them) and counts no selection method
+but "the recipe itself" on those runs (the others scored the earlier
+pool). ``--markdown ... --first-seed S --seeds N`` keeps seeds S to
+S + N - 1.
 
     python benchmarks/domain_adaptation.py [--seeds 3] [--first-seed 0]
         [--steps 1500] [--pairs syn_digits:digits digits:digits_m] [--all]
         [--new] [--adamatch] [--peers | --peers-only]
         [--keras-io-rates 0.001 ...]
         [--json FILE] [--dump FOLDER]
+    python benchmarks/domain_adaptation.py --recipe-only --pairs ...
+        [--first-seed S] [--seeds N] --json FILE
     python benchmarks/domain_adaptation.py --markdown FILE [FILE ...]
+        [--first-seed S --seeds N]
     python benchmarks/domain_adaptation.py --atc-from-dump FOLDER --json FILE
 """
 
@@ -384,6 +392,8 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         """Scores ``model`` now and keeps what the label-free selection
         needs (before any AdaBN that follows changes it)."""
         acc[name] = accuracy(model, test)
+        if args.recipe_only:  # no pool to select from
+            return
         target_probs[name] = model.predict(xt, verbose=0, batch_size=256)
         candidates[name] = kerastl.adaptation.deep_embedded_validation(
             model, source_val, xt, seed=seed)
@@ -520,6 +530,22 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                 "" if rate == 0.03 else f", Adam {rate:g}")
             step(name, keras_io(name, rate))
 
+    def adamatch():
+        # kerastl.adapt, the default recipe, with its AdaBN step apart so
+        # that the model before it is a candidate too.
+        start = time.time()
+        net = kerastl.adapt(paper_features(), source, xt, 10,
+                            steps=args.steps, batch_size=BATCH, adabn=False,
+                            seed=seed, verbose=0)
+        seconds["AdaMatch /epoch"] = (time.time() - start) / len(
+            net.history.epoch)
+        candidate("AdaMatch", net)
+        kerastl.adaptation.adapt_batch_norm(net, xt)
+        candidate("AdaMatch + AdaBN", net)
+
+    if args.recipe_only:  # rows that --markdown puts in place of the run's
+        step("AdaMatch", adamatch)
+        return {"acc": acc, "seconds": seconds, "recipe_only": True}
     if args.peers_only:  # rows that --markdown adds to this pair and seed
         peers()
         return {"acc": acc, "seconds": seconds, "peers_only": True}
@@ -559,19 +585,6 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                                           domain_weight=0, mcc_weight=1.0,
                                           entropy_weight=0))
         step("TENT", tent_after_adabn)
-    def adamatch():
-        # kerastl.adapt, the default recipe, with its AdaBN step apart so
-        # that the model before it is a candidate too.
-        start = time.time()
-        net = kerastl.adapt(paper_features(), source, xt, 10,
-                            steps=args.steps, batch_size=BATCH, adabn=False,
-                            seed=seed, verbose=0)
-        seconds["AdaMatch /epoch"] = (time.time() - start) / len(
-            net.history.epoch)
-        candidate("AdaMatch", net)
-        kerastl.adaptation.adapt_batch_norm(net, xt)
-        candidate("AdaMatch + AdaBN", net)
-
     if args.adamatch:
         step("AdaMatch", adamatch)
     if args.peers:
@@ -610,7 +623,8 @@ def atc_from_dump(path, folder):
     for pair, rows in summary.items():
         src, tgt = pair.split(":")
         for r in rows:
-            if "atc" in r or r.get("peers_only"):  # scored, or no pool
+            if "atc" in r or r.get("peers_only") or r.get("recipe_only"):
+                continue  # scored, or no pool of its own
                 continue
             paths = {name: dump_path(folder, src, tgt, r["seed"], name)
                      for name in r["ensv"]}  # the selection's pool
@@ -709,40 +723,77 @@ PEERS = ("ADAPT DANN", "AdaMatch, keras.io recipe, Adam 0.001",
          "AdaMatch, keras.io recipe")
 
 
-def load_runs(paths):
+def load_runs(paths, seeds=None):
     """``{pair: [run, ...]}`` from several ``--json`` files (seeds run in
-    separate processes), each pair's runs in seed order."""
-    runs, peers = {}, []
+    separate processes), each pair's runs in seed order; only the runs of
+    ``seeds`` where given. ``--peers-only`` rows join the run of their pair
+    and seed; ``--recipe-only`` rows replace its recipe rows (the run is
+    then marked ``recipe_rerun``: its label-free selection scores were
+    made with the earlier recipe in the pool)."""
+    runs, extra = {}, []
     for path in paths:
         with open(path) as f:
             for pair, rows in json.load(f).items():
                 for row in rows:
-                    if row.get("peers_only"):
-                        peers.append((path, pair, row))
+                    if seeds is not None and row["seed"] not in seeds:
+                        continue
+                    if row.get("peers_only") or row.get("recipe_only"):
+                        extra.append((path, pair, row))
                     else:
                         runs.setdefault(pair, []).append(row)
-    for path, pair, row in peers:  # --peers-only: added to their run
+    for path, pair, row in extra:
+        flag = "--recipe-only" if row.get("recipe_only") else "--peers-only"
         run = [r for r in runs.get(pair, []) if r["seed"] == row["seed"]]
         if len(run) != 1:
             raise SystemExit(
-                f"{path}: --peers-only rows of {pair}, seed {row['seed']}, "
+                f"{path}: {flag} rows of {pair}, seed {row['seed']}, "
                 f"need exactly one run of that pair and seed in the --json "
                 f"files; found {len(run)}.")
-        clash = sorted(set(row["acc"]) & set(run[0]["acc"]))
-        if clash:
-            raise SystemExit(
-                f"{path}: {pair}, seed {row['seed']}: its run already has "
-                f"{', '.join(clash)}; pass one file with each peer's row.")
-        run[0]["acc"].update(row["acc"])
-        run[0]["seconds"].update(row["seconds"])
+        run = run[0]
+        if row.get("recipe_only"):
+            if RECIPE not in run["acc"]:
+                raise SystemExit(
+                    f"{path}: --recipe-only rows of {pair}, seed "
+                    f"{row['seed']}: its run has no {RECIPE} row to replace "
+                    "(run it with --adamatch).")
+            if run.get("recipe_rerun"):
+                raise SystemExit(
+                    f"{path}: {pair}, seed {row['seed']}: a second "
+                    "--recipe-only run; pass one.")
+            run["recipe_rerun"] = True
+            run["earlier_recipe"] = run["acc"].get(RECIPE)
+            # (the pool: every candidate the selection scored)
+            run["best_candidate"] = max(
+                list(run.get("ensv", ())) + list(row["acc"]),
+                key=lambda k: row["acc"].get(k, run["acc"].get(k)))
+        else:
+            clash = sorted(set(row["acc"]) & set(run["acc"]))
+            if clash:
+                raise SystemExit(
+                    f"{path}: {pair}, seed {row['seed']}: its run already "
+                    f"has {', '.join(clash)}; pass one file with each "
+                    "peer's row.")
+        run["acc"].update(row["acc"])
+        run["seconds"].update(row["seconds"])
+    kinds = {(pair, bool(r.get("recipe_rerun")))
+             for pair, rows in runs.items() for r in rows}
+    if len({rerun for _, rerun in kinds}) > 1:
+        earlier = sorted({pair for pair, rerun in kinds if not rerun})
+        raise SystemExit(
+            "The recipe was rerun with --recipe-only on some runs only (the "
+            f"earlier recipe remains on seeds of {', '.join(earlier)}), so "
+            "the table would mix two recipes: "
+            "pick the seeds with --first-seed and --seeds, or rerun the "
+            "rest.")
     return {pair: sorted(rows, key=lambda r: r["seed"])
             for pair, rows in runs.items()}
 
 
-def markdown(paths):
+def markdown(paths, seeds=None):
     """The default recipe's table (docs and README) from ``--json`` files:
-    per pair, means over the seeds that have each row."""
-    runs = load_runs(paths)
+    per pair, means over the seeds that have each row (of ``seeds`` where
+    given)."""
+    runs = load_runs(paths, seeds)
 
     def mean(rows, key):
         values = [r["acc"][key] for r in rows if key in r["acc"]]
@@ -758,7 +809,14 @@ def markdown(paths):
         "(`kerastl.adapt`)** | target only | gap closed | lowest gain "
         "over the seeds (points) | time vs source only |",
         "|---|" + "---:|" * 10]
-    closed_big, worse = [], []
+    rerun = any(r.get("recipe_rerun") for rows in runs.values()
+                for r in rows)
+    if rerun:  # the recipe's rows come from --recipe-only runs
+        lines[0] = lines[0].replace(
+            " | target only |", " | earlier recipe, same seeds | target "
+            "only |")
+        lines[1] += "---:|"
+    closed_big, worse, below = [], [], []
     short = ["| pair | best baseline | `kerastl.adapt` | target only | gap "
              "closed | better peer |", "|---|" + "---:|" * 5]
     for pair, rows in runs.items():
@@ -775,6 +833,10 @@ def markdown(paths):
                          for r in rows])
         if gap > 0.10:
             closed_big.append(share)
+            if min(gains) <= 0:
+                below.append(f"{pair} ({sum(g <= 0 for g in gains)} of "
+                             f"{len(gains)}, at worst {min(gains):+.1f} "
+                             "points)")
         for peer in PEERS[:2]:
             value = mean(rows, peer)
             if value[0] is not None and value[0] > recipe[0]:
@@ -793,7 +855,10 @@ def markdown(paths):
             f"| {src} -> {tgt} | {base:.3f} | {cell(dann)} | "
             f"{cell(mean(rows, PEERS[0]))} | {cell(mean(rows, PEERS[1]))} | "
             f"{cell(mean(rows, 'AdaMatch'))} | **{cell(recipe)}** | "
-            f"{oracle:.3f} | "
+            + ((f"{np.mean([r['earlier_recipe'] for r in rows]):.3f}"
+                if rows[0].get("recipe_rerun") else "") + " | "
+               if rerun else "")
+            + f"{oracle:.3f} | "
             + (f"{share:.0%}" if gap > 0.10 else f"(gap {100 * gap:.1f} "
                f"points)")
             + f" | {min(gains):+.1f} | {ratio:.1f}x |")
@@ -808,9 +873,15 @@ def markdown(paths):
         + " (a number in brackets: how many seeds have that row). "
                  f"Mean gap closed over the {len(closed_big)} pairs whose gap "
                  f"exceeds 10 points: {np.mean(closed_big):.1%}.")
+    lines.append("Seeds where the recipe is not above the best baseline, "
+                 "on pairs whose gap exceeds 10 points: "
+                 + ("; ".join(below) if below else "none") + ".")
     if worse:
         lines.append("Peers ahead of the recipe: " + "; ".join(worse) + ".")
     def picks(r):
+        if r.get("recipe_rerun"):  # scored on a pool with another recipe
+            return {"EnsV": None, "ATC": None, "MixVal": None,
+                    "the recipe itself": RECIPE}
         return {"EnsV": r["chosen"], "ATC": r.get("atc_chosen"),
                 "MixVal": max(r["mixval"], key=lambda k:
                               r["mixval"][k]["inter"])
@@ -821,7 +892,8 @@ def markdown(paths):
     every = [(r, picks(r)) for rows in runs.values() for r in rows]
     for label, chosen in (("all", every),
                           ("with ATC", [(r, p) for r, p in every
-                                        if "atc" in r])):
+                                        if "atc" in r
+                                        and not r.get("recipe_rerun")])):
         counts = []
         for method in ("EnsV", "ATC", "MixVal", "the recipe itself"):
             gaps = [shortfall(r, p[method]) for r, p in chosen
@@ -841,7 +913,9 @@ def markdown(paths):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="how many seeds (default 3; with --markdown: "
+                             "every seed in the files)")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, default=1500)
@@ -865,6 +939,11 @@ def main(argv=None):
                        help="run only the peers, for runs made without "
                             "--peers: --markdown adds their rows to the "
                             "run of the same pair and seed")
+    peers.add_argument("--recipe-only", action="store_true",
+                       help="run only the default recipe (AdaMatch, "
+                            "+ AdaBN), for runs made with an earlier "
+                            "recipe: --markdown puts its rows in place of "
+                            "theirs in the run of the same pair and seed")
     parser.add_argument("--keras-io-rates", nargs="+", type=float,
                         default=[1e-3], metavar="RATE",
                         help="peak Adam rates of the keras.io AdaMatch "
@@ -881,17 +960,26 @@ def main(argv=None):
                         help="print the default recipe's table from these "
                              "--json files and exit")
     args = parser.parse_args(argv)
-    if args.peers_only and (args.adamatch or args.new or args.all
-                            or args.dump):
-        parser.error("--peers-only runs only the peers: drop --adamatch, "
-                     "--new, --all and --dump")
+    seeds_given = args.seeds
+    args.seeds = 3 if seeds_given is None else seeds_given
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error("--seeds takes a number >= 1 and --first-seed >= 0")
+    for flag, what in (("peers_only", "the peers"),
+                       ("recipe_only", "the recipe")):
+        if getattr(args, flag) and (args.adamatch or args.new or args.all
+                                    or args.dump):
+            parser.error(f"--{flag.replace('_', '-')} runs only {what}: "
+                         "drop --adamatch, --new, --all and --dump")
     if args.atc_from_dump:
         if not args.json:
             parser.error("--atc-from-dump needs --json FILE (the runs to "
                          "score)")
         return atc_from_dump(args.json, args.atc_from_dump)
     if args.markdown:
-        return markdown(args.markdown)
+        picked = seeds_given is not None or args.first_seed > 0
+        return markdown(args.markdown, range(
+            args.first_seed, args.first_seed + (seeds_given or 10 ** 6))
+            if picked else None)
     start = time.time()
     print(f"{args.steps} steps of {BATCH} per domain, Adam; "
           f"{'all methods' if args.all else 'default rows (--all for more)'}",
@@ -909,7 +997,7 @@ def main(argv=None):
             summary[pair] = rows
             if args.json:  # after every run: a long run keeps what it did
                 write_json(args.json, summary)
-    if not args.peers_only:
+    if not (args.peers_only or args.recipe_only):
         print(report(summary))
     print(f"\n{time.time() - start:.0f} s in all")
     return summary

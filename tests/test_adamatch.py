@@ -121,7 +121,8 @@ def test_augmentation_reaches_training_steps_but_never_the_export(
     np.testing.assert_array_equal(model.predict(xt, verbose=0),
                                   model.predict(xt, verbose=0))
     classifier = model.classifier
-    augmenting = (keras.layers.RandAugment, keras.layers.RandomTranslation)
+    augmenting = (keras.layers.RandAugment, keras.layers.RandomTranslation,
+                  keras.layers.RandomZoom)
     def walk(layer):
         yield layer
         for inner in getattr(layer, "layers", []):
@@ -148,7 +149,7 @@ def test_adamatch_saves_loads_and_resumes(trained, tmp_path):
     assert isinstance(loaded, AdaMatch)
     assert (loaded.tau, loaded.warmup, loaded.num_classes) == (0.9, 0.5, 2)
     assert [type(layer).__name__ for layer in loaded.strong.layers] == [
-        "RandomTranslation", "RandAugment", "RandomErasing"]
+        "RandomTranslation", "RandomZoom", "RandAugment", "RandomErasing"]
     def config(layer):  # (as JSON: tuples come back as lists)
         return json.loads(json.dumps(layer.get_config()))
     assert config(loaded.strong) == config(model.strong)
@@ -347,10 +348,10 @@ def test_adamatch_trains_the_same_weights_as_with_kerass_rand_augment():
         model = AdaMatch(small_cnn(), 2, seed=0)
         if strong == "keras":
             layers = model.strong.layers
-            assert type(layers[1]).__module__ == "kerastl.augment"
+            assert type(layers[2]).__module__ == "kerastl.augment"
             model.strong = keras.Sequential(
-                [layers[0], keras.layers.RandAugment.from_config(
-                    layers[1].get_config()), layers[2]])
+                [layers[0], layers[1], keras.layers.RandAugment.from_config(
+                    layers[2].get_config()), layers[3]])
         model.compile(keras.optimizers.Adam(1e-3))
         model.fit(kerastl.adaptation.domain_dataset(
             (xs, ys), xt, batch_size=8, seed=0), epochs=1, verbose=0)

@@ -40,7 +40,9 @@ def weak_augmentation(seed=None):
 
 def strong_augmentation(value_range=(0, 255), seed=None):
     """AdaMatch's strong augmentation from Keras's own layers: the weak
-    shift, :class:`keras.layers.RandAugment` (as
+    shift, :class:`keras.layers.RandomZoom` (from 20% in to 50% out, the
+    aspect kept, reflected at the edges: the same class at other scales),
+    :class:`keras.layers.RandAugment` (as
     :class:`kerastl.augment.RandAugment`, which computes only the drawn
     operations: the same images, faster; two of its operations, drawn
     per batch, at up to ``factor=0.1``: Keras reads it as the range 0 to
@@ -54,6 +56,8 @@ def strong_augmentation(value_range=(0, 255), seed=None):
     return keras.Sequential([
         keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect",
                                        seed=seeded(0)),
+        keras.layers.RandomZoom((-0.2, 0.5), fill_mode="reflect",
+                                seed=seeded(4)),
         RandAugment(value_range=value_range, factor=0.1, seed=seeded(1)),
         keras.layers.RandomErasing(scale=(0.02, 0.25),
                                    value_range=value_range, seed=seeded(2))],
@@ -219,7 +223,8 @@ class AdaMatch(keras.Model):
         self.weak = weak if weak is not None else weak_augmentation(seed)
         self.strong = strong if strong is not None else strong_augmentation(
             self.value_range, None if seed is None else seed + 1)
-        # (the strong layers are seeded seed + 1 to seed + 3)
+        # (the strong layers are seeded seed + 1 to seed + 3 and seed + 5;
+        # the interpolation seed + 4)
         self.pool = heads.pooling_layer("avg", "pool")
         self.bottleneck_layers = heads.mlp(
             () if self.bottleneck is None else (self.bottleneck,),

@@ -83,7 +83,7 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
     against the best source-only baseline, the target-only oracle, ADAPT's
     DANN and the keras.io AdaMatch recipe. When it does not help: the
     target's classes look different from the source's in a way no shift,
-    rotation or colour change bridges, or source and target are already
+    zoom, rotation or colour change bridges, or source and target are already
     alike (compare with the source-only model on a few labelled target
     images).
 
@@ -98,7 +98,9 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
         num_classes: the number of classes; default: the largest source
             label + 1 (arrays only).
         steps: optimizer steps, rounded to whole passes over the source
-            (at least one).
+            (at least one). The strong view's zoom makes the source slower
+            to learn: a few hundred steps can leave the model short of
+            the source-only one (docs/domain-adaptation.md).
         batch_size: images per domain per step.
         learning_rate: Adam's rate.
         adabn: re-estimate BatchNorm statistics on the target afterwards.

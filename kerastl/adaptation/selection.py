@@ -7,7 +7,8 @@ given labelled source validation data and EnsV when not: ATC came nearer
 the pool's best on ``benchmarks/domain_adaptation.py``'s digit pairs (33
 of 59 runs within 2 points of it, 5.1 points below on average; EnsV on
 the same runs 20, 7.7 below). Neither beat taking that benchmark's
-recipe, ``kerastl.adapt``, without choosing (44 of the 59, 1.7 below):
+recipe, ``kerastl.adapt`` (as it was before its strong view zoomed),
+without choosing (44 of the 59, 1.7 below):
 choose among candidates you cannot rank otherwise, not against the
 recipe.
 

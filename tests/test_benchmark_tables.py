@@ -1,0 +1,83 @@
+"""The domain-adaptation benchmark's table (``--markdown``) from runs of
+several processes: ``--recipe-only`` rows replace the recipe's rows of the
+run of their pair and seed, the earlier recipe stays beside them, and a
+pair whose seeds mix the two recipes is refused."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "domain_adaptation_bench",
+        ROOT / "benchmarks" / "domain_adaptation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(seed, recipe, dann=0.60):
+    acc = {"source only": 0.50, "source only + AdaBN": 0.55, "DANN": dann,
+           "AdaMatch": recipe - 0.01, "AdaMatch + AdaBN": recipe,
+           "target only": 0.95}
+    pool = [k for k in acc if k != "target only"]
+    return {"seed": seed, "acc": acc, "best_baseline": 0.55,
+            "best_candidate": max(pool, key=acc.get),
+            "chosen": "DANN", "ensv": {k: 0.5 for k in pool},
+            "seconds": {"source only": 10.0, "AdaMatch": 50.0}}
+
+
+def rerun(seed, recipe):
+    return {"seed": seed, "recipe_only": True,
+            "acc": {"AdaMatch": recipe - 0.02, "AdaMatch + AdaBN": recipe},
+            "seconds": {"AdaMatch": 40.0}}
+
+
+def write(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text(json.dumps({"a:b": rows}))
+    return str(path)
+
+
+def test_recipe_only_rows_replace_the_recipe_and_keep_the_earlier(
+        bench, tmp_path):
+    runs = write(tmp_path, "runs.json", [run(0, 0.58), run(1, 0.62)])
+    new = write(tmp_path, "new.json", [rerun(0, 0.80), rerun(1, 0.90)])
+    merged = bench.load_runs([runs, new])["a:b"]
+    assert [r["acc"]["AdaMatch + AdaBN"] for r in merged] == [0.80, 0.90]
+    assert [r["earlier_recipe"] for r in merged] == [0.58, 0.62]
+    # The pool's best is the new recipe now (it was DANN, 0.60).
+    assert [r["best_candidate"] for r in merged] == ["AdaMatch + AdaBN"] * 2
+    lines = bench.markdown([runs, new])
+    assert "earlier recipe, same seeds" in lines[0]
+    row = next(line for line in lines if line.startswith("| a -> b | 0.550"))
+    # the recipe (mean 0.850), the earlier recipe (0.600), the oracle,
+    # and 75% of the gap: (0.85 - 0.55) / (0.95 - 0.55)
+    assert "| **0.850** | 0.600 | 0.950 | 75% |" in row
+    # Selection scores were made with the earlier recipe in the pool: only
+    # "the recipe itself" is counted.
+    assert any("all runs: the recipe itself 2 of 2" in line
+               for line in lines)
+
+
+def test_a_pair_mixing_two_recipes_is_refused_unless_seeds_pick_one(
+        bench, tmp_path):
+    runs = write(tmp_path, "runs.json", [run(0, 0.58), run(1, 0.62)])
+    new = write(tmp_path, "new.json", [rerun(0, 0.80)])
+    with pytest.raises(SystemExit, match="--first-seed and --seeds"):
+        bench.markdown([runs, new])
+    lines = bench.markdown([runs, new], seeds=range(1))
+    assert any("| **0.800** | 0.580 |" in line for line in lines)
+    # Without the rerun the table is the earlier recipe's, with no extra
+    # column; a seed below the best baseline is named.
+    lines = bench.markdown([write(tmp_path, "low.json",
+                                  [run(0, 0.54), run(1, 0.62)])])
+    assert "earlier recipe" not in lines[0]
+    assert any("a:b (1 of 2, at worst -1.0 points)" in line
+               for line in lines)
