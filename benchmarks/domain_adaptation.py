@@ -625,7 +625,6 @@ def atc_from_dump(path, folder):
         for r in rows:
             if "atc" in r or r.get("peers_only") or r.get("recipe_only"):
                 continue  # scored, or no pool of its own
-                continue
             paths = {name: dump_path(folder, src, tgt, r["seed"], name)
                      for name in r["ensv"]}  # the selection's pool
             missing = [p for p in paths.values() if not os.path.isfile(p)]
@@ -761,7 +760,7 @@ def load_runs(paths, seeds=None):
                     f"{path}: {pair}, seed {row['seed']}: a second "
                     "--recipe-only run; pass one.")
             run["recipe_rerun"] = True
-            run["earlier_recipe"] = run["acc"].get(RECIPE)
+            run["earlier_recipe"] = run["acc"][RECIPE]
             # (the pool: every candidate the selection scored)
             run["best_candidate"] = max(
                 list(run.get("ensv", ())) + list(row["acc"]),
@@ -775,10 +774,9 @@ def load_runs(paths, seeds=None):
                     "peer's row.")
         run["acc"].update(row["acc"])
         run["seconds"].update(row["seconds"])
-    kinds = {(pair, bool(r.get("recipe_rerun")))
-             for pair, rows in runs.items() for r in rows}
-    if len({rerun for _, rerun in kinds}) > 1:
-        earlier = sorted({pair for pair, rerun in kinds if not rerun})
+    earlier = sorted({pair for pair, rows in runs.items() for r in rows
+                      if not r.get("recipe_rerun")})
+    if earlier and any(r.get("recipe_only") for *_, r in extra):
         raise SystemExit(
             "The recipe was rerun with --recipe-only on some runs only (the "
             f"earlier recipe remains on seeds of {', '.join(earlier)}), so "
@@ -809,6 +807,7 @@ def markdown(paths, seeds=None):
         "(`kerastl.adapt`)** | target only | gap closed | lowest gain "
         "over the seeds (points) | time vs source only |",
         "|---|" + "---:|" * 10]
+    # (load_runs: every run rerun with --recipe-only, or none)
     rerun = any(r.get("recipe_rerun") for rows in runs.values()
                 for r in rows)
     if rerun:  # the recipe's rows come from --recipe-only runs
@@ -855,8 +854,7 @@ def markdown(paths, seeds=None):
             f"| {src} -> {tgt} | {base:.3f} | {cell(dann)} | "
             f"{cell(mean(rows, PEERS[0]))} | {cell(mean(rows, PEERS[1]))} | "
             f"{cell(mean(rows, 'AdaMatch'))} | **{cell(recipe)}** | "
-            + ((f"{np.mean([r['earlier_recipe'] for r in rows]):.3f}"
-                if rows[0].get("recipe_rerun") else "") + " | "
+            + (f"{np.mean([r['earlier_recipe'] for r in rows]):.3f} | "
                if rerun else "")
             + f"{oracle:.3f} | "
             + (f"{share:.0%}" if gap > 0.10 else f"(gap {100 * gap:.1f} "
