@@ -304,6 +304,7 @@ def test_adapt_refuses_what_it_cannot_train_on():
         kerastl.adapt(small_cnn(), (xs, ys), xt, batch_size=64)
 
 
+@pytest.mark.grappler  # two graphs, bit for bit
 def test_kerastls_rand_augment_gives_keras_images_bit_for_bit():
     from kerastl.augment import RandAugment
     images = tf.constant(np.random.default_rng(0).uniform(
@@ -337,6 +338,7 @@ def test_kerastls_rand_augment_gives_keras_images_bit_for_bit():
     np.testing.assert_array_equal(run(restored), run(reference))
 
 
+@pytest.mark.grappler  # two graphs, bit for bit
 def test_adamatch_trains_the_same_weights_as_with_kerass_rand_augment():
     # The default strong view's RandAugment is kerastl's: the run is the
     # one Keras's own layer gives, weight for weight (the measured

@@ -53,6 +53,7 @@ def train_both_ways(make, train, validation, **kwargs):
     return out
 
 
+@pytest.mark.grappler  # two graphs, bit for bit
 def test_cached_partial_fine_tuning_equals_end_to_end():
     x, y = data()
     runs = train_both_ways(mobilenet_classifier, (x, y), data(16, 1),
@@ -80,6 +81,7 @@ def seeded_net(seed=1):
     return net()
 
 
+@pytest.mark.grappler  # two graphs, bit for bit
 def test_replayed_augmented_views_equal_end_to_end_on_the_same_views():
     """With augmentation the prefix runs once per view; training after the
     boundary equals end-to-end training on the very same augmented views

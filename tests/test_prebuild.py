@@ -139,6 +139,7 @@ def test_a_batch_keras_cannot_build_from_is_left_to_keras():
         assert CountingModel.traces == 2  # the accuracy built in the trace
 
 
+@pytest.mark.grappler  # two graphs, bit for bit
 @pytest.mark.parametrize("cache", [False, True])
 def test_fine_tune_trains_the_same_weights_bit_for_bit(cache, monkeypatch,
                                                       count_traces):
@@ -173,6 +174,7 @@ def test_fine_tune_trains_the_same_weights_bit_for_bit(cache, monkeypatch,
     assert built[1] == keras_built[1]
 
 
+@pytest.mark.grappler  # two graphs, bit for bit
 @pytest.mark.parametrize("kind", ["dann", "adamatch"])
 def test_dann_and_adamatch_trace_their_step_once_and_train_alike(
         kind, monkeypatch, count_traces):
