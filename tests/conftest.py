@@ -10,6 +10,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import kerastl  # noqa: E402
+
 # TensorFlow's graph optimizer (Grappler) rewrites each traced function
 # before its first run: worth it over a long training, not over the few
 # steps a test takes (a MobileNetV2 DANN's first epoch: 13.4 s without it,
@@ -18,27 +20,30 @@ import tensorflow as tf  # noqa: E402
 # bit for bit (marked `grappler`) run with it on, as users run.
 # KERASTL_TEST_GRAPPLER=1 runs the whole suite with it.
 GRAPPLER = os.environ.get("KERASTL_TEST_GRAPPLER") == "1"
-if not GRAPPLER:
+
+
+def set_grappler(on):
+    """Grappler on or off for the functions that run for the first time
+    from now on (TensorFlow reads the setting then)."""
     tf.config.optimizer.set_experimental_options(
-        {"disable_meta_optimizer": True})
+        {"disable_meta_optimizer": not on})
+
+
+set_grappler(GRAPPLER)
 
 
 @pytest.fixture(autouse=True)
 def grappler_where_marked(request):
-    """Turns Grappler on for a test marked ``grappler`` (the setting is
-    read when a function first runs)."""
+    """Grappler on for a test marked ``grappler``."""
     if GRAPPLER or request.node.get_closest_marker("grappler") is None:
         yield
         return
-    tf.config.optimizer.set_experimental_options(
-        {"disable_meta_optimizer": False})
+    set_grappler(True)
     try:
         yield
     finally:
-        tf.config.optimizer.set_experimental_options(
-            {"disable_meta_optimizer": True})
+        set_grappler(False)
 
-import kerastl  # noqa: E402
 
 M_LOW = 0.1  # the multiplier of the lower block in most layer-wise tests
 
