@@ -85,13 +85,21 @@ but "the recipe itself" on those runs (the others scored the earlier
 pool). ``--markdown ... --first-seed S --seeds N`` keeps seeds S to
 S + N - 1.
 
+``--select-from-dump FOLDER [FOLDER ...]`` scores the label-free selection
+methods again on the pools that ``--dump`` saved, with a later folder's
+candidates in place of an earlier one's: a ``--recipe-only --dump`` run's
+recipe in the pool of a run made with an earlier recipe, without training
+the rest of the pool again.
+
     python benchmarks/domain_adaptation.py [--seeds 3] [--first-seed 0]
         [--steps 1500] [--pairs syn_digits:digits digits:digits_m] [--all]
         [--new] [--adamatch] [--peers | --peers-only]
         [--keras-io-rates 0.001 ...]
         [--json FILE] [--dump FOLDER]
     python benchmarks/domain_adaptation.py --recipe-only --pairs ...
-        [--first-seed S] [--seeds N] --json FILE
+        [--first-seed S] [--seeds N] --json FILE [--dump FOLDER]
+    python benchmarks/domain_adaptation.py --select-from-dump FOLDER ...
+        [--json FILE]
     python benchmarks/domain_adaptation.py --markdown FILE [FILE ...]
         [--first-seed S --seeds N]
     python benchmarks/domain_adaptation.py --atc-from-dump FOLDER --json FILE
@@ -392,9 +400,11 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         """Scores ``model`` now and keeps what the label-free selection
         needs (before any AdaBN that follows changes it)."""
         acc[name] = accuracy(model, test)
-        if args.recipe_only:  # no pool to select from
-            return
         target_probs[name] = model.predict(xt, verbose=0, batch_size=256)
+        if args.recipe_only:  # no pool to select from here
+            if args.dump:  # (--select-from-dump scores it with a pool)
+                dump(name, model)
+            return
         candidates[name] = kerastl.adaptation.deep_embedded_validation(
             model, source_val, xt, seed=seed)
         e = kerastl.adaptation.mix_validation(model, xt[:2000], seed=seed)
@@ -641,6 +651,69 @@ def atc_from_dump(path, folder):
             r["atc_chosen"] = max(r["atc"], key=r["atc"].get)
     write_json(path, summary)
     return summary
+
+
+def read_dumps(folders):
+    """``{(pair, seed): {name: npz}}`` from ``--dump`` folders; a later
+    folder's candidate replaces an earlier one of the same name, pair and
+    seed (a ``--recipe-only --dump`` run's recipe in place of an earlier
+    one)."""
+    pools = {}
+    for folder in folders:
+        for file in sorted(os.listdir(folder)):
+            parts = file.split("-", 3)
+            if not file.endswith(".npz") or len(parts) != 4 or \
+                    not parts[2].isdigit():
+                continue
+            d = np.load(os.path.join(folder, file))
+            pools.setdefault((f"{parts[0]}:{parts[1]}", int(parts[2])),
+                             {})[str(d["name"])] = d
+    return dict(sorted(pools.items()))
+
+
+def select_from_dump(folders, log=print):
+    """Each label-free selection method's pick on each pool in ``--dump``
+    ``folders`` (:func:`read_dumps`), scored as a run scores it on the
+    dumped predictions (the first 2,000 target images): EnsV, ATC (the
+    paper's entropy score, and ATC-MC: the highest probability) and taking
+    the recipe without choosing. Logs each pick's shortfall from the
+    pool's best and, per method, on how many pools it is within 2 points;
+    returns ``{"pair:seed": {"acc": ..., "scores": {method: {candidate:
+    score}}, "picks": {method: candidate}, "shortfall": {method: points
+    below the pool's best}}}``."""
+    pools = read_dumps(folders)
+    if not pools:
+        raise SystemExit(f"No --dump files in {', '.join(folders)}.")
+    results = {}
+    for (pair, seed), pool in pools.items():
+        acc = {k: float(d["acc"]) for k, d in pool.items()}
+        ensv = kerastl.adaptation.ensemble_validation(
+            {k: d["pt"] for k, d in pool.items()})
+        scores = {"EnsV": {k: e.agreement for k, e in ensv.items()}}
+        for method, score in (("ATC", "entropy"), ("ATC-MC", "confidence")):
+            scores[method] = {
+                k: kerastl.adaptation.average_thresholded_confidence(
+                    d["ps"], d["ys"], d["pt"], score=score).accuracy
+                for k, d in pool.items()}
+        picks = {m: max(sorted(s), key=s.get) for m, s in scores.items()}
+        if RECIPE in acc:
+            picks["the recipe itself"] = RECIPE
+        best = max(acc.values())
+        below = {m: 100 * (best - acc[k]) for m, k in picks.items()}
+        results[f"{pair}:{seed}"] = {"acc": acc, "scores": scores,
+                                     "picks": picks, "shortfall": below}
+        log(f"{pair}, seed {seed}: {len(pool)} candidates, best "
+            f"{best:.3f}; " + "; ".join(
+                f"{m} {k} ({below[m]:.1f})" for m, k in picks.items()))
+    for method in dict.fromkeys(m for r in results.values()
+                                for m in r["shortfall"]):
+        points = [r["shortfall"][method] for r in results.values()
+                  if method in r["shortfall"]]
+        near = sum(p <= NEAR_BEST for p in points)
+        log(f"{method}: within 2 points of the pool's best on {near} of "
+            f"{len(points)} ({np.mean(points):.1f} points below on "
+            "average)")
+    return results
 
 
 def closed(row, key):
@@ -954,6 +1027,12 @@ def main(argv=None):
     parser.add_argument("--atc-from-dump", metavar="FOLDER",
                         help="add ATC's selection to the runs in --json "
                              "FILE from their --dump FOLDER, and exit")
+    parser.add_argument("--select-from-dump", nargs="+", metavar="FOLDER",
+                        help="score the label-free selection methods on "
+                             "the pools in these --dump folders (a later "
+                             "folder's candidate replaces an earlier one "
+                             "of the same name, pair and seed); --json "
+                             "FILE: also write the scores and picks")
     parser.add_argument("--markdown", nargs="+", metavar="JSON",
                         help="print the default recipe's table from these "
                              "--json files and exit")
@@ -965,9 +1044,15 @@ def main(argv=None):
     for flag, what in (("peers_only", "the peers"),
                        ("recipe_only", "the recipe")):
         if getattr(args, flag) and (args.adamatch or args.new or args.all
-                                    or args.dump):
+                                    or args.dump and flag == "peers_only"):
             parser.error(f"--{flag.replace('_', '-')} runs only {what}: "
-                         "drop --adamatch, --new, --all and --dump")
+                         "drop --adamatch, --new, --all"
+                         + (" and --dump" if flag == "peers_only" else ""))
+    if args.select_from_dump:
+        results = select_from_dump(args.select_from_dump)
+        if args.json:
+            write_json(args.json, results)
+        return results
     if args.atc_from_dump:
         if not args.json:
             parser.error("--atc-from-dump needs --json FILE (the runs to "

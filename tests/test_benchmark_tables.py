@@ -81,3 +81,73 @@ def test_a_pair_mixing_two_recipes_is_refused_unless_seeds_pick_one(
     assert "earlier recipe" not in lines[0]
     assert any("a:b (1 of 2, at worst -1.0 points)" in line
                for line in lines)
+
+
+def dumped(folder, name, acc, target, source=((0.9, 0.1), (0.2, 0.8))):
+    """A --dump file of candidate ``name`` of pair a:b, seed 3: its
+    accuracy, target probabilities and two labelled source images."""
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    np.savez(folder / f"a-b-3-{name.replace(' ', '_')}.npz",
+             pt=np.asarray(target, "float32"),
+             ps=np.asarray(source, "float32"), ys=np.asarray([0, 1]),
+             acc=acc, name=name)
+
+
+def test_select_from_dump_scores_a_pool_with_a_rerun_recipe_in_it(
+        bench, tmp_path):
+    # Four target images. Three candidates agree on classes 0, 0, 1, 1;
+    # the earlier recipe says 1, 1, 0, 0: EnsV picks one of the three (by
+    # name on a tie: "DANN"), 10 points below the best, the recipe (0.7).
+    sure = [(0.9, 0.1), (0.9, 0.1), (0.1, 0.9), (0.1, 0.9)]
+    flipped = [row[::-1] for row in sure]
+    earlier = tmp_path / "earlier"
+    dumped(earlier, "source only", 0.50, sure)
+    dumped(earlier, "DANN", 0.60, sure)
+    dumped(earlier, "DANN + AdaBN", 0.55, sure)
+    dumped(earlier, "AdaMatch + AdaBN", 0.70, flipped)
+    lines = []
+    found = bench.select_from_dump([str(earlier)],
+                                   log=lines.append)["a:b:3"]
+    assert found["picks"]["EnsV"] == "DANN"
+    assert round(found["shortfall"]["EnsV"], 6) == 10.0
+    assert found["shortfall"]["the recipe itself"] == 0.0
+    assert lines[0].startswith("a:b, seed 3: 4 candidates, best 0.700")
+    assert any(line.startswith(
+        "EnsV: within 2 points of the pool's best on 0 of 1") for line in lines)
+    # A --recipe-only --dump folder later in the list replaces the recipe:
+    # it now agrees with the pool (all four tie; the first by name wins)
+    # and is the best (0.8).
+    rerun_folder = tmp_path / "rerun"
+    dumped(rerun_folder, "AdaMatch + AdaBN", 0.80, sure,
+           source=((0.99, 0.01), (0.01, 0.99)))
+    found = bench.select_from_dump([str(earlier), str(rerun_folder)],
+                                   log=lines.append)["a:b:3"]["shortfall"]
+    assert round(found["EnsV"], 6) == 0.0
+    assert any(line.startswith("a:b, seed 3: 4 candidates, best 0.800")
+               for line in lines)
+    # ATC: every candidate is right on both source images; the target
+    # images are surer than the least sure of them for all but the rerun
+    # recipe, whose source images are surer still: ATC predicts 1.0 for
+    # the other three and picks the first by name, "DANN".
+    assert round(found["ATC"], 6) == 20.0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="No --dump files"):
+        bench.select_from_dump([str(tmp_path / "empty")])
+
+
+def test_recipe_only_takes_dump_and_peers_only_does_not(
+        bench, tmp_path, monkeypatch):
+    seen = []
+
+    def run_pair(src, tgt, seed, args, log=print):
+        seen.append((src, tgt, seed, args.recipe_only, args.dump))
+        return {"acc": {}, "seconds": {}, "recipe_only": True}
+
+    monkeypatch.setattr(bench, "run_pair", run_pair)
+    bench.main(["--recipe-only", "--pairs", "a:b", "--seeds", "1",
+                "--dump", str(tmp_path)])
+    assert seen == [("a", "b", 0, True, str(tmp_path))]
+    with pytest.raises(SystemExit):
+        bench.main(["--peers-only", "--dump", str(tmp_path)])

@@ -8,9 +8,10 @@ the pool's best on ``benchmarks/domain_adaptation.py``'s digit pairs (33
 of 59 runs within 2 points of it, 5.1 points below on average; EnsV on
 the same runs 20, 7.7 below). Neither beat taking that benchmark's
 recipe, ``kerastl.adapt`` (as it was before its strong view zoomed),
-without choosing (44 of the 59, 1.7 below):
-choose among candidates you cannot rank otherwise, not against the
-recipe.
+without choosing (44 of the 59, 1.7 below). With the current recipe in
+the pool (seed 5 of the twelve pairs) they did worse: ATC 4 of 12, EnsV 5,
+the recipe itself 9 (docs/domain-adaptation.md). Choose among candidates
+you cannot rank otherwise, not against the recipe.
 
 :func:`ensemble_validation` (EnsV; Hu et al., 2024, the default without
 source data): average
