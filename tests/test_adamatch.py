@@ -263,9 +263,21 @@ def test_adapt_trains_adamatch_for_the_steps_then_adabn(adabn):
         target, classes = tf.data.Dataset.from_tensor_slices(xt), 3
     else:  # arrays; the number of classes is inferred
         source, target, classes = (xs, ys), xt, None
+    # (zoom: the strong view's RandomZoom, default (-0.2, 0.5))
+    zoom = {} if adabn else {"zoom": (-0.4, 0.5)}
     model = kerastl.adapt(small_cnn(), source, target, classes, steps=8,
-                          batch_size=16, adabn=adabn, seed=1, verbose=0)
+                          batch_size=16, adabn=adabn, seed=1, verbose=0,
+                          **zoom)
     assert isinstance(model, AdaMatch)
+    # The strong view is AdaMatch's own (seeded from seed + 1), with the
+    # zoom asked for.
+    factor = zoom.get("zoom", (-0.2, 0.5))
+    assert tuple(model.strong.layers[1].height_factor) == factor
+    def configs(view):  # (without the layers' numbered names)
+        return [{k: v for k, v in layer.get_config().items()
+                 if k != "name"} for layer in view.layers]
+    assert configs(model.strong) == configs(
+        kerastl.adaptation.strong_augmentation((0, 255), 2, factor))
     # 64 images in batches of 16: 4 steps a pass, 2 passes for 8 steps.
     assert int(model.optimizer.iterations) == 8
     assert model.predict(xt, verbose=0).shape == (64, 3)
@@ -302,6 +314,13 @@ def test_adapt_refuses_what_it_cannot_train_on():
         kerastl.adapt(small_cnn(), (xs, ys), xt, num_classes=1)
     with pytest.raises(kerastl.KerastlError, match="fewer than batch_size"):
         kerastl.adapt(small_cnn(), (xs, ys), xt, batch_size=64)
+    with pytest.raises(kerastl.KerastlError, match="zoom='in'.*pair"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, zoom="in")
+    with pytest.raises(kerastl.KerastlError, match="low <= high"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, zoom=(0.5, -0.2))
+    with pytest.raises(kerastl.KerastlError, match="not both"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, zoom=(-0.4, 0.5),
+                      strong=kerastl.adaptation.weak_augmentation())
 
 
 @pytest.mark.grappler  # two graphs, bit for bit

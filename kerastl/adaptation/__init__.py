@@ -19,6 +19,8 @@ model must do well on the target.
   :func:`adamatch_loss`.
 * :mod:`~kerastl.adaptation.recipe` — :func:`adapt`, the default recipe
   in one call (AdaMatch, then AdaBN).
+* :mod:`~kerastl.adaptation.scale` — :func:`scale_shift`, the label-free
+  check of a change of scale that sets :func:`adapt`'s ``zoom``.
 * :mod:`~kerastl.adaptation.selection` — label-free model selection:
   :func:`deep_embedded_validation`, :func:`ensemble_validation`,
   :func:`average_thresholded_confidence`, :func:`mix_validation`,
@@ -45,6 +47,7 @@ from kerastl.adaptation.losses import (confusion_loss, coral_loss,
                                        information_loss, mcc_loss, mmd_loss)
 from kerastl.adaptation.recipe import adapt
 from kerastl.adaptation.reversal import GradientReversal
+from kerastl.adaptation.scale import ScaleShift, scale_shift
 from kerastl.adaptation.selection import (ATCEstimate, DEVEstimate,
                                           EnsembleEstimate,
                                           MixValEstimate, ModelSelection,
@@ -57,11 +60,11 @@ from kerastl.adaptation.schedules import (GaninLambda, GaninLearningRate,
 
 __all__ = ["ADDA", "ATCEstimate", "AdaMatch", "DANN", "DEVEstimate", "EnsembleEstimate", "GaninLambda",
            "GaninLearningRate", "GradientReversal", "JointFineTuning",
-           "MixValEstimate", "ModelSelection", "SourceSelection", "adamatch_loss", "adapt", "adapt_batch_norm",
+           "MixValEstimate", "ModelSelection", "ScaleShift", "SourceSelection", "adamatch_loss", "adapt", "adapt_batch_norm",
            "average_thresholded_confidence",
            "confusion_loss", "coral_loss", "deep_embedded_validation",
            "ensemble_validation",
            "domain_dataset", "ganin_lambda", "hard_examples",
            "information_loss", "joint_fine_tune", "mcc_loss", "mean_entropy",
-           "mix_validation", "mmd_loss", "select_model", "select_source_samples", "strong_augmentation", "tent",
+           "mix_validation", "mmd_loss", "scale_shift", "select_model", "select_source_samples", "strong_augmentation", "tent",
            "weak_augmentation"]

@@ -38,10 +38,13 @@ def weak_augmentation(seed=None):
         name="weak_augmentation")
 
 
-def strong_augmentation(value_range=(0, 255), seed=None):
+def strong_augmentation(value_range=(0, 255), seed=None, zoom=(-0.2, 0.5)):
     """AdaMatch's strong augmentation from Keras's own layers: the weak
-    shift, :class:`keras.layers.RandomZoom` (from 20% in to 50% out, the
-    aspect kept, reflected at the edges: the same class at other scales),
+    shift, :class:`keras.layers.RandomZoom` (``zoom``, its factor: by
+    default from 20% in to 50% out; the aspect kept, reflected at the
+    edges: the same class at other scales;
+    :func:`~kerastl.adaptation.scale_shift` says when a target needs more
+    zooming in),
     :class:`keras.layers.RandAugment` (as
     :class:`kerastl.augment.RandAugment`, which computes only the drawn
     operations: the same images, faster; two of its operations, drawn
@@ -56,7 +59,7 @@ def strong_augmentation(value_range=(0, 255), seed=None):
     return keras.Sequential([
         keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect",
                                        seed=seeded(0)),
-        keras.layers.RandomZoom((-0.2, 0.5), fill_mode="reflect",
+        keras.layers.RandomZoom(tuple(zoom), fill_mode="reflect",
                                 seed=seeded(4)),
         RandAugment(value_range=value_range, factor=0.1, seed=seeded(1)),
         keras.layers.RandomErasing(scale=(0.02, 0.25),
