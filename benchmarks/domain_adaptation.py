@@ -52,7 +52,10 @@ Adaptation (source labels + unlabelled target images):
   the steps) and ``+ AdaBN`` after it; they join the selection's pool.
   It runs through ``kerastl.adapt``, the default recipe (``+ AdaBN`` is
   what ``kerastl.adapt`` returns; the AdaBN step is done apart so that
-  the model before it is a candidate too).
+  the model before it is a candidate too), with the zoom that its
+  label-free check, ``kerastl.adaptation.scale_shift`` on the recommended
+  network trained on the source labels for 600 steps, gives
+  (:func:`scale_check`).
 * ``--peers`` adds the peers, neither in the selection's pool: ``ADAPT
   DANN`` (as under ``--all``) and the keras.io AdaMatch example's recipe
   (:class:`KerasIoAdaMatch`) on the same network, data and steps, at the
@@ -85,6 +88,11 @@ but "the recipe itself" on those runs (the others scored the earlier
 pool). ``--markdown ... --first-seed S --seeds N`` keeps seeds S to
 S + N - 1.
 
+``--scale-check`` runs only a label-free check of a change of scale
+between the domains (:func:`scale_check`: a source-only model's confidence
+on the target images zoomed in and out), and says whether it finds what
+the domains' digit heights say.
+
 ``--select-from-dump FOLDER [FOLDER ...]`` scores the label-free selection
 methods again on the pools that ``--dump`` saved, with a later folder's
 candidates in place of an earlier one's: a ``--recipe-only --dump`` run's
@@ -98,6 +106,8 @@ the rest of the pool again.
         [--json FILE] [--dump FOLDER]
     python benchmarks/domain_adaptation.py --recipe-only --pairs ...
         [--first-seed S] [--seeds N] --json FILE [--dump FOLDER]
+    python benchmarks/domain_adaptation.py --scale-check --pairs ...
+        [--first-seed S] [--seeds 3] [--json FILE]
     python benchmarks/domain_adaptation.py --select-from-dump FOLDER ...
         [--json FILE]
     python benchmarks/domain_adaptation.py --markdown FILE [FILE ...]
@@ -433,8 +443,9 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         start = time.time()
         fn()
         seconds[name] = time.time() - start
-        log(f"  {name}: {acc.get(name, acc.get(name + ' + AdaBN', 0)):.3f}"
-            f" ({seconds[name]:.0f} s)")
+        score = acc.get(name, acc.get(name + " + AdaBN"))
+        log(f"  {name}: " + ("" if score is None else f"{score:.3f} ")
+            + f"({seconds[name]:.0f} s)")
 
     def source_only_paper():
         net = paper_network()
@@ -540,13 +551,22 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                 "" if rate == 0.03 else f", Adam {rate:g}")
             step(name, keras_io(name, rate))
 
+    scale = {}
+
+    def check_scale():
+        # The recipe's label-free check; its own step (seeded again before
+        # the recipe's), not timed with the recipe.
+        scale["shift"], scale["row"] = scale_check(src_name, tgt_name, seed,
+                                                   log)
+
     def adamatch():
-        # kerastl.adapt, the default recipe, with its AdaBN step apart so
-        # that the model before it is a candidate too.
+        # kerastl.adapt, the default recipe (its zoom from the scale
+        # check), with its AdaBN step apart so that the model before it is
+        # a candidate too.
         start = time.time()
         net = kerastl.adapt(paper_features(), source, xt, 10,
                             steps=args.steps, batch_size=BATCH, adabn=False,
-                            seed=seed, verbose=0)
+                            zoom=scale["shift"].zoom, seed=seed, verbose=0)
         seconds["AdaMatch /epoch"] = (time.time() - start) / len(
             net.history.epoch)
         candidate("AdaMatch", net)
@@ -554,8 +574,10 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         candidate("AdaMatch + AdaBN", net)
 
     if args.recipe_only:  # rows that --markdown puts in place of the run's
+        step("scale check", check_scale)
         step("AdaMatch", adamatch)
-        return {"acc": acc, "seconds": seconds, "recipe_only": True}
+        return {"acc": acc, "seconds": seconds, "recipe_only": True,
+                "scale": scale["row"]}
     if args.peers_only:  # rows that --markdown adds to this pair and seed
         peers()
         return {"acc": acc, "seconds": seconds, "peers_only": True}
@@ -596,6 +618,7 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
                                           entropy_weight=0))
         step("TENT", tent_after_adabn)
     if args.adamatch:
+        step("scale check", check_scale)
         step("AdaMatch", adamatch)
     if args.peers:
         peers()
@@ -606,7 +629,9 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
     chosen = max(ensv, key=lambda k: ensv[k].score)
     dev_chosen = min(candidates, key=lambda k: candidates[k].risk)
     best = max(candidates, key=lambda k: acc[k])
-    return {"acc": acc, "seconds": seconds, "best_baseline": best_baseline,
+    extra = {"scale": scale["row"]} if scale else {}
+    return {**extra, "acc": acc, "seconds": seconds,
+            "best_baseline": best_baseline,
             "chosen": chosen, "dev_chosen": dev_chosen,
             "atc_chosen": max(atc, key=atc.get),
             "best_candidate": best,
@@ -651,6 +676,50 @@ def atc_from_dump(path, folder):
             r["atc_chosen"] = max(r["atc"], key=r["atc"].get)
     write_json(path, summary)
     return summary
+
+
+# The source-only model that kerastl.adaptation.scale_shift reads (the
+# recommended network): its training steps.
+SCALE_CHECK_STEPS = 600
+# How tall each domain draws its digits (kerastl.datasets): what the check
+# should find.
+DIGIT_HEIGHT = {"photo_digits": (0.4, 0.7)}
+OTHER_HEIGHT = (0.6, 1.0)
+
+
+def expected_scale(src_name, tgt_name):
+    """What :func:`scale_verdict` should say, from the middle of the
+    heights the two domains draw their digits at."""
+    source, target = (sum(DIGIT_HEIGHT.get(n, OTHER_HEIGHT)) / 2
+                      for n in (src_name, tgt_name))
+    if abs(target - source) < 0.1:
+        return "same"
+    return "smaller" if target < source else "larger"
+
+
+def scale_check(src_name, tgt_name, seed, log=print):
+    """The label-free check of a change of scale that sets the recipe's
+    zoom: :func:`kerastl.adaptation.scale_shift` on the recommended network
+    trained on the source labels for :data:`SCALE_CHECK_STEPS` steps and
+    the first 1,000 target training images (no target labels). Returns
+    ``(shift, row)``: the :class:`~kerastl.adaptation.ScaleShift` and
+    what a run keeps of it, with the verdict the domains' digit heights
+    call for."""
+    keras.utils.set_random_seed(seed)
+    source, _ = hold_out(load(src_name, "train", seed), seed)
+    xt = load(tgt_name, "train", seed)[0]
+    net = recommended(domain_weight=0)
+    fit_labels(net.classifier, source, SCALE_CHECK_STEPS)
+    shift = kerastl.adaptation.scale_shift(net.classifier, xt)
+    expected = expected_scale(src_name, tgt_name)
+    log("  scale check: " + " ".join(
+        f"{z:g}: {c:.3f}" for z, c in shift.confidence.items())
+        + f"; the target draws them {shift.verdict} (the digit heights: "
+        f"{expected}), zoom {shift.zoom}")
+    return shift, {"confidence": {str(z): c for z, c in
+                                  shift.confidence.items()},
+                   "verdict": shift.verdict, "expected": expected,
+                   "zoom": list(shift.zoom)}
 
 
 def read_dumps(folders):
@@ -1027,6 +1096,12 @@ def main(argv=None):
     parser.add_argument("--atc-from-dump", metavar="FOLDER",
                         help="add ATC's selection to the runs in --json "
                              "FILE from their --dump FOLDER, and exit")
+    parser.add_argument("--scale-check", action="store_true",
+                        help="only the recipe's label-free check of a "
+                             "change of scale (a source-only model's "
+                             "confidence on the target images zoomed in "
+                             "and out), against the domains' digit "
+                             "heights")
     parser.add_argument("--select-from-dump", nargs="+", metavar="FOLDER",
                         help="score the label-free selection methods on "
                              "the pools in these --dump folders (a later "
@@ -1048,6 +1123,22 @@ def main(argv=None):
             parser.error(f"--{flag.replace('_', '-')} runs only {what}: "
                          "drop --adamatch, --new, --all"
                          + (" and --dump" if flag == "peers_only" else ""))
+    if args.scale_check:
+        summary = {}
+        for pair in args.pairs:
+            src, tgt = pair.split(":")
+            summary[pair] = []
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                print(f"{src} -> {tgt}, seed {seed}", flush=True)
+                summary[pair].append({"seed": seed, **scale_check(
+                    src, tgt, seed, lambda m: print(m, flush=True))[1]})
+        runs = [r for rows in summary.values() for r in rows]
+        print(f"the check says what the domains' digit heights say on "
+              f"{sum(r['verdict'] == r['expected'] for r in runs)} of "
+              f"{len(runs)} runs")
+        if args.json:
+            write_json(args.json, summary)
+        return summary
     if args.select_from_dump:
         results = select_from_dump(args.select_from_dump)
         if args.json:

@@ -151,3 +151,11 @@ def test_recipe_only_takes_dump_and_peers_only_does_not(
     assert seen == [("a", "b", 0, True, str(tmp_path))]
     with pytest.raises(SystemExit):
         bench.main(["--peers-only", "--dump", str(tmp_path)])
+
+
+def test_the_scale_check_is_scored_against_the_digit_heights(bench):
+    # photo_digits draws its digits at 40 to 70% of the height, the other
+    # domains at 60 to 100%.
+    assert bench.expected_scale("syn_digits", "photo_digits") == "smaller"
+    assert bench.expected_scale("photo_digits", "digits") == "larger"
+    assert bench.expected_scale("digits", "digits_m") == "same"

@@ -4,9 +4,11 @@ Labelled source images, unlabelled target images, a feature extractor:
 :func:`adapt` trains :class:`~kerastl.adaptation.AdaMatch` on both for a
 budget of optimizer steps, then re-estimates the BatchNorm statistics on the
 target (AdaBN, :func:`~kerastl.adaptation.adapt_batch_norm`), and returns the
-model. It is one recipe for every pair of domains: nothing in it is chosen
-per target, from target labels or otherwise, and it uses no augmentation
-specific to the target. ``benchmarks/domain_adaptation.py`` measures it on
+model. It is one recipe for every pair of domains, with one choice that
+depends on the target, made without its labels: ``zoom=``, the strong
+view's zoom, which :func:`~kerastl.adaptation.scale_shift` gives (further
+in where the target draws its objects larger than the source).
+``benchmarks/domain_adaptation.py`` measures it on
 every ordered pair of kerastl's offline digit domains.
 """
 
