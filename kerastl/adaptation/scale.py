@@ -13,9 +13,14 @@ the target's objects are larger, then 40% in to 50% out.
 What it was measured on (``benchmarks/domain_adaptation.py
 --scale-check``, docs/domain-adaptation.md): kerastl's digit domains,
 where photo_digits draws its digits at 40 to 70% of the image height and
-the other three at 60 to 100%. When it fails: a model whose confidence
-does not follow the objects' size (one that reads texture, not shape),
-and a change of scale smaller than the zooms' steps.
+the other three at 60 to 100%. On the twelve ordered pairs times six
+seeds, with a source-only model of 600 steps, it set the zoom the heights
+call for on 71 of 72 runs (its verdict was theirs on 60: the others said
+"same" for "smaller" or the reverse, which set the same zoom); its margin
+and zooms were set after reading it on seed 0 of eight pairs. When it
+fails: a model whose confidence does not follow the objects' size (one
+that reads texture, not shape; one unsure of the target at every zoom
+says "same"), and a change of scale smaller than the zooms' steps.
 """
 
 import dataclasses
