@@ -410,10 +410,11 @@ def run_pair(src_name, tgt_name, seed, args, log=print):
         """Scores ``model`` now and keeps what the label-free selection
         needs (before any AdaBN that follows changes it)."""
         acc[name] = accuracy(model, test)
+        if args.recipe_only and not args.dump:  # no pool to select from
+            return
         target_probs[name] = model.predict(xt, verbose=0, batch_size=256)
-        if args.recipe_only:  # no pool to select from here
-            if args.dump:  # (--select-from-dump scores it with a pool)
-                dump(name, model)
+        if args.recipe_only:  # (--select-from-dump scores it with a pool)
+            dump(name, model)
             return
         candidates[name] = kerastl.adaptation.deep_embedded_validation(
             model, source_val, xt, seed=seed)
@@ -688,8 +689,8 @@ OTHER_HEIGHT = (0.6, 1.0)
 
 
 def expected_scale(src_name, tgt_name):
-    """What :func:`scale_verdict` should say, from the middle of the
-    heights the two domains draw their digits at."""
+    """What :func:`kerastl.adaptation.scale_shift`'s verdict should be,
+    from the middle of the heights the two domains draw their digits at."""
     source, target = (sum(DIGIT_HEIGHT.get(n, OTHER_HEIGHT)) / 2
                       for n in (src_name, tgt_name))
     if abs(target - source) < 0.1:

@@ -49,14 +49,17 @@ class ScaleShift:
             the margin), ``"larger"`` (zooming out did) or ``"same"``.
         confidence: ``{zoom: mean highest class probability}`` on the
             target images.
+        n: the number of target images read.
         zoom: the strong view's zoom range for :func:`kerastl.adapt`
             (``zoom=``) that goes with the verdict.
-        n: the number of target images read.
     """
     verdict: str
     confidence: dict
-    zoom: tuple
     n: int
+
+    @property
+    def zoom(self):
+        return ZOOM_RANGES[self.verdict]
 
 
 def zoomed(images, zoom):
@@ -129,6 +132,5 @@ def scale_shift(model, target, margin=0.05, max_samples=1000,
                 f"scale_shift: the model's outputs have shape {p.shape}; "
                 "expected (batch, classes) probabilities.")
         confidence[z] = float(np.mean(np.max(p, axis=1)))
-    verdict = scale_verdict(confidence, margin)
-    return ScaleShift(verdict=verdict, confidence=confidence,
-                      zoom=ZOOM_RANGES[verdict], n=len(x))
+    return ScaleShift(verdict=scale_verdict(confidence, margin),
+                      confidence=confidence, n=len(x))
