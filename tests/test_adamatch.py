@@ -244,6 +244,30 @@ def test_bad_arguments_are_clear_errors():
             epochs=1, verbose=0)
 
 
+def test_zoom_sets_the_default_strong_views_zoom_and_survives_a_round_trip():
+    model = AdaMatch(small_cnn(), 2, seed=3, zoom=(-0.4, 0.5))
+    def configs(view):  # (without the layers' numbered names)
+        return [{k: v for k, v in layer.get_config().items()
+                 if k != "name"} for layer in view.layers]
+    # The default strong view, seeds and all, with only the zoom changed.
+    assert configs(model.strong) == configs(
+        kerastl.adaptation.strong_augmentation((0, 255), 4, (-0.4, 0.5)))
+    assert tuple(model.strong.layers[1].height_factor) == (-0.4, 0.5)
+    assert tuple(AdaMatch(small_cnn(), 2).strong.layers[1]
+                 .height_factor) == (-0.2, 0.5)
+    # The config keeps the strong view it built (not zoom= beside it).
+    config = model.get_config()
+    assert "zoom" not in config
+    loaded = AdaMatch.from_config(json.loads(json.dumps(
+        keras.saving.serialize_keras_object(model)))["config"])
+    assert tuple(loaded.strong.layers[1].height_factor) == (-0.4, 0.5)
+    with pytest.raises(kerastl.KerastlError, match="not both"):
+        AdaMatch(small_cnn(), 2, zoom=(-0.4, 0.5),
+                 strong=kerastl.adaptation.weak_augmentation())
+    with pytest.raises(kerastl.KerastlError, match="low <= high"):
+        AdaMatch(small_cnn(), 2, zoom=(0.5, -0.2))
+
+
 # -- kerastl.adapt: the default recipe in one call ------------------------------
 
 

@@ -67,6 +67,22 @@ def strong_augmentation(value_range=(0, 255), seed=None, zoom=(-0.2, 0.5)):
         name="strong_augmentation")
 
 
+def _check_zoom(zoom):
+    """``zoom`` as a ``(low, high)`` tuple of RandomZoom factors."""
+    try:
+        low, high = (float(v) for v in zoom)
+    except (TypeError, ValueError):
+        raise KerastlError(
+            f"zoom={zoom!r}: expected a (low, high) pair of "
+            "keras.layers.RandomZoom factors, e.g. (-0.2, 0.5) (20% in to "
+            "50% out), or scale_shift(...).zoom.") from None
+    if not -1 < low <= high:
+        raise KerastlError(
+            f"zoom={zoom!r}: expected -1 < low <= high (a negative factor "
+            "zooms in, a positive one out).")
+    return low, high
+
+
 def adamatch_loss(source_labels, source_logits, source_only_logits,
                   target_logits, tau=0.9, interpolation=None):
     """AdaMatch's two losses on one batch (the paper's Algorithm 1).
@@ -175,6 +191,11 @@ class AdaMatch(keras.Model):
             head (None: none).
         dropout: dropout before the label head.
         seed: seeds the augmentations and the interpolation weights.
+        zoom: the default strong view's ``keras.layers.RandomZoom``
+            factor (None: :func:`strong_augmentation`'s, 20% in to 50%
+            out); :func:`~kerastl.adaptation.scale_shift`'s ``.zoom`` is
+            the label-free choice. Not with ``strong=``. The saved config
+            keeps the strong view it built, zoom included.
 
     Example::
 
@@ -188,7 +209,7 @@ class AdaMatch(keras.Model):
     def __init__(self, feature_extractor, num_classes, tau=0.9,
                  target_weight=1.0, warmup=0.5, weak=None, strong=None,
                  value_range=(0, 255), bottleneck=None, dropout=0.0,
-                 seed=None, **kwargs):
+                 seed=None, zoom=None, **kwargs):
         super().__init__(**kwargs)
         feature_extractor = feature_layer(feature_extractor, "AdaMatch")
         if isinstance(num_classes, bool) or not isinstance(
@@ -214,6 +235,13 @@ class AdaMatch(keras.Model):
                     f"{name}={layer!r}: expected a Keras layer (or model) "
                     "that augments a batch of images (so that the model "
                     "saves), or None for AdaMatch's default.")
+        if zoom is not None:
+            if strong is not None:
+                raise KerastlError(
+                    "AdaMatch takes zoom= or strong=, not both: zoom= sets "
+                    "the default strong view's RandomZoom; put the zoom in "
+                    "your strong= layers instead.")
+            zoom = _check_zoom(zoom)
         self.feature_extractor = feature_extractor
         self.num_classes = int(num_classes)
         self.tau = float(tau)
@@ -225,7 +253,8 @@ class AdaMatch(keras.Model):
         self.seed = seed
         self.weak = weak if weak is not None else weak_augmentation(seed)
         self.strong = strong if strong is not None else strong_augmentation(
-            self.value_range, None if seed is None else seed + 1)
+            self.value_range, None if seed is None else seed + 1,
+            *(() if zoom is None else (zoom,)))
         # (the strong layers are seeded seed + 1 to seed + 3 and seed + 5;
         # the interpolation seed + 4)
         self.pool = heads.pooling_layer("avg", "pool")

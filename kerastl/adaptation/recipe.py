@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from kerastl.adaptation.adabn import adapt_batch_norm
-from kerastl.adaptation.adamatch import AdaMatch, strong_augmentation
+from kerastl.adaptation.adamatch import AdaMatch
 from kerastl.adaptation.data import domain_dataset, is_batched, known_size
 from kerastl.errors import KerastlError
 
@@ -62,22 +62,6 @@ def _check_labels(labels, num_classes):
             f"outside 0..{num_classes - 1} for num_classes={num_classes}: "
             f"pass num_classes={int(labels.max()) + 1}, or map the labels.")
     return num_classes
-
-
-def _check_zoom(zoom):
-    """``zoom`` as a ``(low, high)`` tuple of RandomZoom factors."""
-    try:
-        low, high = (float(v) for v in zoom)
-    except (TypeError, ValueError):
-        raise KerastlError(
-            f"zoom={zoom!r}: expected a (low, high) pair of "
-            "keras.layers.RandomZoom factors, e.g. (-0.2, 0.5) (20% in to "
-            "50% out), or scale_shift(...).zoom.") from None
-    if not -1 < low <= high:
-        raise KerastlError(
-            f"zoom={zoom!r}: expected -1 < low <= high (a negative factor "
-            "zooms in, a positive one out).")
-    return low, high
 
 
 def adapt(feature_extractor, source, target, num_classes=None, *,
@@ -127,7 +111,8 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
             draws its objects as large as the source or smaller); pass
             :func:`~kerastl.adaptation.scale_shift`'s ``.zoom``, the label-
             free check of the target's scale (``(-0.4, 0.5)`` when its
-            objects are larger).
+            objects are larger). Passed to
+            :class:`~kerastl.adaptation.AdaMatch` (``zoom=``).
         seed: seeds the augmentations (the batches come in
             :func:`~kerastl.adaptation.domain_dataset`'s own seeded order;
             for a repeatable run, also call ``keras.utils.set_random_seed``
@@ -176,17 +161,7 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
             "length (dataset.apply(tf.data.experimental.assert_cardinality("
             "n))).")
     _size(target, "target")
-    if zoom is not None:
-        if "strong" in options:
-            raise KerastlError(
-                "adapt() takes zoom= or strong=, not both: zoom= sets the "
-                "default strong view's RandomZoom; put the zoom in your "
-                "strong= layers instead.")
-        zoom = _check_zoom(zoom)
-        options["strong"] = strong_augmentation(
-            options.get("value_range", (0, 255)),
-            None if seed is None else seed + 1, zoom)  # (AdaMatch's seeds)
-    model = AdaMatch(feature_extractor, num_classes,
+    model = AdaMatch(feature_extractor, num_classes, zoom=zoom,
                      **{"bottleneck": 256, "seed": seed, **options})
     # (domain_dataset refuses a source smaller than one batch.)
     data = domain_dataset(source, target, batch_size=batch_size)
