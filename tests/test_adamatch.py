@@ -235,6 +235,10 @@ def test_bad_arguments_are_clear_errors():
         AdaMatch("resnet50", 2)
     with pytest.raises(kerastl.KerastlError, match="strong"):
         AdaMatch(small_cnn(), 2, strong=lambda x: x)
+    for bad in (dict(value_range=None), dict(value_range=(1, 0)),
+                dict(seed="1"), dict(dropout=1.5), dict(bottleneck=0)):
+        with pytest.raises(kerastl.KerastlError, match=list(bad)[0]):
+            AdaMatch(small_cnn(), 2, **bad)
     xs, ys, xt, yt = toy_domains(16)
     model = AdaMatch(small_cnn(), 2)
     model.compile(keras.optimizers.Adam(1e-3))
@@ -266,6 +270,8 @@ def test_zoom_sets_the_default_strong_views_zoom_and_survives_a_round_trip():
                  strong=kerastl.adaptation.weak_augmentation())
     with pytest.raises(kerastl.KerastlError, match="low <= high"):
         AdaMatch(small_cnn(), 2, zoom=(0.5, -0.2))
+    with pytest.raises(kerastl.KerastlError, match="<= 1"):
+        AdaMatch(small_cnn(), 2, zoom=(-0.2, 1.5))
 
 
 # -- kerastl.adapt: the default recipe in one call ------------------------------
@@ -285,13 +291,14 @@ def test_adapt_trains_adamatch_for_the_steps_then_adabn(adabn):
     if adabn:  # datasets of single samples
         source = tf.data.Dataset.from_tensor_slices((xs, ys))
         target, classes = tf.data.Dataset.from_tensor_slices(xt), 3
-    else:  # arrays; the number of classes is inferred
-        source, target, classes = (xs, ys), xt, None
+    else:  # arrays; the number of classes is inferred from labels of
+        # shape (n, 1), as keras.datasets gives them
+        source, target, classes = (xs, ys[:, None]), xt, None
     # (zoom: the strong view's RandomZoom, default (-0.2, 0.5))
     zoom = {} if adabn else {"zoom": (-0.4, 0.5)}
     model = kerastl.adapt(small_cnn(), source, target, classes, steps=8,
                           batch_size=16, adabn=adabn, seed=1, verbose=0,
-                          **zoom)
+                          callbacks=None, **zoom)
     assert isinstance(model, AdaMatch)
     # The strong view is AdaMatch's own (seeded from seed + 1), with the
     # zoom asked for.
@@ -320,8 +327,25 @@ def test_adapt_refuses_what_it_cannot_train_on():
     xs, ys, xt, _ = toy_domains(32)
     with pytest.raises(kerastl.KerastlError, match="labels too"):
         kerastl.adapt(small_cnn(), xs, xt)
-    with pytest.raises(kerastl.KerastlError, match="not one-hot"):
+    with pytest.raises(kerastl.KerastlError, match="one-hot labels"):
         kerastl.adapt(small_cnn(), (xs, np.eye(2)[ys]), xt)
+    with pytest.raises(kerastl.KerastlError, match="all 0"):
+        kerastl.adapt(small_cnn(), (xs, 0 * ys), xt)
+    with pytest.raises(kerastl.KerastlError, match="no labelled images"):
+        kerastl.adapt(small_cnn(), (xs[:0], ys[:0]), xt)
+    with pytest.raises(kerastl.KerastlError, match="num_classes='2'"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, num_classes="2")
+    with pytest.raises(kerastl.KerastlError, match="epochs=: not an arg"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt, epochs=2)
+    # Images the default strong view would draw outside of: pixels
+    # outside value_range, or scaled images under the default (0, 255).
+    with pytest.raises(kerastl.KerastlError, match="target images go from "
+                       "100.* outside value_range=.0, 1."):
+        kerastl.adapt(small_cnn(), (xs / 255, ys), xt, value_range=(0, 1))
+    with pytest.raises(kerastl.KerastlError, match="value_range=.0, 1."):
+        kerastl.adapt(small_cnn(), (xs / 255, ys), xt / 255)
+    with pytest.raises(kerastl.KerastlError, match="grayscale"):
+        kerastl.adapt(small_cnn(), (xs, ys), xt[..., :1])
     with pytest.raises(kerastl.KerastlError, match="steps=0"):
         kerastl.adapt(small_cnn(), (xs, ys), xt, steps=0)
     source = tf.data.Dataset.from_tensor_slices((xs, ys))

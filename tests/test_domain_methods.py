@@ -290,6 +290,17 @@ def test_dev_picks_the_model_that_is_right_where_the_target_is():
     assert choice.best == "near" and e["near"].risk < e["far"].risk
     assert choice.ranking() == ["near", "far"]
     assert "<- chosen" in choice.table().splitlines()[1]
+    # One-hot labels give the same estimate; labels past the model's
+    # classes, or max_samples too small, are clear errors.
+    onehot = kerastl.adaptation.deep_embedded_validation(
+        near, (xs, np.eye(2)[ys]), xt, features=lambda x: x)
+    assert onehot.risk == pytest.approx(e["near"].risk)
+    with pytest.raises(kerastl.KerastlError, match="labels go from 0 to 2"):
+        kerastl.adaptation.deep_embedded_validation(
+            near, (xs, 2 * ys), xt, features=lambda x: x)
+    with pytest.raises(kerastl.KerastlError, match="max_samples=None"):
+        kerastl.adaptation.deep_embedded_validation(
+            near, (xs, ys), xt, features=lambda x: x, max_samples=None)
     # No shift: the estimate is the plain source loss, nearly.
     same = kerastl.adaptation.deep_embedded_validation(
         near, (xs, ys), rng.normal(size=(1000, 2)), features=lambda x: x)

@@ -836,12 +836,21 @@ def test_select_model_refuses_logits_nan_and_a_pair_and_reports_ties():
     with pytest.raises(kerastl.KerastlError, match="2 candidate"):
         kerastl.adaptation.select_model({"a": trio["a"], "b": trio["b"]},
                                         target=xt)
-    same = {"x": net(0.1), "y": net(0.1), "z": net(0.1)}
+    same = {"y": net(0.1), "x": net(0.1), "z": net(0.1)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         choice = kerastl.adaptation.select_model(same, target=xt)
     assert choice.best == "x"
-    assert any("score exactly the same" in str(w.message) for w in caught)
+    # (reported at the caller's line)
+    assert any("score exactly the same" in str(w.message)
+               and w.filename == __file__ for w in caught)
+    # The ranking and the table break the tie the same way.
+    assert choice.ranking() == ["x", "y", "z"]
+    assert choice.table().splitlines()[1].endswith("<- chosen")
+    # An argument the method does not take is an error, not ignored.
+    with pytest.raises(kerastl.KerastlError, match="'ensemble' takes no "
+                       "'score' argument"):
+        kerastl.adaptation.select_model(trio, target=xt, score="confidence")
 
 
 def test_a_cache_file_rewritten_with_the_same_shape_is_not_served(tmp_path):

@@ -52,6 +52,11 @@ def test_the_verdict_needs_the_margin_and_names_the_direction():
     assert scale.scale_verdict({**flat, 1.5: 0.86}) == "larger"
     assert scale.scale_verdict({**flat, 1.5: 0.84}) == "same"
     assert scale.scale_verdict({**flat, 1.5: 0.84}, margin=0.03) == "larger"
+    # margin=0: any gain counts, but the images as they are scoring best
+    # (or a tie) is no change of scale.
+    assert scale.scale_verdict(flat, margin=0) == "same"
+    assert scale.scale_verdict({**flat, 1.0: 0.9}, margin=0) == "same"
+    assert scale.scale_verdict({**flat, 1.5: 0.8001}, margin=0) == "larger"
 
 
 @pytest.mark.parametrize("liked, verdict, zoom", [
@@ -77,3 +82,14 @@ def test_scale_shift_refuses_what_it_cannot_read():
         kerastl.adaptation.scale_shift(Sized(8), squares(8)[0])
     with pytest.raises(kerastl.KerastlError, match="margin=2"):
         kerastl.adaptation.scale_shift(Sized(8), squares(8), margin=2)
+    with pytest.raises(kerastl.KerastlError, match="max_samples=0"):
+        kerastl.adaptation.scale_shift(Sized(8), squares(8), max_samples=0)
+    with pytest.raises(kerastl.KerastlError, match="no target images"):
+        kerastl.adaptation.scale_shift(Sized(8), squares(8)[:0])
+
+    class Logits(Sized):
+        def call(self, x):
+            return 10.0 * super().call(x)
+
+    with pytest.raises(kerastl.KerastlError, match="logits"):
+        kerastl.adaptation.scale_shift(Logits(8), squares(8))

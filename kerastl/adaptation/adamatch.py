@@ -76,10 +76,11 @@ def _check_zoom(zoom):
             f"zoom={zoom!r}: expected a (low, high) pair of "
             "keras.layers.RandomZoom factors, e.g. (-0.2, 0.5) (20% in to "
             "50% out), or scale_shift(...).zoom.") from None
-    if not -1 < low <= high:
+    if not -1 < low <= high <= 1:
         raise KerastlError(
-            f"zoom={zoom!r}: expected -1 < low <= high (a negative factor "
-            "zooms in, a positive one out).")
+            f"zoom={zoom!r}: expected -1 < low <= high <= 1 (a negative "
+            "factor zooms in, a positive one out; 1 shows the image at half "
+            "its size).")
     return low, high
 
 
@@ -228,6 +229,28 @@ class AdaMatch(keras.Model):
             raise KerastlError(
                 f"target_weight={target_weight!r}: expected a finite number "
                 f">= 0 (0 trains on the source only).")
+        try:
+            low, high = (float(v) for v in value_range)
+        except (TypeError, ValueError):
+            low = high = None
+        if low is None or not low < high:
+            raise KerastlError(
+                f"value_range={value_range!r}: expected the images' pixel "
+                "range as a (low, high) pair, e.g. (0, 255) or (0, 1).")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(
+                seed, (int, np.integer))):
+            raise KerastlError(f"seed={seed!r}: expected an int or None.")
+        if isinstance(dropout, bool) or not isinstance(
+                dropout, (int, float)) or not 0 <= dropout < 1:
+            raise KerastlError(f"dropout={dropout!r}: expected a number in "
+                               "[0, 1).")
+        if bottleneck is not None and (isinstance(bottleneck, bool) or
+                                       not isinstance(bottleneck, (
+                                           int, np.integer))
+                                       or bottleneck < 1):
+            raise KerastlError(
+                f"bottleneck={bottleneck!r}: expected an int >= 1 (its "
+                "width) or None (no bottleneck layer).")
         for name, layer in (("weak", weak), ("strong", strong)):
             if layer is not None and not isinstance(layer,
                                                     keras.layers.Layer):
@@ -250,7 +273,7 @@ class AdaMatch(keras.Model):
         self.value_range = tuple(float(v) for v in value_range)
         self.bottleneck = None if bottleneck is None else int(bottleneck)
         self.dropout_rate = float(dropout)
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.weak = weak if weak is not None else weak_augmentation(seed)
         self.strong = strong if strong is not None else strong_augmentation(
             self.value_range, None if seed is None else seed + 1,

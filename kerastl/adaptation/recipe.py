@@ -12,6 +12,8 @@ in where the target draws its objects larger than the source).
 every ordered pair of kerastl's offline digit domains.
 """
 
+import inspect
+
 import keras
 import numpy as np
 
@@ -19,6 +21,12 @@ from kerastl.adaptation.adabn import adapt_batch_norm
 from kerastl.adaptation.adamatch import AdaMatch
 from kerastl.adaptation.data import domain_dataset, is_batched, known_size
 from kerastl.errors import KerastlError
+
+
+# What adapt() passes on to AdaMatch (**options), besides what it sets.
+_ADAMATCH_OPTIONS = set(inspect.signature(AdaMatch.__init__).parameters) - {
+    "self", "feature_extractor", "num_classes", "seed", "zoom",
+    "kwargs"} | {"name"}
 
 
 def _size(data, what):
@@ -47,21 +55,72 @@ def _size(data, what):
 
 def _check_labels(labels, num_classes):
     """One integer label per image, in ``0 .. num_classes - 1``; returns
-    ``num_classes`` (the largest label + 1 when None)."""
+    ``(labels, num_classes)`` (labels of shape ``(n, 1)``, as
+    ``keras.datasets`` gives them, flattened; ``num_classes`` the largest
+    label + 1 when None)."""
     labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise KerastlError(
             f"The source labels have shape {labels.shape} and dtype "
             f"{labels.dtype}: adapt() takes one integer label per image "
-            "(not one-hot: labels.argmax(-1)).")
+            "(one-hot labels: labels.argmax(-1)).")
+    if not len(labels):
+        raise KerastlError("The source has no labelled images.")
+    if num_classes is not None and (isinstance(num_classes, bool) or
+                                    not isinstance(num_classes, (
+                                        int, np.integer))):
+        raise KerastlError(f"num_classes={num_classes!r}: expected an int "
+                           ">= 2, or None to count the source labels.")
+    if labels.min() < 0:
+        raise KerastlError(
+            f"The source labels go from {labels.min()} to {labels.max()}: "
+            "expected class indices from 0; map the labels.")
     if num_classes is None:
-        return int(labels.max()) + 1
-    if labels.min() < 0 or labels.max() >= num_classes:
+        if labels.max() < 1:
+            raise KerastlError(
+                "The source labels are all 0: adapt() needs at least two "
+                "classes (or pass num_classes= when some classes have no "
+                "source images).")
+        return labels, int(labels.max()) + 1
+    if labels.max() >= num_classes:
         raise KerastlError(
             f"The source labels go from {labels.min()} to {labels.max()}, "
             f"outside 0..{num_classes - 1} for num_classes={num_classes}: "
             f"pass num_classes={int(labels.max()) + 1}, or map the labels.")
-    return num_classes
+    return labels, num_classes
+
+
+def _check_images(source, target, value_range):
+    """Array images only: the same image shape in both domains, and pixels
+    inside ``value_range`` (the default strong view's RandAugment and
+    RandomErasing draw in that range)."""
+    xs = source[0] if isinstance(source, tuple) else None
+    if not isinstance(xs, np.ndarray) or not isinstance(target, np.ndarray):
+        return
+    if xs.shape[1:] != target.shape[1:]:
+        raise KerastlError(
+            f"The source images have shape {xs.shape[1:]} and the target "
+            f"images {target.shape[1:]}: resize (and convert grayscale to "
+            "RGB, e.g. np.repeat(x, 3, axis=-1)) so that both domains "
+            "match the feature extractor's input.")
+    low, high = (float(v) for v in value_range)
+    for what, x in (("source", xs), ("target", target)):
+        if not x.size:
+            continue
+        lo, hi = float(np.min(x)), float(np.max(x))
+        if lo < low or hi > high:
+            raise KerastlError(
+                f"The {what} images go from {lo:g} to {hi:g}, outside "
+                f"value_range=({low:g}, {high:g}): pass value_range= with "
+                "their pixel range (the strong augmentation draws in it).")
+        if high - low > 2 and hi - lo <= 2 and lo >= -1:
+            raise KerastlError(
+                f"The {what} images go from {lo:g} to {hi:g}, but "
+                f"value_range=({low:g}, {high:g}): pass value_range=(0, 1) "
+                "(or (-1, 1)) for scaled images, or give the images in "
+                f"{low:g}..{high:g}.")
 
 
 def adapt(feature_extractor, source, target, num_classes=None, *,
@@ -93,8 +152,8 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
         feature_extractor: a ``keras.Model`` or :class:`~kerastl.Backbone`
             mapping images to features (a pooled vector or a feature map).
         source: labelled source data: an ``(x, y)`` tuple of arrays
-            (integer labels), or a ``tf.data.Dataset`` of single
-            ``(image, label)`` samples.
+            (integer labels, shape ``(n,)`` or ``(n, 1)``), or a
+            ``tf.data.Dataset`` of single ``(image, label)`` samples.
         target: unlabelled target images: an array or a
             ``tf.data.Dataset`` of single images.
         num_classes: the number of classes; default: the largest source
@@ -119,7 +178,11 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
             first: it seeds the new layers' initial weights).
         verbose, callbacks: passed to ``fit``.
         **options: more :class:`~kerastl.adaptation.AdaMatch` arguments
-            (``tau``, ``bottleneck``, ``weak``, ``strong``, ...).
+            (``tau``, ``bottleneck``, ``weak``, ``strong``, ...; any other
+            name is an error). ``value_range``: the images' pixel range,
+            default ``(0, 255)``, which the default strong view draws in;
+            array images outside it, or scaled to ``[0, 1]`` under the
+            default, are an error naming the range to pass.
 
     Returns:
         The trained :class:`~kerastl.adaptation.AdaMatch` model (compiled
@@ -147,8 +210,16 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
         if isinstance(value, bool) or not isinstance(
                 value, (int, np.integer)) or value < 1:
             raise KerastlError(f"{name}={value!r}: expected an int >= 1.")
+    unknown = sorted(set(options) - _ADAMATCH_OPTIONS)
+    if unknown:
+        raise KerastlError(
+            f"adapt() got {', '.join(k + '=' for k in unknown)}: not an "
+            "argument of adapt() or AdaMatch (it takes "
+            f"{', '.join(k + '=' for k in sorted(_ADAMATCH_OPTIONS))}); "
+            "steps= sets how long it trains.")
     if isinstance(source, tuple):
-        num_classes = _check_labels(source[1], num_classes)
+        labels, num_classes = _check_labels(source[1], num_classes)
+        source = (source[0], labels)
     elif num_classes is None:
         raise KerastlError(
             "num_classes=None needs the source labels as an array to "
@@ -163,6 +234,8 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
     _size(target, "target")
     model = AdaMatch(feature_extractor, num_classes, zoom=zoom,
                      **{"bottleneck": 256, "seed": seed, **options})
+    if options.get("strong") is None:  # the default view: value_range's
+        _check_images(source, target, model.value_range)
     # (domain_dataset refuses a source smaller than one batch.)
     data = domain_dataset(source, target, batch_size=batch_size)
     # Whole passes over the source (n // batch_size steps each: batches
@@ -171,7 +244,7 @@ def adapt(feature_extractor, source, target, num_classes=None, *,
     model.compile(keras.optimizers.Adam(learning_rate),
                   metrics=["accuracy"])
     model.fit(data, epochs=epochs, verbose=verbose,
-              callbacks=list(callbacks))
+              callbacks=list(callbacks or ()))
     if adabn:
         if not isinstance(target, np.ndarray):
             target = target.batch(64)  # a dataset of single images

@@ -28,6 +28,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from kerastl.adaptation.selection import class_probabilities
 from kerastl.errors import KerastlError
 
 #: The windows (against the image's size; under 1: zoomed in, what the
@@ -78,8 +79,9 @@ def scale_verdict(confidence, margin=0.05):
     confidence}`` (see :class:`ScaleShift`): the zoom with the highest
     confidence counts when it beats zoom 1 by at least ``margin``."""
     best = max(confidence, key=confidence.get)
-    if confidence[best] - confidence[1.0] < margin:
-        return "same"
+    gain = confidence[best] - confidence[1.0]
+    if gain < margin or gain <= 0:  # (margin=0: any gain counts, no gain
+        return "same"               # is no change of scale)
     return "smaller" if best < 1 else "larger"
 
 
@@ -122,15 +124,19 @@ def scale_shift(model, target, margin=0.05, max_samples=1000,
             margin, (int, float)) or not 0 <= margin < 1:
         raise KerastlError(f"scale_shift: margin={margin!r}; expected a "
                            "number from 0 to 1 (a gain in mean confidence).")
+    if isinstance(max_samples, bool) or not isinstance(
+            max_samples, (int, np.integer)) or max_samples < 1:
+        raise KerastlError(f"scale_shift: max_samples={max_samples!r}; "
+                           "expected an int >= 1.")
+    if not len(x):
+        raise KerastlError("scale_shift: no target images; pass at least "
+                           "one (a few hundred give a steady reading).")
     x = x[:max_samples]
     confidence = {}
     for z in ZOOMS:
-        p = np.asarray(model.predict(zoomed(x, z), verbose=0,
-                                     batch_size=batch_size), "float64")
-        if p.ndim != 2 or p.shape[1] < 2:
-            raise KerastlError(
-                f"scale_shift: the model's outputs have shape {p.shape}; "
-                "expected (batch, classes) probabilities.")
+        p = class_probabilities(model.predict(
+            zoomed(x, z), verbose=0, batch_size=batch_size),
+            "scale_shift: the model", "target")
         confidence[z] = float(np.mean(np.max(p, axis=1)))
     return ScaleShift(verdict=scale_verdict(confidence, margin),
                       confidence=confidence, n=len(x))

@@ -217,7 +217,9 @@ class ModelSelection:
 
     def ranking(self):
         """The candidate names, best first."""
-        return sorted(self.estimates, key=lambda k: -self.estimates[k].score)
+        # (ties by name, as select_model's ``best``)
+        return sorted(self.estimates,
+                      key=lambda k: (-self.estimates[k].score, k))
 
     def table(self):
         """The candidates, best first, as text."""
@@ -285,6 +287,11 @@ def _sampled(target, max_samples, seed, source_val=None):
     """``(xs, ys, xt)``: at most ``max_samples`` labelled source validation
     samples (None, None without ``source_val``) and target images, drawn
     with one seeded generator, the source first."""
+    if isinstance(max_samples, bool) or not isinstance(
+            max_samples, (int, np.integer)) or max_samples < 4:
+        raise KerastlError(f"max_samples={max_samples!r}: expected an int "
+                           ">= 4 (a few hundred or more for a steady "
+                           "estimate).")
     xs = ys = None
     rng = np.random.default_rng(seed)
     if source_val is not None:
@@ -400,13 +407,10 @@ def deep_embedded_validation(model, source_val, target, features=None,
     """
     xs, ys, xt = _sampled(target, max_samples, seed, source_val)
     embed = features or feature_function(model)
-    probs = np.asarray(model.predict(xs, verbose=0, batch_size=128),
-                       "float64")
-    if probs.ndim != 2 or probs.shape[1] < 2:
-        raise KerastlError(
-            f"deep_embedded_validation: the model's outputs have shape "
-            f"{probs.shape}; expected (batch, classes) probabilities.")
-    labels = ys.astype(int).reshape(-1)
+    probs = class_probabilities(
+        model.predict(xs, verbose=0, batch_size=128),
+        "deep_embedded_validation: the model", "source")
+    labels = _class_labels(ys, probs, "deep_embedded_validation")
     loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7,
                            1.0))
     w = density_ratio(embed(xs), embed(xt), l2=l2, seed=seed)
@@ -420,7 +424,34 @@ def deep_embedded_validation(model, source_val, target, features=None,
                        ess=float(ess), n=len(xs))
 
 
-def _probabilities(p, who, what):
+def _class_labels(labels, probs, who):
+    """``labels`` (integers, ``(n, 1)`` or one-hot rows) as ``n`` class
+    indices of ``probs``'s classes, or a KerastlError starting with
+    ``who``."""
+    y = np.asarray(labels)
+    classes = probs.shape[1]
+    if y.ndim == 2 and y.shape[1] == classes and classes > 1:
+        y = y.argmax(axis=1)  # one-hot
+    elif y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise KerastlError(
+            f"{who}: source labels of shape {y.shape}; expected one "
+            f"integer label per image or one-hot rows of {classes} "
+            "classes.")
+    if len(y) != len(probs):
+        raise KerastlError(
+            f"{who}: {len(probs)} source predictions but {len(y)} labels.")
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise KerastlError(
+            f"{who}: the source labels go from {y.min():g} to "
+            f"{y.max():g}, but the predictions have {classes} classes (0 "
+            f"to {classes - 1}): map the labels to the model's class "
+            "indices.")
+    return y.astype(int)
+
+
+def class_probabilities(p, who, what):
     """``p`` as a float64 ``(samples, classes)`` array of class
     probabilities, or a KerastlError that starts with ``who`` and names
     the ``what`` images."""
@@ -467,8 +498,8 @@ def ensemble_validation(predictions):
         raise KerastlError(
             "ensemble_validation: expected a dict {name: probabilities} of "
             "at least one candidate.")
-    probs = {name: _probabilities(p, f"ensemble_validation: candidate "
-                                     f"{name!r}", "target")
+    probs = {name: class_probabilities(
+                 p, f"ensemble_validation: candidate {name!r}", "target")
              for name, p in predictions.items()}
     shapes = {p.shape for p in probs.values()}
     if len(shapes) > 1:
@@ -575,35 +606,18 @@ def average_thresholded_confidence(source_predictions, source_labels,
         raise KerastlError(
             f"average_thresholded_confidence: score={score!r}; expected "
             f"one of {', '.join(map(repr, ATC_SCORES))}.")
-    ps = _probabilities(source_predictions, "average_thresholded_confidence:"
-                        " source_predictions", "source")
-    pt = _probabilities(target_predictions, "average_thresholded_confidence:"
-                        " target_predictions", "target")
+    ps = class_probabilities(
+        source_predictions,
+        "average_thresholded_confidence: source_predictions", "source")
+    pt = class_probabilities(
+        target_predictions,
+        "average_thresholded_confidence: target_predictions", "target")
     if ps.shape[1] != pt.shape[1]:
         raise KerastlError(
             f"average_thresholded_confidence: the source predictions have "
             f"{ps.shape[1]} classes and the target predictions "
             f"{pt.shape[1]}: predict both with the same model.")
-    y = np.asarray(source_labels)
-    if y.ndim == 2 and y.shape[1] == ps.shape[1] and y.shape[1] > 1:
-        y = y.argmax(axis=1)  # one-hot
-    elif y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise KerastlError(
-            f"average_thresholded_confidence: source_labels of shape "
-            f"{y.shape}; expected one integer label per image or one-hot "
-            f"rows of {ps.shape[1]} classes.")
-    if len(y) != len(ps):
-        raise KerastlError(
-            f"average_thresholded_confidence: {len(ps)} source predictions "
-            f"but {len(y)} labels.")
-    if len(y) and (y.min() < 0 or y.max() >= ps.shape[1]):
-        raise KerastlError(
-            f"average_thresholded_confidence: the source labels go from "
-            f"{y.min():g} to {y.max():g}, but the predictions have "
-            f"{ps.shape[1]} classes (0 to {ps.shape[1] - 1}): map the "
-            f"labels to the model's class indices.")
+    y = _class_labels(source_labels, ps, "average_thresholded_confidence")
 
     def scores(p):
         if score == "confidence":
@@ -656,8 +670,9 @@ def select_model(candidates, source_val=None, target=None,
             candidates whose features :func:`feature_function` cannot find.
         max_samples: at most this many target (and source) samples.
         seed: the subsampling seed.
-        **kwargs: passed to :func:`average_thresholded_confidence`
-            (``score=``) or :func:`deep_embedded_validation`.
+        **kwargs: ``score=`` for :func:`average_thresholded_confidence`
+            (``"atc"``), ``l2=`` for :func:`deep_embedded_validation`
+            (``"dev"``); any other is an error.
 
     Returns:
         a :class:`ModelSelection`; ``.table()`` prints the ranking.
@@ -681,6 +696,17 @@ def select_model(candidates, source_val=None, target=None,
             "select_model: pass the unlabelled target images (target=).")
     if method == "auto":
         method = "ensemble" if source_val is None else "atc"
+    # (the arguments of average_thresholded_confidence and
+    # deep_embedded_validation that select_model does not set itself)
+    takes = {"atc": ("score",), "dev": ("l2",)}
+    unknown = sorted(set(kwargs) - set(takes.get(method, ())))
+    if unknown:
+        raise KerastlError(
+            f"select_model: method={method!r} takes no "
+            f"{', '.join(map(repr, unknown))} argument; it takes "
+            + (", ".join(map(repr, takes[method])) if takes.get(method)
+               else "none beyond select_model's own")
+            + ".")
     if method == "ensemble":
         if len(candidates) < 3:
             raise KerastlError(
@@ -708,11 +734,13 @@ def select_model(candidates, source_val=None, target=None,
                 "method='ensemble'.")
         xs, ys, xt = _sampled(target, max_samples, seed, source_val)
         estimates = {name: average_thresholded_confidence(
-            _probabilities(model.predict(xs, verbose=0, batch_size=128),
-                           f"select_model: candidate {name!r}", "source"),
+            class_probabilities(
+                model.predict(xs, verbose=0, batch_size=128),
+                f"select_model: candidate {name!r}", "source"),
             ys,
-            _probabilities(model.predict(xt, verbose=0, batch_size=128),
-                           f"select_model: candidate {name!r}", "target"),
+            class_probabilities(
+                model.predict(xt, verbose=0, batch_size=128),
+                f"select_model: candidate {name!r}", "target"),
             **kwargs)
             for name, model in candidates.items()}
     else:
@@ -736,5 +764,5 @@ def select_model(candidates, source_val=None, target=None,
             f"kerastl: select_model: {', '.join(map(repr, tied))} score "
             f"exactly the same ({method}); returning the first by name, "
             f"{tied[0]!r}. Nothing in the target images tells them apart.",
-            RuntimeWarning, stacklevel=2)
+            RuntimeWarning, stacklevel=3)  # (past quiet_retracing's frame)
     return ModelSelection(best=tied[0], estimates=estimates, method=method)
