@@ -140,6 +140,14 @@ def check_destination(path, what="output", overwrite=False,
             f"by kerastl (it has no valid {MARKER} marker): kerastl does not "
             "replace folders it did not write. Choose a new folder, or move "
             "its files away first.")
+    found = read_marker(os.path.join(full, MARKER)).get("what")
+    if found is not None and found != what:
+        # (overwrite replaces an earlier output of the same kind only: an
+        # export never replaces a training run's folder, nor the reverse)
+        raise KerastlError(
+            f"The {what} {shown!r} holds a kerastl {found}, not an earlier "
+            f"{what}; kerastl replaces only an earlier {what} there. Choose "
+            f"a new folder, e.g. {os.path.join(shown, 'export')!r}.")
     if not overwrite:
         raise KerastlError(
             f"The {what} {shown!r} holds an earlier kerastl output; "
@@ -245,11 +253,16 @@ def atomic_folder(path, what="output", overwrite=False,
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
+    made = _missing_parents(parent)
     os.makedirs(parent, exist_ok=True)
-    recover(path)
-    if checked:
-        check_destination(path, what, overwrite, overwrite_hint)
-    tmp = temporary_folder(path, "tmp")
+    try:
+        recover(path)
+        if checked:
+            check_destination(path, what, overwrite, overwrite_hint)
+        tmp = temporary_folder(path, "tmp")
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         yield tmp
         if checked:
@@ -257,8 +270,30 @@ def atomic_folder(path, what="output", overwrite=False,
         replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)  # (a failed write leaves no new empty folders)
         raise
     _drop_partial(path)
+
+
+def _missing_parents(folder):
+    """The folders ``os.makedirs(folder)`` would create, deepest first."""
+    made = []
+    while folder and not os.path.lexists(folder):
+        made.append(folder)
+        up = os.path.dirname(folder)
+        if up == folder:
+            break
+        folder = up
+    return made
+
+
+def _remove_empty(folders):
+    """Removes ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def replace_folder(tmp, path):

@@ -411,8 +411,12 @@ def cmd_export(args):
         scan_image_folder(args.data)  # every bad file named, in one error
         size = tuple(model.inputs[0].shape[1:3])
         if None in size:
-            raise ExportError("The model's input size is not fixed: "
-                              "kerastl export needs a model with one.")
+            if not args.image_size:
+                raise ExportError(
+                    "The model's input size is not fixed: pass --image-size "
+                    "N, the side of the square images the file should "
+                    "take.")
+            size = (args.image_size, args.image_size)
         split = dict(validation_split=args.validation_split, seed=args.seed)
         arrays = image_folder_arrays(args.data, size, **split)
         if arrays is not None:
@@ -436,7 +440,7 @@ def cmd_export(args):
         if args.quantize == "int8":
             representative = sample_images(train, REPRESENTATIVE_IMAGES)[0]
     report = export(model, output, format=args.format, input=args.input,
-                    quantize=args.quantize,
+                    image_size=args.image_size, quantize=args.quantize,
                     representative_data=representative,
                     validation_data=check, labels=labels,
                     verify=not args.no_check, overwrite=args.overwrite)
@@ -507,6 +511,14 @@ def _cli_terms(message):
     message = re.sub(r"strategy='(\w+)'", r"--strategy \1", message)
     message = message.replace("pass overwrite=True", "pass --overwrite")
     message = re.sub(r"(quantize|format)='(\w+)'", r"--\1 \2", message)
+    message = re.sub(r"(--(?:quantize|format) \w+) or '(\w+)'", r"\1 or \2",
+                     message)
+    message = message.replace(
+        "pass image_size=(height, width)",
+        "pass --image-size N (the side of the square images to take)")
+    message = re.sub(r"image_size=(\d+)", r"--image-size \1", message)
+    message = message.replace("leave image_size out",
+                              "leave --image-size out")
     return message
 
 
@@ -590,6 +602,10 @@ def build_parser():
                    help="the split of --data checked on (default: 0.2)")
     p.add_argument("--seed", type=int, default=0,
                    help="the seed of that split (default: 0)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="for a model without a fixed input size: the side "
+                        "of the square images the file takes (LiteRT and "
+                        "ONNX files, and --input bytes, take one size)")
     p.add_argument("--output", default=None,
                    help="the export folder (default: <model>_<format>)")
     p.add_argument("--overwrite", action="store_true",

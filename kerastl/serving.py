@@ -62,7 +62,18 @@ def inference_model(model):
     no LoRA variable or operation is served); anything else is returned
     as is.
     """
-    return merge_lora(_without_training_parts(model))
+    model = _without_training_parts(model)
+    try:
+        return merge_lora(model)
+    except KerastlError:
+        raise
+    except Exception as e:  # merge_lora saves and reloads the model
+        raise ExportError(
+            f"Could not merge the LoRA factors of {model.name!r} into its "
+            f"kernels ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ": merging saves and reloads the model, so every custom layer "
+            "in it must be registered (@keras.saving."
+            "register_keras_serializable()) and have a get_config.") from e
 
 
 def _without_training_parts(model):
@@ -109,9 +120,26 @@ def _image_size(model, image_size):
     shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) \
         else None
     if image_size is not None:
-        if isinstance(image_size, int):
+        if isinstance(image_size, (int, np.integer)) and \
+                not isinstance(image_size, bool):
             image_size = (image_size, image_size)
-        return tuple(int(s) for s in image_size)
+        try:
+            size = tuple(int(v) for v in image_size)
+            ok = len(size) == 2 and min(size) > 0 and all(
+                not isinstance(v, bool) and float(v) == int(v)
+                for v in image_size)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ExportError(
+                f"image_size={image_size!r}: expected (height, width), two "
+                "whole numbers of pixels.")
+        if shape is not None and len(shape) == 4 and \
+                None not in shape[1:3] and size != tuple(shape[1:3]):
+            raise ExportError(
+                f"image_size={image_size!r}: the model takes "
+                f"{shape[1]}x{shape[2]} images; leave image_size out.")
+        return size
     if shape is None or len(shape) != 4 or None in shape[1:3]:
         raise ExportError(
             f"The model's input shape {shape} has no fixed height and width; "
@@ -122,16 +150,18 @@ def _image_size(model, image_size):
 def _serve_fn(model, input_mode, size):
     import tensorflow as tf
 
-    channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) \
-        else 3
+    channels = _channels(model)
+    # (a model of one image size takes only that size: another would give
+    # outputs the Keras model refuses to give)
+    height, width = _fixed_hw(model)
     if input_mode == "float":
-        spec = tf.TensorSpec((None, None, None, channels), tf.float32,
+        spec = tf.TensorSpec((None, height, width, channels), tf.float32,
                              name="images")
 
         def serve(images):
             return model(images, training=False)
     elif input_mode == "uint8":
-        spec = tf.TensorSpec((None, None, None, channels), tf.uint8,
+        spec = tf.TensorSpec((None, height, width, channels), tf.uint8,
                              name="images")
 
         def serve(images):
@@ -140,17 +170,35 @@ def _serve_fn(model, input_mode, size):
         spec = tf.TensorSpec((None,), tf.string, name="image_bytes")
 
         def decode(data):
-            image = tf.io.decode_image(data, channels=3,
+            image = tf.io.decode_image(data, channels=channels,
                                        expand_animations=False)
             image = tf.image.resize(tf.cast(image, tf.float32), size)
-            return tf.ensure_shape(image, (size[0], size[1], 3))
+            return tf.ensure_shape(image, (size[0], size[1], channels))
 
         def serve(image_bytes):
             images = tf.map_fn(decode, image_bytes,
                                fn_output_signature=tf.TensorSpec(
-                                   (size[0], size[1], 3), tf.float32))
+                                   (size[0], size[1], channels),
+                                   tf.float32))
             return model(images, training=False)
     return serve, spec
+
+
+def _channels(model):
+    """The model's image channels (1 or 3; 3 when it does not say)."""
+    shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) \
+        else ()
+    return shape[-1] if len(shape) == 4 and shape[-1] in (1, 3) else 3
+
+
+def _fixed_hw(model):
+    """``(height, width)`` of a model of one input size, else (None,
+    None)."""
+    shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) \
+        else ()
+    if len(shape) == 4 and None not in shape[1:3]:
+        return int(shape[1]), int(shape[2])
+    return None, None
 
 
 def _destination(path, overwrite):
@@ -174,9 +222,10 @@ def _write_savedmodel(model, folder, input_mode, size):
         archive.write_out(folder, verbose=False)
 
 
-def _probe_images(size, n=4, seed=0):
+def _probe_images(size, n=4, seed=0, channels=3):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, size[0], size[1], 3)).astype("uint8")
+    return rng.integers(0, 256, (n, size[0], size[1], channels)).astype(
+        "uint8")
 
 
 def _encode_png(images):
@@ -245,8 +294,9 @@ def export_savedmodel(model, path, input="float", image_size=None,
             into place.
         probe: images in [0, 255], shape ``(N, H, W, 3)``.
         rtol, atol: the tolerance of the check.
-        tflite: also write ``model.tflite`` (TensorFlow Lite, float input)
-            into the export folder.
+        tflite: also write ``model.tflite`` (TensorFlow Lite, converted
+            from the ``serve`` signature: it takes what ``input`` says,
+            ``"float"`` or ``"uint8"``) into the export folder.
         overwrite: replace an earlier kerastl export at ``path``; it is
             replaced only once the new one is complete and verified.
 
@@ -270,15 +320,24 @@ def export_savedmodel(model, path, input="float", image_size=None,
     if input not in INPUT_MODES:
         raise ExportError(f"input={input!r}: expected one of "
                           f"{', '.join(INPUT_MODES)}.")
+    if tflite and input == "bytes":
+        raise ExportError(
+            "tflite=True with input='bytes': LiteRT has no image decoder, so "
+            "its file takes pixels; use input='float' or 'uint8' (or "
+            "kerastl.export(model, path, format='litert')).")
+    _check_tolerances(rtol, atol)
     path = _destination(path, overwrite)
     model = inference_model(model)
     size = _image_size(model, image_size) if input == "bytes" else None
+    if image_size is not None:
+        _image_size(model, image_size)  # (checked whatever the input)
     try:
         with atomic_folder(path, "export folder", overwrite) as tmp:
             _write_savedmodel(model, tmp, input, size)
             if verify:
                 if probe is None:
-                    probe = _probe_images(_image_size(model, image_size))
+                    probe = _probe_images(_image_size(model, image_size),
+                                          channels=_channels(model))
                 _verify(tmp, model, input, probe, rtol, atol)
             if tflite:
                 _write_tflite(tmp)
@@ -295,7 +354,8 @@ def _write_tflite(folder):
 
     converter = tf.lite.TFLiteConverter.from_saved_model(
         folder, signature_keys=["serve"])
-    data = converter.convert()
+    with _quiet_converter():
+        data = converter.convert()
     with open(os.path.join(folder, "model.tflite"), "wb") as f:
         f.write(data)
 
@@ -393,6 +453,13 @@ def _check_export_args(format, input, quantize, labels):
             "without line breaks), one per output class.")
     if format == "onnx" and missing_onnx_package():
         raise ExportError(f"format='onnx': {missing_onnx_package()}.")
+
+
+def _check_tolerances(rtol, atol):
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(
+                value, (int, float)) or not 0 <= value < float("inf"):
+            raise ExportError(f"{name}={value!r}: expected a number >= 0.")
 
 
 def missing_onnx_package():
@@ -499,8 +566,12 @@ def _unsupported(error, model):
     text = str(error)
     ops = sorted(set(re.findall(r"'(tf\.\w+)' op is neither", text)) |
                  set(re.findall(r'In Node, \("[^"]*", (\w+),', text)))
-    # (onnxruntime names the failing node by its path of layer names.)
-    scope = " ".join(re.findall(r'In Node, \("([^"]*)"', text)) or text
+    # Only where the failing node is (onnxruntime's node path, the LiteRT
+    # converter's fused["Op:", "scope/path@function"] locations): the rest
+    # of the converter's text prints constants as dense<...>, which would
+    # name every layer called "dense".
+    scope = " ".join(re.findall(r'In Node, \("([^"]*)"', text)
+                     + re.findall(r'fused\["[^"]*", "([^"@]*)', text)) or text
     layers = [l.name for l in _all_layers(model) if re.search(
         r"(?<!\w)%s(?:_\d+)?(?!\w)" % re.escape(l.name), scope)]
     where = f" in layer {', '.join(repr(l) for l in layers[:3])}" \
@@ -869,9 +940,32 @@ def export(model, path, format="savedmodel", input="float", quantize=None,
         raise ExportError(
             "kerastl.export uses TensorFlow's converters and needs the "
             "TensorFlow backend (KERAS_BACKEND=tensorflow).")
+    if labels is not None and not isinstance(labels, str):
+        labels = list(labels)  # (a generator is read once, here)
     _check_export_args(format, input, quantize, labels)
+    _check_tolerances(rtol, atol)
+    if isinstance(max_representative, bool) or not isinstance(
+            max_representative, (int, np.integer)) or max_representative < 1:
+        raise ExportError(f"max_representative={max_representative!r}: "
+                          "expected an int >= 1.")
+    if min_agreement is not None:
+        if quantize is None:
+            raise ExportError(
+                "min_agreement is for a quantized file (quantize=...); a "
+                "float file is checked against rtol and atol.")
+        if isinstance(min_agreement, bool) or not isinstance(
+                min_agreement, (int, float)) or not 0 < min_agreement <= 1:
+            raise ExportError(
+                f"min_agreement={min_agreement!r}: expected a share in (0, "
+                "1], e.g. 0.95 for 95%.")
     path = _destination(path, overwrite)
     model = inference_model(model)
+    if len(getattr(model, "outputs", None) or ()) > 1:
+        raise ExportError(
+            f"{model.name!r} has {len(model.outputs)} outputs; "
+            "kerastl.export checks one output of class scores. Export "
+            "keras.Model(model.inputs, model.outputs[0]) (the classifier), "
+            "or use kerastl.export_savedmodel, which serves every output.")
     size = _fixed_size(model, image_size) if format != "savedmodel" or \
         input == "bytes" else None
     classes = model.outputs[0].shape[-1] if getattr(model, "outputs", None) \
@@ -901,9 +995,24 @@ def export(model, path, format="savedmodel", input="float", quantize=None,
             representative = representative[np.sort(pick)]
     elif representative_data is not None:
         raise ExportError("representative_data is for quantize='int8'.")
+    want = size or _fixed_hw(model)
+    for what, images in (("validation_data", check_images),
+                         ("representative_data", representative)):
+        if images is None:
+            continue
+        if None not in want and tuple(images.shape[1:3]) != tuple(want):
+            raise ExportError(
+                f"{what}: images of {images.shape[1]}x{images.shape[2]}, "
+                f"but the model takes {want[0]}x{want[1]}: resize them "
+                "(the exported file takes that size too).")
+        if images.shape[-1] != _channels(model):
+            raise ExportError(
+                f"{what}: images with {images.shape[-1]} channel(s), but the "
+                f"model takes {_channels(model)}.")
     if check_images is None:
         check_images = _probe_images(
-            size or _image_size(model, image_size), n=8).astype("float32")
+            size or _image_size(model, image_size), n=8,
+            channels=_channels(model)).astype("float32")
     try:
         with atomic_folder(path, "export folder", overwrite) as tmp:
             name = _FILES[format]
