@@ -131,6 +131,33 @@ def hook_optimizer(optimizer, update_step, apply_weight_decay,
         object.__setattr__(optimizer, name, fn)
 
 
+def learning_rate_schedule(optimizer):
+    """The ``LearningRateSchedule`` that ``optimizer`` (or the optimizer it
+    wraps) follows, or None for a plain rate (``_learning_rate``)."""
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    rate = getattr(optimizer, "_learning_rate", None)
+    return rate if isinstance(
+        rate, keras.optimizers.schedules.LearningRateSchedule) else None
+
+
+def copy_weight_decay_exclusions(source, target):
+    """Gives ``target`` the variables and name patterns that ``source``
+    excludes from weight decay (``exclude_from_weight_decay``, which
+    ``get_config`` does not hold), through wrappers (``inner_optimizer``)
+    on both sides. Returns nothing."""
+    while source is not None and target is not None:
+        for name in ("_exclude_from_weight_decay",
+                     "_exclude_from_weight_decay_pattern"):
+            if hasattr(source, name):
+                value = getattr(source, name)
+                object.__setattr__(target, name, set(value) if isinstance(
+                    value, set) else value)
+        object.__setattr__(target, "_exclude_from_weight_decay_cache", {})
+        source = getattr(source, "inner_optimizer", None)
+        target = getattr(target, "inner_optimizer", None)
+
+
 # -- variables and saving ----------------------------------------------------------
 
 def adopt_tf_variable(variable, tf_variable):

@@ -25,6 +25,7 @@ rules to it, never the other way round.
 """
 
 import difflib
+import numbers
 import weakref
 
 import keras
@@ -425,12 +426,19 @@ class BlockMap:
 
     def resolve(self, block):
         """Returns the block name for a name, a negative/positive index."""
-        if isinstance(block, int) and not isinstance(block, bool):
+        if isinstance(block, numbers.Integral) and \
+                not isinstance(block, bool):
+            block = int(block)
             if not -len(self.names) <= block < len(self.names):
                 raise BlockError(
                     f"Block index {block} is out of range: the model has "
                     f"{len(self.names)} blocks ({', '.join(self.names)}).")
             return self.names[block]
+        if not isinstance(block, str):
+            raise BlockError(
+                f"Block {block!r}: expected a block name or an index (a "
+                f"list holds names or indices, not lists). The blocks are, "
+                f"input to output: {', '.join(self.names)}.")
         if block not in self._index:
             close = difflib.get_close_matches(str(block), self.names, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -34,6 +34,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 
 from kerastl import _keras_private as _private
 from kerastl.blocks import block_map, variable_size
@@ -234,6 +235,8 @@ def apply_trainable(model, trainable, bn="frozen", recompile=True,
     """
     _check_bn(bn)
     keras_model = keras_model_of(model)
+    if learning_rate is not None and recompile:
+        _check_learning_rate(keras_model, learning_rate)
     bm = block_map(keras_model)
     if isinstance(trainable, Trainable):
         trainable.check(bm, keras_model.name)
@@ -254,6 +257,8 @@ def apply_trainable(model, trainable, bn="frozen", recompile=True,
         if train and _is_batch_norm(layer) and bn == "frozen" and \
                 block not in bm.head_blocks:
             train = False
+        if train:  # (through False: see train_only; a weight that
+            layer.trainable = False  # tune_biases or lora froze trains)
         layer.trainable = train
         if hasattr(layer, "batchnorm_training"):  # a whole HubLayer
             layer.batchnorm_training = bn == "train"
@@ -441,11 +446,32 @@ def fresh_optimizer(model, optimizer=None, variables=None,
     optimizer = model.optimizer if optimizer is None else optimizer
     with strategy_scope(model):
         fresh = optimizer.__class__.from_config(optimizer.get_config())
+        # (not in the config: AdamW's exclude_from_weight_decay)
+        _private.copy_weight_decay_exclusions(optimizer, fresh)
         if learning_rate is not None:
             fresh.learning_rate = learning_rate
         if variables is not None:
             fresh.build(list(variables))
     return fresh
+
+
+def _check_learning_rate(model, learning_rate):
+    """Refuses, before anything changes, a ``learning_rate=`` that the
+    recompile could not set."""
+    if isinstance(learning_rate, bool) or not isinstance(
+            learning_rate, (int, float, np.floating, np.integer)) or \
+            not 0 < learning_rate < float("inf"):
+        raise KerastlError(
+            f"learning_rate={learning_rate!r}: expected a number > 0.")
+    if not getattr(model, "compiled", False):
+        return  # (_recompile names the fix)
+    schedule = _private.learning_rate_schedule(model.optimizer)
+    if schedule is not None:
+        raise KerastlError(
+            f"learning_rate={learning_rate!r}: the model's optimizer follows "
+            f"a schedule ({type(schedule).__name__}), whose rate cannot be "
+            "set; compile with a new optimizer instead of passing "
+            "learning_rate=.")
 
 
 def _recompile(model, learning_rate=None):

@@ -101,6 +101,13 @@ class LayerDecay(MultiplierRule):
         self.top = _check_multiplier(top, "the top block")
         if isinstance(shared, str):
             shared = (shared,)
+        if shared is not None and (not isinstance(shared, (list, tuple)) or
+                                   not all(isinstance(b, str)
+                                           for b in shared)):
+            raise KerastlError(
+                f"LayerDecay(shared={shared!r}): expected a block name or a "
+                "list of block names (the blocks that share the top "
+                "block's rate).")
         self.shared = tuple(shared or ())
 
     def per_block(self, names):
@@ -269,8 +276,11 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     Multipliers are stored per variable path, so ``get_config`` round-trips
     and a model saved to ``.keras`` trains on with the same multipliers after
-    ``keras.models.load_model``. Variables the table does not know (a layer
-    added after the optimizer was made) get ``default``.
+    ``keras.models.load_model``. LoRA factors added after the optimizer was
+    made (``kerastl.lora``) get their layer's multiplier; any other
+    variable the table does not know (a layer added since, or another
+    model's) is refused when training starts: make the optimizer after
+    the model's last change.
 
     Works with ``jit_compile=True``, inside the ``LossScaleOptimizer`` of
     ``mixed_float16`` and under ``tf.distribute`` strategies, on the
@@ -297,7 +307,14 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 f"{', '.join(sorted(kwargs))}: set them on the wrapped "
                 f"optimizer.")
         if isinstance(optimizer, str):
-            optimizer = keras.optimizers.get(optimizer)
+            try:
+                optimizer = keras.optimizers.get(optimizer)
+            except ValueError:
+                raise KerastlError(
+                    f"LayerwiseOptimizer({optimizer!r}): Keras has no "
+                    "optimizer of that name; pass one such as 'adam', "
+                    "'adamw', 'sgd', or an instance (keras.optimizers."
+                    "Adam(1e-3)).") from None
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise KerastlError(
                 f"LayerwiseOptimizer wraps a Keras optimizer (an instance of "
@@ -411,6 +428,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         # After load_model, variables of nested models lose their outer
         # prefix ("inner/dense/kernel" becomes "dense/kernel").
         found = {m for p, m in self._table.items() if p.endswith("/" + path)}
+        if not found and _is_lora_factor(path):
+            found = self._layer_multipliers(path)
         if len(found) > 1:
             raise KerastlError(
                 f"Variable {path!r} matches several entries of the "
@@ -422,7 +441,17 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     def _known(self, path):
         path = _stable_path(path)
         return path in self._table or any(
-            p.endswith("/" + path) for p in self._table)
+            p.endswith("/" + path) for p in self._table) or (
+            _is_lora_factor(path) and bool(self._layer_multipliers(path)))
+
+    def _layer_multipliers(self, path):
+        """The multipliers of the table's entries in the layer of
+        ``path`` (a LoRA factor added after the optimizer was made belongs
+        to its layer's block, as its kernel does)."""
+        layer = path.rsplit("/", 1)[0]
+        return {m for p, m in self._table.items()
+                if p.rsplit("/", 1)[0] == layer
+                or p.rsplit("/", 1)[0].endswith("/" + layer)}
 
     def build(self, var_list):
         var_list = list(var_list)
@@ -433,12 +462,13 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             # shares some layer names (two kerastl classifiers share their
             # head's) would otherwise train the rest at 1.0 without a word.
             raise KerastlError(
-                f"This LayerwiseOptimizer was made for another model: "
-                f"{len(unknown)} of the {len(var_list)} variables it is "
-                f"asked to train are not in its multiplier table (e.g. "
-                f"{', '.join(unknown[:3])}). Make one per model: "
-                "LayerwiseOptimizer(optimizer, multipliers, model) with the "
-                "model you compile it into.")
+                f"This LayerwiseOptimizer was made for another model, or "
+                f"before layers were added to this one: {len(unknown)} of "
+                f"the {len(var_list)} variables it is asked to train are "
+                f"not in its multiplier table (e.g. "
+                f"{', '.join(unknown[:3])}). Make it after the model's last "
+                "change: LayerwiseOptimizer(optimizer, multipliers, model) "
+                "with the model you compile it into.")
         self._multipliers = [self.multiplier(v) for v in var_list]
         self.inner_optimizer.build(var_list)
         self.built = True
@@ -509,6 +539,12 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         inner = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _is_lora_factor(path):
+    """Whether ``path`` names a factor Keras's ``enable_lora`` adds
+    (``lora_kernel_a``, ``lora_embeddings_b``, ...)."""
+    return path.rsplit("/", 1)[-1].startswith("lora_")
 
 
 def _stable_path(path):

@@ -193,8 +193,9 @@ def lora(model, rank=None, alpha=None, blocks="all", targets="auto",
             before the first chosen one are frozen, and the boundary cache
             runs them once.
         targets: which layers of a block (see :func:`lora_targets`).
-        bn: as in :func:`kerastl.freeze` (BatchNorm stays frozen by
-            default).
+        bn: ``"frozen"`` only: the chosen blocks' normalisation layers
+            stay as they were trained (their statistics too); the heads
+            train whole. To tune norms, :func:`tune_norms`.
         recompile: recompile a compiled model (see :func:`kerastl.freeze`).
 
     Returns:
@@ -210,6 +211,13 @@ def lora(model, rank=None, alpha=None, blocks="all", targets="auto",
         kerastl.lora(model, rank=8)            # or blocks="stage4:"
         kerastl.fine_tune(model, train, val, strategy="lora")
     """
+    if bn != "frozen":  # (checked before the model changes)
+        raise KerastlError(
+            f"lora(bn={bn!r}): LoRA trains only the factors and the heads; "
+            "the normalisation layers of the chosen blocks stay frozen, "
+            "statistics included (bn='frozen'). To tune them too, call "
+            "kerastl.tune_norms, or fine-tune whole with kerastl.freeze("
+            "model, bn='train').")
     keras_model = freezing.keras_model_of(model)
     chosen = enable_lora(keras_model, rank, alpha, blocks, targets)
     _train(keras_model, chosen, "lora", bn, recompile)
@@ -245,6 +253,13 @@ def enable_lora(model, rank=None, alpha=None, blocks="all", targets="auto"):
                     f"Layer {layer.name!r} already has LoRA of rank "
                     f"{layer.lora_rank}; use rank={layer.lora_rank}, or "
                     "merge_lora(model) first to start a new one.")
+            if alpha is not None and \
+                    float(layer.lora_alpha) != float(alpha):
+                raise KerastlError(
+                    f"Layer {layer.name!r} already has LoRA with alpha "
+                    f"{layer.lora_alpha:g}; use alpha={layer.lora_alpha:g} "
+                    "(or leave alpha out), or merge_lora(model) first to "
+                    "start a new one.")
             continue
         layer.enable_lora(rank, lora_alpha=alpha)
     return chosen

@@ -371,6 +371,51 @@ def test_freeze_recompile_keeps_the_multipliers():
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(5e-3)
 
 
+def test_a_recompile_keeps_adamws_weight_decay_exclusions():
+    """exclude_from_weight_decay is not in an optimizer's config: the fresh
+    optimizer of kerastl's recompile gets it from the old one (inside a
+    LayerwiseOptimizer too)."""
+    def adamw():
+        opt = keras.optimizers.AdamW(0.1, weight_decay=0.5)
+        opt.exclude_from_weight_decay(var_names=["bias"])
+        return opt
+    for wrap in (False, True):
+        model = two_block_model()
+        opt = kerastl.LayerwiseOptimizer(adamw(), {"low": M_LOW}, model) \
+            if wrap else adamw()
+        model.compile(opt, "mse")
+        kerastl.unfreeze(model, 0)  # recompiles
+        assert model.optimizer is not opt
+        # A step with zero gradients is weight decay alone: the kernel
+        # shrinks by 1 - 0.1 x 0.5, the excluded bias stays bit-identical.
+        top = model.get_layer("top")
+        top.bias.assign(np.ones(3, "float32"))  # (zeros would not decay)
+        kernel, bias = top.kernel.numpy(), top.bias.numpy()
+        variables = model.trainable_variables
+        model.optimizer.apply_gradients(
+            [(keras.ops.zeros_like(v), v) for v in variables])
+        np.testing.assert_array_equal(top.bias.numpy(), bias)
+        np.testing.assert_allclose(top.kernel.numpy(), 0.95 * kernel,
+                                   rtol=1e-6)
+
+
+def test_a_bad_learning_rate_changes_nothing():
+    model = two_block_model()
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    kerastl.freeze(model, up_to="low")
+    for rate, message in (("fast", "learning_rate='fast'"),
+                          (-1e-3, "expected a number > 0")):
+        with pytest.raises(kerastl.KerastlError, match=message):
+            kerastl.unfreeze(model, 0, learning_rate=rate)
+        assert kerastl.freezing.trainable_blocks(model) == ["top"]
+    model.compile(keras.optimizers.Adam(
+        keras.optimizers.schedules.CosineDecay(1e-2, 10)), "mse")
+    with pytest.raises(kerastl.KerastlError, match="follows a schedule "
+                       "\\(CosineDecay\\)"):
+        kerastl.unfreeze(model, 0, learning_rate=1e-3)
+    assert kerastl.freezing.trainable_blocks(model) == ["top"]
+
+
 def test_gradual_unfreezing_keeps_the_multipliers():
     model = two_block_model()
     opt = kerastl.LayerwiseOptimizer(keras.optimizers.SGD(0.1),
@@ -431,6 +476,11 @@ def test_bad_optimizer_and_rules():
         kerastl.LayerwiseOptimizer("adam", {"low": 0.1})
     with pytest.raises(kerastl.KerastlError, match=r"\(0, 1\]"):
         kerastl.LayerDecay(1.5)
+    with pytest.raises(kerastl.KerastlError, match="list of block names"):
+        kerastl.LayerDecay(0.5, shared=3)
+    with pytest.raises(kerastl.KerastlError, match="no optimizer of that "
+                       "name"):
+        kerastl.LayerwiseOptimizer("adamm", {"low": 0.1}, model)
     with pytest.raises(kerastl.KerastlError, match="lo <= hi"):
         kerastl.LRSpread(1.0, 0.1)
     with pytest.raises(kerastl.KerastlError, match="expected a dict"):

@@ -182,8 +182,13 @@ def test_save_model_resumes_exactly(strategy, tmp_path):
         assert {l.lora_alpha for l in peft.lora_layers(loaded)} == {4.0}
 
 
-def test_layerwise_multiplier_on_a_lora_block_is_exact():
+@pytest.mark.parametrize("optimizer_first", [False, True],
+                         ids=["lora first", "optimizer first"])
+def test_layerwise_multiplier_on_a_lora_block_is_exact(optimizer_first):
     model = two_block_model()
+    if optimizer_first:  # the factors get their layer's multiplier
+        opt = kerastl.LayerwiseOptimizer(keras.optimizers.Adam(0.1),
+                                         {"low": M_LOW}, model)
     peft.enable_lora(model, rank=2, blocks="low", targets="all")
     kerastl.freezing.apply_trainable(
         model, kerastl.freezing.resolve_trainable(model, "lora"),
@@ -191,8 +196,9 @@ def test_layerwise_multiplier_on_a_lora_block_is_exact():
     variables = model.trainable_variables
     paths = [v.path for v in variables]
     assert "low/lora_kernel_a" in paths and "low/kernel" not in paths
-    opt = kerastl.LayerwiseOptimizer(keras.optimizers.Adam(0.1),
-                                     {"low": M_LOW}, model)
+    if not optimizer_first:
+        opt = kerastl.LayerwiseOptimizer(keras.optimizers.Adam(0.1),
+                                         {"low": M_LOW}, model)
     refs = []
     for v in variables:
         m = M_LOW if v.path.startswith("low/") else 1.0
@@ -226,6 +232,12 @@ def test_bias_only_and_norm_only_train_exactly_what_they_name():
         if tune is kerastl.tune_norms:  # BatchNorm trains: its statistics
             named |= {norm.moving_mean.path, norm.moving_variance.path}
         assert _moved(model, before) == named | head
+        # Then full fine-tuning: every weight trains again, the ones the
+        # tuning froze inside trainable layers (conv kernels) included.
+        kerastl.freeze(model, "full", recompile=False)
+        assert {v.path for v in model.trainable_weights} == {
+            v.path for v in model.weights if "moving" not in v.path
+            and not (v.path.startswith(norm.name + "/"))}
 
 
 def test_plan_and_resolver_take_the_strategies():
@@ -253,9 +265,18 @@ def test_bad_requests_name_the_fix():
         kerastl.lora(model, blocks="head")
     with pytest.raises(BlockError, match="Unknown block 'stage9'"):
         kerastl.lora(model, blocks="stage9:")
+    # bn='train' would do nothing (LoRA keeps norms frozen): refused before
+    # the model changes.
+    with pytest.raises(KerastlError, match="lora.bn='train'.*tune_norms"):
+        kerastl.lora(model, rank=2, bn="train")
+    assert peft.lora_layers(model) == []
+    with pytest.raises(BlockError, match="a list holds names or indices"):
+        kerastl.lora(model, blocks=[["block1"]])
     kerastl.lora(model, rank=2, blocks="block1")
     with pytest.raises(KerastlError, match="already has LoRA of rank 2"):
         kerastl.lora(model, rank=4, blocks="block1")
+    with pytest.raises(KerastlError, match="already has LoRA with alpha 2"):
+        kerastl.lora(model, rank=2, alpha=16, blocks="block1")
     # A block without a layer Keras can give LoRA to.
     inputs = keras.Input((16, 16, 3))
     h = keras.layers.DepthwiseConv2D(3, name="dw")(inputs)

@@ -797,7 +797,8 @@ def test_a_layerwise_optimizer_for_a_model_sharing_only_the_head_is_refused():
                                      kerastl.LayerDecay(0.5), a)
     b.compile(opt, "sparse_categorical_crossentropy")
     with pytest.raises(kerastl.KerastlError,
-                       match=r"made for another model: \d+ of the \d+"):
+                       match=r"made for another model, or before layers were "
+                             r"added to this one: \d+ of the \d+"):
         b.fit(np.ones((4, 8, 8, 3)), np.zeros(4), verbose=0)
 
 
