@@ -358,6 +358,8 @@ def test_adapt_refuses_what_it_cannot_train_on():
         kerastl.adapt(small_cnn(), (xs, ys), list(xt))
     with pytest.raises(kerastl.KerastlError, match="unbatch"):
         kerastl.adapt(small_cnn(), source.batch(8), xt, num_classes=2)
+    with pytest.raises(kerastl.KerastlError, match="target images only"):
+        kerastl.adapt(small_cnn(), (xs, ys), source, num_classes=2)
     with pytest.raises(kerastl.KerastlError, match="num_classes=2"):
         kerastl.adapt(small_cnn(), (xs, ys), xt, num_classes=1)
     with pytest.raises(kerastl.KerastlError, match="fewer than batch_size"):

@@ -34,6 +34,11 @@ def _size(data, what):
     dataset of single samples), or None when a dataset's length is
     unknown."""
     if hasattr(data, "element_spec"):  # a tf.data.Dataset
+        if what == "target" and isinstance(data.element_spec, tuple):
+            raise KerastlError(
+                "The target dataset yields tuples (images and labels?): "
+                "adapt() takes the target images only, unlabelled; pass "
+                "dataset.map(lambda x, *_: x).")
         if is_batched(data):
             spec = data.element_spec
             shape = (spec[0] if isinstance(spec, tuple) else spec).shape
