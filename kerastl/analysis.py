@@ -321,8 +321,21 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
             raise KerastlError(
                 f"transfer_depth_sweep: {name} must be an (images, labels) "
                 f"tuple of arrays; got {type(data).__name__}.")
-    x, y = train
-    y = np.asarray(y)
+    x, y = (np.asarray(a) for a in train)
+    validation = tuple(np.asarray(a) for a in validation)
+    for name, labels in (("train", y), ("validation", validation[1])):
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or \
+                not len(labels):
+            raise KerastlError(
+                f"transfer_depth_sweep: the {name} labels have shape "
+                f"{labels.shape} and dtype {labels.dtype}; expected one "
+                "class index per image (one-hot labels: labels.argmax(-1)).")
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [seeds]  # (one seed)
+    seeds = list(seeds)
+    if not seeds:
+        raise KerastlError("transfer_depth_sweep: seeds=[]; pass at least "
+                           "one seed.")
     num_classes = int(max(np.max(y), np.max(validation[1]))) + 1
     sizes = [None] if train_sizes is None else list(train_sizes)
     optimizer = optimizer or (lambda: keras.optimizers.Adam(1e-3))
@@ -366,7 +379,7 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
 
 # -- ranking backbones ---------------------------------------------------------------
 
-_METHODS = ("logme", "h_score", "leep", "nce", "linear_probe")
+RANK_METHODS = ("logme", "h_score", "leep", "nce", "linear_probe")
 
 
 class BackboneRanking(list):
@@ -501,8 +514,10 @@ def _cv_probe_accuracy(features, labels, folds=5, seed=0):
     """Mean accuracy of a softmax probe (:func:`~kerastl.features.probes.softmax_probe`, as
     :class:`~kerastl.LinearProbe`) over stratified folds: the slower, often
     as good baseline of the estimators."""
-    labels = np.asarray(labels).reshape(-1)
-    classes, codes = np.unique(labels, return_inverse=True)
+    # (one-hot or (n, 1) labels, one class or fewer samples than classes:
+    # as the estimators take or refuse them)
+    codes, num_classes = transferability.class_codes(
+        labels, len(features), "linear_probe")
     features = np.asarray(features, "float64")
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(labels), int)
@@ -515,7 +530,7 @@ def _cv_probe_accuracy(features, labels, folds=5, seed=0):
         if not test.any() or len(np.unique(codes[~test])) < 2:
             continue
         predicted = softmax_probe(features[~test], codes[~test],
-                                   features[test], len(classes), seed=seed)
+                                   features[test], num_classes, seed=seed)
         scores.append(float(np.mean(predicted == codes[test])))
     return float(np.mean(scores))
 
@@ -586,15 +601,16 @@ def rank_backbones(candidates, data, method="logme", blocks=False,
         print(ranking)
     """
     methods = [method] if isinstance(method, str) else list(method)
-    unknown = [m for m in methods if m not in _METHODS]
+    unknown = [m for m in methods if m not in RANK_METHODS]
     if unknown or not methods:
         raise KerastlError(f"method={method!r}: expected one or more of "
-                           f"{', '.join(_METHODS)}.")
+                           f"{', '.join(RANK_METHODS)}.")
     if isinstance(candidates, dict):
         named = list(candidates.items())
     else:
-        if isinstance(candidates, (str, os.PathLike, keras.Model)):
-            candidates = [candidates]
+        if isinstance(candidates, (str, os.PathLike, keras.Model)) or \
+                isinstance(getattr(candidates, "model", None), keras.Model):
+            candidates = [candidates]  # (one; a Backbone too)
         named = [(_candidate_name(c), c) for c in candidates]
         # Two models of the same name (Keras's default "functional") are
         # told apart in the rows: "name", "name#2", ...

@@ -346,6 +346,31 @@ def _max_samples(value):
     return count
 
 
+def _rank_methods(value):
+    """--method: estimators separated by commas."""
+    from kerastl.analysis import RANK_METHODS
+
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in RANK_METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected one or more of {', '.join(RANK_METHODS)}, "
+            "separated by commas")
+    return ",".join(methods)
+
+
+def _positive_int(value):
+    """A count or size of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole "
+                                         "number >= 1")
+    return number
+
+
 def cmd_rank(args):
     """kerastl rank --data FOLDER (--models a,b | --family F |
     --all-cached) [--blocks]."""
@@ -634,14 +659,14 @@ def build_parser():
                         "already on this machine (no download)")
     p.add_argument("--blocks", action="store_true",
                    help="also score every block (where to cut)")
-    p.add_argument("--method", default="logme",
+    p.add_argument("--method", default="logme", type=_rank_methods,
                    help="logme (default), h_score, linear_probe, or several "
                         "separated by commas (the first orders the table)")
     p.add_argument("--weights", choices=("imagenet", "none"),
                    default="imagenet",
                    help="pretrained weights (default) or none (random, for "
                         "trying the command offline)")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--input-size", type=_positive_int, default=None,
                    help="input height and width (default: each model's)")
     p.add_argument("--max-samples", type=_max_samples, default="auto",
                    help="rank on about this many of the images (class "

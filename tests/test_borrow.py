@@ -54,6 +54,9 @@ def test_hard_targets_get_more_neighbours():
     labels = np.array([0, 1, 2, 0, 1, 0])  # the last one is misclassified
     hard = kerastl.adaptation.hard_examples(probs, labels, entropy_quantile=None)
     np.testing.assert_array_equal(hard, [False] * 5 + [True])
+    # Labels of shape (n, 1): the same mask (not an n x n comparison).
+    np.testing.assert_array_equal(kerastl.adaptation.hard_examples(
+        probs, labels[:, None], entropy_quantile=None), hard)
     sel = kerastl.adaptation.select_source_samples(source, target, k=3, hard=hard)
     np.testing.assert_array_equal(sel.k, [3, 3, 3, 3, 3, 6])
     assert (sel.neighbours[:5, 3:] == -1).all()
@@ -69,6 +72,18 @@ def test_selection_errors():
     with pytest.raises(KerastlError, match="metric"):
         kerastl.adaptation.select_source_samples(np.ones((5, 3)), np.ones((2, 3)),
                                       metric="manhattan")
+    src, tgt = np.ones((5, 3)), np.ones((2, 3))
+    nan = tgt.copy()
+    nan[1, 0] = np.nan
+    for kwargs, message in ((dict(target_features=nan), "NaN"),
+                            (dict(chunk_size=0), "chunk_size=0"),
+                            (dict(k=[1, 2, 3]), "one int per target"),
+                            (dict(hard=[5]), "indices of hard targets"),
+                            (dict(hard=[-1]), "indices of hard targets")):
+        with pytest.raises(KerastlError, match=message):
+            kerastl.adaptation.select_source_samples(
+                **{"source_features": src, "target_features": tgt,
+                   **kwargs})
 
 
 def test_joint_fine_tune_trains_both_heads():

@@ -121,6 +121,16 @@ def test_datasets_folders_and_labels(arrays, tmp_path):
         f, kerastl.extract_features(model, x[:6].astype("uint8")
                                     .astype("float32"), verbose=0),
         rtol=1e-4, atol=1e-5)
+    # Through the cache: an empty class folder added since shifts every
+    # label (its index comes first), so it is another entry.
+    cache = tmp_path.parent / (tmp_path.name + "_cache")
+    kerastl.extract_features(model, str(tmp_path), return_labels=True,
+                             cache=str(cache), verbose=0)
+    os.makedirs(tmp_path / "ant")
+    _, labels = kerastl.extract_features(model, str(tmp_path),
+                                         return_labels=True,
+                                         cache=str(cache), verbose=0)
+    np.testing.assert_array_equal(labels, [1, 1, 1, 1, 2, 2])
 
 
 def test_bad_input_is_named(arrays, tmp_path):
@@ -174,6 +184,8 @@ def test_second_call_does_no_forward_pass(arrays, tmp_path):
 def test_changing_a_key_part_invalidates(arrays, tmp_path, change):
     x, y = arrays
     model = small_backbone()
+    if change == "labels":  # the same data, labels asked for or not
+        x = (x, y)
     cached(model, x, tmp_path)
     kwargs = {}
     if change == "weights":
@@ -189,7 +201,6 @@ def test_changing_a_key_part_invalidates(arrays, tmp_path, change):
         x = x.copy()
         x[0, 0, 0, 0] += 1
     elif change == "labels":
-        x = (x, y)
         kwargs["return_labels"] = True
     f, passes = cached(model, x, tmp_path, **kwargs)
     assert passes == 3
@@ -197,6 +208,19 @@ def test_changing_a_key_part_invalidates(arrays, tmp_path, change):
     assert passes == 0
     if change == "dtype":
         assert f_again.dtype == np.float16
+    if change == "labels":
+        np.testing.assert_array_equal(f_again[1], y)
+
+
+def test_the_feature_output_and_a_layer_called_output_are_two_entries(
+        arrays, tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(4, 3, name="output")(inputs)
+    model = keras.Model(inputs, keras.layers.Conv2D(8, 3, name="last")(h))
+    x = arrays[0][:8]
+    assert kerastl.extract_features(model, x, layers="output",
+                                    cache=tmp_path).shape == (8, 4)
+    assert kerastl.extract_features(model, x, cache=tmp_path).shape == (8, 8)
 
 
 def test_a_truncated_file_is_detected_and_recomputed(arrays, tmp_path):
@@ -232,9 +256,13 @@ def test_a_crash_mid_write_leaves_no_entry(arrays, tmp_path, monkeypatch):
 
 # -- probes ----------------------------------------------------------------------
 
-def blobs(n=60, d=5, seed=0):
+def blobs(n=60, d=5, seed=0, sample_seed=None):
+    """Three Gaussian classes; ``sample_seed``: other samples of the same
+    classes (held-out data)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 4, (3, d))
+    if sample_seed is not None:
+        rng = np.random.default_rng([seed, sample_seed])
     y = rng.integers(0, 3, n)
     return (centres[y] + rng.normal(0, 1, (n, d))).astype("float32"), y
 
@@ -244,7 +272,7 @@ def test_linear_probe_learns_separable_classes(kind):
     x, y = blobs()
     names = np.array(["ant", "bee", "cat"])[y]
     probe = kerastl.LinearProbe(kind, epochs=60).fit(x, names)
-    xt, yt = blobs(seed=0)
+    xt, yt = blobs(seed=0, sample_seed=1)  # held out
     assert probe.score(xt, np.array(["ant", "bee", "cat"])[yt]) > 0.95
     assert set(probe.predict(xt)) <= {"ant", "bee", "cat"}
     if kind == "softmax":
@@ -265,3 +293,13 @@ def test_probe_errors():
         kerastl.LinearProbe().fit(x, y[:5])
     with pytest.raises(KerastlError, match="kind"):
         kerastl.LinearProbe("tree")
+    # Labels of shape (n, 1) (CIFAR's) and one-hot rows are one label per
+    # row: the same accuracy as the flat labels (an (n, 1) column compared
+    # with n predictions broadcast to n x n).
+    keras.utils.set_random_seed(0)
+    probe = kerastl.LinearProbe(epochs=60).fit(x, y[:, None])
+    flat = probe.score(x, y)
+    assert flat > 0.8 and probe.score(x, y[:, None]) == flat
+    assert probe.score(x, np.eye(3)[y]) == flat
+    with pytest.raises(KerastlError, match="validation_data has 5"):
+        kerastl.LinearProbe(epochs=1).fit(x, y, validation_data=(x[:5], y))

@@ -347,6 +347,15 @@ def test_rank_command_skips_what_cannot_load_and_prints_json(
                   "--max-samples", "1"])
     assert "--max-samples: '1': expected auto, all, or a number of images" \
         in capsys.readouterr().err
+    for flag, value, message in (
+            ("--method", "foo", "--method: 'foo': expected one or more of "
+                                "logme, h_score"),
+            ("--input-size", "-4", "--input-size: '-4': expected a whole "
+                                   "number >= 1")):
+        with pytest.raises(SystemExit):
+            cli.main(["rank", "--data", str(images), "--models", "x", flag,
+                      value])
+        assert message in capsys.readouterr().err
     # Neither --models nor --family: one line naming both.
     code = cli.main(["rank", "--data", str(images)])
     assert code == 2

@@ -23,7 +23,7 @@ import numpy as np
 from kerastl import heads
 from kerastl.blocks import model_input, model_output
 from kerastl.errors import KerastlError
-from kerastl.features.extract import flat_features
+from kerastl.features.extract import check_finite, flat_features
 from kerastl.plan import TrainingPlan
 from kerastl.training import fine_tune
 
@@ -61,6 +61,7 @@ def _matrix(features, name):
     if len(f) == 0:
         raise KerastlError(f"{name} must be a non-empty (n, features) array; "
                            f"got shape {f.shape}.")
+    check_finite(f, name)
     return f
 
 
@@ -77,7 +78,14 @@ def hard_examples(probabilities, labels, entropy_quantile=0.75):
         A boolean mask, for ``hard=`` of :func:`select_source_samples`.
     """
     p = np.asarray(probabilities, dtype="float64")
-    hard = np.argmax(p, axis=1) != np.asarray(labels)
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]  # (n, 1), as keras.datasets gives them
+    if p.ndim != 2 or labels.shape != (len(p),):
+        raise KerastlError(
+            f"hard_examples: probabilities of shape {p.shape} and labels of "
+            f"shape {labels.shape}; expected (n, classes) and (n,).")
+    hard = np.argmax(p, axis=1) != labels
     if entropy_quantile is not None:
         entropy = -np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=1)
         hard |= entropy > np.quantile(entropy, entropy_quantile)
@@ -115,7 +123,17 @@ def select_source_samples(source_features, target_features, k=10,
         raise KerastlError(
             f"source features have {src.shape[1]} dimensions, target "
             f"features {tgt.shape[1]}: extract both from the same layer.")
-    ks = np.broadcast_to(np.asarray(k), (len(tgt),)).astype("int64").copy()
+    if isinstance(chunk_size, bool) or not isinstance(
+            chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise KerastlError(f"chunk_size={chunk_size!r}: expected an int "
+                           ">= 1.")
+    k_array = np.asarray(k)
+    if k_array.dtype.kind not in "iu" or k_array.ndim > 1 or (
+            k_array.ndim == 1 and len(k_array) != len(tgt)):
+        raise KerastlError(
+            f"k={k!r}: expected an int, or one int per target "
+            f"({len(tgt)}).")
+    ks = np.broadcast_to(k_array, (len(tgt),)).astype("int64").copy()
     if hard is not None:
         hard = np.asarray(hard)
         if hard.dtype == bool:
@@ -124,8 +142,16 @@ def select_source_samples(source_features, target_features, k=10,
                                    f"{len(tgt)} targets.")
             mask = hard
         else:
+            if hard.dtype.kind not in "iu" or (len(hard) and (
+                    hard.min() < 0 or hard.max() >= len(tgt))):
+                raise KerastlError(
+                    f"hard: expected a boolean mask or the indices of hard "
+                    f"targets, 0 to {len(tgt) - 1}.")
             mask = np.zeros(len(tgt), bool)
             mask[hard.astype("int64")] = True
+        if k_hard is not None and (isinstance(k_hard, bool) or
+                                   not isinstance(k_hard, (int, np.integer))):
+            raise KerastlError(f"k_hard={k_hard!r}: expected an int >= 1.")
         ks[mask] = 2 * ks[mask] if k_hard is None else int(k_hard)
     if ks.min() < 1:
         raise KerastlError(f"k={k!r}: every target needs at least one "
@@ -230,6 +256,20 @@ def joint_fine_tune(backbone, target, source, epochs=10, batch_size=32,
     if len(xs) == 0:
         raise KerastlError("No source samples to borrow: select some with "
                            "select_source_samples().")
+    if len(xt) == 0:
+        raise KerastlError("joint_fine_tune: the target has no images; it "
+                           "is what the model is fine-tuned for.")
+    labels = []
+    for name, y in (("target", yt), ("source", ys)):
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]  # (n, 1), as keras.datasets gives them
+        if y.ndim != 1 or y.dtype.kind not in "iu" or y.min() < 0:
+            raise KerastlError(
+                f"joint_fine_tune: the {name} labels have shape {y.shape} "
+                f"and dtype {y.dtype}; expected one class index (an int >= "
+                "0) per image (one-hot labels: labels.argmax(-1)).")
+        labels.append(y)
+    yt, ys = labels
     n_t, n_s = int(yt.max()) + 1, int(ys.max()) + 1
     pool = heads.pooling_layer(pooling, "joint_pool")(model_output(model))
     if dropout:

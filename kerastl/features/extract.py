@@ -240,6 +240,9 @@ def _folder_data(directory, batch_size, image_size, data_key):
             return f"key:{data_key}"
         h = hashlib.blake2b(digest_size=20)
         h.update(repr(tuple(image_size)).encode())
+        # (the label of each file is its class's index among every class
+        # folder, an empty one included)
+        h.update(repr(tuple(ds.class_names) if classes else ()).encode())
         for f in files:
             st = os.stat(f)
             h.update(f"{os.path.relpath(f, directory)}|{st.st_size}|"
@@ -496,7 +499,10 @@ def extract_features(backbone, data, layers=None, pooling="avg",
     if cache is not None:
         parts = {
             "model": model_fingerprint(model),
-            "layers": names, "pooling": pooling, "dtype": dtype,
+            # (None: the backbone's feature output, which the feature
+            # model also calls "output", as a layer could be called)
+            "layers": _layer_names(layers),
+            "pooling": pooling, "dtype": dtype,
             "preprocessing": getattr(backbone, "preprocessing", None),
             "input_shape": list(model_input(model).shape[1:]),
             "image_size": list(image_size) if image_size else None,

@@ -113,6 +113,22 @@ class LinearProbe:
             kernel_regularizer=keras.regularizers.L2(float(self.l2)))(norm(inputs))
         return keras.Model(inputs, outputs, name="linear_probe")
 
+    @staticmethod
+    def _labels(y, what="y"):
+        """``y`` as one label per row: ``(n, 1)`` flattened (CIFAR's
+        shape), one-hot rows as their class index."""
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        elif y.ndim == 2 and y.shape[1] > 1 and len(y) and \
+                np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all():
+            y = y.argmax(axis=1)  # one-hot
+        if y.ndim != 1:
+            raise KerastlError(
+                f"LinearProbe: {what} has shape {y.shape}; expected one label "
+                "per feature row (or one-hot rows).")
+        return y
+
     def _encode(self, y):
         # classes_ comes from np.unique: sorted, so a binary search encodes.
         y = np.asarray(y)
@@ -128,7 +144,7 @@ class LinearProbe:
         """Trains on features ``x`` (array or dict) and labels ``y``."""
         x = flat_features(x)
         check_finite(x, "LinearProbe.fit: the features")
-        y = np.asarray(y)
+        y = self._labels(y)
         if len(x) != len(y):
             raise KerastlError(f"{len(x)} feature rows but {len(y)} labels.")
         self.classes_ = np.unique(y)
@@ -149,7 +165,16 @@ class LinearProbe:
         val = None
         if validation_data is not None:
             vx, vy = validation_data
-            val = (flat_features(vx), self._encode(vy))
+            vx = flat_features(vx)
+            check_finite(vx, "LinearProbe.fit: the validation features")
+            vy = self._labels(vy, "the validation labels")
+            if len(vx) != len(vy) or vx.shape[1:] != x.shape[1:]:
+                raise KerastlError(
+                    f"LinearProbe.fit: validation_data has {len(vx)} feature "
+                    f"rows of {vx.shape[1:]} and {len(vy)} labels; expected "
+                    f"as many labels as rows, of the training features' "
+                    f"{x.shape[1:]}.")
+            val = (vx, self._encode(vy))
         self.history = self.model.fit(
             x, yi, batch_size=int(self.batch_size), epochs=int(self.epochs),
             validation_data=val, verbose=self.verbose)
@@ -184,7 +209,7 @@ class LinearProbe:
 
     def score(self, x, y):
         """Accuracy on ``(x, y)``."""
-        y = np.asarray(y)
+        y = self._labels(y)
         predicted = self.predict(x)
         if len(predicted) != len(y):
             raise KerastlError(f"{len(predicted)} feature rows but {len(y)} "

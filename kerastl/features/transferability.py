@@ -34,7 +34,7 @@ __all__ = ["ESTIMATORS", "logme", "leep", "nce", "h_score",
            "ledoit_wolf_shrinkage"]
 
 
-def _labels(y, n, what):
+def class_codes(y, n, what):
     """``(codes 0..C-1, C)`` for labels of any values; checks them."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] > 1:  # one-hot
@@ -97,7 +97,7 @@ def logme(features, labels, max_iterations=100, tolerance=1e-8,
     """
     f = _features(features, "logme")
     n, d = f.shape
-    codes, num_classes = _labels(labels, n, "logme")
+    codes, num_classes = class_codes(labels, n, "logme")
     if n < d:
         # f f' = u diag(s^2) u': its eigendecomposition gives the same basis
         # and eigenvalues as the thin SVD at a fraction of the cost (n x n,
@@ -185,7 +185,8 @@ def leep(source_probabilities, labels):
     empirical joint with the target labels and ``P(y | z) = P(y, z) /
     P(z)``. At most 0; higher is better.
     """
-    codes, num_classes = _labels(labels, len(source_probabilities), "leep")
+    codes, num_classes = class_codes(labels, len(source_probabilities),
+                                     "leep")
     theta = _source_probabilities(source_probabilities, len(codes), "leep")
     n = len(codes)
     joint = np.zeros((num_classes, theta.shape[1]))
@@ -200,7 +201,8 @@ def nce(source_probabilities, labels):
     """NCE: ``-H(Y | Z) = sum_{y,z} P(y, z) log P(y | z)``, with ``Z`` the
     source classifier's predicted class (argmax) of each image. At most 0;
     higher is better."""
-    codes, num_classes = _labels(labels, len(source_probabilities), "nce")
+    codes, num_classes = class_codes(labels, len(source_probabilities),
+                                     "nce")
     z = _source_probabilities(source_probabilities, len(codes),
                               "nce").argmax(-1)
     n = len(codes)
@@ -249,7 +251,7 @@ def h_score(features, labels, shrinkage="ledoit_wolf"):
         raise KerastlError(f"shrinkage={shrinkage!r}: expected "
                            "'ledoit_wolf' or None.")
     f = _features(features, "h_score")
-    codes, num_classes = _labels(labels, len(f), "h_score")
+    codes, num_classes = class_codes(labels, len(f), "h_score")
     f = f - f.mean(0)
     n = len(f)
     means = np.zeros((num_classes, f.shape[1]))
