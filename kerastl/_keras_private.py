@@ -131,6 +131,14 @@ def hook_optimizer(optimizer, update_step, apply_weight_decay,
         object.__setattr__(optimizer, name, fn)
 
 
+def start_fit_at(model, epoch):
+    """Makes the ``fit`` call whose callbacks are beginning start at
+    ``epoch`` (``Model._initial_epoch``, which Keras's BackupAndRestore
+    sets the same way; ``fit`` reads it after ``on_train_begin``, and
+    keeps it for the next ``fit``: None puts it back)."""
+    model._initial_epoch = None if epoch is None else int(epoch)
+
+
 def learning_rate_schedule(optimizer):
     """The ``LearningRateSchedule`` that ``optimizer`` (or the optimizer it
     wraps) follows, or None for a plain rate (``_learning_rate``)."""

@@ -102,6 +102,15 @@ def check_experiment(experiment, inputs=()):
         if missing:  # said before training, not after
             raise KerastlError(f"--export onnx: {missing}.")
     files = scan_image_folder(e["data"])
+    n = sum(len(f) for f in files.values())
+    held = int(e["validation_split"] * n)  # as Keras splits the files
+    if not held or held == n:
+        raise KerastlError(
+            f"--validation-split {e['validation_split']:g} of the {n} "
+            f"images of {e['data']!r} holds out {held}: "
+            + ("no validation image; raise --validation-split (or add "
+               "images)." if not held else
+               "no image left to train on; lower --validation-split."))
     output, backup = e["output"], resume.backup_folder(e["output"])
     if (e["overwrite"] or e["resume"]) and os.path.isdir(output):
         named = [("--data", e["data"]),
@@ -166,10 +175,27 @@ def build_model(experiment, num_classes):
     e = experiment
     shape = None if e["image_size"] is None else (e["image_size"],) * 2
     weights = e["weights"]
-    if e["model"].endswith(".keras"):
+    own_file = e["model"].endswith(".keras")
+    if own_file:
+        if weights != "imagenet":  # (the default: nothing asked for)
+            raise ConfigError(
+                f"--weights {weights if weights else 'none'}: "
+                f"{e['model']!r} is a .keras file and carries its own "
+                "weights; drop --weights.")
         weights = None
     backbone = backbone_lib.load_backbone(e["model"], weights=weights,
                                           input_shape=shape)
+    if own_file:
+        fixed = tuple(backbone.input_shape[:2])
+        if None in fixed and shape is None:
+            raise ConfigError(
+                f"{e['model']!r} takes images of any size: pass --image-size "
+                "N, the side of the square images to train it on.")
+        if None not in fixed and shape is not None and fixed != shape:
+            raise ConfigError(
+                f"--image-size {e['image_size']}: {e['model']!r} takes "
+                f"{fixed[0]}x{fixed[1]} images; drop --image-size (the "
+                "images are resized to the model's size).")
     model = build_classifier(backbone, num_classes, dropout=e["dropout"],
                              freeze=None)
     try:
@@ -241,6 +267,8 @@ def _data(e, size, verbose, one_device):
 def _train(e, classes, start, plan, backbone, model, verbose, one_device):
     """run_experiment's training, saving and reporting."""
     size = tuple(backbone.input_shape[:2])
+    if None in size:  # a .keras file of any size: --image-size's
+        size = (e["image_size"],) * 2
     train, val, names = _data(e, size, verbose, one_device)
     if list(names) != classes:
         raise KerastlError("The image folder changed while it was read.")

@@ -32,7 +32,11 @@ def scan_image_folder(folder, decode=True):
     files = {}
     for c in classes:
         d = os.path.join(folder, c)
-        files[c] = sorted(os.path.join(d, f) for f in os.listdir(d)
+        # (subfolders too, as Keras's image_dataset_from_directory reads
+        # them: without following links)
+        files[c] = sorted(os.path.join(root, f)
+                          for root, _, names in os.walk(d)
+                          for f in names
                           if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files[c]:
             raise KerastlError(

@@ -38,6 +38,7 @@ import keras
 import numpy as np
 
 from kerastl.atomic import read_marker, write_marker
+from kerastl import _keras_private as _private
 from kerastl.errors import KerastlError
 from kerastl.saving import load_model, save_model
 
@@ -344,16 +345,29 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        best, best_epoch, wait = None, 0, 0
+        best, best_epoch, wait, stopped = None, 0, 0, False
         for epoch, value in enumerate(self.previous):
             if value is None or epoch < self.start_from_epoch:
                 continue
             wait += 1  # as EarlyStopping.on_epoch_end counts
             if best is None or value < best:
                 best, best_epoch, wait = value, epoch, 0
+            elif wait >= self.patience and epoch > 0:
+                stopped = True  # (where it stopped the run)
+                break
         if best is None:
             return
         self.best, self.best_epoch, self.wait = best, best_epoch, wait
         if self.checkpoint and os.path.isfile(self.checkpoint):
             self.best_weights = load_model(
                 self.checkpoint, compile=False).get_weights()
+        self.skipped = stopped
+        if stopped:
+            # The run had stopped early before it was killed: no epoch
+            # more (on_train_end restores the best weights, as then).
+            _private.start_fit_at(self.model, self.params["epochs"])
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if getattr(self, "skipped", False):  # (not for the next fit)
+            _private.start_fit_at(self.model, None)

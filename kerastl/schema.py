@@ -105,6 +105,15 @@ class Key:
         for alias, meaning in self.aliases:
             if isinstance(value, str) and value == alias:
                 return meaning
+        if isinstance(value, str) and numbers.Real in self.types and \
+                str not in self.types:
+            # (YAML reads 1e-4, without a decimal point, as a string)
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            if abs(number) < float("inf"):  # (not NaN, not infinite)
+                return number
         return value
 
     def refuse(self, value, expected):
@@ -178,7 +187,9 @@ KEYS = (
     Key("validation_split", 0.2, (numbers.Real,),
         "share of the images held out", check=lambda v: 0 < v < 1,
         expected="a fraction between 0 and 1 (exclusive)"),
-    Key("seed", 0, (int,), "random seed of the split and the training"),
+    Key("seed", 0, (int,), "random seed of the split and the training",
+        check=lambda v: 0 <= v < 2 ** 32,
+        expected="an integer from 0 to 4294967295"),
     Key("batch_size", 32, (int,), "images per step", check=_positive,
         expected="a positive integer"),
     Key("strategy", None, (str, NoneType),

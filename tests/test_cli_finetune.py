@@ -93,6 +93,12 @@ def empty_class(root):
     ("missing folder", "does not exist"),
     ("empty class", "holds no images"),
     ("corrupt image", "are not readable images"),
+    # (Keras reads a class's subfolders too: so does the check)
+    ("corrupt nested image", "are not readable images"),
+    ("no validation image", "holds out 0: no validation image; raise "
+                            "--validation-split"),
+    ("negative seed", "'seed' is -1 (--seed): expected an integer from 0 "
+                      "to 4294967295"),
     ("one class", "at least two"),
     ("unknown model", "Unknown model 'mobilenet_v9'"),
     ("unknown key", "Unknown experiment key 'epoch'"),
@@ -117,6 +123,13 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(
         empty_class(data)
     elif case == "corrupt image":
         corrupt(data)
+    elif case == "corrupt nested image":
+        (data / "cats" / "more").mkdir()
+        (data / "cats" / "more" / "x.png").write_bytes(b"not an image")
+    elif case == "no validation image":
+        argv += ["--validation-split", "0.1"]
+    elif case == "negative seed":
+        argv += ["--seed", "-1"]
     elif case == "one class":
         for f in (data / "dogs").iterdir():
             f.unlink()
@@ -166,6 +179,16 @@ def test_a_non_empty_output_folder_is_refused(images, tmp_path, capsys):
     code, _, err = run(capsys, "finetune", "--model", "mobilenet_v2",
                        "--data", str(images), "--output", str(out))
     assert code != 0 and "pass --overwrite" in err
+
+
+def test_a_yaml_number_without_a_decimal_point_is_a_number():
+    """YAML reads 1e-4 (no decimal point) as a string; a number key takes
+    it as the number, as its flag does."""
+    from kerastl import schema
+    key = {k.name: k for k in schema.KEYS}["learning_rate"]
+    assert key.canonical("1e-4") == 1e-4
+    assert key.canonical("fast") == "fast"  # (then refused by validate)
+    assert key.canonical("inf") == "inf"
 
 
 def test_version(capsys):
@@ -225,6 +248,30 @@ def plain_classifier(kind):
     for layer in layers:
         x = layer(x)
     return keras.Model(inputs, x)
+
+
+def test_flags_a_keras_file_does_not_take_are_refused(tmp_path, capsys):
+    """A .keras file has its own weights and (usually) its own size:
+    --weights and a different --image-size were ignored without a word;
+    one of any size needs --image-size."""
+    fixed = tmp_path / "fixed.keras"
+    plain_classifier("functional").save(fixed)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    free = tmp_path / "free.keras"
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)).save(free)
+    data = write_folder(tmp_path / "data", per_class=3)
+    for model, flags, message in (
+            (fixed, ["--weights", "none"], "carries its own weights; drop "
+                                           "--weights"),
+            (fixed, ["--image-size", "64"], "takes 32x32 images; drop "
+                                            "--image-size"),
+            (free, [], "takes images of any size: pass --image-size N")):
+        code, _, err = run(capsys, "finetune", "--model", str(model),
+                           "--data", str(data), "--output",
+                           str(tmp_path / "out"), *flags)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -183,6 +183,32 @@ def test_a_resume_ends_on_the_epoch_early_stopping_chose(tmp_path):
         == checkpointed(nan)
 
 
+def test_a_run_that_early_stopping_had_ended_trains_no_more(tmp_path):
+    """Killed after early stopping ended it (before the outputs were
+    written), a run resumed trains no epoch more and ends on the best
+    epoch's weights, as the uninterrupted run did; one epoch short of
+    stopping, it trains on."""
+    from kerastl import resume
+
+    model = keras.Sequential([keras.Input((1,)),
+                              keras.layers.Dense(1, use_bias=False)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.layers[0].kernel.assign([[2.0]])
+    best = str(tmp_path / "best.keras")
+    kerastl.save_model(model, best)  # the best epoch's weights
+    model.layers[0].kernel.assign([[5.0]])  # the last epoch's
+    x = np.ones((4, 1), "float32")
+    logged = [{"val_loss": v} for v in (0.5, 0.4, 0.45)]  # patience 1
+    history = model.fit(x, x, epochs=10, verbose=0, callbacks=[
+        resume.ResumableEarlyStopping(1, logged, best)])
+    assert history.epoch == []
+    assert float(model.layers[0].kernel[0, 0]) == 2.0
+    history = model.fit(x, x, epochs=4, verbose=0, initial_epoch=2,
+                        callbacks=[resume.ResumableEarlyStopping(
+                            1, logged[:2], best)])
+    assert history.epoch == [2, 3]  # and the next fit starts where asked
+
+
 @pytest.mark.slow
 def test_finetune_resume_continues_an_interrupted_run(tmp_path, capsys,
                                                       monkeypatch):
