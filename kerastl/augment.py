@@ -156,6 +156,30 @@ def augment_batch(layer, images):
     return keras.ops.convert_to_numpy(out)
 
 
+class EpochAugment:
+    """:func:`augment_batch` with ``layer``, whose random state is drawn
+    from ``(seed, epoch)`` at each epoch's start (:meth:`reseed`, which
+    :class:`kerastl.batch_order.SeededBatches` calls): a run resumed at
+    epoch ``e`` augments its batches as the uninterrupted run did, without
+    the layer's state in the backup."""
+
+    def __init__(self, layer, seed):
+        self.layer, self.seed = layer, int(seed)
+        # (Keras's SeedGenerator states: the only variables a random
+        # augmentation layer holds)
+        self.states = [v for v in layer.variables
+                       if v.path.endswith("seed_generator_state")]
+
+    def reseed(self, epoch):
+        for i, state in enumerate(self.states):
+            state.assign(np.random.default_rng(
+                [self.seed, int(epoch), i]).integers(
+                0, 2 ** 31, size=tuple(state.shape)).astype(state.dtype))
+
+    def __call__(self, images):
+        return augment_batch(self.layer, images)
+
+
 def augment_dataset(dataset, layer):
     """A ``tf.data.Dataset`` of ``(images, labels[, weights])`` batches with
     ``layer`` applied to the images (in the pipeline, before the model)."""

@@ -52,6 +52,9 @@ class SeededBatches(keras.utils.PyDataset):
         first = self.epoch * self.passes
         self.orders = [np.random.default_rng([self.seed, p]).permutation(
             self.size) for p in range(first, first + self.passes)]
+        reseed = getattr(self.transform, "reseed", None)
+        if reseed is not None:  # (an augmentation: its draws per epoch)
+            reseed(self.epoch)
 
     def pass_arrays(self, data_pass):
         """The arrays that pass ``data_pass`` (counted over all epochs)

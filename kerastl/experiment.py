@@ -279,6 +279,8 @@ def _train(e, classes, start, plan, backbone, model, verbose, one_device):
     if isinstance(train, tuple):  # each pass's order follows (seed, pass)
         plan = plan.replace(seed=e["seed"], batch_size=e["batch_size"],
                             trainable=plan.trainable)
+    else:  # Keras's loader (shuffled by --seed): the augmentation's seed
+        plan = plan.replace(seed=e["seed"], trainable=plan.trainable)
     # The budget in epochs (--epochs, or the step budget on this data, as
     # fine_tune counts it: on small data several passes each): the run's
     # messages count them; its log and metrics.json keep the experiment as

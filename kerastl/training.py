@@ -9,7 +9,6 @@ training are the same everywhere.
 """
 
 import collections
-import functools
 import math
 import warnings
 
@@ -190,7 +189,7 @@ def fine_tune(model, train, validation=None, plan=None, *,
     augment_fn = None  # a batch of images -> the batch augmented
     if aug is not None:
         _check_augmentable(x, y)
-        augment_fn = functools.partial(augment_lib.augment_batch, aug)
+        augment_fn = augment_lib.EpochAugment(aug, seed)
 
     def phase(optimizer, n_epochs, frozen, callbacks, passes):
         # Early stopping watches the validation loss: none without one.

@@ -274,6 +274,29 @@ def test_seeded_batch_order_depends_on_seed_and_epoch_only():
         order1, np.concatenate([a[i][1] for i in range(len(a))]))
 
 
+def test_augmented_batches_depend_on_seed_and_epoch_only():
+    """An epoch's augmented batches are the same whether the epochs before
+    it ran in this process or not (a resumed run), as its order is."""
+    from kerastl.augment import EpochAugment, augmentation
+    from kerastl.batch_order import SeededBatches
+
+    x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(
+        "float32")
+
+    def batches(seed):
+        return SeededBatches((x, np.arange(8)), 4, seed=3, transform=(
+            EpochAugment(augmentation("light", seed=seed), seed)))
+    straight = batches(5)
+    for epoch in range(3):  # epochs 0 to 2 in one process
+        straight.set_epoch(epoch)
+        last = [straight[i][0] for i in range(len(straight))]
+    resumed = batches(5)
+    resumed.set_epoch(2)  # epoch 2 first, as a resume starts
+    for a, b in zip(last, [resumed[i][0] for i in range(len(resumed))]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(last[0], x[:4])  # (augmented)
+
+
 def test_seeded_plans_train_alike_with_and_without_the_boundary_cache():
     """The same seed gives the same batches on both paths, and the same run
     twice, without touching the global random state."""
