@@ -478,22 +478,56 @@ def test_adapt_batch_norm_sets_target_statistics_only():
     _, _, xt, _ = toy_domains(n=96)
     others = {v.path: v.numpy().copy() for v in model.weights
               if "moving" not in v.path}
-    assert kerastl.adaptation.adapt_batch_norm(model, xt, batch_size=32) == 1
-    # The moving mean is the mean of the three batch means, i.e. the mean
-    # of the target activations entering BN.
+    # Batches of 40, 40 and 16: each counts by its images.
+    assert kerastl.adaptation.adapt_batch_norm(model, xt, batch_size=40) == 1
+    # The moving mean is the mean of the batch means weighted by their
+    # sizes, i.e. the mean of the target activations entering BN (with
+    # the short last batch counted as a full one it was not).
     upto = keras.Model(model.input, bn.input)
     acts = upto.predict(xt, verbose=0)
     np.testing.assert_allclose(bn.moving_mean.numpy(),
                                acts.mean(axis=(0, 1, 2)), rtol=1e-4,
                                atol=1e-5)
-    batch_vars = [acts[i:i + 32].var(axis=(0, 1, 2)) for i in (0, 32, 64)]
+    batch_vars = [acts[i:i + 40].var(axis=(0, 1, 2)) for i in (0, 40, 80)]
     np.testing.assert_allclose(bn.moving_variance.numpy(),
-                               np.mean(batch_vars, axis=0), rtol=1e-3,
-                               atol=1e-5)
+                               np.average(batch_vars, axis=0,
+                                          weights=[40, 40, 16]),
+                               rtol=1e-3, atol=1e-5)
+    # A dataset of single images gives the same statistics.
+    mean = bn.moving_mean.numpy().copy()
+    kerastl.adaptation.adapt_batch_norm(
+        model, tf.data.Dataset.from_tensor_slices(xt), batch_size=40)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5,
+                               atol=1e-6)
     for v in model.weights:
         if "moving" not in v.path:
             np.testing.assert_array_equal(v.numpy(), others[v.path])
     assert bn.trainable is False and bn.momentum == 0.99
+
+
+def test_dann_fit_refuses_plain_images_and_says_when_nothing_aligns():
+    import warnings
+
+    xs, ys, xt, _ = toy_domains(n=32)
+    dann = kerastl.DANN(small_cnn(), 2, domain_hidden=(8,))
+    dann.compile(keras.optimizers.Adam(1e-3))
+    with pytest.raises(kerastl.KerastlError, match="domain_dataset"):
+        dann.fit(xs, ys, epochs=1, verbose=0)
+    ds = kerastl.adaptation.domain_dataset((xs, ys), xt, batch_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dann.fit(ds, epochs=1, verbose=0)  # lambda_ 0, nothing ramps it
+        said = [str(w.message) for w in caught if "source-only" in
+                str(w.message)]
+        assert len(said) == 1 and "GaninLambda" in said[0]
+        caught.clear()
+        dann.fit(ds, epochs=1, verbose=0,
+                 callbacks=[kerastl.adaptation.GaninLambda()])
+        assert not [w for w in caught if "source-only" in str(w.message)]
+    # A source whose labels are not class indices: one line, not a
+    # truncation to 0.
+    with pytest.raises(kerastl.KerastlError, match="one class index"):
+        kerastl.adaptation.domain_dataset((xs, ys * 0.9), xt)
 
 
 def test_adapt_batch_norm_on_dann_adapts_the_bottleneck_too():

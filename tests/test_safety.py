@@ -551,6 +551,12 @@ def test_adapt_batch_norm_refuses_an_empty_target():
         np.zeros((0, 8, 8, 3), "float32")).batch(4)
     with pytest.raises(kerastl.KerastlError, match="empty target"):
         kerastl.adaptation.adapt_batch_norm(model, empty)
+    images = np.zeros((4, 8, 8, 3), "float32")
+    with pytest.raises(kerastl.KerastlError, match="batch_size=1"):
+        kerastl.adaptation.adapt_batch_norm(model, images, batch_size=1)
+    with pytest.raises(kerastl.KerastlError, match="infinite"):
+        kerastl.adaptation.adapt_batch_norm(
+            model, tf.data.Dataset.from_tensor_slices(images).repeat())
 
 
 def test_build_classifier_takes_numpy_integers():

@@ -20,17 +20,21 @@ def adapt_batch_norm(model, target, batch_size=64):
     Li et al. (2016): domain shift lives largely in the BN statistics; replace
     the source means and variances with the target's and nothing else
     changes. Runs the target data through the model once in training mode
-    with a cumulative average (batch k enters with weight 1/k), so the
-    moving statistics become the mean of the target batch statistics. No
-    other weight moves; BN layers get back their ``trainable`` and
-    ``momentum``.
+    with a cumulative average weighted by batch size (a batch of ``b``
+    images after ``n`` enters with weight ``b / (n + b)``), so the moving
+    statistics become the mean of the target batch statistics, each batch
+    counted by its images (a short last batch as much as its images, not
+    as much as a full batch). No other weight moves; BN layers get back
+    their ``trainable`` and ``momentum``.
 
     Args:
         model: a ``keras.Model`` (a :class:`DANN` adapts its label path:
             the feature extractor and the bottleneck).
-        target: target images, an array or a ``tf.data.Dataset`` of images
-            (or of ``(x, ...)`` tuples).
-        batch_size: for arrays.
+        target: target images, an array (or a tensor) or a finite
+            ``tf.data.Dataset`` of images, batched or not (or of ``(x,
+            ...)`` tuples).
+        batch_size: for arrays and unbatched datasets (at least 2: a
+            variance needs two images).
 
     Returns:
         The number of BatchNormalization layers adapted.
@@ -51,25 +55,22 @@ def adapt_batch_norm(model, target, batch_size=64):
            if isinstance(l, keras.layers.BatchNormalization)]
     if not bns:
         return 0
+    if isinstance(batch_size, bool) or not isinstance(
+            batch_size, (int, np.integer)) or batch_size < 2:
+        raise KerastlError(f"adapt_batch_norm: batch_size={batch_size!r}; "
+                           "expected an int >= 2 (a variance needs two "
+                           "images; 64 or more gives steady statistics).")
     momenta = [l.momentum for l in bns]
-    if isinstance(target, np.ndarray):
-        batches = [target[i:i + batch_size]
-                   for i in range(0, len(target), batch_size)]
-    else:
-        batches = (b[0] if isinstance(b, tuple) else b for b in target)
-    if isinstance(target, np.ndarray) and (target.ndim != 4 or
-                                           not len(target)):
-        raise KerastlError(
-            f"adapt_batch_norm needs target images (n, height, width, "
-            f"channels) with n >= 1; got shape {target.shape}.")
+    batches = _target_batches(target, batch_size)
     seen = 0
     try:
         with temporarily_trainable(bns):
-            for k, batch in enumerate(batches, start=1):
-                for l in bns:
-                    l.momentum = 0.0 if k == 1 else (k - 1) / k
+            for batch in batches:
+                size = int(keras.ops.shape(batch)[0])
+                for l in bns:  # (the first batch replaces the statistics)
+                    l.momentum = seen / (seen + size)
                 forward(batch)
-                seen = k
+                seen += size
     finally:
         for l, momentum in zip(bns, momenta):
             l.momentum = momentum
@@ -77,6 +78,35 @@ def adapt_batch_norm(model, target, batch_size=64):
         raise KerastlError("adapt_batch_norm got an empty target: no batch "
                            "to take statistics from; pass target images.")
     return len(bns)
+
+
+def _target_batches(target, batch_size):
+    """Batches of target images from an array (or tensor), or from a
+    finite dataset of images (batched or not) or of ``(x, ...)``
+    tuples."""
+    if hasattr(target, "element_spec"):  # a tf.data.Dataset
+        import tensorflow as tf
+
+        spec = target.element_spec
+        if isinstance(spec, dict):
+            raise KerastlError(
+                "adapt_batch_norm: the dataset yields dicts (a "
+                "domain_dataset?); pass the target images, e.g. the array "
+                "xt.")
+        if int(target.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+            raise KerastlError(
+                "adapt_batch_norm: the dataset is infinite (.repeat()?); "
+                "pass one pass over the target images.")
+        first = spec[0] if isinstance(spec, tuple) else spec
+        if first.shape.rank == 3:  # single images
+            target = target.batch(batch_size)
+        return (b[0] if isinstance(b, tuple) else b for b in target)
+    x = np.asarray(target)
+    if x.ndim != 4 or not len(x):
+        raise KerastlError(
+            f"adapt_batch_norm needs target images (n, height, width, "
+            f"channels) with n >= 1; got shape {x.shape}.")
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
 
 
 # The normalisation layers whose scale and offset TENT adapts.

@@ -56,10 +56,13 @@ class ADDA(keras.Model):
         adda.classifier.export("exported/")
 
     Args:
-        encoder: the stage-1 source encoder (a ``keras.Model``); it is
-            cloned, not modified.
+        encoder: the stage-1 source encoder (a ``keras.Model``): frozen
+            (``trainable = False``) as ADDA's fixed source encoder; the
+            target encoder is a clone of it.
         head: the stage-1 classifier on the encoder's features (a
-            ``keras.Model`` or layer); reused frozen.
+            ``keras.Model`` or layer); reused frozen (``trainable =
+            False``). To train either on its own again, set its
+            ``trainable`` back first.
         discriminator_hidden: widths of the discriminator's hidden layers
             (paper: 500, 500).
     """

@@ -11,6 +11,7 @@ target.
 
 import inspect
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -336,9 +337,36 @@ class DANN(keras.Model):
         by Keras anyway, so ``shuffle`` defaults to False for it (instead of
         Keras's warning that ``shuffle=True`` is ignored)."""
         kw = fit_arguments(args, kwargs)
-        prebuild.build_before_fit(self, kw.get("x"), kw.get("y"),
+        x = kw.get("x")
+        if isinstance(x, np.ndarray) or (hasattr(x, "shape") and not
+                                         hasattr(x, "element_spec")):
+            raise KerastlError(
+                "DANN.fit trains on domain batches ({'source', 'target'} "
+                "images): pass kerastl.adaptation.domain_dataset((xs, ys), "
+                "xt). On plain images it would train nothing (evaluate and "
+                "predict take them).")
+        self._warn_if_nothing_aligns(kw.get("callbacks") or ())
+        prebuild.build_before_fit(self, x, kw.get("y"),
                                   kw.get("sample_weight"))  # (one trace)
         return super().fit(**kw)
+
+    def _warn_if_nothing_aligns(self, callbacks):
+        """A strength of 0 with no callback to ramp it trains a
+        source-only model: said once, at fit."""
+        from kerastl.adaptation.schedules import GaninLambda
+
+        strength = self.reversal.lambda_ if self.reversal is not None \
+            else self.alignment_strength
+        if not self.domain_weight or strength is None or any(
+                isinstance(c, GaninLambda) for c in callbacks):
+            return
+        if float(keras.ops.convert_to_numpy(strength)) == 0.0:
+            warnings.warn(
+                "kerastl: DANN's alignment strength (lambda_) is 0 and no "
+                "GaninLambda callback ramps it: the domain loss does not "
+                "reach the features, so this trains a source-only model. "
+                "Pass callbacks=[kerastl.adaptation.GaninLambda()], or "
+                "lambda_= > 0.", RuntimeWarning, stacklevel=3)
 
     def test_step(self, data):
         """Evaluation on labelled images (what ``evaluate(x, y)`` does)

@@ -32,8 +32,18 @@ def _as_dataset(data, labelled, what):
         if len(x) != len(y):
             raise KerastlError(f"Source x has {len(x)} samples but y has "
                                f"{len(y)}.")
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]  # (n, 1), as keras.datasets gives them
+        whole = y.dtype.kind in "iu" or (y.dtype.kind == "f" and bool(
+            np.all(np.isfinite(y) & (np.mod(y, 1) == 0))))
+        if y.ndim != 1 or not whole or (len(y) and y.min() < 0):
+            raise KerastlError(
+                f"The {what} labels have shape {y.shape} and dtype "
+                f"{y.dtype}: expected one class index (an int >= 0) per "
+                "image (one-hot labels: y.argmax(-1)).")
         return tf.data.Dataset.from_tensor_slices(
-            (_finite(x, what), np.asarray(y, "int64")))
+            (_finite(x, what), y.astype("int64")))
     if isinstance(data, tuple):
         raise KerastlError(
             "The target is unlabelled: pass its images only, not (x, y).")
@@ -80,8 +90,16 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
                 f"remainder). Pass more {name} samples or a smaller "
                 "batch_size.")
     if shuffle:
-        src = src.shuffle(10000, seed=seed, reshuffle_each_iteration=True)
-        tgt = tgt.shuffle(10000, seed=seed + 1,
+        # Arrays: a buffer of their whole length (a larger source sorted by
+        # class would otherwise give batches of a few classes for long).
+        def buffer(data, labelled):  # (a dataset's: 10000, its memory)
+            n = None if hasattr(data, "element_spec") else known_size(
+                data, labelled)
+            return max(10000, n or 0)
+        src = src.shuffle(buffer(source, True),
+                          seed=seed, reshuffle_each_iteration=True)
+        tgt = tgt.shuffle(buffer(target, False),
+                          seed=None if seed is None else seed + 1,
                           reshuffle_each_iteration=True)
     src = src.batch(batch_size, drop_remainder=True)
     tgt = tgt.repeat().batch(batch_size, drop_remainder=True)
@@ -89,7 +107,8 @@ def domain_dataset(source, target, batch_size=32, target_labeled=None,
     if target_labeled is not None:
         lab = _as_dataset(target_labeled, labelled=True,
                           what="labelled target")
-        lab = lab.shuffle(10000, seed=seed + 2).repeat().batch(
+        lab = lab.shuffle(10000, seed=None if seed is None else seed + 2
+                          ).repeat().batch(
             min(batch_size, max(1, _count(target_labeled))),
             drop_remainder=True)
         parts.append(lab)

@@ -113,7 +113,10 @@ class GaninLambda(_PerBatch):
 
     Args:
         gamma: the steepness (paper: 10).
-        scale: the final lambda (paper: 1).
+        scale: lambda's limit (paper: 1); the last step's lambda is
+            ``scale * (2 / (1 + exp(-gamma p)) - 1)`` at ``p = (T - 1) /
+            T`` over ``T`` steps (about ``scale`` at the paper's gamma 10;
+            0.46 x ``scale`` at gamma 1).
         warmup: fraction of training, in [0, 1), with lambda = 0 (paper: 0).
         total_steps: the length of training, if ``fit`` cannot tell.
     """
