@@ -94,7 +94,10 @@ class Backbone:
         out = {b: bm.output_layer(b).name for b in self.blocks
                if bm.has_output(b)}
         if self.config:
-            out.update(self.config.endpoints)
+            # (an endpoint may name a block: its last layer, e.g. the
+            # residual add whose auto-generated name is not stable)
+            out.update({e: out.get(target, target) for e, target in
+                        self.config.endpoints.items()})
         return out
 
     def endpoint_layer(self, endpoint):
@@ -106,6 +109,10 @@ class Backbone:
             raise BlockError(
                 f"{self.name} has no endpoint {endpoint!r}; endpoints are "
                 f"{', '.join(endpoints)}.")
+        target = self.config.endpoints.get(endpoint) if self.config \
+            else None
+        if target in self.block_map:  # (its last operation: maybe an
+            return self.block_map.output_layer(target)  # unnamed add)
         return self.model.get_layer(endpoints[endpoint])
 
     def __call__(self, *args, **kwargs):
@@ -250,7 +257,7 @@ def _load_source(name, weights, input_shape):
     names = {l.name for l, _ in _blocks.layer_graph(model)}
     problems += [f"endpoint {e!r} names layer {layer!r}, which the model "
                  "does not have" for e, layer in config.endpoints.items()
-                 if layer not in names]
+                 if layer not in names and layer not in bm.names]
     if problems:
         raise BlockError(
             f"The block map in {config.path} does not fit the model that "
@@ -282,8 +289,11 @@ def _load_hub(spec, weights, input_shape):
         shape = check_input_shape(input_shape, spec, 224, 1)
         name = None
     inputs = keras.Input(shape=shape, name="image")
-    x = ImagePreprocessing(mode, zoo_name=name,
-                           name="kerastl_preprocessing")(inputs)
+    # (min_size: images smaller than the entry takes are refused when the
+    # model is called, as for Keras Applications)
+    x = ImagePreprocessing(
+        mode, zoo_name=name, name="kerastl_preprocessing",
+        min_size=getattr(config, "min_size", None))(inputs)
     layer = HubLayer(handle, trainable=True, blocks=blocks, name="hub",
                      **hub_args)
     model = keras.Model(inputs, layer(x), name=name or "hub_backbone")

@@ -60,6 +60,31 @@ def test_block_map_of_every_application(name):
     for endpoint in list(config.endpoints) + bm.names:
         layer = backbone.endpoint_layer(endpoint)
         assert len(layer.output.shape) == 4, endpoint
+    # ... on the main path: every path from the input to the output goes
+    # through it (not a residual branch before its add, as Xception's
+    # block2_pool and ConvNeXt's *_identity layers were). NASNet's cells
+    # each read the two cells before them, so no cell output is on every
+    # path: its endpoints are cell outputs, as its paper's features are.
+    main_path = not name.startswith("nasnet")
+    graph = blocks.layer_graph(backbone.model)
+    children = {}
+    for layer, parents in graph:
+        for parent in parents:
+            children.setdefault(id(parent), []).append(layer)
+    first, last = graph[0][0], backbone.model.layers[-1]
+    for endpoint in config.endpoints if main_path else ():
+        layer = backbone.endpoint_layer(endpoint)
+        if layer is last:
+            continue
+        seen, todo = {id(layer)}, [first]
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            todo += children.get(id(node), [])
+        assert id(last) not in seen, (
+            f"endpoint {endpoint} ({layer.name}) is not on the main path")
     keras.backend.clear_session()
 
 

@@ -79,7 +79,8 @@ class ZooConfig:
         min_size: the smallest input size kerastl accepts.
         preprocessing: ``caffe``, ``tf``, ``torch`` or ``builtin``.
         blocks: the ordered :class:`~kerastl.blocks.BlockRule` list.
-        endpoints: named feature endpoints, name to layer name.
+        endpoints: named feature endpoints, name to layer name (or block
+            name: the block's last layer).
         reference: facts from the Keras Applications table.
         path: the file it was read from.
     """
@@ -208,7 +209,7 @@ def parse_config(data, path="<config>"):
     endpoints = data.get("endpoints") or {}
     _expect(path, "endpoints", endpoints, dict, "a mapping")
     for k, v in endpoints.items():
-        _expect(path, f"endpoints.{k}", v, str, "a layer name")
+        _expect(path, f"endpoints.{k}", v, str, "a layer or block name")
 
     return ZooConfig(
         name=name, source=source, constructor=constructor,
