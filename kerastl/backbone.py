@@ -187,8 +187,21 @@ def load_backbone(name, weights="imagenet", input_shape=None):
         backbone.blocks[:3]
         # -> ['stem', 'stage1', 'stage2']
     """
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise KerastlError(
+            f"weights={weights!r}: expected 'imagenet', None (random) or the "
+            "path of a weights file.")
     if isinstance(name, (str, os.PathLike)) and str(name).endswith(".keras"):
-        return _load_keras_file(name, weights)
+        backbone = _load_keras_file(name, weights)
+        given = check_input_shape(input_shape, name, None, 1) \
+            if input_shape is not None else None
+        if given is not None and None not in backbone.input_shape[:2] and \
+                tuple(backbone.input_shape[:2]) != given[:2]:
+            raise KerastlError(
+                f"input_shape={input_shape!r}: {os.fspath(name)!r} takes "
+                f"{tuple(backbone.input_shape)}; leave input_shape out (a "
+                ".keras file keeps the size it was built with).")
+        return backbone
     backbone = _load_source(name, weights, input_shape)
     if weights is None:  # (a Hub model refuses it: it has its own weights)
         _mark_random(backbone)

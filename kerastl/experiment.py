@@ -102,15 +102,6 @@ def check_experiment(experiment, inputs=()):
         if missing:  # said before training, not after
             raise KerastlError(f"--export onnx: {missing}.")
     files = scan_image_folder(e["data"])
-    n = sum(len(f) for f in files.values())
-    held = int(e["validation_split"] * n)  # as Keras splits the files
-    if not held or held == n:
-        raise KerastlError(
-            f"--validation-split {e['validation_split']:g} of the {n} "
-            f"images of {e['data']!r} holds out {held}: "
-            + ("no validation image; raise --validation-split (or add "
-               "images)." if not held else
-               "no image left to train on; lower --validation-split."))
     output, backup = e["output"], resume.backup_folder(e["output"])
     if (e["overwrite"] or e["resume"]) and os.path.isdir(output):
         named = [("--data", e["data"]),
@@ -140,6 +131,15 @@ def check_experiment(experiment, inputs=()):
                 f"--resume (with the same config), or --overwrite to start "
                 "over.")
         shutil.rmtree(backup)  # (without an epoch: nothing to continue)
+    n = sum(len(f) for f in files.values())
+    held = int(e["validation_split"] * n)  # as Keras splits the files
+    if not held or held == n:
+        raise KerastlError(
+            f"--validation-split {e['validation_split']:g} of the {n} "
+            f"images of {e['data']!r} holds out {held}: "
+            + ("no validation image; raise --validation-split (or add "
+               "images)." if not held else
+               "no image left to train on; lower --validation-split."))
     return files
 
 
@@ -183,8 +183,9 @@ def build_model(experiment, num_classes):
                 f"{e['model']!r} is a .keras file and carries its own "
                 "weights; drop --weights.")
         weights = None
-    backbone = backbone_lib.load_backbone(e["model"], weights=weights,
-                                          input_shape=shape)
+    backbone = backbone_lib.load_backbone(
+        e["model"], weights=weights,
+        input_shape=None if own_file else shape)  # (checked below)
     if own_file:
         fixed = tuple(backbone.input_shape[:2])
         if None in fixed and shape is None:

@@ -209,6 +209,11 @@ def _check_head(dropout, hidden_units, activation):
             or not 0 <= dropout < 1:
         raise KerastlError(f"dropout={dropout!r}: expected a rate in [0, 1) "
                            "(0: no dropout).")
+    if isinstance(hidden_units, numbers.Integral) and \
+            not isinstance(hidden_units, bool):
+        raise KerastlError(
+            f"hidden_units={hidden_units!r}: expected a sequence of layer "
+            f"widths; for one layer, ({hidden_units},).")
     if isinstance(hidden_units, (str, bytes)) or not all(
             isinstance(u, numbers.Integral) and not isinstance(u, bool)
             and u >= 1 for u in (hidden_units or ())):
@@ -227,10 +232,13 @@ def _check_head(dropout, hidden_units, activation):
 
 def _head(x, num_classes, dropout, hidden_units, activation, seed=None):
     _check_head(dropout, hidden_units, activation)
-    x = apply(mlp(hidden_units, "head_dense", dropout=dropout, seed=seed), x)
+    # One dropout before each Dense layer of the head: the first here, the
+    # others after each hidden layer (mlp's); with hidden layers, not a
+    # second one in a row before the output.
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout",
                                  seed=_seeded(seed, 200))(x)
+    x = apply(mlp(hidden_units, "head_dense", dropout=dropout, seed=seed), x)
     return output_layer(num_classes, activation, "head_predictions",
                         seed=seed)(x)
 

@@ -20,6 +20,8 @@ the file (see :mod:`kerastl.peft`), and :func:`load_model` restores them.
 
 import os
 
+import keras
+
 from kerastl import peft
 
 # The modules that register kerastl's serialisable classes with Keras.
@@ -46,7 +48,13 @@ def save_model(model, path):
         raise KerastlError(f"save_model({path!r}): the file name must end in "
                            ".keras (Keras's model format).")
     model = getattr(model, "model", model)
+    if not isinstance(model, keras.Model):
+        raise KerastlError(f"save_model: expected a keras.Model or a "
+                           f"kerastl.Backbone, got {type(model).__name__}.")
     folder, name = os.path.split(path)
+    if folder and not os.path.isdir(folder):
+        raise KerastlError(f"save_model({path!r}): the folder {folder!r} "
+                           "does not exist; create it first.")
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.keras")
     try:
         model.save(tmp)

@@ -150,3 +150,15 @@ def test_user_keras_file_gets_a_structural_block_map(tmp_path):
     assert backbone.config is None
     assert backbone.blocks == ["block1", "block2", "block3"]
     assert backbone.block_map.source == "structural"
+    # Its own size: the same is taken, another refused (it was ignored).
+    assert kerastl.load_backbone(str(path), input_shape=32).input_shape == \
+        (32, 32, 3)
+    with pytest.raises(kerastl.KerastlError, match="takes .32, 32, 3.; "
+                       "leave input_shape out"):
+        kerastl.load_backbone(str(path), input_shape=64)
+    with pytest.raises(kerastl.KerastlError, match="weights=True"):
+        kerastl.load_backbone(str(path), weights=True)
+    with pytest.raises(kerastl.KerastlError, match="does not exist; create"):
+        kerastl.save_model(model, str(tmp_path / "nowhere" / "m.keras"))
+    with pytest.raises(kerastl.KerastlError, match="expected a keras.Model"):
+        kerastl.save_model("abc", str(tmp_path / "m.keras"))

@@ -21,6 +21,13 @@ def test_build_classifier_is_a_plain_model(backbone):
     assert [l.name for l in kerastl.block_map(model).weighted_layers("head")] == [
         "head_dense_0", "head_predictions"]
     assert kerastl.freezing.trainable_blocks(model) == ["head"]
+    # One dropout before each Dense layer of the head (as its docstring
+    # says), not two in a row before the output.
+    kinds = [type(l).__name__ for l in model.layers[-5:]]
+    assert kinds == ["Dropout", "Dense", "Activation", "Dropout", "Dense"] \
+        or kinds == ["Dropout", "Dense", "ReLU", "Dropout", "Dense"], kinds
+    with pytest.raises(kerastl.KerastlError, match=r"one layer, \(16,\)"):
+        kerastl.build_classifier(backbone, 4, hidden_units=16)
     out = model.predict(np.zeros((2, 32, 32, 3)), verbose=0)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
 

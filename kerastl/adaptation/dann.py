@@ -25,6 +25,7 @@ from kerastl.adaptation.losses import (confusion_loss, coral_loss,
                                        entropy_weights, information_loss,
                                        mcc_loss, mmd_loss)
 from kerastl.adaptation.reversal import GradientReversal
+from kerastl.adaptation.schedules import GaninLambda
 from kerastl.errors import KerastlError
 
 
@@ -353,8 +354,6 @@ class DANN(keras.Model):
     def _warn_if_nothing_aligns(self, callbacks):
         """A strength of 0 with no callback to ramp it trains a
         source-only model: said once, at fit."""
-        from kerastl.adaptation.schedules import GaninLambda
-
         strength = self.reversal.lambda_ if self.reversal is not None \
             else self.alignment_strength
         if not self.domain_weight or strength is None or any(

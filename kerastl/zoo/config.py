@@ -7,8 +7,8 @@ never make kerastl import or call anything else.
 
 Configs are found in the ``zoo_configs`` folder installed with kerastl and in
 every folder listed in the ``KERASTL_ZOO_PATH`` environment variable
-(``os.pathsep``-separated); a user's config with the same name overrides the
-packaged one.
+(``os.pathsep``-separated); a user's config may not take the name of a
+packaged one (it is refused, naming both files: docs/zoo.md).
 """
 
 import dataclasses
