@@ -34,6 +34,7 @@ from kerastl.features.probes import softmax_probe
 from kerastl.freezing import keras_model_of, restored_trainability
 from kerastl.heads import build_classifier
 from kerastl.plan import TrainingPlan
+from kerastl.spec import RANK_METHODS
 from kerastl.sampling import few_shot
 from kerastl.training import fine_tune
 
@@ -379,7 +380,6 @@ def transfer_depth_sweep(backbone, train, validation, depths=None,
 
 # -- ranking backbones ---------------------------------------------------------------
 
-RANK_METHODS = ("logme", "h_score", "leep", "nce", "linear_probe")
 
 
 class BackboneRanking(list):

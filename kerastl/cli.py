@@ -348,7 +348,7 @@ def _max_samples(value):
 
 def _rank_methods(value):
     """--method: estimators separated by commas."""
-    from kerastl.analysis import RANK_METHODS
+    from kerastl.spec import RANK_METHODS
 
     methods = [m.strip() for m in value.split(",") if m.strip()]
     unknown = [m for m in methods if m not in RANK_METHODS]

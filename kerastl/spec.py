@@ -48,6 +48,8 @@ SCHEDULES = ("cosine", "constant")
 
 # BatchNormalization in the blocks that train (see kerastl.freezing).
 BN_MODES = ("frozen", "train")
+# kerastl.rank_backbones's estimators (and kerastl rank --method).
+RANK_METHODS = ("logme", "h_score", "leep", "nce", "linear_probe")
 
 # What an exported SavedModel's serve signature takes (see kerastl.serving).
 INPUT_MODES = ("float", "uint8", "bytes")

@@ -87,7 +87,8 @@ def test_gradient_reversal_dann_and_lora_on_jax():
         import pathlib, tempfile
         import test_peft as p
         p.test_lora_trains_only_its_factors_and_the_head()
-        p.test_layerwise_multiplier_on_a_lora_block_is_exact()
+        p.test_layerwise_multiplier_on_a_lora_block_is_exact(False)
+        p.test_layerwise_multiplier_on_a_lora_block_is_exact(True)
         p.test_save_model_resumes_exactly(
             "lora", pathlib.Path(tempfile.mkdtemp()))
         print("BACKEND OK")
