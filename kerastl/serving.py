@@ -328,9 +328,9 @@ def export_savedmodel(model, path, input="float", image_size=None,
     _check_tolerances(rtol, atol)
     path = _destination(path, overwrite)
     model = inference_model(model)
-    size = _image_size(model, image_size) if input == "bytes" else None
-    if image_size is not None:
-        _image_size(model, image_size)  # (checked whatever the input)
+    # (checked whatever the input; the serve signature reads it for bytes)
+    size = _image_size(model, image_size) \
+        if input == "bytes" or image_size is not None else None
     try:
         with atomic_folder(path, "export folder", overwrite) as tmp:
             _write_savedmodel(model, tmp, input, size)
@@ -500,21 +500,20 @@ def _images_and_labels(data, what):
 
 
 def _fixed_size(model, image_size):
+    """The one image size a LiteRT or ONNX file (or ``input="bytes"``)
+    takes: ``image_size`` (:func:`_image_size` refuses one that is not the
+    model's fixed size), else the model's."""
+    if image_size is not None:
+        return _image_size(model, image_size)
+    fixed = _fixed_hw(model)
+    if None not in fixed:
+        return fixed
     shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) \
         else None
-    if shape and len(shape) == 4 and None not in shape[1:3]:
-        if image_size is not None and tuple(_image_size(model, image_size)) \
-                != tuple(shape[1:3]):
-            raise ExportError(
-                f"image_size={image_size!r}: the model takes "
-                f"{shape[1]}x{shape[2]} images.")
-        return int(shape[1]), int(shape[2])
-    if image_size is None:
-        raise ExportError(
-            f"The model's input shape {shape} has no fixed height and width; "
-            "pass image_size=(height, width): LiteRT and ONNX files (and "
-            "input='bytes') take one image size.")
-    return _image_size(model, image_size)
+    raise ExportError(
+        f"The model's input shape {shape} has no fixed height and width; "
+        "pass image_size=(height, width): LiteRT and ONNX files (and "
+        "input='bytes') take one image size.")
 
 
 def _pixel_model(model, input_mode, size):
